@@ -1,0 +1,62 @@
+"""The policy's input and output: per-iteration statistics and the K-chooser protocol.
+
+Defined here (not in `workers/`) because imports point one way: `workers` produces these records and
+`policy` consumes them. The records cross process boundaries (router -> policy actor), so they are
+`msgspec.Struct`s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import msgspec
+
+
+class RequestIterationStats(msgspec.Struct, frozen=True):
+    """What one request did in one iteration."""
+
+    request_id: str
+    num_spec_tokens: int  # K proposed for this request this iteration (0 = plain decode)
+    num_accepted_tokens: int  # draft tokens accepted by verification, 0 <= accepted <= K
+    num_committed_tokens: int  # tokens appended to the output (accepted + 1, fewer if a stop cut it)
+    context_len: int  # tokens in the request's sequence before this iteration
+
+
+class IterationStats(msgspec.Struct, frozen=True):
+    """One iteration of the speculative loop for the running batch.
+
+    Times are wall-clock seconds measured by whoever runs the loop. `experts_touched` has one entry per
+    MoE layer of the target: the number of distinct experts that the verification forward routed to.
+    """
+
+    iteration: int
+    batch_size: int  # requests in the batch (decode/verify only; prefill is not counted here)
+    requests: list[RequestIterationStats]
+    num_target_tokens: int  # tokens in the verification forward = sum over requests of K_r + 1
+    draft_time_s: float
+    verify_time_s: float
+    other_time_s: float  # scheduling, sampling bookkeeping, streaming: everything but the forwards
+    experts_touched: list[int] = []
+    num_experts: int = 0  # experts per MoE layer of the target (0 for a dense target)
+    source: str = ""  # which router produced it (the central aggregator merges many)
+
+    @property
+    def iteration_time_s(self) -> float:
+        return self.draft_time_s + self.verify_time_s + self.other_time_s
+
+
+class KChooser(Protocol):
+    """Chooses num_spec_tokens (K) per request. Implemented by every policy, including off and static."""
+
+    def choose(self, request_ids: Sequence[str]) -> dict[str, int]:
+        """K for each running request for the next iteration (0 = plain decoding)."""
+        ...
+
+    def observe(self, stats: IterationStats) -> None:
+        """Feed back what the last iteration did."""
+        ...
+
+    def release(self, request_id: str) -> None:
+        """Forget a request that finished or was aborted."""
+        ...

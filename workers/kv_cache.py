@@ -1,0 +1,117 @@
+"""KV cache for many sequences of different lengths, with a fixed capacity chosen at start.
+
+Each sequence owns one slot: `max_seq_len` positions of keys and values in every layer. A forward appends a
+ragged block of new tokens per sequence; `rollback` forgets a sequence's last n positions (the stale keys
+beyond its length are masked out, never read); `free` returns the slot. Nothing is allocated after start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class CacheCapacityError(ValueError):
+    """A request does not fit: no free slot, or its sequence would exceed max_seq_len."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    max_seqs: int = 64  # sequences held at once (slots)
+    max_seq_len: int = 2048  # tokens per sequence (prompt + output + speculative lookahead)
+
+    def __post_init__(self) -> None:
+        if self.max_seqs < 1:
+            raise ValueError(f"max_seqs must be >= 1, got {self.max_seqs}")
+        if self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+
+
+class KVCache:
+    """Keys and values for all layers: [num_layers, max_seqs, num_kv_heads, max_seq_len, head_dim]."""
+
+    def __init__(
+        self,
+        config: CacheConfig,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.config = config
+        shape = (num_layers, config.max_seqs, num_kv_heads, config.max_seq_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._slot_of: dict[int, int] = {}  # seq_id -> slot
+        self._length: dict[int, int] = {}  # seq_id -> tokens cached
+        self._free_slots = list(range(config.max_seqs - 1, -1, -1))  # pop() gives the lowest slot
+
+    # -- sequences -------------------------------------------------------------------------------------------
+
+    def add(self, seq_id: int) -> None:
+        if seq_id in self._slot_of:
+            raise ValueError(f"sequence {seq_id} is already in the cache")
+        if not self._free_slots:
+            raise CacheCapacityError(
+                f"KV cache is full: all {self.config.max_seqs} sequence slots are in use"
+            )
+        self._slot_of[seq_id] = self._free_slots.pop()
+        self._length[seq_id] = 0
+
+    def free(self, seq_id: int) -> None:
+        """Release a sequence's slot. Freeing an unknown sequence is a no-op (abort paths call it twice)."""
+        slot = self._slot_of.pop(seq_id, None)
+        if slot is not None:
+            del self._length[seq_id]
+            self._free_slots.append(slot)
+
+    def rollback(self, seq_id: int, num_tokens: int) -> None:
+        length = self.length(seq_id)
+        if not 0 <= num_tokens <= length:
+            raise ValueError(f"cannot roll back {num_tokens} of {length} tokens of sequence {seq_id}")
+        self._length[seq_id] = length - num_tokens
+
+    def truncate(self, seq_id: int, length: int) -> None:
+        self.rollback(seq_id, self.length(seq_id) - length)
+
+    def check_fits(self, seq_ids: list[int], num_new: list[int]) -> None:
+        """Raise CacheCapacityError before a forward that would overflow any sequence."""
+        for seq_id, n in zip(seq_ids, num_new, strict=True):
+            if self.length(seq_id) + n > self.config.max_seq_len:
+                raise CacheCapacityError(
+                    f"sequence {seq_id} would hold {self.length(seq_id) + n} tokens; "
+                    f"max_seq_len is {self.config.max_seq_len}"
+                )
+
+    def advance(self, seq_ids: list[int], num_new: list[int]) -> None:
+        for seq_id, n in zip(seq_ids, num_new, strict=True):
+            self._length[seq_id] += n
+
+    # -- lookups ---------------------------------------------------------------------------------------------
+
+    def length(self, seq_id: int) -> int:
+        if seq_id not in self._length:
+            raise KeyError(f"sequence {seq_id} is not in the KV cache")
+        return self._length[seq_id]
+
+    def slot(self, seq_id: int) -> int:
+        if seq_id not in self._slot_of:
+            raise KeyError(f"sequence {seq_id} is not in the KV cache")
+        return self._slot_of[seq_id]
+
+    def __contains__(self, seq_id: object) -> bool:
+        return seq_id in self._slot_of
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free_slots)
+
+    @property
+    def num_used_slots(self) -> int:
+        return len(self._slot_of)
+
+    @property
+    def seq_ids(self) -> list[int]:
+        return list(self._slot_of)
