@@ -1,0 +1,134 @@
+"""Sampled speculative decoding preserves the target's distribution (chi-square tests at fixed seeds)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from workers.rejection import verify_greedy, verify_sampled
+from workers.sampling import SamplingParams, probs_from_logits, sample
+
+VOCAB = 6
+NUM_SAMPLES = 20_000  # enough to detect a 2% shift in a token's probability (see the power test)
+
+
+def _tables(seed: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random logits for position 1 [V], position 2 given token 1 [V, V], position 3 given 1, 2 [V, V, V]."""
+    g = torch.Generator().manual_seed(seed)
+    return (
+        scale * torch.randn(VOCAB, generator=g),
+        scale * torch.randn(VOCAB, VOCAB, generator=g),
+        scale * torch.randn(VOCAB, VOCAB, VOCAB, generator=g),
+    )
+
+
+def _probs(tables: tuple[torch.Tensor, ...], params: SamplingParams) -> tuple[torch.Tensor, ...]:
+    l1, l2, l3 = tables
+    return (
+        probs_from_logits(l1[None], params)[0],
+        probs_from_logits(l2, params),
+        probs_from_logits(l3.reshape(-1, VOCAB), params).reshape(VOCAB, VOCAB, VOCAB),
+    )
+
+
+def _speculative_pairs(
+    p: tuple[torch.Tensor, ...], q: tuple[torch.Tensor, ...], seed: int, n: int, algorithm=verify_sampled
+) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """First two committed tokens of n speculative iterations with K = 2 drafts; returns counts [V*V]."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(VOCAB * VOCAB)
+    for _ in range(n):
+        d1 = sample(q[0], g)
+        d2 = sample(q[1][d1], g)
+        target = torch.stack([p[0], p[1][d1], p[2][d1, d2]])
+        draft = torch.stack([q[0], q[1][d1]])
+        committed = algorithm(target, draft, [d1, d2], g)
+        if len(committed) < 2:  # first draft rejected: the second token comes from the next iteration
+            committed.append(sample(p[1][committed[0]], g))
+        counts[committed[0] * VOCAB + committed[1]] += 1
+    return counts
+
+
+def _target_pairs(p: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return (p[0][:, None] * p[1]).flatten()  # [V*V]: P(x1) P(x2 | x1)
+
+
+PAIRS = [  # (target seed, draft seed, draft scale): a close draft, an unrelated one, a badly wrong one
+    (0, 0, 1.0),
+    (0, 1, 1.0),
+    (2, 3, 4.0),
+]
+PARAMS = [
+    SamplingParams(temperature=0.7),
+    SamplingParams(temperature=1.3, top_p=0.9),
+    SamplingParams(temperature=1.0, top_k=3),
+    SamplingParams(temperature=0.7, top_k=4, top_p=0.8),
+]
+
+
+# Every pair meets every params set; the full grid is `slow`, a diagonal runs by default.
+GRID = [
+    pytest.param(pair, params, marks=() if (i + j) % 4 == 0 or j == i else pytest.mark.slow)
+    for (i, pair), (j, params) in itertools.product(enumerate(PAIRS), enumerate(PARAMS))
+]
+
+
+@pytest.mark.parametrize(("pair", "params"), GRID)
+def test_rejection_sampling_preserves_target_distribution(
+    pair: tuple[int, int, float], params: SamplingParams
+) -> None:
+    target_seed, draft_seed, draft_scale = pair
+    p = _probs(_tables(target_seed, 1.0), params)
+    if target_seed == draft_seed:  # close draft: the target's logits plus noise
+        noise = _tables(100 + draft_seed, 0.3)
+        q = _probs(tuple(t + n for t, n in zip(_tables(target_seed, 1.0), noise, strict=True)), params)
+    else:
+        q = _probs(_tables(draft_seed, draft_scale), params)
+    expected = _target_pairs(p)
+    counts = _speculative_pairs(p, q, seed=1234, n=NUM_SAMPLES)
+    support = expected > 0
+    assert counts[~support].sum() == 0  # never a token that top_k / top_p excluded
+    result = chisquare(counts[support].numpy(), expected[support].numpy() * NUM_SAMPLES)
+    assert result.pvalue > 1e-3, f"chi-square p-value {result.pvalue}"
+
+
+def test_the_chi_square_test_detects_a_2_percent_deviation() -> None:
+    """Power check: the same test rejects a distribution that moves 2% of probability mass."""
+    params = SamplingParams(temperature=1.0)
+    p = _probs(_tables(0, 1.0), params)
+    expected = _target_pairs(p)
+    shifted = expected.clone()
+    big, small = int(expected.argmax()), int(expected.argmin())
+    shifted[big] -= 0.02
+    shifted[small] += 0.02
+    g = torch.Generator().manual_seed(7)
+    counts = torch.bincount(
+        torch.multinomial(shifted, NUM_SAMPLES, replacement=True, generator=g), minlength=VOCAB * VOCAB
+    ).float()
+    assert chisquare(counts.numpy(), expected.numpy() * NUM_SAMPLES).pvalue < 1e-3
+
+
+def test_a_wrong_verifier_is_caught() -> None:
+    """Accepting every draft (no rejection) follows the draft, not the target: the test must fail it."""
+
+    def accept_all(
+        target: torch.Tensor, draft: torch.Tensor, ids: list[int], g: torch.Generator
+    ) -> list[int]:
+        return [*ids, sample(target[-1], g)]
+
+    params = SamplingParams(temperature=1.0)
+    p, q = _probs(_tables(0, 1.0), params), _probs(_tables(1, 1.0), params)
+    counts = _speculative_pairs(p, q, seed=5, n=5000, algorithm=accept_all)
+    expected = _target_pairs(p)
+    assert chisquare(counts.numpy(), expected.numpy() * 5000).pvalue < 1e-6
+
+
+def test_greedy_verification() -> None:
+    logits = torch.zeros(4, 5)
+    logits[0, 2] = logits[1, 4] = logits[2, 1] = logits[3, 3] = 1.0  # target argmax: 2, 4, 1, 3
+    assert verify_greedy(logits, [2, 4, 1]) == [2, 4, 1, 3]  # all accepted + bonus
+    assert verify_greedy(logits, [2, 0, 1]) == [2, 4]  # second rejected, recovered with the argmax
+    assert verify_greedy(logits[:1], []) == [2]  # K = 0: plain decoding

@@ -1,0 +1,144 @@
+"""Speculative decoding is lossless: greedy output equals the target's, for any K per request."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+from policy.baselines import OffChooser, StaticChooser
+from policy.stats import IterationStats
+from tests.workers.checkpoints import make_checkpoint
+from workers.drafter import Drafter
+from workers.engine import EngineConfig, SpecEngine
+from workers.kv_cache import CacheConfig
+from workers.runner import ModelRunner
+from workers.sampling import SamplingParams
+from workers.target import Target
+
+
+@pytest.fixture(scope="module")
+def target_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("target"), "MixtralForCausalLM", num_local_experts=4)
+
+
+@pytest.fixture(scope="module")
+def good_draft_path(tmp_path_factory: pytest.TempPathFactory, target_path: Path) -> Path:
+    """The target itself with slightly perturbed weights: agrees most of the time, not always."""
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path_factory.mktemp("good_draft")
+    for file in target_path.iterdir():
+        (path / file.name).write_bytes(file.read_bytes())
+    tensors = load_file(path / "model.safetensors")
+    generator = torch.Generator().manual_seed(3)
+    tensors = {k: v + 0.005 * torch.randn(v.shape, generator=generator) for k, v in tensors.items()}
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def random_draft_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(
+        tmp_path_factory.mktemp("random_draft"), "LlamaForCausalLM", seed=11, num_hidden_layers=1
+    )
+
+
+class ScriptedChooser:
+    """K per request from a function of (request index, iteration): K changes between iterations."""
+
+    def __init__(self, pattern: Sequence[Sequence[int]]) -> None:
+        self.pattern = pattern
+        self.iteration = 0
+
+    def choose(self, request_ids: Sequence[str]) -> dict[str, int]:
+        return {
+            r: self.pattern[int(r.rsplit("-", 1)[1]) % len(self.pattern)][self.iteration % 5]
+            for r in request_ids
+        }
+
+    def observe(self, stats: IterationStats) -> None:
+        self.iteration += 1
+
+    def release(self, request_id: str) -> None:
+        pass
+
+
+def _engine(
+    target_path: Path, draft_path: Path | None, chooser: object, max_batch_size: int = 8
+) -> SpecEngine:
+    cache = CacheConfig(max_seqs=8, max_seq_len=128)
+    target = Target(ModelRunner.from_checkpoint(target_path, cache, dtype=torch.float32))
+    drafter = (
+        Drafter(ModelRunner.from_checkpoint(draft_path, cache, dtype=torch.float32)) if draft_path else None
+    )
+    return SpecEngine(target, drafter, chooser, EngineConfig(max_batch_size=max_batch_size))  # type: ignore[arg-type]
+
+
+def _prompts(n: int) -> list[list[int]]:
+    rng = random.Random(0)
+    return [[rng.randrange(96) for _ in range(rng.randint(2, 12))] for _ in range(n)]
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=20)
+
+
+@pytest.fixture(scope="module")
+def reference(target_path: Path) -> list[list[int]]:
+    return _engine(target_path, None, OffChooser()).generate(_prompts(6), GREEDY)
+
+
+@pytest.mark.parametrize("num_spec_tokens", range(7))
+@pytest.mark.parametrize("draft", ["good", "random"])
+def test_greedy_static_k_equals_target_only(
+    target_path: Path,
+    good_draft_path: Path,
+    random_draft_path: Path,
+    reference: list[list[int]],
+    num_spec_tokens: int,
+    draft: str,
+) -> None:
+    draft_path = good_draft_path if draft == "good" else random_draft_path
+    engine = _engine(target_path, draft_path, StaticChooser(num_spec_tokens))
+    assert engine.generate(_prompts(6), GREEDY) == reference
+
+
+@pytest.mark.parametrize("draft", ["good", "random"])
+def test_greedy_mixed_k_per_request_and_iteration(
+    target_path: Path, good_draft_path: Path, random_draft_path: Path, reference: list[list[int]], draft: str
+) -> None:
+    pattern = [[0, 0, 3, 1, 6], [2, 5, 0, 4, 1], [6, 6, 6, 0, 0], [1, 0, 2, 0, 3]]
+    draft_path = good_draft_path if draft == "good" else random_draft_path
+    engine = _engine(target_path, draft_path, ScriptedChooser(pattern), max_batch_size=4)  # joins mid-way
+    assert engine.generate(_prompts(6), GREEDY) == reference
+    assert engine.target.runner.cache.num_used_slots == 0
+    assert engine.drafter is not None and engine.drafter.runner.cache.num_used_slots == 0
+
+
+def test_good_draft_is_accepted_more_than_random(
+    target_path: Path, good_draft_path: Path, random_draft_path: Path
+) -> None:
+    rates = {}
+    for name, path in [("good", good_draft_path), ("random", random_draft_path)]:
+        engine = _engine(target_path, path, StaticChooser(4))
+        accepted = proposed = 0
+        engine.add_request("r-0", _prompts(1)[0], SamplingParams(temperature=0.0, max_tokens=40))
+        while engine.has_unfinished:
+            engine.step()
+            stats = engine.last_stats
+            if stats is not None:
+                accepted += sum(r.num_accepted_tokens for r in stats.requests)
+                proposed += sum(r.num_spec_tokens for r in stats.requests)
+        rates[name] = accepted / proposed
+    assert rates["good"] > 0.5 > rates["random"]
+
+
+def test_catch_up_after_k0_iterations(
+    target_path: Path, good_draft_path: Path, reference: list[list[int]]
+) -> None:
+    pattern = [[0, 0, 0, 0, 3]] * 4  # four plain iterations, then K = 3 after a catch-up prefill
+    engine = _engine(target_path, good_draft_path, ScriptedChooser(pattern))
+    assert engine.generate(_prompts(6), GREEDY) == reference

@@ -1,0 +1,291 @@
+"""The speculative loop without Ray: continuous batching over a target, an optional drafter and a K chooser.
+
+`step()` is one iteration: admit, choose K, propose, verify, commit, observe. `generate()` runs a list of
+requests to completion (the offline API). The serving router drives the same `step()`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from policy.stats import IterationStats, KChooser, RequestIterationStats
+from workers.drafter import Drafter, DraftRequest, Proposal
+from workers.sampling import SamplingParams, make_generator
+from workers.sequence import FINISH_ABORT, RequestOutput, Sequence
+from workers.target import Target, VerifyRequest
+from workers.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 32  # running requests per iteration
+    max_spec_tokens: int = 8  # upper bound on any request's K
+    max_waiting: int = 1024  # queued requests before add_request refuses
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_spec_tokens < 0:
+            raise ValueError(f"max_spec_tokens must be >= 0, got {self.max_spec_tokens}")
+
+
+class QueueFullError(RuntimeError):
+    """The engine's waiting queue is at max_waiting."""
+
+
+class SpecEngine:
+    def __init__(
+        self,
+        target: Target,
+        drafter: Drafter | None,
+        chooser: KChooser,
+        config: EngineConfig | None = None,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        if drafter is not None and drafter.runner.config.vocab_size != target.runner.config.vocab_size:
+            raise ValueError(
+                f"draft vocabulary ({drafter.runner.config.vocab_size}) differs from the target's "
+                f"({target.runner.config.vocab_size}); they must share a tokenizer"
+            )
+        self.target, self.drafter, self.chooser = target, drafter, chooser
+        self.config = config or EngineConfig()
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(target.runner.config.eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.iteration = 0
+        self.last_stats: IterationStats | None = None
+        self._next_seq_id = 0
+
+    # -- requests --------------------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; raises ValueError if it can never fit, QueueFullError if the queue is full."""
+        self._validate(prompt_ids, params)
+        if len(self.waiting) >= self.config.max_waiting:
+            raise QueueFullError(f"{len(self.waiting)} requests are waiting (max_waiting)")
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer else None
+        self.waiting.append(
+            Sequence(
+                seq_id=self._next_seq_id,
+                request_id=request_id,
+                prompt_ids=list(prompt_ids),
+                params=params,
+                generator=make_generator(params.seed),
+                stop_token_ids=frozenset(stop_ids),
+                detokenizer=detokenizer,
+            )
+        )
+        self._next_seq_id += 1
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its cache slots; True if it was known."""
+        for seq in list(self.waiting):
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                return True
+        for seq in self.running:
+            if seq.request_id == request_id:
+                seq.finish_reason = FINISH_ABORT
+                self._finish(seq)
+                self.running.remove(seq)
+                return True
+        return False
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- the loop --------------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One iteration for the running batch; returns what each request gained."""
+        outputs = self._admit()
+        if not self.running:
+            return outputs
+        start = time.perf_counter()
+        batch = list(self.running)
+        num_spec = self._choose_num_spec_tokens(batch)
+        draft_start = time.perf_counter()
+        proposals = self._propose(batch, num_spec)
+        verify_start = time.perf_counter()
+        committed, experts_touched = self.target.verify(
+            [
+                VerifyRequest(s.seq_id, s.output_ids[-1], p, s.params, s.generator)
+                for s, p in zip(batch, proposals, strict=True)
+            ]
+        )
+        verify_end = time.perf_counter()
+        outputs += self._commit(batch, committed)
+        self._observe(
+            batch,
+            proposals,
+            committed,
+            experts_touched,
+            draft_time=verify_start - draft_start,
+            verify_time=verify_end - verify_start,
+            total_time=time.perf_counter() - start,
+        )
+        return outputs
+
+    def generate(
+        self, prompts: Iterable[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[list[int]]:
+        """Offline API: run every prompt to completion; returns the output token ids in prompt order."""
+        prompts = list(prompts)
+        per_request = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"offline-{self._next_seq_id + i}" for i in range(len(prompts))]
+        for request_id, prompt, p in zip(ids, prompts, per_request, strict=True):
+            self.add_request(request_id, prompt, p)
+        results: dict[str, list[int]] = {i: [] for i in ids}
+        while self.has_unfinished:
+            for out in self.step():
+                if out.request_id in results:
+                    results[out.request_id].extend(out.new_token_ids)
+        return [results[i] for i in ids]
+
+    # -- steps -----------------------------------------------------------------------------------------------
+
+    def _admit(self) -> list[RequestOutput]:
+        cache = self.target.runner.cache
+        admitted: list[Sequence] = []
+        while (
+            self.waiting
+            and len(self.running) + len(admitted) < self.config.max_batch_size
+            and len(admitted) < cache.num_free_slots
+        ):
+            admitted.append(self.waiting.popleft())
+        if not admitted:
+            return []
+        first = self.target.prefill(
+            [s.seq_id for s in admitted],
+            [s.prompt_ids for s in admitted],
+            [s.params for s in admitted],
+            [s.generator for s in admitted],
+        )
+        if self.drafter is not None:
+            self.drafter.prefill([s.seq_id for s in admitted], [s.prompt_ids for s in admitted])
+        outputs = []
+        for seq, token in zip(admitted, first, strict=True):
+            self.running.append(seq)
+            outputs.append(self._output(seq, seq.append([token])))
+        self._reap()
+        return outputs
+
+    def _choose_num_spec_tokens(self, batch: list[Sequence]) -> list[int]:
+        if self.drafter is None:
+            return [0] * len(batch)
+        auto = [s.request_id for s in batch if s.params.num_spec_tokens is None]
+        chosen = self.chooser.choose(auto) if auto else {}
+        max_seq_len = self.target.runner.cache.config.max_seq_len
+        result = []
+        for seq in batch:
+            wanted = seq.params.num_spec_tokens
+            num = chosen.get(seq.request_id, 0) if wanted is None else wanted
+            # No more drafts than the request can still emit, or than its cache can hold.
+            limit = min(self.config.max_spec_tokens, seq.num_remaining - 1, max_seq_len - seq.num_tokens)
+            result.append(max(0, min(num, limit)))
+        return result
+
+    def _propose(self, batch: list[Sequence], num_spec: list[int]) -> list[Proposal]:
+        proposals = [Proposal([], None) for _ in batch]
+        speculating = [i for i, n in enumerate(num_spec) if n > 0]
+        if self.drafter is None or not speculating:
+            return proposals
+        drafted = self.drafter.propose(
+            [
+                DraftRequest(
+                    batch[i].seq_id, batch[i].token_ids, num_spec[i], batch[i].params, batch[i].generator
+                )
+                for i in speculating
+            ]
+        )
+        for i, proposal in zip(speculating, drafted, strict=True):
+            proposals[i] = proposal
+        return proposals
+
+    def _commit(self, batch: list[Sequence], committed: list[list[int]]) -> list[RequestOutput]:
+        outputs = []
+        for seq, tokens in zip(batch, committed, strict=True):
+            num_before = seq.num_tokens
+            kept = seq.append(tokens)
+            if self.drafter is not None:  # the draft cache stays valid up to the accepted drafts
+                self.drafter.commit(seq.seq_id, num_before + len(tokens) - 1)
+            outputs.append(self._output(seq, kept))
+        self._reap()
+        return outputs
+
+    def _observe(
+        self,
+        batch: list[Sequence],
+        proposals: list[Proposal],
+        committed: list[list[int]],
+        experts_touched: list[int],
+        draft_time: float,
+        verify_time: float,
+        total_time: float,
+    ) -> None:
+        requests = [
+            RequestIterationStats(
+                request_id=s.request_id,
+                num_spec_tokens=len(p.draft_ids),
+                num_accepted_tokens=len(c) - 1,
+                num_committed_tokens=len(c),
+                context_len=s.num_tokens - len(c),
+            )
+            for s, p, c in zip(batch, proposals, committed, strict=True)
+        ]
+        self.last_stats = IterationStats(
+            iteration=self.iteration,
+            batch_size=len(batch),
+            requests=requests,
+            num_target_tokens=sum(len(p.draft_ids) + 1 for p in proposals),
+            draft_time_s=draft_time,
+            verify_time_s=verify_time,
+            other_time_s=max(0.0, total_time - draft_time - verify_time),
+            experts_touched=experts_touched,
+            num_experts=self.target.runner.config.num_experts,
+        )
+        self.iteration += 1
+        self.chooser.observe(self.last_stats)
+
+    def _reap(self) -> None:
+        for seq in [s for s in self.running if s.finish_reason is not None]:
+            self._finish(seq)
+            self.running.remove(seq)
+
+    def _finish(self, seq: Sequence) -> None:
+        self.target.free(seq.seq_id)
+        if self.drafter is not None:
+            self.drafter.free(seq.seq_id)
+        self.chooser.release(seq.request_id)
+
+    def _output(self, seq: Sequence, new_ids: list[int]) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=new_ids,
+            new_text=seq.release_text(),
+            num_prompt_tokens=len(seq.prompt_ids),
+            num_output_tokens=len(seq.output_ids),
+            finish_reason=seq.finish_reason,
+        )
+
+    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        config = self.target.runner.config
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in prompt_ids if not 0 <= t < config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
+        max_seq_len = self.target.runner.cache.config.max_seq_len
+        if len(prompt_ids) + params.max_tokens > max_seq_len:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
+                f"length {max_seq_len}"
+            )
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need an engine with a tokenizer")
