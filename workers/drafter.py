@@ -1,8 +1,10 @@
 """The draft engine: a dense model with its own KV cache that proposes K_r tokens for each request r.
 
-Invariant: the draft cache holds a prefix of the request's token history. `propose` first feeds every
-committed token the draft has not seen (one catch-up prefill: after iterations at K = 0, a restart, or a new
-request), then runs up to max(K_r) single-token steps; request r drops out after its own K_r steps.
+The caller (the engine) tracks how much of each history the draft cache holds (`DraftRequest.start`) and
+sends only the rest: that one message both rolls back rejected drafts and catches up on tokens committed
+while the request ran at K = 0. The drafter then runs up to max(K_r) single-token steps; request r drops
+out after its own K_r. K_r = 0 only feeds the tokens (a prefill). The drafter may be remote, so it owns
+each sequence's random generator; a drafter that lost a sequence (a restart) raises `DraftCacheMiss`.
 """
 
 from __future__ import annotations
@@ -13,16 +15,20 @@ from dataclasses import dataclass
 import torch
 
 from workers.runner import ModelRunner
-from workers.sampling import SamplingParams, probs_from_logits, sample
+from workers.sampling import SamplingParams, make_generator, probs_from_logits, sample
+
+
+class DraftCacheMiss(RuntimeError):
+    """The drafter holds fewer tokens of a sequence than the caller believes: resend from position 0."""
 
 
 @dataclass
 class DraftRequest:
     seq_id: int
-    token_ids: Sequence[int]  # the whole committed history (prompt + output)
-    num_spec_tokens: int  # K_r >= 1
+    start: int  # history position the drafter's cache is valid up to; token_ids continue from here
+    token_ids: list[int]  # history[start:]; for K_r > 0 it ends with the last committed token
+    num_spec_tokens: int  # K_r
     params: SamplingParams
-    generator: torch.Generator
 
 
 @dataclass
@@ -34,53 +40,62 @@ class Proposal:
 class Drafter:
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
+        self._generators: dict[int, torch.Generator] = {}
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[Proposal]:
+        self._sync(requests)
         proposals = [Proposal([], None) for _ in requests]
         probs: list[list[torch.Tensor]] = [[] for _ in requests]
-        # Step 0 feeds each request's unseen history (at least its last committed token).
-        feeds = {i: list(r.token_ids[self._ensure(r.seq_id) :]) for i, r in enumerate(requests)}
-        for step in range(max((r.num_spec_tokens for r in requests), default=0)):
-            active = [i for i, r in enumerate(requests) if r.num_spec_tokens > step]
-            if step > 0:
-                feeds = {i: proposals[i].draft_ids[-1:] for i in active}
-            seq_ids = [requests[i].seq_id for i in active]
-            logits = self.runner.forward(seq_ids, [feeds[i] for i in active], logits_for="last").logits
+        fed = [i for i, r in enumerate(requests) if r.token_ids]
+        num_steps = max([r.num_spec_tokens for r in requests] + [1 if fed else 0])
+        for step in range(num_steps):  # step s produces draft token s+1
+            if step == 0:  # catch-up / prefill: each request's unseen history, ending at its last token
+                active, feeds = fed, [requests[i].token_ids for i in fed]
+            else:
+                active = [i for i, r in enumerate(requests) if r.num_spec_tokens > step]
+                feeds = [proposals[i].draft_ids[-1:] for i in active]
+            logits = self.runner.forward(
+                [requests[i].seq_id for i in active], feeds, logits_for="last"
+            ).logits
             for row, i in enumerate(active):
                 request = requests[i]
+                if request.num_spec_tokens <= step:
+                    continue  # prefill only
                 if request.params.is_greedy:
                     proposals[i].draft_ids.append(int(logits[row].argmax()))
                 else:
                     q = probs_from_logits(logits[row : row + 1], request.params)[0]
                     probs[i].append(q)
-                    proposals[i].draft_ids.append(sample(q, request.generator))
-        for i, request in enumerate(requests):
-            if not request.params.is_greedy and probs[i]:
+                    proposals[i].draft_ids.append(sample(q, self._generators[request.seq_id]))
+        for i in range(len(requests)):
+            if probs[i]:
                 proposals[i].draft_probs = torch.stack(probs[i])
         return proposals
 
-    def prefill(self, seq_ids: Sequence[int], token_ids: Sequence[Sequence[int]]) -> None:
-        """Feed new sequences' prompts (their history minus the pending token) ahead of the first propose."""
-        feeds = []
-        for seq_id, tokens in zip(seq_ids, token_ids, strict=True):
-            feeds.append(list(tokens[self._ensure(seq_id) :]))
-        ready = [(s, f) for s, f in zip(seq_ids, feeds, strict=True) if f]
-        if ready:
-            self.runner.forward([s for s, _ in ready], [f for _, f in ready], logits_for="last")
+    @property
+    def vocab_size(self) -> int:
+        return self.runner.config.vocab_size
 
-    def commit(self, seq_id: int, num_valid: int) -> None:
-        """Keep only the first `num_valid` cached tokens of a sequence (those still in its history)."""
-        if seq_id in self.runner.cache:
-            self.runner.cache.truncate(seq_id, min(num_valid, self.runner.seq_len(seq_id)))
+    def free(self, seq_ids: Sequence[int]) -> None:
+        for seq_id in seq_ids:
+            self.runner.free(seq_id)
+            self._generators.pop(seq_id, None)
 
-    def free(self, seq_id: int) -> None:
-        self.runner.free(seq_id)
-
-    def cached_len(self, seq_id: int) -> int:
-        return self.runner.seq_len(seq_id) if seq_id in self.runner.cache else 0
-
-    def _ensure(self, seq_id: int) -> int:
-        """Tokens of the sequence in the draft cache (adding the sequence if it is new)."""
-        if seq_id not in self.runner.cache:
-            self.runner.add_sequence(seq_id)
-        return self.runner.seq_len(seq_id)
+    def _sync(self, requests: Sequence[DraftRequest]) -> None:
+        """Add new sequences and roll each cache back to the caller's `start`."""
+        for request in requests:
+            if request.num_spec_tokens > 0 and not request.token_ids:
+                raise ValueError(f"sequence {request.seq_id}: proposing needs at least its last token")
+            if request.seq_id not in self.runner.cache:
+                if request.start > 0:
+                    raise DraftCacheMiss(f"sequence {request.seq_id} is not in the draft cache")
+                self.runner.add_sequence(request.seq_id)
+                seed = request.params.seed
+                self._generators[request.seq_id] = make_generator(None if seed is None else seed + 1)
+            cached = self.runner.seq_len(request.seq_id)
+            if cached < request.start:
+                raise DraftCacheMiss(
+                    f"draft cache holds {cached} tokens of sequence {request.seq_id}, "
+                    f"expected at least {request.start}"
+                )
+            self.runner.cache.truncate(request.seq_id, request.start)

@@ -6,6 +6,7 @@ requests to completion (the offline API). The serving router drives the same `st
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -13,10 +14,12 @@ from dataclasses import dataclass
 
 from policy.stats import IterationStats, KChooser, RequestIterationStats
 from workers.drafter import Drafter, DraftRequest, Proposal
-from workers.sampling import SamplingParams, make_generator
+from workers.sampling import SamplingParams
 from workers.sequence import FINISH_ABORT, RequestOutput, Sequence
 from workers.target import Target, VerifyRequest
 from workers.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,15 +48,17 @@ class SpecEngine:
         config: EngineConfig | None = None,
         tokenizer: Tokenizer | None = None,
     ) -> None:
-        if drafter is not None and drafter.runner.config.vocab_size != target.runner.config.vocab_size:
+        self.info = target.info
+        if drafter is not None and drafter.vocab_size != self.info.vocab_size:
             raise ValueError(
-                f"draft vocabulary ({drafter.runner.config.vocab_size}) differs from the target's "
-                f"({target.runner.config.vocab_size}); they must share a tokenizer"
+                f"draft vocabulary ({drafter.vocab_size}) differs from the target's "
+                f"({self.info.vocab_size}); they must share a tokenizer"
             )
         self.target, self.drafter, self.chooser = target, drafter, chooser
         self.config = config or EngineConfig()
         self.tokenizer = tokenizer
-        self.eos_token_ids = frozenset(target.runner.config.eos_token_ids)
+        self.eos_token_ids = frozenset(self.info.eos_token_ids)
+        self.num_draft_failures = 0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.iteration = 0
@@ -75,7 +80,6 @@ class SpecEngine:
                 request_id=request_id,
                 prompt_ids=list(prompt_ids),
                 params=params,
-                generator=make_generator(params.seed),
                 stop_token_ids=frozenset(stop_ids),
                 detokenizer=detokenizer,
             )
@@ -113,14 +117,15 @@ class SpecEngine:
         draft_start = time.perf_counter()
         proposals = self._propose(batch, num_spec)
         verify_start = time.perf_counter()
-        committed, experts_touched = self.target.verify(
+        verified = self.target.verify(
             [
-                VerifyRequest(s.seq_id, s.output_ids[-1], p, s.params, s.generator)
+                VerifyRequest(s.seq_id, s.output_ids[-1], p.draft_ids, p.draft_probs, s.params)
                 for s, p in zip(batch, proposals, strict=True)
             ]
         )
+        committed, experts_touched = verified.committed_ids, verified.experts_touched
         verify_end = time.perf_counter()
-        outputs += self._commit(batch, committed)
+        outputs += self._commit(batch, num_spec, committed)
         self._observe(
             batch,
             proposals,
@@ -151,24 +156,16 @@ class SpecEngine:
     # -- steps -----------------------------------------------------------------------------------------------
 
     def _admit(self) -> list[RequestOutput]:
-        cache = self.target.runner.cache
+        capacity = min(self.config.max_batch_size, self.info.max_seqs)
         admitted: list[Sequence] = []
-        while (
-            self.waiting
-            and len(self.running) + len(admitted) < self.config.max_batch_size
-            and len(admitted) < cache.num_free_slots
-        ):
+        while self.waiting and len(self.running) + len(admitted) < capacity:
             admitted.append(self.waiting.popleft())
         if not admitted:
             return []
         first = self.target.prefill(
-            [s.seq_id for s in admitted],
-            [s.prompt_ids for s in admitted],
-            [s.params for s in admitted],
-            [s.generator for s in admitted],
+            [s.seq_id for s in admitted], [s.prompt_ids for s in admitted], [s.params for s in admitted]
         )
-        if self.drafter is not None:
-            self.drafter.prefill([s.seq_id for s in admitted], [s.prompt_ids for s in admitted])
+        self._draft([DraftRequest(s.seq_id, 0, s.prompt_ids, 0, s.params) for s in admitted], admitted)
         outputs = []
         for seq, token in zip(admitted, first, strict=True):
             self.running.append(seq)
@@ -181,7 +178,7 @@ class SpecEngine:
             return [0] * len(batch)
         auto = [s.request_id for s in batch if s.params.num_spec_tokens is None]
         chosen = self.chooser.choose(auto) if auto else {}
-        max_seq_len = self.target.runner.cache.config.max_seq_len
+        max_seq_len = self.info.max_seq_len
         result = []
         for seq in batch:
             wanted = seq.params.num_spec_tokens
@@ -196,26 +193,42 @@ class SpecEngine:
         speculating = [i for i, n in enumerate(num_spec) if n > 0]
         if self.drafter is None or not speculating:
             return proposals
-        drafted = self.drafter.propose(
-            [
-                DraftRequest(
-                    batch[i].seq_id, batch[i].token_ids, num_spec[i], batch[i].params, batch[i].generator
-                )
-                for i in speculating
-            ]
-        )
+        requests = []
+        for i in speculating:
+            seq = batch[i]
+            start = seq.num_draft_cached
+            requests.append(DraftRequest(seq.seq_id, start, seq.token_ids[start:], num_spec[i], seq.params))
+        drafted = self._draft(requests, [batch[i] for i in speculating])
         for i, proposal in zip(speculating, drafted, strict=True):
             proposals[i] = proposal
         return proposals
 
-    def _commit(self, batch: list[Sequence], committed: list[list[int]]) -> list[RequestOutput]:
+    def _draft(self, requests: list[DraftRequest], seqs: list[Sequence]) -> list[Proposal]:
+        """Call the drafter. If it fails, speculation pauses (K = 0) and nothing is lost: every draft cache
+        position is forgotten, and the next successful call catches up from the token history."""
+        if self.drafter is None:
+            return [Proposal([], None) for _ in requests]
+        try:
+            proposals = self.drafter.propose(requests)
+        except Exception as error:  # noqa: BLE001 (any drafter failure degrades to plain decoding)
+            self.num_draft_failures += 1
+            logger.warning("drafter failed (%s); continuing without speculation this iteration", error)
+            for seq in self.running + seqs:
+                seq.num_draft_cached = 0
+            return [Proposal([], None) for _ in requests]
+        for request, seq in zip(requests, seqs, strict=True):
+            seq.num_draft_cached = request.start + len(request.token_ids)
+        return proposals
+
+    def _commit(
+        self, batch: list[Sequence], num_spec: list[int], committed: list[list[int]]
+    ) -> list[RequestOutput]:
         outputs = []
-        for seq, tokens in zip(batch, committed, strict=True):
-            num_before = seq.num_tokens
-            kept = seq.append(tokens)
-            if self.drafter is not None:  # the draft cache stays valid up to the accepted drafts
-                self.drafter.commit(seq.seq_id, num_before + len(tokens) - 1)
-            outputs.append(self._output(seq, kept))
+        for seq, proposed, tokens in zip(batch, num_spec, committed, strict=True):
+            if proposed > 0:  # the draft cache fed d_1..d_{K-1}; it stays valid up to the accepted ones
+                num_accepted = len(tokens) - 1
+                seq.num_draft_cached = min(seq.num_draft_cached + proposed - 1, seq.num_tokens + num_accepted)
+            outputs.append(self._output(seq, seq.append(tokens)))
         self._reap()
         return outputs
 
@@ -259,9 +272,12 @@ class SpecEngine:
             self.running.remove(seq)
 
     def _finish(self, seq: Sequence) -> None:
-        self.target.free(seq.seq_id)
+        self.target.free([seq.seq_id])
         if self.drafter is not None:
-            self.drafter.free(seq.seq_id)
+            try:
+                self.drafter.free([seq.seq_id])
+            except Exception as error:  # noqa: BLE001 (a lost drafter has nothing left to free)
+                logger.warning("drafter free failed: %s", error)
         self.chooser.release(seq.request_id)
 
     def _output(self, seq: Sequence, new_ids: list[int]) -> RequestOutput:
@@ -281,7 +297,7 @@ class SpecEngine:
         bad = [t for t in prompt_ids if not 0 <= t < config.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
-        max_seq_len = self.target.runner.cache.config.max_seq_len
+        max_seq_len = self.info.max_seq_len
         if len(prompt_ids) + params.max_tokens > max_seq_len:
             raise ValueError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "

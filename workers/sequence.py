@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from workers.sampling import SamplingParams
 from workers.tokenizer import IncrementalDetokenizer
 
@@ -35,13 +33,13 @@ class Sequence:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    generator: torch.Generator
     stop_token_ids: frozenset[int]
     detokenizer: IncrementalDetokenizer | None = None
     output_ids: list[int] = field(default_factory=list)
     text: str = ""  # the whole output text so far (stop strings removed)
     num_text_released: int = 0  # characters of `text` already released to the caller
     finish_reason: str | None = None
+    num_draft_cached: int = 0  # history tokens the drafter's cache holds (its valid prefix)
 
     @property
     def token_ids(self) -> list[int]:

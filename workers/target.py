@@ -2,6 +2,7 @@
 
 Invariant: the target cache holds every committed token of a sequence except the last one (the pending
 token), which is fed at the start of the next verification: [pending, d_1 .. d_K] -> K+1 rows of logits.
+The target may be remote, so it owns each sequence's random generator (seeded from the request's seed).
 """
 
 from __future__ import annotations
@@ -11,74 +12,94 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.drafter import Proposal
 from workers.rejection import verify_greedy, verify_sampled
 from workers.runner import ModelRunner
-from workers.sampling import SamplingParams, probs_from_logits, sample
+from workers.sampling import SamplingParams, make_generator, probs_from_logits, sample
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """What an engine needs to know about the target it drives."""
+
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    num_experts: int
+    max_seqs: int
+    max_seq_len: int
 
 
 @dataclass
 class VerifyRequest:
     seq_id: int
     pending_id: int  # the last committed token, not yet in the target cache
-    proposal: Proposal
+    draft_ids: list[int]  # [K_r], possibly empty (plain decoding)
+    draft_probs: torch.Tensor | None  # [K_r, V] for sampled requests with drafts
     params: SamplingParams
-    generator: torch.Generator
+
+
+@dataclass
+class VerifyOutput:
+    committed_ids: list[list[int]]  # per request: accepted drafts + one recovered-or-bonus token
+    experts_touched: list[int]  # distinct experts per MoE layer in the verification forward
 
 
 class Target:
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
+        self._generators: dict[int, torch.Generator] = {}
+
+    @property
+    def info(self) -> TargetInfo:
+        config, cache = self.runner.config, self.runner.cache.config
+        return TargetInfo(
+            config.vocab_size, config.eos_token_ids, config.num_experts, cache.max_seqs, cache.max_seq_len
+        )
 
     def prefill(
-        self,
-        seq_ids: Sequence[int],
-        prompts: Sequence[Sequence[int]],
-        params: Sequence[SamplingParams],
-        generators: Sequence[torch.Generator],
+        self, seq_ids: Sequence[int], prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
     ) -> list[int]:
         """Add and prefill new sequences; returns the first output token of each."""
-        for seq_id in seq_ids:
+        for seq_id, p in zip(seq_ids, params, strict=True):
             self.runner.add_sequence(seq_id)
+            self._generators[seq_id] = make_generator(p.seed)
         try:
             logits = self.runner.forward(seq_ids, prompts, logits_for="last").logits
         except Exception:
-            for seq_id in seq_ids:
-                self.runner.free(seq_id)
+            self.free(seq_ids)
             raise
         return [
-            self._sample_one(logits[i], p, g) for i, (p, g) in enumerate(zip(params, generators, strict=True))
+            self._sample_one(logits[i], p, self._generators[s])
+            for i, (s, p) in enumerate(zip(seq_ids, params, strict=True))
         ]
 
-    def verify(self, requests: Sequence[VerifyRequest]) -> tuple[list[list[int]], list[int]]:
-        """One forward over [pending, drafts...] per request; returns committed tokens per request and the
-        distinct experts touched per MoE layer."""
-        feeds = [[r.pending_id, *r.proposal.draft_ids] for r in requests]
+    def verify(self, requests: Sequence[VerifyRequest]) -> VerifyOutput:
+        """One forward over [pending, drafts...] of every request, then per-request verification."""
+        feeds = [[r.pending_id, *r.draft_ids] for r in requests]
         out = self.runner.forward([r.seq_id for r in requests], feeds)
         committed_all: list[list[int]] = []
         start = 0
         for request, feed in zip(requests, feeds, strict=True):
             logits = out.logits[start : start + len(feed)]  # [K+1, V]
             start += len(feed)
-            drafts = request.proposal.draft_ids
-            if request.params.is_greedy:
-                committed = verify_greedy(logits, drafts)
-            else:
-                target_probs = probs_from_logits(logits, request.params)
-                draft_probs = request.proposal.draft_probs
-                if draft_probs is None:
-                    draft_probs = target_probs.new_zeros(0, target_probs.shape[1])
-                committed = verify_sampled(target_probs, draft_probs, drafts, request.generator)
+            committed = self._verify_one(request, logits)
             # Keep pending + accepted drafts in the cache; the new last token becomes pending.
-            self.runner.rollback(request.seq_id, len(drafts) - (len(committed) - 1))
+            self.runner.rollback(request.seq_id, len(request.draft_ids) - (len(committed) - 1))
             committed_all.append(committed)
-        return committed_all, out.experts_touched
+        return VerifyOutput(committed_all, out.experts_touched)
 
-    def rollback(self, seq_id: int, num_tokens: int) -> None:
-        self.runner.rollback(seq_id, num_tokens)
+    def free(self, seq_ids: Sequence[int]) -> None:
+        for seq_id in seq_ids:
+            self.runner.free(seq_id)
+            self._generators.pop(seq_id, None)
 
-    def free(self, seq_id: int) -> None:
-        self.runner.free(seq_id)
+    def _verify_one(self, request: VerifyRequest, logits: torch.Tensor) -> list[int]:
+        if request.params.is_greedy:
+            return verify_greedy(logits, request.draft_ids)
+        target_probs = probs_from_logits(logits, request.params)
+        draft_probs = request.draft_probs
+        if draft_probs is None:
+            draft_probs = target_probs.new_zeros(0, target_probs.shape[1])
+        return verify_sampled(target_probs, draft_probs, request.draft_ids, self._generators[request.seq_id])
 
     @staticmethod
     def _sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:

@@ -142,3 +142,28 @@ def test_catch_up_after_k0_iterations(
     pattern = [[0, 0, 0, 0, 3]] * 4  # four plain iterations, then K = 3 after a catch-up prefill
     engine = _engine(target_path, good_draft_path, ScriptedChooser(pattern))
     assert engine.generate(_prompts(6), GREEDY) == reference
+
+
+class FlakyDrafter(Drafter):
+    """Fails every third call, and once forgets everything (as a restarted replica would)."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        super().__init__(runner)
+        self.calls = 0
+
+    def propose(self, requests):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.calls % 3 == 0:
+            raise ConnectionError("drafter replica unavailable")
+        if self.calls == 7:  # a restart: the cache is empty, the caller must resend every history
+            for seq_id in list(self.runner.cache.seq_ids):
+                self.runner.free(seq_id)
+        return super().propose(requests)
+
+
+def test_drafter_failures_lose_nothing(target_path: Path, good_draft_path: Path, reference: list[list[int]]) -> None:
+    engine = _engine(target_path, good_draft_path, StaticChooser(3))
+    assert engine.drafter is not None
+    engine.drafter = FlakyDrafter(engine.drafter.runner)
+    assert engine.generate(_prompts(6), GREEDY) == reference
+    assert engine.num_draft_failures >= 3
