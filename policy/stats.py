@@ -60,3 +60,16 @@ class KChooser(Protocol):
     def release(self, request_id: str) -> None:
         """Forget a request that finished or was aborted."""
         ...
+
+
+class Decision(msgspec.Struct, frozen=True):
+    """K per request for a window of one router's iterations, published by the central policy."""
+
+    version: int  # increases with every decision the policy publishes (across routers)
+    source: str  # the router it is for
+    first_iteration: (
+        int  # valid for the router's iterations [first_iteration, first_iteration + num_iterations)
+    )
+    num_iterations: int
+    num_spec_tokens: dict[str, int]  # K per request id
+    default_num_spec_tokens: int = 0  # for requests admitted after the decision was made

@@ -10,16 +10,39 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import Protocol
 
 from policy.stats import IterationStats, KChooser, RequestIterationStats
-from workers.drafter import Drafter, DraftRequest, Proposal
+from workers.drafter import DraftRequest, Proposal
 from workers.sampling import SamplingParams
 from workers.sequence import FINISH_ABORT, RequestOutput, Sequence
-from workers.target import Target, VerifyRequest
+from workers.target import TargetInfo, VerifyOutput, VerifyRequest
 from workers.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
+
+
+class TargetBackend(Protocol):
+    """What the engine needs of a target: `workers.target.Target`, or a proxy to a remote one."""
+
+    @property
+    def info(self) -> TargetInfo: ...
+    def prefill(
+        self, seq_ids: Seq[int], prompts: Seq[Seq[int]], params: Seq[SamplingParams]
+    ) -> list[int]: ...
+    def verify(self, requests: Seq[VerifyRequest]) -> VerifyOutput: ...
+    def free(self, seq_ids: Seq[int]) -> None: ...
+
+
+class DraftBackend(Protocol):
+    """What the engine needs of a drafter: `workers.drafter.Drafter`, or a proxy to a remote one."""
+
+    @property
+    def vocab_size(self) -> int: ...
+    def propose(self, requests: Seq[DraftRequest]) -> list[Proposal]: ...
+    def free(self, seq_ids: Seq[int]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -42,8 +65,8 @@ class QueueFullError(RuntimeError):
 class SpecEngine:
     def __init__(
         self,
-        target: Target,
-        drafter: Drafter | None,
+        target: TargetBackend,
+        drafter: DraftBackend | None,
         chooser: KChooser,
         config: EngineConfig | None = None,
         tokenizer: Tokenizer | None = None,
@@ -69,7 +92,7 @@ class SpecEngine:
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; raises ValueError if it can never fit, QueueFullError if the queue is full."""
-        self._validate(prompt_ids, params)
+        self.validate(prompt_ids, params)
         if len(self.waiting) >= self.config.max_waiting:
             raise QueueFullError(f"{len(self.waiting)} requests are waiting (max_waiting)")
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
@@ -261,7 +284,7 @@ class SpecEngine:
             verify_time_s=verify_time,
             other_time_s=max(0.0, total_time - draft_time - verify_time),
             experts_touched=experts_touched,
-            num_experts=self.target.runner.config.num_experts,
+            num_experts=self.info.num_experts,
         )
         self.iteration += 1
         self.chooser.observe(self.last_stats)
@@ -290,13 +313,14 @@ class SpecEngine:
             finish_reason=seq.finish_reason,
         )
 
-    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        config = self.target.runner.config
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError (naming the problem) for a request that could never run; no state changes."""
+        vocab_size = self.info.vocab_size
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        bad = [t for t in prompt_ids if not 0 <= t < config.vocab_size]
+        bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
         if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
         max_seq_len = self.info.max_seq_len
         if len(prompt_ids) + params.max_tokens > max_seq_len:
             raise ValueError(

@@ -24,6 +24,7 @@ class TargetInfo:
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     num_experts: int
+    top_k: int  # experts per token (0 for a dense target)
     max_seqs: int
     max_seq_len: int
 
@@ -52,7 +53,12 @@ class Target:
     def info(self) -> TargetInfo:
         config, cache = self.runner.config, self.runner.cache.config
         return TargetInfo(
-            config.vocab_size, config.eos_token_ids, config.num_experts, cache.max_seqs, cache.max_seq_len
+            config.vocab_size,
+            config.eos_token_ids,
+            config.num_experts,
+            config.top_k,
+            cache.max_seqs,
+            cache.max_seq_len,
         )
 
     def prefill(

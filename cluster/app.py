@@ -1,0 +1,101 @@
+"""Builds the Ray Serve application: Router (ingress) -> Drafter and MoETarget deployments.
+
+`build_app(args)` is the import path of every Serve config (`cluster.app:build_app`); `args` are validated
+into an `AppConfig`. `serve.deployment` is applied here and only here, so the classes stay testable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+from starlette.requests import Request
+from starlette.responses import Response
+
+from cluster.choosers import make_chooser
+from cluster.config import AppConfig
+from cluster.deployments import DrafterServer, RemoteDrafter, RemoteTarget, TargetServer, resolve_model_path
+from cluster.router import Router
+from workers.engine import EngineConfig, SpecEngine
+from workers.tokenizer import Tokenizer
+
+
+class RouterServer:
+    """The ingress deployment: builds the engine over handles to its bound Drafter and MoETarget.
+
+    The engine is built on the first request (health checks included): handles are awaited, never blocked
+    on, inside the replica's event loop.
+    """
+
+    def __init__(self, config: AppConfig, target_handle: Any, drafter_handle: Any | None) -> None:
+        self.config = config
+        self.target_handle, self.drafter_handle = target_handle, drafter_handle
+        self.router: Router | None = None
+        self._starting = asyncio.Lock()
+
+    async def __call__(self, request: Request) -> Response:
+        if self.router is None:
+            async with self._starting:
+                if self.router is None:
+                    self.router = await self._build_router()
+        return await self.router(request)
+
+    async def _build_router(self) -> Router:
+        config = self.config
+        target = RemoteTarget(self.target_handle, await self.target_handle.info.remote())
+        drafter = None
+        if self.drafter_handle is not None:
+            drafter = RemoteDrafter(self.drafter_handle, await self.drafter_handle.vocab_size.remote())
+        chooser = make_chooser(config.policy, target.info, config.engine.max_spec_tokens)
+        tokenizer = Tokenizer(resolve_model_path(config.model.target))
+        engine_config = EngineConfig(
+            max_batch_size=config.engine.max_batch_size,
+            max_spec_tokens=config.engine.max_spec_tokens,
+            max_waiting=config.engine.max_waiting + config.engine.max_batch_size,
+        )
+        engine = SpecEngine(target, drafter, chooser, engine_config, tokenizer)
+        api_key = config.server.api_key
+        if api_key is None and config.server.api_key_env:
+            api_key = os.environ.get(config.server.api_key_env) or None
+        return Router(config, engine, tokenizer, api_key)
+
+    def check_health(self) -> None:
+        """Serve's health check: raises if the engine loop died."""
+        loop = self.router.loop if self.router is not None else None
+        if loop is not None and loop.has_started and not loop.is_alive:
+            raise RuntimeError("the engine loop thread has stopped")
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    config = AppConfig.from_args(args)
+    resources = config.resources
+    target = serve.deployment(
+        TargetServer,
+        name="MoETarget",
+        ray_actor_options={
+            "num_cpus": resources.target_num_cpus,
+            "num_gpus": resources.target_num_gpus,
+        },
+    ).bind(config)
+    drafter = None
+    if config.model.draft is not None:
+        drafter = serve.deployment(
+            DrafterServer,
+            name="Drafter",
+            ray_actor_options={
+                "num_cpus": resources.drafter_num_cpus,
+                "num_gpus": resources.drafter_num_gpus,
+            },
+        ).bind(config)
+    ongoing = config.engine.max_batch_size + config.engine.max_waiting + 16  # 429s come from the router
+    return serve.deployment(
+        RouterServer,
+        name="Router",
+        max_ongoing_requests=ongoing,
+        ray_actor_options={
+            "num_cpus": resources.router_num_cpus,
+        },
+    ).bind(config, target, drafter)

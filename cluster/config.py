@@ -1,0 +1,159 @@
+"""The application's configuration: the Serve config's `args`, validated once into frozen dataclasses.
+
+`AppConfig.from_args` is the only entry from YAML/JSON (msgspec, unknown fields refused with their name);
+everything downstream receives the dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_TARGET = REPO_ROOT / "models" / "demo-moe"
+DEMO_DRAFT = REPO_ROOT / "models" / "demo-draft"
+POLICIES = ("auto", "cascade", "static", "off")
+DTYPES = ("bfloat16", "float32", "auto")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    target: str = str(DEMO_TARGET)
+    draft: str | None = str(DEMO_DRAFT)  # None: no speculation
+    served_name: str = "demo-moe"
+    dtype: str = "float32"  # "auto" = the checkpoint's dtype
+    max_seqs: int = 32  # KV slots = concurrent requests in a batch
+    max_seq_len: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.max_seqs < 1 or self.max_seq_len < 16:
+            raise ValueError(
+                f"model.max_seqs >= 1 and max_seq_len >= 16 required, got {self.max_seqs}, {self.max_seq_len}"
+            )
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    max_batch_size: int = 32
+    max_spec_tokens: int = 6
+    max_waiting: int = 256  # queued requests beyond the batch; more get 429
+    request_timeout_s: float = 300.0  # a request still running after this ends with an error
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_waiting < 0 or self.max_spec_tokens < 0:
+            raise ValueError("engine.max_batch_size >= 1, max_waiting >= 0, max_spec_tokens >= 0 required")
+        if self.request_timeout_s <= 0:
+            raise ValueError(f"engine.request_timeout_s must be > 0, got {self.request_timeout_s}")
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    kind: str = "auto"  # auto = batch-aware; cascade; static; off
+    num_spec_tokens: int = 3  # for kind = static
+    window_iterations: int = 4  # how long a central decision holds
+    use_central_actor: bool = True  # False: each router decides alone
+    actor_name: str = "moespec-spec-policy"
+
+    def __post_init__(self) -> None:
+        if self.kind not in POLICIES:
+            raise ValueError(f"policy.kind must be one of {POLICIES}, got {self.kind!r}")
+        if self.num_spec_tokens < 0 or self.window_iterations < 1:
+            raise ValueError("policy.num_spec_tokens >= 0 and window_iterations >= 1 required")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    api_key: str | None = None  # bearer token required on every endpoint but /health; None = open
+    api_key_env: str | None = "MOESPEC_API_KEY"  # read the key from this variable if api_key is unset
+    max_body_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"server.max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+
+
+@dataclass(frozen=True)
+class ResourceSettings:
+    router_num_cpus: float = 0.5
+    drafter_num_cpus: float = 0.5
+    target_num_cpus: float = 1.0
+    target_num_gpus: float = 0.0  # per expert-parallel rank
+    drafter_num_gpus: float = 0.0
+    torch_threads: int = 1  # torch.set_num_threads in each model process
+
+
+@dataclass(frozen=True)
+class ExpertParallelSettings:
+    num_ranks: int = 1  # 1 = the whole target in one process
+    strategy: str = "allreduce"  # or all_to_all
+
+    def __post_init__(self) -> None:
+        if self.num_ranks < 1:
+            raise ValueError(f"expert_parallel.num_ranks must be >= 1, got {self.num_ranks}")
+        if self.strategy not in ("allreduce", "all_to_all"):
+            raise ValueError(
+                f"expert_parallel.strategy must be allreduce or all_to_all, got {self.strategy!r}"
+            )
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
+    resources: ResourceSettings = field(default_factory=ResourceSettings)
+    expert_parallel: ExpertParallelSettings = field(default_factory=ExpertParallelSettings)
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any] | None) -> AppConfig:
+        """Build from a Serve config's `args` (nested dicts); unknown keys are refused by name."""
+        try:
+            return msgspec.convert(args or {}, type=_AppArgs, strict=False).to_config()
+        except msgspec.ValidationError as error:
+            raise ValueError(f"invalid application args: {error}") from error
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    pass
+
+
+def _section(settings_cls: type) -> type[msgspec.Struct]:
+    """A msgspec Struct mirroring a settings dataclass, every field optional, unknown fields refused."""
+    defaults = settings_cls()
+    fields = [
+        (f.name, Any, msgspec.field(default=getattr(defaults, f.name)))
+        for f in dataclasses.fields(settings_cls)
+    ]
+    return msgspec.defstruct(f"_{settings_cls.__name__}Args", fields, bases=(_Section,))
+
+
+_SECTIONS = {
+    "model": ModelSettings,
+    "engine": EngineSettings,
+    "policy": PolicySettings,
+    "server": ServerSettings,
+    "resources": ResourceSettings,
+    "expert_parallel": ExpertParallelSettings,
+}
+_AppArgsBase = msgspec.defstruct(
+    "_AppArgsBase",
+    [(name, _section(cls) | None, None) for name, cls in _SECTIONS.items()],
+    bases=(_Section,),
+)
+
+
+class _AppArgs(_AppArgsBase):  # type: ignore[misc, valid-type]
+    def to_config(self) -> AppConfig:
+        parts = {}
+        for name, cls in _SECTIONS.items():
+            section = getattr(self, name)
+            values = {} if section is None else msgspec.structs.asdict(section)
+            parts[name] = cls(**values)
+        return AppConfig(**parts)

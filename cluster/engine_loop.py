@@ -1,0 +1,156 @@
+"""Runs a SpecEngine on its own thread and connects it to asyncio request handlers.
+
+The engine is not thread-safe, so only this thread touches it: handlers send commands (add, abort) through
+an inbox that is drained at iteration boundaries, and receive their outputs on per-request asyncio queues.
+If an iteration fails (the target died), every running request ends with that error; the loop goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cluster.metrics import Metrics
+from policy.stats import IterationStats
+from workers.engine import SpecEngine
+from workers.sampling import SamplingParams
+from workers.sequence import RequestOutput
+
+logger = logging.getLogger(__name__)
+Item = RequestOutput | BaseException
+
+
+@dataclass
+class _Client:
+    outputs: asyncio.Queue[Item]
+    deadline: float
+
+
+class EngineLoop:
+    def __init__(
+        self,
+        engine: SpecEngine,
+        metrics: Metrics,
+        request_timeout_s: float,
+        on_iteration: Callable[[IterationStats], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.request_timeout_s = request_timeout_s
+        self.on_iteration = on_iteration
+        self._inbox: queue.SimpleQueue[tuple[str, str, list[int], SamplingParams | None]] = (
+            queue.SimpleQueue()
+        )
+        self._clients: dict[str, _Client] = {}  # touched only by the loop thread after registration
+        self._wakeup = threading.Event()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+        self._outstanding_lock = threading.Lock()
+        self.num_outstanding = 0  # submitted and not yet finished (admission control reads it)
+        self.last_error: BaseException | None = None
+
+    def start(self, event_loop: asyncio.AbstractEventLoop) -> None:
+        if self._thread is None:
+            self._event_loop = event_loop
+            self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+            self._thread.start()
+
+    @property
+    def has_started(self) -> bool:
+        return self._thread is not None
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._wakeup.set()
+
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue[Item]:
+        """Queue a request (already validated); its outputs arrive on the returned queue."""
+        assert self._event_loop is not None, "start() the loop first"
+        outputs: asyncio.Queue[Item] = asyncio.Queue()
+        with self._outstanding_lock:
+            self.num_outstanding += 1
+        self._clients[request_id] = _Client(outputs, time.monotonic() + self.request_timeout_s)
+        self._inbox.put(("add", request_id, prompt_ids, params))
+        self._wakeup.set()
+        return outputs
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id, [], None))
+        self._wakeup.set()
+
+    # -- the loop thread ---------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            self._drain_inbox()
+            self._expire()
+            if not self.engine.has_unfinished:
+                self._wakeup.wait(timeout=0.5)
+                self._wakeup.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as error:  # noqa: BLE001 (the server stays up; the requests end with the error)
+                logger.exception("engine iteration failed")
+                self.last_error = error
+                self._fail_all(error)
+                continue
+            self.last_error = None
+            for out in outputs:
+                self._deliver(out.request_id, out)
+            if self.engine.last_stats is not None and outputs:
+                self.metrics.observe(self.engine.last_stats)
+                if self.on_iteration is not None:
+                    self.on_iteration(self.engine.last_stats)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                command, request_id, prompt_ids, params = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if command == "abort":
+                if self.engine.abort(request_id):
+                    self.metrics.count("requests_aborted_total")
+                self._deliver(request_id, RequestOutput(request_id, [], "", 0, 0, "abort"))
+                continue
+            assert params is not None
+            try:
+                self.engine.add_request(request_id, prompt_ids, params)
+            except Exception as error:  # noqa: BLE001 (reported to that request alone)
+                self._deliver(request_id, error)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for request_id, client in list(self._clients.items()):
+            if now > client.deadline:
+                self.engine.abort(request_id)
+                self.metrics.count("requests_timed_out_total")
+                self._deliver(request_id, TimeoutError(f"request {request_id} exceeded its deadline"))
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request_id in list(self._clients):
+            self.engine.abort(request_id)
+            self._deliver(request_id, error)
+
+    def _deliver(self, request_id: str, item: Item) -> None:
+        client = self._clients.get(request_id)
+        if client is None:
+            return
+        finished = isinstance(item, BaseException) or item.is_finished
+        if finished:
+            del self._clients[request_id]
+            with self._outstanding_lock:
+                self.num_outstanding -= 1
+        assert self._event_loop is not None
+        self._event_loop.call_soon_threadsafe(client.outputs.put_nowait, item)

@@ -1,0 +1,259 @@
+"""The ingress: OpenAI-compatible HTTP in front of the engine loop.
+
+A plain class (no Ray): `app.py` wraps it in a Serve deployment; tests can drive it directly. Every
+error a client causes is answered in the OpenAI error format and affects no other request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from cluster.config import AppConfig
+from cluster.engine_loop import EngineLoop
+from cluster.metrics import Metrics
+from cluster.openai_api import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    completion_body,
+    new_id,
+    parse_request,
+    sampling_params,
+    sse,
+    usage,
+)
+from workers.engine import SpecEngine
+from workers.sequence import RequestOutput
+from workers.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class Router:
+    def __init__(
+        self,
+        config: AppConfig,
+        engine: SpecEngine,
+        tokenizer: Tokenizer,
+        api_key: str | None,
+        metrics: Metrics | None = None,
+        loop: EngineLoop | None = None,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.api_key = api_key
+        self.metrics = metrics or Metrics(config.model.served_name)
+        self.loop = loop or EngineLoop(engine, self.metrics, config.engine.request_timeout_s)
+        self.routes: dict[tuple[str, str], Handler] = {
+            ("GET", "/health"): self.health,
+            ("GET", "/v1/models"): self.models,
+            ("GET", "/metrics"): self.render_metrics,
+            ("POST", "/v1/completions"): self.completions,
+            ("POST", "/v1/chat/completions"): self.chat_completions,
+        }
+
+    async def __call__(self, request: Request) -> Response:
+        self.loop.start(asyncio.get_running_loop())
+        handler = self.routes.get((request.method, request.url.path))
+        try:
+            if handler is None:
+                known = {path for _, path in self.routes}
+                status = 405 if request.url.path in known else 404
+                raise APIError(status, f"no route for {request.method} {request.url.path}")
+            if request.url.path != "/health":
+                self._authorize(request)
+            return await handler(request)
+        except APIError as error:
+            return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    # -- endpoints -------------------------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        if not self.loop.is_alive:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        if self.loop.last_error is not None:
+            return JSONResponse({"status": "unhealthy", "error": str(self.loop.last_error)}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.config.model.served_name,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "moespec",
+                        "max_model_len": self.engine.info.max_seq_len,
+                    },
+                ],
+            }
+        )
+
+    async def render_metrics(self, request: Request) -> Response:
+        self.metrics.set_gauge("num_requests_outstanding", self.loop.num_outstanding)
+        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def completions(self, request: Request) -> Response:
+        body = parse_request(await self._body(request), CompletionRequest)
+        prompt_ids = self.tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
+        return await self._generate(body, prompt_ids, chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = parse_request(await self._body(request), ChatCompletionRequest)
+        if not body.messages:
+            raise APIError(400, "messages must not be empty", param="messages")
+        try:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in body.messages]
+            )
+        except Exception as error:  # noqa: BLE001 (a template error is the request's problem, not ours)
+            raise APIError(400, f"cannot apply the chat template: {error}", param="messages") from error
+        template = self.tokenizer.chat_template or ""
+        prompt_ids = self.tokenizer.encode(text, add_bos="bos_token" not in template)
+        return await self._generate(body, prompt_ids, chat=True)
+
+    # -- generation ------------------------------------------------------------------------------------------
+
+    async def _generate(self, body: Any, prompt_ids: list[int], chat: bool) -> Response:
+        if body.model is not None and body.model != self.config.model.served_name:
+            raise APIError(
+                404,
+                f"model {body.model!r} does not exist; this server serves {self.config.model.served_name!r}",
+                param="model",
+            )
+        info = self.engine.info
+        default_max = max(1, min(256, info.max_seq_len - len(prompt_ids)))
+        params = sampling_params(
+            body, default_max, self.config.engine.max_spec_tokens, range(info.vocab_size)
+        )
+        try:
+            self.engine.validate(prompt_ids, params)
+        except ValueError as error:
+            raise APIError(400, str(error), param="prompt") from error
+        capacity = self.config.engine.max_batch_size + self.config.engine.max_waiting
+        if self.loop.num_outstanding >= capacity:
+            self.metrics.count("requests_rejected_total")
+            raise APIError(
+                429,
+                "the server is at capacity; retry later",
+                error_type="rate_limit_error",
+                headers={"Retry-After": "1"},
+            )
+        request_id = new_id("chatcmpl" if chat else "cmpl")
+        outputs = self.loop.submit(request_id, prompt_ids, params)
+        self.metrics.count("requests_total")
+        model = self.config.model.served_name
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            stream = self._stream(request_id, outputs, model, chat, include_usage)
+            return StreamingResponse(stream, media_type="text/event-stream")
+        return await self._collect(request_id, outputs, model, chat)
+
+    async def _collect(
+        self, request_id: str, outputs: asyncio.Queue[Any], model: str, chat: bool
+    ) -> Response:
+        text, last = [], None
+        try:
+            async for out in self._outputs(request_id, outputs):
+                text.append(out.new_text)
+                last = out
+        except APIError:
+            raise
+        assert last is not None
+        return JSONResponse(
+            completion_body(
+                request_id,
+                model,
+                "".join(text),
+                last.finish_reason,
+                chat,
+                usage(last.num_prompt_tokens, last.num_output_tokens),
+            )
+        )
+
+    async def _stream(
+        self, request_id: str, outputs: asyncio.Queue[Any], model: str, chat: bool, include_usage: bool
+    ) -> AsyncIterator[bytes]:
+        created = int(time.time())
+        try:
+            async for out in self._outputs(request_id, outputs):
+                if out.new_text or out.finish_reason:
+                    yield sse(
+                        completion_body(
+                            request_id, model, out.new_text, out.finish_reason, chat, None, created
+                        )
+                    )
+                if out.is_finished and include_usage:
+                    final = completion_body(request_id, model, "", None, chat, None, created)
+                    final["choices"] = []
+                    final["usage"] = usage(out.num_prompt_tokens, out.num_output_tokens)
+                    yield sse(final)
+        except APIError as error:
+            yield sse(error.body())
+        yield sse("[DONE]")
+
+    async def _outputs(self, request_id: str, outputs: asyncio.Queue[Any]) -> AsyncIterator[RequestOutput]:
+        """The request's outputs until it finishes; aborts it if the caller goes away (cancellation)."""
+        finished = False
+        try:
+            while not finished:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise _as_api_error(item)
+                finished = item.is_finished
+                if item.finish_reason == "abort":
+                    raise APIError(499, "the request was aborted")
+                yield item
+        finally:
+            if not finished:
+                self.loop.abort(request_id)
+
+    # -- checks ----------------------------------------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+            raise APIError(
+                401,
+                "a valid API key is required (Authorization: Bearer <key>)",
+                error_type="authentication_error",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.config.server.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"the request body is larger than {limit} bytes")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise APIError(413, f"the request body is larger than {limit} bytes")
+        return body
+
+
+def _as_api_error(error: BaseException) -> APIError:
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, TimeoutError):
+        return APIError(504, str(error), error_type="timeout")
+    if isinstance(error, ValueError):
+        return APIError(400, str(error))
+    return APIError(503, f"the model failed while serving this request: {error}", error_type="server_error")

@@ -1,0 +1,178 @@
+"""Batch-aware K: the vector of K_r that maximizes expected committed tokens per second for the whole batch.
+
+Objective: sum_r E[ETR_r(K_r)] / T(batch, K vector), with per-request acceptance estimates and the shared
+cost model. Requests are probed in Cascade-style test phases (new ones at once, ones at K = 0 with back-off)
+so that every estimate stays fresh; hysteresis keeps the previous vector unless the best is clearly faster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import NDArray
+
+from policy.cost_model import CostModel
+from policy.stats import IterationStats
+from policy.utility import AcceptanceConfig, AcceptanceEstimator, expected_etr
+
+Array = NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class BatchAwareConfig:
+    max_spec_tokens: int = 8  # every K_r is in [0, max_spec_tokens]
+    probe_num_spec_tokens: int = 2  # K forced during a test phase
+    test_iterations: int = 4  # iterations per test phase
+    set_iterations: int = 16  # iterations at K = 0 before a retest (doubled per consecutive K = 0 verdict)
+    max_set_iterations: int = 128  # back-off cap: a request at K = 0 is retested at least this often
+    hysteresis: float = 0.02  # switch only for more than this gain per request (relative, / batch size)
+    acceptance: AcceptanceConfig = field(default_factory=AcceptanceConfig)
+
+    def __post_init__(self) -> None:
+        if self.max_spec_tokens < 1:
+            raise ValueError(f"max_spec_tokens={self.max_spec_tokens} must be >= 1")
+        if not 1 <= self.probe_num_spec_tokens <= self.max_spec_tokens:
+            raise ValueError(
+                f"probe_num_spec_tokens={self.probe_num_spec_tokens} must be in [1, max_spec_tokens]"
+            )
+        if self.test_iterations < 1 or self.set_iterations < 1:
+            raise ValueError(f"test_iterations={self.test_iterations}, set_iterations must be >= 1")
+        if self.max_set_iterations < self.set_iterations:
+            raise ValueError(f"max_set_iterations={self.max_set_iterations} must be >= set_iterations")
+        if self.hysteresis < 0.0:
+            raise ValueError(f"hysteresis={self.hysteresis} must be >= 0")
+
+
+class _RequestState:
+    def __init__(self, config: BatchAwareConfig) -> None:
+        self.estimator = AcceptanceEstimator(config.acceptance)
+        self.test_remaining = config.test_iterations  # > 0: in a test phase (new requests start there)
+        self.set_k: int | None = None  # the last set-phase choice; None right after a test
+        self.zero_iterations = 0  # iterations run at K = 0 since the last test
+        self.num_zero_verdicts = 0  # consecutive tests followed by K = 0: the back-off exponent
+
+
+class BatchAwareChooser:
+    """A `KChooser` for one batch (one router); the cost model may be shared between choosers."""
+
+    def __init__(self, config: BatchAwareConfig, cost_model: CostModel) -> None:
+        self.config = config
+        self.cost_model = cost_model
+        self._states: dict[str, _RequestState] = {}
+
+    def choose(self, request_ids: Sequence[str]) -> dict[str, int]:
+        if not request_ids:
+            return {}
+        states = [self._state(r) for r in request_ids]
+        rates = np.array([s.estimator.rate for s in states])
+        probe = self.config.probe_num_spec_tokens
+        forced = np.array([probe if s.test_remaining > 0 else -1 for s in states])
+        best = self.best_spec_tokens(rates, forced)
+        # Requests in or just out of a test phase have no previous choice (set_k is None).
+        previous = np.array([k if s.set_k is None else s.set_k for k, s in zip(best, states, strict=True)])
+        chosen = self._with_hysteresis(rates, np.array(best), previous)
+        for k, state, f in zip(chosen, states, forced, strict=True):
+            if f < 0:
+                self._set(state, k)
+        return dict(zip(request_ids, chosen, strict=True))
+
+    def observe(self, stats: IterationStats) -> None:
+        self.cost_model.observe(stats)
+        for r in stats.requests:
+            state = self._state(r.request_id)
+            state.estimator.record(r.num_spec_tokens, r.num_accepted_tokens)
+            if state.test_remaining > 0:
+                state.test_remaining -= 1
+            elif r.num_spec_tokens > 0:
+                state.zero_iterations = 0
+            else:
+                state.zero_iterations += 1
+                backoff = self.config.set_iterations * 2**state.num_zero_verdicts
+                if state.zero_iterations >= min(backoff, self.config.max_set_iterations):
+                    state.test_remaining = self.config.test_iterations  # retest from the next choice
+                    state.set_k = None
+
+    def release(self, request_id: str) -> None:
+        self._states.pop(request_id, None)
+
+    def tokens_per_second(self, rates: NDArray[np.float64], num_spec_tokens: Sequence[int]) -> float:
+        """Expected committed tokens per second of the batch at this K vector (one entry per request)."""
+        etr = sum(expected_etr(float(a), int(k)) for a, k in zip(rates, num_spec_tokens, strict=True))
+        return etr / self.cost_model.iteration_time([int(k) for k in num_spec_tokens])
+
+    def best_spec_tokens(self, rates: NDArray[np.float64], forced: NDArray[np.int_]) -> list[int]:
+        """Exact maximizer of tokens per second; `forced[r] >= 0` fixes K_r, -1 leaves it free.
+
+        The iteration time depends on the K vector only through m = max K_r and S = sum K_r. For a given
+        (m, S) the expected ETR is largest when the S free draft tokens go to the largest marginal gains
+        a_r^j with j <= m (the j-th token of request r adds a_r^j to E[ETR_r]). Scanning every (m, S) is exact.
+        """
+        is_free = forced < 0
+        max_k = self.config.max_spec_tokens
+        gains = rates[:, None] ** np.arange(1, max_k + 1)[None, :]  # (R, max_k): gain of the j-th token
+        forced_k = np.where(is_free, 0, forced)
+        forced_total = int(forced_k.sum())
+        base_etr = len(rates) + float(sum(gains[r, :k].sum() for r, k in enumerate(forced_k)))
+        # Free gains in descending order; a gain of token j is available when m >= j.
+        order = np.argsort(-gains[is_free], axis=None, kind="stable")  # (L,) into the (F, max_k) block
+        sorted_gains = gains[is_free].ravel()[order]
+        m_values = np.arange(max_k + 1)[:, None]  # (M, 1)
+        available = (order % max_k)[None, :] < m_values  # (M, L)
+        etr = base_etr + np.cumsum(np.where(available, sorted_gains, 0.0), axis=1)  # (M, L)
+        total = forced_total + np.cumsum(available, axis=1)  # (M, L): S after each position
+        times = self.cost_model.time_grid(
+            len(rates), m_values, np.arange(total.max(initial=forced_total) + 1)
+        )
+        # Column 0 is S = 0 (no free tokens); column i + 1 takes the sorted free gains up to position i.
+        rate = np.concatenate(
+            [base_etr / times[:, forced_total : forced_total + 1], etr / np.take_along_axis(times, total, 1)],
+            axis=1,
+        )
+        rate[: int(forced_k.max(initial=0))] = -np.inf  # m must cover the forced K
+        best_m, best_pos = np.unravel_index(int(np.argmax(rate)), rate.shape)
+        chosen = order[: int(best_pos)][available[best_m, : int(best_pos)]]
+        result = forced_k.copy()
+        result[is_free] = np.bincount(chosen // max_k, minlength=int(is_free.sum()))
+        return [int(k) for k in result]
+
+    def _with_hysteresis(self, rates: Array, best: NDArray[np.int_], previous: NDArray[np.int_]) -> list[int]:
+        """Keep K_r = previous_r unless moving r alone from it to best_r gains more than `hysteresis` of r's
+        share (1 / batch size) of the batch's tokens per second."""
+        etr = _expected_etr(rates, best)
+        other_max = _max_of_others(best)
+        alt_etr = etr.sum() - etr + _expected_etr(rates, previous)  # (R,): r at previous, others at best
+        alt_time = self.cost_model.time_grid(
+            len(rates), np.maximum(other_max, previous), best.sum() - best + previous
+        )
+        best_rate = etr.sum() / self.cost_model.iteration_time([int(k) for k in best])
+        gain = best_rate / (alt_etr / alt_time) - 1.0
+        keep = gain <= self.config.hysteresis / len(rates)
+        return [int(k) for k in np.where(keep, previous, best)]
+
+    def _set(self, state: _RequestState, num_spec_tokens: int) -> None:
+        """Record a set-phase choice; the first one after a test sets the back-off."""
+        if state.set_k is None:
+            state.num_zero_verdicts = state.num_zero_verdicts + 1 if num_spec_tokens == 0 else 0
+            state.zero_iterations = 0
+        state.set_k = num_spec_tokens
+
+    def _state(self, request_id: str) -> _RequestState:
+        state = self._states.get(request_id)
+        if state is None:
+            state = self._states[request_id] = _RequestState(self.config)
+        return state
+
+
+def _expected_etr(rates: Array, num_spec_tokens: NDArray[np.int_]) -> Array:
+    """E[ETR] = (1 - a^(K+1)) / (1 - a), elementwise (rates are below 1)."""
+    return (1.0 - rates ** (num_spec_tokens + 1)) / (1.0 - rates)
+
+
+def _max_of_others(values: NDArray[np.int_]) -> NDArray[np.int_]:
+    """For each r, the max over the other entries (0 for a batch of one)."""
+    if len(values) == 1:
+        return np.zeros_like(values)
+    top_two = np.sort(values)[-2:]
+    return np.where(values == top_two[1], top_two[0], top_two[1])

@@ -1,0 +1,218 @@
+"""MoESD iteration-time model: predicts plain and speculative iteration times for any batch and K vector.
+
+Fitted with `scipy.optimize.least_squares` on a calibration run, then refitted online as iterations arrive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+from scipy.optimize import least_squares
+
+from policy.routing import ExpertCounts, RoutingConfig
+from policy.stats import IterationStats
+
+Array = NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class CostParams:
+    """Seconds. Derive from hardware and model specs (`policy.presets`) or fit from measurements."""
+
+    fixed_s: float  # verify forward, independent of tokens: dense weights read, launches
+    per_expert_s: float  # verify forward, per distinct expert touched in a layer (all MoE layers together)
+    per_token_s: float  # verify forward, compute per token
+    draft_fixed_s: float  # one draft step, independent of the sequences in it
+    draft_per_token_s: float  # one draft step, per sequence drafting in it
+    other_s: float = 0.0  # per iteration, outside the forwards
+    other_per_token_s: float = 0.0  # per verification token, outside the forwards
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not (math.isfinite(value) and value >= 0.0):
+                raise ValueError(f"{field.name}={value} must be a finite time >= 0 seconds")
+
+    def as_array(self) -> Array:
+        return np.array(dataclasses.astuple(self), dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class CostModelConfig:
+    routing: RoutingConfig
+    max_samples: int = 512  # most recent measured iterations kept for the fit
+    min_samples: int = 8  # the prior is used until this many iterations were measured
+    refit_interval: int = 64  # refit after this many new iterations
+    prior_weight: float = 0.01  # pull toward the prior, relative to one iteration's relative residual
+
+    def __post_init__(self) -> None:
+        if self.min_samples < 3:
+            raise ValueError(f"min_samples={self.min_samples} must be >= 3 (three parameters per fit)")
+        if self.max_samples < self.min_samples:
+            raise ValueError(f"max_samples={self.max_samples} must be >= min_samples={self.min_samples}")
+        if self.refit_interval < 1:
+            raise ValueError(f"refit_interval={self.refit_interval} must be >= 1")
+        if self.prior_weight < 0.0:
+            raise ValueError(f"prior_weight={self.prior_weight} must be >= 0")
+
+
+class CostModel:
+    """The shared iteration-time model: predictions from the current params, refitted online.
+
+    T = draft + verify + other, with t = batch + sum K_r verification tokens and m = max K_r draft steps:
+      draft  = m * draft_fixed + draft_per_token * sum K_r   (step j drafts the requests with K_r >= j)
+      verify = fixed + per_expert * N(t) + per_token * t      (weights read, distinct experts, compute)
+      other  = other + other_per_token * t                    (sampling, verification bookkeeping)
+    Memory and compute times add: a smooth upper bound of the roofline max(memory, compute). Fits use
+    relative residuals and a weak pull toward the prior (the calibrated params once `calibrate` ran).
+    """
+
+    def __init__(self, config: CostModelConfig, prior: CostParams) -> None:
+        self.config = config
+        self.prior = prior
+        self.params = prior
+        self.expert_counts = ExpertCounts(config.routing)
+        # One row per measured iteration (see `_record`): calibration anchors and the most recent ones.
+        self._anchors: list[tuple[float, ...]] = []
+        self._samples: deque[tuple[float, ...]] = deque(maxlen=config.max_samples)
+        self._num_new_samples = 0
+
+    # -- predictions ----------------------------------------------------------------------------------------
+
+    def phase_times(self, batch_size: int, max_steps: ArrayLike, total_spec: ArrayLike) -> tuple[Array, ...]:
+        """(draft, verify, other) seconds for a batch whose K vector has this max and this sum."""
+        p = self.params
+        steps = np.asarray(max_steps, dtype=np.float64)
+        spec = np.asarray(total_spec, dtype=np.float64)
+        tokens = batch_size + spec
+        draft = steps * p.draft_fixed_s + spec * p.draft_per_token_s
+        verify = p.fixed_s + p.per_expert_s * self.expert_counts.predict(tokens) + p.per_token_s * tokens
+        other = p.other_s + p.other_per_token_s * tokens
+        return draft, verify, other
+
+    def time_grid(self, batch_size: int, max_steps: ArrayLike, total_spec: ArrayLike) -> Array:
+        draft, verify, other = self.phase_times(batch_size, max_steps, total_spec)
+        return draft + verify + other
+
+    def iteration_time(self, num_spec_tokens: Sequence[int]) -> float:
+        """Seconds for one iteration of a batch with these K_r (one entry per request)."""
+        if not num_spec_tokens:
+            return 0.0
+        return float(self.time_grid(len(num_spec_tokens), max(num_spec_tokens), sum(num_spec_tokens)))
+
+    def plain_time(self, batch_size: int) -> float:
+        return self.iteration_time([0] * batch_size)
+
+    def spec_time(self, batch_size: int, num_spec_tokens: int) -> float:
+        return self.iteration_time([num_spec_tokens] * batch_size)
+
+    def target_efficiency(self, batch_size: int, num_spec_tokens: int) -> float:
+        """MoESD: T_target(B, 1 token) / T_target(B, K+1 tokens per sequence)."""
+        _, plain, _ = self.phase_times(batch_size, 0, 0)
+        _, spec, _ = self.phase_times(batch_size, num_spec_tokens, batch_size * num_spec_tokens)
+        return float(plain / spec)
+
+    # -- fitting ------------------------------------------------------------------------------------------------
+
+    def calibrate(self, measured: Sequence[IterationStats]) -> CostParams:
+        """Fit a calibration run (about 20 iterations across batch sizes and K) and keep it as anchors.
+
+        The fitted params become the prior that online refits are pulled toward, and the anchors stay in
+        every refit, so that the fit stays determined at batch sizes and K that live traffic does not visit.
+        """
+        self._anchors.extend(row for stats in measured if (row := self._record(stats)) is not None)
+        self.params = self.prior = self._fit_rows(self._anchors)
+        return self.params
+
+    def observe(self, stats: IterationStats) -> None:
+        """Add a measured iteration; refit every `refit_interval` iterations once there are enough."""
+        row = self._record(stats)
+        if row is None:
+            return
+        self._samples.append(row)
+        self._num_new_samples += 1
+        is_due = self._num_new_samples >= self.config.refit_interval
+        if is_due and len(self._anchors) + len(self._samples) >= self.config.min_samples:
+            self.refit()
+
+    def refit(self) -> CostParams:
+        """Fit on the anchors and the recent iterations, pulled weakly toward the prior."""
+        self._num_new_samples = 0
+        self.params = self._fit_rows([*self._anchors, *self._samples])
+        return self.params
+
+    def _record(self, stats: IterationStats) -> tuple[float, ...] | None:
+        """(batch, max K, sum K, mean experts or nan, draft s, verify s, other s); feeds the expert counts."""
+        if not stats.requests:
+            return None
+        ks = [r.num_spec_tokens for r in stats.requests]
+        experts = float(np.mean(stats.experts_touched)) if stats.experts_touched else math.nan
+        if stats.experts_touched:
+            self.expert_counts.record(stats.num_target_tokens, experts)
+        return (
+            len(ks),
+            max(ks),
+            sum(ks),
+            experts,
+            stats.draft_time_s,
+            stats.verify_time_s,
+            stats.other_time_s,
+        )
+
+    def _fit_rows(self, rows: Sequence[tuple[float, ...]]) -> CostParams:
+        """Fit each parameter group; a group without enough data keeps its current values."""
+        batch, steps, spec, experts, draft, verify, other = np.array(rows, dtype=np.float64).reshape(-1, 7).T
+        tokens = batch + spec
+        experts = np.where(np.isnan(experts), self.expert_counts.predict(tokens), experts)
+        ones = np.ones_like(tokens)
+        has_draft = steps > 0
+        groups = [  # (design, measured times, parameter names)
+            (np.column_stack([ones, experts, tokens]), verify, ("fixed_s", "per_expert_s", "per_token_s")),
+            (
+                np.column_stack([steps, spec])[has_draft],
+                draft[has_draft],
+                ("draft_fixed_s", "draft_per_token_s"),
+            ),
+            (np.column_stack([ones, tokens]), other, ("other_s", "other_per_token_s")),
+        ]
+        fitted: dict[str, float] = {}
+        for design, times, names in groups:
+            start = tuple(getattr(self.params, n) for n in names)
+            prior = tuple(getattr(self.prior, n) for n in names)
+            fitted.update(zip(names, self._fit(design, times, start, prior), strict=True))
+        return CostParams(**fitted)
+
+    def _fit(
+        self, design: Array, times: Array, start: tuple[float, ...], prior: tuple[float, ...]
+    ) -> tuple[float, ...]:
+        """Non-negative least squares on relative residuals, pulled weakly toward `prior`.
+
+        Columns that are zero in every row (no experts on a dense target) keep their start value.
+        """
+        keep = times > 0.0
+        design, times = design[keep], times[keep]
+        x = np.array(start, dtype=np.float64)
+        active = np.any(design != 0.0, axis=0)
+        if len(times) < max(self.config.min_samples, design.shape[1]) or not active.any():
+            return start
+        design, x0, target = design[:, active], x[active], np.array(prior)[active]
+        # Scale of each parameter: its prior, or 1% of what would explain the mean time alone.
+        scale = np.where(target > 0.0, target, 1e-2 * float(times.mean()) / np.abs(design).mean(axis=0))
+        weight = self.config.prior_weight
+        relative = design / times[:, None]
+        jacobian = np.vstack([relative, np.diag(weight / scale)])  # the residuals are linear in the params
+
+        def residuals(params: Array) -> Array:
+            return np.concatenate([relative @ params - 1.0, weight * (params - target) / scale])
+
+        result = least_squares(
+            residuals, x0, jac=lambda _: jacobian, bounds=(0.0, np.inf), x_scale=scale, method="trf"
+        )
+        x[active] = result.x
+        return tuple(float(v) for v in x)

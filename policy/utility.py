@@ -1,0 +1,112 @@
+"""Per-request speculation utility: ETR and cost per K over a window, and the acceptance rate they imply.
+
+ETR = accepted + 1 tokens per iteration; cost = iteration time / plain-decode time for the same batch;
+utility U = ETR / cost, the speedup over plain decoding (U < 1: speculation slows the request down).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+
+def expected_etr(acceptance_rate: float, num_spec_tokens: int) -> float:
+    """E[ETR] = (1 - a^(K+1)) / (1 - a) for i.i.d. acceptance rate a: sum of a^j for j = 0..K."""
+    return float(sum(acceptance_rate**j for j in range(num_spec_tokens + 1)))
+
+
+class UtilityTracker:
+    """ETR and cost of one request at each K, averaged over the last `window` iterations at that K."""
+
+    def __init__(self, window: int) -> None:
+        if window < 1:
+            raise ValueError(f"window={window} must be >= 1")
+        self.window = window
+        self._samples: dict[int, deque[tuple[float, float]]] = {}
+
+    def record(self, num_spec_tokens: int, etr: float, cost: float) -> None:
+        if cost <= 0.0:
+            raise ValueError(f"cost={cost} must be > 0 (iteration time over the plain-decode time)")
+        samples = self._samples.setdefault(num_spec_tokens, deque(maxlen=self.window))
+        samples.append((etr, cost))
+
+    def clear(self, num_spec_tokens: int) -> None:
+        """Forget the samples at one K (a test phase measures it afresh)."""
+        self._samples.pop(num_spec_tokens, None)
+
+    def num_samples(self, num_spec_tokens: int) -> int:
+        return len(self._samples.get(num_spec_tokens, ()))
+
+    def etr(self, num_spec_tokens: int) -> float | None:
+        samples = self._samples.get(num_spec_tokens)
+        return sum(e for e, _ in samples) / len(samples) if samples else None
+
+    def cost(self, num_spec_tokens: int) -> float | None:
+        samples = self._samples.get(num_spec_tokens)
+        return sum(c for _, c in samples) / len(samples) if samples else None
+
+    def utility(self, num_spec_tokens: int) -> float | None:
+        """Mean ETR / mean cost at this K; exactly 1 at K = 0 (plain decoding is the baseline)."""
+        if num_spec_tokens == 0:
+            return 1.0
+        etr, cost = self.etr(num_spec_tokens), self.cost(num_spec_tokens)
+        return None if etr is None or cost is None else etr / cost
+
+
+@dataclass(frozen=True)
+class AcceptanceConfig:
+    decay: float = 0.98  # slow estimate, per observed iteration: remembers about 1 / (1 - decay) iterations
+    fast_decay: float = 0.8  # fast estimate, used to detect a change of phase
+    change_z: float = 3.0  # a phase change: the estimates differ by this many standard errors of the fast one
+    prior_accepted: float = 1.0  # pseudo-counts: the estimate starts at
+    prior_rejected: float = 1.0  # prior_accepted / (prior_accepted + prior_rejected)
+    max_rate: float = 0.98  # estimates are clipped to [1 - max_rate, max_rate]
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fast_decay <= self.decay <= 1.0:
+            raise ValueError(f"decay={self.decay}, fast_decay={self.fast_decay} need 0 < fast <= slow <= 1")
+        if self.change_z <= 0.0:
+            raise ValueError(f"change_z={self.change_z} must be > 0")
+        if self.prior_accepted <= 0.0 or self.prior_rejected <= 0.0:
+            raise ValueError(f"prior counts {self.prior_accepted}, {self.prior_rejected} must be > 0")
+        if not 0.5 < self.max_rate < 1.0:
+            raise ValueError(f"max_rate={self.max_rate} must be in (0.5, 1)")
+
+
+class AcceptanceEstimator:
+    """Per-token acceptance rate a of one request, from its accepted counts at any K.
+
+    Each draft token is accepted with probability a until the first rejection, so an iteration at K gives
+    `accepted` successes and one failure when accepted < K: the estimate is successes / (successes +
+    failures). Counts decay; a slow estimate is stable, and a fast one replaces it when the two disagree by
+    more than `change_z` standard errors (the request's acceptance changed phase).
+    """
+
+    def __init__(self, config: AcceptanceConfig) -> None:
+        self.config = config
+        self._slow = [config.prior_accepted, config.prior_rejected]  # decayed (accepted, rejected) counts
+        self._fast = [config.prior_accepted, config.prior_rejected]
+        self.num_observations = 0
+        self.num_changes = 0  # phase changes detected
+
+    def record(self, num_spec_tokens: int, num_accepted_tokens: int) -> None:
+        if num_spec_tokens == 0:
+            return
+        rejected = 1.0 if num_accepted_tokens < num_spec_tokens else 0.0
+        for counts, decay in ((self._slow, self.config.decay), (self._fast, self.config.fast_decay)):
+            counts[0] = decay * counts[0] + num_accepted_tokens
+            counts[1] = decay * counts[1] + rejected
+        self.num_observations += 1
+        fast, num_fast = _ratio(self._fast), sum(self._fast)
+        standard_error = (max(fast * (1.0 - fast), 0.01) / num_fast) ** 0.5
+        if abs(fast - _ratio(self._slow)) > self.config.change_z * standard_error:
+            self._slow = list(self._fast)
+            self.num_changes += 1
+
+    @property
+    def rate(self) -> float:
+        return min(max(_ratio(self._slow), 1.0 - self.config.max_rate), self.config.max_rate)
+
+
+def _ratio(counts: list[float]) -> float:
+    return counts[0] / (counts[0] + counts[1])

@@ -1,0 +1,70 @@
+"""A served app on the session's Ray instance: tiny random checkpoints with a character tokenizer, built
+from the CPU demo Serve config's args (only the model paths and sizes changed)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import string
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models
+
+from cluster.cli import DEFAULT_CONFIG, load_serve_config
+from tests.workers.checkpoints import make_checkpoint
+
+CHARS = ["<s>", "</s>", *string.printable[:95], "\n"]  # BOS, EOS, printable characters, space, newline
+VOCAB_SIZE = 100
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def make_models(root: Path) -> tuple[Path, Path]:
+    target = make_checkpoint(
+        root / "target",
+        "MixtralForCausalLM",
+        num_local_experts=4,
+        eos_token_id=1,
+        vocab_size=VOCAB_SIZE,
+        bos_token_id=0,
+        max_position_embeddings=512,
+    )
+    draft = make_checkpoint(
+        root / "draft",
+        "LlamaForCausalLM",
+        num_hidden_layers=1,
+        eos_token_id=1,
+        vocab_size=VOCAB_SIZE,
+        bos_token_id=0,
+        max_position_embeddings=512,
+    )
+    tok = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(CHARS)}, merges=[]))
+    tok.add_special_tokens(["<s>", "</s>"])
+    tok.decoder = decoders.Fuse()
+    for path in (target, draft):
+        tok.save(str(path / "tokenizer.json"))
+        (path / "tokenizer_config.json").write_text(
+            json.dumps({"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHAT_TEMPLATE})
+        )
+    return target, draft
+
+
+def app_args(target: Path, draft: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    args: dict[str, Any] = json.loads(
+        json.dumps(load_serve_config(DEFAULT_CONFIG)["applications"][0]["args"])
+    )
+    args["model"].update(target=str(target), draft=str(draft), max_seqs=16, max_seq_len=256)
+    args["engine"].update(max_batch_size=16, max_waiting=8, max_spec_tokens=4)
+    for name, values in sections.items():
+        args.setdefault(name, {}).update(values)
+    return args
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,195 @@
+"""The served application over real HTTP with the official openai client, on a real local Ray instance."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.cluster.serving_app import app_args, free_port, make_models
+
+openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def server(ray_session: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from ray import serve
+
+    from cluster.app import build_app
+
+    target, draft = make_models(tmp_path_factory.mktemp("models"))
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(app_args(target, draft)), name="moespec-test", route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while httpx.get(f"{base}/health").status_code != 200:
+        assert time.monotonic() < deadline, "the app never became healthy"
+        time.sleep(0.5)
+    yield base
+    serve.delete("moespec-test")
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> Any:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+def _used_slots() -> tuple[int, int]:
+    from ray import serve
+
+    target = serve.get_deployment_handle("MoETarget", app_name="moespec-test")
+    drafter = serve.get_deployment_handle("Drafter", app_name="moespec-test")
+    return target.num_used_slots.remote().result(), drafter.num_used_slots.remote().result()
+
+
+def test_completions_and_chat_with_the_openai_client(client: Any) -> None:
+    done = client.completions.create(
+        model="demo-moe",
+        prompt="def add(a, b):",
+        max_tokens=12,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert done.usage.prompt_tokens == len("def add(a, b):") + 1  # characters + BOS
+    assert done.usage.completion_tokens == 12
+    assert done.choices[0].finish_reason == "length"
+    assert len(done.choices[0].text) > 0
+
+    chunks = list(
+        client.completions.create(
+            model="demo-moe",
+            prompt="def add(a, b):",
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == done.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 12
+
+    chat = client.chat.completions.create(
+        model="demo-moe", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0.8, seed=3
+    )
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.usage.prompt_tokens == 1 + len("<user>hi\n<assistant>")  # BOS from the template + characters
+    streamed = client.chat.completions.create(
+        model="demo-moe",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=8,
+        temperature=0.8,
+        seed=3,
+        stream=True,
+    )
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        == chat.choices[0].message.content
+    )
+    assert [m.id for m in client.models.list().data] == ["demo-moe"]
+
+
+def test_speculation_off_and_auto_give_identical_greedy_text(client: Any) -> None:
+    prompts = ["import os\n", "class Foo:", "x = [1, 2,", "The quick brown"]
+    texts = {}
+    for mode in ("off", "auto", 3):
+        texts[mode] = [
+            client.completions.create(
+                model="demo-moe",
+                prompt=p,
+                max_tokens=24,
+                temperature=0,
+                extra_body={"num_spec_tokens": mode},
+            )
+            .choices[0]
+            .text
+            for p in prompts
+        ]
+    assert texts["off"] == texts["auto"] == texts[3]
+
+
+def test_sixteen_concurrent_streams_complete_and_free_their_slots(client: Any) -> None:
+    def run(i: int) -> tuple[str, int]:
+        stream = client.completions.create(
+            model="demo-moe",
+            prompt=f"request {i}:",
+            max_tokens=20,
+            temperature=0.7,
+            seed=i,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        chunks = list(stream)
+        return "".join(c.choices[0].text for c in chunks if c.choices), chunks[-1].usage.completion_tokens
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(run, range(16)))
+    assert all(n == 20 for _, n in results)
+    time.sleep(0.5)
+    assert _used_slots() == (0, 0)
+
+
+def test_bad_inputs_get_400_and_the_server_keeps_serving(server: str, client: Any) -> None:
+    bad_bodies: list[tuple[bytes, str]] = [
+        (b"{not json", "not valid JSON"),
+        (json.dumps({"prompt": "x", "temperature": -1}).encode(), "temperature"),
+        (json.dumps({"prompt": "x", "max_tokens": 0}).encode(), "max_tokens"),
+        (json.dumps({"prompt": "x", "bogus_field": 1}).encode(), "bogus_field"),
+        (json.dumps({"prompt": "x" * 400}).encode(), "context length"),
+        (json.dumps({"prompt": [5, 99999]}).encode(), "outside the vocabulary"),
+        (json.dumps({"prompt": "x", "num_spec_tokens": 99}).encode(), "num_spec_tokens"),
+        (json.dumps({"max_tokens": 3}).encode(), "prompt"),
+    ]
+    for body, expected in bad_bodies:
+        response = httpx.post(
+            f"{server}/v1/completions", content=body, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 400, (body, response.text)
+        assert expected in response.json()["error"]["message"], response.text
+    assert httpx.post(f"{server}/v1/nope", json={}).status_code == 404
+    ok = client.completions.create(model="demo-moe", prompt="still here", max_tokens=4)
+    assert ok.usage.completion_tokens >= 1
+
+
+def test_a_disconnected_stream_is_aborted(server: str) -> None:
+    body = {"prompt": "long one", "max_tokens": 200, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=30) as response:
+        for _ in response.iter_lines():
+            break  # read one event, then hang up
+    deadline = time.monotonic() + 10
+    while _used_slots() != (0, 0):
+        assert time.monotonic() < deadline, "the aborted request still holds KV slots"
+        time.sleep(0.2)
+
+
+def test_metrics_count_traffic_and_health_is_ok(server: str, client: Any) -> None:
+    def counter(text: str, name: str) -> float:
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(f"moespec:{name}{{")
+        )
+
+    before = httpx.get(f"{server}/metrics").text
+    client.completions.create(
+        model="demo-moe",
+        prompt="count me",
+        max_tokens=16,
+        temperature=0,
+        extra_body={"num_spec_tokens": 3, "ignore_eos": True},
+    )
+    after = httpx.get(f"{server}/metrics").text
+    assert counter(after, "requests_total") == counter(before, "requests_total") + 1
+    assert counter(after, "spec_decode_num_draft_tokens_total") > counter(
+        before, "spec_decode_num_draft_tokens_total"
+    )
+    assert "moespec:spec_decode_num_accepted_tokens_per_pos_total" in after
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
