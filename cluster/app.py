@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 from typing import Any
 
 from ray import serve
@@ -15,11 +16,14 @@ from ray.serve import Application
 from starlette.requests import Request
 from starlette.responses import Response
 
-from cluster.choosers import make_chooser
+from cluster.choosers import make_chooser, shared_chooser_factory
 from cluster.config import AppConfig
 from cluster.deployments import DrafterServer, RemoteDrafter, RemoteTarget, TargetServer, resolve_model_path
+from cluster.policy_actor import PolicyClient, policy_actor_handle
 from cluster.router import Router
+from policy.stats import KChooser
 from workers.engine import EngineConfig, SpecEngine
+from workers.target import TargetInfo
 from workers.tokenizer import Tokenizer
 
 
@@ -49,7 +53,7 @@ class RouterServer:
         drafter = None
         if self.drafter_handle is not None:
             drafter = RemoteDrafter(self.drafter_handle, await self.drafter_handle.vocab_size.remote())
-        chooser = make_chooser(config.policy, target.info, config.engine.max_spec_tokens)
+        chooser = self._chooser(target.info)
         tokenizer = Tokenizer(resolve_model_path(config.model.target))
         engine_config = EngineConfig(
             max_batch_size=config.engine.max_batch_size,
@@ -62,6 +66,18 @@ class RouterServer:
             api_key = os.environ.get(config.server.api_key_env) or None
         return Router(config, engine, tokenizer, api_key)
 
+    def _chooser(self, info: TargetInfo) -> KChooser:
+        policy, max_spec = self.config.policy, self.config.engine.max_spec_tokens
+        local = make_chooser(policy, info, max_spec)
+        if not policy.use_central_actor or policy.kind in ("off", "static"):
+            return local
+        factory = shared_chooser_factory(policy, info, max_spec)
+        return PolicyClient(
+            f"router-{uuid.uuid4().hex[:8]}",
+            local,
+            lambda: policy_actor_handle(policy.actor_name, policy.window_iterations, factory),
+        )
+
     def check_health(self) -> None:
         """Serve's health check: raises if the engine loop died."""
         loop = self.router.loop if self.router is not None else None
@@ -71,31 +87,18 @@ class RouterServer:
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     config = AppConfig.from_args(args)
-    resources = config.resources
+    res = config.resources
     target = serve.deployment(
-        TargetServer,
-        name="MoETarget",
-        ray_actor_options={
-            "num_cpus": resources.target_num_cpus,
-            "num_gpus": resources.target_num_gpus,
-        },
-    ).bind(config)
+        name="MoETarget", ray_actor_options={"num_cpus": res.target_num_cpus, "num_gpus": res.target_num_gpus}
+    )(TargetServer).bind(config)
     drafter = None
     if config.model.draft is not None:
         drafter = serve.deployment(
-            DrafterServer,
             name="Drafter",
-            ray_actor_options={
-                "num_cpus": resources.drafter_num_cpus,
-                "num_gpus": resources.drafter_num_gpus,
-            },
-        ).bind(config)
+            ray_actor_options={"num_cpus": res.drafter_num_cpus, "num_gpus": res.drafter_num_gpus},
+        )(DrafterServer).bind(config)
     ongoing = config.engine.max_batch_size + config.engine.max_waiting + 16  # 429s come from the router
-    return serve.deployment(
-        RouterServer,
-        name="Router",
-        max_ongoing_requests=ongoing,
-        ray_actor_options={
-            "num_cpus": resources.router_num_cpus,
-        },
-    ).bind(config, target, drafter)
+    router = serve.deployment(
+        name="Router", max_ongoing_requests=ongoing, ray_actor_options={"num_cpus": res.router_num_cpus}
+    )(RouterServer)
+    return router.bind(config, target, drafter)

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from cluster.policy_actor import POLICY_NAMESPACE
 from tests.cluster.serving_app import app_args, free_port, make_models
 
 openai = pytest.importorskip("openai")
@@ -193,3 +194,21 @@ def test_metrics_count_traffic_and_health_is_ok(server: str, client: Any) -> Non
     )
     assert "moespec:spec_decode_num_accepted_tokens_per_pos_total" in after
     assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+
+
+def test_the_central_policy_decides_and_serving_survives_its_death(client: Any) -> None:
+    import ray
+
+    def run(n: int) -> list[str]:
+        return [
+            client.completions.create(model="demo-moe", prompt=f"policy {i}", max_tokens=24, temperature=0)
+            .choices[0]
+            .text
+            for i in range(n)
+        ]
+
+    first = run(3)
+    actor = ray.get_actor("moespec-spec-policy", namespace=POLICY_NAMESPACE)
+    assert ray.get(actor.num_decisions.remote()) > 0  # the router reported and was answered
+    ray.kill(actor, no_restart=True)
+    assert run(3) == first  # greedy output is the target's whatever the policy does

@@ -1,0 +1,150 @@
+"""The central policy: one named Ray actor that every router reports to, and the router-side client.
+
+The actor wraps `policy.aggregator.PolicyAggregator` (transport-free logic). A router's `PolicyClient` is its
+K chooser: it answers from the latest central decision while that decision's window lasts, and from its
+local chooser otherwise (before the first answer, while the actor is unreachable, for new requests). Calls
+to the actor never block an iteration: one report is in flight at a time and is picked up when ready.
+Messages are msgspec-encoded (`IterationStats` in, `Decision` out).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgspec
+import ray
+
+from policy.aggregator import AggregatorConfig, PolicyAggregator
+from policy.stats import Decision, IterationStats, KChooser
+
+logger = logging.getLogger(__name__)
+_stats_encoder = msgspec.msgpack.Encoder()
+_stats_decoder = msgspec.msgpack.Decoder(list[IterationStats])
+_decision_decoder = msgspec.msgpack.Decoder(Decision)
+POLICY_NAMESPACE = "moespec"
+
+
+class SpecPolicy:
+    """The actor's body (ray.remote is applied in `policy_actor_handle`)."""
+
+    def __init__(self, window_iterations: int, make_chooser: Callable[[], KChooser]) -> None:
+        self.aggregator = PolicyAggregator(
+            AggregatorConfig(window_iterations=window_iterations), make_chooser
+        )
+
+    def report(
+        self, source: str, stats: bytes, released: list[str], request_ids: list[str], iteration: int
+    ) -> bytes:
+        now = time.monotonic()
+        for item in _stats_decoder.decode(stats):
+            self.aggregator.ingest(msgspec.structs.replace(item, source=source), now)
+        for request_id in released:
+            self.aggregator.release(request_id)
+        self.aggregator.expire(now)
+        decision = self.aggregator.decide(source, request_ids, iteration, now)
+        return _stats_encoder.encode(decision)
+
+    def num_requests(self) -> int:
+        return self.aggregator.num_requests
+
+    def num_decisions(self) -> int:
+        """Decisions published so far (the aggregator's version)."""
+        return self.aggregator.version
+
+
+def policy_actor_handle(name: str, window_iterations: int, make_chooser: Callable[[], KChooser]) -> Any:
+    """The named policy actor, created by the first router that asks (detached: it outlives routers)."""
+    actor_cls = ray.remote(num_cpus=0.1, max_restarts=-1)(SpecPolicy)
+    options = {"name": name, "namespace": POLICY_NAMESPACE, "get_if_exists": True, "lifetime": "detached"}
+    return actor_cls.options(**options).remote(window_iterations, make_chooser)
+
+
+class PolicyClient:
+    """A router's K chooser backed by the central actor, with a local chooser as the fallback."""
+
+    def __init__(
+        self, source: str, local: KChooser, connect: Callable[[], Any], retry_s: float = 5.0
+    ) -> None:
+        self.source = source
+        self.local = local
+        self._connect = connect
+        self._retry_s = retry_s
+        self._actor: Any = None
+        self._next_connect = 0.0
+        self._pending: Any = None  # the report in flight (an ObjectRef)
+        self._stats: list[IterationStats] = []
+        self._released: list[str] = []
+        self._decision: Decision | None = None
+        self._iteration = 0
+        self.num_central_decisions = 0
+        self.num_failures = 0
+
+    def choose(self, request_ids: Sequence[str]) -> dict[str, int]:
+        self._poll()
+        local = self.local.choose(request_ids)
+        decision = self._decision
+        if decision is None or not (
+            decision.first_iteration <= self._iteration < decision.first_iteration + decision.num_iterations
+        ):
+            self._send(request_ids)
+            return local
+        return {r: decision.num_spec_tokens.get(r, local[r]) for r in request_ids}
+
+    def observe(self, stats: IterationStats) -> None:
+        self.local.observe(stats)
+        self._stats.append(stats)
+        self._iteration = stats.iteration + 1
+
+    def release(self, request_id: str) -> None:
+        self.local.release(request_id)
+        self._released.append(request_id)
+
+    @property
+    def is_connected(self) -> bool:
+        return self._actor is not None
+
+    def _send(self, request_ids: Sequence[str]) -> None:
+        if self._pending is not None or not self._ensure_actor():
+            return
+        stats, released = self._stats, self._released
+        self._stats, self._released = [], []
+        try:
+            self._pending = self._actor.report.remote(
+                self.source, _stats_encoder.encode(stats), released, list(request_ids), self._iteration
+            )
+        except Exception as error:  # noqa: BLE001 (the local chooser keeps serving)
+            self._lost(error)
+
+    def _poll(self) -> None:
+        if self._pending is None:
+            return
+        ready, _ = ray.wait([self._pending], timeout=0)
+        if not ready:
+            return
+        try:
+            self._decision = _decision_decoder.decode(ray.get(self._pending))
+            self.num_central_decisions += 1
+        except Exception as error:  # noqa: BLE001 (the local chooser keeps serving)
+            self._lost(error)
+        finally:
+            self._pending = None
+
+    def _ensure_actor(self) -> bool:
+        if self._actor is None and time.monotonic() >= self._next_connect:
+            try:
+                self._actor = self._connect()
+            except Exception as error:  # noqa: BLE001
+                self._lost(error)
+        return self._actor is not None
+
+    def _lost(self, error: BaseException) -> None:
+        self.num_failures += 1
+        logger.warning(
+            "policy actor unreachable (%s); deciding locally, retrying in %.0f s", error, self._retry_s
+        )
+        self._actor = None
+        self._decision = None
+        self._next_connect = time.monotonic() + self._retry_s
