@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from cluster.config import REPO_ROOT, AppConfig
-from workers.drafter import Drafter, DraftRequest, Proposal
+from workers.drafter import Drafter, DraftOutput, DraftRequest
 from workers.kv_cache import CacheConfig
 from workers.runner import ModelRunner
 from workers.sampling import SamplingParams
@@ -84,7 +84,7 @@ class DrafterServer:
     def vocab_size(self) -> int:
         return self.drafter.vocab_size
 
-    def propose(self, requests: list[DraftRequest]) -> list[Proposal]:
+    def propose(self, requests: list[DraftRequest]) -> DraftOutput:
         return self.drafter.propose(requests)
 
     def free(self, seq_ids: list[int]) -> None:
@@ -126,8 +126,8 @@ class RemoteDrafter:
         self.vocab_size = vocab_size
         self.timeout_s = timeout_s
 
-    def propose(self, requests: Sequence[DraftRequest]) -> list[Proposal]:
-        result: list[Proposal] = self.handle.propose.remote(list(requests)).result(timeout_s=self.timeout_s)
+    def propose(self, requests: Sequence[DraftRequest]) -> DraftOutput:
+        result: DraftOutput = self.handle.propose.remote(list(requests)).result(timeout_s=self.timeout_s)
         return result
 
     def free(self, seq_ids: Sequence[int]) -> None:

@@ -36,6 +36,9 @@ class Metrics:
         drafts = [r for r in stats.requests if r.num_spec_tokens > 0]
         with self._lock:
             self.counters["iterations_total"] += 1
+            self.counters["draft_seconds_total"] += stats.draft_time_s
+            self.counters["verify_seconds_total"] += stats.verify_time_s
+            self.counters["other_seconds_total"] += stats.other_time_s
             self.counters["generation_tokens_total"] += sum(r.num_committed_tokens for r in stats.requests)
             self.counters["spec_decode_num_drafts_total"] += len(drafts)
             self.counters["spec_decode_num_draft_tokens_total"] += sum(r.num_spec_tokens for r in drafts)

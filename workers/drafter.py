@@ -9,6 +9,7 @@ each sequence's random generator; a drafter that lost a sequence (a restart) rai
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,12 +38,19 @@ class Proposal:
     draft_probs: torch.Tensor | None  # [K_r, V] processed draft distribution; None for greedy requests
 
 
+@dataclass
+class DraftOutput:
+    proposals: list[Proposal]  # one per request, in order
+    compute_time_s: float  # time in the draft forwards and sampling (excludes any call overhead)
+
+
 class Drafter:
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
         self._generators: dict[int, torch.Generator] = {}
 
-    def propose(self, requests: Sequence[DraftRequest]) -> list[Proposal]:
+    def propose(self, requests: Sequence[DraftRequest]) -> DraftOutput:
+        start = time.perf_counter()
         self._sync(requests)
         proposals = [Proposal([], None) for _ in requests]
         probs: list[list[torch.Tensor]] = [[] for _ in requests]
@@ -70,7 +78,7 @@ class Drafter:
         for i in range(len(requests)):
             if probs[i]:
                 proposals[i].draft_probs = torch.stack(probs[i])
-        return proposals
+        return DraftOutput(proposals, time.perf_counter() - start)
 
     @property
     def vocab_size(self) -> int:

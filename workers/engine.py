@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from policy.stats import IterationStats, KChooser, RequestIterationStats
-from workers.drafter import DraftRequest, Proposal
+from workers.drafter import DraftOutput, DraftRequest, Proposal
 from workers.sampling import SamplingParams
 from workers.sequence import FINISH_ABORT, RequestOutput, Sequence
 from workers.target import TargetInfo, VerifyOutput, VerifyRequest
@@ -41,7 +41,7 @@ class DraftBackend(Protocol):
 
     @property
     def vocab_size(self) -> int: ...
-    def propose(self, requests: Seq[DraftRequest]) -> list[Proposal]: ...
+    def propose(self, requests: Seq[DraftRequest]) -> DraftOutput: ...
     def free(self, seq_ids: Seq[int]) -> None: ...
 
 
@@ -82,6 +82,7 @@ class SpecEngine:
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(self.info.eos_token_ids)
         self.num_draft_failures = 0
+        self._draft_compute_s = 0.0  # draft forward time within the current iteration
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.iteration = 0
@@ -135,11 +136,10 @@ class SpecEngine:
         if not self.running:
             return outputs
         start = time.perf_counter()
+        self._draft_compute_s = 0.0
         batch = list(self.running)
         num_spec = self._choose_num_spec_tokens(batch)
-        draft_start = time.perf_counter()
         proposals = self._propose(batch, num_spec)
-        verify_start = time.perf_counter()
         verified = self.target.verify(
             [
                 VerifyRequest(s.seq_id, s.output_ids[-1], p.draft_ids, p.draft_probs, s.params)
@@ -147,15 +147,14 @@ class SpecEngine:
             ]
         )
         committed, experts_touched = verified.committed_ids, verified.experts_touched
-        verify_end = time.perf_counter()
         outputs += self._commit(batch, num_spec, committed)
         self._observe(
             batch,
             proposals,
             committed,
             experts_touched,
-            draft_time=verify_start - draft_start,
-            verify_time=verify_end - verify_start,
+            draft_time=self._draft_compute_s,
+            verify_time=verified.compute_time_s,
             total_time=time.perf_counter() - start,
         )
         return outputs
@@ -232,16 +231,17 @@ class SpecEngine:
         if self.drafter is None:
             return [Proposal([], None) for _ in requests]
         try:
-            proposals = self.drafter.propose(requests)
+            drafted = self.drafter.propose(requests)
         except Exception as error:  # noqa: BLE001 (any drafter failure degrades to plain decoding)
             self.num_draft_failures += 1
             logger.warning("drafter failed (%s); continuing without speculation this iteration", error)
             for seq in self.running + seqs:
                 seq.num_draft_cached = 0
             return [Proposal([], None) for _ in requests]
+        self._draft_compute_s += drafted.compute_time_s
         for request, seq in zip(requests, seqs, strict=True):
             seq.num_draft_cached = request.start + len(request.token_ids)
-        return proposals
+        return drafted.proposals
 
     def _commit(
         self, batch: list[Sequence], num_spec: list[int], committed: list[list[int]]

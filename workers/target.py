@@ -7,6 +7,7 @@ The target may be remote, so it owns each sequence's random generator (seeded fr
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ class VerifyRequest:
 class VerifyOutput:
     committed_ids: list[list[int]]  # per request: accepted drafts + one recovered-or-bonus token
     experts_touched: list[int]  # distinct experts per MoE layer in the verification forward
+    compute_time_s: float = 0.0  # time in the forward and verification (excludes any call overhead)
 
 
 class Target:
@@ -80,6 +82,7 @@ class Target:
 
     def verify(self, requests: Sequence[VerifyRequest]) -> VerifyOutput:
         """One forward over [pending, drafts...] of every request, then per-request verification."""
+        start_time = time.perf_counter()
         feeds = [[r.pending_id, *r.draft_ids] for r in requests]
         out = self.runner.forward([r.seq_id for r in requests], feeds)
         committed_all: list[list[int]] = []
@@ -91,7 +94,7 @@ class Target:
             # Keep pending + accepted drafts in the cache; the new last token becomes pending.
             self.runner.rollback(request.seq_id, len(request.draft_ids) - (len(committed) - 1))
             committed_all.append(committed)
-        return VerifyOutput(committed_all, out.experts_touched)
+        return VerifyOutput(committed_all, out.experts_touched, time.perf_counter() - start_time)
 
     def free(self, seq_ids: Sequence[int]) -> None:
         for seq_id in seq_ids:
