@@ -1,0 +1,257 @@
+"""Serving load generator: the OpenAI API over HTTP, Poisson arrivals, the workload prompt sets.
+
+For each concurrency level it runs every speculation mode (off, static K, auto) against the same server in
+an interleaved order, one phase per mode, and reports output throughput, TTFT and TPOT (p50, p99) as ratios
+against `off`, with the acceptance rate and the share of iteration time outside the model forwards
+(read from /metrics). The mode is the per-request `num_spec_tokens` field, so one server serves every mode.
+
+    python -m bench.load                      # starts the demo app on a local Ray instance
+    python -m bench.load --url http://127.0.0.1:8000 --concurrency 1,4 --modes off,2,auto --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROMPTS = Path(__file__).resolve().parent / "prompts"
+
+
+@dataclass
+class RequestResult:
+    ttft_s: float
+    latency_s: float
+    num_tokens: int
+
+    @property
+    def tpot_s(self) -> float:
+        return (self.latency_s - self.ttft_s) / max(1, self.num_tokens - 1)
+
+
+@dataclass
+class PhaseResult:
+    concurrency: int
+    mode: str
+    throughput: float  # output tokens/s over the phase
+    ttft_p50: float
+    ttft_p99: float
+    tpot_p50: float
+    tpot_p99: float
+    acceptance: float  # accepted / proposed draft tokens in the phase
+    overhead_share: float  # iteration time outside the forwards / iteration time
+    num_errors: int
+
+
+def load_prompts(workload: str, limit: int) -> list[str]:
+    lines = (PROMPTS / f"{workload}.jsonl").read_text().splitlines()
+    return [json.loads(line)["prompt"] for line in lines[:limit]]
+
+
+async def one_request(
+    client: httpx.AsyncClient, url: str, prompt: str, mode: str, max_tokens: int, model: str
+) -> RequestResult:
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+        "num_spec_tokens": int(mode) if mode.isdigit() else mode,
+    }
+    start = time.perf_counter()
+    first: float | None = None
+    num_tokens = 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(event["error"]["message"])
+            if event.get("choices") and event["choices"][0]["text"] and first is None:
+                first = time.perf_counter()
+            if event.get("usage"):
+                num_tokens = event["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    return RequestResult((first or end) - start, end - start, num_tokens)
+
+
+def scrape(url: str) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith("moespec:") and "position=" not in line:
+            name, value = line.split("{", 1)[0][len("moespec:") :], float(line.rsplit(" ", 1)[1])
+            values[name] = values.get(name, 0.0) + value
+    return values
+
+
+async def run_phase(
+    url: str,
+    prompts: list[str],
+    mode: str,
+    concurrency: int,
+    num_requests: int,
+    max_tokens: int,
+    model: str,
+    seed: int,
+) -> PhaseResult:
+    rng = random.Random(seed)
+    queue = list(prompts[:num_requests])
+    results: list[RequestResult] = []
+    errors = 0
+    before = scrape(url)
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal errors
+        while queue:
+            prompt = queue.pop()
+            await asyncio.sleep(rng.expovariate(1 / 0.05))  # Poisson arrivals, mean gap 50 ms per client
+            try:
+                results.append(await one_request(client, url, prompt, mode, max_tokens, model))
+            except Exception as error:  # noqa: BLE001 (counted and reported, the run goes on)
+                errors += 1
+                print(f"    error: {error}", flush=True)
+
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=600) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
+    after = scrape(url)
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    forward = delta.get("draft_seconds_total", 0) + delta.get("verify_seconds_total", 0)
+    other = delta.get("other_seconds_total", 0)
+    ttft = [r.ttft_s for r in results] or [0.0]
+    tpot = [r.tpot_s for r in results] or [0.0]
+    return PhaseResult(
+        concurrency=concurrency,
+        mode=mode,
+        throughput=sum(r.num_tokens for r in results) / elapsed,
+        ttft_p50=_pct(ttft, 50),
+        ttft_p99=_pct(ttft, 99),
+        tpot_p50=_pct(tpot, 50),
+        tpot_p99=_pct(tpot, 99),
+        acceptance=delta.get("spec_decode_num_accepted_tokens_total", 0)
+        / max(1.0, delta.get("spec_decode_num_draft_tokens_total", 0)),
+        overhead_share=other / max(1e-9, forward + other),
+        num_errors=errors,
+    )
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def print_table(results: list[PhaseResult]) -> str:
+    lines = [
+        "| conc | mode | tok/s | x off | TTFT p50 | TTFT p99 | TPOT p50 (x off) | TPOT p99 | accept | overhead |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        off = next(o for o in results if o.concurrency == r.concurrency and o.mode == "off")
+        lines.append(
+            f"| {r.concurrency} | {r.mode} | {r.throughput:.1f} | {r.throughput / off.throughput:.2f} | "
+            f"{r.ttft_p50 * 1e3:.0f} ms | {r.ttft_p99 * 1e3:.0f} ms | {r.tpot_p50 * 1e3:.1f} ms "
+            f"({r.tpot_p50 / off.tpot_p50:.2f}) | {r.tpot_p99 * 1e3:.1f} ms | {r.acceptance:.2f} | "
+            f"{r.overhead_share:.1%} |"
+        )
+    table = "\n".join(lines)
+    print(table, flush=True)
+    return table
+
+
+def start_local_app(config_path: str) -> str:
+    import ray
+    from ray import serve
+
+    from cluster.app import build_app
+    from cluster.cli import load_serve_config, wait_healthy
+    from tests.cluster.serving_app import free_port
+
+    app = load_serve_config(Path(config_path))["applications"][0]
+    port = free_port()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    print("[bench] starting the app (loading models)", flush=True)
+    serve.run(build_app(app.get("args")), name="bench", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(f"{url}/health", 600)
+    return url
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--url", default=None, help="a running server; default: start the demo app here")
+    parser.add_argument("--config", default="cluster/configs/demo-cpu.yaml")
+    parser.add_argument("--concurrency", default="1,4,16,32")
+    parser.add_argument("--modes", default="off,1,2,3,4,auto")
+    parser.add_argument("--workload", default="mixed")
+    parser.add_argument(
+        "--num-requests", type=int, default=0, help="per phase; default 2 x concurrency, >= 8"
+    )
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--model", default="demo-moe")
+    parser.add_argument("--quick", action="store_true", help="concurrency 1,4; 16 tokens; a smoke run")
+    parser.add_argument("--out", default=str(RESULTS / "serving.json"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.concurrency, args.max_tokens = "1,4", 16
+    url = args.url or start_local_app(args.config)
+    modes = args.modes.split(",")
+    if "off" not in modes:
+        modes.insert(0, "off")
+    results: list[PhaseResult] = []
+    for concurrency in [int(c) for c in args.concurrency.split(",")]:
+        num_requests = args.num_requests or max(8, 2 * concurrency)
+        prompts = load_prompts(args.workload, num_requests)
+        order = modes if concurrency % 2 else list(reversed(modes))  # alternate the order against drift
+        for mode in order:
+            print(f"[bench] concurrency {concurrency}, mode {mode}: {num_requests} requests", flush=True)
+            results.append(
+                asyncio.run(
+                    run_phase(
+                        url,
+                        prompts,
+                        mode,
+                        concurrency,
+                        num_requests,
+                        args.max_tokens,
+                        args.model,
+                        seed=concurrency,
+                    )
+                )
+            )
+    results.sort(key=lambda r: (r.concurrency, modes.index(r.mode)))
+    table = print_table(results)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "workload": args.workload,
+                "max_tokens": args.max_tokens,
+                "results": [asdict(r) for r in results],
+                "table": table,
+            },
+            indent=1,
+        )
+    )
+    print(f"[bench] wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""HTTP behaviour of the Router under hostile input, overload and missing credentials (no Ray needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cluster.router import Router
+from tests.cluster.router_harness import asgi, local_router
+from tests.cluster.serving_app import make_models
+
+pytestmark = pytest.mark.timeout(300)
+KEY = "test-key-123"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return make_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def router(models: tuple[Path, Path]) -> Iterator[Router]:
+    router = local_router(*models, api_key=KEY, engine={"max_batch_size": 2, "max_waiting": 2})
+    yield router
+    router.loop.stop()
+
+
+# One event loop for the module: the router's engine loop delivers outputs to the loop it started with.
+EVENT_LOOP = asyncio.new_event_loop()
+
+
+def _call(router: Router, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=asgi(router))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as client:
+            return await client.request(method, path, **kwargs)
+
+    return EVENT_LOOP.run_until_complete(go())
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def test_every_endpoint_but_health_needs_the_key(router: Router) -> None:
+    assert _call(router, "GET", "/health").status_code == 200
+    for method, path in [
+        ("GET", "/v1/models"),
+        ("GET", "/metrics"),
+        ("POST", "/v1/completions"),
+        ("POST", "/v1/chat/completions"),
+    ]:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            response = _call(router, method, path, headers=headers, json={"prompt": "x"})
+            assert response.status_code == 401, (path, headers)
+            assert "API key" in response.json()["error"]["message"]
+    assert _call(router, "GET", "/v1/models", headers=AUTH).status_code == 200
+
+
+def test_body_size_is_limited(router: Router) -> None:
+    response = _call(
+        router, "POST", "/v1/completions", headers=AUTH, content=b'{"prompt": "' + b"x" * (2 << 20) + b'"}'
+    )
+    assert response.status_code == 413
+
+
+def test_a_burst_above_capacity_gets_429_and_the_rest_completes(router: Router) -> None:
+    async def burst() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=asgi(router))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as client:
+            body = {"prompt": "burst", "max_tokens": 24, "ignore_eos": True}
+            return list(
+                await asyncio.gather(
+                    *(client.post("/v1/completions", json=body, headers=AUTH) for _ in range(12))
+                )
+            )
+
+    responses = EVENT_LOOP.run_until_complete(burst())
+    codes = sorted(r.status_code for r in responses)
+    assert codes.count(200) >= 4 and codes.count(429) >= 1 and set(codes) <= {200, 429}, codes
+    assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 429)
+    assert all(r.json()["usage"]["completion_tokens"] == 24 for r in responses if r.status_code == 200)
+    engine = router.engine
+    assert not engine.has_unfinished and router.loop.num_outstanding == 0
+    assert engine.target.runner.cache.num_used_slots == 0  # type: ignore[attr-defined]
+    assert engine.drafter.runner.cache.num_used_slots == 0  # type: ignore[union-attr]
+
+
+FIELDS = [
+    "prompt",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "n",
+    "stream",
+    "stop",
+    "seed",
+    "model",
+    "num_spec_tokens",
+    "stop_token_ids",
+    "ignore_eos",
+    "messages",
+    "stream_options",
+    "logprobs",
+]
+values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+bodies = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=10), values, max_size=6)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=bodies, path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
+def test_fuzzed_json_bodies_never_cause_a_500(router: Router, body: dict[str, Any], path: str) -> None:
+    if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 8:
+        body["max_tokens"] = 8  # keep the valid ones quick
+    payload = json.dumps(body, allow_nan=True).encode()
+    response = _call(
+        router, "POST", path, headers={**AUTH, "content-type": "application/json"}, content=payload
+    )
+    assert response.status_code in (200, 400, 404, 429), (body, response.text)
+    if response.status_code != 200:
+        assert response.json()["error"]["message"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(max_size=200))
+def test_fuzzed_raw_bytes_never_cause_a_500(router: Router, raw: bytes) -> None:
+    response = _call(router, "POST", "/v1/completions", headers=AUTH, content=raw)
+    assert response.status_code in (200, 400), response.text
+
+
+def test_the_server_still_answers_after_the_fuzzing(router: Router) -> None:
+    response = _call(router, "POST", "/v1/completions", headers=AUTH, json={"prompt": "ok?", "max_tokens": 3})
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] >= 1
