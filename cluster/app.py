@@ -59,6 +59,7 @@ class RouterServer:
             max_batch_size=config.engine.max_batch_size,
             max_spec_tokens=config.engine.max_spec_tokens,
             max_waiting=config.engine.max_waiting + config.engine.max_batch_size,
+            drafter_retry_s=2.0,
         )
         engine = SpecEngine(target, drafter, chooser, engine_config, tokenizer)
         api_key = config.server.api_key

@@ -121,7 +121,7 @@ class RemoteDrafter:
     """The engine's Drafter, over a Serve handle to a DrafterServer. Failures reach the engine, which then
     continues at K = 0 (see SpecEngine._draft)."""
 
-    def __init__(self, handle: Any, vocab_size: int, timeout_s: float = 10.0) -> None:
+    def __init__(self, handle: Any, vocab_size: int, timeout_s: float = 5.0) -> None:
         self.handle = handle
         self.vocab_size = vocab_size
         self.timeout_s = timeout_s

@@ -50,6 +50,7 @@ class EngineConfig:
     max_batch_size: int = 32  # running requests per iteration
     max_spec_tokens: int = 8  # upper bound on any request's K
     max_waiting: int = 1024  # queued requests before add_request refuses
+    drafter_retry_s: float = 0.0  # after a drafter failure, speculation pauses this long
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -83,6 +84,7 @@ class SpecEngine:
         self.eos_token_ids = frozenset(self.info.eos_token_ids)
         self.num_draft_failures = 0
         self._draft_compute_s = 0.0  # draft forward time within the current iteration
+        self._drafter_retry_at = 0.0  # after a drafter failure, run at K = 0 until then
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.iteration = 0
@@ -228,12 +230,13 @@ class SpecEngine:
     def _draft(self, requests: list[DraftRequest], seqs: list[Sequence]) -> list[Proposal]:
         """Call the drafter. If it fails, speculation pauses (K = 0) and nothing is lost: every draft cache
         position is forgotten, and the next successful call catches up from the token history."""
-        if self.drafter is None:
+        if self.drafter is None or time.monotonic() < self._drafter_retry_at:
             return [Proposal([], None) for _ in requests]
         try:
             drafted = self.drafter.propose(requests)
         except Exception as error:  # noqa: BLE001 (any drafter failure degrades to plain decoding)
             self.num_draft_failures += 1
+            self._drafter_retry_at = time.monotonic() + self.config.drafter_retry_s
             logger.warning("drafter failed (%s); continuing without speculation this iteration", error)
             for seq in self.running + seqs:
                 seq.num_draft_cached = 0

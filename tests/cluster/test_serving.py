@@ -212,3 +212,44 @@ def test_the_central_policy_decides_and_serving_survives_its_death(client: Any) 
     assert ray.get(actor.num_decisions.remote()) > 0  # the router reported and was answered
     ray.kill(actor, no_restart=True)
     assert run(3) == first  # greedy output is the target's whatever the policy does
+
+
+def test_killing_the_drafter_mid_stream_loses_nothing(server: str, client: Any) -> None:
+    """Runs last in this module: it kills the app's Drafter replica while streams are running."""
+    import ray
+
+    prompts = [f"fault {i}:" for i in range(4)]
+
+    def run(i: int) -> str:
+        stream = client.completions.create(
+            model="demo-moe",
+            prompt=prompts[i],
+            max_tokens=60,
+            temperature=0,
+            stream=True,
+            extra_body={"num_spec_tokens": 3, "ignore_eos": True},
+        )
+        return "".join(c.choices[0].text for c in stream if c.choices)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        expected = list(pool.map(run, range(4)))
+        futures = [pool.submit(run, i) for i in range(4)]
+        time.sleep(1.0)
+        replicas = [
+            a
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if "Drafter" in a["name"] and a["namespace"] == "serve"
+        ]
+        assert replicas, "no Drafter replica found"
+        for replica in replicas:
+            ray.kill(ray.get_actor(replica["name"], namespace="serve"), no_restart=True)
+        got = [f.result(timeout=240) for f in futures]
+    assert got == expected
+    failures = [
+        line
+        for line in httpx.get(f"{server}/metrics").text.splitlines()
+        if line.startswith("moespec:drafter_failures{")
+    ]
+    assert failures and float(failures[0].rsplit(" ", 1)[1]) >= 1  # the fault really hit the streams
+    after = run(0)  # speculation resumes with a new replica (or the request runs at K = 0): same text
+    assert after == expected[0]
