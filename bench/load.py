@@ -16,8 +16,9 @@ import asyncio
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -48,6 +49,8 @@ class PhaseResult:
     acceptance: float  # accepted / proposed draft tokens in the phase
     overhead_share: float  # iteration time outside the forwards / iteration time
     num_errors: int
+    elapsed_s: float = 0.0  # wall time of the phase
+    metrics: dict[str, float] = field(default_factory=dict)  # counter increases over the phase (/metrics)
 
 
 def load_prompts(workload: str, limit: int) -> list[str]:
@@ -56,9 +59,16 @@ def load_prompts(workload: str, limit: int) -> list[str]:
 
 
 async def one_request(
-    client: httpx.AsyncClient, url: str, prompt: str, mode: str, max_tokens: int, model: str
+    client: httpx.AsyncClient,
+    url: str,
+    prompt: str,
+    mode: str,
+    max_tokens: int,
+    model: str,
+    extra_body: dict[str, Any] | None = None,
 ) -> RequestResult:
-    body = {
+    """One streamed completion. `mode` goes in `num_spec_tokens` (an empty mode sends no such field)."""
+    body: dict[str, Any] = {
         "model": model,
         "prompt": prompt,
         "max_tokens": max_tokens,
@@ -66,8 +76,10 @@ async def one_request(
         "stream": True,
         "stream_options": {"include_usage": True},
         "ignore_eos": True,
-        "num_spec_tokens": int(mode) if mode.isdigit() else mode,
     }
+    if mode:
+        body["num_spec_tokens"] = int(mode) if mode.isdigit() else mode
+    body.update(extra_body or {})
     start = time.perf_counter()
     first: float | None = None
     num_tokens = 0
@@ -88,11 +100,22 @@ async def one_request(
     return RequestResult((first or end) - start, end - start, num_tokens)
 
 
-def scrape(url: str) -> dict[str, float]:
+def scrape(url: str, prefix: str = "moespec:") -> dict[str, float]:
+    """Metrics named `prefix*` summed over labels; empty for a server without them (or without /metrics)."""
+    try:
+        response = httpx.get(f"{url}/metrics", timeout=30)
+    except httpx.HTTPError:
+        return {}
+    if response.status_code != 200:
+        return {}
     values: dict[str, float] = {}
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        if line.startswith("moespec:") and "position=" not in line:
-            name, value = line.split("{", 1)[0][len("moespec:") :], float(line.rsplit(" ", 1)[1])
+    for line in response.text.splitlines():
+        if line.startswith(prefix) and "position=" not in line:
+            name = line.split("{", 1)[0].split(" ", 1)[0][len(prefix) :]
+            try:
+                value = float(line.rsplit(" ", 1)[1])
+            except (IndexError, ValueError):
+                continue
             values[name] = values.get(name, 0.0) + value
     return values
 
@@ -106,12 +129,21 @@ async def run_phase(
     max_tokens: int,
     model: str,
     seed: int,
+    *,
+    label: str | None = None,
+    extra_body: dict[str, Any] | None = None,
+    metrics_prefix: str = "moespec:",
 ) -> PhaseResult:
+    """One phase; `label` names it in the result (default: `mode`), `extra_body` joins every request's body.
+
+    Another OpenAI server (no `num_spec_tokens`, no moespec metrics): mode="", label="...", and
+    metrics_prefix="vllm:" to read its speculative-decoding counters, which carry the same names.
+    """
     rng = random.Random(seed)
     queue = list(prompts[:num_requests])
     results: list[RequestResult] = []
     errors = 0
-    before = scrape(url)
+    before = scrape(url, metrics_prefix)
 
     async def worker(client: httpx.AsyncClient) -> None:
         nonlocal errors
@@ -119,7 +151,7 @@ async def run_phase(
             prompt = queue.pop()
             await asyncio.sleep(rng.expovariate(1 / 0.05))  # Poisson arrivals, mean gap 50 ms per client
             try:
-                results.append(await one_request(client, url, prompt, mode, max_tokens, model))
+                results.append(await one_request(client, url, prompt, mode, max_tokens, model, extra_body))
             except Exception as error:  # noqa: BLE001 (counted and reported, the run goes on)
                 errors += 1
                 print(f"    error: {error}", flush=True)
@@ -128,7 +160,7 @@ async def run_phase(
     async with httpx.AsyncClient(timeout=600) as client:
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
     elapsed = time.perf_counter() - start
-    after = scrape(url)
+    after = scrape(url, metrics_prefix)
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     forward = delta.get("draft_seconds_total", 0) + delta.get("verify_seconds_total", 0)
     other = delta.get("other_seconds_total", 0)
@@ -136,7 +168,7 @@ async def run_phase(
     tpot = [r.tpot_s for r in results] or [0.0]
     return PhaseResult(
         concurrency=concurrency,
-        mode=mode,
+        mode=mode if label is None else label,
         throughput=sum(r.num_tokens for r in results) / elapsed,
         ttft_p50=_pct(ttft, 50),
         ttft_p99=_pct(ttft, 99),
@@ -146,6 +178,8 @@ async def run_phase(
         / max(1.0, delta.get("spec_decode_num_draft_tokens_total", 0)),
         overhead_share=other / max(1e-9, forward + other),
         num_errors=errors,
+        elapsed_s=elapsed,
+        metrics=delta,
     )
 
 
@@ -182,7 +216,7 @@ def start_local_app(config_path: str) -> str:
 
     app = load_serve_config(Path(config_path))["applications"][0]
     port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     print("[bench] starting the app (loading models)", flush=True)
     serve.run(build_app(app.get("args")), name="bench", route_prefix="/")

@@ -16,6 +16,7 @@ from typing import Literal, get_args
 import msgspec
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from workers.config import ModelConfig
 from workers.experts import MoEBlock
@@ -73,7 +74,6 @@ class DistributedMoE(MoEBlock):
     def __init__(
         self,
         local: MoEBlock,
-        config: ModelConfig,
         placement: ExpertPlacement,
         rank: int,
         strategy: Strategy,
@@ -85,10 +85,10 @@ class DistributedMoE(MoEBlock):
                 f"rank {rank} holds experts {local.expert_ids}; the placement gives it "
                 f"{list(placement.experts_of_rank[rank])}"
             )
-        with torch.device("meta"):  # bookkeeping only; the real modules are the local block's
-            super().__init__(config, local.expert_ids)
-        self.gate, self.experts = local.gate, local.experts
-        self.shared_expert, self.shared_expert_gate = local.shared_expert, local.shared_expert_gate
+        nn.Module.__init__(self)
+        # Adopt the local block's state (router, local experts, shared expert, routing tables): the same
+        # modules and parameters, nothing copied or re-initialised.
+        self.__dict__.update(local.__dict__)
         self.placement, self.rank, self.group = placement, rank, group
         self.strategy = check_strategy(strategy)
         self.timer = timer
@@ -121,7 +121,7 @@ class DistributedMoE(MoEBlock):
         weights, experts = self.route(mine)  # [t, K]
         is_sent = torch.zeros(mine.shape[0], num_ranks, dtype=torch.bool)
         is_sent.scatter_(1, self.rank_of_expert[experts], True)  # [t, R] token -> owner ranks
-        dest_rank, token = is_sent.t().nonzero(as_tuple=True)  # [n_send] grouped by rank
+        _, token = is_sent.t().nonzero(as_tuple=True)  # [n_send] token of each send, grouped by rank
         send_counts = is_sent.sum(0)  # [R]
 
         # 1. Counts: row d = (tokens for rank d, this share's tokens per expert) -> summed over sources.
@@ -245,7 +245,7 @@ class EPWorker:
         self.moe_layers: list[DistributedMoE] = []
         for layer in self.runner.model.model.layers:
             if isinstance(layer.mlp, MoEBlock):
-                layer.mlp = DistributedMoE(layer.mlp, config, placement, rank, strategy, self.timer)
+                layer.mlp = DistributedMoE(layer.mlp, placement, rank, strategy, self.timer)
                 self.moe_layers.append(layer.mlp)
         self.last_timing = StepTiming(0.0, 0.0)
 
