@@ -2,7 +2,7 @@
 
 Objective: sum_r E[ETR_r(K_r)] / T(batch, K vector), with per-request acceptance estimates and the shared
 cost model. Requests are probed in Cascade-style test phases (new ones at once, ones at K = 0 with back-off)
-so that every estimate stays fresh; hysteresis keeps the previous vector unless the best is clearly faster.
+so that every estimate stays fresh; hysteresis keeps a request's K unless changing it clearly pays.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from numpy.typing import NDArray
 
 from policy.cost_model import CostModel
 from policy.stats import IterationStats
-from policy.utility import AcceptanceConfig, AcceptanceEstimator, expected_etr
+from policy.utility import AcceptanceConfig, AcceptanceEstimator
 
 Array = NDArray[np.float64]
 
@@ -97,12 +97,12 @@ class BatchAwareChooser:
     def release(self, request_id: str) -> None:
         self._states.pop(request_id, None)
 
-    def tokens_per_second(self, rates: NDArray[np.float64], num_spec_tokens: Sequence[int]) -> float:
+    def tokens_per_second(self, rates: Array, num_spec_tokens: Sequence[int]) -> float:
         """Expected committed tokens per second of the batch at this K vector (one entry per request)."""
-        etr = sum(expected_etr(float(a), int(k)) for a, k in zip(rates, num_spec_tokens, strict=True))
+        etr = float(_expected_etr(rates, np.asarray(num_spec_tokens)).sum())
         return etr / self.cost_model.iteration_time([int(k) for k in num_spec_tokens])
 
-    def best_spec_tokens(self, rates: NDArray[np.float64], forced: NDArray[np.int_]) -> list[int]:
+    def best_spec_tokens(self, rates: Array, forced: NDArray[np.int_]) -> list[int]:
         """Exact maximizer of tokens per second; `forced[r] >= 0` fixes K_r, -1 leaves it free.
 
         The iteration time depends on the K vector only through m = max K_r and S = sum K_r. For a given
@@ -166,7 +166,7 @@ class BatchAwareChooser:
 
 
 def _expected_etr(rates: Array, num_spec_tokens: NDArray[np.int_]) -> Array:
-    """E[ETR] = (1 - a^(K+1)) / (1 - a), elementwise (rates are below 1)."""
+    """E[ETR] = (1 - a^(K+1)) / (1 - a), elementwise (`policy.utility.expected_etr`; rates are below 1)."""
     return (1.0 - rates ** (num_spec_tokens + 1)) / (1.0 - rates)
 
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy.optimize import least_squares
 
 from policy.routing import ExpertCounts, RoutingConfig
 from policy.stats import IterationStats
@@ -195,6 +194,9 @@ class CostModel:
 
         Columns that are zero in every row (no experts on a dense target) keep their start value.
         """
+        # Imported here: scipy.optimize takes a noticeable time to import, and `workers` imports `policy`.
+        from scipy.optimize import least_squares
+
         keep = times > 0.0
         design, times = design[keep], times[keep]
         x = np.array(start, dtype=np.float64)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from workers.config import ModelConfig
 from workers.experts import MoEBlock
@@ -44,7 +46,7 @@ def load_model(
     """Build the model for the checkpoint at `path` and fill its weights (only `expert_ids` if given)."""
     config = ModelConfig.from_dir(path)
     dtype = dtype or checkpoint_dtype(path)
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_init():
         model = Transformer(config, max_positions, expert_ids)
     model = model.to_empty(device="cpu").to(dtype)
     model.rotary.reset_tables()
@@ -52,6 +54,21 @@ def load_model(
         model.lm_head.weight = model.model.embed_tokens.weight
     _fill(model, path)
     return model.eval()
+
+
+@contextmanager
+def _skip_init() -> Iterator[None]:
+    """No random init while building on `meta`: every weight is overwritten by the checkpoint, and random
+    ops on meta tensors import torch._dynamo (seconds in every new process)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "xavier_uniform_", "zeros_", "ones_")
+    saved = {name: getattr(nn.init, name) for name in names}
+    for name in names:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
 
 
 def _fill(model: Transformer, path: str | Path) -> None:

@@ -8,14 +8,33 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
 from workers.batch import BatchLayout
 from workers.checkpoint import load_model
+from workers.config import ModelConfig
 from workers.kv_cache import CacheConfig, KVCache
 from workers.model import ForwardOutput, Transformer
+
+
+class Runner(Protocol):
+    """What engines need of a model with a KV cache: `ModelRunner`, or an expert-parallel group."""
+
+    config: ModelConfig
+    cache: KVCache
+
+    def add_sequence(self, seq_id: int) -> None: ...
+    def free(self, seq_id: int) -> None: ...
+    def rollback(self, seq_id: int, num_tokens: int) -> None: ...
+    def seq_len(self, seq_id: int) -> int: ...
+    def forward(
+        self,
+        seq_ids: Sequence[int],
+        token_ids: Sequence[Sequence[int]],
+        logits_for: Literal["all", "last"] = "all",
+    ) -> ForwardOutput: ...
 
 
 class ModelRunner:

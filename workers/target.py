@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from workers.rejection import verify_greedy, verify_sampled
-from workers.runner import ModelRunner
+from workers.runner import Runner
 from workers.sampling import SamplingParams, make_generator, probs_from_logits, sample
 
 
@@ -47,7 +47,7 @@ class VerifyOutput:
 
 
 class Target:
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(self, runner: Runner) -> None:
         self.runner = runner
         self._generators: dict[int, torch.Generator] = {}
 

@@ -76,7 +76,7 @@ def test_health_memory_and_timing(ep2: EPGroup) -> None:
 def test_target_engine_drives_the_group(ep2: EPGroup, qwen_path: Path) -> None:
     greedy = SamplingParams(temperature=0.0)
     local = Target(ModelRunner.from_checkpoint(qwen_path, CACHE, dtype=torch.float32))
-    remote = Target(ep2)  # type: ignore[arg-type]  # EPGroup has ModelRunner's API
+    remote = Target(ep2)
     assert remote.info == local.info
     prompts = [[5, 6, 7, 8, 9], [10, 11]]
     firsts = [t.prefill([1, 2], prompts, [greedy, greedy]) for t in (local, remote)]

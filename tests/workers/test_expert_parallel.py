@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import pytest
 import torch
@@ -28,7 +28,10 @@ class Runner(Protocol):
     def rollback(self, seq_id: int, num_tokens: int) -> None: ...
     def free(self, seq_id: int) -> None: ...
     def forward(
-        self, seq_ids: Sequence[int], token_ids: Sequence[Sequence[int]], logits_for: str = "all"
+        self,
+        seq_ids: Sequence[int],
+        token_ids: Sequence[Sequence[int]],
+        logits_for: Literal["all", "last"] = "all",
     ) -> ForwardOutput: ...
 
 
@@ -41,7 +44,7 @@ def run_scenario(runner: Runner) -> list[Step]:
     (fewer tokens than ranks: some ranks get no tokens to dispatch); frees its sequences at the end."""
     for seq_id in range(4):
         runner.add_sequence(seq_id)
-    feeds: list[tuple[list[int], list[list[int]], str]] = [
+    feeds: list[tuple[list[int], list[list[int]], Literal["all", "last"]]] = [
         ([0, 1, 2, 3], [_tokens(n, seed) for seed, n in enumerate([5, 11, 3, 8])], "all"),  # prefill
         ([0, 1, 2, 3], [_tokens(1, 10 + i) for i in range(4)], "all"),  # decode
         ([2, 0, 3, 1], [_tokens(n, 20 + n) for n in [1, 3, 5, 2]], "all"),  # verification, K + 1 each

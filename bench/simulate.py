@@ -1,0 +1,160 @@
+"""Simulated speedups of every K policy over plain decoding, per preset, acceptance level and batch size.
+
+Usage: python -m bench.simulate [--presets ...] [--jobs 2] [--quick]
+Prints one table per preset and acceptance level, and the static-K batch curve of MoE and dense presets;
+writes speedups.json and PNG plots under bench/results/simulator/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from policy.presets import PRESETS
+from policy.simulator import POLICIES, iterations_for, speedups
+from policy.workload import ACCEPTANCE_LEVELS, WorkloadConfig
+
+OUT_DIR = Path(__file__).resolve().parent / "results" / "simulator"
+CURVE_PRESETS = ("mixtral-8x7b-h100", "qwen2-57b-a14b-h100", "llama-70b-h100")
+CURVE_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+Task = tuple[str, str, int, int, int]  # (preset, level, batch size, request-iterations, seed)
+
+
+def run_task(task: Task) -> tuple[Task, dict[str, float]]:
+    preset, level, batch_size, request_iterations, seed = task
+    workload = WorkloadConfig(
+        batch_size,
+        ACCEPTANCE_LEVELS[level],
+        num_iterations=iterations_for(batch_size, request_iterations),
+        seed=seed,
+    )
+    return task, speedups(PRESETS[preset], workload, POLICIES)
+
+
+def run_curve(task: tuple[str, int, int]) -> tuple[tuple[str, int, int], float]:
+    """Static K = 3 at acceptance 0.8, no timing noise: the shape of speedup against batch size."""
+    preset, batch_size, seed = task
+    workload = WorkloadConfig(
+        batch_size, (0.8,), num_iterations=max(200, 4000 // batch_size), seed=seed, time_noise=0
+    )
+    return task, speedups(PRESETS[preset], workload, ("off", "static-3"))["static-3"]
+
+
+def format_table(preset: str, level: str, rows: dict[int, dict[str, float]]) -> str:
+    rates = "/".join(f"{a:g}" for a in ACCEPTANCE_LEVELS[level])
+    lines = [f"{preset}, acceptance {level} ({rates}): speedup over plain decoding (tokens/s)"]
+    lines.append(f"{'batch':>5} " + " ".join(f"{p:>11}" for p in POLICIES))
+    for batch_size, speedup in sorted(rows.items()):
+        best_static = max(v for p, v in speedup.items() if p.startswith("static"))
+        cells = [
+            f"{speedup[p]:10.2f}{'*' if p.startswith('static') and speedup[p] == best_static else ' '}"
+            for p in POLICIES
+        ]
+        lines.append(f"{batch_size:>5} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict[str, dict[int, dict[str, float]]]], curves: dict[str, list[float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for preset, levels in results.items():
+        fig, axes = plt.subplots(1, len(levels), figsize=(4.2 * len(levels), 3.6), sharey=True, squeeze=False)
+        for ax, (level, rows) in zip(axes[0], levels.items(), strict=True):
+            batch_sizes = sorted(rows)
+            for policy in POLICIES:
+                style = "-" if policy in ("cascade", "batch-aware") else ":"
+                ax.plot(
+                    batch_sizes, [rows[b][policy] for b in batch_sizes], style, marker="o", ms=3, label=policy
+                )
+            ax.set(xscale="log", xlabel="batch size", title=f"{level} acceptance")
+            ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+            ax.axhline(1.0, color="grey", lw=0.5)
+        axes[0][0].set_ylabel("speedup over plain decoding")
+        axes[0][-1].legend(fontsize=7)
+        fig.suptitle(preset)
+        fig.tight_layout()
+        fig.savefig(OUT_DIR / f"{preset}.png", dpi=120)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for preset, curve in curves.items():
+        ax.plot(CURVE_BATCH_SIZES, curve, marker="o", label=preset)
+    ax.set(xscale="log", xlabel="batch size", ylabel="speedup of static K = 3 (a = 0.8)")
+    ax.set_xticks(CURVE_BATCH_SIZES, [str(b) for b in CURVE_BATCH_SIZES])
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(OUT_DIR / "batch_curve.png", dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--presets", default="mixtral-8x7b-h100,qwen2-57b-a14b-h100")
+    parser.add_argument("--levels", default=",".join(ACCEPTANCE_LEVELS))
+    parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
+    parser.add_argument(
+        "--request-iterations", type=int, default=8000, help="per run: iterations x batch size"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument(
+        "--quick", action="store_true", help="batch sizes 1,4,16,64 and 3000 request-iterations"
+    )
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch_sizes, args.request_iterations = "1,4,16,64", 3000
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    tasks = [
+        (preset, level, int(batch), args.request_iterations, args.seed)
+        for preset in args.presets.split(",")
+        for level in args.levels.split(",")
+        for batch in args.batch_sizes.split(",")
+    ]
+    started = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        outcomes = list(pool.map(run_task, tasks))
+        curve_outcomes = dict(
+            pool.map(run_curve, [(p, b, args.seed) for p in CURVE_PRESETS for b in CURVE_BATCH_SIZES])
+        )
+    results: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
+    for (preset, level, batch_size, _, _), speedup in outcomes:
+        results.setdefault(preset, {}).setdefault(level, {})[batch_size] = speedup
+    curves = {p: [curve_outcomes[(p, b, args.seed)] for b in CURVE_BATCH_SIZES] for p in CURVE_PRESETS}
+    for preset, by_level in results.items():
+        for level, rows in by_level.items():
+            print(format_table(preset, level, rows), end="\n\n")
+    print(
+        "static K = 3 at acceptance 0.8, speedup by batch size "
+        + " ".join(f"{b:>5}" for b in CURVE_BATCH_SIZES)
+    )
+    for preset, curve in curves.items():
+        print(f"{preset:>52} " + " ".join(f"{s:5.2f}" for s in curve))
+    print(f"\n* best static K in the row. {len(tasks)} workloads in {time.perf_counter() - started:.0f} s")
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    (OUT_DIR / "speedups.json").write_text(
+        json.dumps({"speedups": results, "static_k3_curves": curves}, indent=1)
+    )
+    if not args.no_plots:
+        plot(results, curves)
+        print(f"wrote {OUT_DIR}/speedups.json and PNG plots")
+
+
+if __name__ == "__main__":
+    main()

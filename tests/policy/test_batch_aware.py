@@ -1,0 +1,117 @@
+"""The batch-aware chooser: exact optimum, off at low acceptance, back-off, stability, bounds."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from policy.batch_aware import BatchAwareChooser, BatchAwareConfig
+from policy.cost_model import CostModel, CostModelConfig
+from policy.presets import PRESETS
+from policy.simulator import simulate
+from policy.stats import IterationStats, KChooser, RequestIterationStats
+from policy.workload import WorkloadConfig
+
+MIXTRAL = PRESETS["mixtral-8x7b-h100"]
+
+
+def chooser_for(preset_name: str, **overrides: int) -> BatchAwareChooser:
+    preset = PRESETS[preset_name]
+    model = CostModel(CostModelConfig(preset.routing), preset.cost_params())
+    return BatchAwareChooser(BatchAwareConfig(**overrides), model)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    rates=st.lists(st.floats(0.0, 0.97), min_size=1, max_size=3),
+    forced=st.lists(st.integers(-1, 3), min_size=3, max_size=3),
+    preset=st.sampled_from(sorted(PRESETS)),
+)
+def test_best_spec_tokens_is_the_brute_force_optimum(
+    rates: list[float], forced: list[int], preset: str
+) -> None:
+    chooser = chooser_for(preset, max_spec_tokens=3)
+    rate_array, forced_array = np.array(rates), np.array(forced[: len(rates)])
+    best = chooser.best_spec_tokens(rate_array, forced_array)
+    options = [range(4) if f < 0 else [f] for f in forced_array]
+    brute = max(chooser.tokens_per_second(rate_array, ks) for ks in itertools.product(*options))
+    assert chooser.tokens_per_second(rate_array, best) == pytest.approx(brute, rel=1e-9)
+    assert all(k == f for k, f in zip(best, forced_array, strict=True) if f >= 0)
+
+
+def test_optimum_follows_batch_size_and_acceptance() -> None:
+    chooser = chooser_for("mixtral-8x7b-h100")
+    no_force = np.full(16, -1)
+    assert chooser.best_spec_tokens(np.array([0.3]), no_force[:1]) == [0]  # batch 1, MoE: too costly
+    assert min(chooser.best_spec_tokens(np.full(16, 0.8), no_force)) >= 3  # experts saturated: cheap
+    mixed = chooser.best_spec_tokens(np.array([0.9, 0.1] * 8), no_force)
+    assert min(mixed[0::2]) > max(mixed[1::2])  # more tokens for the request that accepts more
+
+
+class Recorder:
+    """A KChooser wrapper that keeps every decision."""
+
+    def __init__(self, inner: KChooser) -> None:
+        self.inner = inner
+        self.decisions: list[dict[str, int]] = []
+
+    def choose(self, request_ids: Sequence[str]) -> dict[str, int]:
+        self.decisions.append(self.inner.choose(request_ids))
+        return self.decisions[-1]
+
+    def observe(self, stats: IterationStats) -> None:
+        self.inner.observe(stats)
+
+    def release(self, request_id: str) -> None:
+        self.inner.release(request_id)
+
+
+def test_low_acceptance_turns_off_after_the_first_test_and_backs_off() -> None:
+    recorder = Recorder(chooser_for("mixtral-8x7b-h100", set_iterations=16, max_set_iterations=1024))
+    workload = WorkloadConfig(1, (0.2,), mean_output_tokens=4000, num_iterations=600, time_noise=0.0)
+    simulate(MIXTRAL, recorder, workload)
+    ks = [d["req-0"] for d in recorder.decisions]
+    assert ks[:4] == [2] * 4 and ks[4] == 0  # the probe, then off
+    test_starts = [i for i in range(1, len(ks)) if ks[i] > 0 and ks[i - 1] == 0]
+    gaps = np.diff([0, *test_starts]) - 4  # iterations at K = 0 after each 4-iteration test
+    assert list(gaps[:4]) == [32, 64, 128, 256]
+
+
+def test_no_oscillation_when_conditions_are_stationary() -> None:
+    recorder = Recorder(chooser_for("qwen2-57b-a14b-h100"))
+    workload = WorkloadConfig(8, (0.7,), mean_output_tokens=4000, num_iterations=400, time_noise=0.02)
+    simulate(PRESETS["qwen2-57b-a14b-h100"], recorder, workload)
+    settled = recorder.decisions[100:]
+    changes = sum(a[r] != b[r] for a, b in itertools.pairwise(settled) for r in a if r in b)
+    assert changes <= 0.02 * len(settled) * 8  # under 2% of request-iterations change K
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    max_spec_tokens=st.integers(1, 8),
+    trace=st.lists(
+        st.tuples(st.integers(1, 6), st.floats(0.0, 1.0), st.floats(0.001, 0.2)), min_size=1, max_size=30
+    ),
+)
+def test_k_stays_within_bounds(max_spec_tokens: int, trace: list[tuple[int, float, float]]) -> None:
+    chooser = chooser_for("mixtral-8x7b-h100", max_spec_tokens=max_spec_tokens, probe_num_spec_tokens=1)
+    for i, (batch, rate, seconds) in enumerate(trace):
+        ids = [f"r{(i // 3 + j) % 7}" for j in range(batch)]
+        ks = chooser.choose(ids)
+        assert all(0 <= k <= max_spec_tokens for k in ks.values())
+        requests = [RequestIterationStats(r, k, int(rate * k), int(rate * k) + 1, 50) for r, k in ks.items()]
+        num_tokens = batch + sum(ks.values())
+        chooser.observe(IterationStats(i, batch, requests, num_tokens, seconds / 4, seconds / 2, seconds / 4))
+        chooser.release(f"r{i % 7}")
+
+
+def test_config_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="probe_num_spec_tokens=5"):
+        BatchAwareConfig(max_spec_tokens=4, probe_num_spec_tokens=5)
+    with pytest.raises(ValueError, match="hysteresis=-0.1"):
+        BatchAwareConfig(hysteresis=-0.1)
