@@ -49,10 +49,14 @@ class RouterServer:
 
     async def _build_router(self) -> Router:
         config = self.config
-        target = RemoteTarget(self.target_handle, await self.target_handle.info.remote())
+        target_actor = await self.target_handle.actor_handle.remote()
+        target = RemoteTarget(self.target_handle, target_actor, await target_actor.info.remote())
         drafter = None
         if self.drafter_handle is not None:
-            drafter = RemoteDrafter(self.drafter_handle, await self.drafter_handle.vocab_size.remote())
+            drafter_actor = await self.drafter_handle.actor_handle.remote()
+            drafter = RemoteDrafter(
+                self.drafter_handle, drafter_actor, await drafter_actor.vocab_size.remote()
+            )
         chooser = self._chooser(target.info)
         tokenizer = Tokenizer(resolve_model_path(config.model.target))
         engine_config = EngineConfig(
@@ -88,18 +92,16 @@ class RouterServer:
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     config = AppConfig.from_args(args)
-    res = config.resources
-    target = serve.deployment(
-        name="MoETarget", ray_actor_options={"num_cpus": res.target_num_cpus, "num_gpus": res.target_num_gpus}
-    )(TargetServer).bind(config)
+    # The model replicas are light: the host actors they start hold the models and the CPU/GPU resources.
+    light = {"num_cpus": 0.05}
+    target = serve.deployment(name="MoETarget", ray_actor_options=light)(TargetServer).bind(config)
     drafter = None
     if config.model.draft is not None:
-        drafter = serve.deployment(
-            name="Drafter",
-            ray_actor_options={"num_cpus": res.drafter_num_cpus, "num_gpus": res.drafter_num_gpus},
-        )(DrafterServer).bind(config)
+        drafter = serve.deployment(name="Drafter", ray_actor_options=light)(DrafterServer).bind(config)
     ongoing = config.engine.max_batch_size + config.engine.max_waiting + 16  # 429s come from the router
     router = serve.deployment(
-        name="Router", max_ongoing_requests=ongoing, ray_actor_options={"num_cpus": res.router_num_cpus}
+        name="Router",
+        max_ongoing_requests=ongoing,
+        ray_actor_options={"num_cpus": config.resources.router_num_cpus},
     )(RouterServer)
     return router.bind(config, target, drafter)

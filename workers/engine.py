@@ -298,7 +298,10 @@ class SpecEngine:
             self.running.remove(seq)
 
     def _finish(self, seq: Sequence) -> None:
-        self.target.free([seq.seq_id])
+        try:
+            self.target.free([seq.seq_id])
+        except Exception as error:  # noqa: BLE001 (a lost target has nothing left to free)
+            logger.warning("target free failed: %s", error)
         if self.drafter is not None:
             try:
                 self.drafter.free([seq.seq_id])
