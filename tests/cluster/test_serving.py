@@ -11,20 +11,22 @@ from typing import Any
 import httpx
 import pytest
 
+from cluster.config import DEMO_DRAFT, DEMO_TARGET
 from cluster.policy_actor import POLICY_NAMESPACE
-from tests.cluster.serving_app import app_args, free_port, make_models
+from tests.cluster.serving_app import app_args, free_port
 
 openai = pytest.importorskip("openai")
+transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def server(ray_session: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server(ray_session: Any) -> Iterator[str]:
     from ray import serve
 
     from cluster.app import build_app
 
-    target, draft = make_models(tmp_path_factory.mktemp("models"))
+    target, draft = DEMO_TARGET, DEMO_DRAFT  # the shipped demo pair, as the CPU demo config serves it
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(app_args(target, draft)), name="moespec-test", route_prefix="/")
@@ -58,7 +60,8 @@ def test_completions_and_chat_with_the_openai_client(client: Any) -> None:
         temperature=0,
         extra_body={"ignore_eos": True},
     )
-    assert done.usage.prompt_tokens == len("def add(a, b):") + 1  # characters + BOS
+    reference = transformers.AutoTokenizer.from_pretrained(DEMO_TARGET)
+    assert done.usage.prompt_tokens == len(reference("def add(a, b):")["input_ids"])
     assert done.usage.completion_tokens == 12
     assert done.choices[0].finish_reason == "length"
     assert len(done.choices[0].text) > 0
@@ -81,7 +84,10 @@ def test_completions_and_chat_with_the_openai_client(client: Any) -> None:
         model="demo-moe", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0.8, seed=3
     )
     assert chat.choices[0].message.role == "assistant"
-    assert chat.usage.prompt_tokens == 1 + len("<user>hi\n<assistant>")  # BOS from the template + characters
+    chat_ids = reference.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    assert chat.usage.prompt_tokens == len(chat_ids)
     streamed = client.chat.completions.create(
         model="demo-moe",
         messages=[{"role": "user", "content": "hi"}],
@@ -144,7 +150,7 @@ def test_bad_inputs_get_400_and_the_server_keeps_serving(server: str, client: An
         (json.dumps({"prompt": "x", "temperature": -1}).encode(), "temperature"),
         (json.dumps({"prompt": "x", "max_tokens": 0}).encode(), "max_tokens"),
         (json.dumps({"prompt": "x", "bogus_field": 1}).encode(), "bogus_field"),
-        (json.dumps({"prompt": "x" * 400}).encode(), "context length"),
+        (json.dumps({"prompt": [5] * 300}).encode(), "context length"),
         (json.dumps({"prompt": [5, 99999]}).encode(), "outside the vocabulary"),
         (json.dumps({"prompt": "x", "num_spec_tokens": 99}).encode(), "num_spec_tokens"),
         (json.dumps({"max_tokens": 3}).encode(), "prompt"),
