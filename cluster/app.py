@@ -64,6 +64,7 @@ class RouterServer:
             max_spec_tokens=config.engine.max_spec_tokens,
             max_waiting=config.engine.max_waiting + config.engine.max_batch_size,
             drafter_retry_s=2.0,
+            target_recovery_s=config.engine.target_recovery_s,
         )
         engine = SpecEngine(target, drafter, chooser, engine_config, tokenizer)
         api_key = config.server.api_key

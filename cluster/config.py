@@ -44,6 +44,7 @@ class EngineSettings:
     max_spec_tokens: int = 6
     max_waiting: int = 256  # queued requests beyond the batch; more get 429
     request_timeout_s: float = 300.0  # a request still running after this ends with an error
+    target_recovery_s: float = 120.0  # after a target failure, re-prefill running requests for this long
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_waiting < 0 or self.max_spec_tokens < 0:

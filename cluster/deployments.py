@@ -99,7 +99,10 @@ class TargetHost:
         return self.target.prefill(seq_ids, prompts, params)
 
     def verify(self, requests: list[VerifyRequest]) -> VerifyOutput:
-        return self.target.verify(requests)
+        return self._guard(self.target.verify, requests)
+
+    def restore(self, seq_ids: list[int], token_ids: list[list[int]], params: list[SamplingParams]) -> None:
+        self._guard(self.target.restore, seq_ids, token_ids, params)
 
     def free(self, seq_ids: list[int]) -> None:
         self.target.free(seq_ids)
@@ -109,6 +112,18 @@ class TargetHost:
 
     def ping(self) -> bool:
         return True
+
+    def _guard(self, method: Any, *args: Any) -> Any:
+        """Run a call; if an expert-parallel group broke (a rank died or hung), rebuild it before raising, so
+        that the caller's restore can re-prefill on the fresh group."""
+        try:
+            return method(*args)
+        except Exception:
+            runner: Any = self.target.runner
+            if getattr(runner, "is_usable", True) is False:
+                logger.warning("expert-parallel group broke; rebuilding it")
+                runner.rebuild()
+            raise
 
 
 class DrafterHost:
@@ -207,6 +222,11 @@ class RemoteTarget:
     def verify(self, requests: Sequence[VerifyRequest]) -> VerifyOutput:
         result: VerifyOutput = self.remote.call("verify", list(requests))
         return result
+
+    def restore(
+        self, seq_ids: Sequence[int], token_ids: Sequence[Sequence[int]], params: Sequence[SamplingParams]
+    ) -> None:
+        self.remote.call("restore", list(seq_ids), [list(t) for t in token_ids], list(params))
 
     def free(self, seq_ids: Sequence[int]) -> None:
         self.remote.call("free", list(seq_ids))

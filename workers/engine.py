@@ -33,6 +33,7 @@ class TargetBackend(Protocol):
         self, seq_ids: Seq[int], prompts: Seq[Seq[int]], params: Seq[SamplingParams]
     ) -> list[int]: ...
     def verify(self, requests: Seq[VerifyRequest]) -> VerifyOutput: ...
+    def restore(self, seq_ids: Seq[int], token_ids: Seq[Seq[int]], params: Seq[SamplingParams]) -> None: ...
     def free(self, seq_ids: Seq[int]) -> None: ...
 
 
@@ -51,6 +52,7 @@ class EngineConfig:
     max_spec_tokens: int = 8  # upper bound on any request's K
     max_waiting: int = 1024  # queued requests before add_request refuses
     drafter_retry_s: float = 0.0  # after a drafter failure, speculation pauses this long
+    target_recovery_s: float = 0.0  # after a target failure, retry re-prefilling the batch this long
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -83,6 +85,7 @@ class SpecEngine:
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(self.info.eos_token_ids)
         self.num_draft_failures = 0
+        self.num_target_recoveries = 0
         self._draft_compute_s = 0.0  # draft forward time within the current iteration
         self._drafter_retry_at = 0.0  # after a drafter failure, run at K = 0 until then
         self.waiting: deque[Sequence] = deque()
@@ -142,12 +145,15 @@ class SpecEngine:
         batch = list(self.running)
         num_spec = self._choose_num_spec_tokens(batch)
         proposals = self._propose(batch, num_spec)
-        verified = self.target.verify(
-            [
-                VerifyRequest(s.seq_id, s.output_ids[-1], p.draft_ids, p.draft_probs, s.params)
-                for s, p in zip(batch, proposals, strict=True)
-            ]
-        )
+        requests = [
+            VerifyRequest(s.seq_id, s.output_ids[-1], p.draft_ids, p.draft_probs, s.params)
+            for s, p in zip(batch, proposals, strict=True)
+        ]
+        try:
+            verified = self.target.verify(requests)
+        except Exception as error:
+            self._recover_target(batch, error)  # re-prefill from the token histories, or raise
+            verified = self.target.verify(requests)
         committed, experts_touched = verified.committed_ids, verified.experts_touched
         outputs += self._commit(batch, num_spec, committed)
         self._observe(
@@ -245,6 +251,25 @@ class SpecEngine:
         for request, seq in zip(requests, seqs, strict=True):
             seq.num_draft_cached = request.start + len(request.token_ids)
         return drafted.proposals
+
+    def _recover_target(self, batch: list[Sequence], error: Exception) -> None:
+        """The target lost its caches (a rank or replica died): rebuild them from the token histories."""
+        deadline = time.monotonic() + self.config.target_recovery_s
+        logger.warning("target failed (%s); re-prefilling %d sequences", error, len(batch))
+        while True:
+            try:
+                self.target.restore(
+                    [s.seq_id for s in batch], [s.token_ids[:-1] for s in batch], [s.params for s in batch]
+                )
+                self.num_target_recoveries += 1
+                return
+            except Exception as retry_error:  # noqa: BLE001 (retried until the deadline)
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(
+                        f"the target failed ({error}) and could not be restored within "
+                        f"{self.config.target_recovery_s:.0f} s ({retry_error})"
+                    ) from error
+                time.sleep(1.0)
 
     def _commit(
         self, batch: list[Sequence], num_spec: list[int], committed: list[list[int]]

@@ -80,6 +80,14 @@ class Target:
             for i, (s, p) in enumerate(zip(seq_ids, params, strict=True))
         ]
 
+    def restore(
+        self, seq_ids: Sequence[int], token_ids: Sequence[Sequence[int]], params: Sequence[SamplingParams]
+    ) -> None:
+        """Rebuild lost sequences from their history minus the pending token (after a target failure)."""
+        for seq_id in seq_ids:
+            self.runner.free(seq_id)
+        self.prefill(seq_ids, token_ids, params)  # the sampled token is discarded: the pending one stays
+
     def verify(self, requests: Sequence[VerifyRequest]) -> VerifyOutput:
         """One forward over [pending, drafts...] of every request, then per-request verification."""
         start_time = time.perf_counter()

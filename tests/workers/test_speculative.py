@@ -161,9 +161,36 @@ class FlakyDrafter(Drafter):
         return super().propose(requests)
 
 
-def test_drafter_failures_lose_nothing(target_path: Path, good_draft_path: Path, reference: list[list[int]]) -> None:
+def test_drafter_failures_lose_nothing(
+    target_path: Path, good_draft_path: Path, reference: list[list[int]]
+) -> None:
     engine = _engine(target_path, good_draft_path, StaticChooser(3))
     assert engine.drafter is not None
     engine.drafter = FlakyDrafter(engine.drafter.runner)
     assert engine.generate(_prompts(6), GREEDY) == reference
     assert engine.num_draft_failures >= 3
+
+
+class CrashingTarget(Target):
+    """Loses every KV cache and fails on its 4th verification, as a restarted replica would."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        super().__init__(runner)
+        self.calls = 0
+
+    def verify(self, requests):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.calls == 4:
+            for seq_id in list(self.runner.cache.seq_ids):
+                self.runner.free(seq_id)
+            raise ConnectionError("target replica died")
+        return super().verify(requests)
+
+
+def test_target_failure_is_recovered_from_the_token_history(
+    target_path: Path, good_draft_path: Path, reference: list[list[int]]
+) -> None:
+    engine = _engine(target_path, good_draft_path, StaticChooser(2))
+    engine.target = CrashingTarget(engine.target.runner)  # type: ignore[attr-defined]
+    assert engine.generate(_prompts(6), GREEDY) == reference
+    assert engine.num_target_recoveries == 1
