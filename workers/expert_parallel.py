@@ -20,7 +20,7 @@ from torch import nn
 
 from workers.config import ModelConfig
 from workers.experts import MoEBlock
-from workers.kv_cache import CacheConfig
+from workers.kv_cache import CacheConfig, KVCache
 from workers.model import ForwardOutput
 from workers.placement import ExpertPlacement
 from workers.runner import ModelRunner
@@ -252,6 +252,10 @@ class EPWorker:
     @property
     def config(self) -> ModelConfig:
         return self.runner.config
+
+    @property
+    def cache(self) -> KVCache:
+        return self.runner.cache
 
     def add_sequence(self, seq_id: int) -> None:
         self.runner.add_sequence(seq_id)

@@ -3,9 +3,8 @@ the unsharded runner: same logits and expert counts for prefill, decode and ragg
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal
 
 import pytest
 import torch
@@ -17,22 +16,10 @@ from workers.expert_parallel import STRATEGIES, EPWorker, join_group, open_rende
 from workers.kv_cache import CacheConfig
 from workers.model import ForwardOutput
 from workers.placement import ExpertPlacement
-from workers.runner import ModelRunner
+from workers.runner import ModelRunner, Runner
 
 CACHE = CacheConfig(max_seqs=8, max_seq_len=64)
 Step = tuple[torch.Tensor, torch.Tensor]  # (logits, tokens_per_expert) of one forward
-
-
-class Runner(Protocol):
-    def add_sequence(self, seq_id: int) -> None: ...
-    def rollback(self, seq_id: int, num_tokens: int) -> None: ...
-    def free(self, seq_id: int) -> None: ...
-    def forward(
-        self,
-        seq_ids: Sequence[int],
-        token_ids: Sequence[Sequence[int]],
-        logits_for: Literal["all", "last"] = "all",
-    ) -> ForwardOutput: ...
 
 
 def _tokens(n: int, seed: int) -> list[int]:
