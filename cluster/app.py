@@ -16,12 +16,14 @@ from ray.serve import Application
 from starlette.requests import Request
 from starlette.responses import Response
 
-from cluster.choosers import make_chooser, shared_chooser_factory
+from cluster.choosers import analytic_prior, make_chooser, shared_chooser_factory
 from cluster.config import AppConfig
 from cluster.deployments import DrafterServer, RemoteDrafter, RemoteTarget, TargetServer, resolve_model_path
 from cluster.policy_actor import PolicyClient, policy_actor_handle
 from cluster.router import Router
 from policy.stats import KChooser
+from workers.checkpoint import checkpoint_dtype
+from workers.config import ModelConfig
 from workers.engine import EngineConfig, SpecEngine
 from workers.target import TargetInfo
 from workers.tokenizer import Tokenizer
@@ -73,11 +75,15 @@ class RouterServer:
         return Router(config, engine, tokenizer, api_key)
 
     def _chooser(self, info: TargetInfo) -> KChooser:
-        policy, max_spec = self.config.policy, self.config.engine.max_spec_tokens
-        local = make_chooser(policy, info, max_spec)
+        policy, max_spec, model = self.config.policy, self.config.engine.max_spec_tokens, self.config.model
+        target = ModelConfig.from_dir(resolve_model_path(model.target))
+        draft = ModelConfig.from_dir(resolve_model_path(model.draft)) if model.draft else None
+        dtype = checkpoint_dtype(resolve_model_path(model.target)) if model.dtype == "auto" else model.dtype
+        prior = analytic_prior(target, draft, 2 if "16" in str(dtype) else 4)
+        local = make_chooser(policy, info, max_spec, prior=prior)
         if not policy.use_central_actor or policy.kind in ("off", "static"):
             return local
-        factory = shared_chooser_factory(policy, info, max_spec)
+        factory = shared_chooser_factory(policy, info, max_spec, prior)
         return PolicyClient(
             f"router-{uuid.uuid4().hex[:8]}",
             local,
