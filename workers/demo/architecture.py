@@ -25,7 +25,7 @@ class PairShape:
     num_experts: int = 8
     top_k: int = 2  # experts per token (num_experts_per_tok)
     expert_intermediate_size: int = 512
-    router_aux_loss_coef: float = 0.02
+    router_aux_loss_coef: float = 0.05  # weight of the per-layer load-balancing loss (training.py)
     draft_num_layers: int = 2
     draft_intermediate_size: int = 768
 

@@ -141,10 +141,10 @@ def heldout_documents(num_documents: int, seed: int) -> list[str]:
 
 
 def heldout_prompts(num_prompts: int, seed: int) -> list[str]:
-    """Held-out chat prompts without BOS: 0-2 solved turns, then a question and the assistant header."""
+    """Held-out chat prompts without BOS: 1-3 solved turns, then a question and the assistant header."""
     rng = random.Random(f"synthetic-heldout:{seed}")
     prompts = []
     for _ in range(num_prompts):
-        messages = conversation(rng, True, rng.randint(1, 3))
+        messages = conversation(rng, True, rng.randint(2, 4))
         prompts.append(render_chat(messages[:-1], add_generation_prompt=True, add_bos=False))
     return prompts

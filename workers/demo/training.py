@@ -11,11 +11,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from workers.demo.data import sample_batch
 
@@ -134,12 +136,22 @@ def _atomic_save(state: dict[str, object], path: Path) -> None:
 
 
 def target_loss(coef: float) -> LossFn:
-    """Next-token cross-entropy plus `coef` times Mixtral's load-balancing loss over all MoE layers."""
+    """Next-token cross-entropy plus `coef` times the load-balancing loss averaged over the MoE layers.
+
+    Per layer, not Mixtral's single loss over all layers' routing pooled together: the pooled loss is
+    satisfied when experts are balanced across layers and still lets single layers collapse (seen here).
+    """
 
     def loss_fn(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         out = model(input_ids=batch[:, :-1], output_router_logits=True, use_cache=False)
         ce = F.cross_entropy(out.logits.flatten(0, 1), batch[:, 1:].flatten())
-        return ce + coef * out.aux_loss, {"ce": ce.item(), "aux": out.aux_loss.item()}
+        config: Any = model.config
+        num_experts, top_k = config.num_local_experts, config.num_experts_per_tok
+        per_layer: list[Any] = [
+            load_balancing_loss_func((logits,), num_experts, top_k) for logits in out.router_logits
+        ]
+        aux = torch.stack([torch.as_tensor(x) for x in per_layer]).mean()
+        return ce + coef * aux, {"ce": ce.item(), "aux": aux.item()}
 
     return loss_fn
 
