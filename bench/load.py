@@ -50,6 +50,8 @@ class PhaseResult:
     overhead_share: float  # iteration time outside the forwards / iteration time
     num_errors: int
     elapsed_s: float = 0.0  # wall time of the phase
+    latency_p50: float = 0.0  # request latency (first byte sent to last token received)
+    latency_p99: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)  # counter increases over the phase (/metrics)
 
 
@@ -179,6 +181,8 @@ async def run_phase(
         overhead_share=other / max(1e-9, forward + other),
         num_errors=errors,
         elapsed_s=elapsed,
+        latency_p50=_pct([r.latency_s for r in results] or [0.0], 50),
+        latency_p99=_pct([r.latency_s for r in results] or [0.0], 99),
         metrics=delta,
     )
 
