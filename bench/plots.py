@@ -128,7 +128,7 @@ def table_rows(report: dict[str, Any], cells: dict[Key, dict[str, dict[str, floa
 
 def targets(cells: dict[Key, dict[str, dict[str, float]]]) -> list[dict[str, Any]]:
     """The issue's three targets, one check per (workload, concurrency) and adaptive policy."""
-    checks = []
+    checks: list[dict[str, Any]] = []
     for (workload, concurrency), s in sorted(cells.items()):
         # Served phases only, as ratios to ours-off (ours: to the off run of the same server launch).
         tput = {name: v["x_throughput"] for name, v in s.items() if "num_runs" in v}
@@ -256,8 +256,11 @@ def markdown(report: dict[str, Any], out: Path) -> str:
         f"ignore_eos); requests per phase max({config['min_requests']}, {config['requests_per_client']} x "
         "concurrency); closed-loop clients with Poisson think times (bench/load.py).",
         "",
-        "Ratios (x) are against our policy-off run at the same workload and concurrency (the mean of its runs "
-        "on both of our servers); TPOT ratios below 1 are better. `hf-*` rows are offline `generate` at batch = "
+        "Ratios (x) are against our policy-off run at the same workload and concurrency: for our systems, the "
+        "off run on the same server launch (minutes apart, so launch-to-launch drift cancels); for vLLM and "
+        "`generate`, the mean of our two off runs. TPOT ratios below 1 are better. TPOT is measured by the "
+        "client from streamed chunks: when a server's HTTP process falls behind, tokens arrive in bursts, which "
+        "lowers TPOT and raises TTFT (latency p50 is the robust latency figure). `hf-*` rows are offline `generate` at batch = "
         "concurrency (assisted: batch 1 only), TPOT there = wall time per output token of one sequence.",
         "",
         f"Servers, one at a time: ours = `{config['serve_config']}` (Router, Drafter and MoETarget deployments, "
@@ -464,7 +467,7 @@ def plot(report: dict[str, Any], cells: dict[Key, dict[str, dict[str, float]]], 
             systems = sorted({s for c in keys for s in cells[(workload, c)]}, key=_system_order)
             for system in systems:
                 points = [
-                    (c, cells[(workload, c)][system][metric] / cells[(workload, c)]["ours-off"][metric])
+                    (c, cells[(workload, c)][system][f"x_{metric}"])
                     for c in keys
                     if system in cells[(workload, c)] and "ours-off" in cells[(workload, c)]
                 ]
