@@ -1,10 +1,12 @@
 """The central policy: one named Ray actor that every router reports to, and the router-side client.
 
 The actor wraps `policy.aggregator.PolicyAggregator` (transport-free logic). A router's `PolicyClient` is its
-K chooser: it answers from the latest central decision while that decision's window lasts, and from its
-local chooser otherwise (before the first answer, while the actor is unreachable, for new requests). Calls
-to the actor never block an iteration: one report is in flight at a time and is picked up when ready.
-Messages are msgspec-encoded (`IterationStats` in, `Decision` out).
+K chooser: it answers from the latest central decision while that decision's window lasts, and asks its
+local chooser only otherwise (before the first answer, while the actor is unreachable, for requests the
+decision does not list). The local chooser observes every iteration either way, so it is warm when needed.
+Calls to the actor never block an iteration: one report is in flight at a time and is picked up when ready;
+the next window's report goes out one iteration before the current window ends, so that its answer is
+normally back in time. Messages are msgspec-encoded (`IterationStats` in, `Decision` out).
 """
 
 from __future__ import annotations
@@ -55,6 +57,12 @@ class SpecPolicy:
         return self.aggregator.version
 
 
+def ray_reply(pending: Any) -> bytes | None:
+    """The actor's answer if it has arrived (None if not yet); raises if the call failed."""
+    ready, _ = ray.wait([pending], timeout=0)
+    return ray.get(ready[0]) if ready else None
+
+
 def policy_actor_handle(name: str, window_iterations: int, make_chooser: Callable[[], KChooser]) -> Any:
     """The named policy actor, created by the first router that asks (detached: it outlives routers)."""
     actor_cls = ray.remote(num_cpus=0.1, max_restarts=-1)(SpecPolicy)
@@ -66,11 +74,17 @@ class PolicyClient:
     """A router's K chooser backed by the central actor, with a local chooser as the fallback."""
 
     def __init__(
-        self, source: str, local: KChooser, connect: Callable[[], Any], retry_s: float = 5.0
+        self,
+        source: str,
+        local: KChooser,
+        connect: Callable[[], Any],
+        retry_s: float = 5.0,
+        reply: Callable[[Any], bytes | None] = ray_reply,
     ) -> None:
         self.source = source
         self.local = local
         self._connect = connect
+        self._reply = reply  # the answer to the report in flight, if it arrived (tests inject a fake)
         self._retry_s = retry_s
         self._actor: Any = None
         self._next_connect = 0.0
@@ -79,19 +93,24 @@ class PolicyClient:
         self._released: list[str] = []
         self._decision: Decision | None = None
         self._iteration = 0
-        self.num_central_decisions = 0
+        self.num_central_decisions = 0  # answers received from the actor
+        self.num_local_choices = 0  # calls to the local chooser (the fallback)
         self.num_failures = 0
 
     def choose(self, request_ids: Sequence[str]) -> dict[str, int]:
         self._poll()
-        local = self.local.choose(request_ids)
         decision = self._decision
-        if decision is None or not (
-            decision.first_iteration <= self._iteration < decision.first_iteration + decision.num_iterations
-        ):
-            self._send(request_ids)
-            return local
-        return {r: decision.num_spec_tokens.get(r, local[r]) for r in request_ids}
+        if decision is None or not _covers_iteration(decision, self._iteration):
+            self._send(request_ids, self._iteration)
+            return self._choose_locally(request_ids)
+        central = decision.num_spec_tokens
+        missing = [r for r in request_ids if r not in central]
+        if missing:
+            self._send(request_ids, self._iteration)  # a new decision that lists the new requests
+        elif self._iteration == decision.first_iteration + decision.num_iterations - 1:
+            self._send(request_ids, self._iteration + 1)  # the next window, back before it starts
+        chosen = self._choose_locally(missing) if missing else {}
+        return {r: central[r] if r in central else chosen[r] for r in request_ids}
 
     def observe(self, stats: IterationStats) -> None:
         self.local.observe(stats)
@@ -106,14 +125,19 @@ class PolicyClient:
     def is_connected(self) -> bool:
         return self._actor is not None
 
-    def _send(self, request_ids: Sequence[str]) -> None:
+    def _choose_locally(self, request_ids: Sequence[str]) -> dict[str, int]:
+        self.num_local_choices += 1
+        return self.local.choose(request_ids)
+
+    def _send(self, request_ids: Sequence[str], iteration: int) -> None:
+        """Report what happened since the last report and ask for a decision from `iteration` on."""
         if self._pending is not None or not self._ensure_actor():
             return
         stats, released = self._stats, self._released
         self._stats, self._released = [], []
         try:
             self._pending = self._actor.report.remote(
-                self.source, _stats_encoder.encode(stats), released, list(request_ids), self._iteration
+                self.source, _stats_encoder.encode(stats), released, list(request_ids), iteration
             )
         except Exception as error:  # noqa: BLE001 (the local chooser keeps serving)
             self._lost(error)
@@ -121,16 +145,15 @@ class PolicyClient:
     def _poll(self) -> None:
         if self._pending is None:
             return
-        ready, _ = ray.wait([self._pending], timeout=0)
-        if not ready:
-            return
         try:
-            self._decision = _decision_decoder.decode(ray.get(self._pending))
+            reply = self._reply(self._pending)
+            if reply is None:
+                return  # still in flight
+            self._decision = _decision_decoder.decode(reply)
             self.num_central_decisions += 1
         except Exception as error:  # noqa: BLE001 (the local chooser keeps serving)
             self._lost(error)
-        finally:
-            self._pending = None
+        self._pending = None
 
     def _ensure_actor(self) -> bool:
         if self._actor is None and time.monotonic() >= self._next_connect:
@@ -148,3 +171,7 @@ class PolicyClient:
         self._actor = None
         self._decision = None
         self._next_connect = time.monotonic() + self._retry_s
+
+
+def _covers_iteration(decision: Decision, iteration: int) -> bool:
+    return decision.first_iteration <= iteration < decision.first_iteration + decision.num_iterations
