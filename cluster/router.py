@@ -104,6 +104,7 @@ class Router:
     async def render_metrics(self, request: Request) -> Response:
         self.metrics.set_gauge("num_requests_outstanding", self.loop.num_outstanding)
         self.metrics.set_gauge("drafter_failures", self.engine.num_draft_failures)
+        self.metrics.set_gauge("target_recoveries", self.engine.num_target_recoveries)
         return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
     async def completions(self, request: Request) -> Response:

@@ -192,9 +192,13 @@ class SpecEngine:
             admitted.append(self.waiting.popleft())
         if not admitted:
             return []
-        first = self.target.prefill(
-            [s.seq_id for s in admitted], [s.prompt_ids for s in admitted], [s.params for s in admitted]
-        )
+        try:
+            first = self.target.prefill(
+                [s.seq_id for s in admitted], [s.prompt_ids for s in admitted], [s.params for s in admitted]
+            )
+        except Exception as error:
+            self._requeue_after_failed_prefill(admitted, error)
+            return []
         self._draft([DraftRequest(s.seq_id, 0, s.prompt_ids, 0, s.params) for s in admitted], admitted)
         outputs = []
         for seq, token in zip(admitted, first, strict=True):
@@ -202,6 +206,18 @@ class SpecEngine:
             outputs.append(self._output(seq, seq.append([token])))
         self._reap()
         return outputs
+
+    def _requeue_after_failed_prefill(self, admitted: list[Sequence], error: Exception) -> None:
+        """The target failed while prefilling new requests: restore the running ones and queue the new ones
+        again (in order, at the front). A request whose prefill already failed once re-raises instead, so a
+        prefill that fails for a reason other than a lost target cannot loop forever."""
+        if any(s.num_failed_prefills > 0 for s in admitted):
+            raise error
+        for seq in admitted:
+            seq.num_failed_prefills += 1
+        self.waiting.extendleft(reversed(admitted))
+        self._recover_target(self.running, error)
+        self.target.free([s.seq_id for s in admitted])  # if the call failed after the target took them
 
     def _choose_num_spec_tokens(self, batch: list[Sequence]) -> list[int]:
         if self.drafter is None:

@@ -40,6 +40,7 @@ class Sequence:
     num_text_released: int = 0  # characters of `text` already released to the caller
     finish_reason: str | None = None
     num_draft_cached: int = 0  # history tokens the drafter's cache holds (its valid prefix)
+    num_failed_prefills: int = 0  # admissions whose target prefill raised (retried once)
 
     @property
     def token_ids(self) -> list[int]:

@@ -67,10 +67,10 @@ class Target:
         self, seq_ids: Sequence[int], prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
     ) -> list[int]:
         """Add and prefill new sequences; returns the first output token of each."""
-        for seq_id, p in zip(seq_ids, params, strict=True):
-            self.runner.add_sequence(seq_id)
-            self._generators[seq_id] = make_generator(p.seed)
         try:
+            for seq_id, p in zip(seq_ids, params, strict=True):
+                self.runner.add_sequence(seq_id)
+                self._generators[seq_id] = make_generator(p.seed)
             logits = self.runner.forward(seq_ids, prompts, logits_for="last").logits
         except Exception:
             self.free(seq_ids)
@@ -86,7 +86,8 @@ class Target:
         """Rebuild lost sequences from their history minus the pending token (after a target failure)."""
         for seq_id in seq_ids:
             self.runner.free(seq_id)
-        self.prefill(seq_ids, token_ids, params)  # the sampled token is discarded: the pending one stays
+        if seq_ids:  # an empty restore only checks that the target answers
+            self.prefill(seq_ids, token_ids, params)  # the sampled token is discarded: the pending one stays
 
     def verify(self, requests: Sequence[VerifyRequest]) -> VerifyOutput:
         """One forward over [pending, drafts...] of every request, then per-request verification."""

@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 import socket
 import string
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models
 
@@ -68,3 +72,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextmanager
+def running_app(base: str, args: dict[str, Any], name: str, timeout_s: float = 180) -> Iterator[str]:
+    """Serve `build_app(args)` at `base` until the block ends; waits until /health answers 200."""
+    from ray import serve
+
+    from cluster.app import build_app
+
+    serve.run(build_app(args), name=name, route_prefix="/")
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(f"{base}/health").status_code != 200:
+        assert time.monotonic() < deadline, "the app never became healthy"
+        time.sleep(0.5)
+    try:
+        yield base
+    finally:
+        serve.delete(name)

@@ -7,13 +7,11 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from typing import Any
 
-import httpx
 import pytest
 
 from cluster.config import DEMO_DRAFT, DEMO_TARGET
-from tests.cluster.serving_app import app_args, free_port
+from tests.cluster.serving_app import app_args, running_app
 
 openai = pytest.importorskip("openai")
 pytestmark = [pytest.mark.timeout(420), pytest.mark.slow]
@@ -21,11 +19,7 @@ APP = "moespec-ep"
 
 
 @pytest.fixture(scope="module")
-def ep_server(ray_session: Any) -> Iterator[str]:
-    from ray import serve
-
-    from cluster.app import build_app
-
+def ep_server(serve_url: str) -> Iterator[str]:
     args = app_args(
         DEMO_TARGET,
         DEMO_DRAFT,
@@ -33,16 +27,8 @@ def ep_server(ray_session: Any) -> Iterator[str]:
         resources={"target_num_cpus": 0.5},
         engine={"target_recovery_s": 180.0},
     )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args), name=APP, route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while httpx.get(f"{base}/health").status_code != 200:
-        assert time.monotonic() < deadline, "the app never became healthy"
-        time.sleep(1)
-    yield base
-    serve.delete(APP)
+    with running_app(serve_url, args, APP, timeout_s=240) as base:
+        yield base
 
 
 def _rank_pids() -> list[int]:

@@ -194,3 +194,38 @@ def test_target_failure_is_recovered_from_the_token_history(
     engine.target = CrashingTarget(engine.target.runner)  # type: ignore[attr-defined]
     assert engine.generate(_prompts(6), GREEDY) == reference
     assert engine.num_target_recoveries == 1
+
+
+class PrefillCrashingTarget(Target):
+    """Loses every KV cache and fails on the prefill of its 2nd admission (others are running by then)."""
+
+    def __init__(self, runner: ModelRunner, always: bool = False) -> None:
+        super().__init__(runner)
+        self.calls, self.always = 0, always
+
+    def prefill(self, seq_ids, prompts, params):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.calls == 2 or (self.always and self.calls > 2):
+            for seq_id in list(self.runner.cache.seq_ids):
+                self.runner.free(seq_id)
+            raise ConnectionError("target replica died")
+        return super().prefill(seq_ids, prompts, params)
+
+
+def test_target_failure_during_admission_requeues_the_new_requests(
+    target_path: Path, good_draft_path: Path, reference: list[list[int]]
+) -> None:
+    engine = _engine(target_path, good_draft_path, StaticChooser(2), max_batch_size=3)
+    engine.target = PrefillCrashingTarget(engine.target.runner)  # type: ignore[attr-defined]
+    assert engine.generate(_prompts(6), GREEDY) == reference
+    assert engine.num_target_recoveries == 1
+    assert engine.target.runner.cache.num_used_slots == 0  # type: ignore[attr-defined]
+
+
+def test_a_prefill_that_keeps_failing_raises_instead_of_looping(
+    target_path: Path, good_draft_path: Path
+) -> None:
+    engine = _engine(target_path, good_draft_path, StaticChooser(2), max_batch_size=3)
+    engine.target = PrefillCrashingTarget(engine.target.runner, always=True)  # type: ignore[attr-defined]
+    with pytest.raises(ConnectionError, match="target replica died"):
+        engine.generate(_prompts(6), GREEDY)
