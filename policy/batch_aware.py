@@ -66,14 +66,20 @@ class BatchAwareChooser:
         if not request_ids:
             return {}
         states = [self._state(r) for r in request_ids]
-        rates = np.array([s.estimator.rate for s in states])
+        num = len(states)
+        rates = np.fromiter((s.estimator.rate for s in states), np.float64, num)
         probe = self.config.probe_num_spec_tokens
-        forced = np.array([probe if s.test_remaining > 0 else -1 for s in states])
-        best = self.best_spec_tokens(rates, forced)
+        forced = np.fromiter((probe if s.test_remaining > 0 else -1 for s in states), np.int64, num)
+        times = self._time_table(num)
+        best = np.array(self.best_spec_tokens(rates, forced, times))
         # Requests in or just out of a test phase have no previous choice (set_k is None).
-        previous = np.array([k if s.set_k is None else s.set_k for k, s in zip(best, states, strict=True)])
-        chosen = self._with_hysteresis(rates, np.array(best), previous)
-        for k, state, f in zip(chosen, states, forced, strict=True):
+        previous = np.fromiter(
+            (k if s.set_k is None else s.set_k for k, s in zip(best.tolist(), states, strict=True)),
+            np.int64,
+            num,
+        )
+        chosen = self._with_hysteresis(rates, best, previous, times)
+        for k, state, f in zip(chosen, states, forced.tolist(), strict=True):
             if f < 0:
                 self._set(state, k)
         return dict(zip(request_ids, chosen, strict=True))
@@ -102,34 +108,40 @@ class BatchAwareChooser:
         etr = float(_expected_etr(rates, np.asarray(num_spec_tokens)).sum())
         return etr / self.cost_model.iteration_time([int(k) for k in num_spec_tokens])
 
-    def best_spec_tokens(self, rates: Array, forced: NDArray[np.int_]) -> list[int]:
+    def best_spec_tokens(
+        self, rates: Array, forced: NDArray[np.int_], times: Array | None = None
+    ) -> list[int]:
         """Exact maximizer of tokens per second; `forced[r] >= 0` fixes K_r, -1 leaves it free.
 
         The iteration time depends on the K vector only through m = max K_r and S = sum K_r. For a given
         (m, S) the expected ETR is largest when the S free draft tokens go to the largest marginal gains
         a_r^j with j <= m (the j-th token of request r adds a_r^j to E[ETR_r]). Scanning every (m, S) is exact.
+        `times` is `_time_table(len(rates))` if the caller has it.
         """
-        is_free = forced < 0
         max_k = self.config.max_spec_tokens
-        gains = rates[:, None] ** np.arange(1, max_k + 1)[None, :]  # (R, max_k): gain of the j-th token
+        if times is None:
+            times = self._time_table(len(rates))
+        is_free = forced < 0
+        positions = np.arange(1, max_k + 1)
+        gains = rates[:, None] ** positions  # (R, max_k): gain of the j-th token
         forced_k = np.where(is_free, 0, forced)
         forced_total = int(forced_k.sum())
-        base_etr = len(rates) + float(sum(gains[r, :k].sum() for r, k in enumerate(forced_k)))
+        base_etr = len(rates) + float(gains[positions <= forced_k[:, None]].sum())
         # Free gains in descending order; a gain of token j is available when m >= j.
-        order = np.argsort(-gains[is_free], axis=None, kind="stable")  # (L,) into the (F, max_k) block
-        sorted_gains = gains[is_free].ravel()[order]
+        free_gains = gains[is_free].ravel()
+        order = np.argsort(-free_gains, kind="stable")  # (L,) into the (F, max_k) block
         m_values = np.arange(max_k + 1)[:, None]  # (M, 1)
-        available = (order % max_k)[None, :] < m_values  # (M, L)
-        etr = base_etr + np.cumsum(np.where(available, sorted_gains, 0.0), axis=1)  # (M, L)
-        total = forced_total + np.cumsum(available, axis=1)  # (M, L): S after each position
-        times = self.cost_model.time_grid(
-            len(rates), m_values, np.arange(total.max(initial=forced_total) + 1)
-        )
+        available = (order % max_k) < m_values  # (M, L)
         # Column 0 is S = 0 (no free tokens); column i + 1 takes the sorted free gains up to position i.
-        rate = np.concatenate(
-            [base_etr / times[:, forced_total : forced_total + 1], etr / np.take_along_axis(times, total, 1)],
-            axis=1,
-        )
+        etr = np.empty((max_k + 1, len(order) + 1))
+        etr[:, 0] = base_etr
+        np.cumsum(np.where(available, free_gains[order], 0.0), axis=1, out=etr[:, 1:])
+        etr[:, 1:] += base_etr
+        total = np.empty(etr.shape, dtype=np.int64)
+        total[:, 0] = forced_total
+        np.cumsum(available, axis=1, out=total[:, 1:])
+        total[:, 1:] += forced_total
+        rate = etr / np.take_along_axis(times, total, 1)
         rate[: int(forced_k.max(initial=0))] = -np.inf  # m must cover the forced K
         best_m, best_pos = np.unravel_index(int(np.argmax(rate)), rate.shape)
         chosen = order[: int(best_pos)][available[best_m, : int(best_pos)]]
@@ -137,16 +149,23 @@ class BatchAwareChooser:
         result[is_free] = np.bincount(chosen // max_k, minlength=int(is_free.sum()))
         return [int(k) for k in result]
 
-    def _with_hysteresis(self, rates: Array, best: NDArray[np.int_], previous: NDArray[np.int_]) -> list[int]:
+    def _time_table(self, batch_size: int) -> Array:
+        """Predicted iteration seconds of this batch by (max K, sum K): shape (max_k + 1, R * max_k + 1)."""
+        max_k = self.config.max_spec_tokens
+        return self.cost_model.time_grid(
+            batch_size, np.arange(max_k + 1)[:, None], np.arange(batch_size * max_k + 1)[None, :]
+        )
+
+    def _with_hysteresis(
+        self, rates: Array, best: NDArray[np.int_], previous: NDArray[np.int_], times: Array
+    ) -> list[int]:
         """Keep K_r = previous_r unless moving r alone from it to best_r gains more than `hysteresis` of r's
         share (1 / batch size) of the batch's tokens per second."""
         etr = _expected_etr(rates, best)
-        other_max = _max_of_others(best)
-        alt_etr = etr.sum() - etr + _expected_etr(rates, previous)  # (R,): r at previous, others at best
-        alt_time = self.cost_model.time_grid(
-            len(rates), np.maximum(other_max, previous), best.sum() - best + previous
-        )
-        best_rate = etr.sum() / self.cost_model.iteration_time([int(k) for k in best])
+        best_total, best_etr = int(best.sum()), float(etr.sum())
+        alt_etr = best_etr - etr + _expected_etr(rates, previous)  # (R,): r at previous, others at best
+        alt_time = times[np.maximum(_max_of_others(best), previous), best_total - best + previous]
+        best_rate = best_etr / times[int(best.max()), best_total]
         gain = best_rate / (alt_etr / alt_time) - 1.0
         keep = gain <= self.config.hysteresis / len(rates)
         return [int(k) for k in np.where(keep, previous, best)]

@@ -1,6 +1,8 @@
 """MoESD iteration-time model: predicts plain and speculative iteration times for any batch and K vector.
 
-Fitted with `scipy.optimize.least_squares` on a calibration run, then refitted online as iterations arrive.
+Fitted by non-negative least squares (`scipy.optimize.nnls`) on a calibration run, then refitted online as
+iterations arrive: early and often while the model still rests on its prior, every `refit_interval`
+iterations after that.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class CostModelConfig:
     routing: RoutingConfig
     max_samples: int = 512  # most recent measured iterations kept for the fit
     min_samples: int = 8  # the prior is used until this many iterations were measured
-    refit_interval: int = 64  # refit after this many new iterations
+    refit_interval: int = 16  # refit after this many new iterations (sooner while there are few)
     prior_weight: float = 0.01  # pull toward the prior, relative to one iteration's relative residual
 
     def __post_init__(self) -> None:
@@ -81,6 +83,12 @@ class CostModel:
         self._anchors: list[tuple[float, ...]] = []
         self._samples: deque[tuple[float, ...]] = deque(maxlen=config.max_samples)
         self._num_new_samples = 0
+        self.num_refits = 0
+        # Imported here, not at module level (`workers` imports `policy` and scipy.optimize takes a while to
+        # import), and not at the first refit, which would stall a serving iteration.
+        from scipy.optimize import nnls
+
+        self._nnls = nnls
 
     # -- predictions ----------------------------------------------------------------------------------------
 
@@ -130,19 +138,23 @@ class CostModel:
         return self.params
 
     def observe(self, stats: IterationStats) -> None:
-        """Add a measured iteration; refit every `refit_interval` iterations once there are enough."""
+        """Add a measured iteration; refit once there are `min_samples`, then whenever the new iterations
+        reach the number already fitted (doubling), or `refit_interval` of them."""
         row = self._record(stats)
         if row is None:
             return
         self._samples.append(row)
         self._num_new_samples += 1
-        is_due = self._num_new_samples >= self.config.refit_interval
-        if is_due and len(self._anchors) + len(self._samples) >= self.config.min_samples:
+        num_rows = len(self._anchors) + len(self._samples)
+        num_fitted = num_rows - self._num_new_samples
+        is_due = self._num_new_samples >= min(self.config.refit_interval, max(num_fitted, 1))
+        if is_due and num_rows >= self.config.min_samples:
             self.refit()
 
     def refit(self) -> CostParams:
         """Fit on the anchors and the recent iterations, pulled weakly toward the prior."""
         self._num_new_samples = 0
+        self.num_refits += 1
         self.params = self._fit_rows([*self._anchors, *self._samples])
         return self.params
 
@@ -192,29 +204,22 @@ class CostModel:
     ) -> tuple[float, ...]:
         """Non-negative least squares on relative residuals, pulled weakly toward `prior`.
 
-        Columns that are zero in every row (no experts on a dense target) keep their start value.
+        Columns that are zero in every row (no experts on a dense target) keep their start value. The
+        residuals are linear in the params, so the bounded problem is solved exactly, in scaled units.
         """
-        # Imported here: scipy.optimize takes a noticeable time to import, and `workers` imports `policy`.
-        from scipy.optimize import least_squares
-
         keep = times > 0.0
         design, times = design[keep], times[keep]
         x = np.array(start, dtype=np.float64)
         active = np.any(design != 0.0, axis=0)
         if len(times) < max(self.config.min_samples, design.shape[1]) or not active.any():
             return start
-        design, x0, target = design[:, active], x[active], np.array(prior)[active]
+        design, target = design[:, active], np.array(prior)[active]
         # Scale of each parameter: its prior, or 1% of what would explain the mean time alone.
         scale = np.where(target > 0.0, target, 1e-2 * float(times.mean()) / np.abs(design).mean(axis=0))
         weight = self.config.prior_weight
-        relative = design / times[:, None]
-        jacobian = np.vstack([relative, np.diag(weight / scale)])  # the residuals are linear in the params
-
-        def residuals(params: Array) -> Array:
-            return np.concatenate([relative @ params - 1.0, weight * (params - target) / scale])
-
-        result = least_squares(
-            residuals, x0, jac=lambda _: jacobian, bounds=(0.0, np.inf), x_scale=scale, method="trf"
-        )
-        x[active] = result.x
+        # Unknowns q = params / scale: rows (design / times) q = 1, and weight * q = weight * target / scale.
+        matrix = np.vstack([design * (scale / times[:, None]), weight * np.eye(len(scale))])
+        rhs = np.concatenate([np.ones(len(times)), weight * target / scale])
+        solution, _ = self._nnls(matrix, rhs)
+        x[active] = solution * scale
         return tuple(float(v) for v in x)

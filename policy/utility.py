@@ -84,29 +84,35 @@ class AcceptanceEstimator:
 
     def __init__(self, config: AcceptanceConfig) -> None:
         self.config = config
-        self._slow = [config.prior_accepted, config.prior_rejected]  # decayed (accepted, rejected) counts
-        self._fast = [config.prior_accepted, config.prior_rejected]
+        # Decayed (accepted, rejected) counts of the slow and the fast estimate. Plain floats: this runs once
+        # per request per iteration on the serving loop.
+        self._slow_accepted = self._fast_accepted = config.prior_accepted
+        self._slow_rejected = self._fast_rejected = config.prior_rejected
         self.num_observations = 0
         self.num_changes = 0  # phase changes detected
+        self.rate = self._clipped(self._slow_accepted, self._slow_rejected)
 
     def record(self, num_spec_tokens: int, num_accepted_tokens: int) -> None:
         if num_spec_tokens == 0:
             return
+        config = self.config
         rejected = 1.0 if num_accepted_tokens < num_spec_tokens else 0.0
-        for counts, decay in ((self._slow, self.config.decay), (self._fast, self.config.fast_decay)):
-            counts[0] = decay * counts[0] + num_accepted_tokens
-            counts[1] = decay * counts[1] + rejected
+        slow_accepted = config.decay * self._slow_accepted + num_accepted_tokens
+        slow_rejected = config.decay * self._slow_rejected + rejected
+        fast_accepted = config.fast_decay * self._fast_accepted + num_accepted_tokens
+        fast_rejected = config.fast_decay * self._fast_rejected + rejected
         self.num_observations += 1
-        fast, num_fast = _ratio(self._fast), sum(self._fast)
+        num_fast = fast_accepted + fast_rejected
+        fast = fast_accepted / num_fast
         standard_error = (max(fast * (1.0 - fast), 0.01) / num_fast) ** 0.5
-        if abs(fast - _ratio(self._slow)) > self.config.change_z * standard_error:
-            self._slow = list(self._fast)
+        if abs(fast - slow_accepted / (slow_accepted + slow_rejected)) > config.change_z * standard_error:
+            slow_accepted, slow_rejected = fast_accepted, fast_rejected
             self.num_changes += 1
+        self._slow_accepted, self._slow_rejected = slow_accepted, slow_rejected
+        self._fast_accepted, self._fast_rejected = fast_accepted, fast_rejected
+        self.rate = self._clipped(slow_accepted, slow_rejected)
 
-    @property
-    def rate(self) -> float:
-        return min(max(_ratio(self._slow), 1.0 - self.config.max_rate), self.config.max_rate)
-
-
-def _ratio(counts: list[float]) -> float:
-    return counts[0] / (counts[0] + counts[1])
+    def _clipped(self, accepted: float, rejected: float) -> float:
+        """The estimate accepted / (accepted + rejected), clipped to [1 - max_rate, max_rate]."""
+        max_rate = self.config.max_rate
+        return min(max(accepted / (accepted + rejected), 1.0 - max_rate), max_rate)

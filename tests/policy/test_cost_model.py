@@ -123,3 +123,17 @@ def test_online_data_from_one_batch_size_does_not_spoil_the_others() -> None:
     for batch in (1, 16, 64):
         for k in (0, 4):
             assert model.spec_time(batch, k) == pytest.approx(truth.spec_time(batch, k), rel=0.05)
+
+
+def test_refits_come_early_while_the_prior_dominates_then_every_interval() -> None:
+    rng = np.random.default_rng(4)
+    truth = CostModel(CostModelConfig(MIXTRAL.routing), MIXTRAL.cost_params())
+    model = CostModel(
+        CostModelConfig(MIXTRAL.routing, min_samples=8, refit_interval=16), wrong_prior(MIXTRAL.cost_params())
+    )
+    refits_at = []
+    for i in range(80):
+        model.observe(measured_iteration(truth, list(rng.integers(0, 4, 1 + i % 16)), rng, 0.01, i))
+        if model.num_refits > len(refits_at):
+            refits_at.append(i + 1)
+    assert refits_at == [8, 16, 32, 48, 64, 80]  # doubling up to the interval
