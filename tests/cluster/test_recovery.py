@@ -5,6 +5,8 @@ idle level."""
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -68,39 +70,67 @@ def _gauge(server: str, name: str) -> float:
     return float(lines[0].rsplit(" ", 1)[1])
 
 
-def _kill_replicas_mid_stream(deployment: str, run: Callable[[int], str]) -> tuple[list[str], list[str]]:
-    """Streams every prompt once undisturbed, then again while `deployment`'s replicas are killed."""
+def _named_replicas(deployment: str) -> list[Any]:
+    import ray
+
+    return [
+        ray.get_actor(a["name"], namespace="serve")
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if f":{APP}#{deployment}#" in a["name"] and a["namespace"] == "serve"
+    ]
+
+
+def _host_pids(class_name: str) -> list[int]:
+    """Processes of the live model-holding actors of a class (from the GCS: no dashboard in the tests)."""
+    import ray._private.state as ray_state
+
+    actors = ray_state.actors().values()
+    return [a["Pid"] for a in actors if a["ActorClassName"] == class_name and a["State"] == "ALIVE"]
+
+
+def _kill_mid_stream(
+    victims: Callable[[], list[Any]], run: Callable[[int], str]
+) -> tuple[list[str], list[str]]:
+    """Streams every prompt once undisturbed, then again while the `victims` actors are killed (a crash)."""
     import ray
 
     with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
         expected = list(pool.map(run, range(len(PROMPTS))))
         futures = [pool.submit(run, i) for i in range(len(PROMPTS))]
         time.sleep(1.0)
-        replicas = [
-            a
-            for a in ray.util.list_named_actors(all_namespaces=True)
-            if f":{APP}#{deployment}#" in a["name"] and a["namespace"] == "serve"
-        ]
-        assert replicas, f"no {deployment} replica found"
-        for replica in replicas:  # a crash: Serve's controller replaces the replica
-            ray.kill(ray.get_actor(replica["name"], namespace="serve"), no_restart=True)
+        killed = victims()
+        assert killed, "nothing to kill"
+        for victim in killed:  # an actor handle, or the pid of a process to SIGKILL
+            if isinstance(victim, int):
+                os.kill(victim, signal.SIGKILL)
+            else:
+                ray.kill(victim, no_restart=True)
         got = [f.result(timeout=300) for f in futures]
     return expected, got
 
 
 def test_killing_the_drafter_mid_stream_loses_nothing(server: str, stream: Callable[[int], str]) -> None:
-    expected, got = _kill_replicas_mid_stream("Drafter", stream)
+    expected, got = _kill_mid_stream(lambda: _named_replicas("Drafter"), stream)
     assert got == expected
     assert _gauge(server, "drafter_failures") >= 1  # the fault really hit the streams
     assert stream(0) == expected[0]  # speculation resumes with a new replica (or runs at K = 0): same text
 
 
+@pytest.mark.parametrize(
+    "victims",
+    [
+        pytest.param(lambda: _named_replicas("MoETarget"), id="replica"),
+        # The replica lives on with a dead model actor: its health check fails and Serve replaces it.
+        pytest.param(lambda: _host_pids("TargetHost"), id="host-actor"),
+    ],
+)
 def test_killing_the_target_mid_stream_re_prefills_on_the_new_replica(
-    server: str, stream: Callable[[int], str]
+    server: str, stream: Callable[[int], str], victims: Callable[[], list[Any]]
 ) -> None:
-    expected, got = _kill_replicas_mid_stream("MoETarget", stream)
+    recoveries = _gauge(server, "target_recoveries")
+    expected, got = _kill_mid_stream(victims, stream)
     assert got == expected  # greedy: the re-prefilled sequences continue exactly
-    assert _gauge(server, "target_recoveries") >= 1
+    assert _gauge(server, "target_recoveries") > recoveries
     assert stream(1) == expected[1]
     assert _used_slots() == (0, 0)
 
