@@ -25,6 +25,9 @@ _PER_EXPERT = re.compile(
     r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$"
 )
 _MIXTRAL_PART = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_PARTS = ("gate_proj", "up_proj", "down_proj")
+_FUSED_SUFFIXES = ("experts.gate_up_proj", "experts.down_proj")
+_ExpertPart = tuple[str, int, str]  # (experts prefix, row in the stacked weights, one of _PARTS)
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -73,42 +76,64 @@ def _skip_init() -> Iterator[None]:
 
 def _fill(model: Transformer, path: str | Path) -> None:
     params = dict(model.named_parameters())
-    missing = set(params) - {"lm_head.weight"} if model.config.tie_word_embeddings else set(params)
+    tied = model.config.tie_word_embeddings
+    missing = set(params) - {"lm_head.weight"} if tied else set(params)
+    missing -= {n for n in missing if n.endswith(_FUSED_SUFFIXES)}  # tracked per expert row, below
     expert_rows = _expert_rows(model)
     missing_experts = {
-        (name, row, part)
-        for name, rows in expert_rows.items()
+        (prefix, row, part)
+        for prefix, rows in expert_rows.items()
         for row in rows.values()
-        for part in ("gate_proj", "up_proj", "down_proj")
+        for part in _PARTS
     }
     for name, tensor in _tensors(Path(path)):
         name = _canonical(name)
-        if name.endswith(_IGNORED_SUFFIXES) or (
-            name == "lm_head.weight" and model.config.tie_word_embeddings
-        ):
+        if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and tied):
             continue
         per_expert = _PER_EXPERT.match(name)
         if per_expert:
-            prefix, expert, part = per_expert.group(1), int(per_expert.group(2)), per_expert.group(3)
-            row = expert_rows.get(prefix, {}).get(expert)
-            if prefix not in expert_rows or expert >= model.config.num_experts:
-                raise ValueError(f"unexpected tensor {name!r} in checkpoint {path}")
-            if row is not None:  # None: this expert lives on another rank
-                _copy(_expert_slice(params, prefix, row, part), tensor, name)
-                missing_experts.discard((prefix, row, part))
-            continue
-        if name.endswith(("experts.gate_up_proj", "experts.down_proj")) and name in params:
-            _copy_fused(params[name], tensor, name, expert_rows[name.rsplit(".", 1)[0]])
-            part_names = ("gate_proj", "up_proj") if name.endswith("gate_up_proj") else ("down_proj",)
-            prefix = name.rsplit(".", 1)[0]
-            missing_experts -= {(prefix, r, p) for r in expert_rows[prefix].values() for p in part_names}
-            missing.discard(name)
-            continue
-        if name not in params:
+            missing_experts -= _fill_per_expert(params, expert_rows, per_expert, tensor, model, path)
+        elif name.endswith(_FUSED_SUFFIXES) and name in params:
+            missing_experts -= _fill_fused(params, expert_rows, name, tensor)
+        elif name not in params:
             raise ValueError(f"unexpected tensor {name!r} in checkpoint {path}")
-        _copy(params[name], tensor, name)
-        missing.discard(name)
-    missing -= {n for n in missing if n.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+        else:
+            _copy(params[name], tensor, name)
+            missing.discard(name)
+    _raise_if_missing(path, missing, missing_experts)
+
+
+def _fill_per_expert(
+    params: dict[str, nn.Parameter],
+    expert_rows: dict[str, dict[int, int]],
+    match: re.Match[str],
+    tensor: torch.Tensor,
+    model: Transformer,
+    path: str | Path,
+) -> set[_ExpertPart]:
+    """Hub layout (`experts.N.gate_proj.weight`): one expert's part into its row of the stacked weights."""
+    prefix, expert, part = match.group(1), int(match.group(2)), match.group(3)
+    if prefix not in expert_rows or expert >= model.config.num_experts:
+        raise ValueError(f"unexpected tensor {match.group(0)!r} in checkpoint {path}")
+    row = expert_rows[prefix].get(expert)
+    if row is None:  # this expert lives on another rank
+        return set()
+    _copy(_expert_slice(params, prefix, row, part), tensor, match.group(0))
+    return {(prefix, row, part)}
+
+
+def _fill_fused(
+    params: dict[str, nn.Parameter], expert_rows: dict[str, dict[int, int]], name: str, tensor: torch.Tensor
+) -> set[_ExpertPart]:
+    """Fused layout (`experts.gate_up_proj` [E, 2*I, H], `experts.down_proj`): this rank's rows of all experts."""
+    prefix = name.rsplit(".", 1)[0]
+    rows = expert_rows[prefix]
+    _copy_fused(params[name], tensor, name, rows)
+    parts = ("gate_proj", "up_proj") if name.endswith("gate_up_proj") else ("down_proj",)
+    return {(prefix, row, part) for row in rows.values() for part in parts}
+
+
+def _raise_if_missing(path: str | Path, missing: set[str], missing_experts: set[_ExpertPart]) -> None:
     if missing or missing_experts:
         names = sorted(missing) + sorted(f"{p}.{e}.{part}.weight" for p, e, part in missing_experts)
         raise ValueError(
