@@ -33,6 +33,9 @@ class CostParams:
     draft_per_token_s: float  # one draft step, per sequence drafting in it
     other_s: float = 0.0  # per iteration, outside the forwards
     other_per_token_s: float = 0.0  # per verification token, outside the forwards
+    per_seq_s: float = 0.0  # verify forward, per sequence whatever its K: attention over its cache, ragged
+    # batch bookkeeping. Without it a fit on plain iterations (tokens = sequences) puts this cost on every
+    # token and overestimates what speculation adds at large batches.
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -68,7 +71,8 @@ class CostModel:
 
     T = draft + verify + other, with t = batch + sum K_r verification tokens and m = max K_r draft steps:
       draft  = m * draft_fixed + draft_per_token * sum K_r   (step j drafts the requests with K_r >= j)
-      verify = fixed + per_expert * N(t) + per_token * t      (weights read, distinct experts, compute)
+      verify = fixed + per_seq * batch + per_expert * N(t) + per_token * t
+                                      (weights read, per-sequence attention, distinct experts, compute)
       other  = other + other_per_token * t                    (sampling, verification bookkeeping)
     Memory and compute times add: a smooth upper bound of the roofline max(memory, compute). Fits use
     relative residuals and a weak pull toward the prior (the calibrated params once `calibrate` ran).
@@ -99,7 +103,12 @@ class CostModel:
         spec = np.asarray(total_spec, dtype=np.float64)
         tokens = batch_size + spec
         draft = steps * p.draft_fixed_s + spec * p.draft_per_token_s
-        verify = p.fixed_s + p.per_expert_s * self.expert_counts.predict(tokens) + p.per_token_s * tokens
+        verify = (
+            p.fixed_s
+            + p.per_seq_s * batch_size
+            + p.per_expert_s * self.expert_counts.predict(tokens)
+            + p.per_token_s * tokens
+        )
         other = p.other_s + p.other_per_token_s * tokens
         return draft, verify, other
 
@@ -184,7 +193,11 @@ class CostModel:
         ones = np.ones_like(tokens)
         has_draft = steps > 0
         groups = [  # (design, measured times, parameter names)
-            (np.column_stack([ones, experts, tokens]), verify, ("fixed_s", "per_expert_s", "per_token_s")),
+            (
+                np.column_stack([ones, batch, experts, tokens]),
+                verify,
+                ("fixed_s", "per_seq_s", "per_expert_s", "per_token_s"),
+            ),
             (
                 np.column_stack([steps, spec])[has_draft],
                 draft[has_draft],

@@ -2,6 +2,7 @@
 
 Bytes read at memory bandwidth and FLOPs at peak, each scaled by an achievable efficiency. Parameter
 counts come from the models' published configs; memory capacity is not modelled (ratios are what matter).
+`MEASURED_PRESETS` hold parameters fitted on measured iterations instead (the demo pair on this CPU).
 """
 
 from __future__ import annotations
@@ -105,4 +106,39 @@ PRESETS: dict[str, Preset] = {
     "mixtral-8x7b-h100": Preset("mixtral-8x7b-h100", MIXTRAL_8X7B, DRAFT_0_5B, H100),
     "qwen2-57b-a14b-h100": Preset("qwen2-57b-a14b-h100", QWEN2_57B_A14B, DRAFT_0_5B, H100),
     "llama-70b-h100": Preset("llama-70b-h100", LLAMA_70B, DRAFT_1B, H100),
+}
+
+
+@dataclass(frozen=True)
+class MeasuredPreset(Preset):
+    """A preset whose iteration times were fitted on measured iterations, not derived from the hardware."""
+
+    measured: CostParams = CostParams(0.0, 0.0, 0.0, 0.0, 0.0)
+
+    def cost_params(self) -> CostParams:
+        return self.measured
+
+
+# The shipped demo pair (4-layer Mixtral, 8 experts top-2, fp32; 2-layer Llama draft), one torch thread
+# each, in process (no actor calls). Fitted on 305 decode iterations at batch 1/4/16/32 x K = 0..4
+# (`bench.compare.measure_iterations`, 24 output tokens per request). Its plain step: 8.9 ms at batch 1,
+# 53 ms at batch 32; a draft step costs about half of it, so speculation pays little (best static K:
+# 1.0-1.2x). Greedy acceptance per token (models/demo-moe/README.md): code 0.75, prose 0.55, synthetic 0.90.
+DEMO_MOE = ModelSpec(
+    "demo-moe", dense_params=1.85e6, num_layers=4, expert_params=0.39e6, num_experts=8, top_k=2
+)
+DEMO_DRAFT = ModelSpec("demo-draft", dense_params=2.2e6, num_layers=2)
+DEMO_CPU = HardwareSpec("2-core CPU", memory_bandwidth_bytes_per_s=10e9, peak_flops=1e11)
+DEMO_CPU_PARAMS = CostParams(
+    fixed_s=4.7e-3,
+    per_expert_s=1.6e-3,
+    per_token_s=2.5e-4,
+    draft_fixed_s=4.0e-3,
+    draft_per_token_s=5.4e-4,
+    other_s=1e-4,
+    other_per_token_s=5e-6,
+    per_seq_s=7.7e-4,
+)
+MEASURED_PRESETS: dict[str, MeasuredPreset] = {
+    "demo-moe-cpu": MeasuredPreset("demo-moe-cpu", DEMO_MOE, DEMO_DRAFT, DEMO_CPU, DEMO_CPU_PARAMS),
 }

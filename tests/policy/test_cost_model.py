@@ -41,7 +41,7 @@ def profile_points() -> list[list[int]]:
 
 
 def wrong_prior(params: CostParams) -> CostParams:
-    factors = (2.0, 0.5, 1.7, 0.6, 1.5, 1.4, 0.7)
+    factors = (2.0, 0.5, 1.7, 0.6, 1.5, 1.4, 0.7, 1.3)
     return CostParams(*(v * f for v, f in zip(dataclasses.astuple(params), factors, strict=True)))
 
 
@@ -58,7 +58,10 @@ def test_fit_recovers_known_parameters_within_5_percent(preset: str) -> None:
     fitted = model.refit()
     for field in dataclasses.fields(CostParams):
         expected, got = getattr(truth_params, field.name), getattr(fitted, field.name)
-        assert got == pytest.approx(expected, rel=0.05), field.name
+        if expected == 0.0:  # absent from the truth (per_seq_s in the presets): negligible at batch 64
+            assert got * 64 < 0.01 * truth.plain_time(64), field.name
+        else:
+            assert got == pytest.approx(expected, rel=0.05), field.name
 
 
 def test_online_refit_moves_predictions_to_the_truth() -> None:
