@@ -1,8 +1,11 @@
 """Batch-aware K: the vector of K_r that maximizes expected committed tokens per second for the whole batch.
 
 Objective: sum_r E[ETR_r(K_r)] / T(batch, K vector), with per-request acceptance estimates and the shared
-cost model. Requests are probed in Cascade-style test phases (new ones at once, ones at K = 0 with back-off)
-so that every estimate stays fresh; hysteresis keeps a request's K unless changing it clearly pays.
+cost model. A new request's estimate starts from the acceptance of the traffic so far (not from an
+uninformed 0.5). Requests are probed in Cascade-style test phases (new ones at once, ones at K = 0 with
+back-off) so that every estimate stays fresh: a probe only guarantees K >= probe_num_spec_tokens, on top of
+the optimum, so that it costs little where speculation does not pay. Hysteresis keeps a request's K unless
+changing it clearly pays.
 """
 
 from __future__ import annotations
@@ -18,16 +21,19 @@ from policy.stats import IterationStats
 from policy.utility import AcceptanceConfig, AcceptanceEstimator
 
 Array = NDArray[np.float64]
+# Slow enough to average over many requests (it sees one record per request-iteration).
+POPULATION_ACCEPTANCE = AcceptanceConfig(decay=0.995, fast_decay=0.95)
 
 
 @dataclass(frozen=True)
 class BatchAwareConfig:
     max_spec_tokens: int = 8  # every K_r is in [0, max_spec_tokens]
-    probe_num_spec_tokens: int = 2  # K forced during a test phase
-    test_iterations: int = 4  # iterations per test phase
+    probe_num_spec_tokens: int = 1  # the least K during a test phase (the optimum if it is larger)
+    test_iterations: int = 3  # iterations per test phase
     set_iterations: int = 16  # iterations at K = 0 before a retest (doubled per consecutive K = 0 verdict)
     max_set_iterations: int = 128  # back-off cap: a request at K = 0 is retested at least this often
     hysteresis: float = 0.02  # switch only for more than this gain per request (relative, / batch size)
+    max_test_wait: int = 8  # a test waits at most this many iterations for others to probe with
     acceptance: AcceptanceConfig = field(default_factory=AcceptanceConfig)
 
     def __post_init__(self) -> None:
@@ -46,12 +52,14 @@ class BatchAwareConfig:
 
 
 class _RequestState:
-    def __init__(self, config: BatchAwareConfig) -> None:
-        self.estimator = AcceptanceEstimator(config.acceptance)
+    def __init__(self, config: BatchAwareConfig, prior_rate: float) -> None:
+        self.estimator = AcceptanceEstimator(config.acceptance, prior_rate)
         self.test_remaining = config.test_iterations  # > 0: in a test phase (new requests start there)
         self.set_k: int | None = None  # the last set-phase choice; None right after a test
         self.zero_iterations = 0  # iterations run at K = 0 since the last test
         self.num_zero_verdicts = 0  # consecutive tests followed by K = 0: the back-off exponent
+        self.is_new = True  # not chosen for yet
+        self.test_wait = 0  # iterations a pending test has waited for a drafting iteration
 
 
 class BatchAwareChooser:
@@ -61,6 +69,8 @@ class BatchAwareChooser:
         self.config = config
         self.cost_model = cost_model
         self._states: dict[str, _RequestState] = {}
+        # Acceptance over all requests, per request-iteration: the starting estimate of new requests.
+        self._population = AcceptanceEstimator(POPULATION_ACCEPTANCE)
 
     def choose(self, request_ids: Sequence[str]) -> dict[str, int]:
         if not request_ids:
@@ -68,10 +78,8 @@ class BatchAwareChooser:
         states = [self._state(r) for r in request_ids]
         num = len(states)
         rates = np.fromiter((s.estimator.rate for s in states), np.float64, num)
-        probe = self.config.probe_num_spec_tokens
-        forced = np.fromiter((probe if s.test_remaining > 0 else -1 for s in states), np.int64, num)
         times = self._time_table(num)
-        best = np.array(self.best_spec_tokens(rates, forced, times))
+        best = np.array(self.best_spec_tokens(rates, np.full(num, -1), times))
         # Requests in or just out of a test phase have no previous choice (set_k is None).
         previous = np.fromiter(
             (k if s.set_k is None else s.set_k for k, s in zip(best.tolist(), states, strict=True)),
@@ -79,8 +87,10 @@ class BatchAwareChooser:
             num,
         )
         chosen = self._with_hysteresis(rates, best, previous, times)
-        for k, state, f in zip(chosen, states, forced.tolist(), strict=True):
-            if f < 0:
+        for i in self._testers(states, chosen):
+            chosen[i] = max(chosen[i], self.config.probe_num_spec_tokens)
+        for state, k in zip(states, chosen, strict=True):
+            if state.test_remaining == 0:
                 self._set(state, k)
         return dict(zip(request_ids, chosen, strict=True))
 
@@ -89,8 +99,9 @@ class BatchAwareChooser:
         for r in stats.requests:
             state = self._state(r.request_id)
             state.estimator.record(r.num_spec_tokens, r.num_accepted_tokens)
+            self._population.record(r.num_spec_tokens, r.num_accepted_tokens)
             if state.test_remaining > 0:
-                state.test_remaining -= 1
+                state.test_remaining -= r.num_spec_tokens > 0  # a test waiting for a probe is still pending
             elif r.num_spec_tokens > 0:
                 state.zero_iterations = 0
             else:
@@ -170,6 +181,32 @@ class BatchAwareChooser:
         keep = gain <= self.config.hysteresis / len(rates)
         return [int(k) for k in np.where(keep, previous, best)]
 
+    def _testers(self, states: list[_RequestState], chosen: list[int]) -> list[int]:
+        """Indices of the requests that probe this iteration.
+
+        A test that the optimum already covers (K >= probe) costs nothing. Otherwise a probe makes the whole
+        batch run a draft step, so such tests wait (up to `max_test_wait` iterations) for an iteration that
+        drafts anyway, and then go together. A new request for which speculation would not pay even at
+        the traffic's acceptance starts at K = 0 and is tested after one set phase instead.
+        """
+        probe, num_test = self.config.probe_num_spec_tokens, self.config.test_iterations
+        # A started test runs its iterations back to back.
+        is_drafting = max(chosen) > 0 or any(0 < s.test_remaining < num_test for s in states)
+        waiting = []
+        for i, state in enumerate(states):
+            if state.is_new and state.test_remaining > 0 and chosen[i] == 0:
+                state.test_remaining, state.set_k, state.zero_iterations = 0, 0, 0
+            state.is_new = False
+            if state.test_remaining > 0 and chosen[i] < probe:
+                waiting.append(i)
+        if any(states[i].test_wait >= self.config.max_test_wait for i in waiting):
+            is_drafting = True
+        for i in waiting:
+            states[i].test_wait = 0 if is_drafting else states[i].test_wait + 1
+        return [
+            i for i, s in enumerate(states) if s.test_remaining > 0 and (is_drafting or chosen[i] >= probe)
+        ]
+
     def _set(self, state: _RequestState, num_spec_tokens: int) -> None:
         """Record a set-phase choice; the first one after a test sets the back-off."""
         if state.set_k is None:
@@ -180,7 +217,7 @@ class BatchAwareChooser:
     def _state(self, request_id: str) -> _RequestState:
         state = self._states.get(request_id)
         if state is None:
-            state = self._states[request_id] = _RequestState(self.config)
+            state = self._states[request_id] = _RequestState(self.config, self._population.rate)
         return state
 
 

@@ -82,12 +82,20 @@ class AcceptanceEstimator:
     more than `change_z` standard errors (the request's acceptance changed phase).
     """
 
-    def __init__(self, config: AcceptanceConfig) -> None:
+    def __init__(self, config: AcceptanceConfig, prior_rate: float | None = None) -> None:
+        """`prior_rate` replaces the config's prior estimate, with as many pseudo-counts (e.g. the acceptance
+        of other requests, for a new one)."""
         self.config = config
         # Decayed (accepted, rejected) counts of the slow and the fast estimate. Plain floats: this runs once
         # per request per iteration on the serving loop.
-        self._slow_accepted = self._fast_accepted = config.prior_accepted
-        self._slow_rejected = self._fast_rejected = config.prior_rejected
+        accepted, rejected = config.prior_accepted, config.prior_rejected
+        if prior_rate is not None:
+            accepted, rejected = (
+                prior_rate * (accepted + rejected),
+                (1.0 - prior_rate) * (accepted + rejected),
+            )
+        self._slow_accepted = self._fast_accepted = accepted
+        self._slow_rejected = self._fast_rejected = rejected
         self.num_observations = 0
         self.num_changes = 0  # phase changes detected
         self.rate = self._clipped(self._slow_accepted, self._slow_rejected)
