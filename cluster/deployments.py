@@ -54,10 +54,13 @@ def _cache_config(config: AppConfig) -> CacheConfig:
 
 
 def load_runner(path: str, config: AppConfig) -> ModelRunner:
+    from cluster.ep_group import assigned_device
+
     torch.set_num_threads(config.resources.torch_threads)
-    logger.info("loading %s", path)
+    device = assigned_device()
+    logger.info("loading %s on %s", path, device)
     return ModelRunner.from_checkpoint(
-        resolve_model_path(path), _cache_config(config), _dtype(config.model.dtype)
+        resolve_model_path(path), _cache_config(config), _dtype(config.model.dtype), device=device
     )
 
 

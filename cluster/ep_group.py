@@ -38,6 +38,11 @@ from workers.placement import ExpertPlacement
 BUNDLE_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
+def assigned_device() -> torch.device:
+    """Where this Ray worker process runs its model: the GPU Ray gave it (visible as cuda:0), else the CPU."""
+    return torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+
+
 class EPGroupError(RuntimeError):
     """A rank died, hung past the timeout or diverged from the others; the group must be rebuilt."""
 
@@ -104,12 +109,10 @@ class _Rank:
         placement = config.placement or ExpertPlacement.contiguous(
             ModelConfig.from_dir(config.checkpoint).num_experts, config.num_ranks
         )
-        # The runtime keeps models on the CPU, hence gloo; NCCL follows when the model is on a GPU.
-        join_group(
-            self.rank, config.num_ranks, host, port, config.timeout_s, torch.device("cpu"), self._store
-        )
+        device = assigned_device()  # NCCL between GPU ranks, gloo between CPU ones
+        join_group(self.rank, config.num_ranks, host, port, config.timeout_s, device, self._store)
         self.worker = EPWorker(
-            config.checkpoint, config.cache, placement, self.rank, config.strategy, config.dtype
+            config.checkpoint, config.cache, placement, self.rank, config.strategy, config.dtype, device
         )
         return self.worker.config, placement
 
@@ -120,7 +123,10 @@ class _Rank:
         self.apply(ops)
         # Only rank 0's logits are used: the other ranks compute one row per sequence and return none.
         out = worker.forward(seq_ids, token_ids, "all" if logits_for == "all" and self.rank == 0 else "last")
-        return (out if self.rank == 0 else None), worker.last_timing
+        if self.rank != 0:
+            return None, worker.last_timing
+        host_out = ForwardOutput(out.logits.cpu(), out.tokens_per_expert.cpu())  # the coordinator is a CPU
+        return host_out, worker.last_timing
 
     def apply(self, ops: list[CacheOp]) -> None:
         worker = self._worker()

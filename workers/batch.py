@@ -1,6 +1,6 @@
 """The layout of one ragged forward: which cache slot and position every new token goes to.
 
-Built once per forward on the host and shared by every layer. Attention runs on a padded view
+Built once per forward on the host (CPU), then moved to the model's device, and shared by every layer. Attention runs on a padded view
 [B, max_new] of the flat [T] tokens; `batch_index` / `column_index` map between the two.
 """
 
@@ -31,41 +31,48 @@ class BatchLayout:
     @property
     def last_token_index(self) -> torch.Tensor:
         """[B] flat index of each sequence's last new token."""
-        ends = torch.tensor(self.num_new).cumsum(0)
+        ends = torch.tensor(self.num_new, device=self.positions.device).cumsum(0)
         return ends - 1
 
     @classmethod
     def build(
-        cls, slots: list[int], start_lens: list[int], num_new: list[int], sliding_window: int | None = None
+        cls,
+        slots: list[int],
+        start_lens: list[int],
+        num_new: list[int],
+        sliding_window: int | None = None,
+        device: torch.device | str = "cpu",
     ) -> BatchLayout:
         if not slots:
             raise ValueError("a forward needs at least one sequence")
         if any(n < 1 for n in num_new):
             raise ValueError(f"every sequence needs at least one new token, got {num_new}")
-        counts = torch.tensor(num_new)
-        starts = torch.tensor(start_lens)
-        batch_index = torch.repeat_interleave(torch.arange(len(slots)), counts)
+        cpu = torch.device("cpu")  # small index tensors: built on the host, moved once
+        counts = torch.tensor(num_new, device=cpu)
+        starts = torch.tensor(start_lens, device=cpu)
+        batch_index = torch.repeat_interleave(torch.arange(len(slots), device=cpu), counts)
         offsets = torch.cumsum(counts, 0) - counts  # flat index of each sequence's first new token
-        column_index = torch.arange(int(counts.sum())) - offsets[batch_index]
+        column_index = torch.arange(int(counts.sum()), device=cpu) - offsets[batch_index]
         positions = starts[batch_index] + column_index
-        max_new = int(counts.max())
-        max_ctx = int((starts + counts).max())
+        max_new = max(num_new)
+        max_ctx = max(s + n for s, n in zip(start_lens, num_new, strict=True))
         # mask[b, 0, j, p]: key position p is visible to query j of sequence b.
-        query_pos = starts[:, None] + torch.arange(max_new)[None, :]  # [B, max_new]
-        key_pos = torch.arange(max_ctx)[None, None, :]  # [1, 1, max_ctx]
+        query_pos = starts[:, None] + torch.arange(max_new, device=cpu)[None, :]  # [B, max_new]
+        key_pos = torch.arange(max_ctx, device=cpu)[None, None, :]  # [1, 1, max_ctx]
         end = (starts + counts)[:, None, None]
         mask = (key_pos <= query_pos[:, :, None]) & (key_pos < end)
         if sliding_window is not None:
             mask &= key_pos > query_pos[:, :, None] - sliding_window
+        slot_ids = torch.tensor(slots, device=cpu)
         return cls(
-            slots=torch.tensor(slots),
-            start_lens=starts,
+            slots=slot_ids.to(device),
+            start_lens=starts.to(device),
             num_new=list(num_new),
-            token_slots=torch.tensor(slots)[batch_index],
-            positions=positions,
-            batch_index=batch_index,
-            column_index=column_index,
+            token_slots=slot_ids[batch_index].to(device),
+            positions=positions.to(device),
+            batch_index=batch_index.to(device),
+            column_index=column_index.to(device),
             max_new=max_new,
             max_ctx=max_ctx,
-            mask=mask[:, None],
+            mask=mask[:, None].to(device),
         )

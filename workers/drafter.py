@@ -72,7 +72,9 @@ class Drafter:
                 if request.params.is_greedy:
                     proposals[i].draft_ids.append(int(logits[row].argmax()))
                 else:
-                    q = probs_from_logits(logits[row : row + 1], request.params)[0]
+                    q = probs_from_logits(logits[row : row + 1].cpu(), request.params)[
+                        0
+                    ]  # host, as the target
                     probs[i].append(q)
                     proposals[i].draft_ids.append(sample(q, self._generators[request.seq_id]))
         for i in range(len(requests)):

@@ -92,7 +92,8 @@ class DistributedMoE(MoEBlock):
         self.placement, self.rank, self.group = placement, rank, group
         self.strategy = check_strategy(strategy)
         self.timer = timer
-        self.rank_of_expert = torch.tensor(placement.rank_of_expert)  # [E]
+        device = self.gate.weight.device
+        self.rank_of_expert = torch.tensor(placement.rank_of_expert, device=device)  # [E]
 
     def forward(self, x: torch.Tensor, include_shared: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, hidden], identical on every rank -> (full layer output [T, hidden], tokens per expert [E])."""
@@ -115,11 +116,11 @@ class DistributedMoE(MoEBlock):
         # Each rank routes its own contiguous share of the tokens and sends each token once to every rank
         # that owns one of its experts; owners apply their experts and send the weighted sums back.
         num_ranks, hidden = self.placement.num_ranks, x.shape[1]
-        share_sizes = [len(s) for s in torch.tensor_split(torch.arange(x.shape[0]), num_ranks)]
+        share_sizes = [len(s) for s in torch.tensor_split(torch.arange(x.shape[0], device="cpu"), num_ranks)]
         start = sum(share_sizes[: self.rank])
         mine = x[start : start + share_sizes[self.rank]]  # [t, H]
         weights, experts = self.route(mine)  # [t, K]
-        is_sent = torch.zeros(mine.shape[0], num_ranks, dtype=torch.bool)
+        is_sent = torch.zeros(mine.shape[0], num_ranks, dtype=torch.bool, device=x.device)
         is_sent.scatter_(1, self.rank_of_expert[experts], True)  # [t, R] token -> owner ranks
         _, token = is_sent.t().nonzero(as_tuple=True)  # [n_send] token of each send, grouped by rank
         send_counts = is_sent.sum(0)  # [R]
@@ -225,6 +226,7 @@ class EPWorker:
         rank: int,
         strategy: Strategy = "allreduce",
         dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         config = ModelConfig.from_dir(checkpoint)
         if config.num_experts != placement.num_experts:
@@ -239,7 +241,7 @@ class EPWorker:
             raise RuntimeError(f"join a process group of {placement.num_ranks} ranks (join_group) first")
         self.rank = rank
         self.runner = ModelRunner.from_checkpoint(
-            checkpoint, cache_config, dtype, expert_ids=placement.experts_of_rank[rank]
+            checkpoint, cache_config, dtype, expert_ids=placement.experts_of_rank[rank], device=device
         )
         self.timer = CommTimer()
         self.moe_layers: list[DistributedMoE] = []
@@ -287,7 +289,7 @@ class EPWorker:
     def check_collective(self) -> None:
         """A one-element all_reduce across the group; raises if a peer is gone (within the timeout)."""
         if dist.is_initialized():
-            ones = torch.ones(1)
+            ones = torch.ones(1, device=self.runner.device)
             dist.all_reduce(ones)
             if int(ones.item()) != dist.get_world_size():
                 raise RuntimeError(f"rank {self.rank}: health all_reduce gave {ones.item()}")

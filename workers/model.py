@@ -100,5 +100,5 @@ class Transformer(nn.Module):
         if logits_index is not None:
             x = x[logits_index]
         logits = self.lm_head(self.model.norm(x)).float()
-        stacked = torch.stack(counts) if counts else torch.zeros(0, 0, dtype=torch.long)
+        stacked = torch.stack(counts) if counts else torch.zeros(0, 0, dtype=torch.long, device=x.device)
         return ForwardOutput(logits=logits, tokens_per_expert=stacked)

@@ -39,10 +39,11 @@ def verify_sampled(
     num_drafts = len(draft_ids)
     committed: list[int] = []
     if num_drafts:
-        ids = torch.tensor(draft_ids)
-        p = target_probs[torch.arange(num_drafts), ids]
-        q = draft_probs[torch.arange(num_drafts), ids]
-        uniform = torch.rand(num_drafts, generator=generator)
+        device = target_probs.device  # the generator's device (the host: see Target._verify_one)
+        rows, ids = torch.arange(num_drafts, device=device), torch.tensor(draft_ids, device=device)
+        p = target_probs[rows, ids]
+        q = draft_probs[rows, ids]
+        uniform = torch.rand(num_drafts, generator=generator, device=device)
         accepted = uniform * q <= p  # q >= p: accept with probability p/q; p > q: always accept
         for i in range(num_drafts):
             if not accepted[i]:

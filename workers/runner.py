@@ -48,9 +48,10 @@ class ModelRunner:
             )
         self.model = model
         self.config = config
-        self.dtype = next(model.parameters()).dtype
+        weight = next(model.parameters())
+        self.dtype, self.device = weight.dtype, weight.device
         self.cache = KVCache(
-            cache_config, config.num_layers, config.num_kv_heads, config.head_dim, self.dtype
+            cache_config, config.num_layers, config.num_kv_heads, config.head_dim, self.dtype, self.device
         )
 
     @classmethod
@@ -60,9 +61,11 @@ class ModelRunner:
         cache_config: CacheConfig,
         dtype: torch.dtype | None = None,
         expert_ids: Sequence[int] | None = None,
+        device: torch.device | str = "cpu",
     ) -> ModelRunner:
+        """The model on `device` ("cpu", "cuda", "cuda:1"); the weights are read on the host, then moved."""
         model = load_model(path, dtype=dtype, max_positions=cache_config.max_seq_len, expert_ids=expert_ids)
-        return cls(model, cache_config)
+        return cls(model.to(device), cache_config)
 
     # -- sequences -------------------------------------------------------------------------------------------
 
@@ -103,11 +106,12 @@ class ModelRunner:
             start_lens=[self.cache.length(s) for s in seq_ids],
             num_new=num_new,
             sliding_window=self.config.sliding_window,
+            device=self.device,
         )
         flat = [t for tokens in token_ids for t in tokens]
         if any(not 0 <= t < self.config.vocab_size for t in flat):
             raise ValueError(f"token id out of range [0, {self.config.vocab_size})")
-        input_ids = torch.tensor(flat, dtype=torch.long)
+        input_ids = torch.tensor(flat, dtype=torch.long, device=self.device)
         logits_index = layout.last_token_index if logits_for == "last" else None
         out = self.model(input_ids, layout, self.cache, logits_index)
         self.cache.advance(seq_ids, num_new)

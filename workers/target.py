@@ -112,8 +112,10 @@ class Target:
 
     def _verify_one(self, request: VerifyRequest, logits: torch.Tensor) -> list[int]:
         if request.params.is_greedy:
-            return verify_greedy(logits, request.draft_ids)
-        target_probs = probs_from_logits(logits, request.params)
+            return verify_greedy(logits, request.draft_ids)  # on the model's device
+        # Sampling runs on the host with the request's CPU generator: the same seed gives the same tokens
+        # whatever the device.
+        target_probs = probs_from_logits(logits.cpu(), request.params)
         draft_probs = request.draft_probs
         if draft_probs is None:
             draft_probs = target_probs.new_zeros(0, target_probs.shape[1])
@@ -123,4 +125,4 @@ class Target:
     def _sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
         if params.is_greedy:
             return int(logits.argmax())
-        return sample(probs_from_logits(logits[None], params)[0], generator)
+        return sample(probs_from_logits(logits[None].cpu(), params)[0], generator)

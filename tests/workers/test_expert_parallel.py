@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.workers.checkpoints import make_checkpoint
+from tests.workers.device_watch import RequireDevice
 from workers.expert_parallel import STRATEGIES, EPWorker, join_group, open_rendezvous
 from workers.kv_cache import CacheConfig
 from workers.model import ForwardOutput
@@ -126,7 +127,9 @@ def _rank_main(rank: int, port: int, cases: list[tuple[str, ExpertPlacement]], o
     for path, placement in cases:
         for strategy in STRATEGIES:
             worker = EPWorker(path, CACHE, placement, rank, strategy, dtype=torch.float32)
-            results[(path, strategy)] = run_scenario(worker)
+            with RequireDevice() as watch:  # no tensor left on the CPU when the ranks run on GPUs
+                results[(path, strategy)] = run_scenario(worker)
+            results[(path, "created without a device")] = watch.missing
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -148,6 +151,7 @@ def test_two_ranks_equal_one_for_both_strategies(checkpoints: dict[str, Path], t
     ]
     per_rank = _run_ranks(cases, tmp_path)
     for path, _ in cases:
+        assert all(not r[(path, "created without a device")] for r in per_rank), per_rank
         expected = reference_steps(Path(path))
         for strategy in STRATEGIES:
             for results in per_rank:  # every rank ends each layer with the same hidden states
