@@ -192,18 +192,33 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
+def num_spec_tokens_run(metrics: dict[str, float]) -> tuple[float, float]:
+    """(share of request-iterations that speculated, mean K over all request-iterations) from /metrics."""
+    request_iterations = metrics.get("generation_tokens_total", 0.0) - metrics.get(
+        "spec_decode_num_accepted_tokens_total", 0.0
+    )  # each request-iteration commits accepted + 1 tokens
+    if request_iterations <= 0:
+        return 0.0, 0.0
+    return (
+        metrics.get("spec_decode_num_drafts_total", 0.0) / request_iterations,
+        metrics.get("spec_decode_num_draft_tokens_total", 0.0) / request_iterations,
+    )
+
+
 def print_table(results: list[PhaseResult]) -> str:
     lines = [
-        "| conc | mode | tok/s | x off | TTFT p50 | TTFT p99 | TPOT p50 (x off) | TPOT p99 | accept | overhead |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| conc | mode | tok/s | x off | TTFT p50 | TTFT p99 | TPOT p50 (x off) | TPOT p99 | accept | overhead "
+        "| K>0 share | mean K |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         off = next(o for o in results if o.concurrency == r.concurrency and o.mode == "off")
+        share, mean_k = num_spec_tokens_run(r.metrics)
         lines.append(
             f"| {r.concurrency} | {r.mode} | {r.throughput:.1f} | {r.throughput / off.throughput:.2f} | "
             f"{r.ttft_p50 * 1e3:.0f} ms | {r.ttft_p99 * 1e3:.0f} ms | {r.tpot_p50 * 1e3:.1f} ms "
             f"({r.tpot_p50 / off.tpot_p50:.2f}) | {r.tpot_p99 * 1e3:.1f} ms | {r.acceptance:.2f} | "
-            f"{r.overhead_share:.1%} |"
+            f"{r.overhead_share:.1%} | {share:.2f} | {mean_k:.2f} |"
         )
     table = "\n".join(lines)
     print(table, flush=True)
@@ -245,6 +260,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="demo-moe")
     parser.add_argument("--quick", action="store_true", help="concurrency 1,4; 16 tokens; a smoke run")
     parser.add_argument("--out", default=str(RESULTS / "serving.json"))
+    parser.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="skip the unmeasured warm-up (2 requests per mode, concurrency 2) that starts the policy actor",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.concurrency, args.max_tokens = "1,4", 16
@@ -252,6 +272,11 @@ def main(argv: list[str] | None = None) -> None:
     modes = args.modes.split(",")
     if "off" not in modes:
         modes.insert(0, "off")
+    if not args.no_warmup:  # one-off costs (the policy actor's process, first fits) outside the phases
+        print("[bench] warm-up (not measured)", flush=True)
+        for mode in modes:
+            prompts = load_prompts(args.workload, 2)
+            asyncio.run(run_phase(url, prompts, mode, 2, 2, args.max_tokens, args.model, seed=0))
     results: list[PhaseResult] = []
     for concurrency in [int(c) for c in args.concurrency.split(",")]:
         num_requests = args.num_requests or max(8, 2 * concurrency)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ _stats_encoder = msgspec.msgpack.Encoder()
 _stats_decoder = msgspec.msgpack.Decoder(list[IterationStats])
 _decision_decoder = msgspec.msgpack.Decoder(Decision)
 POLICY_NAMESPACE = "moespec"
+MAX_UNREPORTED_ITERATIONS = 512  # the cost model keeps no more than this many recent iterations either
 
 
 class SpecPolicy:
@@ -89,7 +91,8 @@ class PolicyClient:
         self._actor: Any = None
         self._next_connect = 0.0
         self._pending: Any = None  # the report in flight (an ObjectRef)
-        self._stats: list[IterationStats] = []
+        # Iterations not yet reported; only the latest are kept while nothing asks the actor (no auto requests).
+        self._stats: deque[IterationStats] = deque(maxlen=MAX_UNREPORTED_ITERATIONS)
         self._released: list[str] = []
         self._decision: Decision | None = None
         self._iteration = 0
@@ -133,8 +136,9 @@ class PolicyClient:
         """Report what happened since the last report and ask for a decision from `iteration` on."""
         if self._pending is not None or not self._ensure_actor():
             return
-        stats, released = self._stats, self._released
-        self._stats, self._released = [], []
+        stats, released = list(self._stats), self._released
+        self._stats.clear()
+        self._released = []
         try:
             self._pending = self._actor.report.remote(
                 self.source, _stats_encoder.encode(stats), released, list(request_ids), iteration

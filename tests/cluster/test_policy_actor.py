@@ -100,3 +100,13 @@ def test_an_unreachable_actor_leaves_the_local_chooser_in_charge() -> None:
     chosen = run(client, lambda i: ["a"], num_iterations=5)
     assert chosen == [{"a": 2}] * 5 and len(local.asked) == 5
     assert client.num_failures == 1 and not client.is_connected
+
+
+def test_iterations_without_auto_requests_do_not_pile_up() -> None:
+    local = CountingChooser(1)
+    client, _ = client_with(local)
+    for i in range(2000):  # static-K traffic only: choose() is never called, nothing is reported
+        requests = [RequestIterationStats("s", 3, 3, 4, 10)]
+        client.observe(IterationStats(i, 1, requests, 4, 0.01, 0.03, 0.01))
+    assert len(client._stats) <= 512
+    assert client.choose(["a"]) == {"a": 1} and not client._stats  # the first report carries them
