@@ -18,9 +18,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from workers.checkpoint import load_model
 from workers.config import ModelConfig
 from workers.experts import MoEBlock
-from workers.kv_cache import CacheConfig, KVCache
+from workers.kv_cache import CacheConfig
 from workers.model import ForwardOutput
 from workers.placement import ExpertPlacement
 from workers.runner import ModelRunner
@@ -213,10 +214,10 @@ def join_group(
     )
 
 
-class EPWorker:
-    """One expert-parallel rank: the model without other ranks' experts, with its own KV cache, behind the
-    ModelRunner API. With num_ranks > 1, call `join_group` first; every rank must then receive the same
-    calls in the same order (the collectives inside forward pair up across ranks)."""
+class EPWorker(ModelRunner):
+    """One expert-parallel rank: a ModelRunner without other ranks' experts, whose MoE layers combine
+    partial results across the group. With num_ranks > 1, call `join_group` first; every rank must then
+    receive the same calls in the same order (the collectives inside forward pair up across ranks)."""
 
     def __init__(
         self,
@@ -239,37 +240,17 @@ class EPWorker:
             not dist.is_initialized() or dist.get_world_size() != placement.num_ranks
         ):
             raise RuntimeError(f"join a process group of {placement.num_ranks} ranks (join_group) first")
+        experts = placement.experts_of_rank[rank]
+        model = load_model(checkpoint, dtype, max_positions=cache_config.max_seq_len, expert_ids=experts)
+        super().__init__(model.to(device), cache_config)
         self.rank = rank
-        self.runner = ModelRunner.from_checkpoint(
-            checkpoint, cache_config, dtype, expert_ids=placement.experts_of_rank[rank], device=device
-        )
         self.timer = CommTimer()
         self.moe_layers: list[DistributedMoE] = []
-        for layer in self.runner.model.model.layers:
+        for layer in self.model.model.layers:
             if isinstance(layer.mlp, MoEBlock):
                 layer.mlp = DistributedMoE(layer.mlp, placement, rank, strategy, self.timer)
                 self.moe_layers.append(layer.mlp)
         self.last_timing = StepTiming(0.0, 0.0)
-
-    @property
-    def config(self) -> ModelConfig:
-        return self.runner.config
-
-    @property
-    def cache(self) -> KVCache:
-        return self.runner.cache
-
-    def add_sequence(self, seq_id: int) -> None:
-        self.runner.add_sequence(seq_id)
-
-    def free(self, seq_id: int) -> None:
-        self.runner.free(seq_id)
-
-    def rollback(self, seq_id: int, num_tokens: int) -> None:
-        self.runner.rollback(seq_id, num_tokens)
-
-    def seq_len(self, seq_id: int) -> int:
-        return self.runner.seq_len(seq_id)
 
     def forward(
         self,
@@ -278,7 +259,7 @@ class EPWorker:
         logits_for: Literal["all", "last"] = "all",
     ) -> ForwardOutput:
         comm_before, start = self.timer.seconds, time.perf_counter()
-        out = self.runner.forward(seq_ids, token_ids, logits_for)
+        out = super().forward(seq_ids, token_ids, logits_for)
         self.last_timing = StepTiming(time.perf_counter() - start, self.timer.seconds - comm_before)
         return out
 
@@ -289,7 +270,7 @@ class EPWorker:
     def check_collective(self) -> None:
         """A one-element all_reduce across the group; raises if a peer is gone (within the timeout)."""
         if dist.is_initialized():
-            ones = torch.ones(1, device=self.runner.device)
+            ones = torch.ones(1, device=self.device)
             dist.all_reduce(ones)
             if int(ones.item()) != dist.get_world_size():
                 raise RuntimeError(f"rank {self.rank}: health all_reduce gave {ones.item()}")
@@ -299,7 +280,7 @@ class EPWorker:
             return sum(p.numel() * p.element_size() for p in params)
 
         experts = size(p for layer in self.moe_layers for p in layer.experts.parameters())
-        return WeightBytes(total=size(self.runner.model.parameters()), experts=experts)
+        return WeightBytes(total=size(self.model.parameters()), experts=experts)
 
     def close(self) -> None:
         if dist.is_initialized():
