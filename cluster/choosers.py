@@ -51,6 +51,7 @@ def analytic_prior(
         draft_per_token_s=2 * draft_params / hw.flops + draft_layers * hw.sequence_overhead_s,
         other_s=hw.call_overhead_s,
         per_seq_s=target.num_layers * hw.sequence_overhead_s,
+        draft_call_s=hw.call_overhead_s if draft is not None else 0.0,
     )
 
 

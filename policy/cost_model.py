@@ -36,6 +36,8 @@ class CostParams:
     per_seq_s: float = 0.0  # verify forward, per sequence whatever its K: attention over its cache, ragged
     # batch bookkeeping. Without it a fit on plain iterations (tokens = sequences) puts this cost on every
     # token and overestimates what speculation adds at large batches.
+    draft_call_s: float = 0.0  # per iteration that drafts at all, outside the draft forward: the call to
+    # the drafter (an actor call when served), its catch-up bookkeeping
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -73,7 +75,8 @@ class CostModel:
       draft  = m * draft_fixed + draft_per_token * sum K_r   (step j drafts the requests with K_r >= j)
       verify = fixed + per_seq * batch + per_expert * N(t) + per_token * t
                                       (weights read, per-sequence attention, distinct experts, compute)
-      other  = other + other_per_token * t                    (sampling, verification bookkeeping)
+      other  = other + draft_call * [m > 0] + other_per_token * t
+                                      (sampling, verification bookkeeping, the call to the drafter)
     Memory and compute times add: a smooth upper bound of the roofline max(memory, compute). Fits use
     relative residuals and a weak pull toward the prior (the calibrated params once `calibrate` ran).
     """
@@ -109,7 +112,7 @@ class CostModel:
             + p.per_expert_s * self.expert_counts.predict(tokens)
             + p.per_token_s * tokens
         )
-        other = p.other_s + p.other_per_token_s * tokens
+        other = p.other_s + p.draft_call_s * (steps > 0) + p.other_per_token_s * tokens
         return draft, verify, other
 
     def time_grid(self, batch_size: int, max_steps: ArrayLike, total_spec: ArrayLike) -> Array:
@@ -203,7 +206,11 @@ class CostModel:
                 draft[has_draft],
                 ("draft_fixed_s", "draft_per_token_s"),
             ),
-            (np.column_stack([ones, tokens]), other, ("other_s", "other_per_token_s")),
+            (
+                np.column_stack([ones, tokens, has_draft]),
+                other,
+                ("other_s", "other_per_token_s", "draft_call_s"),
+            ),
         ]
         fitted: dict[str, float] = {}
         for design, times, names in groups:

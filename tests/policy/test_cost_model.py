@@ -41,7 +41,7 @@ def profile_points() -> list[list[int]]:
 
 
 def wrong_prior(params: CostParams) -> CostParams:
-    factors = (2.0, 0.5, 1.7, 0.6, 1.5, 1.4, 0.7, 1.3)
+    factors = (2.0, 0.5, 1.7, 0.6, 1.5, 1.4, 0.7, 1.3, 0.8)
     return CostParams(*(v * f for v, f in zip(dataclasses.astuple(params), factors, strict=True)))
 
 
@@ -140,3 +140,20 @@ def test_refits_come_early_while_the_prior_dominates_then_every_interval() -> No
         if model.num_refits > len(refits_at):
             refits_at.append(i + 1)
     assert refits_at == [8, 16, 32, 48, 64, 80]  # doubling up to the interval
+
+
+def test_the_drafter_call_is_charged_to_iterations_that_draft() -> None:
+    """Served, an iteration that drafts at all makes one more call (to the drafter) outside the forwards:
+    K = 0 -> 1 costs that call on top of the draft step, which the model must learn to keep K = 0 where a
+    little speculation does not pay."""
+    rng = np.random.default_rng(5)
+    truth_params = dataclasses.replace(MIXTRAL.cost_params(), draft_call_s=2e-3)
+    truth = CostModel(CostModelConfig(MIXTRAL.routing), truth_params)
+    model = CostModel(CostModelConfig(MIXTRAL.routing), MIXTRAL.cost_params())
+    for i in range(64):
+        ks = list(rng.integers(0, 4, 1 + i % 8)) if i % 2 else [0] * (1 + i % 8)
+        model.observe(measured_iteration(truth, ks, rng, noise=0.01, iteration=i))
+    assert model.params.draft_call_s == pytest.approx(2e-3, rel=0.15)
+    assert model.spec_time(4, 1) - model.plain_time(4) == pytest.approx(
+        truth.spec_time(4, 1) - truth.plain_time(4), rel=0.05
+    )
