@@ -55,14 +55,19 @@ class Attention(nn.Module):
         k_cache[layout.token_slots, :, layout.positions] = k
         v_cache[layout.token_slots, :, layout.positions] = v
 
-        # Attend on the padded batch: queries [B, h, max_new, d], keys [B, kvh, max_ctx, d].
-        batch_size = layout.slots.shape[0]
-        q_pad = q.new_zeros(batch_size, layout.max_new, self.num_heads, self.head_dim)
-        q_pad[layout.batch_index, layout.column_index] = q
-        keys = k_cache[layout.slots, :, : layout.max_ctx]
-        values = v_cache[layout.slots, :, : layout.max_ctx]
+        # Attend on the padded rows: queries [R, h, max_new, d], keys [R, kvh, max_ctx, d] (see batch.py).
+        q_pad = q.new_zeros(layout.num_rows, layout.max_new, self.num_heads, self.head_dim)
+        q_pad[layout.row_index, layout.column_index] = q
+        if layout.key_start is not None:  # the batch's slot range, read in place
+            rows = slice(layout.key_start, layout.key_start + layout.num_rows)
+            keys, values = k_cache[rows, :, : layout.max_ctx], v_cache[rows, :, : layout.max_ctx]
+        else:
+            keys, values = (
+                k_cache[layout.slots, :, : layout.max_ctx],
+                v_cache[layout.slots, :, : layout.max_ctx],
+            )
         out = F.scaled_dot_product_attention(
             q_pad.transpose(1, 2), keys, values, attn_mask=layout.mask, enable_gqa=True
-        )  # [B, h, max_new, d]
-        out = out.transpose(1, 2)[layout.batch_index, layout.column_index]  # [T, h, d]
+        )  # [R, h, max_new, d]
+        out = out.transpose(1, 2)[layout.row_index, layout.column_index]  # [T, h, d]
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))

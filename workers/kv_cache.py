@@ -7,6 +7,7 @@ beyond its length are masked out, never read); `free` returns the slot. Nothing 
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,8 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self._slot_of: dict[int, int] = {}  # seq_id -> slot
         self._length: dict[int, int] = {}  # seq_id -> tokens cached
-        self._free_slots = list(range(config.max_seqs - 1, -1, -1))  # pop() gives the lowest slot
+        # A min-heap: the lowest free slot goes first, which keeps a batch's slots dense (see batch.py).
+        self._free_slots = list(range(config.max_seqs))
 
     # -- sequences -------------------------------------------------------------------------------------------
 
@@ -57,7 +59,7 @@ class KVCache:
             raise CacheCapacityError(
                 f"KV cache is full: all {self.config.max_seqs} sequence slots are in use"
             )
-        self._slot_of[seq_id] = self._free_slots.pop()
+        self._slot_of[seq_id] = heapq.heappop(self._free_slots)
         self._length[seq_id] = 0
 
     def free(self, seq_id: int) -> None:
@@ -65,7 +67,7 @@ class KVCache:
         slot = self._slot_of.pop(seq_id, None)
         if slot is not None:
             del self._length[seq_id]
-            self._free_slots.append(slot)
+            heapq.heappush(self._free_slots, slot)
 
     def rollback(self, seq_id: int, num_tokens: int) -> None:
         length = self.length(seq_id)

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.workers.checkpoints import make_checkpoint
+from workers.batch import BatchLayout
 from workers.checkpoint import load_model
 from workers.kv_cache import CacheCapacityError, CacheConfig
 from workers.runner import ModelRunner
@@ -30,7 +31,18 @@ def _tokens(n: int, seed: int) -> list[int]:
     return torch.randint(0, 96, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def test_ragged_batch_equals_each_sequence_alone(moe_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("slots", "order", "in_place"),
+    [
+        ([0, 1, 2, 3], [0, 1, 2, 3], True),  # dense: attention reads the cache in place
+        ([0, 1, 2, 3], [3, 1, 0, 2], True),  # dense, batch order != slot order
+        ([0, 2, 4, 6], [0, 1, 2, 3], True),  # holes: idle rows in the range
+        ([0, 5, 10, 15], [2, 0, 3, 1], False),  # sparse: keys gathered per sequence
+    ],
+)
+def test_ragged_batch_equals_each_sequence_alone(
+    moe_path: Path, slots: list[int], order: list[int], in_place: bool
+) -> None:
     prompts = [_tokens(n, seed) for seed, n in enumerate([3, 17, 9, 1])]
     news = [_tokens(n, 100 + seed) for seed, n in enumerate([1, 5, 2, 4])]  # decode, verify, ... shapes
 
@@ -41,14 +53,23 @@ def test_ragged_batch_equals_each_sequence_alone(moe_path: Path) -> None:
         runner.forward([0], [prompt])
         alone.append(runner.forward([0], [new]).logits)
 
-    batched = _runner(moe_path)
+    batched = _runner(moe_path, max_seqs=16)
+    for placeholder in range(16):  # occupy every slot, then free the ones the batch should get
+        batched.add_sequence(100 + placeholder)
+    for slot in slots:
+        batched.free(100 + slot)
     for i in range(4):
         batched.add_sequence(10 + i)
-    batched.forward([10, 11, 12, 13], prompts)  # ragged prefill
-    together = batched.forward([10, 11, 12, 13], news).logits  # ragged append
-    assert torch.allclose(together, torch.cat(alone), atol=1e-5)
+    assert [batched.cache.slot(10 + i) for i in range(4)] == slots
+    layout = BatchLayout.build([slots[i] for i in order], [0] * 4, [1] * 4)
+    assert (layout.key_start is not None) == in_place
+
+    ids = [10 + i for i in order]
+    batched.forward(ids, [prompts[i] for i in order])  # ragged prefill
+    together = batched.forward(ids, [news[i] for i in order]).logits  # ragged append
+    assert torch.allclose(together, torch.cat([alone[i] for i in order]), atol=1e-5)
     last = batched.forward([13, 11], [[5], [6, 7]], logits_for="last").logits
-    assert last.shape == (2, 96)
+    assert last.shape == (2, 96) and torch.isfinite(last).all()
 
 
 def test_rollback_equals_never_appending(moe_path: Path) -> None:
