@@ -21,8 +21,8 @@ from policy.stats import IterationStats
 from policy.utility import AcceptanceConfig, AcceptanceEstimator
 
 Array = NDArray[np.float64]
-# Slow enough to average over many requests (it sees one record per request-iteration).
-POPULATION_ACCEPTANCE = AcceptanceConfig(decay=0.995, fast_decay=0.95)
+# Per iteration (the counts of the whole batch at once): remembers about 20 iterations.
+POPULATION_ACCEPTANCE = AcceptanceConfig(decay=0.95, fast_decay=0.7)
 
 
 @dataclass(frozen=True)
@@ -96,10 +96,13 @@ class BatchAwareChooser:
 
     def observe(self, stats: IterationStats) -> None:
         self.cost_model.observe(stats)
+        num_accepted = num_rejected = 0
         for r in stats.requests:
             state = self._state(r.request_id)
             state.estimator.record(r.num_spec_tokens, r.num_accepted_tokens)
-            self._population.record(r.num_spec_tokens, r.num_accepted_tokens)
+            if r.num_spec_tokens > 0:
+                num_accepted += r.num_accepted_tokens
+                num_rejected += r.num_accepted_tokens < r.num_spec_tokens
             if state.test_remaining > 0:
                 state.test_remaining -= r.num_spec_tokens > 0  # a test waiting for a probe is still pending
             elif r.num_spec_tokens > 0:
@@ -110,6 +113,8 @@ class BatchAwareChooser:
                 if state.zero_iterations >= min(backoff, self.config.max_set_iterations):
                     state.test_remaining = self.config.test_iterations  # retest from the next choice
                     state.set_k = None
+        if num_accepted + num_rejected > 0:
+            self._population.record_counts(num_accepted, num_rejected)
 
     def release(self, request_id: str) -> None:
         self._states.pop(request_id, None)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -88,7 +87,9 @@ class CostModel:
         self.expert_counts = ExpertCounts(config.routing)
         # One row per measured iteration (see `_record`): calibration anchors and the most recent ones.
         self._anchors: list[tuple[float, ...]] = []
-        self._samples: deque[tuple[float, ...]] = deque(maxlen=config.max_samples)
+        # The most recent iterations: a ring of max_samples rows (refits read it without converting rows).
+        self._samples = np.empty((config.max_samples, 7))
+        self._num_samples = 0  # ever recorded; row i lives at i % max_samples
         self._num_new_samples = 0
         self.num_refits = 0
         # Imported here, not at module level (`workers` imports `policy` and scipy.optimize takes a while to
@@ -155,9 +156,10 @@ class CostModel:
         row = self._record(stats)
         if row is None:
             return
-        self._samples.append(row)
+        self._samples[self._num_samples % self.config.max_samples] = row
+        self._num_samples += 1
         self._num_new_samples += 1
-        num_rows = len(self._anchors) + len(self._samples)
+        num_rows = len(self._anchors) + min(self._num_samples, self.config.max_samples)
         num_fitted = num_rows - self._num_new_samples
         is_due = self._num_new_samples >= min(self.config.refit_interval, max(num_fitted, 1))
         if is_due and num_rows >= self.config.min_samples:
@@ -167,7 +169,8 @@ class CostModel:
         """Fit on the anchors and the recent iterations, pulled weakly toward the prior."""
         self._num_new_samples = 0
         self.num_refits += 1
-        self.params = self._fit_rows([*self._anchors, *self._samples])
+        recent = self._samples[: min(self._num_samples, self.config.max_samples)]
+        self.params = self._fit_rows(np.vstack([np.array(self._anchors).reshape(-1, 7), recent]))
         return self.params
 
     def _record(self, stats: IterationStats) -> tuple[float, ...] | None:
@@ -188,7 +191,7 @@ class CostModel:
             stats.other_time_s,
         )
 
-    def _fit_rows(self, rows: Sequence[tuple[float, ...]]) -> CostParams:
+    def _fit_rows(self, rows: Sequence[tuple[float, ...]] | Array) -> CostParams:
         """Fit each parameter group; a group without enough data keeps its current values."""
         batch, steps, spec, experts, draft, verify, other = np.array(rows, dtype=np.float64).reshape(-1, 7).T
         tokens = batch + spec

@@ -103,11 +103,14 @@ class AcceptanceEstimator:
     def record(self, num_spec_tokens: int, num_accepted_tokens: int) -> None:
         if num_spec_tokens == 0:
             return
+        self.record_counts(num_accepted_tokens, 1.0 if num_accepted_tokens < num_spec_tokens else 0.0)
+
+    def record_counts(self, accepted: float, rejected: float) -> None:
+        """One observation of `accepted` successes and `rejected` failures (summed over requests, say)."""
         config = self.config
-        rejected = 1.0 if num_accepted_tokens < num_spec_tokens else 0.0
-        slow_accepted = config.decay * self._slow_accepted + num_accepted_tokens
+        slow_accepted = config.decay * self._slow_accepted + accepted
         slow_rejected = config.decay * self._slow_rejected + rejected
-        fast_accepted = config.fast_decay * self._fast_accepted + num_accepted_tokens
+        fast_accepted = config.fast_decay * self._fast_accepted + accepted
         fast_rejected = config.fast_decay * self._fast_rejected + rejected
         self.num_observations += 1
         num_fast = fast_accepted + fast_rejected
