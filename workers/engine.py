@@ -124,7 +124,7 @@ class SpecEngine:
         for seq in self.running:
             if seq.request_id == request_id:
                 seq.finish_reason = FINISH_ABORT
-                self._finish(seq)
+                self._finish([seq])
                 self.running.remove(seq)
                 return True
         return False
@@ -199,7 +199,8 @@ class SpecEngine:
         except Exception as error:
             self._requeue_after_failed_prefill(admitted, error)
             return []
-        self._draft([DraftRequest(s.seq_id, 0, s.prompt_ids, 0, s.params) for s in admitted], admitted)
+        # No draft prefill here: the first proposal for a sequence catches its draft cache up from the history
+        # (in the iteration's one drafter call), and a sequence that never speculates never costs the drafter.
         outputs = []
         for seq, token in zip(admitted, first, strict=True):
             self.running.append(seq)
@@ -334,21 +335,25 @@ class SpecEngine:
         self.chooser.observe(self.last_stats)
 
     def _reap(self) -> None:
-        for seq in [s for s in self.running if s.finish_reason is not None]:
-            self._finish(seq)
-            self.running.remove(seq)
+        finished = [s for s in self.running if s.finish_reason is not None]
+        if finished:
+            self._finish(finished)
+            self.running = [s for s in self.running if s.finish_reason is None]
 
-    def _finish(self, seq: Sequence) -> None:
+    def _finish(self, seqs: list[Sequence]) -> None:
+        """Free the sequences' cache slots (one call per backend) and forget them in the policy."""
+        seq_ids = [s.seq_id for s in seqs]
         try:
-            self.target.free([seq.seq_id])
+            self.target.free(seq_ids)
         except Exception as error:  # noqa: BLE001 (a lost target has nothing left to free)
             logger.warning("target free failed: %s", error)
         if self.drafter is not None:
             try:
-                self.drafter.free([seq.seq_id])
+                self.drafter.free(seq_ids)
             except Exception as error:  # noqa: BLE001 (a lost drafter has nothing left to free)
                 logger.warning("drafter free failed: %s", error)
-        self.chooser.release(seq.request_id)
+        for seq in seqs:
+            self.chooser.release(seq.request_id)
 
     def _output(self, seq: Sequence, new_ids: list[int]) -> RequestOutput:
         return RequestOutput(
