@@ -99,10 +99,11 @@ class BatchAwareChooser:
         num_accepted = num_rejected = 0
         for r in stats.requests:
             state = self._state(r.request_id)
-            state.estimator.record(r.num_spec_tokens, r.num_accepted_tokens)
             if r.num_spec_tokens > 0:
+                is_rejected = r.num_accepted_tokens < r.num_spec_tokens
+                state.estimator.record_counts(r.num_accepted_tokens, 1.0 if is_rejected else 0.0)
                 num_accepted += r.num_accepted_tokens
-                num_rejected += r.num_accepted_tokens < r.num_spec_tokens
+                num_rejected += is_rejected
             if state.test_remaining > 0:
                 state.test_remaining -= r.num_spec_tokens > 0  # a test waiting for a probe is still pending
             elif r.num_spec_tokens > 0:

@@ -101,9 +101,8 @@ class AcceptanceEstimator:
         self.rate = self._clipped(self._slow_accepted, self._slow_rejected)
 
     def record(self, num_spec_tokens: int, num_accepted_tokens: int) -> None:
-        if num_spec_tokens == 0:
-            return
-        self.record_counts(num_accepted_tokens, 1.0 if num_accepted_tokens < num_spec_tokens else 0.0)
+        if num_spec_tokens > 0:
+            self.record_counts(num_accepted_tokens, 1.0 if num_accepted_tokens < num_spec_tokens else 0.0)
 
     def record_counts(self, accepted: float, rejected: float) -> None:
         """One observation of `accepted` successes and `rejected` failures (summed over requests, say)."""
@@ -121,7 +120,8 @@ class AcceptanceEstimator:
             self.num_changes += 1
         self._slow_accepted, self._slow_rejected = slow_accepted, slow_rejected
         self._fast_accepted, self._fast_rejected = fast_accepted, fast_rejected
-        self.rate = self._clipped(slow_accepted, slow_rejected)
+        rate = slow_accepted / (slow_accepted + slow_rejected)
+        self.rate = min(max(rate, 1.0 - config.max_rate), config.max_rate)
 
     def _clipped(self, accepted: float, rejected: float) -> float:
         """The estimate accepted / (accepted + rejected), clipped to [1 - max_rate, max_rate]."""
