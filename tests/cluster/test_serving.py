@@ -69,8 +69,16 @@ def test_completions_and_chat_with_the_openai_client(client: Any) -> None:
     assert "".join(c.choices[0].text for c in chunks if c.choices) == done.choices[0].text
     assert chunks[-1].usage.completion_tokens == 12
 
+    # A seed reproduces a sample under the same speculation setting (off or a fixed K); under "auto" the K
+    # sequence follows the policy's state, which changes the sample path (not the distribution).
+    fixed_k = {"num_spec_tokens": 2}
     chat = client.chat.completions.create(
-        model="demo-moe", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0.8, seed=3
+        model="demo-moe",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=8,
+        temperature=0.8,
+        seed=3,
+        extra_body=fixed_k,
     )
     assert chat.choices[0].message.role == "assistant"
     chat_ids = reference.apply_chat_template(
@@ -84,6 +92,7 @@ def test_completions_and_chat_with_the_openai_client(client: Any) -> None:
         temperature=0.8,
         seed=3,
         stream=True,
+        extra_body=fixed_k,
     )
     assert (
         "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
