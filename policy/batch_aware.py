@@ -193,7 +193,8 @@ class BatchAwareChooser:
         A test that the optimum already covers (K >= probe) costs nothing. Otherwise a probe makes the whole
         batch run a draft step, so such tests wait (up to `max_test_wait` iterations) for an iteration that
         drafts anyway, and then go together. A new request for which speculation would not pay even at
-        the traffic's acceptance starts at K = 0 and is tested after one set phase instead.
+        the traffic's acceptance starts at K = 0 and is first tested as if it had already been tested once
+        (after two set phases), since most short requests would never pay back a test.
         """
         probe, num_test = self.config.probe_num_spec_tokens, self.config.test_iterations
         # A started test runs its iterations back to back.
@@ -202,6 +203,7 @@ class BatchAwareChooser:
         for i, state in enumerate(states):
             if state.is_new and state.test_remaining > 0 and chosen[i] == 0:
                 state.test_remaining, state.set_k, state.zero_iterations = 0, 0, 0
+                state.num_zero_verdicts = 1  # as if tested: the first test after two set phases
             state.is_new = False
             if state.test_remaining > 0 and chosen[i] < probe:
                 waiting.append(i)

@@ -76,12 +76,13 @@ def test_low_acceptance_turns_off_after_the_first_test_and_backs_off() -> None:
     workload = WorkloadConfig(1, (0.2,), mean_output_tokens=4000, num_iterations=600, time_noise=0.0)
     simulate(MIXTRAL, recorder, workload)
     ks = [d["req-0"] for d in recorder.decisions]
-    # Speculation does not pay at batch 1 even at an uninformed 0.5: the request starts at K = 0, and its
-    # first test comes after one set phase (16) plus the longest wait for others to probe with (8).
-    assert ks[:24] == [0] * 24 and ks[24:27] == [1] * 3 and ks[27] == 0
+    # Speculation does not pay at batch 1 even at an uninformed 0.5: the request starts at K = 0 as if
+    # tested once, so its first test comes after two set phases (32) plus the longest wait for others to
+    # probe with (8).
+    assert ks[:40] == [0] * 40 and ks[40:43] == [1] * 3 and ks[43] == 0
     test_starts = [i for i in range(1, len(ks)) if ks[i] > 0 and ks[i - 1] == 0]
     gaps = np.diff(test_starts) - 3 - 8  # iterations at K = 0 after each 3-iteration test, less the wait
-    assert list(gaps[:4]) == [32, 64, 128, 256]
+    assert list(gaps[:3]) == [64, 128, 256]
 
 
 def test_pending_tests_wait_for_a_drafting_iteration_and_probe_together() -> None:
@@ -89,17 +90,17 @@ def test_pending_tests_wait_for_a_drafting_iteration_and_probe_together() -> Non
     truth, rng = CostModel(CostModelConfig(MIXTRAL.routing), MIXTRAL.cost_params()), np.random.default_rng(0)
     ids = [f"r{i}" for i in range(4)]
     num_together = 0
-    for i in range(60):
+    for i in range(100):
         ks = chooser.choose(ids)
         requests = [RequestIterationStats(r, k, 0, 1, 10) for r, k in ks.items()]  # acceptance 0
         chooser.observe(_measure(truth, MIXTRAL, i, requests, rng, noise=0.0))
-        if i == 20:  # r3 is replaced by a new request
+        if i == 45:  # r3 is replaced by a new request
             chooser.release("r3")
             ids[3] = "r4"
         probing = {r for r, k in ks.items() if k > 0}
-        assert probing in (set(), set(ids)) or probing == {"r4"} and i > 20
+        assert probing in (set(), set(ids)) or probing == {"r4"} and i > 45
         num_together += probing == {"r0", "r1", "r2", "r3"}
-    assert num_together == 3  # one 3-iteration test for the four, at the same iterations
+    assert num_together == 6  # two 3-iteration tests of the four, each at the same iterations
 
 
 def test_no_oscillation_when_conditions_are_stationary() -> None:
