@@ -94,12 +94,12 @@ def test_pending_tests_wait_for_a_drafting_iteration_and_probe_together() -> Non
         ks = chooser.choose(ids)
         requests = [RequestIterationStats(r, k, 0, 1, 10) for r, k in ks.items()]  # acceptance 0
         chooser.observe(_measure(truth, MIXTRAL, i, requests, rng, noise=0.0))
-        if i == 45:  # r3 is replaced by a new request
+        probing = {r for r, k in ks.items() if k > 0}
+        assert probing in (set(), set(ids)) or probing == {"r4"}
+        num_together += probing == {"r0", "r1", "r2", "r3"}
+        if i == 45:  # r3 is replaced by a new request, which will test alone
             chooser.release("r3")
             ids[3] = "r4"
-        probing = {r for r, k in ks.items() if k > 0}
-        assert probing in (set(), set(ids)) or probing == {"r4"} and i > 45
-        num_together += probing == {"r0", "r1", "r2", "r3"}
     assert num_together == 6  # two 3-iteration tests of the four, each at the same iterations
 
 
