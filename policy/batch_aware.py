@@ -3,9 +3,9 @@
 Objective: sum_r E[ETR_r(K_r)] / T(batch, K vector), with per-request acceptance estimates and the shared
 cost model. A new request's estimate starts from the acceptance of the traffic so far (not from an
 uninformed 0.5). Requests are probed in Cascade-style test phases (new ones at once, ones at K = 0 with
-back-off) so that every estimate stays fresh: a probe only guarantees K >= probe_num_spec_tokens, on top of
-the optimum, so that it costs little where speculation does not pay. Hysteresis keeps a request's K unless
-changing it clearly pays.
+back-off) so that every estimate stays fresh. A probe only guarantees K >= probe_num_spec_tokens on top of
+the optimum, and probes that would make a K = 0 batch draft wait to go together, so that testing costs
+little where speculation does not pay. Hysteresis keeps a request's K unless changing it clearly pays.
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ class BatchAwareConfig:
             raise ValueError(f"max_set_iterations={self.max_set_iterations} must be >= set_iterations")
         if self.hysteresis < 0.0:
             raise ValueError(f"hysteresis={self.hysteresis} must be >= 0")
+        if self.max_test_wait < 0:
+            raise ValueError(f"max_test_wait={self.max_test_wait} must be >= 0")
 
 
 class _RequestState:
@@ -69,7 +71,7 @@ class BatchAwareChooser:
         self.config = config
         self.cost_model = cost_model
         self._states: dict[str, _RequestState] = {}
-        # Acceptance over all requests, per request-iteration: the starting estimate of new requests.
+        # Acceptance of all requests together, updated once per iteration: new requests start from it.
         self._population = AcceptanceEstimator(POPULATION_ACCEPTANCE)
 
     def choose(self, request_ids: Sequence[str]) -> dict[str, int]:
