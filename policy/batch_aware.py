@@ -160,10 +160,10 @@ class BatchAwareChooser:
         total[:, 0] = forced_total
         np.cumsum(available, axis=1, out=total[:, 1:])
         total[:, 1:] += forced_total
-        rate = etr / np.take_along_axis(times, total, 1)
+        rate = etr / times[m_values, total]
         rate[: int(forced_k.max(initial=0))] = -np.inf  # m must cover the forced K
-        best_m, best_pos = np.unravel_index(int(np.argmax(rate)), rate.shape)
-        chosen = order[: int(best_pos)][available[best_m, : int(best_pos)]]
+        best_m, best_pos = divmod(int(np.argmax(rate)), rate.shape[1])
+        chosen = order[:best_pos][available[best_m, :best_pos]]
         result = forced_k.copy()
         result[is_free] = np.bincount(chosen // max_k, minlength=int(is_free.sum()))
         return [int(k) for k in result]
