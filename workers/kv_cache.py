@@ -8,6 +8,8 @@ beyond its length are masked out, never read); `free` returns the slot. Nothing 
 from __future__ import annotations
 
 import heapq
+import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +31,22 @@ class CacheConfig:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
 
 
+def check_memory(num_bytes: int, device: torch.device, what: str) -> None:
+    """Raise a ValueError naming `what` if `num_bytes` exceed the memory free on `device` (checked on CUDA
+    and on Linux hosts; elsewhere the allocation itself fails). Call before allocating."""
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    elif device.type == "cpu" and hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    else:
+        return
+    if num_bytes > available:
+        raise ValueError(
+            f"{what} needs {num_bytes / 2**30:.1f} GiB but {device} has {available / 2**30:.1f} GiB free: "
+            "lower max_seqs or max_seq_len"
+        )
+
+
 class KVCache:
     """Keys and values for all layers: [num_layers, max_seqs, num_kv_heads, max_seq_len, head_dim]."""
 
@@ -43,6 +61,12 @@ class KVCache:
     ) -> None:
         self.config = config
         shape = (num_layers, config.max_seqs, num_kv_heads, config.max_seq_len, head_dim)
+        num_bytes = 2 * math.prod(shape) * dtype.itemsize  # keys and values
+        check_memory(
+            num_bytes,
+            torch.device(device),
+            f"the KV cache ({config.max_seqs} sequences x {config.max_seq_len} tokens x {num_layers} layers)",
+        )
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self._slot_of: dict[int, int] = {}  # seq_id -> slot

@@ -71,29 +71,21 @@ def test_completions_and_chat_with_the_openai_client(client: Any) -> None:
 
     # A seed reproduces a sample under the same speculation setting (off or a fixed K); under "auto" the K
     # sequence follows the policy's state, which changes the sample path (not the distribution).
-    fixed_k = {"num_spec_tokens": 2}
-    chat = client.chat.completions.create(
-        model="demo-moe",
-        messages=[{"role": "user", "content": "hi"}],
-        max_tokens=8,
-        temperature=0.8,
-        seed=3,
-        extra_body=fixed_k,
-    )
+    seeded: dict[str, Any] = {
+        "model": "demo-moe",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 8,
+        "temperature": 0.8,
+        "seed": 3,
+        "extra_body": {"num_spec_tokens": 2},
+    }
+    chat = client.chat.completions.create(**seeded)
     assert chat.choices[0].message.role == "assistant"
     chat_ids = reference.apply_chat_template(
         [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True, return_dict=False
     )
     assert chat.usage.prompt_tokens == len(chat_ids)
-    streamed = client.chat.completions.create(
-        model="demo-moe",
-        messages=[{"role": "user", "content": "hi"}],
-        max_tokens=8,
-        temperature=0.8,
-        seed=3,
-        stream=True,
-        extra_body=fixed_k,
-    )
+    streamed = client.chat.completions.create(**seeded, stream=True)
     assert (
         "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
         == chat.choices[0].message.content

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from tests.workers.checkpoints import make_checkpoint
 from workers.batch import BatchLayout
 from workers.checkpoint import load_model
-from workers.kv_cache import CacheCapacityError, CacheConfig
+from workers.kv_cache import CacheCapacityError, CacheConfig, KVCache
 from workers.runner import ModelRunner
 
 transformers = pytest.importorskip("transformers")
@@ -100,6 +101,16 @@ def test_capacity_is_enforced_with_clear_errors(moe_path: Path) -> None:
     runner.free(1)
     runner.add_sequence(2)  # a freed slot is reused
     assert runner.cache.num_free_slots == 0
+
+
+@pytest.mark.skipif(
+    "SC_AVPHYS_PAGES" not in getattr(os, "sysconf_names", {}), reason="free memory is read on Linux hosts"
+)
+def test_a_cache_larger_than_free_memory_is_refused_before_allocating() -> None:
+    config = CacheConfig(max_seqs=4096, max_seq_len=1 << 20)  # 2 x 4096 x 2^20 x 2 layers x 128 x 4 B = 8 TiB
+    with pytest.raises(ValueError, match=r"KV cache \(4096 sequences x 1048576 tokens x 2 layers\) needs"):
+        KVCache(config, num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.float32)
+    KVCache(CacheConfig(4, 64), num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.float32)  # fits
 
 
 @pytest.mark.parametrize("arch", ["MixtralForCausalLM", "LlamaForCausalLM"])
