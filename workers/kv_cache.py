@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import heapq
 import math
-import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -32,19 +32,25 @@ class CacheConfig:
 
 
 def check_memory(num_bytes: int, device: torch.device, what: str) -> None:
-    """Raise a ValueError naming `what` if `num_bytes` exceed the memory free on `device` (checked on CUDA
-    and on Linux hosts; elsewhere the allocation itself fails). Call before allocating."""
-    if device.type == "cuda":
-        available = torch.cuda.mem_get_info(device)[0]
-    elif device.type == "cpu" and hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    else:
-        return
-    if num_bytes > available:
+    """Raise a ValueError naming `what` if `num_bytes` exceed the memory available on `device` (checked on
+    CUDA and on Linux hosts; elsewhere the allocation itself fails). Call before allocating."""
+    available = _available_bytes(device)
+    if available is not None and num_bytes > available:
         raise ValueError(
-            f"{what} needs {num_bytes / 2**30:.1f} GiB but {device} has {available / 2**30:.1f} GiB free: "
-            "lower max_seqs or max_seq_len"
+            f"{what} needs {num_bytes / 2**30:.1f} GiB but {device} has {available / 2**30:.1f} GiB "
+            "available: lower max_seqs or max_seq_len"
         )
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    meminfo = Path("/proc/meminfo")
+    if device.type == "cpu" and meminfo.exists():  # MemAvailable counts reclaimable page cache, MemFree not
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
 
 
 class KVCache:
