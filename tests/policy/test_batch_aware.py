@@ -72,16 +72,18 @@ class Recorder:
 
 
 def test_low_acceptance_turns_off_after_the_first_test_and_backs_off() -> None:
-    recorder = Recorder(chooser_for("mixtral-8x7b-h100", set_iterations=16, max_set_iterations=1024))
+    chooser = chooser_for("mixtral-8x7b-h100", set_iterations=16, max_set_iterations=1024)
+    recorder = Recorder(chooser)
     workload = WorkloadConfig(1, (0.2,), mean_output_tokens=4000, num_iterations=600, time_noise=0.0)
     simulate(MIXTRAL, recorder, workload)
     ks = [d["req-0"] for d in recorder.decisions]
+    num_test = chooser.config.test_iterations
     # Speculation does not pay at batch 1 even at an uninformed 0.5: the request starts at K = 0 as if
     # tested once, so its first test comes after two set phases (32) plus the longest wait for others to
     # probe with (8).
-    assert ks[:40] == [0] * 40 and ks[40:43] == [1] * 3 and ks[43] == 0
+    assert ks[:40] == [0] * 40 and ks[40 : 40 + num_test] == [1] * num_test and ks[40 + num_test] == 0
     test_starts = [i for i in range(1, len(ks)) if ks[i] > 0 and ks[i - 1] == 0]
-    gaps = np.diff(test_starts) - 3 - 8  # iterations at K = 0 after each 3-iteration test, less the wait
+    gaps = np.diff(test_starts) - num_test - 8  # iterations at K = 0 after each test, less the wait
     assert list(gaps[:3]) == [64, 128, 256]
 
 
@@ -97,10 +99,10 @@ def test_pending_tests_wait_for_a_drafting_iteration_and_probe_together() -> Non
         probing = {r for r, k in ks.items() if k > 0}
         assert probing in (set(), set(ids)) or probing == {"r4"}
         num_together += probing == {"r0", "r1", "r2", "r3"}
-        if i == 45:  # r3 is replaced by a new request, which will test alone
+        if i == 60:  # r3 is replaced by a new request, which will test alone
             chooser.release("r3")
             ids[3] = "r4"
-    assert num_together == 6  # two 3-iteration tests of the four, each at the same iterations
+    assert num_together == 2 * chooser.config.test_iterations  # two tests of the four, at the same iterations
 
 
 def test_no_oscillation_when_conditions_are_stationary() -> None:
