@@ -102,6 +102,15 @@ def new_cost_model(info: TargetInfo, prior: CostParams = DEFAULT_PRIOR) -> CostM
 def shared_chooser_factory(
     settings: PolicySettings, info: TargetInfo, max_spec_tokens: int, prior: CostParams = DEFAULT_PRIOR
 ) -> Callable[[], KChooser]:
-    """For the central actor: one chooser per router, all sharing one cost model (one target hardware)."""
-    cost_model = new_cost_model(info, prior)
-    return lambda: make_chooser(settings, info, max_spec_tokens, cost_model)
+    """For the central actor: one chooser per router, all sharing one cost model (one target hardware).
+
+    The cost model is built by the first call, in the actor's process: the factory travels to the actor
+    pickled, and numpy state that crosses Ray arrives read-only."""
+    shared: list[CostModel] = []
+
+    def make() -> KChooser:
+        if not shared:
+            shared.append(new_cost_model(info, prior))
+        return make_chooser(settings, info, max_spec_tokens, shared[0])
+
+    return make

@@ -1,5 +1,6 @@
 """The router-side PolicyClient against the policy actor's body run in-process (no Ray): central decisions
-are used while they last, the local chooser is asked only as the fallback and still sees every iteration."""
+are used while they last, the local chooser is asked only as the fallback and still sees every iteration.
+Last, the real actor on Ray with the served factory answers every report."""
 
 from __future__ import annotations
 
@@ -110,3 +111,27 @@ def test_iterations_without_auto_requests_do_not_pile_up() -> None:
         client.observe(IterationStats(i, 1, requests, 4, 0.01, 0.03, 0.01))
     assert len(client._stats) <= 512
     assert client.choose(["a"]) == {"a": 1} and not client._stats  # the first report carries them
+
+
+def test_the_real_actor_with_the_served_factory_answers_every_report(ray_session: Any) -> None:
+    import msgspec
+    import ray
+
+    from cluster.choosers import shared_chooser_factory
+    from cluster.config import PolicySettings
+    from cluster.policy_actor import policy_actor_handle
+    from policy.stats import Decision
+    from workers.target import TargetInfo
+
+    info = TargetInfo(vocab_size=100, eos_token_ids=[1], num_experts=8, top_k=2, max_seqs=8, max_seq_len=256)
+    actor = policy_actor_handle("test-policy", 4, shared_chooser_factory(PolicySettings(), info, 4))
+    encoder = msgspec.msgpack.Encoder()
+    try:
+        for i in range(40):  # past the cost model's first refits
+            requests = [RequestIterationStats("r1", 2, 1, 2, 10 + 2 * i)]
+            stats = IterationStats(i, 1, requests, 3, 0.01, 0.02, 0.003, [4, 4], 8)
+            reply = ray.get(actor.report.remote("router", encoder.encode([stats]), [], ["r1"], i + 1))
+            decision = msgspec.msgpack.decode(reply, type=Decision)
+            assert decision.source == "router" and 0 <= decision.num_spec_tokens["r1"] <= 4
+    finally:
+        ray.kill(actor)

@@ -208,3 +208,16 @@ def test_the_central_policy_decides_and_serving_survives_its_death(client: Any) 
     assert ray.get(actor.num_decisions.remote()) > 0  # the router reported and was answered
     ray.kill(actor, no_restart=True)
     assert run(3) == first  # greedy output is the target's whatever the policy does
+
+    # The router re-registers: after its retry delay it starts a new policy actor and is answered again.
+    deadline = time.monotonic() + 60
+    while True:
+        assert time.monotonic() < deadline, "the router never re-registered with a policy actor"
+        run(1)
+        try:
+            revived = ray.get_actor("moespec-spec-policy", namespace=POLICY_NAMESPACE)
+            if ray.get(revived.num_decisions.remote()) > 0:
+                break
+        except ValueError:  # not created yet
+            pass
+        time.sleep(1.0)
