@@ -30,6 +30,7 @@ from cluster.openai_api import (
     sse,
     usage,
 )
+from cluster.policy_actor import PolicyClient
 from workers.engine import SpecEngine
 from workers.sequence import RequestOutput
 from workers.tokenizer import Tokenizer
@@ -105,6 +106,10 @@ class Router:
         self.metrics.set_gauge("num_requests_outstanding", self.loop.num_outstanding)
         self.metrics.set_gauge("drafter_failures", self.engine.num_draft_failures)
         self.metrics.set_gauge("target_recoveries", self.engine.num_target_recoveries)
+        chooser = self.engine.chooser
+        if isinstance(chooser, PolicyClient):  # a central policy that keeps failing is visible here
+            self.metrics.set_gauge("policy_central_decisions", chooser.num_central_decisions)
+            self.metrics.set_gauge("policy_actor_failures", chooser.num_failures)
         return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
     async def completions(self, request: Request) -> Response:

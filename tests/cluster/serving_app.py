@@ -90,3 +90,10 @@ def running_app(base: str, args: dict[str, Any], name: str, timeout_s: float = 1
         yield base
     finally:
         serve.delete(name)
+
+
+def metric_value(metrics: str, name: str) -> float:
+    """The first sample of `moespec:<name>` in Prometheus text."""
+    lines = [line for line in metrics.splitlines() if line.startswith(f"moespec:{name}{{")]
+    assert lines, f"no {name} in /metrics"
+    return float(lines[0].rsplit(" ", 1)[1])

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from cluster.config import DEMO_DRAFT, DEMO_TARGET
-from tests.cluster.serving_app import app_args, running_app
+from tests.cluster.serving_app import app_args, metric_value, running_app
 
 openai = pytest.importorskip("openai")
 psutil = pytest.importorskip("psutil")
@@ -61,13 +61,7 @@ def _used_slots() -> tuple[int, int]:
 
 
 def _gauge(server: str, name: str) -> float:
-    lines = [
-        line
-        for line in httpx.get(f"{server}/metrics").text.splitlines()
-        if line.startswith(f"moespec:{name}{{")
-    ]
-    assert lines, f"no {name} in /metrics"
-    return float(lines[0].rsplit(" ", 1)[1])
+    return metric_value(httpx.get(f"{server}/metrics").text, name)
 
 
 def _named_replicas(deployment: str) -> list[Any]:

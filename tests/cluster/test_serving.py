@@ -13,7 +13,7 @@ import pytest
 
 from cluster.config import DEMO_DRAFT, DEMO_TARGET
 from cluster.policy_actor import POLICY_NAMESPACE
-from tests.cluster.serving_app import app_args, running_app
+from tests.cluster.serving_app import app_args, metric_value, running_app
 
 openai = pytest.importorskip("openai")
 transformers = pytest.importorskip("transformers")
@@ -192,7 +192,7 @@ def test_metrics_count_traffic_and_health_is_ok(server: str, client: Any) -> Non
     assert httpx.get(f"{server}/health").json() == {"status": "ok"}
 
 
-def test_the_central_policy_decides_and_serving_survives_its_death(client: Any) -> None:
+def test_the_central_policy_decides_and_serving_survives_its_death(server: str, client: Any) -> None:
     import ray
 
     def run(n: int) -> list[str]:
@@ -203,21 +203,26 @@ def test_the_central_policy_decides_and_serving_survives_its_death(client: Any) 
             for i in range(n)
         ]
 
+    def answered_actor(why: str) -> Any:
+        """Serve until the named policy actor exists and has published a decision (it starts on demand)."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            run(1)
+            try:
+                actor = ray.get_actor("moespec-spec-policy", namespace=POLICY_NAMESPACE)
+                received = metric_value(httpx.get(f"{server}/metrics").text, "policy_central_decisions")
+                if ray.get(actor.num_decisions.remote()) > 0 and received > decisions_before:
+                    return actor
+            except ValueError:  # not created yet
+                pass
+            time.sleep(0.5)
+        raise AssertionError(why)
+
     first = run(3)
-    actor = ray.get_actor("moespec-spec-policy", namespace=POLICY_NAMESPACE)
-    assert ray.get(actor.num_decisions.remote()) > 0  # the router reported and was answered
+    decisions_before = 0.0
+    actor = answered_actor("the router never got a decision from the policy actor")
+    assert metric_value(httpx.get(f"{server}/metrics").text, "policy_actor_failures") == 0
     ray.kill(actor, no_restart=True)
     assert run(3) == first  # greedy output is the target's whatever the policy does
-
-    # The router re-registers: after its retry delay it starts a new policy actor and is answered again.
-    deadline = time.monotonic() + 60
-    while True:
-        assert time.monotonic() < deadline, "the router never re-registered with a policy actor"
-        run(1)
-        try:
-            revived = ray.get_actor("moespec-spec-policy", namespace=POLICY_NAMESPACE)
-            if ray.get(revived.num_decisions.remote()) > 0:
-                break
-        except ValueError:  # not created yet
-            pass
-        time.sleep(1.0)
+    decisions_before = metric_value(httpx.get(f"{server}/metrics").text, "policy_central_decisions")
+    answered_actor("the router never re-registered with a new policy actor")  # after its retry delay
