@@ -156,6 +156,8 @@ class CostModel:
         row = self._record(stats)
         if row is None:
             return
+        if not self._samples.flags.writeable:  # unpickled zero-copy (a Ray object): take a private copy
+            self._samples = self._samples.copy()
         self._samples[self._num_samples % self.config.max_samples] = row
         self._num_samples += 1
         self._num_new_samples += 1

@@ -157,3 +157,14 @@ def test_the_drafter_call_is_charged_to_iterations_that_draft() -> None:
     assert model.spec_time(4, 1) - model.plain_time(4) == pytest.approx(
         truth.spec_time(4, 1) - truth.plain_time(4), rel=0.05
     )
+
+
+def test_a_model_whose_samples_arrived_read_only_keeps_learning() -> None:
+    """Ray hands numpy arrays over zero-copy and read-only (a cost model inside a pickled factory)."""
+    rng = np.random.default_rng(6)
+    truth = CostModel(CostModelConfig(MIXTRAL.routing), MIXTRAL.cost_params())
+    model = CostModel(CostModelConfig(MIXTRAL.routing), wrong_prior(MIXTRAL.cost_params()))
+    model._samples.setflags(write=False)
+    for i in range(32):
+        model.observe(measured_iteration(truth, list(rng.integers(0, 4, 1 + i % 8)), rng, 0.01, i))
+    assert model.num_refits > 0
