@@ -99,6 +99,9 @@ class PolicyClient:
         self.num_central_decisions = 0  # answers received from the actor
         self.num_local_choices = 0  # calls to the local chooser (the fallback)
         self.num_failures = 0
+        # Start (or find) the actor now: creating it starts a process, which should not happen on the
+        # serving loop when the first auto request arrives.
+        self._ensure_actor()
 
     def choose(self, request_ids: Sequence[str]) -> dict[str, int]:
         self._poll()

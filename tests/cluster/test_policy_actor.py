@@ -98,6 +98,7 @@ def test_an_unreachable_actor_leaves_the_local_chooser_in_charge() -> None:
         raise ConnectionError("no actor")
 
     client = PolicyClient("router-test", local, unreachable, retry_s=3600.0)
+    assert client.num_failures == 1  # tried at construction
     chosen = run(client, lambda i: ["a"], num_iterations=5)
     assert chosen == [{"a": 2}] * 5 and len(local.asked) == 5
     assert client.num_failures == 1 and not client.is_connected
