@@ -128,7 +128,9 @@ bodies = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=10), values,
 FUZZ_EXAMPLES = int(os.environ.get("MOESPEC_FUZZ_EXAMPLES", "150"))
 
 
-@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(body=bodies, path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
 def test_fuzzed_json_bodies_never_cause_a_500(router: Router, body: dict[str, Any], path: str) -> None:
     if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 8:
@@ -142,7 +144,11 @@ def test_fuzzed_json_bodies_never_cause_a_500(router: Router, body: dict[str, An
         assert response.json()["error"]["message"]
 
 
-@settings(max_examples=max(60, FUZZ_EXAMPLES // 3), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=max(60, FUZZ_EXAMPLES // 3),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(raw=st.binary(max_size=200))
 def test_fuzzed_raw_bytes_never_cause_a_500(router: Router, raw: bytes) -> None:
     response = _call(router, "POST", "/v1/completions", headers=AUTH, content=raw)
