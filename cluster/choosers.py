@@ -49,6 +49,7 @@ def analytic_prior(
         draft_fixed_s=draft_params * bpp / bw + draft_layers * hw.layer_overhead_s,
         # A draft step runs one token per drafting sequence: its per-token cost is a per-sequence cost.
         draft_per_token_s=2 * draft_params / hw.flops + draft_layers * hw.sequence_overhead_s,
+        draft_prefill_per_token_s=2 * draft_params / hw.flops,
         other_s=hw.call_overhead_s,
         per_seq_s=target.num_layers * hw.sequence_overhead_s,
         draft_call_s=hw.call_overhead_s if draft is not None else 0.0,

@@ -19,6 +19,7 @@ from policy.routing import ExpertCounts, RoutingConfig
 from policy.stats import IterationStats
 
 Array = NDArray[np.float64]
+ROW_SIZE = 8  # a measured iteration's row: see CostModel._record
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class CostParams:
     # token and overestimates what speculation adds at large batches.
     draft_call_s: float = 0.0  # per iteration that drafts at all, outside the draft forward: the call to
     # the drafter (an actor call when served), its catch-up bookkeeping
+    draft_prefill_per_token_s: float = 0.0  # draft forward, per history token caught up (fitted so that a
+    # catch-up does not read as the cost of K; a K choice does not pay it again, so predictions omit it)
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -88,7 +91,7 @@ class CostModel:
         # One row per measured iteration (see `_record`): calibration anchors and the most recent ones.
         self._anchors: list[tuple[float, ...]] = []
         # The most recent iterations: a ring of max_samples rows (refits read it without converting rows).
-        self._samples = np.empty((config.max_samples, 7))
+        self._samples = np.empty((config.max_samples, ROW_SIZE))
         self._num_samples = 0  # ever recorded; row i lives at i % max_samples
         self._num_new_samples = 0
         self.num_refits = 0
@@ -172,11 +175,12 @@ class CostModel:
         self._num_new_samples = 0
         self.num_refits += 1
         recent = self._samples[: min(self._num_samples, self.config.max_samples)]
-        self.params = self._fit_rows(np.vstack([np.array(self._anchors).reshape(-1, 7), recent]))
+        self.params = self._fit_rows(np.vstack([np.array(self._anchors).reshape(-1, ROW_SIZE), recent]))
         return self.params
 
     def _record(self, stats: IterationStats) -> tuple[float, ...] | None:
-        """(batch, max K, sum K, mean experts or nan, draft s, verify s, other s); feeds the expert counts."""
+        """(batch, max K, sum K, mean experts or nan, draft prefill tokens, draft s, verify s, other s);
+        feeds the expert counts."""
         if not stats.requests:
             return None
         ks = [r.num_spec_tokens for r in stats.requests]
@@ -188,6 +192,7 @@ class CostModel:
             max(ks),
             sum(ks),
             experts,
+            stats.num_draft_prefill_tokens,
             stats.draft_time_s,
             stats.verify_time_s,
             stats.other_time_s,
@@ -195,7 +200,8 @@ class CostModel:
 
     def _fit_rows(self, rows: Sequence[tuple[float, ...]] | Array) -> CostParams:
         """Fit each parameter group; a group without enough data keeps its current values."""
-        batch, steps, spec, experts, draft, verify, other = np.array(rows, dtype=np.float64).reshape(-1, 7).T
+        table = np.array(rows, dtype=np.float64).reshape(-1, ROW_SIZE).T
+        batch, steps, spec, experts, prefill, draft, verify, other = table
         tokens = batch + spec
         experts = np.where(np.isnan(experts), self.expert_counts.predict(tokens), experts)
         ones = np.ones_like(tokens)
@@ -207,9 +213,9 @@ class CostModel:
                 ("fixed_s", "per_seq_s", "per_expert_s", "per_token_s"),
             ),
             (
-                np.column_stack([steps, spec])[has_draft],
+                np.column_stack([steps, spec, prefill])[has_draft],
                 draft[has_draft],
-                ("draft_fixed_s", "draft_per_token_s"),
+                ("draft_fixed_s", "draft_per_token_s", "draft_prefill_per_token_s"),
             ),
             (
                 np.column_stack([ones, tokens, has_draft]),

@@ -40,6 +40,9 @@ class IterationStats(msgspec.Struct, frozen=True):
     experts_touched: list[int] = []
     num_experts: int = 0  # experts per MoE layer of the target (0 for a dense target)
     source: str = ""  # which router produced it (the central aggregator merges many)
+    # History tokens the drafter prefilled this iteration beyond the one it feeds per drafting request: the
+    # catch-up of requests that start or resume speculating (their whole history) and after a drafter loss.
+    num_draft_prefill_tokens: int = 0
 
     @property
     def iteration_time_s(self) -> float:

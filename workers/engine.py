@@ -87,6 +87,7 @@ class SpecEngine:
         self.num_draft_failures = 0
         self.num_target_recoveries = 0
         self._draft_compute_s = 0.0  # draft forward time within the current iteration
+        self._draft_prefill_tokens = 0  # history tokens the drafter caught up on in the current iteration
         self._drafter_retry_at = 0.0  # after a drafter failure, run at K = 0 until then
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -141,7 +142,7 @@ class SpecEngine:
         if not self.running:
             return outputs
         start = time.perf_counter()
-        self._draft_compute_s = 0.0
+        self._draft_compute_s, self._draft_prefill_tokens = 0.0, 0
         batch = list(self.running)
         num_spec = self._choose_num_spec_tokens(batch)
         proposals = self._propose(batch, num_spec)
@@ -265,6 +266,7 @@ class SpecEngine:
                 seq.num_draft_cached = 0
             return [Proposal([], None) for _ in requests]
         self._draft_compute_s += drafted.compute_time_s
+        self._draft_prefill_tokens += sum(max(0, len(r.token_ids) - 1) for r in requests)
         for request, seq in zip(requests, seqs, strict=True):
             seq.num_draft_cached = request.start + len(request.token_ids)
         return drafted.proposals
@@ -330,6 +332,7 @@ class SpecEngine:
             other_time_s=max(0.0, total_time - draft_time - verify_time),
             experts_touched=experts_touched,
             num_experts=self.info.num_experts,
+            num_draft_prefill_tokens=self._draft_prefill_tokens,
         )
         self.iteration += 1
         self.chooser.observe(self.last_stats)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -41,7 +42,7 @@ def profile_points() -> list[list[int]]:
 
 
 def wrong_prior(params: CostParams) -> CostParams:
-    factors = (2.0, 0.5, 1.7, 0.6, 1.5, 1.4, 0.7, 1.3, 0.8)
+    factors = (2.0, 0.5, 1.7, 0.6, 1.5, 1.4, 0.7, 1.3, 0.8, 1.2)
     return CostParams(*(v * f for v, f in zip(dataclasses.astuple(params), factors, strict=True)))
 
 
@@ -168,3 +169,24 @@ def test_a_model_whose_samples_arrived_read_only_keeps_learning() -> None:
     for i in range(32):
         model.observe(measured_iteration(truth, list(rng.integers(0, 4, 1 + i % 8)), rng, 0.01, i))
     assert model.num_refits > 0
+
+
+def test_draft_catch_ups_do_not_read_as_the_cost_of_k() -> None:
+    """Requests that start speculating make the drafter prefill their history in that iteration's draft
+    forward: fitted as its own term, it leaves the per-step and per-token draft costs (what K costs) right."""
+    rng = np.random.default_rng(7)
+    params = MIXTRAL.cost_params()
+    prefill_s = 0.5 * params.draft_per_token_s
+    model = CostModel(CostModelConfig(MIXTRAL.routing), wrong_prior(params))
+    truth = CostModel(CostModelConfig(MIXTRAL.routing), params)
+    for i in range(96):
+        ks = list(rng.integers(1, 5, 1 + i % 16))
+        stats = measured_iteration(truth, ks, rng, noise=0.01, iteration=i)
+        caught_up = int(rng.integers(0, 400)) if i % 3 == 0 else 0  # a third of the iterations admit someone
+        stats = msgspec.structs.replace(
+            stats, num_draft_prefill_tokens=caught_up, draft_time_s=stats.draft_time_s + caught_up * prefill_s
+        )
+        model.observe(stats)
+    assert model.params.draft_prefill_per_token_s == pytest.approx(prefill_s, rel=0.15)
+    assert model.params.draft_per_token_s == pytest.approx(params.draft_per_token_s, rel=0.1)
+    assert model.params.draft_fixed_s == pytest.approx(params.draft_fixed_s, rel=0.1)

@@ -140,8 +140,16 @@ def test_catch_up_after_k0_iterations(
     target_path: Path, good_draft_path: Path, reference: list[list[int]]
 ) -> None:
     pattern = [[0, 0, 0, 0, 3]] * 4  # four plain iterations, then K = 3 after a catch-up prefill
-    engine = _engine(target_path, good_draft_path, ScriptedChooser(pattern))
+    chooser = ScriptedChooser(pattern)
+    engine = _engine(target_path, good_draft_path, chooser)
+    caught_up: list[int] = []
+    observe = chooser.observe
+    chooser.observe = lambda stats: (caught_up.append(stats.num_draft_prefill_tokens), observe(stats))  # type: ignore[method-assign]
     assert engine.generate(_prompts(6), GREEDY) == reference
+    # The drafter first sees each request at its first K > 0 (iteration 4): prompt + 5 tokens, less the
+    # one it feeds anyway; later catch-ups are the few tokens committed during the next four K = 0 steps.
+    assert caught_up[:4] == [0, 0, 0, 0]
+    assert caught_up[4] == sum(len(p) + 5 - 1 for p in _prompts(6))
 
 
 class FlakyDrafter(Drafter):
