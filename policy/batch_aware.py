@@ -34,6 +34,11 @@ class BatchAwareConfig:
     max_set_iterations: int = 128  # back-off cap: a request at K = 0 is retested at least this often
     hysteresis: float = 0.02  # switch only for more than this gain per request (relative, / batch size)
     max_test_wait: int = 8  # a test waits at most this many iterations for others to probe with
+    # A new request for which speculation would not pay at the traffic's acceptance starts at K = 0 as if
+    # this many tests had said K = 0: its first test comes after set_iterations * 2**n iterations (capped).
+    # A first test costs the drafter the request's whole history (its catch-up prefill) besides the draft
+    # steps, which short requests rarely repay where the traffic does not speculate.
+    new_request_zero_verdicts: int = 3
     acceptance: AcceptanceConfig = field(default_factory=AcceptanceConfig)
 
     def __post_init__(self) -> None:
@@ -51,6 +56,8 @@ class BatchAwareConfig:
             raise ValueError(f"hysteresis={self.hysteresis} must be >= 0")
         if self.max_test_wait < 0:
             raise ValueError(f"max_test_wait={self.max_test_wait} must be >= 0")
+        if self.new_request_zero_verdicts < 0:
+            raise ValueError(f"new_request_zero_verdicts={self.new_request_zero_verdicts} must be >= 0")
 
 
 class _RequestState:
@@ -195,8 +202,8 @@ class BatchAwareChooser:
         A test that the optimum already covers (K >= probe) costs nothing. Otherwise a probe makes the whole
         batch run a draft step, so such tests wait (up to `max_test_wait` iterations) for an iteration that
         drafts anyway, and then go together. A new request for which speculation would not pay even at
-        the traffic's acceptance starts at K = 0 and is first tested as if it had already been tested once
-        (after two set phases), since most short requests would never pay back a test.
+        the traffic's acceptance starts at K = 0 and is first tested as if `new_request_zero_verdicts` tests
+        had said K = 0, since most short requests would never pay back a test (and its catch-up prefill).
         """
         probe, num_test = self.config.probe_num_spec_tokens, self.config.test_iterations
         # A started test runs its iterations back to back.
@@ -205,7 +212,7 @@ class BatchAwareChooser:
         for i, state in enumerate(states):
             if state.is_new and state.test_remaining > 0 and chosen[i] == 0:
                 state.test_remaining, state.set_k, state.zero_iterations = 0, 0, 0
-                state.num_zero_verdicts = 1  # as if tested: the first test after two set phases
+                state.num_zero_verdicts = self.config.new_request_zero_verdicts  # as if tested
             state.is_new = False
             if state.test_remaining > 0 and chosen[i] < probe:
                 waiting.append(i)

@@ -72,7 +72,9 @@ class Recorder:
 
 
 def test_low_acceptance_turns_off_after_the_first_test_and_backs_off() -> None:
-    chooser = chooser_for("mixtral-8x7b-h100", set_iterations=16, max_set_iterations=1024)
+    chooser = chooser_for(
+        "mixtral-8x7b-h100", set_iterations=16, max_set_iterations=1024, new_request_zero_verdicts=1
+    )
     recorder = Recorder(chooser)
     workload = WorkloadConfig(1, (0.2,), mean_output_tokens=4000, num_iterations=600, time_noise=0.0)
     simulate(MIXTRAL, recorder, workload)
