@@ -21,6 +21,7 @@ from cluster.config import AppConfig
 from cluster.deployments import DrafterServer, RemoteDrafter, RemoteTarget, TargetServer, resolve_model_path
 from cluster.policy_actor import PolicyClient, policy_actor_handle
 from cluster.router import Router
+from policy.guard import MeasuredGuard
 from policy.stats import KChooser
 from workers.checkpoint import checkpoint_dtype
 from workers.config import ModelConfig
@@ -81,14 +82,18 @@ class RouterServer:
         dtype = checkpoint_dtype(resolve_model_path(model.target)) if model.dtype == "auto" else model.dtype
         prior = analytic_prior(target, draft, 2 if "16" in str(dtype) else 4)
         local = make_chooser(policy, info, max_spec, prior=prior)
-        if not policy.use_central_actor or policy.kind in ("off", "static"):
+        if policy.kind in ("off", "static"):
             return local
+        if not policy.use_central_actor:
+            return MeasuredGuard(local)
         factory = shared_chooser_factory(policy, info, max_spec, prior)
-        return PolicyClient(
+        client = PolicyClient(
             f"router-{uuid.uuid4().hex[:8]}",
             local,
             lambda: policy_actor_handle(policy.actor_name, policy.window_iterations, factory),
         )
+        # This router's batch must measure faster drafting than plain, whatever the policy's model says.
+        return MeasuredGuard(client)
 
     def check_health(self) -> None:
         """Serve's health check: raises if the engine loop died."""

@@ -31,6 +31,7 @@ from cluster.openai_api import (
     usage,
 )
 from cluster.policy_actor import PolicyClient
+from policy.guard import MeasuredGuard
 from workers.engine import SpecEngine
 from workers.sequence import RequestOutput
 from workers.tokenizer import Tokenizer
@@ -107,6 +108,9 @@ class Router:
         self.metrics.set_gauge("drafter_failures", self.engine.num_draft_failures)
         self.metrics.set_gauge("target_recoveries", self.engine.num_target_recoveries)
         chooser = self.engine.chooser
+        if isinstance(chooser, MeasuredGuard):
+            self.metrics.set_gauge("policy_guard_holds", chooser.num_holds)
+            chooser = chooser.inner
         if isinstance(chooser, PolicyClient):  # a central policy that keeps failing is visible here
             self.metrics.set_gauge("policy_central_decisions", chooser.num_central_decisions)
             self.metrics.set_gauge("policy_actor_failures", chooser.num_failures)

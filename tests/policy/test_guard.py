@@ -1,0 +1,44 @@
+"""The measured guard: speculation that measures worse than plain decoding is stopped, whatever the chooser
+inside believes; speculation that pays keeps most of its gain (the guard's plain baselines cost a little)."""
+
+from __future__ import annotations
+
+import pytest
+
+from policy.baselines import OffChooser, StaticChooser
+from policy.guard import GuardConfig, MeasuredGuard
+from policy.presets import PRESETS
+from policy.simulator import simulate
+from policy.workload import WorkloadConfig
+
+MIXTRAL = PRESETS["mixtral-8x7b-h100"]
+
+
+def _tokens_per_s(chooser: object, workload: WorkloadConfig) -> float:
+    return simulate(MIXTRAL, chooser, workload).tokens_per_s  # type: ignore[arg-type]
+
+
+def test_a_chooser_that_keeps_drafting_at_a_loss_is_held_at_plain() -> None:
+    workload = WorkloadConfig(32, (0.1,), mean_output_tokens=4000, num_iterations=600, seed=1)
+    off = _tokens_per_s(OffChooser(), workload)
+    always = _tokens_per_s(StaticChooser(6), workload)
+    guard = MeasuredGuard(StaticChooser(6))
+    guarded = _tokens_per_s(guard, workload)
+    assert always < 0.9 * off  # the premise: speculation loses here
+    assert guarded > 0.95 * off and guard.num_holds >= 1
+
+
+def test_speculation_that_pays_keeps_most_of_its_gain() -> None:
+    workload = WorkloadConfig(1, (0.9,), mean_output_tokens=4000, num_iterations=600, seed=2)
+    off = _tokens_per_s(OffChooser(), workload)
+    always = _tokens_per_s(StaticChooser(3), workload)
+    guard = MeasuredGuard(StaticChooser(3))
+    guarded = _tokens_per_s(guard, workload)
+    assert always > 1.3 * off  # the premise: speculation pays here
+    assert guarded > 0.93 * always and guard.num_holds == 0
+
+
+def test_config_rejects_bad_values() -> None:
+    for bad in ({"margin": 1.0}, {"smoothing": 0.0}, {"baseline_every": 0}, {"max_hold_iterations": 8}):
+        with pytest.raises(ValueError):
+            GuardConfig(**bad)  # type: ignore[arg-type]
