@@ -8,6 +8,7 @@ from policy.baselines import BatchSizeTableChooser, BatchSizeTableConfig, OffCho
 from policy.batch_aware import BatchAwareChooser, BatchAwareConfig
 from policy.cascade import CascadeChooser, CascadeConfig
 from policy.cost_model import CostModel, CostModelConfig, CostParams
+from policy.guard import GuardConfig, MeasuredGuard
 from policy.presets import PRESETS, Preset
 from policy.routing import RoutingConfig
 from policy.stats import Decision, IterationStats, KChooser, RequestIterationStats
@@ -25,8 +26,10 @@ __all__ = [
     "CostModelConfig",
     "CostParams",
     "Decision",
+    "GuardConfig",
     "IterationStats",
     "KChooser",
+    "MeasuredGuard",
     "OffChooser",
     "PolicyAggregator",
     "Preset",
