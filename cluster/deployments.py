@@ -22,6 +22,7 @@ import ray
 import torch
 
 from cluster.config import REPO_ROOT, AppConfig
+from cluster.ep_group import assigned_device
 from workers.drafter import Drafter, DraftOutput, DraftRequest
 from workers.kv_cache import CacheConfig
 from workers.runner import ModelRunner, Runner
@@ -54,8 +55,6 @@ def _cache_config(config: AppConfig) -> CacheConfig:
 
 
 def load_runner(path: str, config: AppConfig) -> ModelRunner:
-    from cluster.ep_group import assigned_device
-
     torch.set_num_threads(config.resources.torch_threads)
     device = assigned_device()
     logger.info("loading %s on %s", path, device)

@@ -84,8 +84,7 @@ class Target:
         self, seq_ids: Sequence[int], token_ids: Sequence[Sequence[int]], params: Sequence[SamplingParams]
     ) -> None:
         """Rebuild lost sequences from their history minus the pending token (after a target failure)."""
-        for seq_id in seq_ids:
-            self.runner.free(seq_id)
+        self.free(seq_ids)
         if seq_ids:  # an empty restore only checks that the target answers
             self.prefill(seq_ids, token_ids, params)  # the sampled token is discarded: the pending one stays
 

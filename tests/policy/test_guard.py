@@ -14,26 +14,26 @@ from policy.workload import WorkloadConfig
 MIXTRAL = PRESETS["mixtral-8x7b-h100"]
 
 
-def _tokens_per_s(chooser: object, workload: WorkloadConfig) -> float:
-    return simulate(MIXTRAL, chooser, workload).tokens_per_s  # type: ignore[arg-type]
+def _compare(num_spec_tokens: int, workload: WorkloadConfig) -> tuple[float, float, float, MeasuredGuard]:
+    """Tokens/s of off, of static K alone and of static K inside a guard, on the same workload."""
+    guard = MeasuredGuard(StaticChooser(num_spec_tokens))
+    off, always, guarded = (
+        simulate(MIXTRAL, chooser, workload).tokens_per_s
+        for chooser in (OffChooser(), StaticChooser(num_spec_tokens), guard)
+    )
+    return off, always, guarded, guard
 
 
 def test_a_chooser_that_keeps_drafting_at_a_loss_is_held_at_plain() -> None:
     workload = WorkloadConfig(32, (0.1,), mean_output_tokens=4000, num_iterations=600, seed=1)
-    off = _tokens_per_s(OffChooser(), workload)
-    always = _tokens_per_s(StaticChooser(6), workload)
-    guard = MeasuredGuard(StaticChooser(6))
-    guarded = _tokens_per_s(guard, workload)
+    off, always, guarded, guard = _compare(6, workload)
     assert always < 0.9 * off  # the premise: speculation loses here
     assert guarded > 0.95 * off and guard.num_holds >= 1
 
 
 def test_speculation_that_pays_keeps_most_of_its_gain() -> None:
     workload = WorkloadConfig(1, (0.9,), mean_output_tokens=4000, num_iterations=600, seed=2)
-    off = _tokens_per_s(OffChooser(), workload)
-    always = _tokens_per_s(StaticChooser(3), workload)
-    guard = MeasuredGuard(StaticChooser(3))
-    guarded = _tokens_per_s(guard, workload)
+    off, always, guarded, guard = _compare(3, workload)
     assert always > 1.3 * off  # the premise: speculation pays here
     assert guarded > 0.93 * always and guard.num_holds == 0
 

@@ -179,19 +179,26 @@ def test_drafter_failures_lose_nothing(
     assert engine.num_draft_failures >= 3
 
 
-class CrashingTarget(Target):
-    """Loses every KV cache and fails on its 4th verification, as a restarted replica would."""
+class DyingTarget(Target):
+    """Counts its calls; `crash` loses every KV cache and fails, as a restarted replica would."""
 
     def __init__(self, runner: ModelRunner) -> None:
         super().__init__(runner)
         self.calls = 0
 
+    def crash(self) -> None:
+        for seq_id in list(self.runner.cache.seq_ids):
+            self.runner.free(seq_id)
+        raise ConnectionError("target replica died")
+
+
+class CrashingTarget(DyingTarget):
+    """Crashes on its 4th verification."""
+
     def verify(self, requests):  # type: ignore[no-untyped-def]
         self.calls += 1
         if self.calls == 4:
-            for seq_id in list(self.runner.cache.seq_ids):
-                self.runner.free(seq_id)
-            raise ConnectionError("target replica died")
+            self.crash()
         return super().verify(requests)
 
 
@@ -204,19 +211,17 @@ def test_target_failure_is_recovered_from_the_token_history(
     assert engine.num_target_recoveries == 1
 
 
-class PrefillCrashingTarget(Target):
-    """Loses every KV cache and fails on the prefill of its 2nd admission (others are running by then)."""
+class PrefillCrashingTarget(DyingTarget):
+    """Crashes on the prefill of its 2nd admission (others are running by then), or on every later one."""
 
     def __init__(self, runner: ModelRunner, always: bool = False) -> None:
         super().__init__(runner)
-        self.calls, self.always = 0, always
+        self.always = always
 
     def prefill(self, seq_ids, prompts, params):  # type: ignore[no-untyped-def]
         self.calls += 1
         if self.calls == 2 or (self.always and self.calls > 2):
-            for seq_id in list(self.runner.cache.seq_ids):
-                self.runner.free(seq_id)
-            raise ConnectionError("target replica died")
+            self.crash()
         return super().prefill(seq_ids, prompts, params)
 
 
