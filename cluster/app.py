@@ -26,6 +26,7 @@ from policy.stats import KChooser
 from workers.checkpoint import checkpoint_dtype
 from workers.config import ModelConfig
 from workers.engine import EngineConfig, SpecEngine
+from workers.kv_cache import CacheCapacityError
 from workers.target import TargetInfo
 from workers.tokenizer import Tokenizer
 
@@ -42,6 +43,8 @@ class RouterServer:
         self.target_handle, self.drafter_handle = target_handle, drafter_handle
         self.router: Router | None = None
         self._starting = asyncio.Lock()
+        # This replica's identity towards the model replicas: a replacement router reclaims their caches.
+        self.owner = f"router-{uuid.uuid4().hex}"
 
     async def __call__(self, request: Request) -> Response:
         if self.router is None:
@@ -52,13 +55,16 @@ class RouterServer:
 
     async def _build_router(self) -> Router:
         config = self.config
+        # Claim the model replicas' caches first: sequences of a router this one replaces are freed.
         target_actor = await self.target_handle.actor_handle.remote()
-        target = RemoteTarget(self.target_handle, target_actor, await target_actor.info.remote())
+        await target_actor.claim.remote(self.owner)
+        target = RemoteTarget(self.target_handle, target_actor, await target_actor.info.remote(), self.owner)
         drafter = None
         if self.drafter_handle is not None:
             drafter_actor = await self.drafter_handle.actor_handle.remote()
+            await drafter_actor.claim.remote(self.owner)
             drafter = RemoteDrafter(
-                self.drafter_handle, drafter_actor, await drafter_actor.vocab_size.remote()
+                self.drafter_handle, drafter_actor, await drafter_actor.vocab_size.remote(), self.owner
             )
         chooser = self._chooser(target.info)
         tokenizer = Tokenizer(resolve_model_path(config.model.target))
@@ -96,10 +102,13 @@ class RouterServer:
         return MeasuredGuard(client)
 
     def check_health(self) -> None:
-        """Serve's health check: raises if the engine loop died."""
+        """Serve's health check: raises if the engine loop died, or if the target's cache refused new
+        requests while this router ran none (slots held by nobody: a replacement router reclaims them)."""
         loop = self.router.loop if self.router is not None else None
         if loop is not None and loop.has_started and not loop.is_alive:
             raise RuntimeError("the engine loop thread has stopped")
+        if loop is not None and isinstance(loop.last_error, CacheCapacityError):
+            raise RuntimeError(f"the KV cache refuses requests while none run: {loop.last_error}")
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

@@ -9,10 +9,16 @@ actor makes Serve replace the replica, and the replica's death takes the actor w
 
 Binding: an app has one Router, one Drafter and one MoETarget replica, so every call about a sequence
 reaches the actor holding its cache. Scale out with more apps (one expert-parallel group each).
+
+Ownership: a host actor's sequences belong to one owner, the router whose engine runs them. A router
+`claim`s the actor before its first call (and after it re-resolves one), and a claim by a new owner frees
+every sequence of the old one. So a replaced router never inherits slots it cannot free: the sequence ids
+it numbers from 0 again cannot collide with its predecessor's, and nothing of the old one stays cached.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -86,11 +92,37 @@ def target_runner(config: AppConfig) -> Runner:
     )
 
 
-class TargetHost:
+class _OwnedHost:
+    """The sequences of a host actor belong to one owner (see the module docstring)."""
+
+    owner: str | None = None
+
+    def claim(self, owner: str) -> int:
+        """Make `owner` the owner; a new owner frees every sequence of the old one. Returns how many."""
+        if owner == self.owner:
+            return 0
+        seq_ids = self._seq_ids()
+        if seq_ids:
+            logger.warning("owner %s replaces %s: freeing its %d sequences", owner, self.owner, len(seq_ids))
+            self.free(seq_ids)
+        self.owner = owner
+        return len(seq_ids)
+
+    def _seq_ids(self) -> list[int]:
+        raise NotImplementedError
+
+    def free(self, seq_ids: list[int]) -> None:
+        raise NotImplementedError
+
+
+class TargetHost(_OwnedHost):
     """Runs in a plain Ray actor: the MoE target and its KV cache."""
 
     def __init__(self, config: AppConfig) -> None:
         self.target = Target(target_runner(config))
+
+    def _seq_ids(self) -> list[int]:
+        return self.target.runner.cache.seq_ids
 
     def info(self) -> TargetInfo:
         return self.target.info
@@ -128,12 +160,15 @@ class TargetHost:
             raise
 
 
-class DrafterHost:
+class DrafterHost(_OwnedHost):
     """Runs in a plain Ray actor: the draft model and its KV cache."""
 
     def __init__(self, config: AppConfig) -> None:
         assert config.model.draft is not None
         self.drafter = Drafter(load_runner(config.model.draft, config))
+
+    def _seq_ids(self) -> list[int]:
+        return self.drafter.runner.cache.seq_ids
 
     def vocab_size(self) -> int:
         return self.drafter.vocab_size
@@ -190,15 +225,37 @@ class DrafterServer(_HostServer):
         super().__init__(config, config.resources.drafter_num_cpus, config.resources.drafter_num_gpus)
 
 
-class _Remote:
-    """Blocking calls to a host actor from the engine's thread; re-resolves the actor after a failure."""
+class BackendUnavailable(RuntimeError):
+    """A host actor is being looked up again after a failure; the call was not made."""
 
-    def __init__(self, server_handle: Any, actor: Any, timeout_s: float) -> None:
-        self.server_handle, self._actor, self.timeout_s = server_handle, actor, timeout_s
+
+class _Remote:
+    """Blocking calls to a host actor from the engine's thread, as `owner`.
+
+    `actor` is handed over already claimed by `owner`. After a failed call the actor is looked up again
+    through its (possibly replaced) replica and claimed before the next call. With `lookup_in_background`,
+    the look-up runs on a helper thread and calls fail fast with `BackendUnavailable` until it answers, so the
+    engine's loop never waits for a replacement (the drafter's case: the engine runs at K = 0 meanwhile).
+    Frees sent while no actor is known are kept and sent first to the next actor, so one failed call never
+    drops later frees.
+    """
+
+    def __init__(
+        self, server_handle: Any, actor: Any, timeout_s: float, owner: str, lookup_in_background: bool = False
+    ) -> None:
+        self.server_handle, self.timeout_s, self.owner = server_handle, timeout_s, owner
+        self._actor: Any = actor  # None after a failed call, until looked up again
+        self._unsent_frees: list[list[int]] = []
+        self._lookup: concurrent.futures.Future[Any] | None = None
+        self._lookup_pool = (
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="actor-lookup")
+            if lookup_in_background
+            else None
+        )
 
     def call(self, method: str, *args: Any) -> Any:
-        if self._actor is None:  # the last call failed: ask the (possibly replaced) replica for its actor
-            self._actor = self.server_handle.actor_handle.remote().result(timeout_s=self.timeout_s)
+        if self._actor is None:
+            self._use(self._looked_up())
         try:
             return ray.get(getattr(self._actor, method).remote(*args), timeout=self.timeout_s)
         except Exception:
@@ -207,16 +264,41 @@ class _Remote:
 
     def send(self, method: str, *args: Any) -> None:
         """Submit without waiting. A Ray actor runs one caller's calls in submission order, so the call is
-        done before any later `call` runs; it is dropped if the actor is already known to be gone."""
-        if self._actor is not None:
-            getattr(self._actor, method).remote(*args)
+        done before any later `call` runs."""
+        if self._actor is None:
+            assert method == "free", method
+            self._unsent_frees.append(args[0])
+            return
+        getattr(self._actor, method).remote(*args)
+
+    def _use(self, actor: Any) -> None:
+        self._actor = actor
+        for seq_ids in self._unsent_frees:
+            actor.free.remote(seq_ids)
+        self._unsent_frees.clear()
+
+    def _looked_up(self) -> Any:
+        if self._lookup_pool is None:
+            return self._claim_replacement()
+        if self._lookup is None:
+            self._lookup = self._lookup_pool.submit(self._claim_replacement)
+        if not self._lookup.done():
+            raise BackendUnavailable(f"looking up a replacement {self.server_handle.deployment_name} replica")
+        lookup, self._lookup = self._lookup, None
+        return lookup.result()  # raises the look-up's error; the next call starts another
+
+    def _claim_replacement(self) -> Any:
+        """The replica's actor (the same one after a timeout, a new one after a replacement), claimed."""
+        actor = self.server_handle.actor_handle.remote().result(timeout_s=CALL_TIMEOUT_S)
+        ray.get(actor.claim.remote(self.owner), timeout=self.timeout_s)
+        return actor
 
 
 class RemoteTarget:
     """The engine's target backend: a TargetHost actor."""
 
-    def __init__(self, server_handle: Any, actor: Any, info: TargetInfo) -> None:
-        self.remote = _Remote(server_handle, actor, CALL_TIMEOUT_S)
+    def __init__(self, server_handle: Any, actor: Any, info: TargetInfo, owner: str) -> None:
+        self.remote = _Remote(server_handle, actor, CALL_TIMEOUT_S, owner)
         self.info = info
 
     def prefill(
@@ -244,8 +326,10 @@ class RemoteDrafter:
     """The engine's draft backend: a DrafterHost actor. Failures reach the engine, which continues at
     K = 0 for a while (see SpecEngine._draft)."""
 
-    def __init__(self, server_handle: Any, actor: Any, vocab_size: int, timeout_s: float = 5.0) -> None:
-        self.remote = _Remote(server_handle, actor, timeout_s)
+    def __init__(
+        self, server_handle: Any, actor: Any, vocab_size: int, owner: str, timeout_s: float = 5.0
+    ) -> None:
+        self.remote = _Remote(server_handle, actor, timeout_s, owner, lookup_in_background=True)
         self.vocab_size = vocab_size
 
     def propose(self, requests: Sequence[DraftRequest]) -> DraftOutput:

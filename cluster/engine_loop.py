@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +24,26 @@ from workers.sequence import RequestOutput
 
 logger = logging.getLogger(__name__)
 Item = RequestOutput | BaseException
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class EngineFailure(RuntimeError):
+    """An iteration failed on the server's side; every request it ended gets this (a 503, never a 400).
+
+    The message is short: the failing call's own error, without Ray's traceback, paths or colour codes."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(short_reason(error))
+        self.error = error
+
+
+def short_reason(error: BaseException) -> str:
+    """`error` in one line for a client: the original exception of a Ray task error, its first line."""
+    cause = getattr(error, "cause", None)  # ray.exceptions.RayTaskError wraps the actor's own exception
+    inner = cause if isinstance(cause, BaseException) else error
+    lines = [line.strip() for line in _ANSI.sub("", str(inner)).splitlines() if line.strip()]
+    message = lines[0] if lines else ""
+    return f"{type(inner).__name__}: {message}"[:300]
 
 
 @dataclass
@@ -139,9 +160,10 @@ class EngineLoop:
                 self._deliver(request_id, TimeoutError(f"request {request_id} exceeded its deadline"))
 
     def _fail_all(self, error: BaseException) -> None:
+        failure = EngineFailure(error)
         for request_id in list(self._clients):
             self.engine.abort(request_id)
-            self._deliver(request_id, error)
+            self._deliver(request_id, failure)
 
     def _deliver(self, request_id: str, item: Item) -> None:
         client = self._clients.get(request_id)

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from cluster.config import AppConfig
-from cluster.engine_loop import EngineLoop
+from cluster.engine_loop import EngineFailure, EngineLoop, short_reason
 from cluster.metrics import Metrics
 from cluster.openai_api import (
     APIError,
@@ -33,6 +33,7 @@ from cluster.openai_api import (
 from cluster.policy_actor import PolicyClient
 from policy.guard import MeasuredGuard
 from workers.engine import SpecEngine
+from workers.kv_cache import CacheCapacityError
 from workers.sequence import RequestOutput
 from workers.tokenizer import Tokenizer
 
@@ -261,10 +262,22 @@ class Router:
 
 
 def _as_api_error(error: BaseException) -> APIError:
+    """What a request's engine-side error means over HTTP: 400 only for what the client sent (the engine's
+    validation of a new request), 504 past the deadline, 503 for server faults (short, no traceback)."""
     if isinstance(error, APIError):
         return error
     if isinstance(error, TimeoutError):
         return APIError(504, str(error), error_type="timeout")
+    if isinstance(error, EngineFailure) and isinstance(error.error, CacheCapacityError):
+        return APIError(
+            503, f"the server has no free KV-cache slot; retry later ({error})", error_type="server_error"
+        )
+    if isinstance(error, EngineFailure):
+        return APIError(
+            503, f"the model failed while serving this request ({error})", error_type="server_error"
+        )
     if isinstance(error, ValueError):
         return APIError(400, str(error))
-    return APIError(503, f"the model failed while serving this request: {error}", error_type="server_error")
+    return APIError(
+        503, f"the server could not take this request ({short_reason(error)})", error_type="server_error"
+    )

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from policy.stats import IterationStats, KChooser, RequestIterationStats
 from workers.drafter import DraftOutput, DraftRequest, Proposal
+from workers.kv_cache import CacheCapacityError
 from workers.sampling import SamplingParams
 from workers.sequence import FINISH_ABORT, RequestOutput, Sequence
 from workers.target import TargetInfo, VerifyOutput, VerifyRequest
@@ -156,7 +157,9 @@ class SpecEngine:
             self._recover_target(batch, error)  # re-prefill from the token histories, or raise
             verified = self.target.verify(requests)
         committed, experts_touched = verified.committed_ids, verified.experts_touched
-        outputs += self._commit(batch, num_spec, committed)
+        # What was drafted, not what was chosen: a paused or failed drafter drafts nothing, and the draft
+        # cache bookkeeping must not advance for tokens it never fed.
+        outputs += self._commit(batch, [len(p.draft_ids) for p in proposals], committed)
         self._observe(
             batch,
             proposals,
@@ -186,8 +189,10 @@ class SpecEngine:
 
     # -- steps -----------------------------------------------------------------------------------------------
 
-    def _admit(self) -> list[RequestOutput]:
+    def _admit(self, max_admitted: int | None = None) -> list[RequestOutput]:
         capacity = min(self.config.max_batch_size, self.info.max_seqs)
+        if max_admitted is not None:
+            capacity = min(capacity, len(self.running) + max_admitted)
         admitted: list[Sequence] = []
         while self.waiting and len(self.running) + len(admitted) < capacity:
             admitted.append(self.waiting.popleft())
@@ -197,6 +202,16 @@ class SpecEngine:
             first = self.target.prefill(
                 [s.seq_id for s in admitted], [s.prompt_ids for s in admitted], [s.params for s in admitted]
             )
+        except CacheCapacityError:
+            # Slots held by sequences this engine does not run. While some run, their frees make room: wait.
+            # With none running, try one request alone; if even that cannot get a slot, nothing ever will:
+            # raise, so the waiting requests end with a 503 and the health check reports the replica.
+            self.waiting.extendleft(reversed(admitted))
+            if self.running:
+                return []
+            if len(admitted) > 1:
+                return self._admit(max_admitted=1)
+            raise
         except Exception as error:
             self._requeue_after_failed_prefill(admitted, error)
             return []
@@ -291,10 +306,10 @@ class SpecEngine:
                 time.sleep(1.0)
 
     def _commit(
-        self, batch: list[Sequence], num_spec: list[int], committed: list[list[int]]
+        self, batch: list[Sequence], num_drafted: list[int], committed: list[list[int]]
     ) -> list[RequestOutput]:
         outputs = []
-        for seq, proposed, tokens in zip(batch, num_spec, committed, strict=True):
+        for seq, proposed, tokens in zip(batch, num_drafted, committed, strict=True):
             if proposed > 0:  # the draft cache fed d_1..d_{K-1}; it stays valid up to the accepted ones
                 num_accepted = len(tokens) - 1
                 seq.num_draft_cached = min(seq.num_draft_cached + proposed - 1, seq.num_tokens + num_accepted)

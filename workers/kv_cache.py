@@ -15,8 +15,12 @@ from pathlib import Path
 import torch
 
 
-class CacheCapacityError(ValueError):
-    """A request does not fit: no free slot, or its sequence would exceed max_seq_len."""
+class CacheCapacityError(RuntimeError):
+    """A request does not fit: no free slot, or its sequence would exceed max_seq_len.
+
+    A server-side condition, not a client error: requests are validated against the context length before
+    they reach a cache, and the engine never admits more sequences than there are slots. Seeing it means the
+    cache is held by sequences nobody runs (a leak), so it maps to 503, never to 400."""
 
 
 @dataclass(frozen=True)

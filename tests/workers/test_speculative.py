@@ -242,3 +242,68 @@ def test_a_prefill_that_keeps_failing_raises_instead_of_looping(
     engine.target = PrefillCrashingTarget(engine.target.runner, always=True)  # type: ignore[attr-defined]
     with pytest.raises((ConnectionError, RuntimeError), match="target replica died"):
         engine.generate(_prompts(6), GREEDY)
+
+
+class ReplacedDrafter(Drafter):
+    """Its replica dies on the second call; the replacement starts with an empty cache."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        super().__init__(runner)
+        self.calls = 0
+        self.num_drafted_after_replacement = 0
+
+    def propose(self, requests):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.calls == 2:
+            for seq_id in list(self.runner.cache.seq_ids):
+                self.runner.free(seq_id)
+            raise ConnectionError("drafter replica died")
+        out = super().propose(requests)
+        if self.calls > 2:
+            self.num_drafted_after_replacement += sum(len(p.draft_ids) for p in out.proposals)
+        return out
+
+
+def test_speculation_resumes_after_a_drafter_replacement(
+    target_path: Path, good_draft_path: Path, reference: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A clock that advances 10 ms per reading: the 100 ms pause after the failure spans several iterations,
+    # during which K stays 3 but nothing is drafted. The engine must not count those drafts as cached.
+    clock = iter(range(10**6))
+    monkeypatch.setattr("workers.engine.time.monotonic", lambda: next(clock) * 0.01)
+    engine = _engine(target_path, good_draft_path, StaticChooser(3))
+    engine.config = EngineConfig(max_batch_size=8, drafter_retry_s=0.1)
+    assert engine.drafter is not None
+    drafter = engine.drafter = ReplacedDrafter(engine.drafter.runner)
+    assert engine.generate(_prompts(6), GREEDY) == reference
+    assert engine.num_draft_failures == 1  # no DraftCacheMiss after the replacement answers
+    assert drafter.num_drafted_after_replacement > 0
+
+
+def _fill_with_foreign_sequences(engine: SpecEngine, num_free: int) -> None:
+    """Slots held by sequences the engine does not run (a predecessor's leak)."""
+    cache = engine.target.runner.cache  # type: ignore[attr-defined]
+    for seq_id in range(10_000, 10_000 + cache.num_free_slots - num_free):
+        engine.target.runner.add_sequence(seq_id)  # type: ignore[attr-defined]
+
+
+def test_requests_wait_for_slots_while_others_run(
+    target_path: Path, good_draft_path: Path, reference: list[list[int]]
+) -> None:
+    engine = _engine(target_path, good_draft_path, StaticChooser(2))
+    _fill_with_foreign_sequences(engine, num_free=1)
+    assert engine.generate(_prompts(6), GREEDY) == reference  # one at a time, through the one free slot
+
+
+def test_a_cache_that_refuses_with_nothing_running_is_an_error(
+    target_path: Path, good_draft_path: Path
+) -> None:
+    from workers.kv_cache import CacheCapacityError
+
+    engine = _engine(target_path, good_draft_path, StaticChooser(2))
+    _fill_with_foreign_sequences(engine, num_free=0)
+    engine.add_request("r-0", [5, 6, 7], GREEDY)
+    with pytest.raises(CacheCapacityError, match="sequence slots are in use"):
+        engine.step()
+    assert [s.request_id for s in engine.waiting] == ["r-0"]  # not lost: the caller decides what to do
+    assert not isinstance(CacheCapacityError("x"), ValueError)  # a server fault, never a client error (400)
