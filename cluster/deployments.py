@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,8 @@ from workers.target import Target, TargetInfo, VerifyOutput, VerifyRequest
 
 logger = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 60.0
-HEALTH_TIMEOUT_S = 20.0
+HEALTH_TIMEOUT_S = 20.0  # a loaded host actor that does not answer a ping for this long is unhealthy
+LOAD_TIMEOUT_S = 600.0  # a host actor that has not loaded its model after this long is unhealthy
 
 
 def resolve_model_path(path: str) -> Path:
@@ -194,6 +196,8 @@ class _HostServer:
     def __init__(self, config: AppConfig, num_cpus: float, num_gpus: float) -> None:
         actor_cls: Any = ray.remote(self.host_cls)
         self.actor = actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0).remote(config)
+        self._ping: tuple[Any, float] | None = None  # the health check's ping in flight, and when it was sent
+        self._has_loaded = False  # the actor answered once: its model is loaded
 
     async def actor_handle(self) -> Any:
         await self.actor.ping.remote()  # loaded and answering
@@ -203,8 +207,23 @@ class _HostServer:
         return int(await self.actor.num_used_slots.remote())
 
     def check_health(self) -> None:
-        """Serve's health check: raises if the host actor died or stopped answering."""
-        ray.get(self.actor.ping.remote(), timeout=HEALTH_TIMEOUT_S)
+        """Serve's health check: raises if the host actor died, stopped answering for HEALTH_TIMEOUT_S after
+        it had loaded, or took more than LOAD_TIMEOUT_S to load. Never waits: a ping stays in flight between
+        checks, so a model that loads slowly (a busy machine, a large checkpoint) does not fail the replica's
+        first checks, while a dead actor's ping fails at once."""
+        if self._ping is None:
+            self._ping = (self.actor.ping.remote(), time.monotonic())
+        ref, sent_at = self._ping
+        if ray.wait([ref], timeout=0)[0]:
+            self._ping = None
+            ray.get(ref)  # raises if the actor died
+            self._has_loaded = True
+            return
+        waited = time.monotonic() - sent_at
+        if self._has_loaded and waited > HEALTH_TIMEOUT_S:
+            raise RuntimeError(f"the {self.host_cls.__name__} actor has not answered for {waited:.0f} s")
+        if not self._has_loaded and waited > LOAD_TIMEOUT_S:
+            raise RuntimeError(f"the {self.host_cls.__name__} actor has not loaded within {waited:.0f} s")
 
 
 class TargetServer(_HostServer):

@@ -145,12 +145,15 @@ def test_drafts_resume_after_the_drafter_process_is_replaced(server: str) -> Non
     def load(i: int) -> int:
         completed = 0
         while not stop.is_set():
-            gaps.append(_stream(server, f"drafter {i}:", num_spec_tokens=3))
+            gaps.append(_stream(server, f"drafter {i}:", num_spec_tokens=3, max_tokens=150))
             completed += 1
         return completed
 
+    def gauge(name: str) -> float:
+        return metric_value(httpx.get(f"{server}/metrics").text, name)
+
     def drafts() -> float:
-        return metric_value(httpx.get(f"{server}/metrics").text, "spec_decode_num_drafts_total")
+        return gauge("spec_decode_num_drafts_total")
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         workers = [pool.submit(load, i) for i in range(4)]
@@ -167,6 +170,11 @@ def test_drafts_resume_after_the_drafter_process_is_replaced(server: str) -> Non
             assert time.monotonic() - replaced_at < 30, "no drafts within 30 s of the replacement"
             time.sleep(0.5)
         resumed_at = time.monotonic()
+        # The requests that ran through the kill speculate again too: no more drafter failures (a drafter
+        # asked for sequences it never saw would fail every retry until those requests end).
+        failures = gauge("drafter_failures")
+        time.sleep(5.0)
+        assert gauge("drafter_failures") == failures
         stop.set()
         completed = [w.result(timeout=300) for w in workers]  # raises if any request was lost
     print(
