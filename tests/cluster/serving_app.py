@@ -81,15 +81,22 @@ def running_app(base: str, args: dict[str, Any], name: str, timeout_s: float = 1
 
     from cluster.app import build_app
 
-    serve.run(build_app(args), name=name, route_prefix="/")
-    deadline = time.monotonic() + timeout_s
-    while httpx.get(f"{base}/health").status_code != 200:
-        assert time.monotonic() < deadline, "the app never became healthy"
-        time.sleep(0.5)
     try:
+        serve.run(build_app(args), name=name, route_prefix="/")
+        deadline = time.monotonic() + timeout_s
+        while not _is_healthy(base):
+            assert time.monotonic() < deadline, "the app never became healthy"
+            time.sleep(0.5)
         yield base
-    finally:
+    finally:  # also when it never became healthy: the next module needs the route prefix
         serve.delete(name)
+
+
+def _is_healthy(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/health", timeout=30).status_code == 200
+    except httpx.HTTPError:  # a busy machine: the replica may take a while to answer
+        return False
 
 
 def metric_value(metrics: str, name: str) -> float:
