@@ -21,6 +21,8 @@ from cluster.config import REPO_ROOT, AppConfig
 
 K8S = REPO_ROOT / "k8s"
 RAY_UP_YAMLS = sorted((REPO_ROOT / "cluster" / "ray-up").glob("*.yaml"))
+ON_PREM_YAMLS = ["on-prem.yaml", "on-prem-cpu.yaml"]
+AUTH_TOKEN = "~/.ray/auth_token"  # the user's Ray token, mounted on every node of the on-prem clusters
 SERVE_CONFIGS = sorted((REPO_ROOT / "cluster" / "configs").glob("*.yaml"))
 KUBERNETES_VERSION = "1.30.0"
 OVERLAYS = ["gpu", "cpu-demo"]
@@ -73,7 +75,7 @@ def test_cluster_yaml_passes_rays_schema(path: Path) -> None:
     config = yaml.safe_load(path.read_text())
     validate_config(prepare_config(copy.deepcopy(config)))
     for local_path in config.get("file_mounts", {}).values():  # synced relative to the repository root
-        assert (REPO_ROOT / local_path).exists(), local_path
+        assert local_path == AUTH_TOKEN or (REPO_ROOT / local_path).exists(), local_path
     setup = [*config.get("setup_commands", [])]
     for node_type in config.get("available_node_types", {}).values():
         setup += node_type.get("worker_setup_commands", [])
@@ -96,6 +98,41 @@ def test_on_prem_cluster_uses_local_provider_with_addresses() -> None:
     assert config["provider"]["head_ip"] and config["provider"]["worker_ips"]
     assert "available_node_types" not in config  # the local provider refuses it
     assert any(f'"ray[serve]=={ray.__version__}"' in command for command in config["setup_commands"])
+
+
+def on_prem(name: str) -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load((REPO_ROOT / "cluster" / "ray-up" / name).read_text())
+    return config
+
+
+@pytest.mark.parametrize("name", ON_PREM_YAMLS)
+def test_on_prem_clusters_share_one_token_and_run_ray_with_token_auth(name: str) -> None:
+    """Ray 2.60's `ray start --head` turns token authentication on where ~/.ray/auth_token exists, and the
+    Serve CLI sends the token only with RAY_AUTH_MODE=token: every node gets the same token, and both the
+    start commands and `ray exec` (login shells that read ~/.bashrc) run with RAY_AUTH_MODE=token."""
+    config = on_prem(name)
+    assert config["file_mounts"]["~/.ray/auth_token"] == AUTH_TOKEN
+    env_line, source_line = config["setup_commands"][1:3]
+    assert "RAY_AUTH_MODE=token" in env_line and env_line.endswith("> ~/.moespec-env")
+    assert source_line.endswith(">> ~/.bashrc") and "grep -q moespec-env ~/.bashrc ||" in source_line
+    for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
+        if "ray start" in command:  # quiet where the user may not raise the limit
+            assert command.startswith('ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"; ray start')
+
+
+def test_cpu_on_prem_cluster_installs_the_cpu_torch_and_differs_only_there() -> None:
+    gpu, cpu = on_prem("on-prem.yaml"), on_prem("on-prem-cpu.yaml")
+    torch_install, project_install = cpu["setup_commands"][3:]
+    assert '"torch==2.13.0+cpu"' in torch_install  # only a CPU wheel index has it: no silent CUDA build
+    constraints = "~/moespec/scripts/constraints-cpu.txt"
+    assert f"-c {constraints}" in project_install and constraints in cpu["file_mounts"]
+    assert "torch==2.13.0" in (REPO_ROOT / cpu["file_mounts"][constraints]).read_text()
+    assert cpu["provider"]["worker_ips"] == []  # the demo runs on one machine
+    for key in set(gpu) | set(cpu):  # the rest is on-prem.yaml's, so that fixes reach both
+        if key not in ("cluster_name", "provider", "setup_commands", "file_mounts"):
+            assert cpu.get(key) == gpu.get(key), key
+    assert {**cpu["file_mounts"]} == {**gpu["file_mounts"], constraints: "./scripts/constraints-cpu.txt"}
+    assert cpu["setup_commands"][:3] == gpu["setup_commands"][:3]
 
 
 # --- Serve configs -------------------------------------------------------------------------------------
@@ -129,6 +166,47 @@ def test_gpu_serve_config_uses_gpus_and_expert_parallel_ranks() -> None:
     assert app.model.target.startswith("/models/") and app.model.draft is not None
     assert app.model.dtype == "bfloat16" and app.expert_parallel.num_ranks >= 2
     assert app.resources.target_num_gpus >= 1 and app.resources.drafter_num_gpus > 0
+
+
+def replica_cpus(app: Any) -> float:
+    """Logical CPUs of the Serve replicas of an application and of every application bound into it."""
+    deployment = app._bound_deployment
+    # Serve reserves one CPU per replica unless ray_actor_options says otherwise.
+    own = float((deployment.ray_actor_options or {}).get("num_cpus", 1.0)) * (deployment.num_replicas or 1)
+    bound = [*deployment.init_args, *deployment.init_kwargs.values()]
+    return own + sum(replica_cpus(arg) for arg in bound if hasattr(arg, "_bound_deployment"))
+
+
+def policy_actor_cpus(monkeypatch: pytest.MonkeyPatch) -> float:
+    """The CPUs the central policy actor asks for, read from where it is created."""
+    from types import SimpleNamespace
+
+    from cluster import policy_actor
+
+    options: dict[str, Any] = {}
+
+    def remote(**actor_options: Any) -> Any:
+        options.update(actor_options)
+        return lambda cls: SimpleNamespace(options=lambda **_: SimpleNamespace(remote=lambda *args: None))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(policy_actor.ray, "remote", remote)
+        policy_actor.policy_actor_handle("name", 1, lambda: None)  # type: ignore[arg-type,return-value]
+    return float(options["num_cpus"])
+
+
+def test_cpu_demo_fits_a_two_cpu_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The smallest machine the demo is offered for: over 2 logical CPUs, Serve never places every
+    replica and the app goes to DEPLOY_FAILED (seen with 2.2 CPUs)."""
+    from cluster.app import build_app
+
+    args = manifests.load_yaml(manifests.DEMO_SERVE_CONFIG)["applications"][0]["args"]
+    config = AppConfig.from_args(args)
+    assert config.expert_parallel.num_ranks == 1  # else the ranks, not the replica's actor, hold the CPUs
+    res = config.resources
+    host_actors = res.target_num_cpus + (res.drafter_num_cpus if config.model.draft else 0.0)
+    total = replica_cpus(build_app(args)) + host_actors + policy_actor_cpus(monkeypatch)
+    assert total <= 2.0, f"the CPU demo asks for {total:.2f} CPUs"
 
 
 # --- Kubernetes ----------------------------------------------------------------------------------------
