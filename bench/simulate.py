@@ -1,8 +1,11 @@
 """Simulated speedups of every K policy over plain decoding, per preset, acceptance level and batch size.
 
-Usage: python -m bench.simulate [--presets ...] [--jobs 2] [--quick]
-Prints one table per preset and acceptance level, and the static-K batch curve of MoE and dense presets;
-writes speedups.json and PNG plots under bench/results/simulator/.
+Usage: python -m bench.simulate [--presets ...] [--seeds 5] [--jobs 2] [--quick]
+       python -m bench.simulate --paper moesd [--fit]
+Prints one table per preset and acceptance level (seed 0), the policy table (per cell, the minimum over
+seeds of auto / max(off, best static K), and of cascade / off), and the static-K batch curve of MoE and
+dense presets; writes speedups.json and PNG plots under bench/results/simulator/. `--paper moesd` prints
+MoESD's Tables 1-2 beside the simulator (see bench/paper_moesd.py) and writes moesd.json.
 """
 
 from __future__ import annotations
@@ -26,6 +29,33 @@ CURVE_PRESETS = ("mixtral-8x7b-h100", "qwen2-57b-a14b-h100", "llama-70b-h100")
 CURVE_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 
 Task = tuple[str, str, int, int, int]  # (preset, level, batch size, request-iterations, seed)
+
+
+def policy_table(results: dict[int, dict[str, dict[str, dict[int, dict[str, float]]]]]) -> tuple[str, dict]:
+    """Per preset, level and batch: min over seeds of auto / max(off, best static K), of batch-aware's, and
+    of cascade / off; and whether auto beat the best static K on every seed."""
+    lines = ["policy table: min over seeds of auto / max(off, best static K) [batch-aware] {cascade / off}"]
+    table: dict = {}
+    seeds = sorted(results)
+    for preset, levels in results[seeds[0]].items():
+        for level, rows in levels.items():
+            cells = []
+            for batch in sorted(rows):
+                per_seed = [results[s][preset][level][batch] for s in seeds]
+                best = [max(1.0, *(v for p, v in r.items() if p.startswith("static"))) for r in per_seed]
+                auto = min(r["auto"] / b for r, b in zip(per_seed, best, strict=True))
+                aware = min(r["batch-aware"] / b for r, b in zip(per_seed, best, strict=True))
+                cascade = min(r["cascade"] for r in per_seed)
+                beats = all(
+                    r["auto"] > max(v for p, v in r.items() if p.startswith("static")) for r in per_seed
+                )
+                table.setdefault(preset, {}).setdefault(level, {})[batch] = {
+                    "auto": auto, "batch-aware": aware, "cascade_over_off": cascade, "auto_beats_static": beats,
+                }  # fmt: skip
+                cells.append(f"{batch}:{auto:.3f}{'+' if beats else ''}[{aware:.3f}]{{{cascade:.2f}}}")
+            lines.append(f"{preset:>22} {level:>6} " + " ".join(cells))
+    lines.append("+ auto above the best static K on every seed")
+    return "\n".join(lines), table
 
 
 def run_task(task: Task) -> tuple[Task, dict[str, float]]:
@@ -107,7 +137,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--request-iterations", type=int, default=8000, help="per run: iterations x batch size"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=1, help="seeds 0..n-1 (the policy table takes the min)")
+    parser.add_argument("--paper", choices=("moesd",), help="print a paper's tables beside the simulator")
+    parser.add_argument("--fit", action="store_true", help="with --paper moesd: refit the engine on Table 1")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument(
         "--quick", action="store_true", help="batch sizes 1,4,16,64 and 3000 request-iterations"
@@ -121,8 +153,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    if args.paper == "moesd":
+        from bench.paper_moesd import main as paper_main
+
+        paper_main(args.fit, args.jobs, OUT_DIR / "moesd.json")
+        return
     tasks = [
-        (preset, level, int(batch), args.request_iterations, args.seed)
+        (preset, level, int(batch), args.request_iterations, seed)
+        for seed in range(args.seeds)
         for preset in args.presets.split(",")
         for level in args.levels.split(",")
         for batch in args.batch_sizes.split(",")
@@ -131,15 +170,18 @@ def main(argv: list[str] | None = None) -> None:
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         outcomes = list(pool.map(run_task, tasks))
         curve_outcomes = dict(
-            pool.map(run_curve, [(p, b, args.seed) for p in CURVE_PRESETS for b in CURVE_BATCH_SIZES])
+            pool.map(run_curve, [(p, b, 0) for p in CURVE_PRESETS for b in CURVE_BATCH_SIZES])
         )
-    results: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
-    for (preset, level, batch_size, _, _), speedup in outcomes:
-        results.setdefault(preset, {}).setdefault(level, {})[batch_size] = speedup
-    curves = {p: [curve_outcomes[(p, b, args.seed)] for b in CURVE_BATCH_SIZES] for p in CURVE_PRESETS}
+    by_seed: dict[int, dict[str, dict[str, dict[int, dict[str, float]]]]] = {}
+    for (preset, level, batch_size, _, seed), speedup in outcomes:
+        by_seed.setdefault(seed, {}).setdefault(preset, {}).setdefault(level, {})[batch_size] = speedup
+    results = by_seed[0]
+    curves = {p: [curve_outcomes[(p, b, 0)] for b in CURVE_BATCH_SIZES] for p in CURVE_PRESETS}
     for preset, by_level in results.items():
         for level, rows in by_level.items():
             print(format_table(preset, level, rows), end="\n\n")
+    text, table = policy_table(by_seed)
+    print(text, end="\n\n")
     print(
         "static K = 3 at acceptance 0.8, speedup by batch size "
         + " ".join(f"{b:>5}" for b in CURVE_BATCH_SIZES)
@@ -147,10 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     for preset, curve in curves.items():
         print(f"{preset:>52} " + " ".join(f"{s:5.2f}" for s in curve))
     print(f"\n* best static K in the row. {len(tasks)} workloads in {time.perf_counter() - started:.0f} s")
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    (OUT_DIR / "speedups.json").write_text(
-        json.dumps({"speedups": results, "static_k3_curves": curves}, indent=1)
-    )
+    payload = {"seeds": args.seeds, "speedups": by_seed, "policy_table": table, "static_k3_curves": curves}
+    (OUT_DIR / "speedups.json").write_text(json.dumps(payload, indent=1))
     if not args.no_plots:
         plot(results, curves)
         print(f"wrote {OUT_DIR}/speedups.json and PNG plots")

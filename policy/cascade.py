@@ -3,6 +3,11 @@
 A request alternates a short test phase (up to `max_test_values` K values, hill-climbing on utility) and a
 longer set phase at the best K found; each choice of K = 0 doubles the next set phase (back-off). The
 chooser measures the plain-decode baseline itself, forcing one plain iteration when it is missing or stale.
+
+In a batch (the paper ran batch 1 only) a request is charged its share of the iteration's extra time, not
+the whole batch's: the batch ran B * (cost - 1) plain-iteration-equivalents of extra time per request-slot,
+split over the requests in proportion to the tokens they drafted. If every request's utility under that
+charge is >= 1, the batch's tokens per second is >= plain's (the charges sum to the batch's cost).
 """
 
 from __future__ import annotations
@@ -142,7 +147,8 @@ class CascadeController:
 class CascadeChooser:
     """A `KChooser` holding one `CascadeController` per request and the plain-decode baselines per batch size.
 
-    Cost of an iteration = its time / the last plain iteration time measured at the same batch size.
+    Cost of an iteration = its time / the last plain iteration time measured at the same batch size; each
+    request is charged 1 + B * (cost - 1) * K_r / sum K (`request_costs`).
     """
 
     def __init__(self, config: CascadeConfig) -> None:
@@ -173,8 +179,9 @@ class CascadeChooser:
         if baseline is None or baseline[0] <= 0.0:
             return  # no cost to measure against yet; choose() forces a plain iteration
         cost = stats.iteration_time_s / baseline[0]
-        for r in stats.requests:
-            self._controller(r.request_id).observe(r.num_spec_tokens, r.num_accepted_tokens + 1, cost)
+        ks = [r.num_spec_tokens for r in stats.requests]
+        for r, charged in zip(stats.requests, request_costs(cost, ks), strict=True):
+            self._controller(r.request_id).observe(r.num_spec_tokens, r.num_accepted_tokens + 1, charged)
 
     def release(self, request_id: str) -> None:
         self._controllers.pop(request_id, None)
@@ -184,3 +191,20 @@ class CascadeChooser:
         if controller is None:
             controller = self._controllers[request_id] = CascadeController(self.config)
         return controller
+
+
+MIN_REQUEST_COST = 0.05  # a floor for noisy charges (cost below 1 by noise, spread over few drafters)
+
+
+def request_costs(cost: float, num_spec_tokens: list[int]) -> list[float]:
+    """Each request's share of a batch iteration's cost, in plain-iteration units.
+
+    The batch's extra time, B * (cost - 1) request-slots, is split over the requests in proportion to their
+    K_r; a request at K = 0 is charged 1 (what plain decoding costs it). At batch 1 this is `cost`, as
+    published.
+    """
+    total = sum(num_spec_tokens)
+    if total == 0:
+        return [1.0] * len(num_spec_tokens)
+    extra = len(num_spec_tokens) * (cost - 1.0)
+    return [max(1.0 + extra * k / total, MIN_REQUEST_COST) for k in num_spec_tokens]

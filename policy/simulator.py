@@ -1,7 +1,9 @@
-"""Simulated serving loop: a batch of synthetic requests, iteration times from a preset's cost model, a policy.
+"""Simulated serving loop: a batch of synthetic requests, iteration times from a preset's truth, a policy.
 
-Decode iterations only (prefill and the draft's catch-up prefill are not modelled). Speedups are committed
-tokens per simulated second relative to plain decoding on the same workload (same seed).
+Decode iterations, with the draft's catch-up prefill when a request starts or resumes speculating (the
+target's prefill is not modelled). The policy sees only what a router reports: noisy phase times, counts,
+experts touched. Speedups are committed tokens per simulated second relative to plain decoding on the same
+workload (same seed).
 """
 
 from __future__ import annotations
@@ -13,13 +15,17 @@ import numpy as np
 from policy.baselines import BatchSizeTableChooser, BatchSizeTableConfig, OffChooser, StaticChooser
 from policy.batch_aware import BatchAwareChooser, BatchAwareConfig
 from policy.cascade import CascadeChooser, CascadeConfig
-from policy.cost_model import CostModel, CostModelConfig, CostParams
-from policy.presets import Preset
+from policy.cost_model import CostModel, CostModelConfig
+from policy.guard import MeasuredGuard
+from policy.presets import MeasuredTruth, Preset
 from policy.stats import IterationStats, KChooser, RequestIterationStats
+from policy.truth import IterationShape, ServerTruth
 from policy.workload import Arrivals, SimRequest, WorkloadConfig
 
-POLICIES = ("off", "static-1", "static-2", "static-3", "static-4", "table", "cascade", "batch-aware")
+POLICIES = ("off", "static-1", "static-2", "static-3", "static-4", "table", "cascade", "batch-aware", "auto")
 MAX_SPEC_TOKENS = 8  # the bound every adaptive policy runs with
+
+Truth = ServerTruth | MeasuredTruth
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,7 @@ class SimulationResult:
 
 def simulate(preset: Preset, chooser: KChooser, workload: WorkloadConfig) -> SimulationResult:
     """Run `workload.num_iterations` iterations of the speculative loop with `chooser` deciding K."""
-    truth = CostModel(CostModelConfig(preset.routing), preset.cost_params())
+    truth = preset.truth()
     rng = np.random.default_rng([workload.seed, 2**31])
     arrivals = Arrivals(workload, MAX_SPEC_TOKENS)
     running: list[SimRequest] = []
@@ -54,11 +60,13 @@ def simulate(preset: Preset, chooser: KChooser, workload: WorkloadConfig) -> Sim
     for iteration in range(workload.num_iterations):
         now_s = arrivals.admit(running, now_s)
         ks = chooser.choose([r.request_id for r in running])
-        records = [_step(request, ks[request.request_id]) for request in running]
+        steps = [_step(request, ks[request.request_id]) for request in running]
+        records = [record for record, _ in steps]
         for record in records:
             k_counts[record.num_spec_tokens] += 1
             num_committed += record.num_committed_tokens
-        stats = _measure(truth, preset, iteration, records, rng, workload.time_noise)
+        catch_up = sum(tokens for _, tokens in steps)
+        stats = _measure(truth, preset, iteration, records, rng, workload.time_noise, catch_up)
         now_s += stats.iteration_time_s
         chooser.observe(stats)
         for request in [r for r in running if r.is_finished]:
@@ -67,31 +75,35 @@ def simulate(preset: Preset, chooser: KChooser, workload: WorkloadConfig) -> Sim
     return SimulationResult(num_committed, now_s, workload.num_iterations, tuple(int(c) for c in k_counts))
 
 
-def _step(request: SimRequest, num_spec_tokens: int) -> RequestIterationStats:
+def _step(request: SimRequest, num_spec_tokens: int) -> tuple[RequestIterationStats, int]:
+    """The request's record for this iteration and the history tokens the drafter caught up on."""
     if not 0 <= num_spec_tokens <= MAX_SPEC_TOKENS:
         raise ValueError(
             f"num_spec_tokens={num_spec_tokens} for {request.request_id} is outside [0, {MAX_SPEC_TOKENS}]"
         )
-    context_len = request.num_committed_tokens
-    accepted, committed = request.step(num_spec_tokens)
-    return RequestIterationStats(request.request_id, num_spec_tokens, accepted, committed, context_len)
+    context_len = request.context_len
+    accepted, committed, catch_up = request.step(num_spec_tokens)
+    record = RequestIterationStats(request.request_id, num_spec_tokens, accepted, committed, context_len)
+    return record, catch_up
 
 
 def _measure(
-    truth: CostModel,
+    truth: Truth,
     preset: Preset,
     iteration: int,
     records: list[RequestIterationStats],
     rng: np.random.Generator,
     noise: float,
+    num_draft_prefill_tokens: int = 0,
 ) -> IterationStats:
     """The iteration's stats as a router would report them: phase times with jitter, experts per layer."""
     ks = [r.num_spec_tokens for r in records]
-    draft, verify, other = (float(t) for t in truth.phase_times(len(ks), max(ks), sum(ks)))
+    shape = IterationShape(ks, [r.context_len for r in records], num_draft_prefill_tokens)
+    draft, verify, other = truth.phase_times(shape)
     jitter = np.clip(1.0 + noise * rng.standard_normal(3), 0.5, 1.5)
     num_tokens = len(ks) + sum(ks)
     # Distinct experts per layer: the expected count, stochastically rounded (unbiased).
-    expected = float(truth.expert_counts.predict(num_tokens))
+    expected = truth.experts_touched(num_tokens)
     num_layers = preset.target.num_layers if preset.target.num_experts else 0
     experts = np.floor(expected + rng.random(num_layers)).astype(int).tolist()
     return IterationStats(
@@ -104,29 +116,15 @@ def _measure(
         other_time_s=other * float(jitter[2]),
         experts_touched=experts,
         num_experts=preset.target.num_experts,
+        num_draft_prefill_tokens=num_draft_prefill_tokens,
     )
 
 
-def profile_cost_model(preset: Preset, seed: int = 0, noise: float = 0.02) -> CostModel:
-    """The start-up calibration: 24 measured iterations across batch sizes 1..64, plain and at K = 3.
-
-    Starts from a prior 1.5x off the preset's true params, so that the fit, not the prior, does the work.
-    """
-    truth = CostModel(CostModelConfig(preset.routing), preset.cost_params())
-    rng = np.random.default_rng([seed, 2**30])
-    measured = []
-    for i, batch in enumerate(b for b in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) for _ in range(2)):
-        ks = [3 * (i % 2)] * batch
-        records = [RequestIterationStats(f"p{j}", k, 0, 1, 0) for j, k in enumerate(ks)]
-        measured.append(_measure(truth, preset, i, records, rng, noise))
-    prior = CostParams(*(1.5 * preset.cost_params().as_array()))
-    model = CostModel(CostModelConfig(preset.routing), prior)
-    model.calibrate(measured)
-    return model
-
-
 def make_chooser(policy: str, preset: Preset, seed: int = 0) -> KChooser:
-    """A fresh chooser by name (see POLICIES)."""
+    """A fresh chooser by name (see POLICIES). The adaptive ones start from the preset's analytic roofline
+    prior (`Preset.cost_params`), not from the truth, and learn online from the measured iterations, as when
+    served; "auto" is what a router serves: the batch-aware chooser inside the measured guard."""
+    del seed  # every chooser is deterministic given the iterations it observes
     if policy == "off":
         return OffChooser()
     if policy.startswith("static-"):
@@ -135,9 +133,10 @@ def make_chooser(policy: str, preset: Preset, seed: int = 0) -> KChooser:
         return BatchSizeTableChooser(BatchSizeTableConfig())
     if policy == "cascade":
         return CascadeChooser(CascadeConfig(max_spec_tokens=MAX_SPEC_TOKENS))
-    if policy == "batch-aware":
-        config = BatchAwareConfig(max_spec_tokens=MAX_SPEC_TOKENS)
-        return BatchAwareChooser(config, profile_cost_model(preset, seed))
+    if policy in ("batch-aware", "auto"):
+        model = CostModel(CostModelConfig(preset.routing), preset.cost_params())
+        chooser = BatchAwareChooser(BatchAwareConfig(max_spec_tokens=MAX_SPEC_TOKENS), model)
+        return chooser if policy == "batch-aware" else MeasuredGuard(chooser)
     raise ValueError(f"policy={policy!r} is not one of {POLICIES}")
 
 

@@ -26,6 +26,7 @@ class WorkloadConfig:
     acceptance_rates: tuple[float, ...]  # each acceptance phase draws its rate uniformly from these
     mean_phase_tokens: float = 256.0  # phase lengths are geometric with this mean
     mean_output_tokens: int = 512  # output lengths are uniform in [mean / 2, 3 * mean / 2]
+    mean_prompt_tokens: int = 128  # prompt lengths likewise (the context the caches hold at the start)
     arrival_rate_per_s: float = 0.0  # Poisson arrivals; 0 = closed loop (a finished request is replaced)
     num_iterations: int = 400
     time_noise: float = 0.02  # relative jitter of each measured phase time
@@ -40,6 +41,8 @@ class WorkloadConfig:
             raise ValueError(f"mean_phase_tokens={self.mean_phase_tokens} must be >= 1")
         if self.mean_output_tokens < 2:
             raise ValueError(f"mean_output_tokens={self.mean_output_tokens} must be >= 2")
+        if self.mean_prompt_tokens < 2:
+            raise ValueError(f"mean_prompt_tokens={self.mean_prompt_tokens} must be >= 2")
         if self.arrival_rate_per_s < 0.0:
             raise ValueError(f"arrival_rate_per_s={self.arrival_rate_per_s} must be >= 0")
         if self.num_iterations < 1:
@@ -49,7 +52,8 @@ class WorkloadConfig:
 
 
 class SimRequest:
-    """One request: its output positions' acceptance rates and draws, and how far it has got."""
+    """One request: its output positions' acceptance rates and draws, how far it has got, and how much of
+    its history the drafter holds (it first sees a request when the request first speculates)."""
 
     def __init__(self, index: int, config: WorkloadConfig, max_spec_tokens: int) -> None:
         rng = np.random.default_rng([config.seed, index])
@@ -60,6 +64,14 @@ class SimRequest:
         self.rates = _phase_rates(rng, positions, config)
         self.uniforms = rng.random(positions)
         self.num_committed_tokens = 0
+        self.num_prompt_tokens = int(
+            rng.integers(config.mean_prompt_tokens // 2, 3 * config.mean_prompt_tokens // 2 + 1)
+        )
+        self.num_drafter_tokens = 0  # history tokens in the drafter's cache
+
+    @property
+    def context_len(self) -> int:
+        return self.num_prompt_tokens + self.num_committed_tokens
 
     @property
     def is_finished(self) -> bool:
@@ -70,16 +82,22 @@ class SimRequest:
         """The rate of the current phase (for inspection; policies never see it)."""
         return float(self.rates[self.num_committed_tokens])
 
-    def step(self, num_spec_tokens: int) -> tuple[int, int]:
-        """Verify K draft tokens from the current position: (accepted, committed) after a stop cut."""
+    def step(self, num_spec_tokens: int) -> tuple[int, int, int]:
+        """Verify K draft tokens from the current position: (accepted, committed after a stop cut, history
+        tokens the drafter had to catch up on first)."""
         start = self.num_committed_tokens
+        catch_up = 0
+        if num_spec_tokens > 0:
+            catch_up = self.context_len - self.num_drafter_tokens
         rejected = (
             self.uniforms[start : start + num_spec_tokens] >= self.rates[start : start + num_spec_tokens]
         )
         accepted = int(np.argmax(rejected)) if rejected.any() else num_spec_tokens
         committed = min(accepted + 1, self.num_output_tokens - start)
         self.num_committed_tokens += committed
-        return accepted, committed
+        if num_spec_tokens > 0:
+            self.num_drafter_tokens = self.context_len  # rejected drafts rolled back, the rest kept
+        return accepted, committed, catch_up
 
 
 def _phase_rates(rng: np.random.Generator, num_positions: int, config: WorkloadConfig) -> NDArray[np.float64]:
