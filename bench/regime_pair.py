@@ -1,6 +1,6 @@
 """The benchmark pair in the product's regime: the demo target widened into a memory-bound MoE + the demo draft.
 
-    python -m bench.regime_pair [--out models/demo-moe-wide] [--intermediate-size 6144]
+    python -m bench.regime_pair [--out models/demo-moe-wide] [--intermediate-size 6144] [--check-vllm]
 
 The wide target computes the shipped demo target's function: every routed expert gets extra SwiGLU neurons
 whose gate and up rows are copies of the expert's own rows (real, finite activations) and whose down-proj
@@ -153,6 +153,15 @@ def ensure_built(out: Path = WIDE_TARGET, source: Path = DEMO_TARGET, spec: Wide
     return out
 
 
+def ensure_checkpoint(path: Path) -> Path:
+    """`path`, built first when it is the wide target (any other checkpoint must exist already)."""
+    if path.resolve() == WIDE_TARGET.resolve():
+        return ensure_built()
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"{path} is missing: train the demo pair first (python -m workers.demo.train)")
+    return path
+
+
 def regime_pair() -> tuple[Path, Path]:
     """(target, draft) of the benchmark pair, building the wide target on first use."""
     return ensure_built(), DEMO_DRAFT
@@ -176,12 +185,62 @@ def model_card(source_config: dict[str, object], config: dict[str, object]) -> s
     return MODEL_CARD.read_text() + "\n".join(lines)
 
 
+def check_vllm(python: Path, wide: Path, out: Path) -> bool:
+    """vLLM loads the wide target as it is and its greedy completions equal the shipped target's (fp32)."""
+    import subprocess
+
+    results = {}
+    for model in (DEMO_TARGET, wide):
+        file = out.parent / "raw" / f"vllm_greedy_{model.name}.json"
+        command = [
+            str(python),
+            "-m",
+            "bench.vllm_offline",
+            "greedy",
+            "--model",
+            str(model),
+            "--out",
+            str(file),
+        ]
+        print(f"vLLM greedy on {model.name} (an engine start takes minutes)", flush=True)
+        subprocess.run(command, check=True, cwd=REPO, env=_vllm_env())
+        results[model.name] = json.loads(file.read_text())
+    shipped, built = results[DEMO_TARGET.name], results[wide.name]
+    same = [a == b for a, b in zip(shipped["token_ids"], built["token_ids"], strict=True)]
+    summary = {
+        "num_prompts": len(same),
+        "num_same_greedy_tokens": sum(same),
+        "dtype": built["dtype"],
+        "completions": [
+            {"prompt": p, "shipped": a, "wide": b}
+            for p, a, b in zip(built["prompts"], shipped["texts"], built["texts"], strict=True)
+        ],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"vLLM: {sum(same)}/{len(same)} greedy completions equal the shipped target's; wrote {out}")
+    return all(same)
+
+
+def _vllm_env() -> dict[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return {**env, "PYTHONPATH": str(REPO), "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=WIDE_TARGET)
     parser.add_argument("--source", type=Path, default=DEMO_TARGET)
     parser.add_argument("--intermediate-size", type=int, default=WideSpec.intermediate_size)
     parser.add_argument("--force", action="store_true", help="rebuild even if the cached build is current")
+    parser.add_argument(
+        "--check-vllm",
+        action="store_true",
+        help="then check that vLLM loads it and its greedy text equals the shipped target's",
+    )
+    parser.add_argument("--vllm-python", type=Path, help="vLLM's python (default: bench.peers creates one)")
     args = parser.parse_args()
     spec = WideSpec(args.intermediate_size)
     if args.force:
@@ -193,6 +252,12 @@ def main() -> None:
         f"{args.out}: {sizes.total / 1e6:.1f} MB of weights, {100 * sizes.routed_share:.1f}% in routed "
         f"experts, {sizes.active_per_token / 1e6:.1f} MB read per decode token"
     )
+    if args.check_vllm:
+        from bench.peers import ensure_vllm_venv
+
+        python = args.vllm_python or ensure_vllm_venv(REPO / "bench" / "results" / "raw" / "vllm-venv")
+        if not check_vllm(python, args.out, REPO / "bench" / "results" / "regime_pair_vllm.json"):
+            raise SystemExit("vLLM's greedy text on the wide target differs from the shipped target's")
 
 
 if __name__ == "__main__":
