@@ -133,7 +133,7 @@ def measure_ours(
 
 
 def measure_vllm(
-    python: Path, target: Path, draft: Path, config: RunConfig, raw: Path
+    python: Path, target: Path, draft: Path, config: RunConfig, raw: Path, is_eager: bool
 ) -> list[dict[str, Any]]:
     """bench/vllm_offline.py steps in vLLM's environment: the target at every K, then the draft's plain step
     (one engine start each, a few minutes on 2 cores)."""
@@ -244,6 +244,8 @@ def parse_args() -> tuple[RunConfig, argparse.Namespace]:
     parser.add_argument("--threads", type=int, help="torch threads per model (default 1, as served)")
     parser.add_argument("--no-vllm", action="store_true")
     parser.add_argument("--vllm-python", type=Path, help="vLLM's python (default: bench.peers creates one)")
+    parser.add_argument("--vllm-eager", action="store_true", help="vLLM without torch.compile (faster start)")
+    parser.add_argument("--vllm-only", action="store_true", help="keep ours from --out, measure vLLM again")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "cost_curves.json")
     args = parser.parse_args()
     base = QUICK if args.quick else RunConfig()
@@ -263,53 +265,58 @@ def main() -> None:
     torch.set_num_threads(config.num_threads)
     target_path, draft_path = regime_pair()
     hf = json.loads((target_path / "config.json").read_text())
+    report = {
+        "benchmark": "cost_curves",
+        "config": asdict(config),
+        "target": target_path.name,
+        "draft": draft_path.name,
+        "target_bytes": asdict(weight_bytes({**hf, "dtype": config.dtype})),
+        "saturation_tokens": saturation_tokens(hf["num_local_experts"], hf["num_experts_per_tok"]),
+        "machine": machine_info(),
+    }
+    if args.vllm_only:  # keep our rows from an earlier run, replace vLLM's
+        rows = [r for r in json.loads(args.out.read_text())["rows"] if r["system"] == "ours"]
+    else:
+        rows = measure_ours_pair(target_path, draft_path, config)
+        write_json(args.out, {**report, "rows": rows})  # ours is kept even if vLLM fails below
+    if config.with_vllm or args.vllm_only:
+        from bench.peers import ensure_vllm_venv
+
+        python = args.vllm_python or ensure_vllm_venv(RESULTS_DIR / "raw" / "vllm-venv")
+        raw = RESULTS_DIR / "raw"
+        rows += measure_vllm(python, target_path, draft_path, config, raw, args.vllm_eager)
+        report["vllm_eager"] = args.vllm_eager
+    write_json(args.out, {**report, "rows": rows})
+    plot(rows, config, hf["num_local_experts"], hf["num_experts_per_tok"], args.out.with_suffix(""))
+    print_rows(rows, hf["num_local_experts"], hf["num_experts_per_tok"])
+
+
+def measure_ours_pair(target_path: Path, draft_path: Path, config: RunConfig) -> list[dict[str, Any]]:
     prompts = load_prompts(target_path, max(config.batch_sizes))
     cache = CacheConfig(max_seqs=max(config.batch_sizes), max_seq_len=max(map(len, prompts)) + 8)
     dtype = getattr(torch, config.dtype)
     target = ModelRunner.from_checkpoint(target_path, cache, dtype)
     draft = ModelRunner.from_checkpoint(draft_path, cache, dtype)
     log(f"ours: {target_path.name} + {draft_path.name}, {config.dtype}, {config.num_threads} thread(s)")
-    rows = measure_ours(target, draft, prompts, config)
-    del target, draft
-    if config.with_vllm:
-        from bench.peers import ensure_vllm_venv
+    return measure_ours(target, draft, prompts, config)
 
-        python = args.vllm_python or ensure_vllm_venv(RESULTS_DIR / "raw" / "vllm-venv")
-        rows += measure_vllm(python, target_path, draft_path, config, RESULTS_DIR / "raw")
-    sizes = weight_bytes({**hf, "dtype": config.dtype})
-    write_json(
-        args.out,
-        {
-            "benchmark": "cost_curves",
-            "config": asdict(config),
-            "target": target_path.name,
-            "draft": draft_path.name,
-            "target_bytes": asdict(sizes),
-            "saturation_tokens": saturation_tokens(hf["num_local_experts"], hf["num_experts_per_tok"]),
-            "machine": machine_info(),
-            "rows": rows,
-        },
-    )
-    plot(rows, config, hf["num_local_experts"], hf["num_experts_per_tok"], args.out.with_suffix(""))
+
+def print_rows(rows: list[dict[str, Any]], num_experts: int, top_k: int) -> None:
     for r in rows:
         if r["num_spec_tokens"] == 0:
-            draft_ratio = (
+            draft = (
                 ""
                 if r["draft_step_ms"] is None
                 else f", draft/target {r['draft_step_ms'] / r['step_ms']:.3f}"
             )
-            print(f"{r['system']:5} B={r['batch_size']:3} plain {r['step_ms']:8.1f} ms{draft_ratio}")
-        else:
-            uniform = float(
-                expected_experts(r["num_tokens"], hf["num_local_experts"], hf["num_experts_per_tok"])
-            )
-            experts = (
-                "" if r["experts_per_layer"] is None else f", {r['experts_per_layer']:.2f} experts/layer"
-            )
-            print(
-                f"{r['system']:5} B={r['batch_size']:3} K={r['num_spec_tokens']} {r['ratio_to_plain']:.2f}x plain"
-                f"{experts} (uniform N = {uniform:.2f})"
-            )
+            print(f"{r['system']:5} B={r['batch_size']:3} plain {r['step_ms']:8.1f} ms{draft}")
+            continue
+        uniform = float(expected_experts(r["num_tokens"], num_experts, top_k))
+        experts = "" if r["experts_per_layer"] is None else f", {r['experts_per_layer']:.2f} experts/layer"
+        print(
+            f"{r['system']:5} B={r['batch_size']:3} K={r['num_spec_tokens']} {r['ratio_to_plain']:.2f}x plain"
+            f"{experts} (uniform N = {uniform:.2f})"
+        )
 
 
 if __name__ == "__main__":
