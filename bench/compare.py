@@ -1,4 +1,4 @@
-"""Peer comparison on the demo pair: our server against vLLM's CPU build and `transformers` `generate`.
+"""Peer comparison on the benchmark pair: our server against vLLM's CPU build and `transformers` `generate`.
 
     python -m bench.compare            # the whole comparison, about 40 minutes on 2 cores
     python -m bench.compare --quick    # mixed, concurrency 1 and 4, ours K = 2, vLLM off: about 6 minutes
@@ -30,6 +30,7 @@ from bench import load, peers
 from bench.bound import ELEMENT_SIZE, bandwidth, weight_params
 from bench.launches import RAW, REPO, RESULTS, run_servers, serve_settings
 from bench.peers import log
+from bench.regime_pair import ensure_checkpoint
 from bench.report import write_report
 
 
@@ -49,7 +50,9 @@ class RunConfig:
     cost_fit_batch_sizes: tuple[int, ...] = (1, 4, 16)  # the rest is held out
     cost_max_tokens: int = 16  # output tokens per request of the offline runs
     hf_num_prompts: int = 3  # per workload, batch 1, with and without assistant_model
-    serve_config: str = "cluster/configs/demo-cpu.yaml"  # ours; vLLM serves the same model settings
+    # Ours; vLLM serves the same model settings. The benchmark pair (bench.regime_pair, built on first use);
+    # --config cluster/configs/demo-cpu.yaml runs the shipped demo pair.
+    serve_config: str = "cluster/configs/bench-cpu.yaml"
 
     def num_requests(self, concurrency: int) -> int:
         return max(self.min_requests, round(self.requests_per_client * concurrency))
@@ -159,11 +162,7 @@ def cost_model_check(target: Path, draft: Path, dtype: str, config: RunConfig) -
 
 def check_models(config: RunConfig) -> tuple[Path, Path]:
     model = serve_settings(config)["model"]
-    target, draft = REPO / model["target"], REPO / model["draft"]
-    for path in (target / "config.json", draft / "config.json"):
-        if not path.is_file():
-            raise SystemExit(f"{path} is missing: train the demo pair first (python -m workers.demo.train)")
-    return target, draft
+    return ensure_checkpoint(REPO / model["target"]), ensure_checkpoint(REPO / model["draft"])
 
 
 def run(config: RunConfig) -> dict[str, Any]:
@@ -220,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workloads", default=None, help="comma-separated, e.g. mixed,code")
     parser.add_argument("--concurrency", default=None, help="comma-separated, e.g. 1,4,16,32")
     parser.add_argument("--max-tokens", type=int, default=None)
-    parser.add_argument("--config", default=None, help="our Serve config (default: the demo's)")
+    parser.add_argument("--config", default=None, help="our Serve config (default: the benchmark pair's)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from compare.json")
     args = parser.parse_args(argv)
     out = RAW / "quick" if args.quick else RESULTS / "compare"  # a quick run's report stays out of git

@@ -5,7 +5,7 @@ an interleaved order, one phase per mode, and reports output throughput, TTFT an
 against `off`, with the acceptance rate and the share of iteration time outside the model forwards
 (read from /metrics). The mode is the per-request `num_spec_tokens` field, so one server serves every mode.
 
-    python -m bench.load                      # starts the demo app on a local Ray instance
+    python -m bench.load                      # the benchmark pair's app (bench.regime_pair) on a local Ray
     python -m bench.load --url http://127.0.0.1:8000 --concurrency 1,4 --modes off,2,auto --quick
 """
 
@@ -24,6 +24,8 @@ import httpx
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = Path(__file__).resolve().parent / "prompts"
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO / "cluster" / "configs" / "bench-cpu.yaml"  # the benchmark pair (bench.regime_pair)
 
 
 @dataclass
@@ -225,15 +227,24 @@ def print_table(results: list[PhaseResult]) -> str:
     return table
 
 
+def load_serve_config_args(path: Path) -> dict[str, Any]:
+    from cluster.cli import load_serve_config
+
+    args: dict[str, Any] = load_serve_config(path)["applications"][0]["args"]
+    return args
+
+
 def start_local_app(config_path: str) -> str:
     import ray
     from ray import serve
 
+    from bench.regime_pair import ensure_checkpoint
     from cluster.app import build_app
     from cluster.cli import load_serve_config, wait_healthy
     from tests.cluster.serving_app import free_port
 
     app = load_serve_config(Path(config_path))["applications"][0]
+    ensure_checkpoint(REPO / app["args"]["model"]["target"])  # the wide target is built on first use
     port = free_port()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -248,8 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--url", default=None, help="a running server; default: start the demo app here")
-    parser.add_argument("--config", default="cluster/configs/demo-cpu.yaml")
+    parser.add_argument("--url", default=None, help="a running server; default: start --config's app here")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="default: the benchmark pair's")
     parser.add_argument("--concurrency", default="1,4,16,32")
     parser.add_argument("--modes", default="off,1,2,3,4,auto")
     parser.add_argument("--workload", default="mixed")
@@ -257,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         "--num-requests", type=int, default=0, help="per phase; default 2 x concurrency, >= 8"
     )
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--model", default="demo-moe")
+    parser.add_argument("--model", default=None, help="served model name; default: --config's")
     parser.add_argument("--quick", action="store_true", help="concurrency 1,4; 16 tokens; a smoke run")
     parser.add_argument("--out", default=str(RESULTS / "serving.json"))
     parser.add_argument(
@@ -268,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.concurrency, args.max_tokens = "1,4", 16
+    if args.model is None:
+        args.model = load_serve_config_args(Path(args.config))["model"]["served_name"]
     url = args.url or start_local_app(args.config)
     modes = args.modes.split(",")
     if "off" not in modes:

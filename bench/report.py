@@ -37,7 +37,8 @@ def markdown(report: dict[str, Any], out: Path) -> str:
     a, config = report["analysis"], report["config"]
     bw = report["bandwidth"]
     lines = [
-        "# Peer comparison on the demo pair",
+        f"# Peer comparison on {report['machine']['serve_args']['model']['target']} + "
+        f"{report['machine']['serve_args']['model']['draft']}",
         "",
         f"`python -m bench.compare{' --quick' if 'quick' in out.name else ''}`: one run on one machine "
         f"({report['machine']['num_cpus']} cores, shared; load average {report['machine']['load_average_1m_at_end']:.1f} "

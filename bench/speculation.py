@@ -1,13 +1,16 @@
 """Speculative decoding at static K = 1..4 against plain decoding, at batch 1, 4, 16 and 32, from one run.
 
-    python -m bench.speculation [--quick] [--target DIR --draft DIR | --random-pair] [--workload mixed]
+    python -m bench.speculation [--quick] [--pair regime|demo|random | --target DIR --draft DIR]
+                                [--workload mixed] [--dtype float32]
 
-What: the SpecEngine on the demo pair (models/demo-moe, models/demo-draft), or on a random pair when it is
-missing or with --random-pair (a random 460 MB Mixtral target, whose weights do not fit in the cache, and a
-one-layer Llama draft that starts from the target's embeddings, final norm and LM head, so that the two
-agree on some tokens); the output says which. Prompts come from bench/prompts/<workload>.jsonl when the
-target has a tokenizer, else are random tokens. Every request is greedy with a fixed number of output
-tokens (ignore_eos): 64 by default, 24 on the random pair (its decode steps are about 4x slower).
+What: the SpecEngine on the benchmark pair by default (`regime`: models/demo-moe-wide, the demo target's
+function at the cost of a memory-bound MoE, built on first use by bench.regime_pair, + models/demo-draft),
+the shipped demo pair (`demo`, whose 31 MB target sits in the CPU's cache), or a random pair (`random`: a
+random 460 MB Mixtral target and a one-layer Llama draft that starts from the target's embeddings, final
+norm and LM head, so that the two agree on some tokens); the output says which. Prompts come from
+bench/prompts/<workload>.jsonl when the target has a tokenizer, else are random tokens. Every request is
+greedy with a fixed number of output tokens (ignore_eos): 64 on the demo pair, 24 on the others (their
+decode steps are several times slower). Weights in --dtype (default float32, the demo Serve config's).
 
 How: for each batch size, `off` (OffChooser, no drafter) and K = 1..4 (StaticChooser) run on the same
 prompts with one shared target and draft runner, in an order that rotates over repeats. Reported per
@@ -44,6 +47,7 @@ from bench.common import (
     setup_torch,
     write_json,
 )
+from bench.regime_pair import DEMO_DRAFT, DEMO_TARGET, regime_pair
 from policy.baselines import OffChooser, StaticChooser
 from policy.stats import IterationStats
 from workers.drafter import Drafter
@@ -55,7 +59,6 @@ from workers.target import Target
 from workers.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
-DEMO_TARGET, DEMO_DRAFT = REPO / "models" / "demo-moe", REPO / "models" / "demo-draft"
 PROMPTS_DIR = REPO / "bench" / "prompts"
 
 
@@ -66,6 +69,7 @@ class RunConfig:
     max_tokens: int = 64
     repeats: int = 4
     num_threads: int = 2
+    dtype: str = "float32"
 
     @property
     def systems(self) -> tuple[int, ...]:
@@ -73,7 +77,7 @@ class RunConfig:
 
 
 QUICK = RunConfig(batch_sizes=(1, 16), max_tokens=16, repeats=1)
-RANDOM_PAIR = RunConfig(max_tokens=24, repeats=3)  # its 460 MB target decodes about 4x slower than the demo's
+LARGE_PAIR = RunConfig(max_tokens=24, repeats=3)  # hundreds of MB of target: decodes several times slower
 
 
 # -- inputs --------------------------------------------------------------------------------------------------
@@ -87,23 +91,23 @@ class Pair:
     is_random: bool = False
 
 
-def resolve_pair(target: Path | None, draft: Path | None, force_random: bool = False) -> Pair:
+def resolve_pair(target: Path | None, draft: Path | None, kind: str = "regime") -> Pair:
     if (target is None) != (draft is None):
         raise ValueError("give both --target and --draft, or neither")
     if target is not None and draft is not None:
         return Pair(target, draft, "given")
-    demo_exists = (DEMO_TARGET / "config.json").is_file() and (DEMO_DRAFT / "config.json").is_file()
-    if demo_exists and not force_random:
+    if kind == "regime":
+        wide, demo_draft = regime_pair()
+        return Pair(wide, demo_draft, "the benchmark pair (demo-moe-wide + demo-draft)")
+    if kind == "demo":
         return Pair(DEMO_TARGET, DEMO_DRAFT, "the demo pair")
+    if kind != "random":
+        raise ValueError(f"unknown pair {kind!r}: regime, demo or random")
     shape, draft_shape = MoEShape(), DraftShape()
     target_path = make_moe_checkpoint(shape)
     draft_path = make_draft_checkpoint(target_path, shape, draft_shape)
     return Pair(
-        target_path,
-        draft_path,
-        f"RANDOM pair ({'--random-pair' if demo_exists else 'models/demo-moe is missing'}): "
-        f"{shape.name} + {draft_shape.name(shape)}",
-        is_random=True,
+        target_path, draft_path, f"RANDOM pair: {shape.name} + {draft_shape.name(shape)}", is_random=True
     )
 
 
@@ -308,13 +312,15 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a 1-2 minute smoke run")
-    parser.add_argument("--target", type=Path, help="target checkpoint (default: models/demo-moe or random)")
-    parser.add_argument("--draft", type=Path, help="draft checkpoint (default: models/demo-draft or random)")
     parser.add_argument(
-        "--random-pair",
-        action="store_true",
-        help="the random 460 MB Mixtral pair even if the demo pair exists",
+        "--pair",
+        choices=("regime", "demo", "random"),
+        default="regime",
+        help="regime: demo-moe-wide + demo-draft (default); demo: the shipped pair; random: a random 460 MB pair",
     )
+    parser.add_argument("--target", type=Path, help="a target checkpoint instead of --pair (with --draft)")
+    parser.add_argument("--draft", type=Path, help="a draft checkpoint instead of --pair (with --target)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--workload", default="mixed", help="bench/prompts/<workload>.jsonl")
     parser.add_argument("--batch-sizes", type=int, nargs="+")
     parser.add_argument("--max-tokens", type=int)
@@ -325,28 +331,31 @@ def parse_args() -> argparse.Namespace:
 
 
 def run_config(args: argparse.Namespace, pair: Pair) -> RunConfig:
-    base = QUICK if args.quick else RANDOM_PAIR if pair.is_random else RunConfig()
+    is_large = pair.is_random or pair.target != DEMO_TARGET
+    base = QUICK if args.quick else LARGE_PAIR if is_large else RunConfig()
     return RunConfig(
         batch_sizes=tuple(args.batch_sizes or base.batch_sizes),
         num_spec_tokens=base.num_spec_tokens,
         max_tokens=args.max_tokens or base.max_tokens,
         repeats=args.repeats or base.repeats,
         num_threads=args.threads,
+        dtype=args.dtype,
     )
 
 
 def load_runners(pair: Pair, prompts_len: int, config: RunConfig) -> tuple[Target, Drafter]:
     max_seq_len = prompts_len + config.max_tokens + max(config.num_spec_tokens) + 1
     cache = CacheConfig(max_seqs=max(config.batch_sizes), max_seq_len=max_seq_len)
-    target = ModelRunner.from_checkpoint(pair.target, cache, torch.bfloat16)
-    draft = ModelRunner.from_checkpoint(pair.draft, cache, torch.bfloat16)
+    dtype = getattr(torch, config.dtype)
+    target = ModelRunner.from_checkpoint(pair.target, cache, dtype)
+    draft = ModelRunner.from_checkpoint(pair.draft, cache, dtype)
     return Target(target), Drafter(draft)
 
 
 def main() -> None:
     reexec_with_passive_omp("bench.speculation")
     args = parse_args()
-    pair = resolve_pair(args.target, args.draft, args.random_pair)
+    pair = resolve_pair(args.target, args.draft, args.pair)
     config = run_config(args, pair)
     setup_torch(config.num_threads)
     vocab_size = json.loads((pair.target / "config.json").read_text())["vocab_size"]
@@ -359,7 +368,8 @@ def main() -> None:
     print(f"pair: {pair.description}")
     print(f"target {pair.target}\ndraft  {pair.draft}")
     print(
-        f"prompts: {prompt_source}; greedy, {config.max_tokens} output tokens each; {config.repeats} repeats"
+        f"prompts: {prompt_source}; greedy, {config.max_tokens} output tokens each; {config.repeats} repeats;"
+        f" {config.dtype}, {config.num_threads} threads"
     )
     print("x off: output tokens/s (wall time of the step loop, prefill included) over plain decoding;")
     print("decode x off: the same without prefill (tokens after the first over the iterations' time);")
