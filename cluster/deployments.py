@@ -27,7 +27,7 @@ from workers.drafter import Drafter, DraftOutput, DraftRequest
 from workers.kv_cache import CacheConfig
 from workers.runner import ModelRunner, Runner
 from workers.sampling import SamplingParams
-from workers.target import Target, TargetInfo, VerifyOutput, VerifyRequest
+from workers.target import PrefillOutput, Target, TargetInfo, VerifyOutput, VerifyRequest
 
 logger = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 60.0
@@ -97,7 +97,7 @@ class TargetHost:
 
     def prefill(
         self, seq_ids: list[int], prompts: list[list[int]], params: list[SamplingParams]
-    ) -> list[int]:
+    ) -> PrefillOutput:
         return self.target.prefill(seq_ids, prompts, params)
 
     def verify(self, requests: list[VerifyRequest]) -> VerifyOutput:
@@ -221,8 +221,8 @@ class RemoteTarget:
 
     def prefill(
         self, seq_ids: Sequence[int], prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
-    ) -> list[int]:
-        result: list[int] = self.remote.call(
+    ) -> PrefillOutput:
+        result: PrefillOutput = self.remote.call(
             "prefill", list(seq_ids), [list(p) for p in prompts], list(params)
         )
         return result
