@@ -14,6 +14,7 @@ reaches the actor holding its cache. Scale out with more apps (one expert-parall
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from workers.target import PrefillOutput, Target, TargetInfo, VerifyOutput, Veri
 logger = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 60.0
 HEALTH_TIMEOUT_S = 20.0
+START_TIMEOUT_S = 900.0  # a host actor still loading its model after this is unhealthy
 
 
 def resolve_model_path(path: str) -> Path:
@@ -152,13 +154,21 @@ class DrafterHost:
 
 
 class _HostServer:
-    """A Serve replica that owns one host actor (`host_cls`) and reports its health."""
+    """A Serve replica that owns one host actor (`host_cls`) and reports its health.
+
+    Loading the model can take longer than Serve's health-check period (a busy 2-core machine took over 20 s
+    for the demo pair), so a host that is still starting is healthy until START_TIMEOUT_S; one whose
+    start-up failed, or that died, or that stopped answering once started, is not.
+    """
 
     host_cls: type
 
     def __init__(self, config: AppConfig, num_cpus: float, num_gpus: float) -> None:
         actor_cls: Any = ray.remote(self.host_cls)
         self.actor = actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0).remote(config)
+        self._started = self.actor.ping.remote()  # resolves once the model is loaded
+        self._start_deadline = time.monotonic() + START_TIMEOUT_S
+        self._is_started = False
 
     async def actor_handle(self) -> Any:
         await self.actor.ping.remote()  # loaded and answering
@@ -168,7 +178,17 @@ class _HostServer:
         return int(await self.actor.num_used_slots.remote())
 
     def check_health(self) -> None:
-        """Serve's health check: raises if the host actor died or stopped answering."""
+        """Serve's health check: raises if the host actor failed to start, died or stopped answering."""
+        if not self._is_started:
+            ready, _ = ray.wait([self._started], timeout=0)
+            if not ready:
+                if time.monotonic() > self._start_deadline:
+                    raise TimeoutError(
+                        f"{self.host_cls.__name__} did not start within {START_TIMEOUT_S:.0f} s"
+                    )
+                return  # still loading (or waiting for resources)
+            ray.get(self._started)  # raises what its start-up raised
+            self._is_started = True
         ray.get(self.actor.ping.remote(), timeout=HEALTH_TIMEOUT_S)
 
 
