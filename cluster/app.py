@@ -11,6 +11,7 @@ import os
 import uuid
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve import Application
 from starlette.requests import Request
@@ -19,8 +20,9 @@ from starlette.responses import Response
 from cluster.choosers import analytic_prior, make_chooser, shared_chooser_factory
 from cluster.config import AppConfig
 from cluster.deployments import DrafterServer, RemoteDrafter, RemoteTarget, TargetServer, resolve_model_path
+from cluster.openai_api import APIError
 from cluster.policy_actor import PolicyClient, policy_actor_handle
-from cluster.router import Router
+from cluster.router import Router, unavailable
 from policy.guard import MeasuredGuard
 from policy.stats import KChooser
 from workers.checkpoint import checkpoint_dtype
@@ -30,28 +32,44 @@ from workers.kv_cache import CacheCapacityError
 from workers.target import TargetInfo
 from workers.tokenizer import Tokenizer
 
+START_WAIT_S = 60.0  # a request that arrives while the model replicas load waits this long, then gets 503
+
 
 class RouterServer:
     """The ingress deployment: builds the engine over handles to its bound Drafter and MoETarget.
 
-    The engine is built on the first request (health checks included): handles are awaited, never blocked
-    on, inside the replica's event loop.
+    The engine is built in the background from the first request on: handles are awaited, never blocked on,
+    inside the replica's event loop. Until it is built, /health answers 503 at once and other requests wait
+    up to START_WAIT_S; a failed build answers 503 with its reason and is retried by the next request.
     """
 
     def __init__(self, config: AppConfig, target_handle: Any, drafter_handle: Any | None) -> None:
         self.config = config
         self.target_handle, self.drafter_handle = target_handle, drafter_handle
         self.router: Router | None = None
-        self._starting = asyncio.Lock()
+        self._building: asyncio.Task[Router] | None = None
         # This replica's identity towards the model replicas: a replacement router reclaims their caches.
         self.owner = f"router-{uuid.uuid4().hex}"
 
     async def __call__(self, request: Request) -> Response:
         if self.router is None:
-            async with self._starting:
-                if self.router is None:
-                    self.router = await self._build_router()
+            try:
+                self.router = await self._wait_built(0.0 if request.url.path == "/health" else START_WAIT_S)
+            except APIError as error:
+                return error.response()
         return await self.router(request)
+
+    async def _wait_built(self, timeout_s: float) -> Router:
+        if self._building is None or (self._building.done() and self._building.exception() is not None):
+            self._building = asyncio.create_task(self._build_router())
+        if not self._building.done():
+            await asyncio.wait([self._building], timeout=timeout_s)
+        if not self._building.done():
+            raise unavailable("the model replicas are still starting")
+        error = self._building.exception()
+        if error is not None:
+            raise unavailable(f"the router could not reach its model replicas: {error}")
+        return self._building.result()
 
     async def _build_router(self) -> Router:
         config = self.config
@@ -111,10 +129,50 @@ class RouterServer:
             raise RuntimeError(f"the KV cache refuses requests while none run: {loop.last_error}")
 
 
+LIGHT_NUM_CPUS = 0.05  # the model replicas: the host actors they start hold the models and the resources
+
+
+def resource_demand(config: AppConfig) -> dict[str, dict[str, float]]:
+    """The logical resources each part of the app reserves, as Ray schedules them."""
+    res, num_ranks = config.resources, config.expert_parallel.num_ranks
+    parts = {"Router": {"CPU": res.router_num_cpus}, "MoETarget replica": {"CPU": LIGHT_NUM_CPUS}}
+    if num_ranks == 1:
+        parts["MoETarget host"] = {"CPU": res.target_num_cpus, "GPU": res.target_num_gpus}
+    else:
+        parts["MoETarget host"] = {"CPU": 0.1}
+        ranks = {
+            "CPU": num_ranks * res.target_num_cpus,
+            "GPU": float(num_ranks if res.target_num_gpus else 0),
+        }
+        parts[f"{num_ranks} expert-parallel ranks"] = ranks
+    if config.model.draft is not None:
+        parts["Drafter replica"] = {"CPU": LIGHT_NUM_CPUS}
+        parts["Drafter host"] = {"CPU": res.drafter_num_cpus, "GPU": res.drafter_num_gpus}
+    if config.policy.kind in ("auto", "cascade") and config.policy.use_central_actor:
+        parts["SpecPolicy actor"] = {"CPU": 0.1}
+    return parts
+
+
+def check_fits(demand: dict[str, dict[str, float]], cluster: dict[str, float]) -> None:
+    """Fail at deployment, naming the resource, when the app needs more than the whole cluster has (Serve
+    would otherwise wait for it forever)."""
+    for resource in ("CPU", "GPU"):
+        needed = {part: r.get(resource, 0.0) for part, r in demand.items() if r.get(resource, 0.0) > 0}
+        total = sum(needed.values())
+        if total > cluster.get(resource, 0.0) + 1e-9:
+            detail = ", ".join(f"{part} {amount:g}" for part, amount in needed.items())
+            raise ValueError(
+                f"the application needs {total:g} {resource} ({detail}) but the Ray cluster has "
+                f"{cluster.get(resource, 0.0):g} {resource} in total; lower the `resources` section of the "
+                f"Serve config or give Ray more {resource}s (ray start --num-{resource.lower()}s)"
+            )
+
+
 def build_app(args: dict[str, Any] | None = None) -> Application:
     config = AppConfig.from_args(args)
-    # The model replicas are light: the host actors they start hold the models and the CPU/GPU resources.
-    light = {"num_cpus": 0.05}
+    if ray.is_initialized():  # on a cluster (serve run, serve deploy, our CLI); not when only validating
+        check_fits(resource_demand(config), ray.cluster_resources())
+    light = {"num_cpus": LIGHT_NUM_CPUS}
     target = serve.deployment(name="MoETarget", ray_actor_options=light)(TargetServer).bind(config)
     drafter = None
     if config.model.draft is not None:

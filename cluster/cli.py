@@ -102,17 +102,25 @@ def serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m cluster.cli",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m cluster.cli", description=__doc__, formatter_class=_HelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    serve_parser = sub.add_parser("serve", help="serve the application over HTTP")
+    serve_parser = sub.add_parser(
+        "serve", help="serve the application over HTTP", formatter_class=_HelpFormatter
+    )
     serve_parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="Serve config YAML")
-    serve_parser.add_argument("--host", default=None)
-    serve_parser.add_argument("--port", type=int, default=None)
+    serve_parser.add_argument(
+        "--host", default=None, help="HTTP host (None: the config's http_options.host, else 127.0.0.1)"
+    )
+    serve_parser.add_argument(
+        "--port", type=int, default=None, help="HTTP port (None: the config's http_options.port, else 8000)"
+    )
     serve_parser.add_argument("--address", default=None, help="an existing Ray cluster (e.g. auto)")
     serve_parser.add_argument(
         "--num-cpus",

@@ -34,7 +34,7 @@ from workers.drafter import Drafter, DraftOutput, DraftRequest
 from workers.kv_cache import CacheConfig
 from workers.runner import ModelRunner, Runner
 from workers.sampling import SamplingParams
-from workers.target import Target, TargetInfo, VerifyOutput, VerifyRequest
+from workers.target import PrefillOutput, Target, TargetInfo, VerifyOutput, VerifyRequest
 
 logger = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 60.0
@@ -131,7 +131,7 @@ class TargetHost(_OwnedHost):
 
     def prefill(
         self, seq_ids: list[int], prompts: list[list[int]], params: list[SamplingParams]
-    ) -> list[int]:
+    ) -> PrefillOutput:
         return self.target.prefill(seq_ids, prompts, params)
 
     def verify(self, requests: list[VerifyRequest]) -> VerifyOutput:
@@ -189,7 +189,12 @@ class DrafterHost(_OwnedHost):
 
 
 class _HostServer:
-    """A Serve replica that owns one host actor (`host_cls`) and reports its health."""
+    """A Serve replica that owns one host actor (`host_cls`) and reports its health.
+
+    Loading the model can take longer than Serve's health-check period (a busy 2-core machine took over 20 s
+    for the demo pair), so a host that is still starting is healthy until LOAD_TIMEOUT_S; one whose
+    start-up failed, or that died, or that stopped answering once started, is not.
+    """
 
     host_cls: type
 
@@ -322,8 +327,8 @@ class RemoteTarget:
 
     def prefill(
         self, seq_ids: Sequence[int], prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
-    ) -> list[int]:
-        result: list[int] = self.remote.call(
+    ) -> PrefillOutput:
+        result: PrefillOutput = self.remote.call(
             "prefill", list(seq_ids), [list(p) for p in prompts], list(params)
         )
         return result

@@ -11,19 +11,21 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from cluster.config import AppConfig
 from cluster.engine_loop import EngineFailure, EngineLoop, short_reason
-from cluster.metrics import Metrics
+from cluster.metrics import CONTENT_TYPE, Metrics
 from cluster.openai_api import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
     completion_body,
+    logprobs_body,
     new_id,
     parse_request,
     sampling_params,
@@ -34,6 +36,7 @@ from cluster.policy_actor import PolicyClient
 from policy.guard import MeasuredGuard
 from workers.engine import SpecEngine
 from workers.kv_cache import CacheCapacityError
+from workers.sampling import TokenLogprob
 from workers.sequence import RequestOutput
 from workers.tokenizer import Tokenizer
 
@@ -55,8 +58,9 @@ class Router:
         self.engine = engine
         self.tokenizer = tokenizer
         self.api_key = api_key
-        self.metrics = metrics or Metrics(config.model.served_name)
+        self.metrics = metrics or Metrics(config.model.served_name, config.engine.max_spec_tokens)
         self.loop = loop or EngineLoop(engine, self.metrics, config.engine.request_timeout_s)
+        self.created = int(time.time())
         self.routes: dict[tuple[str, str], Handler] = {
             ("GET", "/health"): self.health,
             ("GET", "/v1/models"): self.models,
@@ -77,15 +81,19 @@ class Router:
                 self._authorize(request)
             return await handler(request)
         except APIError as error:
-            return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+            return error.response()
+        except Exception as error:  # noqa: BLE001 (a bug of ours still answers in the OpenAI format)
+            logger.exception("unexpected error serving %s %s", request.method, request.url.path)
+            return APIError(500, f"internal error: {error}", error_type="server_error").response()
 
     # -- endpoints -------------------------------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
+        """Answers at once, from state the engine loop keeps (no call to a model replica)."""
         if not self.loop.is_alive:
-            return JSONResponse({"status": "starting"}, status_code=503)
+            raise unavailable("the engine loop is not running")
         if self.loop.last_error is not None:
-            return JSONResponse({"status": "unhealthy", "error": str(self.loop.last_error)}, status_code=503)
+            raise unavailable(f"the last engine iteration failed: {self.loop.last_error}")
         return JSONResponse({"status": "ok"})
 
     async def models(self, request: Request) -> Response:
@@ -96,9 +104,9 @@ class Router:
                     {
                         "id": self.config.model.served_name,
                         "object": "model",
-                        "created": 0,
+                        "created": self.created,
                         "owned_by": "moespec",
-                        "max_model_len": self.engine.info.max_seq_len,
+                        "max_model_len": self.config.model.max_seq_len,
                     },
                 ],
             }
@@ -115,12 +123,23 @@ class Router:
         if isinstance(chooser, PolicyClient):  # a central policy that keeps failing is visible here
             self.metrics.set_gauge("policy_central_decisions", chooser.num_central_decisions)
             self.metrics.set_gauge("policy_actor_failures", chooser.num_failures)
-        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(self.metrics.render(), headers={"content-type": CONTENT_TYPE})
 
     async def completions(self, request: Request) -> Response:
         body = parse_request(await self._body(request), CompletionRequest)
-        prompt_ids = self.tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
-        return await self._generate(body, prompt_ids, chat=False)
+        prompt = body.prompt
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+            prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, str):
+            prompt_ids = self.tokenizer.encode(prompt)
+        elif all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            prompt_ids = list(prompt)
+        else:
+            raise APIError(400, "prompt must be a string or a list of token ids (one prompt)", param="prompt")
+        echo = None
+        if body.echo:
+            echo = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt_ids)
+        return await self._generate(body, prompt_ids, chat=False, echo=echo)
 
     async def chat_completions(self, request: Request) -> Response:
         body = parse_request(await self._body(request), ChatCompletionRequest)
@@ -128,7 +147,10 @@ class Router:
             raise APIError(400, "messages must not be empty", param="messages")
         try:
             text = self.tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in body.messages]
+                [
+                    {"role": "system" if m.role == "developer" else m.role, "content": m.text}
+                    for m in body.messages
+                ]
             )
         except Exception as error:  # noqa: BLE001 (a template error is the request's problem, not ours)
             raise APIError(400, f"cannot apply the chat template: {error}", param="messages") from error
@@ -138,18 +160,27 @@ class Router:
 
     # -- generation ------------------------------------------------------------------------------------------
 
-    async def _generate(self, body: Any, prompt_ids: list[int], chat: bool) -> Response:
+    async def _generate(
+        self, body: Any, prompt_ids: list[int], chat: bool, echo: str | None = None
+    ) -> Response:
         if body.model is not None and body.model != self.config.model.served_name:
             raise APIError(
                 404,
                 f"model {body.model!r} does not exist; this server serves {self.config.model.served_name!r}",
                 param="model",
             )
-        info = self.engine.info
-        default_max = max(1, min(256, info.max_seq_len - len(prompt_ids)))
+        info, max_model_len = self.engine.info, self.config.model.max_seq_len
+        default_max = max(1, min(256, max_model_len - len(prompt_ids)))
         params = sampling_params(
             body, default_max, self.config.engine.max_spec_tokens, range(info.vocab_size)
         )
+        if len(prompt_ids) + params.max_tokens > max_model_len:  # the engine's cache has spare room
+            raise APIError(
+                400,
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
+                f"length {max_model_len}",
+                param="max_tokens",
+            )
         try:
             self.engine.validate(prompt_ids, params)
         except ValueError as error:
@@ -166,55 +197,77 @@ class Router:
         request_id = new_id("chatcmpl" if chat else "cmpl")
         outputs = self.loop.submit(request_id, prompt_ids, params)
         self.metrics.count("requests_total")
-        model = self.config.model.served_name
+        reply = _Reply(request_id, self.config.model.served_name, chat, params.num_logprobs is not None, echo)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = self._stream(request_id, outputs, model, chat, include_usage)
-            return StreamingResponse(stream, media_type="text/event-stream")
-        return await self._collect(request_id, outputs, model, chat)
+            return StreamingResponse(
+                self._stream(reply, outputs, include_usage), media_type="text/event-stream"
+            )
+        return await self._collect(reply, outputs)
 
-    async def _collect(
-        self, request_id: str, outputs: asyncio.Queue[Any], model: str, chat: bool
-    ) -> Response:
-        text, last = [], None
-        try:
-            async for out in self._outputs(request_id, outputs):
-                text.append(out.new_text)
-                last = out
-        except APIError:
-            raise
+    async def _collect(self, reply: _Reply, outputs: asyncio.Queue[Any]) -> Response:
+        text, logprobs, last = [reply.echo or ""], [], None
+        async for out in self._outputs(reply.request_id, outputs):
+            text.append(out.new_text)
+            logprobs += out.new_logprobs
+            last = out
         assert last is not None
         return JSONResponse(
             completion_body(
-                request_id,
-                model,
+                reply.request_id,
+                reply.model,
                 "".join(text),
                 last.finish_reason,
-                chat,
+                reply.chat,
                 usage(last.num_prompt_tokens, last.num_output_tokens),
+                reply.created,
+                self._logprobs(reply, logprobs),
             )
         )
 
     async def _stream(
-        self, request_id: str, outputs: asyncio.Queue[Any], model: str, chat: bool, include_usage: bool
+        self, reply: _Reply, outputs: asyncio.Queue[Any], include_usage: bool
     ) -> AsyncIterator[bytes]:
-        created = int(time.time())
         try:
-            async for out in self._outputs(request_id, outputs):
-                if out.new_text or out.finish_reason:
-                    yield sse(
-                        completion_body(
-                            request_id, model, out.new_text, out.finish_reason, chat, None, created
-                        )
-                    )
+            if reply.echo:
+                yield sse(self._chunk(reply, reply.echo, None, []))
+            async for out in self._outputs(reply.request_id, outputs):
+                if out.new_text or out.finish_reason or (reply.has_logprobs and out.new_logprobs):
+                    yield sse(self._chunk(reply, out.new_text, out.finish_reason, out.new_logprobs))
                 if out.is_finished and include_usage:
-                    final = completion_body(request_id, model, "", None, chat, None, created)
+                    final = completion_body(
+                        reply.request_id, reply.model, "", None, reply.chat, None, reply.created
+                    )
                     final["choices"] = []
                     final["usage"] = usage(out.num_prompt_tokens, out.num_output_tokens)
                     yield sse(final)
         except APIError as error:
             yield sse(error.body())
         yield sse("[DONE]")
+
+    def _chunk(
+        self, reply: _Reply, text: str, finish_reason: str | None, logprobs: list[TokenLogprob]
+    ) -> dict[str, Any]:
+        body = completion_body(
+            reply.request_id,
+            reply.model,
+            text,
+            finish_reason,
+            reply.chat,
+            None,
+            reply.created,
+            self._logprobs(reply, logprobs),
+        )
+        reply.text_offset += len(text)
+        return body
+
+    def _logprobs(self, reply: _Reply, items: list[TokenLogprob]) -> dict[str, Any] | None:
+        if not reply.has_logprobs:
+            return None
+        return logprobs_body(items, self._token_text, reply.chat, reply.text_offset)
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     async def _outputs(self, request_id: str, outputs: asyncio.Queue[Any]) -> AsyncIterator[RequestOutput]:
         """The request's outputs until it finishes; aborts it if the caller goes away (cancellation)."""
@@ -259,6 +312,23 @@ class Router:
             if len(body) > limit:
                 raise APIError(413, f"the request body is larger than {limit} bytes")
         return body
+
+
+@dataclass
+class _Reply:
+    """What every chunk of one response repeats, and where its text has got to."""
+
+    request_id: str
+    model: str
+    chat: bool
+    has_logprobs: bool
+    echo: str | None  # the prompt text, for completions with echo
+    created: int = field(default_factory=lambda: int(time.time()))
+    text_offset: int = 0  # characters of the choice's text sent so far (completions' logprobs.text_offset)
+
+
+def unavailable(message: str) -> APIError:
+    return APIError(503, message, error_type="service_unavailable", headers={"Retry-After": "1"})
 
 
 def _as_api_error(error: BaseException) -> APIError:

@@ -16,7 +16,14 @@ from dataclasses import dataclass
 import torch
 
 from workers.runner import ModelRunner
-from workers.sampling import SamplingParams, make_generator, probs_from_logits, sample
+from workers.sampling import (
+    PenaltyContext,
+    SamplingParams,
+    apply_penalties,
+    make_generator,
+    probs_from_logits,
+    sample,
+)
 
 
 class DraftCacheMiss(RuntimeError):
@@ -30,6 +37,7 @@ class DraftRequest:
     token_ids: list[int]  # history[start:]; for K_r > 0 it ends with the last committed token
     num_spec_tokens: int  # K_r
     params: SamplingParams
+    penalty: PenaltyContext | None = None  # the history, if params have penalties (drafts as the target)
 
 
 @dataclass
@@ -69,18 +77,25 @@ class Drafter:
                 request = requests[i]
                 if request.num_spec_tokens <= step:
                     continue  # prefill only
+                row_logits = self._penalized(logits[row : row + 1], request, proposals[i].draft_ids)  # [1, V]
                 if request.params.is_greedy:
-                    proposals[i].draft_ids.append(int(logits[row].argmax()))
+                    proposals[i].draft_ids.append(int(row_logits[0].argmax()))
                 else:
-                    q = probs_from_logits(logits[row : row + 1].cpu(), request.params)[
-                        0
-                    ]  # host, as the target
+                    q = probs_from_logits(row_logits.cpu(), request.params)[0]  # host, as the target
                     probs[i].append(q)
                     proposals[i].draft_ids.append(sample(q, self._generators[request.seq_id]))
         for i in range(len(requests)):
             if probs[i]:
                 proposals[i].draft_probs = torch.stack(probs[i])
         return DraftOutput(proposals, time.perf_counter() - start)
+
+    @staticmethod
+    def _penalized(logits: torch.Tensor, request: DraftRequest, draft_ids: list[int]) -> torch.Tensor:
+        """The same penalties the target applies at this position (not needed for exactness: for acceptance)."""
+        if not request.params.has_penalties or request.penalty is None:
+            return logits
+        context = PenaltyContext(request.penalty.prompt_ids, request.penalty.output_ids + draft_ids)
+        return apply_penalties(logits, request.params, context, [])
 
     @property
     def vocab_size(self) -> int:

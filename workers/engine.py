@@ -17,9 +17,9 @@ from typing import Protocol
 from policy.stats import IterationStats, KChooser, RequestIterationStats
 from workers.drafter import DraftOutput, DraftRequest, Proposal
 from workers.kv_cache import CacheCapacityError
-from workers.sampling import SamplingParams
+from workers.sampling import PenaltyContext, SamplingParams, TokenLogprob
 from workers.sequence import FINISH_ABORT, RequestOutput, Sequence
-from workers.target import TargetInfo, VerifyOutput, VerifyRequest
+from workers.target import PrefillOutput, TargetInfo, VerifyOutput, VerifyRequest
 from workers.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ class TargetBackend(Protocol):
     def info(self) -> TargetInfo: ...
     def prefill(
         self, seq_ids: Seq[int], prompts: Seq[Seq[int]], params: Seq[SamplingParams]
-    ) -> list[int]: ...
+    ) -> PrefillOutput: ...
     def verify(self, requests: Seq[VerifyRequest]) -> VerifyOutput: ...
     def restore(self, seq_ids: Seq[int], token_ids: Seq[Seq[int]], params: Seq[SamplingParams]) -> None: ...
     def free(self, seq_ids: Seq[int]) -> None: ...
@@ -148,7 +148,7 @@ class SpecEngine:
         num_spec = self._choose_num_spec_tokens(batch)
         proposals = self._propose(batch, num_spec)
         requests = [
-            VerifyRequest(s.seq_id, s.output_ids[-1], p.draft_ids, p.draft_probs, s.params)
+            VerifyRequest(s.seq_id, s.output_ids[-1], p.draft_ids, p.draft_probs, s.params, _penalty(s))
             for s, p in zip(batch, proposals, strict=True)
         ]
         try:
@@ -159,7 +159,8 @@ class SpecEngine:
         committed, experts_touched = verified.committed_ids, verified.experts_touched
         # What was drafted, not what was chosen: a paused or failed drafter drafts nothing, and the draft
         # cache bookkeeping must not advance for tokens it never fed.
-        outputs += self._commit(batch, [len(p.draft_ids) for p in proposals], committed)
+        num_drafted = [len(p.draft_ids) for p in proposals]
+        outputs += self._commit(batch, num_drafted, committed, verified.logprobs)
         self._observe(
             batch,
             proposals,
@@ -218,9 +219,9 @@ class SpecEngine:
         # No draft prefill here: the first proposal for a sequence catches its draft cache up from the history
         # (in the iteration's one drafter call), and a sequence that never speculates never costs the drafter.
         outputs = []
-        for seq, token in zip(admitted, first, strict=True):
+        for seq, token, logprob in zip(admitted, first.token_ids, first.logprobs, strict=True):
             self.running.append(seq)
-            outputs.append(self._output(seq, seq.append([token])))
+            outputs.append(self._output(seq, seq.append([token]), [] if logprob is None else [logprob]))
         self._reap()
         return outputs
 
@@ -260,7 +261,9 @@ class SpecEngine:
         for i in speculating:
             seq = batch[i]
             start = seq.num_draft_cached
-            requests.append(DraftRequest(seq.seq_id, start, seq.token_ids[start:], num_spec[i], seq.params))
+            requests.append(
+                DraftRequest(seq.seq_id, start, seq.token_ids[start:], num_spec[i], seq.params, _penalty(seq))
+            )
         drafted = self._draft(requests, [batch[i] for i in speculating])
         for i, proposal in zip(speculating, drafted, strict=True):
             proposals[i] = proposal
@@ -306,14 +309,19 @@ class SpecEngine:
                 time.sleep(1.0)
 
     def _commit(
-        self, batch: list[Sequence], num_drafted: list[int], committed: list[list[int]]
+        self,
+        batch: list[Sequence],
+        num_drafted: list[int],
+        committed: list[list[int]],
+        logprobs: list[list[TokenLogprob]] | None,
     ) -> list[RequestOutput]:
         outputs = []
-        for seq, proposed, tokens in zip(batch, num_drafted, committed, strict=True):
+        for i, (seq, proposed, tokens) in enumerate(zip(batch, num_drafted, committed, strict=True)):
             if proposed > 0:  # the draft cache fed d_1..d_{K-1}; it stays valid up to the accepted ones
                 num_accepted = len(tokens) - 1
                 seq.num_draft_cached = min(seq.num_draft_cached + proposed - 1, seq.num_tokens + num_accepted)
-            outputs.append(self._output(seq, seq.append(tokens)))
+            new_ids = seq.append(tokens)
+            outputs.append(self._output(seq, new_ids, logprobs[i][: len(new_ids)] if logprobs else []))
         self._reap()
         return outputs
 
@@ -373,10 +381,11 @@ class SpecEngine:
         for seq in seqs:
             self.chooser.release(seq.request_id)
 
-    def _output(self, seq: Sequence, new_ids: list[int]) -> RequestOutput:
+    def _output(self, seq: Sequence, new_ids: list[int], new_logprobs: list[TokenLogprob]) -> RequestOutput:
         return RequestOutput(
             request_id=seq.request_id,
             new_token_ids=new_ids,
+            new_logprobs=new_logprobs,
             new_text=seq.release_text(),
             num_prompt_tokens=len(seq.prompt_ids),
             num_output_tokens=len(seq.output_ids),
@@ -399,3 +408,8 @@ class SpecEngine:
             )
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need an engine with a tokenizer")
+
+
+def _penalty(seq: Sequence) -> PenaltyContext | None:
+    """What the target and the drafter need to penalize a sequence's next positions (None: no penalties)."""
+    return PenaltyContext(seq.prompt_ids, seq.output_ids) if seq.params.has_penalties else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from workers.sampling import SamplingParams
+from workers.sampling import SamplingParams, TokenLogprob
 from workers.tokenizer import IncrementalDetokenizer
 
 FINISH_STOP = "stop"
@@ -21,6 +21,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     finish_reason: str | None  # None while running; stop | length | abort
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)  # per new token, if the request asked
 
     @property
     def is_finished(self) -> bool:

@@ -15,7 +15,16 @@ import torch
 
 from workers.rejection import verify_greedy, verify_sampled
 from workers.runner import Runner
-from workers.sampling import SamplingParams, make_generator, probs_from_logits, sample
+from workers.sampling import (
+    PenaltyContext,
+    SamplingParams,
+    TokenLogprob,
+    apply_penalties,
+    make_generator,
+    probs_from_logits,
+    sample,
+    token_logprobs,
+)
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,7 @@ class VerifyRequest:
     draft_ids: list[int]  # [K_r], possibly empty (plain decoding)
     draft_probs: torch.Tensor | None  # [K_r, V] for sampled requests with drafts
     params: SamplingParams
+    penalty: PenaltyContext | None = None  # the history (pending token included), if params have penalties
 
 
 @dataclass
@@ -44,6 +54,13 @@ class VerifyOutput:
     committed_ids: list[list[int]]  # per request: accepted drafts + one recovered-or-bonus token
     experts_touched: list[int]  # distinct experts per MoE layer in the verification forward
     compute_time_s: float = 0.0  # time in the forward and verification (excludes any call overhead)
+    logprobs: list[list[TokenLogprob]] | None = None  # per request, one per committed token ([] if unasked)
+
+
+@dataclass
+class PrefillOutput:
+    token_ids: list[int]  # the first output token of each sequence
+    logprobs: list[TokenLogprob | None]  # its logprob, for sequences whose params ask for logprobs
 
 
 class Target:
@@ -65,7 +82,7 @@ class Target:
 
     def prefill(
         self, seq_ids: Sequence[int], prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
-    ) -> list[int]:
+    ) -> PrefillOutput:
         """Add and prefill new sequences; returns the first output token of each."""
         try:
             for seq_id, p in zip(seq_ids, params, strict=True):
@@ -75,10 +92,15 @@ class Target:
         except Exception:
             self.free(seq_ids)
             raise
-        return [
-            self._sample_one(logits[i], p, self._generators[s])
-            for i, (s, p) in enumerate(zip(seq_ids, params, strict=True))
-        ]
+        token_ids, logprobs = [], []
+        for i, (seq_id, p, prompt) in enumerate(zip(seq_ids, params, prompts, strict=True)):
+            token_id = self._sample_one(logits[i], p, list(prompt), self._generators[seq_id])
+            token_ids.append(token_id)
+            wanted = p.num_logprobs is not None
+            logprobs.append(
+                token_logprobs(logits[i : i + 1], [token_id], p.num_logprobs or 0)[0] if wanted else None
+            )
+        return PrefillOutput(token_ids, logprobs)
 
     def restore(
         self, seq_ids: Sequence[int], token_ids: Sequence[Sequence[int]], params: Sequence[SamplingParams]
@@ -94,6 +116,7 @@ class Target:
         feeds = [[r.pending_id, *r.draft_ids] for r in requests]
         out = self.runner.forward([r.seq_id for r in requests], feeds)
         committed_all: list[list[int]] = []
+        logprobs_all: list[list[TokenLogprob]] = []
         start = 0
         for request, feed in zip(requests, feeds, strict=True):
             logits = out.logits[start : start + len(feed)]  # [K+1, V]
@@ -102,7 +125,13 @@ class Target:
             # Keep pending + accepted drafts in the cache; the new last token becomes pending.
             self.runner.rollback(request.seq_id, len(request.draft_ids) - (len(committed) - 1))
             committed_all.append(committed)
-        return VerifyOutput(committed_all, out.experts_touched, time.perf_counter() - start_time)
+            num_logprobs = request.params.num_logprobs
+            logprobs_all.append(
+                [] if num_logprobs is None else token_logprobs(logits, committed, num_logprobs)
+            )
+        return VerifyOutput(
+            committed_all, out.experts_touched, time.perf_counter() - start_time, logprobs_all
+        )
 
     def free(self, seq_ids: Sequence[int]) -> None:
         for seq_id in seq_ids:
@@ -110,6 +139,10 @@ class Target:
             self._generators.pop(seq_id, None)
 
     def _verify_one(self, request: VerifyRequest, logits: torch.Tensor) -> list[int]:
+        if request.params.has_penalties:  # row j is penalized given the history and the drafts before j
+            if request.penalty is None:
+                raise ValueError(f"sequence {request.seq_id}: penalties need the token history")
+            logits = apply_penalties(logits, request.params, request.penalty, request.draft_ids)
         if request.params.is_greedy:
             return verify_greedy(logits, request.draft_ids)  # on the model's device
         # Sampling runs on the host with the request's CPU generator: the same seed gives the same tokens
@@ -121,7 +154,12 @@ class Target:
         return verify_sampled(target_probs, draft_probs, request.draft_ids, self._generators[request.seq_id])
 
     @staticmethod
-    def _sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    def _sample_one(
+        logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], generator: torch.Generator
+    ) -> int:
+        """The first output token, from the last prompt position's logits [V]."""
+        if params.has_penalties:
+            logits = apply_penalties(logits[None], params, PenaltyContext(prompt_ids, []), [])[0]
         if params.is_greedy:
             return int(logits.argmax())
         return sample(probs_from_logits(logits[None].cpu(), params)[0], generator)

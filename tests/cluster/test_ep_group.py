@@ -79,7 +79,7 @@ def test_target_engine_drives_the_group(ep2: EPGroup, qwen_path: Path) -> None:
     remote = Target(ep2)
     assert remote.info == local.info
     prompts = [[5, 6, 7, 8, 9], [10, 11]]
-    firsts = [t.prefill([1, 2], prompts, [greedy, greedy]) for t in (local, remote)]
+    firsts = [t.prefill([1, 2], prompts, [greedy, greedy]).token_ids for t in (local, remote)]
     assert firsts[0] == firsts[1]
     requests = [
         VerifyRequest(1, firsts[0][0], [3, 4, 5], None, greedy),

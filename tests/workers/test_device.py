@@ -40,7 +40,7 @@ def paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _speculate(target: Target, drafter: Drafter) -> list[list[int]]:
     """Prefill two sequences, draft three tokens each (one greedy, one sampled), verify them."""
     prompts, params = [[1, 5, 9, 13], [2, 4, 6]], [GREEDY, SAMPLED]
-    first = target.prefill([0, 1], prompts, params)
+    first = target.prefill([0, 1], prompts, params).token_ids
     histories = [p + [t] for p, t in zip(prompts, first, strict=True)]
     drafted = drafter.propose([DraftRequest(i, 0, histories[i], 3, params[i]) for i in range(2)])
     verified = target.verify(

@@ -1,4 +1,5 @@
-"""Sampled speculative decoding preserves the target's distribution (chi-square tests at fixed seeds)."""
+"""Sampled speculative decoding preserves the target's distribution (chi-square tests at fixed seeds),
+penalties included."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 from scipy.stats import chisquare
 
 from workers.rejection import verify_greedy, verify_sampled
-from workers.sampling import SamplingParams, probs_from_logits, sample
+from workers.sampling import PenaltyContext, SamplingParams, apply_penalties, probs_from_logits, sample
+from workers.target import Target, VerifyRequest
 
 VOCAB = 6
 NUM_SAMPLES = 20_000  # enough to detect a 2% shift in a token's probability (see the power test)
@@ -132,3 +134,71 @@ def test_greedy_verification() -> None:
     assert verify_greedy(logits, [2, 4, 1]) == [2, 4, 1, 3]  # all accepted + bonus
     assert verify_greedy(logits, [2, 0, 1]) == [2, 4]  # second rejected, recovered with the argmax
     assert verify_greedy(logits[:1], []) == [2]  # K = 0: plain decoding
+
+
+def _penalized_target_pairs(
+    tables: tuple[torch.Tensor, ...], params: SamplingParams, context: PenaltyContext
+) -> torch.Tensor:
+    """P(x1) P(x2 | x1) when each position is penalized given the output before it (plain decoding)."""
+    l1, l2, _ = tables
+    p1 = probs_from_logits(apply_penalties(l1[None], params, context, []), params)[0]
+    rows = []
+    for x1 in range(VOCAB):
+        after = PenaltyContext(context.prompt_ids, [*context.output_ids, x1])
+        rows.append(probs_from_logits(apply_penalties(l2[x1][None], params, after, []), params)[0])
+    return (p1[:, None] * torch.stack(rows)).flatten()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0, presence_penalty=1.5, frequency_penalty=0.7, repetition_penalty=1.8),
+        SamplingParams(temperature=0.8, top_p=0.9, frequency_penalty=-1.0, repetition_penalty=0.6),
+    ],
+)
+def test_the_target_verification_with_penalties_preserves_the_penalized_distribution(
+    params: SamplingParams,
+) -> None:
+    """The target's own verification (`Target._verify_one`) over 2 unpenalized drafts: each row must be
+    penalized given the drafts before it, or P(x2 | x1) is wrong when x1 came from a draft."""
+    tables, draft = _tables(0, 1.0), _probs(_tables(1, 1.0), SamplingParams(temperature=1.0))
+    context = PenaltyContext(prompt_ids=[0, 5], output_ids=[2, 2, 3])
+    target = Target(runner=None)  # type: ignore[arg-type]  # _verify_one needs only the generator
+    g = torch.Generator().manual_seed(99)
+    target._generators[0] = g
+    counts = torch.zeros(VOCAB * VOCAB)
+    for _ in range(NUM_SAMPLES):
+        d1 = sample(draft[0], g)
+        d2 = sample(draft[1][d1], g)
+        logits = torch.stack([tables[0], tables[1][d1], tables[2][d1, d2]])
+        request = VerifyRequest(0, 4, [d1, d2], torch.stack([draft[0], draft[1][d1]]), params, context)
+        committed = target._verify_one(request, logits)
+        if len(committed) < 2:  # the second token is a plain decoding step after the first
+            after = PenaltyContext(context.prompt_ids, [*context.output_ids, committed[0]])
+            penalized = apply_penalties(tables[1][committed[0]][None], params, after, [])
+            committed.append(sample(probs_from_logits(penalized, params)[0], g))
+        counts[committed[0] * VOCAB + committed[1]] += 1
+    expected = _penalized_target_pairs(tables, params, context)
+    support = expected > 0
+    assert counts[~support].sum() == 0
+    result = chisquare(counts[support].numpy(), expected[support].numpy() * NUM_SAMPLES)
+    assert result.pvalue > 1e-3, f"chi-square p-value {result.pvalue}"
+    unpenalized = _target_pairs(_probs(tables, params))  # the test can tell penalties from none
+    assert chisquare(counts[support].numpy(), unpenalized[support].numpy() * NUM_SAMPLES).pvalue < 1e-6
+
+
+def test_penalties_match_transformers_and_the_openai_formula() -> None:
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    g = torch.Generator().manual_seed(4)
+    logits = 3 * torch.randn(1, VOCAB, generator=g)
+    prompt, output = [0, 1], [1, 3, 3]
+    repetition = SamplingParams(repetition_penalty=1.7)
+    expected = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([prompt + output]), logits.clone())
+    torch.testing.assert_close(
+        apply_penalties(logits, repetition, PenaltyContext(prompt, output), []), expected
+    )
+    additive = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    got = apply_penalties(logits, additive, PenaltyContext(prompt, output), [])
+    counts = torch.bincount(torch.tensor(output), minlength=VOCAB).float()
+    torch.testing.assert_close(got, logits - 0.25 * counts - 0.5 * (counts > 0).float())  # prompt unaffected

@@ -307,3 +307,52 @@ def test_a_cache_that_refuses_with_nothing_running_is_an_error(
         engine.step()
     assert [s.request_id for s in engine.waiting] == ["r-0"]  # not lost: the caller decides what to do
     assert not isinstance(CacheCapacityError("x"), ValueError)  # a server fault, never a client error (400)
+
+
+PENALIZED = SamplingParams(
+    temperature=0.0, max_tokens=20, presence_penalty=0.8, frequency_penalty=0.5, repetition_penalty=1.5
+)
+
+
+@pytest.fixture(scope="module")
+def penalized_reference(target_path: Path) -> list[list[int]]:
+    return _engine(target_path, None, OffChooser()).generate(_prompts(6), PENALIZED)
+
+
+def test_penalties_change_greedy_output(
+    reference: list[list[int]], penalized_reference: list[list[int]]
+) -> None:
+    assert penalized_reference != reference
+    # Repetition is what the penalties push against: fewer repeated tokens than without them.
+    repeats = [sum(len(o) - len(set(o)) for o in outs) for outs in (reference, penalized_reference)]
+    assert repeats[1] < repeats[0]
+
+
+@pytest.mark.parametrize("draft", ["good", "random"])
+def test_greedy_with_penalties_is_identical_with_and_without_speculation(
+    target_path: Path,
+    good_draft_path: Path,
+    random_draft_path: Path,
+    penalized_reference: list[list[int]],
+    draft: str,
+) -> None:
+    """Each position inside a verified draft is penalized given the drafts before it."""
+    draft_path = good_draft_path if draft == "good" else random_draft_path
+    pattern = [[0, 0, 3, 1, 6], [2, 5, 0, 4, 1], [6, 6, 6, 0, 0], [1, 0, 2, 0, 3]]
+    for chooser in (StaticChooser(4), ScriptedChooser(pattern)):
+        engine = _engine(target_path, draft_path, chooser, max_batch_size=4)
+        assert engine.generate(_prompts(6), PENALIZED) == penalized_reference
+
+
+def test_the_draft_applies_the_penalties_too(target_path: Path, good_draft_path: Path) -> None:
+    """The good draft is the target plus noise: with the same penalties it keeps being accepted."""
+    engine = _engine(target_path, good_draft_path, StaticChooser(4))
+    accepted = proposed = 0
+    engine.add_request("r-0", _prompts(1)[0], PENALIZED)
+    while engine.has_unfinished:
+        engine.step()
+        stats = engine.last_stats
+        if stats is not None:
+            accepted += sum(r.num_accepted_tokens for r in stats.requests)
+            proposed += sum(r.num_spec_tokens for r in stats.requests)
+    assert accepted / proposed > 0.5
