@@ -41,7 +41,9 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class EngineSettings:
-    backend: str = "native"  # native: our engine (workers/); vllm: a vLLM engine per replica (cluster/vllm_backend)
+    backend: str = (
+        "native"  # native: our engine (workers/); vllm: a vLLM engine per replica (cluster/vllm_backend)
+    )
     max_batch_size: int = 32
     max_spec_tokens: int = 6
     max_waiting: int = 256  # queued requests beyond the batch; more get 429

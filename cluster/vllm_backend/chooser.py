@@ -28,7 +28,9 @@ from workers.target import TargetInfo
 logger = logging.getLogger(__name__)
 
 
-def build_chooser(settings: SchedulerSettings, vllm_config: Any, max_spec_tokens: int, source: str) -> KChooser:
+def build_chooser(
+    settings: SchedulerSettings, vllm_config: Any, max_spec_tokens: int, source: str
+) -> KChooser:
     policy = settings.policy
     info = target_info(vllm_config)
     prior = step_prior(vllm_config)
@@ -60,7 +62,10 @@ def target_info(vllm_config: Any) -> TargetInfo:
     model = vllm_config.model_config
     hf = model.hf_text_config
     num_experts = int(
-        getattr(hf, "num_local_experts", None) or getattr(hf, "num_experts", None) or getattr(hf, "n_routed_experts", 0) or 0
+        getattr(hf, "num_local_experts", None)
+        or getattr(hf, "num_experts", None)
+        or getattr(hf, "n_routed_experts", 0)
+        or 0
     )
     top_k = int(getattr(hf, "num_experts_per_tok", 0) or 0) if num_experts else 0
     eos = getattr(hf, "eos_token_id", None)

@@ -45,7 +45,13 @@ from policy.stats import IterationStats, RequestIterationStats
 logger = logging.getLogger(__name__)
 SUPPORTED_VERSIONS = ("0.32.", "0.33.")
 # What this scheduler relies on: (object, attribute) pairs checked at start.
-_SCHEDULER_HOOKS = ("schedule", "_update_after_schedule", "update_from_output", "_free_request", "add_request")
+_SCHEDULER_HOOKS = (
+    "schedule",
+    "_update_after_schedule",
+    "update_from_output",
+    "_free_request",
+    "add_request",
+)
 _OUTPUT_FIELDS = ("num_spec_tokens_to_schedule", "scheduled_spec_decode_tokens", "num_scheduled_tokens")
 
 

@@ -49,7 +49,9 @@ class SchedulerSettings:
             args = msgspec.convert(section, type=_Args, strict=False)
             policy = PolicySettings(**args.policy)
         except (msgspec.ValidationError, TypeError) as error:
-            raise ValueError(f"invalid --additional-config section {ADDITIONAL_CONFIG_KEY!r}: {error}") from error
+            raise ValueError(
+                f"invalid --additional-config section {ADDITIONAL_CONFIG_KEY!r}: {error}"
+            ) from error
         values = msgspec.structs.asdict(args)
         values["policy"] = policy
         return cls(**values)

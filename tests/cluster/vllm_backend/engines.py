@@ -17,8 +17,6 @@ SCHEDULER_CLS = "cluster.vllm_backend.scheduler.PolicyScheduler"
 def make_llm(policy: dict[str, Any] | None) -> Any:
     """The demo target in fp32 (greedy output exact); with `policy`, the draft at K_max = 4 and our scheduler
     recording every step; without, vLLM without speculation."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM
 
     args: dict[str, Any] = {
@@ -38,7 +36,17 @@ def make_llm(policy: dict[str, Any] | None) -> Any:
         args["scheduler_cls"] = SCHEDULER_CLS
         args["additional_config"] = {"moespec": {"is_recording": True, "policy": policy}}
         args["per_request_spec_decode_metrics"] = "detailed"
-    return LLM(**args)
+    # The engine core in this process (read at construction); the variables do not outlive it.
+    saved = {name: os.environ.get(name) for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE")}
+    os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
+    try:
+        return LLM(**args)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def scheduler(llm: Any) -> Any:

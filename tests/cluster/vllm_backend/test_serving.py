@@ -43,12 +43,20 @@ def client(server: str) -> Any:
 
 def test_completions_and_chat_streaming_or_not(client: Any) -> None:
     done = client.completions.create(
-        model="demo-moe", prompt="def add(a, b):", max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+        model="demo-moe",
+        prompt="def add(a, b):",
+        max_tokens=12,
+        temperature=0,
+        extra_body={"ignore_eos": True},
     )
     assert done.usage.completion_tokens == 12 and done.choices[0].finish_reason == "length"
     chunks = list(
         client.completions.create(
-            model="demo-moe", prompt="def add(a, b):", max_tokens=12, temperature=0, stream=True,
+            model="demo-moe",
+            prompt="def add(a, b):",
+            max_tokens=12,
+            temperature=0,
+            stream=True,
             extra_body={"ignore_eos": True},
         )
     )
@@ -58,7 +66,10 @@ def test_completions_and_chat_streaming_or_not(client: Any) -> None:
     )
     assert chat.choices[0].message.content
     streamed = client.chat.completions.create(
-        model="demo-moe", messages=[{"role": "user", "content": "Write a loop."}], max_tokens=8, temperature=0,
+        model="demo-moe",
+        messages=[{"role": "user", "content": "Write a loop."}],
+        max_tokens=8,
+        temperature=0,
         stream=True,
     )
     text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
@@ -69,7 +80,10 @@ def test_num_spec_tokens_is_honoured_and_greedy_text_does_not_depend_on_it(serve
     texts = {}
     for setting in ("off", 3, "auto"):
         out = client.completions.create(
-            model="demo-moe", prompt="import os\n", max_tokens=24, temperature=0,
+            model="demo-moe",
+            prompt="import os\n",
+            max_tokens=24,
+            temperature=0,
             extra_body={"ignore_eos": True, "num_spec_tokens": setting},
         )
         texts[setting] = out.choices[0].text
@@ -81,7 +95,10 @@ def test_num_spec_tokens_is_honoured_and_greedy_text_does_not_depend_on_it(serve
 def test_metrics_have_our_gauges_beside_vllms(server: str, client: Any) -> None:
     for _ in range(4):  # both replicas see traffic (Serve routes by load)
         client.completions.create(
-            model="demo-moe", prompt="for i in range(", max_tokens=16, temperature=0,
+            model="demo-moe",
+            prompt="for i in range(",
+            max_tokens=16,
+            temperature=0,
             extra_body={"ignore_eos": True, "num_spec_tokens": 4},
         )
     time.sleep(1.5)  # the scheduler writes its counters once a second
@@ -99,8 +116,9 @@ def test_every_replica_reports_to_the_central_policy(client: Any) -> None:
     import ray
 
     for _ in range(6):
-        client.completions.create(model="demo-moe", prompt="class A:", max_tokens=24, temperature=0,
-                                  extra_body={"ignore_eos": True})
+        client.completions.create(
+            model="demo-moe", prompt="class A:", max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
+        )
     actor = ray.get_actor(ACTOR, namespace=POLICY_NAMESPACE)
     deadline = time.monotonic() + 60
     while len(ray.get(actor.source_names.remote())) < 2:  # one engine per replica, each its own source
