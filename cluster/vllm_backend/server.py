@@ -94,7 +94,7 @@ class EngineInfo:
 class EngineView:
     """What the Router asks of its engine (`SpecEngine`'s members it reads), for a vLLM engine."""
 
-    def __init__(self, info: EngineInfo, has_stop_strings: bool = True) -> None:
+    def __init__(self, info: EngineInfo) -> None:
         self.info = info
         self.num_draft_failures = 0  # the drafter lives inside vLLM; its failures fail the engine
         self.num_target_recoveries = 0
@@ -224,6 +224,7 @@ class VllmServer:
         if api_key is None and config.server.api_key_env:
             api_key = os.environ.get(config.server.api_key_env) or None
         self.metrics = Metrics(config.model.served_name)
+        self._counted: dict[str, float] = {}  # scheduler counters already added to self.metrics
         self.loop = VllmLoop(self.engine, config.engine.request_timeout_s)
         # The Router is typed for the native engine; these adapters provide the members it uses.
         self.router = Router(
@@ -249,8 +250,8 @@ class VllmServer:
         self.metrics.set_gauge("num_requests_outstanding", self.loop.num_outstanding)
         for name, value in read_scheduler_counters(self.settings.metrics_path).items():
             if name in _COUNTERS:
-                with self.metrics._lock:
-                    self.metrics.counters[_COUNTERS[name]] = value
+                self.metrics.count(_COUNTERS[name], value - self._counted.get(name, 0.0))
+                self._counted[name] = value
             elif name in _GAUGES:
                 self.metrics.set_gauge(_GAUGES[name], value)
         return self.metrics.render() + generate_latest(get_prometheus_registry()).decode()

@@ -37,7 +37,9 @@ def make_llm(policy: dict[str, Any] | None) -> Any:
         args["additional_config"] = {"moespec": {"is_recording": True, "policy": policy}}
         args["per_request_spec_decode_metrics"] = "detailed"
     # The engine core in this process (read at construction); the variables do not outlive it.
-    saved = {name: os.environ.get(name) for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE")}
+    saved = {
+        name: os.environ.get(name) for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE")
+    }
     os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
     try:
         return LLM(**args)
