@@ -116,13 +116,13 @@ class VllmSettings:
     num_replicas: int = 1  # engines (Serve replicas); the Serve config's deployment options may override
     enforce_eager: bool = False  # True: no torch.compile / CUDA graphs (a much shorter start)
     gpu_memory_utilization: float = 0.9
-    cpu_kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU builds
+    cpu_kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU builds (whole GiB)
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
             raise ValueError(f"vllm.num_replicas must be >= 1, got {self.num_replicas}")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0 or self.cpu_kv_cache_gib <= 0:
-            raise ValueError("vllm.gpu_memory_utilization in (0, 1] and cpu_kv_cache_gib > 0 required")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0 or self.cpu_kv_cache_gib < 1:
+            raise ValueError("vllm.gpu_memory_utilization in (0, 1] and cpu_kv_cache_gib >= 1 (GiB) required")
 
 
 @dataclass(frozen=True)
