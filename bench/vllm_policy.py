@@ -49,7 +49,8 @@ class PolicySettings(VllmSettings):
         command = super().command(python, port, num_spec_tokens)
         if self.policy:
             additional = {"moespec": {"policy": {"kind": self.policy}}}
-            command += ["--scheduler-cls", SCHEDULER_CLS, "--additional-config", json.dumps(additional)]
+            command += ["--scheduler-cls", SCHEDULER_CLS, "--no-async-scheduling"]
+            command += ["--additional-config", json.dumps(additional)]
         return command
 
 

@@ -103,6 +103,9 @@ class PolicyScheduler(Scheduler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         check_vllm()
         super().__init__(*args, **kwargs)
+        if self.scheduler_config.async_scheduling:
+            # Async scheduling schedules step t+1 before step t's drafts exist (placeholders): untested here.
+            raise RuntimeError("PolicyScheduler runs with synchronous scheduling: pass --no-async-scheduling")
         self.settings = SchedulerSettings.from_additional_config(self.vllm_config.additional_config)
         self.max_spec_tokens = self.num_spec_tokens  # K_max, fixed at launch by --speculative-config
         if self.max_spec_tokens == 0:

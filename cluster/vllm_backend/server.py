@@ -73,6 +73,7 @@ def engine_args(config: AppConfig, settings: SchedulerSettings) -> dict[str, Any
         "tensor_parallel_size": config.expert_parallel.num_ranks,
         "enable_expert_parallel": config.expert_parallel.num_ranks > 1,
         "scheduler_cls": SCHEDULER_CLS,
+        "async_scheduling": False,  # PolicyScheduler cuts drafts that synchronous scheduling holds
         "additional_config": settings.to_additional_config(),
     }
     if model.draft is not None and engine.max_spec_tokens > 0:

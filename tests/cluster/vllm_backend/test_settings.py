@@ -54,7 +54,7 @@ def test_engine_args_carry_our_scheduler_and_k_max() -> None:
     config = AppConfig.from_args({"engine": {"backend": "vllm", "max_spec_tokens": 4}})
     settings = SchedulerSettings(policy=config.policy, metrics_path="/tmp/x.json")
     args = engine_args(config, settings)
-    assert args["scheduler_cls"] == SCHEDULER_CLS
+    assert args["scheduler_cls"] == SCHEDULER_CLS and args["async_scheduling"] is False
     assert args["speculative_config"]["num_speculative_tokens"] == 4
     assert args["speculative_config"]["method"] == "draft_model"
     assert SchedulerSettings.from_additional_config(args["additional_config"]) == settings
