@@ -1,4 +1,5 @@
-"""Builds the Ray Serve application: Router (ingress) -> Drafter and MoETarget deployments.
+"""Builds the Ray Serve application: Router (ingress) -> Drafter and MoETarget deployments (engine.backend =
+native), or one `VllmServer` deployment, a vLLM engine with our scheduler per replica (engine.backend = vllm).
 
 `build_app(args)` is the import path of every Serve config (`cluster.app:build_app`); `args` are validated
 into an `AppConfig`. `serve.deployment` is applied here and only here, so the classes stay testable.
@@ -170,6 +171,8 @@ def check_fits(demand: dict[str, dict[str, float]], cluster: dict[str, float]) -
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     config = AppConfig.from_args(args)
+    if config.engine.backend == "vllm":
+        return build_vllm_app(config)
     if ray.is_initialized():  # on a cluster (serve run, serve deploy, our CLI); not when only validating
         check_fits(resource_demand(config), ray.cluster_resources())
     light = {"num_cpus": LIGHT_NUM_CPUS}
@@ -184,3 +187,20 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         ray_actor_options={"num_cpus": config.resources.router_num_cpus},
     )(RouterServer)
     return router.bind(config, target, drafter)
+
+
+def build_vllm_app(config: AppConfig) -> Application:
+    """One deployment; each replica runs one vLLM engine (draft and target inside it) behind our Router."""
+    from cluster.vllm_backend.server import VllmServer  # imports no vLLM until a replica starts its engine
+
+    resources = config.resources
+    num_gpus = resources.target_num_gpus * config.expert_parallel.num_ranks
+    deployment = serve.deployment(
+        name="VllmServer",
+        num_replicas=config.vllm.num_replicas,
+        max_ongoing_requests=config.engine.max_batch_size + config.engine.max_waiting + 16,
+        ray_actor_options={"num_cpus": resources.target_num_cpus, "num_gpus": num_gpus},
+        health_check_period_s=10,
+        health_check_timeout_s=60,
+    )(VllmServer)
+    return deployment.bind(config)

@@ -17,6 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_TARGET = REPO_ROOT / "models" / "demo-moe"
 DEMO_DRAFT = REPO_ROOT / "models" / "demo-draft"
 POLICIES = ("auto", "cascade", "static", "off")
+BACKENDS = ("native", "vllm")
 DTYPES = ("bfloat16", "float32", "auto")
 
 
@@ -40,6 +41,9 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class EngineSettings:
+    backend: str = (
+        "native"  # native: our engine (workers/); vllm: a vLLM engine per replica (cluster/vllm_backend)
+    )
     max_batch_size: int = 32
     max_spec_tokens: int = 6
     max_waiting: int = 256  # queued requests beyond the batch; more get 429
@@ -51,6 +55,8 @@ class EngineSettings:
             raise ValueError("engine.max_batch_size >= 1, max_waiting >= 0, max_spec_tokens >= 0 required")
         if self.request_timeout_s <= 0:
             raise ValueError(f"engine.request_timeout_s must be > 0, got {self.request_timeout_s}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"engine.backend must be one of {BACKENDS}, got {self.backend!r}")
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,22 @@ class ExpertParallelSettings:
 
 
 @dataclass(frozen=True)
+class VllmSettings:
+    """Settings of the vllm backend that our other sections do not cover (read only when backend = vllm)."""
+
+    num_replicas: int = 1  # engines (Serve replicas); the Serve config's deployment options may override
+    enforce_eager: bool = False  # True: no torch.compile / CUDA graphs (a much shorter start)
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU builds (whole GiB)
+
+    def __post_init__(self) -> None:
+        if self.num_replicas < 1:
+            raise ValueError(f"vllm.num_replicas must be >= 1, got {self.num_replicas}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0 or self.cpu_kv_cache_gib < 1:
+            raise ValueError("vllm.gpu_memory_utilization in (0, 1] and cpu_kv_cache_gib >= 1 (GiB) required")
+
+
+@dataclass(frozen=True)
 class AppConfig:
     model: ModelSettings = field(default_factory=ModelSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
@@ -111,6 +133,7 @@ class AppConfig:
     server: ServerSettings = field(default_factory=ServerSettings)
     resources: ResourceSettings = field(default_factory=ResourceSettings)
     expert_parallel: ExpertParallelSettings = field(default_factory=ExpertParallelSettings)
+    vllm: VllmSettings = field(default_factory=VllmSettings)
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> AppConfig:
@@ -142,6 +165,7 @@ _SECTIONS = {
     "server": ServerSettings,
     "resources": ResourceSettings,
     "expert_parallel": ExpertParallelSettings,
+    "vllm": VllmSettings,
 }
 _AppArgsBase = msgspec.defstruct(
     "_AppArgsBase",

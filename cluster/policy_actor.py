@@ -58,6 +58,10 @@ class SpecPolicy:
         """Decisions published so far (the aggregator's version)."""
         return self.aggregator.version
 
+    def source_names(self) -> list[str]:
+        """The routers and vLLM engines that have reported so far."""
+        return self.aggregator.source_names
+
 
 def ray_reply(pending: Any) -> bytes | None:
     """The actor's answer if it has arrived (None if not yet); raises if the call failed."""

@@ -110,6 +110,11 @@ class PolicyAggregator:
     def num_requests(self) -> int:
         return len(self._seen)
 
+    @property
+    def source_names(self) -> list[str]:
+        """The routers (or vLLM engines) that have reported or asked so far."""
+        return sorted(self._sources)
+
     def _source(self, name: str) -> _Source:
         source = self._sources.get(name)
         if source is None:

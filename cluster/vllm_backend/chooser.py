@@ -1,0 +1,109 @@
+"""The K chooser the scheduler runs inside vLLM's engine-core process, built from its settings and vLLM's
+config: the same choosers, cost-model prior and measured guard as the native router.
+
+How the engine core reaches the central SpecPolicy actor: vLLM runs the scheduler in its own engine-core
+process, a child of the Serve replica that Ray does not know about. That process joins the Ray cluster as a
+driver (`ray.init(address=<the replica's GCS address>)`, passed in the settings) and reports through the
+native router's `PolicyClient`: one msgspec-encoded report in flight per window, never blocking a step,
+with the local chooser as the fallback. Why not relay through the replica: the scheduler's statistics are
+born in the engine core, and vLLM's channel to the front end (EngineCoreOutputs) carries no custom fields,
+so a relay would need a side channel of its own as well as a second hop on every report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from cluster.choosers import DEFAULT_PRIOR, analytic_prior, make_chooser, shared_chooser_factory
+from cluster.vllm_backend.settings import SchedulerSettings
+from policy.cost_model import CostParams
+from policy.guard import MeasuredGuard
+from policy.stats import KChooser
+from workers.config import ModelConfig
+from workers.target import TargetInfo
+
+logger = logging.getLogger(__name__)
+
+
+def build_chooser(
+    settings: SchedulerSettings, vllm_config: Any, max_spec_tokens: int, source: str
+) -> KChooser:
+    policy = settings.policy
+    info = target_info(vllm_config)
+    prior = step_prior(vllm_config)
+    local = make_chooser(policy, info, max_spec_tokens, prior=prior)
+    if policy.kind in ("off", "static"):
+        return local
+    if not settings.uses_central_actor:
+        return MeasuredGuard(local)
+    import ray  # only under our Serve app: standalone vLLM needs no Ray
+
+    from cluster.policy_actor import POLICY_NAMESPACE, PolicyClient, policy_actor_handle
+
+    if not ray.is_initialized():
+        ray.init(
+            address=settings.ray_address,
+            namespace=POLICY_NAMESPACE,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    factory = shared_chooser_factory(policy, info, max_spec_tokens, prior)
+    client = PolicyClient(
+        source, local, lambda: policy_actor_handle(policy.actor_name, policy.window_iterations, factory)
+    )
+    return MeasuredGuard(client)
+
+
+def target_info(vllm_config: Any) -> TargetInfo:
+    """What the choosers need to know about the target, from vLLM's view of its Hugging Face config."""
+    model = vllm_config.model_config
+    hf = model.hf_text_config
+    num_experts = int(
+        getattr(hf, "num_local_experts", None)
+        or getattr(hf, "num_experts", None)
+        or getattr(hf, "n_routed_experts", 0)
+        or 0
+    )
+    top_k = int(getattr(hf, "num_experts_per_tok", 0) or 0) if num_experts else 0
+    eos = getattr(hf, "eos_token_id", None)
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    return TargetInfo(
+        vocab_size=model.get_vocab_size(),
+        eos_token_ids=eos_ids,
+        num_experts=num_experts,
+        top_k=top_k,
+        max_seqs=vllm_config.scheduler_config.max_num_seqs,
+        max_seq_len=model.max_model_len,
+    )
+
+
+def step_prior(vllm_config: Any) -> CostParams:
+    """The cost model's starting point for a whole vLLM step.
+
+    The scheduler reports a step's wall time as verify time (vLLM gives it no split), so the draft and
+    "other" terms of the analytic prior are folded into the verify terms, and the online fit refines those."""
+    spec = vllm_config.speculative_config
+    target_dir = Path(vllm_config.model_config.model)
+    draft_dir = Path(spec.draft_model_config.model) if spec is not None and spec.draft_model_config else None
+    try:
+        target = ModelConfig.from_dir(target_dir)
+        draft = ModelConfig.from_dir(draft_dir) if draft_dir is not None else None
+    except (OSError, ValueError, KeyError) as error:  # a hub id, or an architecture we do not model
+        logger.info("cost-model prior: generic values (%s)", error)
+        prior = DEFAULT_PRIOR
+    else:
+        bytes_per_param = 2 if "16" in str(vllm_config.model_config.dtype) else 4
+        prior = analytic_prior(target, draft, bytes_per_param)
+    return dataclasses.replace(
+        prior,
+        fixed_s=prior.fixed_s + prior.other_s + prior.draft_call_s + prior.draft_fixed_s,
+        per_token_s=prior.per_token_s + prior.draft_per_token_s,
+        draft_fixed_s=0.0,
+        draft_per_token_s=0.0,
+        draft_prefill_per_token_s=0.0,
+        other_s=0.0,
+        draft_call_s=0.0,
+    )

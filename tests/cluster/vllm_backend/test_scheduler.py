@@ -1,0 +1,118 @@
+"""PolicyScheduler inside vLLM on the demo pair: greedy output unchanged under mixed K, per-request settings
+honoured, K = 0 costing only the drafter's catch-up pass, our counts equal to vLLM's own.
+
+One module-scoped pair of engines (vLLM without speculation, and with our scheduler), in this process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.cluster.vllm_backend.conftest import needs_vllm
+from tests.cluster.vllm_backend.engines import MAX_SPEC_TOKENS, count_draft_forwards, make_llm, scheduler
+
+pytestmark = [needs_vllm, pytest.mark.timeout(900)]  # the first test starts two engines
+
+PROMPTS = [
+    "def fibonacci(n):",
+    "import os\nimport sys\n\n",
+    "class Stack:\n    def __init__(self):",
+    "for i in range(10):",
+    "The module defines",
+    "def read_file(path):\n    with open(path) as f:",
+    "    return sorted(items, key=",
+    "# Parse the command line arguments\n",
+]
+SETTINGS: list[Any] = ["off", 1, 2, 3, MAX_SPEC_TOKENS, "auto", 0, "auto"]  # K mixed 0..max in one batch
+
+
+@pytest.fixture(scope="module")
+def engines() -> Iterator[tuple[Any, Any]]:
+    plain = make_llm(None)
+    ours = make_llm({"kind": "static", "num_spec_tokens": 2})  # "auto" requests get K = 2 from the policy
+    yield plain, ours
+    for llm in (plain, ours):
+        llm.llm_engine.engine_core.shutdown()
+
+
+def _params(settings: list[Any], max_tokens: int = 48) -> list[Any]:
+    from vllm import SamplingParams
+
+    return [
+        SamplingParams(
+            temperature=0.0, max_tokens=max_tokens, ignore_eos=True, extra_args={"num_spec_tokens": s}
+        )
+        for s in settings
+    ]
+
+
+def _generate(llm: Any, settings: list[Any]) -> tuple[list[Any], list[Any]]:
+    """Outputs, and the scheduler's record with request ids as the outputs name them (vLLM's engine adds a
+    suffix to each)."""
+    sched = scheduler(llm)
+    sched.record.clear()
+    outputs = llm.generate(PROMPTS[: len(settings)], _params(settings), use_tqdm=False)
+    for step in sched.record:
+        step.num_drafts = {k.rsplit("-", 1)[0]: v for k, v in step.num_drafts.items()}
+        step.num_accepted = {k.rsplit("-", 1)[0]: v for k, v in step.num_accepted.items()}
+    return outputs, list(sched.record)
+
+
+def test_greedy_output_unchanged_with_mixed_k(engines: tuple[Any, Any]) -> None:
+    plain, ours = engines
+    expected = [
+        o.outputs[0].token_ids
+        for o in plain.generate(PROMPTS, _params([None] * len(PROMPTS)), use_tqdm=False)
+    ]
+    outputs, record = _generate(ours, SETTINGS)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    # K from 0 to max in the same step, as the scheduler saw it.
+    mixed = [r for r in record if len(r.num_drafts) == len(PROMPTS)]
+    assert mixed, "no step had the whole batch decoding"
+    assert any(
+        {0, MAX_SPEC_TOKENS} <= set(r.num_drafts.values()) and len(set(r.num_drafts.values())) >= 4
+        for r in mixed
+    )
+    assert sum(sum(r.num_accepted.values()) for r in record) > 0  # speculation did happen
+
+
+def test_per_request_settings_are_honoured(engines: tuple[Any, Any]) -> None:
+    _, ours = engines
+    outputs, record = _generate(ours, ["off", 3, "auto"])
+    ids = [o.request_id for o in outputs]
+    for request_id, expected in zip(ids, (0, 3, 2), strict=True):  # off, fixed K = 3, auto (the policy's 2)
+        drafts = [r.num_drafts[request_id] for r in record if request_id in r.num_drafts]
+        assert drafts and set(drafts) == {expected}, (request_id, drafts)
+    # The request at off decoded one token per step: 47 decode steps after the prefill's first token.
+    assert len([r for r in record if ids[0] in r.num_drafts]) == 47
+
+
+def test_k_zero_runs_only_the_catch_up_pass(engines: tuple[Any, Any]) -> None:
+    _, ours = engines
+    sched = scheduler(ours)
+    with count_draft_forwards(ours) as calls:
+        _, record = _generate(ours, ["off"] * 4)
+    assert all(r.num_draft_steps == 0 for r in record)
+    assert all(n == 0 for r in record for n in r.num_drafts.values())
+    # One draft forward per step (the catch-up pass keeping the draft's KV cache in step), none more.
+    assert len(calls) == len(record)
+    with count_draft_forwards(ours) as calls:
+        _, record = _generate(ours, [3] * 4)
+    drafting = sum(r.num_draft_steps for r in record)
+    assert len(calls) == len(record) + sum(max(0, r.num_draft_steps - 1) for r in record) and drafting > 0
+    assert sched.counters.num_steps > 0
+
+
+def test_our_counts_equal_vllm_per_request_metrics(engines: tuple[Any, Any]) -> None:
+    _, ours = engines
+    outputs, record = _generate(ours, [1, 2, MAX_SPEC_TOKENS, "auto"])
+    for out in outputs:
+        metrics = out.outputs[0].spec_decode_metrics
+        assert metrics is not None
+        drafted = [r.num_drafts[out.request_id] for r in record if r.num_drafts.get(out.request_id)]
+        accepted = [r.num_accepted[out.request_id] for r in record if r.num_drafts.get(out.request_id)]
+        assert drafted == list(metrics.per_step_drafted)
+        assert accepted == list(metrics.per_step_accepted)
+        assert sum(accepted) > 0

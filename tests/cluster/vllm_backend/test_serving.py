@@ -1,0 +1,128 @@
+"""The vllm backend served on Ray: the official openai client (completions and chat, streaming or not),
+`num_spec_tokens` honoured, our gauges beside vLLM's on /metrics, two replicas each with its own engine,
+and the central SpecPolicy actor receiving the engines' reports."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from cluster.config import DEMO_DRAFT, DEMO_TARGET
+from cluster.policy_actor import POLICY_NAMESPACE
+from tests.cluster.serving_app import app_args, metric_value, running_app
+from tests.cluster.vllm_backend.conftest import needs_vllm
+
+openai = pytest.importorskip("openai")
+pytestmark = [needs_vllm, pytest.mark.timeout(600)]
+APP = "moespec-vllm-test"
+ACTOR = "moespec-vllm-test-policy"
+
+
+@pytest.fixture(scope="module")
+def server(serve_url: str) -> Iterator[str]:
+    args = app_args(
+        DEMO_TARGET,
+        DEMO_DRAFT,
+        engine={"backend": "vllm", "max_spec_tokens": 4},
+        policy={"kind": "auto", "actor_name": ACTOR, "window_iterations": 4},
+        vllm={"num_replicas": 2, "enforce_eager": True, "cpu_kv_cache_gib": 1},
+        resources={"target_num_cpus": 0.5},
+    )
+    with running_app(serve_url, args, APP, timeout_s=420) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> Any:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+def test_completions_and_chat_streaming_or_not(client: Any) -> None:
+    done = client.completions.create(
+        model="demo-moe",
+        prompt="def add(a, b):",
+        max_tokens=12,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert done.usage.completion_tokens == 12 and done.choices[0].finish_reason == "length"
+    chunks = list(
+        client.completions.create(
+            model="demo-moe",
+            prompt="def add(a, b):",
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == done.choices[0].text
+    chat = client.chat.completions.create(
+        model="demo-moe", messages=[{"role": "user", "content": "Write a loop."}], max_tokens=8, temperature=0
+    )
+    assert chat.choices[0].message.content
+    streamed = client.chat.completions.create(
+        model="demo-moe",
+        messages=[{"role": "user", "content": "Write a loop."}],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == chat.choices[0].message.content
+
+
+def test_num_spec_tokens_is_honoured_and_greedy_text_does_not_depend_on_it(server: str, client: Any) -> None:
+    texts = {}
+    for setting in ("off", 3, "auto"):
+        out = client.completions.create(
+            model="demo-moe",
+            prompt="import os\n",
+            max_tokens=24,
+            temperature=0,
+            extra_body={"ignore_eos": True, "num_spec_tokens": setting},
+        )
+        texts[setting] = out.choices[0].text
+    assert texts["off"] == texts[3] == texts["auto"]
+    bad = httpx.post(f"{server}/v1/completions", json={"prompt": "x", "num_spec_tokens": -1})
+    assert bad.status_code == 400
+
+
+def test_metrics_have_our_gauges_beside_vllms(server: str, client: Any) -> None:
+    for _ in range(4):  # both replicas see traffic (Serve routes by load)
+        client.completions.create(
+            model="demo-moe",
+            prompt="for i in range(",
+            max_tokens=16,
+            temperature=0,
+            extra_body={"ignore_eos": True, "num_spec_tokens": 4},
+        )
+    time.sleep(1.5)  # the scheduler writes its counters once a second
+    seen_drafts = 0.0
+    for _ in range(6):  # /metrics answers from whichever replica Serve picks
+        text = httpx.get(f"{server}/metrics").text
+        assert "vllm:" in text  # vLLM's own metrics
+        seen_drafts = max(seen_drafts, metric_value(text, "spec_decode_num_draft_tokens_total"))
+        assert metric_value(text, "requests_total") >= 1
+        assert "moespec:policy_central_decisions" in text
+    assert seen_drafts > 0
+
+
+def test_every_replica_reports_to_the_central_policy(client: Any) -> None:
+    import ray
+
+    for _ in range(6):
+        client.completions.create(
+            model="demo-moe", prompt="class A:", max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
+        )
+    actor = ray.get_actor(ACTOR, namespace=POLICY_NAMESPACE)
+    deadline = time.monotonic() + 60
+    while len(ray.get(actor.source_names.remote())) < 2:  # one engine per replica, each its own source
+        assert time.monotonic() < deadline, f"reports from {ray.get(actor.source_names.remote())} only"
+        client.completions.create(model="demo-moe", prompt="def f(x):", max_tokens=16, temperature=0)
+    assert all(name.startswith("vllm-") for name in ray.get(actor.source_names.remote()))
+    assert ray.get(actor.num_decisions.remote()) > 0

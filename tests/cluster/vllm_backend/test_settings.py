@@ -1,0 +1,80 @@
+"""The vllm backend's configuration, without vLLM: scheduler settings, per-request K, engine arguments, the app."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from cluster.config import AppConfig, PolicySettings
+from cluster.vllm_backend.chooser import step_prior
+from cluster.vllm_backend.server import SCHEDULER_CLS, engine_args
+from cluster.vllm_backend.settings import ADDITIONAL_CONFIG_KEY, SchedulerSettings, parse_num_spec_tokens
+
+
+def test_settings_round_trip_through_additional_config() -> None:
+    settings = SchedulerSettings(
+        policy=PolicySettings(kind="cascade", window_iterations=8), ray_address="10.0.0.1:6379", source="r1"
+    )
+    again = SchedulerSettings.from_additional_config(settings.to_additional_config())
+    assert again == settings
+    assert again.uses_central_actor
+
+
+def test_settings_default_standalone_and_refuse_unknown_keys() -> None:
+    settings = SchedulerSettings.from_additional_config(None)
+    assert settings.policy.kind == "auto" and not settings.uses_central_actor  # no Ray address: local chooser
+    with pytest.raises(ValueError, match="moespec"):
+        SchedulerSettings.from_additional_config({ADDITIONAL_CONFIG_KEY: {"polcy": {}}})
+    with pytest.raises(ValueError, match="policy.kind"):
+        SchedulerSettings.from_additional_config({ADDITIONAL_CONFIG_KEY: {"policy": {"kind": "fast"}}})
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [(None, None), ("auto", None), ("off", 0), (0, 0), (3, 3), (9, 4)]
+)
+def test_num_spec_tokens_per_request(value: Any, expected: int | None) -> None:
+    assert parse_num_spec_tokens(value, max_spec_tokens=4) == expected
+
+
+@pytest.mark.parametrize("value", [-1, "three", 2.5, True])
+def test_num_spec_tokens_refuses_bad_values(value: Any) -> None:
+    with pytest.raises(ValueError, match="num_spec_tokens"):
+        parse_num_spec_tokens(value, max_spec_tokens=4)
+
+
+def test_backend_field_is_validated() -> None:
+    assert AppConfig.from_args(None).engine.backend == "native"
+    assert AppConfig.from_args({"engine": {"backend": "vllm"}}).engine.backend == "vllm"
+    with pytest.raises(ValueError, match="engine.backend"):
+        AppConfig.from_args({"engine": {"backend": "tgi"}})
+
+
+def test_engine_args_carry_our_scheduler_and_k_max() -> None:
+    config = AppConfig.from_args({"engine": {"backend": "vllm", "max_spec_tokens": 4}})
+    settings = SchedulerSettings(policy=config.policy, metrics_path="/tmp/x.json")
+    args = engine_args(config, settings)
+    assert args["scheduler_cls"] == SCHEDULER_CLS and args["async_scheduling"] is False
+    assert args["speculative_config"]["num_speculative_tokens"] == 4
+    assert args["speculative_config"]["method"] == "draft_model"
+    assert SchedulerSettings.from_additional_config(args["additional_config"]) == settings
+    no_draft = AppConfig.from_args({"engine": {"backend": "vllm"}, "model": {"draft": None}})
+    assert "speculative_config" not in engine_args(no_draft, settings)
+
+
+class _Fake:
+    def __init__(self, **values: Any) -> None:
+        self.__dict__.update(values)
+
+
+def test_step_prior_puts_the_whole_step_in_the_verify_terms() -> None:
+    """The scheduler reports a step's time as verify time, so the prior must carry no draft / other terms."""
+    config = AppConfig.from_args(None)
+    draft = _Fake(model=config.model.draft)
+    vllm_config = _Fake(
+        model_config=_Fake(model=config.model.target, dtype="float32"),
+        speculative_config=_Fake(draft_model_config=draft),
+    )
+    prior = step_prior(vllm_config)
+    assert prior.fixed_s > 0 and prior.per_expert_s > 0
+    assert prior.draft_fixed_s == prior.draft_per_token_s == prior.other_s == prior.draft_call_s == 0.0
