@@ -119,8 +119,10 @@ def test_a_replaced_router_reclaims_the_slots_of_its_predecessor(server: str) ->
 
     with concurrent.futures.ThreadPoolExecutor(24) as pool:
         streams = [pool.submit(_stream, server, f"restart {i}:", "auto", 200) for i in range(24)]
-        time.sleep(3.0)
-        assert _used_slots()[0] > 0  # sequences in flight on the target
+        started = time.monotonic()
+        while _used_slots()[0] < 16:  # sequences in flight on the target (a full batch)
+            assert time.monotonic() - started < 120, "the streams never started"
+            time.sleep(0.5)
         (router,) = _router_replicas()
         ray.kill(router, no_restart=True)
         killed_at = time.monotonic()
