@@ -110,6 +110,7 @@ def steps(args: argparse.Namespace) -> dict[str, Any]:
                     "num_tokens": batch_size * (k + 1),
                     "step_ms": 1e3 * statistics.median(times[k]),
                     "ratio_to_plain": statistics.median(times[k]) / plain,
+                    "fastest_ratio_to_plain": min(times[k]) / min(times[0]),
                     "experts_per_layer": None,  # vLLM does not report it
                     "draft_step_ms": None,
                     "times_s": times[k],
