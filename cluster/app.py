@@ -69,7 +69,6 @@ class RouterServer:
         return self._building.result()
 
     async def _build_router(self) -> Router:
-        config = self.config
         target_actor = await self.target_handle.actor_handle.remote()
         target = RemoteTarget(self.target_handle, target_actor, await target_actor.info.remote())
         drafter = None
@@ -78,6 +77,11 @@ class RouterServer:
             drafter = RemoteDrafter(
                 self.drafter_handle, drafter_actor, await drafter_actor.vocab_size.remote()
             )
+        # The rest reads files and builds models of the policy: off the event loop, so /health keeps answering.
+        return await asyncio.to_thread(self._assemble, target, drafter)
+
+    def _assemble(self, target: RemoteTarget, drafter: RemoteDrafter | None) -> Router:
+        config = self.config
         chooser = self._chooser(target.info)
         tokenizer = Tokenizer(resolve_model_path(config.model.target))
         engine_config = EngineConfig(
