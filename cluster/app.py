@@ -73,7 +73,6 @@ class RouterServer:
         return self._building.result()
 
     async def _build_router(self) -> Router:
-        config = self.config
         # Claim the model replicas' caches first: sequences of a router this one replaces are freed.
         target_actor = await self.target_handle.actor_handle.remote()
         await target_actor.claim.remote(self.owner)
@@ -85,6 +84,11 @@ class RouterServer:
             drafter = RemoteDrafter(
                 self.drafter_handle, drafter_actor, await drafter_actor.vocab_size.remote(), self.owner
             )
+        # The rest reads files and builds models of the policy: off the event loop, so /health keeps answering.
+        return await asyncio.to_thread(self._assemble, target, drafter)
+
+    def _assemble(self, target: RemoteTarget, drafter: RemoteDrafter | None) -> Router:
+        config = self.config
         chooser = self._chooser(target.info)
         tokenizer = Tokenizer(resolve_model_path(config.model.target))
         engine_config = EngineConfig(
