@@ -132,6 +132,8 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                     }
                     log(json.dumps(row))
                     rows.append(row)
+                    with (RAW / "rows.jsonl").open("a") as partial:  # kept if a later launch fails
+                        partial.write(json.dumps(row) + "\n")
     return rows
 
 
