@@ -187,6 +187,11 @@ def measure_catch_up(
     return rows
 
 
+def _recorded(args: argparse.Namespace) -> dict[str, str]:
+    """The arguments as the result file records them: paths by name only (no machine paths)."""
+    return {k: v.name if isinstance(v, Path) else str(v) for k, v in vars(args).items() if k != "python"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -218,14 +223,10 @@ def main() -> None:
     RAW.mkdir(parents=True, exist_ok=True)
     if args.catch_up:
         rows = measure_catch_up(args, args.concurrency)
-        args.out.write_text(
-            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1)
-        )
+        args.out.write_text(json.dumps({"args": _recorded(args), "rows": rows}, indent=1))
         return
     rows = measure(args)
-    args.out.write_text(
-        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1)
-    )
+    args.out.write_text(json.dumps({"args": _recorded(args), "rows": rows}, indent=1))
     print(table(rows))
 
 
