@@ -159,22 +159,25 @@ def main(argv: list[str] | None = None) -> None:
 
         paper_main(args.fit, args.jobs, OUT_DIR / "moesd.json")
         return
-    tasks = [
+    tasks = [  # cell by cell, so that an interrupted run leaves whole cells (every seed) behind
         (preset, level, int(batch), args.request_iterations, seed)
-        for seed in range(args.seeds)
         for preset in args.presets.split(",")
         for level in args.levels.split(",")
         for batch in args.batch_sizes.split(",")
+        for seed in range(args.seeds)
     ]
     started = time.perf_counter()
+    by_seed: dict[int, dict[str, dict[str, dict[int, dict[str, float]]]]] = {}
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        outcomes = list(pool.map(run_task, tasks))
+        for done, ((preset, level, batch_size, _, seed), speedup) in enumerate(pool.map(run_task, tasks), 1):
+            by_seed.setdefault(seed, {}).setdefault(preset, {}).setdefault(level, {})[batch_size] = speedup
+            best = max(v for p, v in speedup.items() if p.startswith("static"))
+            print(f"[{done}/{len(tasks)}] {preset} {level} batch {batch_size} seed {seed}: auto "
+                  f"{speedup['auto']:.3f} cascade {speedup['cascade']:.3f} best static {best:.3f}", flush=True)  # fmt: skip
+            (OUT_DIR / "speedups.partial.json").write_text(json.dumps(by_seed))
         curve_outcomes = dict(
             pool.map(run_curve, [(p, b, 0) for p in CURVE_PRESETS for b in CURVE_BATCH_SIZES])
         )
-    by_seed: dict[int, dict[str, dict[str, dict[int, dict[str, float]]]]] = {}
-    for (preset, level, batch_size, _, seed), speedup in outcomes:
-        by_seed.setdefault(seed, {}).setdefault(preset, {}).setdefault(level, {})[batch_size] = speedup
     results = by_seed[0]
     curves = {p: [curve_outcomes[(p, b, 0)] for b in CURVE_BATCH_SIZES] for p in CURVE_PRESETS}
     for preset, by_level in results.items():
