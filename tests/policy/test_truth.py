@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import pytest
 
-from policy.baselines import StaticChooser
-from policy.presets import PAPER_PRESETS, PRESETS
+from policy.presets import PAPER_PRESETS, PRESETS, Preset
 from policy.simulator import simulate
 from policy.stats import IterationStats, KChooser
-from policy.truth import IterationShape
+from policy.truth import IterationShape, ServerTruth
 from policy.workload import WorkloadConfig
 
 QWEN = PRESETS["qwen2-57b-a14b-h100"]
+
+
+def server(preset: Preset) -> ServerTruth:
+    truth = preset.truth()
+    assert isinstance(truth, ServerTruth)
+    return truth
 
 
 def plain(batch: int, context: int = 100) -> IterationShape:
@@ -21,7 +27,7 @@ def plain(batch: int, context: int = 100) -> IterationShape:
 
 
 def test_kv_reads_grow_with_context_and_sequences() -> None:
-    truth = QWEN.truth()
+    truth = server(QWEN)
     assert truth.iteration_time(plain(32, 4000)) > truth.iteration_time(plain(32, 100))
     short, long = (
         truth.iteration_time(plain(b, 4000)) - truth.iteration_time(plain(b, 100)) for b in (8, 32)
@@ -30,16 +36,16 @@ def test_kv_reads_grow_with_context_and_sequences() -> None:
 
 
 def test_tensor_parallel_halves_weight_reads_but_adds_all_reduces() -> None:
-    one, two = (dataclasses.replace(QWEN, num_gpus=n).truth() for n in (1, 2))
+    one, two = (server(dataclasses.replace(QWEN, num_gpus=n)) for n in (1, 2))
     assert two.target_forward(64, [100] * 64) < 0.6 * one.target_forward(64, [100] * 64)
     assert two._all_reduces(64) > 0.0 and one._all_reduces(64) == 0.0
     slow_link = dataclasses.replace(QWEN, num_gpus=2, hardware=PAPER_PRESETS["qwen2-57b-a14b-4xl40"].hardware)
-    assert slow_link.truth()._all_reduces(64) > 10 * two._all_reduces(64)  # PCIe against NVLink
+    assert server(slow_link)._all_reduces(64) > 10 * two._all_reduces(64)  # PCIe against NVLink
 
 
 def target_efficiency(preset: str, batch: int, num_spec_tokens: int = 4) -> float:
     """MoESD: T(B, 1 token) / T(B, K + 1 tokens per sequence)."""
-    truth = PRESETS[preset].truth()
+    truth = server(PRESETS[preset])
     contexts = [100] * batch
     return truth.target_forward(batch, contexts) / truth.target_forward(
         batch * (num_spec_tokens + 1), contexts
@@ -58,7 +64,7 @@ def test_target_efficiency_rises_then_falls_on_an_moe_and_falls_on_a_dense_model
 
 
 def test_speculation_and_catch_up_prefill_cost_draft_time() -> None:
-    truth = QWEN.truth()
+    truth = server(QWEN)
     draft, _, _ = truth.phase_times(IterationShape([2, 1, 0], [100] * 3))
     assert draft == pytest.approx(truth.draft_step(2, [100] * 3) + truth.draft_step(1, [100] * 3))
     caught_up, _, _ = truth.phase_times(IterationShape([2, 1, 0], [100] * 3, num_draft_prefill_tokens=500))
@@ -69,9 +75,10 @@ class Recorder:
     """A fixed K schedule that records what the loop reports."""
 
     def __init__(self, schedule: list[int]) -> None:
-        self.schedule, self.stats, self.chooser = schedule, [], StaticChooser(0)
+        self.schedule = schedule
+        self.stats: list[IterationStats] = []
 
-    def choose(self, request_ids: list[str]) -> dict[str, int]:
+    def choose(self, request_ids: Sequence[str]) -> dict[str, int]:
         return dict.fromkeys(request_ids, self.schedule[len(self.stats)])
 
     def observe(self, stats: IterationStats) -> None:
