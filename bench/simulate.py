@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n* best static K in the row. {len(tasks)} workloads in {time.perf_counter() - started:.0f} s")
     payload = {"seeds": args.seeds, "speedups": by_seed, "policy_table": table, "static_k3_curves": curves}
     (out_dir / "speedups.json").write_text(json.dumps(payload, indent=1))
+    (out_dir / "speedups.partial.json").unlink(missing_ok=True)
     if not args.no_plots:
         plot(results, curves, out_dir)
         print(f"wrote {out_dir}/speedups.json and PNG plots")
