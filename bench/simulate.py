@@ -32,9 +32,13 @@ Task = tuple[str, str, int, int, int]  # (preset, level, batch size, request-ite
 
 
 def policy_table(results: dict[int, dict[str, dict[str, dict[int, dict[str, float]]]]]) -> tuple[str, dict]:
-    """Per preset, level and batch: min over seeds of auto / max(off, best static K), of batch-aware's, and
-    of cascade / off; and whether auto beat the best static K on every seed."""
-    lines = ["policy table: min over seeds of auto / max(off, best static K) [batch-aware] {cascade / off}"]
+    """Per preset, level and batch, the minimum over seeds of: the batch-aware chooser / max(off, best static
+    K), the same inside the measured guard (what a router serves, "auto"), and cascade / off; + where the
+    chooser beat the best static K on every seed."""
+    lines = [
+        f"policy table, min over {len(results)} seeds: batch-aware / max(off, best static K) "
+        "(+: above the best static K on every seed) [auto = batch-aware in the guard] {cascade / off}"
+    ]
     table: dict = {}
     seeds = sorted(results)
     for preset, levels in results[seeds[0]].items():
@@ -42,20 +46,35 @@ def policy_table(results: dict[int, dict[str, dict[str, dict[int, dict[str, floa
             cells = []
             for batch in sorted(rows):
                 per_seed = [results[s][preset][level][batch] for s in seeds]
-                best = [max(1.0, *(v for p, v in r.items() if p.startswith("static"))) for r in per_seed]
-                auto = min(r["auto"] / b for r, b in zip(per_seed, best, strict=True))
-                aware = min(r["batch-aware"] / b for r, b in zip(per_seed, best, strict=True))
-                cascade = min(r["cascade"] for r in per_seed)
-                beats = all(
-                    r["auto"] > max(v for p, v in r.items() if p.startswith("static")) for r in per_seed
+                statics = [max(v for p, v in r.items() if p.startswith("static")) for r in per_seed]
+                cell: dict[str, float | bool] = {
+                    name: min(r[name] / max(1.0, b) for r, b in zip(per_seed, statics, strict=True))
+                    for name in ("batch-aware", "auto")
+                }
+                cell["cascade_over_off"] = min(r["cascade"] for r in per_seed)
+                cell["beats_static"] = all(
+                    r["batch-aware"] > b for r, b in zip(per_seed, statics, strict=True)
                 )
-                table.setdefault(preset, {}).setdefault(level, {})[batch] = {
-                    "auto": auto, "batch-aware": aware, "cascade_over_off": cascade, "auto_beats_static": beats,
-                }  # fmt: skip
-                cells.append(f"{batch}:{auto:.3f}{'+' if beats else ''}[{aware:.3f}]{{{cascade:.2f}}}")
-            lines.append(f"{preset:>22} {level:>6} " + " ".join(cells))
-    lines.append("+ auto above the best static K on every seed")
+                table.setdefault(preset, {}).setdefault(level, {})[batch] = cell
+                cells.append(
+                    f"{batch:>3}: {cell['batch-aware']:.3f}{'+' if cell['beats_static'] else ' '}"
+                    f"[{cell['auto']:.3f}]{{{cell['cascade_over_off']:.2f}}}"
+                )
+            lines.append(f"{preset:>20} {level:>6} " + "  ".join(cells))
     return "\n".join(lines), table
+
+
+def load_speedups(path: Path) -> dict[int, dict[str, dict[str, dict[int, dict[str, float]]]]]:
+    """The per-seed speedups of a speedups.json (or its .partial), with integer seeds and batch sizes."""
+    raw = json.loads(path.read_text())
+    raw = raw.get("speedups", raw)
+    return {
+        int(seed): {
+            preset: {level: {int(b): row for b, row in rows.items()} for level, rows in levels.items()}
+            for preset, levels in presets.items()
+        }
+        for seed, presets in raw.items()
+    }
 
 
 def run_task(task: Task) -> tuple[Task, dict[str, float]]:
@@ -92,7 +111,9 @@ def format_table(preset: str, level: str, rows: dict[int, dict[str, float]]) -> 
     return "\n".join(lines)
 
 
-def plot(results: dict[str, dict[str, dict[int, dict[str, float]]]], curves: dict[str, list[float]]) -> None:
+def plot(
+    results: dict[str, dict[str, dict[int, dict[str, float]]]], curves: dict[str, list[float]], out_dir: Path
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,7 +135,7 @@ def plot(results: dict[str, dict[str, dict[int, dict[str, float]]]], curves: dic
         axes[0][-1].legend(fontsize=7)
         fig.suptitle(preset)
         fig.tight_layout()
-        fig.savefig(OUT_DIR / f"{preset}.png", dpi=120)
+        fig.savefig(out_dir / f"{preset}.png", dpi=120)
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for preset, curve in curves.items():
@@ -123,7 +144,7 @@ def plot(results: dict[str, dict[str, dict[int, dict[str, float]]]], curves: dic
     ax.set_xticks(CURVE_BATCH_SIZES, [str(b) for b in CURVE_BATCH_SIZES])
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(OUT_DIR / "batch_curve.png", dpi=120)
+    fig.savefig(out_dir / "batch_curve.png", dpi=120)
     plt.close(fig)
 
 
@@ -140,6 +161,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..n-1 (the policy table takes the min)")
     parser.add_argument("--paper", choices=("moesd",), help="print a paper's tables beside the simulator")
     parser.add_argument("--fit", action="store_true", help="with --paper moesd: refit the engine on Table 1")
+    parser.add_argument("--table-from", type=Path, help="print the policy table of a speedups.json and stop")
+    parser.add_argument("--out-dir", type=Path, default=OUT_DIR)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument(
         "--quick", action="store_true", help="batch sizes 1,4,16,64 and 3000 request-iterations"
@@ -153,28 +176,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    out_dir = args.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
     if args.paper == "moesd":
         from bench.paper_moesd import main as paper_main
 
-        paper_main(args.fit, args.jobs, OUT_DIR / "moesd.json")
+        paper_main(args.fit, args.jobs, out_dir / "moesd.json")
         return
-    tasks = [
+    if args.table_from:
+        print(policy_table(load_speedups(args.table_from))[0])
+        return
+    tasks = [  # cell by cell, so that an interrupted run leaves whole cells (every seed) behind
         (preset, level, int(batch), args.request_iterations, seed)
-        for seed in range(args.seeds)
         for preset in args.presets.split(",")
         for level in args.levels.split(",")
         for batch in args.batch_sizes.split(",")
+        for seed in range(args.seeds)
     ]
     started = time.perf_counter()
+    by_seed: dict[int, dict[str, dict[str, dict[int, dict[str, float]]]]] = {}
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        outcomes = list(pool.map(run_task, tasks))
+        for done, ((preset, level, batch_size, _, seed), speedup) in enumerate(pool.map(run_task, tasks), 1):
+            by_seed.setdefault(seed, {}).setdefault(preset, {}).setdefault(level, {})[batch_size] = speedup
+            best = max(v for p, v in speedup.items() if p.startswith("static"))
+            print(f"[{done}/{len(tasks)}] {preset} {level} batch {batch_size} seed {seed}: auto "
+                  f"{speedup['auto']:.3f} cascade {speedup['cascade']:.3f} best static {best:.3f}", flush=True)  # fmt: skip
+            (out_dir / "speedups.partial.json").write_text(json.dumps(by_seed))
         curve_outcomes = dict(
             pool.map(run_curve, [(p, b, 0) for p in CURVE_PRESETS for b in CURVE_BATCH_SIZES])
         )
-    by_seed: dict[int, dict[str, dict[str, dict[int, dict[str, float]]]]] = {}
-    for (preset, level, batch_size, _, seed), speedup in outcomes:
-        by_seed.setdefault(seed, {}).setdefault(preset, {}).setdefault(level, {})[batch_size] = speedup
     results = by_seed[0]
     curves = {p: [curve_outcomes[(p, b, 0)] for b in CURVE_BATCH_SIZES] for p in CURVE_PRESETS}
     for preset, by_level in results.items():
@@ -190,10 +220,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{preset:>52} " + " ".join(f"{s:5.2f}" for s in curve))
     print(f"\n* best static K in the row. {len(tasks)} workloads in {time.perf_counter() - started:.0f} s")
     payload = {"seeds": args.seeds, "speedups": by_seed, "policy_table": table, "static_k3_curves": curves}
-    (OUT_DIR / "speedups.json").write_text(json.dumps(payload, indent=1))
+    (out_dir / "speedups.json").write_text(json.dumps(payload, indent=1))
+    (out_dir / "speedups.partial.json").unlink(missing_ok=True)
     if not args.no_plots:
-        plot(results, curves)
-        print(f"wrote {OUT_DIR}/speedups.json and PNG plots")
+        plot(results, curves, out_dir)
+        print(f"wrote {out_dir}/speedups.json and PNG plots")
 
 
 if __name__ == "__main__":

@@ -185,10 +185,17 @@ class BatchAwareChooser:
     def _with_hysteresis(
         self, rates: Array, best: NDArray[np.int_], previous: NDArray[np.int_], times: Array
     ) -> list[int]:
-        """Keep K_r = previous_r unless moving r alone from it to best_r gains more than `hysteresis` of r's
-        share (1 / batch size) of the batch's tokens per second."""
+        """Keep the previous K vector if the best one gains no more than `hysteresis` over it (a flat optimum
+        must not flip the whole batch back and forth); otherwise keep K_r = previous_r unless moving r alone
+        from it to best_r gains more than `hysteresis` of r's share (1 / batch size) of the batch's tokens per
+        second."""
         etr = _expected_etr(rates, best)
         best_total, best_etr = int(best.sum()), float(etr.sum())
+        previous_rate = (
+            float(_expected_etr(rates, previous).sum()) / times[int(previous.max()), int(previous.sum())]
+        )
+        if best_etr / times[int(best.max()), best_total] <= (1.0 + self.config.hysteresis) * previous_rate:
+            return [int(k) for k in previous]
         alt_etr = best_etr - etr + _expected_etr(rates, previous)  # (R,): r at previous, others at best
         alt_time = times[np.maximum(_max_of_others(best), previous), best_total - best + previous]
         best_rate = best_etr / times[int(best.max()), best_total]

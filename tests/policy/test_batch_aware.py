@@ -91,7 +91,7 @@ def test_low_acceptance_turns_off_after_the_first_test_and_backs_off() -> None:
 
 def test_pending_tests_wait_for_a_drafting_iteration_and_probe_together() -> None:
     chooser = chooser_for("mixtral-8x7b-h100", set_iterations=16)
-    truth, rng = CostModel(CostModelConfig(MIXTRAL.routing), MIXTRAL.cost_params()), np.random.default_rng(0)
+    truth, rng = MIXTRAL.truth(), np.random.default_rng(0)
     ids = [f"r{i}" for i in range(4)]
     num_together = 0
     for i in range(100):

@@ -59,7 +59,9 @@ def test_fit_recovers_known_parameters_within_5_percent(preset: str) -> None:
     fitted = model.refit()
     for field in dataclasses.fields(CostParams):
         expected, got = getattr(truth_params, field.name), getattr(fitted, field.name)
-        if expected == 0.0:  # absent from the truth (per_seq_s in the presets): negligible at batch 64
+        if field.name == "draft_prefill_per_token_s":  # no catch-up in the profile: keeps its prior
+            assert got == getattr(model.prior, field.name)
+        elif expected == 0.0:  # absent from the truth (per_seq_s in the presets): negligible at batch 64
             assert got * 64 < 0.01 * truth.plain_time(64), field.name
         else:
             assert got == pytest.approx(expected, rel=0.05), field.name

@@ -10,7 +10,7 @@ import pytest
 from policy.baselines import OffChooser, StaticChooser
 from policy.batch_aware import BatchAwareChooser, BatchAwareConfig
 from policy.cost_model import CostModel, CostModelConfig, CostParams
-from policy.presets import MEASURED_PRESETS
+from policy.presets import MEASURED_PRESETS, MeasuredTruth
 from policy.simulator import _measure, simulate
 from policy.stats import RequestIterationStats
 from policy.workload import WorkloadConfig
@@ -75,7 +75,7 @@ def test_cost_model_learns_large_batch_speculation_from_plain_and_small_batch_it
     """Plain iterations have as many tokens as sequences, so they cannot tell a per-sequence cost from a
     per-token one; a model without the per-sequence term charged it to every draft token as well and
     overestimated speculative iterations at batch 16-32 by about 25% (and so under-speculated there)."""
-    truth = CostModel(CostModelConfig(DEMO.routing), DEMO.cost_params())
+    truth = MeasuredTruth(DEMO.routing, DEMO.measured)
     model = CostModel(CostModelConfig(DEMO.routing), ANALYTIC_PRIOR)
     rng = np.random.default_rng(0)
     batches = [1, 2, 4, 8, 16, 24, 32] * 8
@@ -86,4 +86,4 @@ def test_cost_model_learns_large_batch_speculation_from_plain_and_small_batch_it
     model.refit()
     for batch in (16, 32):
         for k in (1, 2, 3):
-            assert model.spec_time(batch, k) == pytest.approx(truth.spec_time(batch, k), rel=0.1)
+            assert model.spec_time(batch, k) == pytest.approx(truth.model.spec_time(batch, k), rel=0.1)

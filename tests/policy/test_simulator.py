@@ -27,7 +27,7 @@ def test_moe_speedup_rises_then_falls_while_dense_falls_monotonically() -> None:
     batch_sizes = (1, 4, 16, 64, 128)
     moe = static_curve("mixtral-8x7b-h100", batch_sizes)
     peak = max(moe)
-    assert moe[0] < 0.6 * peak and moe[-1] < 0.9 * peak and moe.index(peak) not in (0, len(moe) - 1)
+    assert moe[0] < 0.7 * peak and moe[-1] < 0.9 * peak and moe.index(peak) not in (0, len(moe) - 1)
     dense = static_curve("llama-70b-h100", batch_sizes)
     assert all(a > b for a, b in zip(dense, dense[1:], strict=False)), dense
 
@@ -52,7 +52,7 @@ def test_static_k_slows_low_acceptance_while_adaptive_stays_near_plain(batch_siz
     policies = ("off", *STATIC, "batch-aware", *(("cascade",) if batch_size == 1 else ()))
     result = speedups(preset, workload, policies)
     if batch_size == 1:
-        assert max(result[p] for p in STATIC) < 0.8
+        assert max(result[p] for p in STATIC) < 0.9
     assert result["batch-aware"] >= 0.95
     assert result.get("cascade", 1.0) >= 0.95
 
@@ -85,7 +85,7 @@ def test_requests_commit_their_length_and_phases_change() -> None:
     request = SimRequest(0, config, max_spec_tokens=4)
     assert len(set(request.rates[: request.num_output_tokens].tolist())) == 2
     while not request.is_finished:
-        accepted, committed = request.step(4)
+        accepted, committed, _ = request.step(4)
         assert 0 <= accepted <= 4 and 1 <= committed <= accepted + 1
     assert request.num_committed_tokens == request.num_output_tokens
 
