@@ -26,6 +26,7 @@ COUNTERS = {
     "requests_aborted_total": "Requests aborted because the client went away.",
     "requests_timed_out_total": "Requests that exceeded engine.request_timeout_s.",
     "iterations_total": "Engine iterations (one verification forward each).",
+    "drafting_iterations_total": "Engine steps in which the drafter proposed for at least one request (vllm backend).",
     "draft_seconds_total": "Time spent in the drafter's forwards.",
     "verify_seconds_total": "Time spent in the target's verification forwards.",
     "other_seconds_total": "Iteration time outside the draft and verify forwards (calls, scheduling).",
