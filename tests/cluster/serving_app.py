@@ -3,6 +3,7 @@ from the CPU demo Serve config's args (only the model paths and sizes changed)."
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import socket
 import string
@@ -104,3 +105,18 @@ def metric_value(metrics: str, name: str) -> float:
     lines = [line for line in metrics.splitlines() if line.startswith(f"moespec:{name}{{")]
     assert lines, f"no {name} in /metrics"
     return float(lines[0].rsplit(" ", 1)[1])
+
+
+def burst(server: str, num_requests: int, max_tokens: int = 32) -> list[int]:
+    """`num_requests` concurrent sampled completions; each gets 200 with `max_tokens` tokens, or 429."""
+    body = {"prompt": "burst", "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.8}
+
+    def post(i: int) -> int:
+        response = httpx.post(f"{server}/v1/completions", json={**body, "seed": i}, timeout=300)
+        assert response.status_code in (200, 429), response.text
+        if response.status_code == 200:
+            assert response.json()["usage"]["completion_tokens"] == max_tokens
+        return response.status_code
+
+    with concurrent.futures.ThreadPoolExecutor(num_requests) as pool:
+        return list(pool.map(post, range(num_requests)))

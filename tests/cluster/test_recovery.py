@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from cluster.config import DEMO_DRAFT, DEMO_TARGET
-from tests.cluster.serving_app import app_args, metric_value, running_app
+from tests.cluster.serving_app import app_args, burst, metric_value, running_app
 
 openai = pytest.importorskip("openai")
 psutil = pytest.importorskip("psutil")
@@ -143,27 +143,13 @@ def _app_processes() -> dict[str, Any]:
     return found
 
 
-def _burst(server: str, num_requests: int) -> list[int]:
-    body = {"prompt": "burst", "max_tokens": 32, "ignore_eos": True, "temperature": 0.8}
-
-    def post(i: int) -> int:
-        response = httpx.post(f"{server}/v1/completions", json={**body, "seed": i}, timeout=300)
-        assert response.status_code in (200, 429), response.text
-        if response.status_code == 200:
-            assert response.json()["usage"]["completion_tokens"] == 32
-        return response.status_code
-
-    with concurrent.futures.ThreadPoolExecutor(num_requests) as pool:
-        return list(pool.map(post, range(num_requests)))
-
-
 def test_bursts_above_capacity_leave_slots_and_memory_at_idle(server: str) -> None:
     capacity = 16 + 8  # max_batch_size + max_waiting in app_args
-    _burst(server, 2 * capacity)  # warm-up: allocator pools, compiled paths, lazily built state
+    burst(server, 2 * capacity)  # warm-up: allocator pools, compiled paths, lazily built state
     processes = _app_processes()
     idle = {role: p.memory_info().rss for role, p in processes.items()}
     for _ in range(3):
-        codes = _burst(server, 2 * capacity)
+        codes = burst(server, 2 * capacity)
         assert 429 in codes and codes.count(200) >= 16, codes  # excess refused, the admitted ones complete
         assert _used_slots() == (0, 0)
         assert _gauge(server, "num_requests_outstanding") == 0

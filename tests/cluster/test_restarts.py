@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from cluster.config import DEMO_DRAFT, DEMO_TARGET
-from tests.cluster.serving_app import app_args, metric_value, running_app
+from tests.cluster.serving_app import app_args, burst, metric_value, running_app
 from workers.sampling import SamplingParams
 
 openai = pytest.importorskip("openai")
@@ -100,20 +100,6 @@ def _wait_healthy(server: str, timeout_s: float) -> float:
         time.sleep(0.5)
 
 
-def _burst(server: str, num_requests: int) -> list[int]:
-    body = {"prompt": "burst", "max_tokens": 24, "ignore_eos": True, "temperature": 0.8}
-
-    def post(i: int) -> int:
-        response = httpx.post(f"{server}/v1/completions", json={**body, "seed": i}, timeout=300)
-        assert response.status_code in (200, 429), response.text
-        if response.status_code == 200:
-            assert response.json()["usage"]["completion_tokens"] == 24
-        return response.status_code
-
-    with concurrent.futures.ThreadPoolExecutor(num_requests) as pool:
-        return list(pool.map(post, range(num_requests)))
-
-
 def test_a_replaced_router_reclaims_the_slots_of_its_predecessor(server: str) -> None:
     import ray
 
@@ -135,7 +121,7 @@ def test_a_replaced_router_reclaims_the_slots_of_its_predecessor(server: str) ->
     )
     assert _used_slots() == (0, 0)  # the new router claimed both caches: the old sequences are gone
     for _ in range(3):
-        codes = _burst(server, 48)
+        codes = burst(server, 48, max_tokens=24)
         assert codes.count(200) >= 16, codes
         assert _used_slots() == (0, 0)
 
