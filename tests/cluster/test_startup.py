@@ -75,7 +75,9 @@ def test_an_app_larger_than_the_cluster_fails_naming_the_resource() -> None:
         check_fits(resource_demand(gpu), {"CPU": 8.0})
 
 
-def test_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+def test_help_shows_the_defaults(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Wide enough that argparse does not break the default config's path (long in a temporary clone).
+    monkeypatch.setenv("COLUMNS", "1000")
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())
