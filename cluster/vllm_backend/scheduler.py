@@ -106,7 +106,8 @@ class PolicyScheduler(Scheduler):
         if self.scheduler_config.async_scheduling:
             # Async scheduling schedules step t+1 before step t's drafts exist (placeholders): untested here.
             raise RuntimeError("PolicyScheduler runs with synchronous scheduling: pass --no-async-scheduling")
-        self.settings = SchedulerSettings.from_additional_config(self.vllm_config.additional_config)
+        additional: Any = self.vllm_config.additional_config  # typed as a hashable in vLLM; a dict in practice
+        self.settings = SchedulerSettings.from_additional_config(additional)
         self.max_spec_tokens = self.num_spec_tokens  # K_max, fixed at launch by --speculative-config
         if self.max_spec_tokens == 0:
             logger.warning("PolicyScheduler without --speculative-config: every request runs plain")
