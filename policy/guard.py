@@ -1,15 +1,23 @@
 """A measured guard around any K chooser: speculation must beat plain decoding by measurement, not only in
 the chooser's model.
 
-Per batch-size bucket it keeps the committed tokens per second per request of iterations that drafted and
-of iterations that did not (EWMAs). While the chooser speculates, every `baseline_every`-th iteration runs
-plain to keep the plain figure fresh (every 4th until a batch-size bucket has one). When drafting iterations measure worse than plain ones by more than
-`margin`, the guard runs plain for `hold_iterations` (doubled per consecutive verdict, capped), then lets
-the chooser try again. The chooser sees every iteration either way.
+It judges the chooser's decisions as a whole, not its drafting iterations one by one: per batch-size bucket
+it keeps the committed tokens per second per request of every iteration the chooser decided (its plain
+ones and its test probes included) and of every plain iteration (EWMAs). While the chooser speculates,
+every `baseline_every`-th iteration runs plain to keep the plain figure fresh (every 4th until a bucket has
+one). When the chooser's iterations measure worse than plain ones by more than `margin`, the guard runs
+plain for `hold_iterations` (doubled per consecutive verdict, capped), then lets the chooser try again.
+
+Judging drafting iterations alone held plain where the chooser's vector paid: at large batches most
+iterations draft for a few probing requests only, which commit little more than plain but pay a draft step,
+so the drafting figure lost although the chooser's decisions, probes amortised over its plain iterations,
+did not (`bench.simulate`'s policy table, README). The chooser is asked every iteration, holds included,
+and sees every iteration, so that a central policy client keeps reporting (and reconnecting) while held.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,7 +26,7 @@ from policy.stats import IterationStats, KChooser
 
 @dataclass(frozen=True)
 class GuardConfig:
-    margin: float = 0.05  # drafting must not measure more than this much worse than plain
+    margin: float = 0.05  # the chooser's iterations must not measure more than this much worse than plain
     min_samples: int = 8  # iterations of each kind in a bucket before a verdict
     smoothing: float = 0.05  # EWMA weight of the newest iteration (about 20 iterations of memory)
     baseline_every: int = 16  # while drafting, one plain iteration in this many
@@ -52,6 +60,11 @@ class _Rate:
         return self.tokens / self.seconds
 
 
+# Choices not yet observed that are remembered (engines with one iteration in flight need one; a choice
+# whose iteration never ran must not shift the pairing of later ones for long).
+_MAX_PENDING_CHOICES = 4
+
+
 class MeasuredGuard:
     """A `KChooser` wrapping another one (see the module docstring)."""
 
@@ -59,49 +72,67 @@ class MeasuredGuard:
         self.inner = inner
         self.config = config or GuardConfig()
         self._plain: dict[int, _Rate] = {}
-        self._drafting: dict[int, _Rate] = {}
+        self._chosen: dict[int, _Rate] = {}  # iterations that ran what the chooser decided
         self._hold_left = 0  # plain iterations still to run after a verdict
-        self._num_verdicts = 0  # consecutive verdicts against drafting (the hold doubles)
+        self._num_verdicts = 0  # consecutive verdicts against the chooser (the hold doubles)
         self._num_drafting = 0  # drafting iterations since the last plain one
+        # Per choice not yet observed: did the iteration run what the chooser decided (not a forced plain)?
+        self._pending: deque[bool] = deque(maxlen=_MAX_PENDING_CHOICES)
         self.num_holds = 0
 
     def choose(self, request_ids: Sequence[str]) -> dict[str, int]:
+        chosen = self.inner.choose(request_ids)
+        if not request_ids:
+            return chosen
         if self._hold_left > 0:
             self._hold_left -= 1
-            return dict.fromkeys(request_ids, 0)
-        chosen = self.inner.choose(request_ids)
+            return self._plain_iteration(request_ids)
         plain = self._plain.get(len(request_ids).bit_length())
         is_known = plain is not None and plain.count >= self.config.min_samples
         every = self.config.baseline_every if is_known else 4  # learn the plain rate of a new bucket fast
         if any(chosen.values()) and self._num_drafting >= every - 1:
-            return dict.fromkeys(request_ids, 0)  # a baseline iteration
+            return self._plain_iteration(request_ids)  # a baseline iteration
+        self._pending.append(True)
         return chosen
 
     def observe(self, stats: IterationStats) -> None:
         self.inner.observe(stats)
-        if not stats.requests or stats.iteration_time_s <= 0.0:
+        if not stats.requests:
+            return
+        is_chosen = self._pending.popleft() if self._pending else True
+        if stats.iteration_time_s <= 0.0:
             return
         bucket = stats.batch_size.bit_length()  # batch sizes 1, 2-3, 4-7, 8-15, ...
         per_request = sum(r.num_committed_tokens for r in stats.requests) / stats.batch_size
         is_drafting = any(r.num_spec_tokens > 0 for r in stats.requests)
-        rates = self._drafting if is_drafting else self._plain
-        rates.setdefault(bucket, _Rate()).add(per_request, stats.iteration_time_s, self.config.smoothing)
+        if not is_drafting:
+            self._plain.setdefault(bucket, _Rate()).add(
+                per_request, stats.iteration_time_s, self.config.smoothing
+            )
+        if is_chosen:
+            self._chosen.setdefault(bucket, _Rate()).add(
+                per_request, stats.iteration_time_s, self.config.smoothing
+            )
         self._num_drafting = self._num_drafting + 1 if is_drafting else 0
-        if is_drafting:
+        if is_drafting and is_chosen:
             self._judge(bucket)
 
     def release(self, request_id: str) -> None:
         self.inner.release(request_id)
 
+    def _plain_iteration(self, request_ids: Sequence[str]) -> dict[str, int]:
+        self._pending.append(False)
+        return dict.fromkeys(request_ids, 0)
+
     def _judge(self, bucket: int) -> None:
-        plain, drafting = self._plain.get(bucket), self._drafting[bucket]
-        if plain is None or min(plain.count, drafting.count) < self.config.min_samples:
+        plain, chosen = self._plain.get(bucket), self._chosen[bucket]
+        if plain is None or min(plain.count, chosen.count) < self.config.min_samples:
             return
-        if drafting.value < (1.0 - self.config.margin) * plain.value:
+        if chosen.value < (1.0 - self.config.margin) * plain.value:
             hold = self.config.hold_iterations * 2**self._num_verdicts
             self._hold_left = min(hold, self.config.max_hold_iterations)
             self._num_verdicts += 1
             self.num_holds += 1
-            del self._drafting[bucket]  # the next try is judged on fresh iterations
-        elif drafting.count >= 4 * self.config.min_samples:
-            self._num_verdicts = 0  # drafting has held its own for a while
+            del self._chosen[bucket]  # the next try is judged on fresh iterations
+        elif chosen.count >= 4 * self.config.min_samples:
+            self._num_verdicts = 0  # the chooser has held its own for a while
