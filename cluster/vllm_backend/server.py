@@ -34,7 +34,7 @@ from cluster.metrics import Metrics
 from cluster.router import Router
 from cluster.vllm_backend.settings import NUM_SPEC_TOKENS_ARG, SchedulerSettings
 from workers.engine import SpecEngine
-from workers.sampling import SamplingParams
+from workers.sampling import SamplingParams, TokenLogprob
 from workers.sequence import RequestOutput
 from workers.tokenizer import Tokenizer
 
@@ -130,9 +130,28 @@ def vllm_sampling_params(params: SamplingParams) -> Any:
         stop=list(params.stop) or None,
         stop_token_ids=list(params.stop_token_ids) or None,
         ignore_eos=params.ignore_eos,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        repetition_penalty=params.repetition_penalty,
+        # vLLM's default logprobs mode is the raw model output, before penalties and temperature: the
+        # native backend's `token_logprobs` of the target's logits, too.
+        logprobs=params.num_logprobs,
         output_kind=RequestOutputKind.DELTA,
         extra_args={NUM_SPEC_TOKENS_ARG: num_spec},
     )
+
+
+def token_logprobs_of(token_ids: list[int], logprobs: Any, num_top: int | None) -> list[TokenLogprob]:
+    """vLLM's per-token logprobs (a dict per token: token id -> Logprob with its rank; the chosen token and
+    the `num_top` most likely) -> ours. Empty when the request asked for none."""
+    if num_top is None or logprobs is None:
+        return []
+    result = []
+    for token_id, entries in zip(token_ids, logprobs, strict=True):
+        ranked = sorted((e.rank, t, e.logprob) for t, e in entries.items() if e.rank is not None)
+        top = [(t, lp) for rank, t, lp in ranked if rank <= num_top][:num_top]
+        result.append(TokenLogprob(token_id, entries[token_id].logprob, top))
+    return result
 
 
 class VllmLoop:
@@ -179,16 +198,18 @@ class VllmLoop:
                 )
                 async for out in stream:
                     completion = out.outputs[0]
-                    num_output += len(completion.token_ids)
+                    new_ids = list(completion.token_ids)
+                    num_output += len(new_ids)
                     finish = _finish_reason(completion.finish_reason) if out.finished else None
                     outputs.put_nowait(
                         RequestOutput(
                             request_id,
-                            list(completion.token_ids),
+                            new_ids,
                             completion.text,
                             len(prompt_ids),
                             num_output,
                             finish,
+                            token_logprobs_of(new_ids, completion.logprobs, params.num_logprobs),
                         )
                     )
             self.last_error = None

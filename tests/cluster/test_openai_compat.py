@@ -16,6 +16,7 @@ import torch
 
 from cluster.config import DEMO_DRAFT, DEMO_TARGET
 from cluster.metrics import COUNTERS, GAUGES, PER_POSITION
+from tests.cluster.reference import NO_PENALTIES, OPENAI_PENALTIES, PENALTIES, reference_greedy
 from tests.cluster.serving_app import app_args
 
 openai = pytest.importorskip("openai")
@@ -24,8 +25,6 @@ pytestmark = pytest.mark.timeout(600)
 APP = "moespec-compat"
 MODEL = "demo-moe"
 HEALTH_LIMIT_S = 2.0
-PENALTIES = {"presence_penalty": 0.6, "frequency_penalty": 0.4, "repetition_penalty": 1.3}
-OPENAI_PENALTIES = {"presence_penalty": 0.6, "frequency_penalty": 0.4}  # repetition_penalty: in extra_body
 EXTRA = {"ignore_eos": True, "repetition_penalty": 1.3}
 
 
@@ -92,29 +91,6 @@ def reference_model() -> Any:
     return transformers.AutoModelForCausalLM.from_pretrained(DEMO_TARGET, dtype=torch.float32).eval()
 
 
-def _reference_greedy(
-    model: Any, prompt_ids: list[int], num_tokens: int, num_top: int, penalties: dict[str, float]
-) -> tuple[list[int], list[float], list[list[int]]]:
-    """Greedy decoding with vLLM's penalty semantics, written against transformers' logits: token ids,
-    their raw logprobs, and the top `num_top` ids at each position."""
-    processor = transformers.RepetitionPenaltyLogitsProcessor(penalties["repetition_penalty"])
-    ids, out, logprobs, tops = list(prompt_ids), [], [], []
-    for _ in range(num_tokens):
-        with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0, -1].float()
-        penalized = processor(torch.tensor([ids]), logits[None].clone())[0]  # prompt + output tokens
-        for token in set(out):
-            count = out.count(token)
-            penalized[token] -= penalties["frequency_penalty"] * count + penalties["presence_penalty"]
-        token = int(penalized.argmax())
-        raw = torch.log_softmax(logits, dim=-1)
-        out.append(token)
-        logprobs.append(float(raw[token]))
-        tops.append(raw.topk(num_top).indices.tolist())
-        ids.append(token)
-    return out, logprobs, tops
-
-
 # -- start-up: these run first, on what the fixture saw -----------------------------------------------------
 
 
@@ -145,16 +121,10 @@ def test_prometheus_parser_reads_every_documented_series_before_the_first_reques
 
 def test_completions_penalties_and_logprobs_match_transformers(client: Any, reference_model: Any) -> None:
     prompt_ids = transformers.AutoTokenizer.from_pretrained(DEMO_TARGET)("def fib(n):\n")["input_ids"]
-    expected_ids, expected_logprobs, expected_tops = _reference_greedy(
+    expected_ids, expected_logprobs, expected_tops = reference_greedy(
         reference_model, prompt_ids, 16, 3, PENALTIES
     )
-    plain_ids, _, _ = _reference_greedy(
-        reference_model,
-        prompt_ids,
-        16,
-        1,
-        {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0},
-    )
+    plain_ids, _, _ = reference_greedy(reference_model, prompt_ids, 16, 1, NO_PENALTIES)
     assert plain_ids != expected_ids  # the penalties change this output
     tokenizer = transformers.AutoTokenizer.from_pretrained(DEMO_TARGET)
     common: dict[str, Any] = dict(
@@ -218,7 +188,7 @@ def test_chat_text_parts_logprobs_and_penalties(client: Any, reference_model: An
     prompt_ids = tokenizer.apply_chat_template(
         as_strings, add_generation_prompt=True, tokenize=True, return_dict=False
     )
-    expected_ids, expected_logprobs, expected_tops = _reference_greedy(
+    expected_ids, expected_logprobs, expected_tops = reference_greedy(
         reference_model, prompt_ids, 10, 2, PENALTIES
     )
     common: dict[str, Any] = dict(

@@ -1,5 +1,5 @@
 """The vllm backend served on Ray: the official openai client (completions and chat, streaming or not),
-`num_spec_tokens` honoured, our gauges beside vLLM's on /metrics, two replicas each with its own engine,
+`num_spec_tokens` honoured, penalties and logprobs as `transformers` computes them, our gauges beside vLLM's on /metrics, two replicas each with its own engine,
 and the central SpecPolicy actor receiving the engines' reports."""
 
 from __future__ import annotations
@@ -10,9 +10,11 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 
 from cluster.config import DEMO_DRAFT, DEMO_TARGET
 from cluster.policy_actor import POLICY_NAMESPACE
+from tests.cluster.reference import NO_PENALTIES, OPENAI_PENALTIES, PENALTIES, reference_greedy
 from tests.cluster.serving_app import app_args, metric_value, running_app
 from tests.cluster.vllm_backend.conftest import needs_vllm
 
@@ -90,6 +92,36 @@ def test_num_spec_tokens_is_honoured_and_greedy_text_does_not_depend_on_it(serve
     assert texts["off"] == texts[3] == texts["auto"]
     bad = httpx.post(f"{server}/v1/completions", json={"prompt": "x", "num_spec_tokens": -1})
     assert bad.status_code == 400
+
+
+def test_penalties_and_logprobs_match_transformers_with_and_without_speculation(client: Any) -> None:
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(DEMO_TARGET)
+    model = transformers.AutoModelForCausalLM.from_pretrained(DEMO_TARGET, dtype=torch.float32).eval()
+    prompt_ids = tokenizer("def fib(n):\n")["input_ids"]
+    expected_ids, expected_logprobs, expected_tops = reference_greedy(model, prompt_ids, 12, 2, PENALTIES)
+    assert expected_ids != reference_greedy(model, prompt_ids, 12, 1, NO_PENALTIES)[0]  # they take effect
+    extra = {"ignore_eos": True, "repetition_penalty": PENALTIES["repetition_penalty"]}
+    common: dict[str, Any] = dict(
+        model="demo-moe", prompt=prompt_ids, max_tokens=12, temperature=0, logprobs=2, **OPENAI_PENALTIES
+    )
+    for setting in ("off", 3, "auto"):
+        done = client.completions.create(**common, extra_body={**extra, "num_spec_tokens": setting})
+        choice = done.choices[0]
+        assert choice.text == tokenizer.decode(expected_ids, skip_special_tokens=True), setting
+        assert choice.logprobs.token_logprobs == pytest.approx(expected_logprobs, abs=1e-3), setting
+        top_texts = [sorted(tokenizer.decode([t]) for t in top) for top in expected_tops]
+        assert [sorted(top) for top in choice.logprobs.top_logprobs] == top_texts, setting
+    chunks = list(
+        client.completions.create(**common, stream=True, extra_body={**extra, "num_spec_tokens": 2})
+    )
+    streamed = [
+        lp
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for lp in c.choices[0].logprobs.token_logprobs
+    ]
+    assert streamed == pytest.approx(expected_logprobs, abs=1e-3)
 
 
 def test_metrics_have_our_gauges_beside_vllms(server: str, client: Any) -> None:

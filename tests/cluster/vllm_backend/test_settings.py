@@ -8,7 +8,7 @@ import pytest
 
 from cluster.config import AppConfig, PolicySettings
 from cluster.vllm_backend.chooser import step_prior
-from cluster.vllm_backend.server import SCHEDULER_CLS, engine_args
+from cluster.vllm_backend.server import SCHEDULER_CLS, engine_args, token_logprobs_of
 from cluster.vllm_backend.settings import ADDITIONAL_CONFIG_KEY, SchedulerSettings, parse_num_spec_tokens
 
 
@@ -78,3 +78,20 @@ def test_step_prior_puts_the_whole_step_in_the_verify_terms() -> None:
     prior = step_prior(vllm_config)
     assert prior.fixed_s > 0 and prior.per_expert_s > 0
     assert prior.draft_fixed_s == prior.draft_per_token_s == prior.other_s == prior.draft_call_s == 0.0
+
+
+class _Logprob:  # vLLM's Logprob record: the value and the rank in the vocabulary
+    def __init__(self, logprob: float, rank: int) -> None:
+        self.logprob, self.rank = logprob, rank
+
+
+def test_vllm_logprobs_become_ours_chosen_token_first_then_the_top_ones_by_rank() -> None:
+    # Per position vLLM gives the chosen token and the top n (the chosen one may rank below them).
+    positions = [
+        {7: _Logprob(-2.5, 3), 1: _Logprob(-0.1, 1), 4: _Logprob(-1.2, 2)},
+        {4: _Logprob(-0.2, 1), 9: _Logprob(-1.9, 2)},
+    ]
+    ours = token_logprobs_of([7, 4], positions, 2)
+    assert [(t.token_id, t.logprob) for t in ours] == [(7, -2.5), (4, -0.2)]
+    assert [t.top for t in ours] == [[(1, -0.1), (4, -1.2)], [(4, -0.2), (9, -1.9)]]
+    assert token_logprobs_of([7], None, None) == []  # the request asked for none
