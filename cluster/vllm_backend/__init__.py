@@ -2,7 +2,9 @@
 
 - `settings.py`: the scheduler's settings, read from vLLM's `--additional-config` (no vLLM import).
 - `scheduler.py`: `PolicyScheduler`, the `--scheduler-cls` that sets K per request every step (imports vLLM).
+- `runner.py`: `CatchUpWorker`, the `--worker-cls` whose model runner runs no drafter forward on steps where
+  every K is 0 and catches the drafter's KV cache up when a request drafts again (imports vLLM).
 - `server.py`: the Serve replica: one vLLM `AsyncLLM` behind our OpenAI router.
 
-Only this package imports vLLM, and only `scheduler.py` / `server.py` do it; `policy/` and `workers/` never.
+Only this package imports vLLM, and only `scheduler.py` / `runner.py` / `server.py` do it; `policy/` and `workers/` never.
 """

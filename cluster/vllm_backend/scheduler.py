@@ -1,5 +1,6 @@
 """`PolicyScheduler`: a vLLM V1 scheduler whose K (num_spec_tokens) is set per request, every step, by our
-policy. Use it with `--scheduler-cls cluster.vllm_backend.scheduler.PolicyScheduler` (see settings.py).
+policy. Use it with `--scheduler-cls cluster.vllm_backend.scheduler.PolicyScheduler` and our worker (see
+settings.py).
 
 How a V1 step runs with a draft model (vLLM 0.32/0.33, synchronous scheduling), and where we act:
 1. `schedule()` verifies the drafts each request holds (`request.spec_token_ids`, proposed at the end of
@@ -12,11 +13,12 @@ How a V1 step runs with a draft model (vLLM 0.32/0.33, synchronous scheduling), 
    step's `IterationStats` go to the chooser (inside the measured guard) and, through it, to the central
    SpecPolicy actor when the engine runs under our Serve app.
 
-What vLLM does not let us change (see the README's vllm section):
-- The drafter runs one "first pass" per step over the tokens the target just computed, even at
-  `num_spec_tokens_to_schedule == 0`: it keeps the drafter's KV cache in step with the target's (the
-  drafter has no catch-up of missed tokens, unlike our native engine). So K = 0 everywhere still costs
-  one draft forward over the batch per step.
+What the scheduler alone cannot change (see the README's vllm section):
+- vLLM's model runner runs the drafter's "first pass" every step, even at `num_spec_tokens_to_schedule ==
+  0`: it keeps the drafter's KV cache in step with the target's. Our worker (`runner.py`, `--worker-cls
+  cluster.vllm_backend.runner.CatchUpWorker`) skips it on steps where this scheduler sets 0 draft steps
+  and catches the drafter up when a request drafts again; without it, K = 0 everywhere still costs one
+  draft forward over the batch per step.
 - Every request gets the batch's max K drafts; we only cut what is verified. K never exceeds the
   `num_speculative_tokens` given at launch (K_max: KV slots are reserved for it).
 - There is no drafter/target time split in the scheduler: the step's wall time is reported as verify
@@ -86,7 +88,7 @@ class SchedulerCounters:
     """Totals since start; the Serve replica exports them as gauges (vLLM's own counters sit beside them)."""
 
     num_steps: int = 0
-    num_drafting_steps: int = 0  # steps whose drafter ran more than its first pass (max K > 0)
+    num_drafting_steps: int = 0  # steps with max K > 0 (the others run no drafter on our worker)
     num_request_steps: int = 0  # (request, decode step) pairs
     num_drafts: int = 0  # (request, decode step) pairs with K > 0
     num_draft_tokens: int = 0
@@ -106,7 +108,8 @@ class PolicyScheduler(Scheduler):
         if self.scheduler_config.async_scheduling:
             # Async scheduling schedules step t+1 before step t's drafts exist (placeholders): untested here.
             raise RuntimeError("PolicyScheduler runs with synchronous scheduling: pass --no-async-scheduling")
-        additional: Any = self.vllm_config.additional_config  # typed as a hashable in vLLM; a dict in practice
+        # Typed as a hashable in vLLM; a dict in practice.
+        additional: Any = self.vllm_config.additional_config
         self.settings = SchedulerSettings.from_additional_config(additional)
         self.max_spec_tokens = self.num_spec_tokens  # K_max, fixed at launch by --speculative-config
         if self.max_spec_tokens == 0:

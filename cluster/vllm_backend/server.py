@@ -40,6 +40,7 @@ from workers.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 SCHEDULER_CLS = "cluster.vllm_backend.scheduler.PolicyScheduler"
+WORKER_CLS = "cluster.vllm_backend.runner.CatchUpWorker"  # no drafter forward on steps where every K is 0
 # Scheduler counters exported as counters (named like vLLM's spec-decode ones) and as gauges.
 _COUNTERS = {
     "num_steps": "iterations_total",
@@ -73,6 +74,7 @@ def engine_args(config: AppConfig, settings: SchedulerSettings) -> dict[str, Any
         "tensor_parallel_size": config.expert_parallel.num_ranks,
         "enable_expert_parallel": config.expert_parallel.num_ranks > 1,
         "scheduler_cls": SCHEDULER_CLS,
+        "worker_cls": WORKER_CLS,
         "async_scheduling": False,  # PolicyScheduler cuts drafts that synchronous scheduling holds
         "additional_config": settings.to_additional_config(),
     }

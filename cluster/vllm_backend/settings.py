@@ -3,6 +3,7 @@ to pass settings to plugins; it reaches the engine-core process inside `VllmConf
 
     vllm serve MODEL --speculative-config '{"method": "draft_model", "model": DRAFT, "num_speculative_tokens": 4}' \
         --scheduler-cls cluster.vllm_backend.scheduler.PolicyScheduler --no-async-scheduling \
+        --worker-cls cluster.vllm_backend.runner.CatchUpWorker \
         --additional-config '{"moespec": {"policy": {"kind": "auto"}}}'
 
 No vLLM import here, so the Serve app and the tests can build and check settings without vLLM.

@@ -12,11 +12,13 @@ from cluster.config import DEMO_DRAFT, DEMO_TARGET
 
 MAX_SPEC_TOKENS = 4
 SCHEDULER_CLS = "cluster.vllm_backend.scheduler.PolicyScheduler"
+WORKER_CLS = "cluster.vllm_backend.runner.CatchUpWorker"
 
 
 def make_llm(policy: dict[str, Any] | None) -> Any:
-    """The demo target in fp32 (greedy output exact); with `policy`, the draft at K_max = 4 and our scheduler
-    recording every step; without, vLLM without speculation."""
+    """The demo target in fp32 (greedy output exact); with `policy`, the draft at K_max = 4, our scheduler
+    recording every step and our worker (no drafter pass on all-K = 0 steps); without, vLLM without
+    speculation."""
     from vllm import LLM
 
     args: dict[str, Any] = {
@@ -34,6 +36,7 @@ def make_llm(policy: dict[str, Any] | None) -> Any:
             "num_speculative_tokens": MAX_SPEC_TOKENS,
         }
         args["scheduler_cls"] = SCHEDULER_CLS
+        args["worker_cls"] = WORKER_CLS
         args["additional_config"] = {"moespec": {"is_recording": True, "policy": policy}}
         args["per_request_spec_decode_metrics"] = "detailed"
     # The engine core in this process (read at construction); the variables do not outlive it.
@@ -55,9 +58,13 @@ def scheduler(llm: Any) -> Any:
     return llm.llm_engine.engine_core.engine_core.scheduler
 
 
-def drafter(llm: Any) -> Any:
+def runner(llm: Any) -> Any:
     executor = llm.llm_engine.engine_core.engine_core.model_executor
-    return executor.driver_worker.worker.model_runner.drafter
+    return executor.driver_worker.worker.model_runner
+
+
+def drafter(llm: Any) -> Any:
+    return runner(llm).drafter
 
 
 @contextmanager

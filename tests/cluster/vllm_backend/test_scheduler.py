@@ -1,5 +1,6 @@
 """PolicyScheduler inside vLLM on the demo pair: greedy output unchanged under mixed K, per-request settings
-honoured, K = 0 costing only the drafter's catch-up pass, our counts equal to vLLM's own.
+honoured, K = 0 for the whole batch costing no draft forward (and the draft caught up when drafting
+resumes), our counts equal to vLLM's own.
 
 One module-scoped pair of engines (vLLM without speculation, and with our scheduler), in this process."""
 
@@ -11,7 +12,13 @@ from typing import Any
 import pytest
 
 from tests.cluster.vllm_backend.conftest import needs_vllm
-from tests.cluster.vllm_backend.engines import MAX_SPEC_TOKENS, count_draft_forwards, make_llm, scheduler
+from tests.cluster.vllm_backend.engines import (
+    MAX_SPEC_TOKENS,
+    count_draft_forwards,
+    make_llm,
+    runner,
+    scheduler,
+)
 
 pytestmark = [needs_vllm, pytest.mark.timeout(900)]  # the first test starts two engines
 
@@ -24,6 +31,13 @@ PROMPTS = [
     "def read_file(path):\n    with open(path) as f:",
     "    return sorted(items, key=",
     "# Parse the command line arguments\n",
+]
+# Prompts no other test sends: the skipping run's missing draft KV cannot be stale copies of the right values.
+FRESH_PROMPTS = [
+    "while True:\n    line =",
+    "def main():\n    parser = argparse.",
+    "        return self._cache[key]\n\n",
+    "with open(path, 'w') as out:",
 ]
 SETTINGS: list[Any] = ["off", 1, 2, 3, MAX_SPEC_TOKENS, "auto", 0, "auto"]  # K mixed 0..max in one batch
 
@@ -89,20 +103,70 @@ def test_per_request_settings_are_honoured(engines: tuple[Any, Any]) -> None:
     assert len([r for r in record if ids[0] in r.num_drafts]) == 47
 
 
-def test_k_zero_runs_only_the_catch_up_pass(engines: tuple[Any, Any]) -> None:
+def test_k_zero_runs_no_draft_forward(engines: tuple[Any, Any]) -> None:
     _, ours = engines
-    sched = scheduler(ours)
+    sched, worker = scheduler(ours), runner(ours)
+    skipped = worker.num_skipped_steps
     with count_draft_forwards(ours) as calls:
         _, record = _generate(ours, ["off"] * 4)
     assert all(r.num_draft_steps == 0 for r in record)
     assert all(n == 0 for r in record for n in r.num_drafts.values())
-    # One draft forward per step (the catch-up pass keeping the draft's KV cache in step), none more.
-    assert len(calls) == len(record)
+    # Every K is 0 on every step: the drafter does not run at all (vLLM's runner would run its first pass).
+    assert calls == []
+    assert worker.num_skipped_steps - skipped == len(record) > 0
     with count_draft_forwards(ours) as calls:
         _, record = _generate(ours, [3] * 4)
     drafting = sum(r.num_draft_steps for r in record)
+    # Drafting steps: vLLM's first pass, then one forward per further draft step.
     assert len(calls) == len(record) + sum(max(0, r.num_draft_steps - 1) for r in record) and drafting > 0
     assert sched.counters.num_steps > 0
+
+
+def _accepted_after_skipping(llm: Any, skips: bool, num_plain_steps: int = 12) -> tuple[list[Any], list[Any]]:
+    """Four requests at K = 0 for their first steps, then at K = 3 (set in the scheduler between steps):
+    outputs and accepted counts per step. `skips`: the runner skips the drafter at K = 0 (ours) or runs its
+    pass every step (vLLM's behaviour)."""
+    sched, worker = scheduler(llm), runner(llm)
+    worker.skips_drafter = skips
+    engine = llm.llm_engine
+    sched.record.clear()
+    for i, (prompt, params) in enumerate(zip(FRESH_PROMPTS, _params(["off"] * 4), strict=True)):
+        engine.add_request(f"skip{int(skips)}-{i}", prompt, params)
+    outputs, step = [], 0
+    try:
+        while engine.has_unfinished_requests():
+            outputs += [o for o in engine.step() if o.finished]
+            step += 1
+            if step == num_plain_steps:
+                for request_id in sched._requested:
+                    sched._requested[request_id] = 3
+    finally:
+        worker.skips_drafter = True
+    record = list(sched.record)
+    assert any(r.num_draft_steps == 0 for r in record[:num_plain_steps])
+    return sorted((o.request_id, o.outputs[0].token_ids) for o in outputs), [
+        sorted(r.num_accepted.values()) for r in record
+    ]
+
+
+def test_drafts_after_skipped_steps_are_as_good_as_without_skipping(engines: tuple[Any, Any]) -> None:
+    """The catch-up pass restores the draft's KV cache: after steps without the drafter, its drafts are
+    accepted exactly as often, step by step, as when it ran every step (holes in its KV would change them)."""
+    _, ours = engines
+    worker = runner(ours)
+    passes, skipped = worker.num_catch_up_passes, worker.num_skipped_steps
+    with count_draft_forwards(ours) as calls:  # first, so that no earlier run wrote these sequences' KV
+        out, accepted = _accepted_after_skipping(ours, skips=True)
+    assert worker.num_skipped_steps > skipped
+    assert worker.num_catch_up_passes == passes + 1  # one pass caught all four requests up
+    skipped, passes = worker.num_skipped_steps, worker.num_catch_up_passes
+    with count_draft_forwards(ours) as reference_calls:
+        reference_out, reference = _accepted_after_skipping(ours, skips=False)
+    assert worker.num_skipped_steps == skipped and worker.num_catch_up_passes == passes
+    assert [tokens for _, tokens in out] == [tokens for _, tokens in reference_out]
+    assert accepted == reference
+    assert len(calls) < len(reference_calls)
+    assert sum(map(sum, accepted)) > 0
 
 
 def test_our_counts_equal_vllm_per_request_metrics(engines: tuple[Any, Any]) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from cluster.config import AppConfig, PolicySettings
 from cluster.vllm_backend.chooser import step_prior
-from cluster.vllm_backend.server import SCHEDULER_CLS, engine_args, token_logprobs_of
+from cluster.vllm_backend.server import SCHEDULER_CLS, WORKER_CLS, engine_args, token_logprobs_of
 from cluster.vllm_backend.settings import ADDITIONAL_CONFIG_KEY, SchedulerSettings, parse_num_spec_tokens
 
 
@@ -55,6 +55,7 @@ def test_engine_args_carry_our_scheduler_and_k_max() -> None:
     settings = SchedulerSettings(policy=config.policy, metrics_path="/tmp/x.json")
     args = engine_args(config, settings)
     assert args["scheduler_cls"] == SCHEDULER_CLS and args["async_scheduling"] is False
+    assert args["worker_cls"] == WORKER_CLS
     assert args["speculative_config"]["num_speculative_tokens"] == 4
     assert args["speculative_config"]["method"] == "draft_model"
     assert SchedulerSettings.from_additional_config(args["additional_config"]) == settings

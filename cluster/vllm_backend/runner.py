@@ -1,0 +1,229 @@
+"""`CatchUpWorker`: a vLLM worker whose model runner skips the drafter on steps where every K is 0, and
+catches the drafter's KV cache up when a request drafts again (as our native engine does).
+Use it beside the scheduler: `--worker-cls cluster.vllm_backend.runner.CatchUpWorker`.
+
+Why (see the README's vllm section): vLLM's model runner calls the draft model's "first pass" every step,
+even at `num_spec_tokens_to_schedule == 0`: it feeds the tokens the target just computed through the draft
+model, which is how the draft's KV cache stays in step. At K = 0 that pass only writes KV, and it cost
+1.2-1.5x a plain step on our pairs. This runner, on a step with 0 draft steps for the whole batch:
+- does not run the drafter (its bookkeeping of the sampled tokens still runs, as vLLM's does at K = 0);
+- records, per request, the first position whose draft KV is missing (`lag_from`).
+On the next step that drafts, before vLLM's own first pass, one catch-up pass runs the draft model over each
+lagging request's missed span (its committed tokens, read from the input batch, at their positions, into the
+request's own KV blocks): the draft KV is then what it would have been without the skips, and vLLM's pass
+drafts from it. Spans longer than the drafter's token buffers are split into several passes.
+
+Drafts never change the output (verification is exact), so the catch-up is about acceptance: the tests check
+that drafts after skipped steps are accepted exactly as often as without skipping.
+
+Scope: vLLM's V1 model runner (`GPUModelRunner`, which the CPU runner extends) with a draft model
+(`method: draft_model`) and the padded drafter batch (vLLM's default). Anything else (EAGLE, whose catch-up
+would need the target's hidden states of the missed tokens; the V2 runner) runs vLLM's runner unchanged,
+with a warning. With prefix caching, a request that finishes while lagging leaves up to its lag of draft KV
+unwritten in its last blocks; a later prompt that contains those generated tokens (a multi-turn chat) would
+draft from them: lower acceptance there, output unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from vllm.platforms import current_platform
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.spec_decode.draft_model import DraftModelProposer
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+from vllm.v1.worker.gpu_worker import Worker
+
+logger = logging.getLogger(__name__)
+# What the runner relies on, checked when the worker starts.
+_RUNNER_HOOKS = ("propose_draft_token_ids", "_copy_valid_sampled_token_count")
+_PROPOSER_HOOKS = ("propose", "prepare_next_token_ids_padded", "max_num_tokens", "hidden_states")
+
+
+class CatchUpRunnerMixin:
+    """Added to vLLM's V1 model runner class (see `_enable`); its state lives in `_catch_up_*` attributes."""
+
+    # Attributes of GPUModelRunner this mixin reads (declared for type checkers).
+    drafter: Any
+    input_batch: Any
+    requests: dict[str, Any]
+    speculative_config: Any
+    device: torch.device
+    discard_request_mask: Any
+
+    def _init_catch_up(self) -> None:
+        self.skips_drafter = True  # False: vLLM's behaviour (the drafter's pass every step); tests flip it
+        self.lag_from: dict[str, int] = {}  # request -> first position whose draft KV is missing
+        self.num_skipped_steps = 0
+        self.num_catch_up_passes = 0
+        self.num_catch_up_tokens = 0
+
+    def propose_draft_token_ids(
+        self,
+        scheduler_output: Any,
+        sampled_token_ids: Any,
+        sampling_metadata: Any,
+        hidden_states: Any,
+        sample_hidden_states: Any,
+        aux_hidden_states: Any,
+        spec_decode_metadata: Any,
+        common_attn_metadata: CommonAttentionMetadata,
+        slot_mappings: Any,
+    ) -> Any:
+        parent: Any = super()
+        rows = self._rows()
+        if rows is None:  # not a drafting setup we handle: vLLM's own path
+            return parent.propose_draft_token_ids(
+                scheduler_output, sampled_token_ids, sampling_metadata, hidden_states, sample_hidden_states,
+                aux_hidden_states, spec_decode_metadata, common_attn_metadata, slot_mappings,
+            )  # fmt: skip
+        if scheduler_output.num_spec_tokens_to_schedule == 0 and self.skips_drafter:
+            return self._skip(rows, sampled_token_ids)
+        self._catch_up(rows, common_attn_metadata)
+        return parent.propose_draft_token_ids(
+            scheduler_output, sampled_token_ids, sampling_metadata, hidden_states, sample_hidden_states,
+            aux_hidden_states, spec_decode_metadata, common_attn_metadata, slot_mappings,
+        )  # fmt: skip
+
+    # -- the two halves ----------------------------------------------------------------------------------------
+
+    def _rows(self) -> list[tuple[int, str, int]] | None:
+        """(batch row, request id, positions the target had computed before this step) of every request in
+        the batch; None when the drafter is not one this runner can catch up."""
+        if (
+            not isinstance(self.drafter, DraftModelProposer)
+            or self.speculative_config.disable_padded_drafter_batch
+        ):
+            return None
+        computed = self.input_batch.num_computed_tokens_cpu
+        rows = [(i, r, int(computed[i])) for i, r in enumerate(self.input_batch.req_ids) if r is not None]
+        for request_id in [r for r in self.lag_from if r not in self.requests]:  # finished or preempted
+            del self.lag_from[request_id]
+        return rows
+
+    def _skip(self, rows: list[tuple[int, str, int]], sampled_token_ids: torch.Tensor) -> torch.Tensor:
+        """A step with no drafting at all: vLLM's bookkeeping of the sampled tokens, no draft forward."""
+        next_token_ids, valid_counts = self.drafter.prepare_next_token_ids_padded(
+            sampled_token_ids, self.requests, self.input_batch, self.discard_request_mask.gpu
+        )
+        copy: Any = getattr(self, "_copy_valid_sampled_token_count")  # noqa: B009 (vLLM's private hook)
+        copy(next_token_ids, valid_counts)
+        for _, request_id, start in rows:
+            # Positions from `start` on are (re)computed by the target now; the draft KV is valid below.
+            self.lag_from[request_id] = min(self.lag_from.get(request_id, start), start)
+        self.num_skipped_steps += 1
+        return torch.empty(len(rows), 0, dtype=torch.int64, device=self.device)
+
+    def _catch_up(self, rows: list[tuple[int, str, int]], cad: CommonAttentionMetadata) -> None:
+        """Runs the draft model over each lagging request's missed positions [lag, start], before vLLM's own
+        first pass (which covers this step's tokens from `start` on)."""
+        spans = []  # (row, first position, last position): the tokens [a, b) and the next token at b
+        for row, request_id, start in rows:
+            lag = self.lag_from.pop(request_id, None)
+            if lag is not None and lag < start:
+                spans.append((row, lag, start))
+        if not spans:
+            return
+        capacity = int(self.drafter.max_num_tokens)
+        batch: list[tuple[int, int, int]] = []
+        used = 0
+        for row, first, last in spans:
+            while first < last:  # a span too long for one pass is split along its positions
+                end = min(last, first + capacity - 1 - used)
+                if end <= first:
+                    self._catch_up_pass(batch, cad)
+                    batch, used = [], 0
+                    continue
+                batch.append((row, first, end))
+                used += end - first + 1
+                first = end
+        if batch:
+            self._catch_up_pass(batch, cad)
+
+    def _catch_up_pass(self, spans: list[tuple[int, int, int]], cad: CommonAttentionMetadata) -> None:
+        """One draft forward, with vLLM's first-pass machinery at 0 draft steps: each span (row, a, b) is
+        presented as a target step that computed tokens [a, b) (the proposer appends the token at b), so the
+        draft writes its KV for positions a..b into the request's blocks."""
+        token_ids = self.input_batch.token_ids_cpu
+        ids = np.concatenate([token_ids[row, a:b] for row, a, b in spans]).astype(np.int32)
+        positions = np.concatenate([np.arange(a, b, dtype=np.int64) for _, a, b in spans])
+        next_ids = np.array([token_ids[row, b] for row, _, b in spans], dtype=np.int32)
+        lengths = np.array([b - a for _, a, b in spans], dtype=np.int32)
+        query_start = np.zeros(len(spans) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=query_start[1:])
+        seq_lens = np.array([b for _, _, b in spans], dtype=np.int32)
+        rows = torch.tensor([row for row, _, _ in spans], dtype=torch.long, device=self.device)
+        device = self.device
+        query_start_cpu = torch.from_numpy(query_start)
+        seq_lens_cpu = torch.from_numpy(seq_lens)
+        num_tokens = int(query_start[-1])
+        sub = CommonAttentionMetadata(
+            query_start_loc=query_start_cpu.to(device),
+            query_start_loc_cpu=query_start_cpu,
+            seq_lens=seq_lens_cpu.to(device),
+            num_reqs=len(spans),
+            num_actual_tokens=num_tokens,
+            max_query_len=int(lengths.max()),
+            max_seq_len=int(seq_lens.max()),
+            block_table_tensor=cad.block_table_tensor[rows],
+            slot_mapping=torch.zeros(num_tokens, dtype=torch.int64, device=device),  # recomputed by the pass
+            causal=True,
+            seq_lens_cpu_upper_bound=seq_lens_cpu,
+        )
+        self.drafter.propose(
+            num_speculative_tokens=0,
+            target_token_ids=torch.from_numpy(ids).to(device),
+            target_positions=torch.from_numpy(positions).to(device),
+            target_hidden_states=self.drafter.hidden_states[:num_tokens],  # unused by a draft model
+            next_token_ids=torch.from_numpy(next_ids).to(device),
+            token_indices_to_sample=None,
+            common_attn_metadata=sub,
+            sampling_metadata=None,
+            num_rejected_tokens_gpu=None,
+            slot_mappings=None,
+        )
+        self.num_catch_up_passes += 1
+        self.num_catch_up_tokens += num_tokens + len(spans)
+
+
+def _enable(runner: Any) -> None:
+    """Gives a freshly built V1 model runner the catch-up (a subclass made for its class; it adds methods and
+    state, no __init__), or leaves vLLM's runner as it is, with a warning naming why."""
+    if not isinstance(runner, GPUModelRunner):
+        logger.warning(
+            "CatchUpWorker: %s is not vLLM's V1 model runner; the drafter runs every step", type(runner)
+        )
+        return
+    missing = [f"GPUModelRunner.{name}" for name in _RUNNER_HOOKS if not hasattr(runner, name)]
+    drafter = getattr(runner, "drafter", None)
+    if isinstance(drafter, DraftModelProposer):
+        missing += [f"DraftModelProposer.{name}" for name in _PROPOSER_HOOKS if not hasattr(drafter, name)]
+    if missing:
+        raise RuntimeError(
+            f"CatchUpWorker: this vLLM lacks what the catch-up relies on: {', '.join(missing)}"
+        )
+    if drafter is not None and not isinstance(drafter, DraftModelProposer):
+        logger.warning("CatchUpWorker: drafter %s has no catch-up here; it runs every step", type(drafter))
+    cls = type(runner)
+    runner.__class__ = type(f"CatchUp{cls.__name__}", (CatchUpRunnerMixin, cls), {})
+    enabled: Any = runner
+    enabled._init_catch_up()
+
+
+def _base_worker() -> type[Any]:
+    if current_platform.is_cpu():
+        from vllm.v1.worker.cpu_worker import CPUWorker
+
+        return CPUWorker
+    return Worker
+
+
+class CatchUpWorker(_base_worker()):  # type: ignore[misc]  # vLLM's worker for this platform
+    """vLLM's worker (CPU or GPU) whose model runner skips the drafter on all-K = 0 steps (`--worker-cls`)."""
+
+    def init_device(self) -> None:
+        super().init_device()
+        _enable(self.model_runner)
