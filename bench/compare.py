@@ -83,32 +83,32 @@ def measure_iterations(target: Path, draft: Path, dtype: str, config: RunConfig)
     """
     import torch
 
+    from cluster.config import AppConfig
+    from cluster.engine_builder import build_engine, local_backends
     from policy.baselines import OffChooser, StaticChooser
-    from workers.drafter import Drafter
-    from workers.engine import EngineConfig, SpecEngine
-    from workers.kv_cache import CacheConfig
-    from workers.runner import ModelRunner
     from workers.sampling import SamplingParams
-    from workers.target import Target
     from workers.tokenizer import Tokenizer
 
     torch.set_num_threads(1)
     tokenizer = Tokenizer(target)
     prompts = [tokenizer.encode(t) for t in load.load_prompts("mixed", max(config.cost_batch_sizes))]
     max_k = max(config.static_num_spec_tokens)
-    cache = CacheConfig(
-        max_seqs=max(config.cost_batch_sizes),
-        max_seq_len=max(map(len, prompts)) + config.cost_max_tokens + max_k + 2,
-    )
-    torch_dtype = getattr(torch, dtype)
-    target_engine = Target(ModelRunner.from_checkpoint(target, cache, torch_dtype))
-    drafter = Drafter(ModelRunner.from_checkpoint(draft, cache, torch_dtype))
+    model = {"target": str(target), "draft": str(draft), "dtype": dtype}
+    model |= {
+        "max_seqs": max(config.cost_batch_sizes),
+        "max_seq_len": max(map(len, prompts)) + config.cost_max_tokens,
+    }
+    app = AppConfig.from_args({"model": model})
+    target_engine, drafter = local_backends(app)  # shared by every engine below (one cache of max_seqs slots)
     params = SamplingParams(temperature=0.0, max_tokens=config.cost_max_tokens, ignore_eos=True)
 
     def iterations(batch_size: int, k: int) -> list[Any]:
+        # The served engine's settings (cluster.engine_builder), at this batch size and static K.
+        run = replace(
+            app, model=replace(app.model, max_seqs=batch_size), engine=replace(app.engine, max_spec_tokens=k)
+        )
         chooser = StaticChooser(k) if k else OffChooser()
-        engine_config = EngineConfig(max_batch_size=batch_size, max_spec_tokens=k)
-        engine = SpecEngine(target_engine, drafter if k else None, chooser, engine_config)
+        engine = build_engine(run, target_engine, drafter if k else None, chooser, None)
         for i, prompt in enumerate(prompts[:batch_size]):
             engine.add_request(f"r{i}", prompt, params)
         stats = []

@@ -52,6 +52,9 @@ class TimedChooser:
         if self.iteration_s:
             self.iteration_s[-1] += time.perf_counter() - start
 
+    def gauges(self) -> dict[str, float]:
+        return self.inner.gauges()
+
 
 def measure(policy: str, batch_size: int, num_iterations: int, seed: int) -> tuple[float, float]:
     """(mean, p99) milliseconds per iteration of one run."""

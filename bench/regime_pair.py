@@ -158,7 +158,7 @@ def ensure_checkpoint(path: Path) -> Path:
     if path.resolve() == WIDE_TARGET.resolve():
         return ensure_built()
     if not (path / "config.json").is_file():
-        raise SystemExit(f"{path} is missing: train the demo pair first (python -m workers.demo.train)")
+        raise SystemExit(f"{path} is missing: train the demo pair first (python -m training.train)")
     return path
 
 

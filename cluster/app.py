@@ -18,19 +18,13 @@ from ray.serve import Application
 from starlette.requests import Request
 from starlette.responses import Response
 
-from cluster.choosers import analytic_prior, make_chooser, shared_chooser_factory
-from cluster.config import AppConfig
-from cluster.deployments import DrafterServer, RemoteDrafter, RemoteTarget, TargetServer, resolve_model_path
+from cluster.choosers import router_chooser
+from cluster.config import AppConfig, resolve_model_path
+from cluster.deployments import DrafterServer, RemoteDrafter, RemoteTarget, TargetServer
+from cluster.engine_builder import build_engine
 from cluster.openai_api import APIError
-from cluster.policy_actor import PolicyClient, policy_actor_handle
 from cluster.router import Router, unavailable
-from policy.guard import MeasuredGuard
-from policy.stats import KChooser
-from workers.checkpoint import checkpoint_dtype
-from workers.config import ModelConfig
-from workers.engine import EngineConfig, SpecEngine
 from workers.kv_cache import CacheCapacityError
-from workers.target import TargetInfo
 from workers.tokenizer import Tokenizer
 
 START_WAIT_S = 60.0  # a request that arrives while the model replicas load waits this long, then gets 503
@@ -89,40 +83,13 @@ class RouterServer:
 
     def _assemble(self, target: RemoteTarget, drafter: RemoteDrafter | None) -> Router:
         config = self.config
-        chooser = self._chooser(target.info)
+        chooser = router_chooser(config, target.info)
         tokenizer = Tokenizer(resolve_model_path(config.model.target))
-        engine_config = EngineConfig(
-            max_batch_size=config.engine.max_batch_size,
-            max_spec_tokens=config.engine.max_spec_tokens,
-            max_waiting=config.engine.max_waiting + config.engine.max_batch_size,
-            drafter_retry_s=2.0,
-            target_recovery_s=config.engine.target_recovery_s,
-        )
-        engine = SpecEngine(target, drafter, chooser, engine_config, tokenizer)
+        engine = build_engine(config, target, drafter, chooser, tokenizer)
         api_key = config.server.api_key
         if api_key is None and config.server.api_key_env:
             api_key = os.environ.get(config.server.api_key_env) or None
         return Router(config, engine, tokenizer, api_key)
-
-    def _chooser(self, info: TargetInfo) -> KChooser:
-        policy, max_spec, model = self.config.policy, self.config.engine.max_spec_tokens, self.config.model
-        target = ModelConfig.from_dir(resolve_model_path(model.target))
-        draft = ModelConfig.from_dir(resolve_model_path(model.draft)) if model.draft else None
-        dtype = checkpoint_dtype(resolve_model_path(model.target)) if model.dtype == "auto" else model.dtype
-        prior = analytic_prior(target, draft, 2 if "16" in str(dtype) else 4)
-        local = make_chooser(policy, info, max_spec, prior=prior)
-        if policy.kind in ("off", "static"):
-            return local
-        if not policy.use_central_actor:
-            return MeasuredGuard(local)
-        factory = shared_chooser_factory(policy, info, max_spec, prior)
-        client = PolicyClient(
-            f"router-{uuid.uuid4().hex[:8]}",
-            local,
-            lambda: policy_actor_handle(policy.actor_name, policy.window_iterations, factory),
-        )
-        # This router's batch must measure faster drafting than plain, whatever the policy's model says.
-        return MeasuredGuard(client)
 
     def check_health(self) -> None:
         """Serve's health check: raises if the engine loop died, or if the target's cache refused new
@@ -184,7 +151,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     drafter = None
     if config.model.draft is not None:
         drafter = serve.deployment(name="Drafter", ray_actor_options=light)(DrafterServer).bind(config)
-    ongoing = config.engine.max_batch_size + config.engine.max_waiting + 16  # 429s come from the router
+    ongoing = config.max_outstanding + 16  # 429s come from the router
     router = serve.deployment(
         name="Router",
         max_ongoing_requests=ongoing,
@@ -202,7 +169,7 @@ def build_vllm_app(config: AppConfig) -> Application:
     deployment = serve.deployment(
         name="VllmServer",
         num_replicas=config.vllm.num_replicas,
-        max_ongoing_requests=config.engine.max_batch_size + config.engine.max_waiting + 16,
+        max_ongoing_requests=config.max_outstanding + 16,
         ray_actor_options={"num_cpus": resources.target_num_cpus, "num_gpus": num_gpus},
         health_check_period_s=10,
         health_check_timeout_s=60,

@@ -1,20 +1,35 @@
-"""Builds the K chooser a router runs locally, from the policy settings and what the target is.
+"""Builds a router's K chooser: the whole stack, in one place (`router_chooser`), and the local chooser at
+its bottom (`make_chooser`), which is also what the central policy actor runs per router.
 
-The same chooser is the fallback when the central policy actor is unreachable (see policy_actor.py).
+Who decides K, for each request of an iteration, outermost first:
+1. the request itself: a numeric `num_spec_tokens` bypasses the stack ("auto" asks it);
+2. the measured guard (`policy.guard.MeasuredGuard`): K = 0 for the whole batch while it holds (the
+   chooser's iterations measured slower than plain ones) and on its periodic plain baselines; otherwise
+   what the layer below chose. It asks that layer every iteration, holds included;
+3. the central window (`cluster.policy_actor.PolicyClient`): while a central decision covers the
+   iteration, its K for the requests it lists; otherwise (no answer yet, actor unreachable, requests the
+   decision does not list) the local chooser's K;
+4. the local chooser (batch-aware, Cascade, static or off), which observes every iteration either way.
+The engine then caps each K at max_spec_tokens, the tokens the request may still emit and its context.
+`off` and `static` run the local chooser alone; `use_central_actor: false` drops layer 3.
+Every layer reports its counters through `gauges()` (the router exports them as metrics).
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cluster.config import PolicySettings
+from cluster.config import AppConfig, PolicySettings, resolve_model_path
 from policy.baselines import OffChooser, StaticChooser
 from policy.batch_aware import BatchAwareChooser, BatchAwareConfig
 from policy.cascade import CascadeChooser, CascadeConfig
 from policy.cost_model import CostModel, CostModelConfig, CostParams
+from policy.guard import MeasuredGuard
 from policy.routing import RoutingConfig
 from policy.stats import KChooser
+from workers.checkpoint import checkpoint_dtype
 from workers.config import ModelConfig
 from workers.target import TargetInfo
 
@@ -75,6 +90,31 @@ DEFAULT_PRIOR = CostParams(
     draft_per_token_s=2e-5,
     other_s=3e-4,
 )
+
+
+def router_chooser(config: AppConfig, info: TargetInfo) -> KChooser:
+    """The stack of the module docstring for one router, its prior from the served models' shapes."""
+    policy, max_spec, model = config.policy, config.engine.max_spec_tokens, config.model
+    target = ModelConfig.from_dir(resolve_model_path(model.target))
+    draft = ModelConfig.from_dir(resolve_model_path(model.draft)) if model.draft else None
+    dtype = checkpoint_dtype(resolve_model_path(model.target)) if model.dtype == "auto" else model.dtype
+    prior = analytic_prior(target, draft, 2 if "16" in str(dtype) else 4)
+    local = make_chooser(policy, info, max_spec, prior=prior)
+    if policy.kind in ("off", "static"):
+        return local
+    if not policy.use_central_actor:
+        return MeasuredGuard(local)
+    # Imported here: this module is also the vllm backend's, inside vLLM's engine core, where Ray may not be.
+    from cluster.policy_actor import PolicyClient, policy_actor_handle
+
+    factory = shared_chooser_factory(policy, info, max_spec, prior)
+    client = PolicyClient(
+        f"router-{uuid.uuid4().hex[:8]}",
+        local,
+        lambda: policy_actor_handle(policy.actor_name, policy.window_iterations, factory),
+    )
+    # This router's batch must measure faster drafting than plain, whatever the policy's model says.
+    return MeasuredGuard(client)
 
 
 def make_chooser(

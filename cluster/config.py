@@ -19,6 +19,18 @@ DEMO_DRAFT = REPO_ROOT / "models" / "demo-draft"
 POLICIES = ("auto", "cascade", "static", "off")
 BACKENDS = ("native", "vllm")
 DTYPES = ("bfloat16", "float32", "auto")
+DRAFT_PROPOSALS = ("one_hot", "distribution")  # as workers.drafter.PROPOSALS (this module imports no torch)
+
+
+def resolve_model_path(path: str) -> Path:
+    """A model path as given, or relative to the repository (the demo checkpoints ship there)."""
+    candidate = Path(path)
+    if candidate.is_dir():
+        return candidate
+    in_repo = REPO_ROOT / path
+    if in_repo.is_dir():
+        return in_repo
+    raise ValueError(f"model directory {path!r} does not exist")
 
 
 @dataclass(frozen=True)
@@ -27,8 +39,8 @@ class ModelSettings:
     draft: str | None = str(DEMO_DRAFT)  # None: no speculation
     served_name: str = "demo-moe"
     dtype: str = "float32"  # "auto" = the checkpoint's dtype
-    max_seqs: int = 32  # KV slots = concurrent requests in a batch
-    max_seq_len: int = 1024
+    max_seqs: int = 32  # the one batch limit: requests running at once = KV slots of each model
+    max_seq_len: int = 1024  # prompt + output tokens of a request (the served max_model_len)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -44,17 +56,30 @@ class EngineSettings:
     backend: str = (
         "native"  # native: our engine (workers/); vllm: a vLLM engine per replica (cluster/vllm_backend)
     )
-    max_batch_size: int = 32
+    max_batch_size: int | None = None  # removed: model.max_seqs is the one batch limit (an error if set)
     max_spec_tokens: int = 6
     max_waiting: int = 256  # queued requests beyond the batch; more get 429
     request_timeout_s: float = 300.0  # a request still running after this ends with an error
     target_recovery_s: float = 120.0  # after a target failure, re-prefill running requests for this long
+    # What a sampled request's drafter sends the target (native backend): "one_hot" = draft token ids only
+    # (the draft's argmax; lossless), "distribution" = also each draft's [vocab] fp32 distribution.
+    draft_proposals: str = "one_hot"
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_waiting < 0 or self.max_spec_tokens < 0:
-            raise ValueError("engine.max_batch_size >= 1, max_waiting >= 0, max_spec_tokens >= 0 required")
+        if self.max_batch_size is not None:
+            raise ValueError(
+                f"engine.max_batch_size ({self.max_batch_size}) is no longer a setting: model.max_seqs is the one "
+                "limit on requests running at once (and the KV slots each model holds); remove "
+                "engine.max_batch_size and set model.max_seqs"
+            )
+        if self.max_waiting < 0 or self.max_spec_tokens < 0:
+            raise ValueError("engine.max_waiting >= 0 and max_spec_tokens >= 0 required")
         if self.request_timeout_s <= 0:
             raise ValueError(f"engine.request_timeout_s must be > 0, got {self.request_timeout_s}")
+        if self.draft_proposals not in DRAFT_PROPOSALS:
+            raise ValueError(
+                f"engine.draft_proposals must be one of {DRAFT_PROPOSALS}, got {self.draft_proposals!r}"
+            )
         if self.backend not in BACKENDS:
             raise ValueError(f"engine.backend must be one of {BACKENDS}, got {self.backend!r}")
 
@@ -134,6 +159,11 @@ class AppConfig:
     resources: ResourceSettings = field(default_factory=ResourceSettings)
     expert_parallel: ExpertParallelSettings = field(default_factory=ExpertParallelSettings)
     vllm: VllmSettings = field(default_factory=VllmSettings)
+
+    @property
+    def max_outstanding(self) -> int:
+        """Requests a router holds at once: a running batch plus the waiting queue; more get 429."""
+        return self.model.max_seqs + self.engine.max_waiting
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> AppConfig:

@@ -22,17 +22,15 @@ import concurrent.futures
 import logging
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import ray
 import torch
 
-from cluster.config import REPO_ROOT, AppConfig
+from cluster.config import AppConfig
+from cluster.engine_builder import draft_engine, target_runner
 from cluster.ep_group import assigned_device
-from workers.drafter import Drafter, DraftOutput, DraftRequest
-from workers.kv_cache import CacheConfig
-from workers.runner import ModelRunner, Runner
+from workers.drafter import DraftOutput, DraftRequest
 from workers.sampling import SamplingParams
 from workers.target import PrefillOutput, Target, TargetInfo, VerifyOutput, VerifyRequest
 
@@ -40,58 +38,6 @@ logger = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 60.0
 HEALTH_TIMEOUT_S = 20.0  # a loaded host actor that does not answer a ping for this long is unhealthy
 LOAD_TIMEOUT_S = 600.0  # a host actor that has not loaded its model after this long is unhealthy
-
-
-def resolve_model_path(path: str) -> Path:
-    """A model path as given, or relative to the repository (the demo checkpoints ship there)."""
-    candidate = Path(path)
-    if candidate.is_dir():
-        return candidate
-    in_repo = REPO_ROOT / path
-    if in_repo.is_dir():
-        return in_repo
-    raise ValueError(f"model directory {path!r} does not exist")
-
-
-def _dtype(name: str) -> torch.dtype | None:
-    return {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(name)
-
-
-def _cache_config(config: AppConfig) -> CacheConfig:
-    # Room for max_spec_tokens + 1 verification tokens beyond the longest sequence.
-    return CacheConfig(config.model.max_seqs, config.model.max_seq_len + config.engine.max_spec_tokens + 1)
-
-
-def load_runner(path: str, config: AppConfig) -> ModelRunner:
-    torch.set_num_threads(config.resources.torch_threads)
-    device = assigned_device()
-    logger.info("loading %s on %s", path, device)
-    return ModelRunner.from_checkpoint(
-        resolve_model_path(path), _cache_config(config), _dtype(config.model.dtype), device=device
-    )
-
-
-def target_runner(config: AppConfig) -> Runner:
-    """The target's model: in this process, or an expert-parallel group of rank actors."""
-    ep = config.expert_parallel
-    if ep.num_ranks == 1:
-        return load_runner(config.model.target, config)
-    from cluster.ep_group import EPGroup, EPGroupConfig
-    from workers.expert_parallel import check_strategy
-
-    res = config.resources
-    return EPGroup(
-        EPGroupConfig(
-            checkpoint=str(resolve_model_path(config.model.target)),
-            num_ranks=ep.num_ranks,
-            cache=_cache_config(config),
-            strategy=check_strategy(ep.strategy),
-            dtype=_dtype(config.model.dtype),
-            num_cpus_per_rank=res.target_num_cpus,
-            use_gpus=res.target_num_gpus > 0 or None,
-            num_threads_per_rank=res.torch_threads,
-        )
-    )
 
 
 class _OwnedHost:
@@ -121,7 +67,9 @@ class TargetHost(_OwnedHost):
     """Runs in a plain Ray actor: the MoE target and its KV cache."""
 
     def __init__(self, config: AppConfig) -> None:
-        self.target = Target(target_runner(config))
+        torch.set_num_threads(config.resources.torch_threads)
+        logger.info("loading the target %s", config.model.target)
+        self.target = Target(target_runner(config, assigned_device()))
 
     def _seq_ids(self) -> list[int]:
         return self.target.runner.cache.seq_ids
@@ -167,7 +115,9 @@ class DrafterHost(_OwnedHost):
 
     def __init__(self, config: AppConfig) -> None:
         assert config.model.draft is not None
-        self.drafter = Drafter(load_runner(config.model.draft, config))
+        torch.set_num_threads(config.resources.torch_threads)
+        logger.info("loading the draft %s", config.model.draft)
+        self.drafter = draft_engine(config, assigned_device())
 
     def _seq_ids(self) -> list[int]:
         return self.drafter.runner.cache.seq_ids

@@ -131,6 +131,14 @@ class PolicyClient:
         self.local.release(request_id)
         self._released.append(request_id)
 
+    def gauges(self) -> dict[str, float]:
+        """A central policy that keeps failing is visible here."""
+        return {
+            **self.local.gauges(),
+            "policy_central_decisions": self.num_central_decisions,
+            "policy_actor_failures": self.num_failures,
+        }
+
     @property
     def is_connected(self) -> bool:
         return self._actor is not None

@@ -32,8 +32,6 @@ from cluster.openai_api import (
     sse,
     usage,
 )
-from cluster.policy_actor import PolicyClient
-from policy.guard import MeasuredGuard
 from workers.engine import SpecEngine
 from workers.kv_cache import CacheCapacityError
 from workers.sampling import TokenLogprob
@@ -116,13 +114,8 @@ class Router:
         self.metrics.set_gauge("num_requests_outstanding", self.loop.num_outstanding)
         self.metrics.set_gauge("drafter_failures", self.engine.num_draft_failures)
         self.metrics.set_gauge("target_recoveries", self.engine.num_target_recoveries)
-        chooser = self.engine.chooser
-        if isinstance(chooser, MeasuredGuard):
-            self.metrics.set_gauge("policy_guard_holds", chooser.num_holds)
-            chooser = chooser.inner
-        if isinstance(chooser, PolicyClient):  # a central policy that keeps failing is visible here
-            self.metrics.set_gauge("policy_central_decisions", chooser.num_central_decisions)
-            self.metrics.set_gauge("policy_actor_failures", chooser.num_failures)
+        for name, value in self.engine.chooser.gauges().items():
+            self.metrics.set_gauge(name, value)
         return Response(self.metrics.render(), headers={"content-type": CONTENT_TYPE})
 
     async def completions(self, request: Request) -> Response:
@@ -174,19 +167,11 @@ class Router:
         params = sampling_params(
             body, default_max, self.config.engine.max_spec_tokens, range(info.vocab_size)
         )
-        if len(prompt_ids) + params.max_tokens > max_model_len:  # the engine's cache has spare room
-            raise APIError(
-                400,
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
-                f"length {max_model_len}",
-                param="max_tokens",
-            )
         try:
-            self.engine.validate(prompt_ids, params)
+            self.engine.validate(prompt_ids, params)  # the context length is the served max_model_len
         except ValueError as error:
             raise APIError(400, str(error), param="prompt") from error
-        capacity = self.config.engine.max_batch_size + self.config.engine.max_waiting
-        if self.loop.num_outstanding >= capacity:
+        if self.loop.num_outstanding >= self.config.max_outstanding:
             self.metrics.count("requests_rejected_total")
             raise APIError(
                 429,

@@ -28,6 +28,9 @@ class StaticChooser:
     def release(self, request_id: str) -> None:
         pass
 
+    def gauges(self) -> dict[str, float]:
+        return {}
+
 
 class OffChooser(StaticChooser):
     """Plain decoding: K = 0 for every request."""

@@ -129,6 +129,9 @@ class BatchAwareChooser:
     def release(self, request_id: str) -> None:
         self._states.pop(request_id, None)
 
+    def gauges(self) -> dict[str, float]:
+        return {}
+
     def tokens_per_second(self, rates: Array, num_spec_tokens: Sequence[int]) -> float:
         """Expected committed tokens per second of the batch at this K vector (one entry per request)."""
         etr = float(_expected_etr(rates, np.asarray(num_spec_tokens)).sum())

@@ -186,6 +186,9 @@ class CascadeChooser:
     def release(self, request_id: str) -> None:
         self._controllers.pop(request_id, None)
 
+    def gauges(self) -> dict[str, float]:
+        return {}
+
     def _controller(self, request_id: str) -> CascadeController:
         controller = self._controllers.get(request_id)
         if controller is None:

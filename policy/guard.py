@@ -140,6 +140,9 @@ class MeasuredGuard:
     def release(self, request_id: str) -> None:
         self.inner.release(request_id)
 
+    def gauges(self) -> dict[str, float]:
+        return {**self.inner.gauges(), "policy_guard_holds": self.num_holds}
+
     def _plain_iteration(self, request_ids: Sequence[str]) -> dict[str, int]:
         self._pending.append(False)
         return dict.fromkeys(request_ids, 0)

@@ -64,6 +64,10 @@ class KChooser(Protocol):
         """Forget a request that finished or was aborted."""
         ...
 
+    def gauges(self) -> dict[str, float]:
+        """Counters to export as metrics, by metric name; a wrapper adds those of the chooser it wraps."""
+        ...
+
 
 class Decision(msgspec.Struct, frozen=True):
     """K per request for a window of one router's iterations, published by the central policy."""

@@ -5,6 +5,12 @@ sends only the rest: that one message both rolls back rejected drafts and catche
 while the request ran at K = 0. The drafter then runs up to max(K_r) single-token steps; request r drops
 out after its own K_r. K_r = 0 only feeds the tokens (a prefill). The drafter may be remote, so it owns
 each sequence's random generator; a drafter that lost a sequence (a restart) raises `DraftCacheMiss`.
+
+Proposals ("one_hot", the default): every draft token is the draft's argmax (after penalties) and only its
+id goes back; the target verifies sampled requests against one-hot proposals, which is exact
+(`workers.rejection.verify_one_hot`). "distribution": sampled requests draw their drafts from the draft's
+distribution q and send q ([K_r, V] fp32) for standard rejection sampling (higher acceptance when q is
+close to p and flat, at V floats per draft token between processes).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from workers.sampling import (
     sample,
 )
 
+PROPOSALS = ("one_hot", "distribution")
+
 
 class DraftCacheMiss(RuntimeError):
     """The drafter holds fewer tokens of a sequence than the caller believes: resend from position 0."""
@@ -43,7 +51,7 @@ class DraftRequest:
 @dataclass
 class Proposal:
     draft_ids: list[int]  # [K_r]
-    draft_probs: torch.Tensor | None  # [K_r, V] processed draft distribution; None for greedy requests
+    draft_probs: torch.Tensor | None  # [K_r, V] processed draft distribution; None: one-hot (or greedy)
 
 
 @dataclass
@@ -53,8 +61,11 @@ class DraftOutput:
 
 
 class Drafter:
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(self, runner: ModelRunner, proposals: str = "one_hot") -> None:
+        if proposals not in PROPOSALS:
+            raise ValueError(f"draft proposals must be one of {PROPOSALS}, got {proposals!r}")
         self.runner = runner
+        self.sends_distributions = proposals == "distribution"
         self._generators: dict[int, torch.Generator] = {}
 
     def propose(self, requests: Sequence[DraftRequest]) -> DraftOutput:
@@ -78,7 +89,7 @@ class Drafter:
                 if request.num_spec_tokens <= step:
                     continue  # prefill only
                 row_logits = self._penalized(logits[row : row + 1], request, proposals[i].draft_ids)  # [1, V]
-                if request.params.is_greedy:
+                if request.params.is_greedy or not self.sends_distributions:
                     proposals[i].draft_ids.append(int(row_logits[0].argmax()))
                 else:
                     q = probs_from_logits(row_logits.cpu(), request.params)[0]  # host, as the target

@@ -2,7 +2,9 @@
 
 Vocabulary (as in vLLM's rejection sampler): accepted tokens are draft tokens the target keeps; the
 recovered token replaces the first rejected one; the bonus token follows when all drafts are accepted.
-Each call returns the committed tokens: accepted + one recovered-or-bonus token.
+Each call returns the committed tokens: accepted + one recovered-or-bonus token. Sampled requests are
+verified against the draft's distributions (`verify_sampled`) or against one-hot proposals
+(`verify_one_hot`, the default: the drafter then sends token ids only).
 """
 
 from __future__ import annotations
@@ -50,6 +52,37 @@ def verify_sampled(
                 residual = (target_probs[i] - draft_probs[i]).clamp_min(0.0)
                 total = float(residual.sum())
                 # total == 0 only if p == q, where rejection has probability 0; guard rounding anyway.
+                recovered = (
+                    sample(residual / total, generator) if total > 0 else sample(target_probs[i], generator)
+                )
+                return committed + [recovered]
+            committed.append(draft_ids[i])
+    committed.append(sample(target_probs[num_drafts], generator))  # bonus token
+    return committed
+
+
+def verify_one_hot(target_probs: torch.Tensor, draft_ids: list[int], generator: torch.Generator) -> list[int]:
+    """target_probs [K+1, V]: speculative sampling against one-hot proposals q = onehot(x) (vLLM's
+    draft_sample_method=greedy); only the draft token ids cross from the drafter.
+
+    With q(x) = 1, accept x with probability p(x); at the first rejection, normalize(max(0, p - q)) is p
+    with x removed, renormalised. Exact however x was chosen (the draft's argmax here): given x,
+    P(commit y) = [y = x] p(x) + (1 - p(x)) p(y) [y != x] / (1 - p(x)) = p(y).
+    """
+    num_drafts = len(draft_ids)
+    committed: list[int] = []
+    if num_drafts:
+        device = target_probs.device
+        rows, ids = torch.arange(num_drafts, device=device), torch.tensor(draft_ids, device=device)
+        p = target_probs[rows, ids]  # [K]: the target's probability of each draft token
+        uniform = torch.rand(num_drafts, generator=generator, device=device)
+        accepted = uniform < p  # probability p(x) for uniform in [0, 1)
+        for i in range(num_drafts):
+            if not accepted[i]:
+                residual = target_probs[i].clone()
+                residual[draft_ids[i]] = 0.0
+                total = float(residual.sum())
+                # total == 0 only if p(x) == 1, where rejection has probability 0; guard rounding anyway.
                 recovered = (
                     sample(residual / total, generator) if total > 0 else sample(target_probs[i], generator)
                 )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.rejection import verify_greedy, verify_sampled
+from workers.rejection import verify_greedy, verify_one_hot, verify_sampled
 from workers.runner import Runner
 from workers.sampling import (
     PenaltyContext,
@@ -44,7 +44,7 @@ class VerifyRequest:
     seq_id: int
     pending_id: int  # the last committed token, not yet in the target cache
     draft_ids: list[int]  # [K_r], possibly empty (plain decoding)
-    draft_probs: torch.Tensor | None  # [K_r, V] for sampled requests with drafts
+    draft_probs: torch.Tensor | None  # [K_r, V] with distribution proposals; None: one-hot (or greedy)
     params: SamplingParams
     penalty: PenaltyContext | None = None  # the history (pending token included), if params have penalties
 
@@ -148,10 +148,10 @@ class Target:
         # Sampling runs on the host with the request's CPU generator: the same seed gives the same tokens
         # whatever the device.
         target_probs = probs_from_logits(logits.cpu(), request.params)
-        draft_probs = request.draft_probs
-        if draft_probs is None:
-            draft_probs = target_probs.new_zeros(0, target_probs.shape[1])
-        return verify_sampled(target_probs, draft_probs, request.draft_ids, self._generators[request.seq_id])
+        generator = self._generators[request.seq_id]
+        if request.draft_probs is None:  # one-hot proposals (also K = 0: the bonus token alone)
+            return verify_one_hot(target_probs, request.draft_ids, generator)
+        return verify_sampled(target_probs, request.draft_probs, request.draft_ids, generator)
 
     @staticmethod
     def _sample_one(

@@ -27,8 +27,7 @@ from typing import Any, cast
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
-from cluster.config import AppConfig
-from cluster.deployments import resolve_model_path
+from cluster.config import AppConfig, resolve_model_path
 from cluster.engine_loop import EngineLoop
 from cluster.metrics import Metrics
 from cluster.router import Router
@@ -67,7 +66,7 @@ def engine_args(config: AppConfig, settings: SchedulerSettings) -> dict[str, Any
         "served_model_name": model.served_name,
         "dtype": model.dtype,
         "max_model_len": model.max_seq_len,
-        "max_num_seqs": min(model.max_seqs, engine.max_batch_size),
+        "max_num_seqs": model.max_seqs,
         "seed": 0,
         "enforce_eager": vllm.enforce_eager,
         "gpu_memory_utilization": vllm.gpu_memory_utilization,

@@ -28,7 +28,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_models(root: Path) -> tuple[Path, Path]:
+def make_models(root: Path, max_position_embeddings: int = 512) -> tuple[Path, Path]:
     target = make_checkpoint(
         root / "target",
         "MixtralForCausalLM",
@@ -36,7 +36,7 @@ def make_models(root: Path) -> tuple[Path, Path]:
         eos_token_id=1,
         vocab_size=VOCAB_SIZE,
         bos_token_id=0,
-        max_position_embeddings=512,
+        max_position_embeddings=max_position_embeddings,
     )
     draft = make_checkpoint(
         root / "draft",
@@ -45,7 +45,7 @@ def make_models(root: Path) -> tuple[Path, Path]:
         eos_token_id=1,
         vocab_size=VOCAB_SIZE,
         bos_token_id=0,
-        max_position_embeddings=512,
+        max_position_embeddings=max_position_embeddings,
     )
     tok = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(CHARS)}, merges=[]))
     tok.add_special_tokens(["<s>", "</s>"])
@@ -63,7 +63,7 @@ def app_args(target: Path, draft: Path, **sections: dict[str, Any]) -> dict[str,
         json.dumps(load_serve_config(DEFAULT_CONFIG)["applications"][0]["args"])
     )
     args["model"].update(target=str(target), draft=str(draft), max_seqs=16, max_seq_len=256)
-    args["engine"].update(max_batch_size=16, max_waiting=8, max_spec_tokens=4)
+    args["engine"].update(max_waiting=8, max_spec_tokens=4)
     for name, values in sections.items():
         args.setdefault(name, {}).update(values)
     return args

@@ -169,6 +169,21 @@ def test_gpu_serve_config_uses_gpus_and_expert_parallel_ranks() -> None:
     assert app.resources.target_num_gpus >= 1 and app.engine.max_spec_tokens >= 1
 
 
+def test_one_batch_limit_and_derived_settings_computed_once() -> None:
+    """model.max_seqs is the one batch limit; the removed engine.max_batch_size is refused, naming the fix.
+    The engine, its caches and the router derive from the config in one place (cluster.engine_builder)."""
+    from cluster.engine_builder import cache_config, engine_config
+
+    with pytest.raises(ValueError, match="set model.max_seqs"):
+        AppConfig.from_args({"engine": {"max_batch_size": 8}})
+    config = AppConfig.from_args(
+        {"model": {"max_seqs": 8, "max_seq_len": 2048}, "engine": {"max_waiting": 5}}
+    )
+    assert cache_config(config).max_seqs == 8 and cache_config(config).max_seq_len == 2048  # no padding
+    assert engine_config(config).max_batch_size == 8
+    assert config.max_outstanding == 13 and engine_config(config).max_waiting == config.max_outstanding
+
+
 def gpus_per_app(app: AppConfig) -> float:
     """GPUs one application needs: every vLLM replica's ranks, or the native ranks plus the drafter's."""
     ranks = app.expert_parallel.num_ranks * app.resources.target_num_gpus

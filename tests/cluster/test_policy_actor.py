@@ -9,6 +9,7 @@ from typing import Any
 
 from cluster.policy_actor import PolicyClient, SpecPolicy
 from policy.baselines import StaticChooser
+from policy.guard import MeasuredGuard
 from policy.stats import IterationStats, RequestIterationStats
 
 
@@ -30,6 +31,9 @@ class CountingChooser(StaticChooser):
 
     def release(self, request_id: str) -> None:
         self.released.append(request_id)
+
+    def gauges(self) -> dict[str, float]:
+        return {}
 
 
 class InlineActor:
@@ -102,6 +106,11 @@ def test_an_unreachable_actor_leaves_the_local_chooser_in_charge() -> None:
     chosen = run(client, lambda i: ["a"], num_iterations=5)
     assert chosen == [{"a": 2}] * 5 and len(local.asked) == 5
     assert client.num_failures == 1 and not client.is_connected
+    # The stack reports its counters through gauges(), each layer adding its own to those below it.
+    guard = MeasuredGuard(client)
+    guard.num_holds = 3
+    gauges = guard.gauges()
+    assert gauges == {"policy_guard_holds": 3, "policy_central_decisions": 0, "policy_actor_failures": 1}
 
 
 def test_iterations_without_auto_requests_do_not_pile_up() -> None:

@@ -144,7 +144,7 @@ def _app_processes() -> dict[str, Any]:
 
 
 def test_bursts_above_capacity_leave_slots_and_memory_at_idle(server: str) -> None:
-    capacity = 16 + 8  # max_batch_size + max_waiting in app_args
+    capacity = 16 + 8  # max_seqs + max_waiting in app_args
     burst(server, 2 * capacity)  # warm-up: allocator pools, compiled paths, lazily built state
     processes = _app_processes()
     idle = {role: p.memory_info().rss for role, p in processes.items()}

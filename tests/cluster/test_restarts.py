@@ -25,7 +25,7 @@ from workers.sampling import SamplingParams
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.timeout(600)
 APP = "moespec-restarts"
-MAX_SEQS = 16  # app_args: max_seqs 16, max_batch_size 16, max_waiting 8
+MAX_SEQS = 16  # app_args: max_seqs 16, max_waiting 8
 
 
 @pytest.fixture(scope="module")

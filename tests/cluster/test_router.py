@@ -29,7 +29,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def router(models: tuple[Path, Path]) -> Iterator[Router]:
-    router = local_router(*models, api_key=KEY, engine={"max_batch_size": 2, "max_waiting": 2})
+    router = local_router(*models, api_key=KEY, model={"max_seqs": 2}, engine={"max_waiting": 2})
     yield router
     router.loop.stop()
 
@@ -158,3 +158,21 @@ def test_fuzzed_raw_bytes_never_cause_a_500(router: Router, raw: bytes) -> None:
 def test_the_server_still_answers_after_the_fuzzing(router: Router) -> None:
     response = _call(router, "POST", "/v1/completions", headers=AUTH, json={"prompt": "ok?", "max_tokens": 3})
     assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_the_configured_context_length_is_served_exactly(tmp_path: Path) -> None:
+    """max_seq_len 2048 on models with 2048 positions: /v1/models says 2048, and a request of exactly 2048
+    tokens (prompt + max_tokens) runs to its end while speculating (the caches need no padding past it)."""
+    models = make_models(tmp_path, max_position_embeddings=2048)
+    router = local_router(*models, model={"max_seq_len": 2048, "max_seqs": 2})
+    try:
+        listed = _call(router, "GET", "/v1/models").json()["data"][0]
+        assert listed["max_model_len"] == 2048
+        request = {"prompt": [5] * 2040, "max_tokens": 8, "ignore_eos": True, "num_spec_tokens": 4}
+        response = _call(router, "POST", "/v1/completions", json=request)
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["total_tokens"] == 2048
+        too_long = _call(router, "POST", "/v1/completions", json={**request, "prompt": [5] * 2041})
+        assert too_long.status_code == 400 and "exceeds the context length 2048" in too_long.text
+    finally:
+        router.loop.stop()

@@ -70,6 +70,9 @@ class Recorder:
     def release(self, request_id: str) -> None:
         self.inner.release(request_id)
 
+    def gauges(self) -> dict[str, float]:
+        return self.inner.gauges()
+
 
 def test_low_acceptance_turns_off_after_the_first_test_and_backs_off() -> None:
     chooser = chooser_for(

@@ -87,6 +87,9 @@ class Recorder:
     def release(self, request_id: str) -> None:
         pass
 
+    def gauges(self) -> dict[str, float]:
+        return {}
+
 
 def test_the_drafter_catches_up_on_first_speculation_and_after_a_pause() -> None:
     recorder = Recorder([0, 0, 2, 2, 0, 0, 0, 2])

@@ -1,5 +1,5 @@
 """Sampled speculative decoding preserves the target's distribution (chi-square tests at fixed seeds),
-penalties included."""
+penalties included, with distribution proposals (the draft's q sent) and with one-hot ones (ids only)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from workers.rejection import verify_greedy, verify_sampled
+from workers.rejection import verify_greedy, verify_one_hot, verify_sampled
 from workers.sampling import PenaltyContext, SamplingParams, apply_penalties, probs_from_logits, sample
 from workers.target import Target, VerifyRequest
 
@@ -36,15 +36,28 @@ def _probs(tables: tuple[torch.Tensor, ...], params: SamplingParams) -> tuple[to
     )
 
 
-def _speculative_pairs(
-    p: tuple[torch.Tensor, ...], q: tuple[torch.Tensor, ...], seed: int, n: int, algorithm=verify_sampled
-) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    """First two committed tokens of n speculative iterations with K = 2 drafts; returns counts [V*V]."""
+def _one_hot(target: torch.Tensor, draft: torch.Tensor, ids: list[int], g: torch.Generator) -> list[int]:
+    return verify_one_hot(target, ids, g)  # the draft's distribution never reaches the verifier
+
+
+PROPOSALS = {"distribution": verify_sampled, "one_hot": _one_hot}
+
+
+def _speculative_pairs(  # type: ignore[no-untyped-def]
+    p: tuple[torch.Tensor, ...],
+    q: tuple[torch.Tensor, ...],
+    seed: int,
+    n: int,
+    algorithm=verify_sampled,
+    argmax_drafts: bool = False,
+) -> torch.Tensor:
+    """First two committed tokens of n speculative iterations with K = 2 drafts; returns counts [V*V].
+    With argmax_drafts the drafts are q's argmax, as the drafter's one-hot proposals are."""
     g = torch.Generator().manual_seed(seed)
     counts = torch.zeros(VOCAB * VOCAB)
     for _ in range(n):
-        d1 = sample(q[0], g)
-        d2 = sample(q[1][d1], g)
+        d1 = int(q[0].argmax()) if argmax_drafts else sample(q[0], g)
+        d2 = int(q[1][d1].argmax()) if argmax_drafts else sample(q[1][d1], g)
         target = torch.stack([p[0], p[1][d1], p[2][d1, d2]])
         draft = torch.stack([q[0], q[1][d1]])
         committed = algorithm(target, draft, [d1, d2], g)
@@ -78,9 +91,10 @@ GRID = [
 ]
 
 
+@pytest.mark.parametrize("proposals", list(PROPOSALS))
 @pytest.mark.parametrize(("pair", "params"), GRID)
 def test_rejection_sampling_preserves_target_distribution(
-    pair: tuple[int, int, float], params: SamplingParams
+    pair: tuple[int, int, float], params: SamplingParams, proposals: str
 ) -> None:
     target_seed, draft_seed, draft_scale = pair
     p = _probs(_tables(target_seed, 1.0), params)
@@ -90,7 +104,8 @@ def test_rejection_sampling_preserves_target_distribution(
     else:
         q = _probs(_tables(draft_seed, draft_scale), params)
     expected = _target_pairs(p)
-    counts = _speculative_pairs(p, q, seed=1234, n=NUM_SAMPLES)
+    algorithm, is_one_hot = PROPOSALS[proposals], proposals == "one_hot"
+    counts = _speculative_pairs(p, q, 1234, NUM_SAMPLES, algorithm, argmax_drafts=is_one_hot)
     support = expected > 0
     assert counts[~support].sum() == 0  # never a token that top_k / top_p excluded
     result = chisquare(counts[support].numpy(), expected[support].numpy() * NUM_SAMPLES)
@@ -128,6 +143,26 @@ def test_a_wrong_verifier_is_caught() -> None:
     assert chisquare(counts.numpy(), expected.numpy() * 5000).pvalue < 1e-6
 
 
+def test_a_one_hot_verifier_that_keeps_the_rejected_token_is_caught() -> None:
+    """One-hot verification must recover from p with the rejected draft removed: recovering from p itself
+    over-weights the draft token, and the test must see it."""
+
+    def recover_from_p(
+        target: torch.Tensor, draft: torch.Tensor, ids: list[int], g: torch.Generator
+    ) -> list[int]:
+        committed: list[int] = []
+        for i, x in enumerate(ids):
+            if float(torch.rand(1, generator=g)) >= float(target[i, x]):
+                return [*committed, sample(target[i], g)]
+            committed.append(x)
+        return [*committed, sample(target[len(ids)], g)]
+
+    params = SamplingParams(temperature=1.0)
+    p, q = _probs(_tables(0, 1.0), params), _probs(_tables(1, 1.0), params)
+    counts = _speculative_pairs(p, q, seed=5, n=5000, algorithm=recover_from_p, argmax_drafts=True)
+    assert chisquare(counts.numpy(), _target_pairs(p).numpy() * 5000).pvalue < 1e-6
+
+
 def test_greedy_verification() -> None:
     logits = torch.zeros(4, 5)
     logits[0, 2] = logits[1, 4] = logits[2, 1] = logits[3, 3] = 1.0  # target argmax: 2, 4, 1, 3
@@ -163,8 +198,9 @@ PENALIZED_SAMPLES = 6000  # each sample runs the target's whole verification: fe
         ),
     ],
 )
+@pytest.mark.parametrize("proposals", list(PROPOSALS))
 def test_the_target_verification_with_penalties_preserves_the_penalized_distribution(
-    params: SamplingParams,
+    params: SamplingParams, proposals: str
 ) -> None:
     """The target's own verification (`Target._verify_one`) over 2 unpenalized drafts: each row must be
     penalized given the drafts before it, or P(x2 | x1) is wrong when x1 came from a draft."""
@@ -174,11 +210,13 @@ def test_the_target_verification_with_penalties_preserves_the_penalized_distribu
     g = torch.Generator().manual_seed(99)
     target._generators[0] = g
     counts = torch.zeros(VOCAB * VOCAB)
+    is_one_hot = proposals == "one_hot"
     for _ in range(PENALIZED_SAMPLES):
-        d1 = sample(draft[0], g)
-        d2 = sample(draft[1][d1], g)
+        d1 = int(draft[0].argmax()) if is_one_hot else sample(draft[0], g)
+        d2 = int(draft[1][d1].argmax()) if is_one_hot else sample(draft[1][d1], g)
         logits = torch.stack([tables[0], tables[1][d1], tables[2][d1, d2]])
-        request = VerifyRequest(0, 4, [d1, d2], torch.stack([draft[0], draft[1][d1]]), params, context)
+        q = None if is_one_hot else torch.stack([draft[0], draft[1][d1]])  # None: one-hot proposals
+        request = VerifyRequest(0, 4, [d1, d2], q, params, context)
         committed = target._verify_one(request, logits)
         if len(committed) < 2:  # the second token is a plain decoding step after the first
             after = PenaltyContext(context.prompt_ids, [*context.output_ids, committed[0]])

@@ -12,7 +12,7 @@ import torch
 from policy.baselines import OffChooser, StaticChooser
 from policy.stats import IterationStats
 from tests.workers.checkpoints import make_checkpoint
-from workers.drafter import Drafter
+from workers.drafter import PROPOSALS, Drafter, DraftRequest
 from workers.engine import EngineConfig, SpecEngine
 from workers.kv_cache import CacheConfig
 from workers.runner import ModelRunner
@@ -65,6 +65,9 @@ class ScriptedChooser:
 
     def release(self, request_id: str) -> None:
         pass
+
+    def gauges(self) -> dict[str, float]:
+        return {}
 
 
 def _engine(
@@ -356,3 +359,37 @@ def test_the_draft_applies_the_penalties_too(target_path: Path, good_draft_path:
             accepted += sum(r.num_accepted_tokens for r in stats.requests)
             proposed += sum(r.num_spec_tokens for r in stats.requests)
     assert accepted / proposed > 0.5
+
+
+@pytest.mark.parametrize("proposals", PROPOSALS)
+def test_sampled_drafts_send_only_what_their_proposals_need(
+    target_path: Path, good_draft_path: Path, proposals: str
+) -> None:
+    """One-hot proposals are the draft's argmax, sent without a distribution; distribution proposals send
+    [K, V]. Either way sampled requests run to completion at K = 3 (exactness: tests/workers/test_rejection)."""
+    cache = CacheConfig(max_seqs=8, max_seq_len=128)
+    drafter = Drafter(ModelRunner.from_checkpoint(good_draft_path, cache, dtype=torch.float32), proposals)
+    sampled = SamplingParams(temperature=0.8, seed=1, max_tokens=12, ignore_eos=True)
+    prompt = _prompts(1)[0]
+    proposal = drafter.propose([DraftRequest(0, 0, prompt, 3, sampled)]).proposals[0]
+    greedy = drafter.propose([DraftRequest(1, 0, prompt, 3, GREEDY)]).proposals[0]
+    if proposals == "one_hot":
+        assert proposal.draft_probs is None and proposal.draft_ids == greedy.draft_ids
+    else:
+        assert proposal.draft_probs is not None and proposal.draft_probs.shape == (3, drafter.vocab_size)
+    target = Target(ModelRunner.from_checkpoint(target_path, cache, dtype=torch.float32))
+    engine = SpecEngine(target, drafter, StaticChooser(3), EngineConfig(max_batch_size=4))
+    # A low temperature: the random test models' distributions are nearly flat at 0.8, where a one-hot
+    # proposal (accepted with probability p(x)) is rarely accepted.
+    outputs = engine.generate(
+        _prompts(4), SamplingParams(temperature=0.2, seed=1, max_tokens=12, ignore_eos=True)
+    )
+    assert [len(o) for o in outputs] == [12] * 4
+    assert engine.iteration < 11  # drafts were accepted: plain decoding takes 11 iterations after prefill
+
+
+def test_an_unknown_proposal_kind_is_refused(good_draft_path: Path) -> None:
+    cache = CacheConfig(max_seqs=1, max_seq_len=16)
+    runner = ModelRunner.from_checkpoint(good_draft_path, cache, dtype=torch.float32)
+    with pytest.raises(ValueError, match="one_hot"):
+        Drafter(runner, "full")

@@ -1,6 +1,6 @@
 """Held-out prompt sets for the benchmarks and the demo: code, prose, synthetic and an interleaved mix.
 
-    python -m workers.demo.prompts --out bench/prompts
+    python -m training.prompts --out bench/prompts
 
 Each line of `<workload>.jsonl` is {"prompt": ..., "workload": ..., "source": ...}. Prompts come only from
 held-out sources (split.py) and are checked not to occur in any training text (whitespace-normalised);
@@ -15,7 +15,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from workers.demo import corpus, synthetic
+from training import corpus, synthetic
 
 NUM_PROMPTS = 96
 MIN_CHARS, MAX_CHARS = 200, 600  # about 55 to 170 tokens of code or prose

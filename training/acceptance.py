@@ -1,6 +1,6 @@
 """Greedy acceptance of the demo draft against the demo target, per workload, and the target's expert usage.
 
-    python -m workers.demo.acceptance [--target models/demo-moe] [--draft models/demo-draft]
+    python -m training.acceptance [--target models/demo-moe] [--draft models/demo-draft]
 
 Measured with `transformers` (until our own speculative engine reports it): for each held-out prompt the
 target generates its greedy continuation (up to --max-new-tokens, stopping at EOS); one draft forward over
@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from workers.demo.prompts import read_prompt_set
+from training.prompts import read_prompt_set
 
 WORKLOADS = ("code", "prose", "synthetic", "mixed")
 MAX_NUM_SPEC_TOKENS = 4

@@ -1,6 +1,6 @@
 """Train the demo pair on this machine's Python and write it to `--out`.
 
-    python -m workers.demo.train --out models/ [--resume]
+    python -m training.train --out models/ [--resume]
 
 Stages (each resumable from `--work-dir`, default `runs/demo`, which git ignores):
 1. data: training corpus (corpus.py), byte-level BPE tokenizer (tokenizer.py), token streams (data.py);
@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, PreTrainedModel
 
-from workers.demo import architecture, corpus, data, training
-from workers.demo.tokenizer import BOS_ID, EOS_ID, PAD_ID, save_tokenizer, train_tokenizer
+from training import architecture, corpus, data
+from training.stage import StageConfig, StageResult, distill_loss, run_stage, target_loss
+from training.tokenizer import BOS_ID, EOS_ID, PAD_ID, save_tokenizer, train_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -61,8 +62,8 @@ class TrainConfig:
 
     def stage(
         self, name: str, stage_id: int, num_steps: int, lr: float, mix: tuple[float, float, float]
-    ) -> training.StageConfig:
-        return training.StageConfig(
+    ) -> StageConfig:
+        return StageConfig(
             name, stage_id, num_steps, lr, self.warmup_steps, self.weight_decay,
             self.batch_size, self.seq_len, mix, self.seed,
         )  # fmt: skip
@@ -117,7 +118,7 @@ def export(model: PreTrainedModel, directory: Path, tokenizer_dir: Path) -> None
         shutil.copyfile(tokenizer_dir / name, directory / name)
 
 
-def stage_summary(result: training.StageResult, stage: training.StageConfig) -> dict[str, Any]:
+def stage_summary(result: StageResult, stage: StageConfig) -> dict[str, Any]:
     last = result.history[-stage.log_every :]
     return {
         "steps": stage.num_steps,
@@ -137,16 +138,16 @@ def train(config: TrainConfig, out: Path, work_dir: Path, resume: bool) -> dict[
     torch.manual_seed(config.seed)
     target = architecture.build_target(config.shape)
     target_stage = config.stage("target", 1, config.target_steps, config.target_lr, config.target_mix)
-    loss = training.target_loss(config.shape.router_aux_loss_coef)
-    target_result = training.run_stage(target_stage, target, loss, train_streams, work_dir, resume)
+    loss = target_loss(config.shape.router_aux_loss_coef)
+    target_result = run_stage(target_stage, target, loss, train_streams, work_dir, resume)
     target.requires_grad_(False)
 
     torch.manual_seed(config.seed + 1)
     draft = architecture.build_draft(config.shape)
     architecture.init_draft_from_target(draft, target)
     draft_stage = config.stage("draft", 2, config.draft_steps, config.draft_lr, config.draft_mix)
-    loss = training.distill_loss(target)
-    draft_result = training.run_stage(draft_stage, draft, loss, train_streams, work_dir, resume)
+    loss = distill_loss(target)
+    draft_result = run_stage(draft_stage, draft, loss, train_streams, work_dir, resume)
 
     target_summary = stage_summary(target_result, target_stage)
     target_summary["heldout"] = heldout_metrics(target, None, heldout_streams, config)

@@ -18,8 +18,8 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.demo import synthetic
-from workers.demo.split import is_heldout
+from training import synthetic
+from training.split import is_heldout
 
 KINDS = ("code", "prose", "synthetic")
 SKIPPED_DIRS = frozenset(

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from workers.demo import corpus, synthetic
-from workers.demo.prompts import normalize, read_prompt_set
-from workers.demo.split import is_heldout
+from training import corpus, synthetic
+from training.prompts import normalize, read_prompt_set
+from training.split import is_heldout
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = REPO / "bench" / "prompts"

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from workers.demo.corpus import KINDS, Document
-from workers.demo.tokenizer import BOS_ID, EOS_ID
+from training.corpus import KINDS, Document
+from training.tokenizer import BOS_ID, EOS_ID
 
 
 def encode_documents(tokenizer: Tokenizer, documents: list[Document]) -> np.ndarray:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from workers.demo.synthetic import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
+from training.synthetic import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
 
 BOS_ID, EOS_ID, PAD_ID = 0, 1, 2
 MODEL_MAX_LENGTH = 2048

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
-from workers.demo.tokenizer import BOS_ID, EOS_ID, MODEL_MAX_LENGTH, PAD_ID
+from training.tokenizer import BOS_ID, EOS_ID, MODEL_MAX_LENGTH, PAD_ID
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from workers.demo.data import sample_batch
+from training.data import sample_batch
 
 # (model, batch of shape (B, T + 1)) -> (loss to minimise, floats to log)
 LossFn = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]

@@ -11,7 +11,7 @@ import json
 import random
 from dataclasses import dataclass
 
-from workers.demo.split import is_heldout
+from training.split import is_heldout
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
