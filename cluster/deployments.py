@@ -21,8 +21,8 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
 import ray
 import torch
@@ -203,8 +203,16 @@ class BackendUnavailable(RuntimeError):
     """A host actor is being looked up again after a failure; the call was not made."""
 
 
-class _Remote:
-    """Blocking calls to a host actor from the engine's thread, as `owner`.
+Host = TypeVar("Host", bound=_OwnedHost)
+Params = ParamSpec("Params")
+Result = TypeVar("Result")
+
+
+class _Remote(Generic[Host]):
+    """Typed blocking calls to a host actor (of class `Host`) from the engine's thread, as `owner`.
+
+    `call(TargetHost.verify, requests)` names the method by the host class's own function, so mypy checks
+    the arguments against its signature and types the result: no method names in strings.
 
     `actor` is handed over already claimed by `owner`. After a failed call the actor is looked up again
     through its (possibly replaced) replica and claimed before the next call. With `lookup_in_background`,
@@ -227,23 +235,29 @@ class _Remote:
             else None
         )
 
-    def call(self, method: str, *args: Any) -> Any:
+    def call(
+        self,
+        method: Callable[Concatenate[Host, Params], Result],
+        *args: Params.args,
+        **kwargs: Params.kwargs,
+    ) -> Result:
         if self._actor is None:
             self._use(self._looked_up())
         try:
-            return ray.get(getattr(self._actor, method).remote(*args), timeout=self.timeout_s)
+            remote_method = getattr(self._actor, method.__name__)  # the actor's handle to the same method
+            result: Result = ray.get(remote_method.remote(*args, **kwargs), timeout=self.timeout_s)
+            return result
         except Exception:
             self._actor = None
             raise
 
-    def send(self, method: str, *args: Any) -> None:
-        """Submit without waiting. A Ray actor runs one caller's calls in submission order, so the call is
-        done before any later `call` runs."""
+    def free(self, seq_ids: list[int]) -> None:
+        """Submit without waiting (off the iteration's critical path). A Ray actor runs one caller's calls
+        in submission order, so the free is done before any later `call` runs."""
         if self._actor is None:
-            assert method == "free", method
-            self._unsent_frees.append(args[0])
+            self._unsent_frees.append(seq_ids)
             return
-        getattr(self._actor, method).remote(*args)
+        self._actor.free.remote(seq_ids)
 
     def _use(self, actor: Any) -> None:
         self._actor = actor
@@ -272,28 +286,24 @@ class RemoteTarget:
     """The engine's target backend: a TargetHost actor."""
 
     def __init__(self, server_handle: Any, actor: Any, info: TargetInfo, owner: str) -> None:
-        self.remote = _Remote(server_handle, actor, CALL_TIMEOUT_S, owner)
+        self.remote: _Remote[TargetHost] = _Remote(server_handle, actor, CALL_TIMEOUT_S, owner)
         self.info = info
 
     def prefill(
         self, seq_ids: Sequence[int], prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
     ) -> PrefillOutput:
-        result: PrefillOutput = self.remote.call(
-            "prefill", list(seq_ids), [list(p) for p in prompts], list(params)
-        )
-        return result
+        return self.remote.call(TargetHost.prefill, list(seq_ids), [list(p) for p in prompts], list(params))
 
     def verify(self, requests: Sequence[VerifyRequest]) -> VerifyOutput:
-        result: VerifyOutput = self.remote.call("verify", list(requests))
-        return result
+        return self.remote.call(TargetHost.verify, list(requests))
 
     def restore(
         self, seq_ids: Sequence[int], token_ids: Sequence[Sequence[int]], params: Sequence[SamplingParams]
     ) -> None:
-        self.remote.call("restore", list(seq_ids), [list(t) for t in token_ids], list(params))
+        self.remote.call(TargetHost.restore, list(seq_ids), [list(t) for t in token_ids], list(params))
 
     def free(self, seq_ids: Sequence[int]) -> None:
-        self.remote.send("free", list(seq_ids))  # off the iteration's critical path
+        self.remote.free(list(seq_ids))
 
 
 class RemoteDrafter:
@@ -303,12 +313,13 @@ class RemoteDrafter:
     def __init__(
         self, server_handle: Any, actor: Any, vocab_size: int, owner: str, timeout_s: float = 5.0
     ) -> None:
-        self.remote = _Remote(server_handle, actor, timeout_s, owner, lookup_in_background=True)
+        self.remote: _Remote[DrafterHost] = _Remote(
+            server_handle, actor, timeout_s, owner, lookup_in_background=True
+        )
         self.vocab_size = vocab_size
 
     def propose(self, requests: Sequence[DraftRequest]) -> DraftOutput:
-        result: DraftOutput = self.remote.call("propose", list(requests))
-        return result
+        return self.remote.call(DrafterHost.propose, list(requests))
 
     def free(self, seq_ids: Sequence[int]) -> None:
-        self.remote.send("free", list(seq_ids))
+        self.remote.free(list(seq_ids))

@@ -176,6 +176,8 @@ def test_one_batch_limit_and_derived_settings_computed_once() -> None:
 
     with pytest.raises(ValueError, match="set model.max_seqs"):
         AppConfig.from_args({"engine": {"max_batch_size": 8}})
+    with pytest.raises(ValueError, match="draft_proposals must be one of"):
+        AppConfig.from_args({"engine": {"draft_proposals": "full"}})
     config = AppConfig.from_args(
         {"model": {"max_seqs": 8, "max_seq_len": 2048}, "engine": {"max_waiting": 5}}
     )
