@@ -28,7 +28,7 @@ def verify_greedy(target_logits: torch.Tensor, draft_ids: list[int]) -> list[int
 
 def verify_sampled(
     target_probs: torch.Tensor,
-    draft_probs: torch.Tensor,
+    draft_probs: torch.Tensor | None,
     draft_ids: list[int],
     generator: torch.Generator,
 ) -> list[int]:
@@ -37,6 +37,7 @@ def verify_sampled(
     Accept draft x with probability min(1, p(x) / q(x)); at the first rejection sample from
     normalize(max(0, p - q)); if every draft is accepted, sample a bonus token from p.
     The committed tokens are distributed exactly as if sampled from the target alone.
+    draft_probs None means one-hot proposals q = onehot(x) (`verify_one_hot`).
     """
     num_drafts = len(draft_ids)
     committed: list[int] = []
@@ -44,12 +45,16 @@ def verify_sampled(
         device = target_probs.device  # the generator's device (the host: see Target._verify_one)
         rows, ids = torch.arange(num_drafts, device=device), torch.tensor(draft_ids, device=device)
         p = target_probs[rows, ids]
-        q = draft_probs[rows, ids]
+        q = draft_probs[rows, ids] if draft_probs is not None else torch.ones_like(p)
         uniform = torch.rand(num_drafts, generator=generator, device=device)
-        accepted = uniform * q <= p  # q >= p: accept with probability p/q; p > q: always accept
+        accepted = uniform * q < p  # q >= p: accept with probability p/q; p > q: always accept
         for i in range(num_drafts):
             if not accepted[i]:
-                residual = (target_probs[i] - draft_probs[i]).clamp_min(0.0)
+                if draft_probs is not None:
+                    residual = (target_probs[i] - draft_probs[i]).clamp_min(0.0)
+                else:  # max(0, p - onehot(x)): p with x removed
+                    residual = target_probs[i].clone()
+                    residual[draft_ids[i]] = 0.0
                 total = float(residual.sum())
                 # total == 0 only if p == q, where rejection has probability 0; guard rounding anyway.
                 recovered = (
@@ -69,24 +74,4 @@ def verify_one_hot(target_probs: torch.Tensor, draft_ids: list[int], generator: 
     with x removed, renormalised. Exact however x was chosen (the draft's argmax here): given x,
     P(commit y) = [y = x] p(x) + (1 - p(x)) p(y) [y != x] / (1 - p(x)) = p(y).
     """
-    num_drafts = len(draft_ids)
-    committed: list[int] = []
-    if num_drafts:
-        device = target_probs.device
-        rows, ids = torch.arange(num_drafts, device=device), torch.tensor(draft_ids, device=device)
-        p = target_probs[rows, ids]  # [K]: the target's probability of each draft token
-        uniform = torch.rand(num_drafts, generator=generator, device=device)
-        accepted = uniform < p  # probability p(x) for uniform in [0, 1)
-        for i in range(num_drafts):
-            if not accepted[i]:
-                residual = target_probs[i].clone()
-                residual[draft_ids[i]] = 0.0
-                total = float(residual.sum())
-                # total == 0 only if p(x) == 1, where rejection has probability 0; guard rounding anyway.
-                recovered = (
-                    sample(residual / total, generator) if total > 0 else sample(target_probs[i], generator)
-                )
-                return committed + [recovered]
-            committed.append(draft_ids[i])
-    committed.append(sample(target_probs[num_drafts], generator))  # bonus token
-    return committed
+    return verify_sampled(target_probs, None, draft_ids, generator)
