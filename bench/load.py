@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import random
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -263,7 +264,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="default: the benchmark pair's")
     parser.add_argument("--concurrency", default="1,4,16,32")
     parser.add_argument("--modes", default="off,1,2,3,4,auto")
-    parser.add_argument("--workload", default="mixed")
+    parser.add_argument(
+        "--workloads",
+        "--workload",
+        default="mixed",
+        help="comma-separated prompt sets (bench/prompts), one server",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="phases per cell; the table gives their median"
+    )
     parser.add_argument(
         "--num-requests", type=int, default=0, help="per phase; default 2 x concurrency, >= 8"
     )
@@ -279,6 +288,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.concurrency, args.max_tokens = "1,4", 16
+    workloads = args.workloads.split(",")
+    unknown = [w for w in workloads if not (PROMPTS / f"{w}.jsonl").exists()]
+    if unknown or args.repeats < 1:
+        known = sorted(p.stem for p in PROMPTS.glob("*.jsonl"))
+        parser.error(f"unknown workload {unknown} (known: {known})" if unknown else "--repeats must be >= 1")
     if args.model is None:
         args.model = load_serve_config_args(Path(args.config))["model"]["served_name"]
     url = args.url or start_local_app(args.config)
@@ -288,17 +302,54 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_warmup:  # one-off costs (the policy actor's process, first fits) outside the phases
         print("[bench] warm-up (not measured)", flush=True)
         for mode in modes:
-            prompts = load_prompts(args.workload, 2)
+            prompts = load_prompts(workloads[0], 2)
             asyncio.run(run_phase(url, prompts, mode, 2, 2, args.max_tokens, args.model, seed=0))
-    results: list[PhaseResult] = []
-    for concurrency in [int(c) for c in args.concurrency.split(",")]:
-        num_requests = args.num_requests or max(8, 2 * concurrency)
-        prompts = load_prompts(args.workload, num_requests)
-        order = modes if concurrency % 2 else list(reversed(modes))  # alternate the order against drift
-        for mode in order:
-            print(f"[bench] concurrency {concurrency}, mode {mode}: {num_requests} requests", flush=True)
-            results.append(
-                asyncio.run(
+    report: dict[str, Any] = {}
+    for workload in workloads:
+        phases = run_workload(url, workload, modes, args)
+        results = [
+            median_phase(phases[key]) for key in sorted(phases, key=lambda k: (k[0], modes.index(k[1])))
+        ]
+        print(f"[bench] workload {workload} (median of {args.repeats} phases per cell)", flush=True)
+        table = print_table(results)
+        report[workload] = {
+            "results": [asdict(r) for r in results],
+            "phases": [asdict(p) for key in sorted(phases) for p in phases[key]],
+            "table": table,
+        }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "config": args.config if args.url is None else args.url,
+                "max_tokens": args.max_tokens,
+                "repeats": args.repeats,
+                "workloads": report,
+            },
+            indent=1,
+        )
+    )
+    print(f"[bench] wrote {out}")
+
+
+def run_workload(
+    url: str, workload: str, modes: list[str], args: argparse.Namespace
+) -> dict[tuple[int, str], list[PhaseResult]]:
+    """Every mode at every concurrency, `args.repeats` times; the order alternates against drift."""
+    phases: dict[tuple[int, str], list[PhaseResult]] = {}
+    for repeat in range(args.repeats):
+        for concurrency in [int(c) for c in args.concurrency.split(",")]:
+            num_requests = args.num_requests or max(8, 2 * concurrency)
+            prompts = load_prompts(workload, num_requests)
+            order = modes if (concurrency + repeat) % 2 else list(reversed(modes))
+            for mode in order:
+                print(
+                    f"[bench] {workload}, repeat {repeat + 1}/{args.repeats}, concurrency {concurrency}, "
+                    f"mode {mode}: {num_requests} requests",
+                    flush=True,
+                )
+                result = asyncio.run(
                     run_phase(
                         url,
                         prompts,
@@ -310,23 +361,33 @@ def main(argv: list[str] | None = None) -> None:
                         seed=concurrency,
                     )
                 )
-            )
-    results.sort(key=lambda r: (r.concurrency, modes.index(r.mode)))
-    table = print_table(results)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "workload": args.workload,
-                "max_tokens": args.max_tokens,
-                "results": [asdict(r) for r in results],
-                "table": table,
-            },
-            indent=1,
-        )
+                phases.setdefault((concurrency, mode), []).append(result)
+    return phases
+
+
+def median_phase(phases: list[PhaseResult]) -> PhaseResult:
+    """One cell from its repeated phases: the median of every figure, the counters summed."""
+    metrics: dict[str, float] = {}
+    for phase in phases:
+        for name, value in phase.metrics.items():
+            metrics[name] = metrics.get(name, 0.0) + value
+    return PhaseResult(
+        concurrency=phases[0].concurrency,
+        mode=phases[0].mode,
+        throughput=statistics.median(p.throughput for p in phases),
+        ttft_p50=statistics.median(p.ttft_p50 for p in phases),
+        ttft_p99=statistics.median(p.ttft_p99 for p in phases),
+        tpot_p50=statistics.median(p.tpot_p50 for p in phases),
+        tpot_p99=statistics.median(p.tpot_p99 for p in phases),
+        acceptance=metrics.get("spec_decode_num_accepted_tokens_total", 0)
+        / max(1.0, metrics.get("spec_decode_num_draft_tokens_total", 0)),
+        overhead_share=statistics.median(p.overhead_share for p in phases),
+        num_errors=sum(p.num_errors for p in phases),
+        elapsed_s=sum(p.elapsed_s for p in phases),
+        latency_p50=statistics.median(p.latency_p50 for p in phases),
+        latency_p99=statistics.median(p.latency_p99 for p in phases),
+        metrics=metrics,
     )
-    print(f"[bench] wrote {out}")
 
 
 if __name__ == "__main__":
