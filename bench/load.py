@@ -56,6 +56,8 @@ class PhaseResult:
     latency_p50: float = 0.0  # request latency (first byte sent to last token received)
     latency_p99: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)  # counter increases over the phase (/metrics)
+    # CPU milliseconds per engine iteration by process role (--cpu; an app this run started)
+    cpu_ms_per_iteration: dict[str, float] = field(default_factory=dict)
 
 
 def load_prompts(workload: str, limit: int) -> list[str]:
@@ -190,6 +192,59 @@ async def run_phase(
     )
 
 
+CPU_ROLES = ("TargetHost", "DrafterHost", "Router", "SpecPolicy")  # the table's CPU column, besides the total
+
+
+class ProcessCpu:
+    """CPU seconds of this process and its descendants (the Ray app it started: actors, proxy, GCS), by role.
+
+    CPU time per iteration does not swing with the machine's load as wall time does, so it shows what a
+    mode costs each process (e.g. the policy path at K = 0 against off) on a shared machine."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self._me = psutil.Process()
+        self._roles: dict[int, str] = {}
+
+    def snapshot(self) -> dict[int, float]:
+        seconds: dict[int, float] = {}
+        for process in [self._me, *self._me.children(recursive=True)]:
+            try:
+                times = process.cpu_times()
+                if process.pid not in self._roles:
+                    self._roles[process.pid] = self._role(process)
+            except self._psutil.Error:  # exited meanwhile
+                continue
+            seconds[process.pid] = times.user + times.system
+        return seconds
+
+    def per_iteration_ms(
+        self, before: dict[int, float], after: dict[int, float], iterations: float
+    ) -> dict[str, float]:
+        by_role: dict[str, float] = {}
+        for pid, seconds in after.items():
+            role = self._roles[pid]
+            by_role[role] = by_role.get(role, 0.0) + (seconds - before.get(pid, 0.0)) * 1e3 / max(
+                1.0, iterations
+            )
+        return dict(sorted(by_role.items(), key=lambda item: -item[1]))
+
+    def _role(self, process: Any) -> str:
+        if process.pid == self._me.pid:
+            return "load generator"
+        words = " ".join(process.cmdline()).split()
+        if not words:
+            return "other"
+        if words[0].startswith("ray::"):  # an actor's title: ray::ServeReplica:app:Router[.method]
+            return words[0][5:].split(".")[0].split(":")[-1]
+        for known in ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "agent"):
+            if any(known in word for word in words[:3]):
+                return "Ray " + known.removesuffix(".py")
+        return "other"
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
@@ -214,15 +269,24 @@ def print_table(results: list[PhaseResult]) -> str:
         "| K>0 share | mean K |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    with_cpu = any(r.cpu_ms_per_iteration for r in results)
+    if with_cpu:
+        lines[0] += " CPU ms / iteration: all (" + ", ".join(CPU_ROLES) + ") |"
+        lines[1] += "---:|"
     for r in results:
         off = next(o for o in results if o.concurrency == r.concurrency and o.mode == "off")
         share, mean_k = num_spec_tokens_run(r.metrics)
-        lines.append(
+        line = (
             f"| {r.concurrency} | {r.mode} | {r.throughput:.1f} | {r.throughput / off.throughput:.2f} | "
             f"{r.ttft_p50 * 1e3:.0f} ms | {r.ttft_p99 * 1e3:.0f} ms | {r.tpot_p50 * 1e3:.1f} ms "
             f"({r.tpot_p50 / off.tpot_p50:.2f}) | {r.tpot_p99 * 1e3:.1f} ms | {r.acceptance:.2f} | "
             f"{r.overhead_share:.1%} | {share:.2f} | {mean_k:.2f} |"
         )
+        if with_cpu:
+            cpu = r.cpu_ms_per_iteration
+            roles = ", ".join(f"{cpu.get(role, 0.0):.1f}" for role in CPU_ROLES)
+            line += f" {sum(cpu.values()):.1f} ({roles}) |"
+        lines.append(line)
     table = "\n".join(lines)
     print(table, flush=True)
     return table
@@ -271,6 +335,11 @@ def main(argv: list[str] | None = None) -> None:
         help="comma-separated prompt sets (bench/prompts), one server",
     )
     parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="also CPU ms per iteration by process (the app this run starts; not with --url)",
+    )
+    parser.add_argument(
         "--repeats", type=int, default=1, help="phases per cell; the table gives their median"
     )
     parser.add_argument(
@@ -290,6 +359,8 @@ def main(argv: list[str] | None = None) -> None:
         args.concurrency, args.max_tokens = "1,4", 16
     workloads = args.workloads.split(",")
     unknown = [w for w in workloads if not (PROMPTS / f"{w}.jsonl").exists()]
+    if args.cpu and args.url:
+        parser.error("--cpu measures the processes of an app this run starts; drop --url")
     if unknown or args.repeats < 1:
         known = sorted(p.stem for p in PROMPTS.glob("*.jsonl"))
         parser.error(f"unknown workload {unknown} (known: {known})" if unknown else "--repeats must be >= 1")
@@ -306,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
             asyncio.run(run_phase(url, prompts, mode, 2, 2, args.max_tokens, args.model, seed=0))
     report: dict[str, Any] = {}
     for workload in workloads:
-        phases = run_workload(url, workload, modes, args)
+        phases = run_workload(url, workload, modes, args, ProcessCpu() if args.cpu else None)
         results = [
             median_phase(phases[key]) for key in sorted(phases, key=lambda k: (k[0], modes.index(k[1])))
         ]
@@ -334,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_workload(
-    url: str, workload: str, modes: list[str], args: argparse.Namespace
+    url: str, workload: str, modes: list[str], args: argparse.Namespace, cpu: ProcessCpu | None = None
 ) -> dict[tuple[int, str], list[PhaseResult]]:
     """Every mode at every concurrency, `args.repeats` times; the order alternates against drift."""
     phases: dict[tuple[int, str], list[PhaseResult]] = {}
@@ -349,6 +420,7 @@ def run_workload(
                     f"mode {mode}: {num_requests} requests",
                     flush=True,
                 )
+                cpu_before = cpu.snapshot() if cpu else {}
                 result = asyncio.run(
                     run_phase(
                         url,
@@ -361,6 +433,9 @@ def run_workload(
                         seed=concurrency,
                     )
                 )
+                if cpu:
+                    iterations = result.metrics.get("iterations_total", 0.0)
+                    result.cpu_ms_per_iteration = cpu.per_iteration_ms(cpu_before, cpu.snapshot(), iterations)
                 phases.setdefault((concurrency, mode), []).append(result)
     return phases
 
@@ -387,6 +462,10 @@ def median_phase(phases: list[PhaseResult]) -> PhaseResult:
         latency_p50=statistics.median(p.latency_p50 for p in phases),
         latency_p99=statistics.median(p.latency_p99 for p in phases),
         metrics=metrics,
+        cpu_ms_per_iteration={
+            role: statistics.median(p.cpu_ms_per_iteration.get(role, 0.0) for p in phases)
+            for role in phases[0].cpu_ms_per_iteration
+        },
     )
 
 

@@ -38,3 +38,30 @@ def test_an_unknown_workload_is_refused_before_any_server_starts(capsys: pytest.
     with pytest.raises(SystemExit):
         main(["--workloads", "code,poetry", "--url", "http://127.0.0.1:9"])
     assert "unknown workload ['poetry']" in capsys.readouterr().err
+
+
+def test_process_cpu_charges_a_child_process_by_iteration() -> None:
+    import subprocess
+    import sys
+    import time
+
+    from bench.load import ProcessCpu
+
+    cpu = ProcessCpu()
+    burn = (
+        "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\ntime.sleep(30)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", burn])
+    try:
+        before = cpu.snapshot()  # the child is seen from its start: its role is named now
+        deadline = time.monotonic() + 20
+        while (
+            time.monotonic() < deadline
+            and cpu.snapshot().get(child.pid, 0.0) - before.get(child.pid, 0.0) < 0.25
+        ):
+            time.sleep(0.05)
+        per_iteration = cpu.per_iteration_ms(before, cpu.snapshot(), iterations=10)
+    finally:
+        child.kill()
+    assert per_iteration["other"] >= 25.0  # >= 0.25 s of the child's CPU over 10 iterations
+    assert "load generator" in per_iteration  # this process is counted under its own role
