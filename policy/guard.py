@@ -17,6 +17,11 @@ iterations, and the guard held plain for most of a run where the chooser paid (t
 at batch 16-64 went from 0.86-0.89 to ~0.99 of the chooser alone with this change; judging as a whole
 changed none of those cells). The chooser is asked every iteration, holds included, and sees every
 iteration, so that a central policy client keeps reporting (and reconnecting) while held.
+
+An iteration counts as the chooser's only if the chooser decided K for every request in it: requests with a
+K fixed through the API (`num_spec_tokens: N`) share the engine, and their drafting is not the chooser's to
+answer for. Counting them (the served benchmark's static-K phases ran between its auto ones) made the guard
+hold 93 times in one run, so `auto` never drafted where static K = 2 paid 1.19x.
 """
 
 from __future__ import annotations
@@ -96,8 +101,8 @@ class MeasuredGuard:
         self._hold_left = 0  # plain iterations still to run after a verdict
         self._num_verdicts = 0  # consecutive verdicts against the chooser (the hold doubles)
         self._num_drafting = 0  # drafting iterations since the last plain one
-        # Per choice not yet observed: did the iteration run what the chooser decided (not a forced plain)?
-        self._pending: deque[bool] = deque(maxlen=_MAX_PENDING_CHOICES)
+        # Per choice not yet observed: the requests the chooser decided for (None: a forced plain iteration).
+        self._pending: deque[frozenset[str] | None] = deque(maxlen=_MAX_PENDING_CHOICES)
         self.num_holds = 0
 
     def choose(self, request_ids: Sequence[str]) -> dict[str, int]:
@@ -112,14 +117,15 @@ class MeasuredGuard:
         every = self.config.baseline_every if is_known else 4  # learn the plain rate of a new bucket fast
         if any(chosen.values()) and self._num_drafting >= every - 1:
             return self._plain_iteration(request_ids)  # a baseline iteration
-        self._pending.append(True)
+        self._pending.append(frozenset(request_ids))
         return chosen
 
     def observe(self, stats: IterationStats) -> None:
         self.inner.observe(stats)
         if not stats.requests:
             return
-        is_chosen = self._pending.popleft() if self._pending else True
+        asked = self._pending.popleft() if self._pending else None  # None: nobody asked the chooser
+        is_chosen = asked is not None and all(r.request_id in asked for r in stats.requests)
         if stats.iteration_time_s <= 0.0:
             return
         bucket = stats.batch_size.bit_length()  # batch sizes 1, 2-3, 4-7, 8-15, ...
@@ -144,7 +150,7 @@ class MeasuredGuard:
         return {**self.inner.gauges(), "policy_guard_holds": self.num_holds}
 
     def _plain_iteration(self, request_ids: Sequence[str]) -> dict[str, int]:
-        self._pending.append(False)
+        self._pending.append(None)
         return dict.fromkeys(request_ids, 0)
 
     def _judge(self, bucket: int) -> None:

@@ -11,6 +11,7 @@ from policy.baselines import OffChooser, StaticChooser
 from policy.guard import GuardConfig, MeasuredGuard
 from policy.presets import PRESETS
 from policy.simulator import make_chooser, simulate
+from policy.stats import IterationStats, RequestIterationStats
 from policy.workload import ACCEPTANCE_LEVELS, WorkloadConfig
 
 MIXTRAL = PRESETS["mixtral-8x7b-h100"]
@@ -97,3 +98,32 @@ def test_acceptance_noise_alone_is_not_a_verdict() -> None:
         > 1.1 * simulate(preset, OffChooser(), workload).tokens_per_s
     )
     assert guard.num_holds == 0
+
+
+def _iteration(index: int, ks: dict[str, int], committed: dict[str, int], seconds: float) -> IterationStats:
+    requests = [RequestIterationStats(r, k, committed[r] - 1, committed[r], 100) for r, k in ks.items()]
+    return IterationStats(index, len(ks), requests, sum(k + 1 for k in ks.values()), 0.0, seconds, 0.0)
+
+
+def test_iterations_of_requests_with_a_fixed_k_are_not_the_choosers() -> None:
+    # A client's static K = 4 (not decided by the chooser: the engine does not ask it for such requests)
+    # that loses against plain must not hold the chooser, nor may a batch that mixes such a request with
+    # the chooser's. On the old guard (every unasked iteration counted as the chooser's) this held.
+    guard = MeasuredGuard(StaticChooser(2))
+    index = 0
+    for _ in range(40):
+        guard.observe(_iteration(index, {"fixed": 0}, {"fixed": 1}, 0.010))  # plain: 100 tokens/s
+        guard.observe(_iteration(index + 1, {"fixed": 4}, {"fixed": 2}, 0.040))  # static K: 50 tokens/s
+        chosen = guard.choose(["auto"])  # a mixed batch: the chooser decided for "auto" only
+        guard.observe(_iteration(index + 2, {**chosen, "fixed": 4}, {"auto": 3, "fixed": 1}, 0.040))
+        index += 3
+    assert guard.num_holds == 0
+    # The premise: the same static-K iterations, decided by the chooser, are held.
+    decided = MeasuredGuard(StaticChooser(4))
+    for i in range(40):
+        decided.observe(_iteration(2 * i, {"a": 0}, {"a": 1}, 0.010))
+        chosen = decided.choose(["a"])
+        decided.observe(
+            _iteration(2 * i + 1, chosen, {"a": 2 if chosen["a"] else 1}, 0.040 if chosen["a"] else 0.010)
+        )
+    assert decided.num_holds >= 1
