@@ -376,6 +376,8 @@ def main(argv: list[str] | None = None) -> None:
             prompts = load_prompts(workloads[0], 2)
             asyncio.run(run_phase(url, prompts, mode, 2, 2, args.max_tokens, args.model, seed=0))
     report: dict[str, Any] = {}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for workload in workloads:
         phases = run_workload(url, workload, modes, args, ProcessCpu() if args.cpu else None)
         results = [
@@ -388,19 +390,14 @@ def main(argv: list[str] | None = None) -> None:
             "phases": [asdict(p) for key in sorted(phases) for p in phases[key]],
             "table": table,
         }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "config": args.config if args.url is None else args.url,
-                "max_tokens": args.max_tokens,
-                "repeats": args.repeats,
-                "workloads": report,
-            },
-            indent=1,
-        )
-    )
+        summary = {
+            "config": args.config if args.url is None else args.url,
+            "max_tokens": args.max_tokens,
+            "repeats": args.repeats,
+            "workloads": report,
+        }
+        # Written after every workload: a run cut short keeps what it measured.
+        out.write_text(json.dumps(summary, indent=1))
     print(f"[bench] wrote {out}")
 
 
