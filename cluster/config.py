@@ -135,6 +135,47 @@ class ExpertParallelSettings:
 
 
 @dataclass(frozen=True)
+class ReplicaSettings:
+    """How many copies of the whole unit (a Router replica with its own drafter and target, native backend)
+    run: Serve's `num_replicas`, or Serve's `autoscaling_config` (its fields: min_replicas, max_replicas,
+    target_ongoing_requests, ...), which replaces a fixed number."""
+
+    num_replicas: int | None = None  # None: 1, or what autoscaling_config decides
+    autoscaling_config: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_replicas is not None and self.num_replicas < 1:
+            raise ValueError(f"replicas.num_replicas must be >= 1, got {self.num_replicas}")
+        if self.autoscaling_config is None:
+            return
+        if self.num_replicas is not None:
+            raise ValueError(
+                "replicas.num_replicas and replicas.autoscaling_config are both set; set one: a fixed number "
+                "of replicas, or autoscaling between its min_replicas and max_replicas"
+            )
+        from ray.serve.config import AutoscalingConfig  # Serve's own validation (ranges, types)
+
+        unknown = set(self.autoscaling_config) - set(AutoscalingConfig.model_fields)
+        if unknown:
+            raise ValueError(
+                f"replicas.autoscaling_config has unknown fields {sorted(unknown)}; Serve's are "
+                f"{sorted(AutoscalingConfig.model_fields)}"
+            )
+        try:
+            AutoscalingConfig.model_validate(self.autoscaling_config)
+        except ValueError as error:  # pydantic's ValidationError is a ValueError
+            raise ValueError(f"replicas.autoscaling_config is invalid: {error}") from error
+
+    @property
+    def num_starting(self) -> int:
+        """Replicas at deployment (autoscaling: its initial_replicas, else min_replicas, at least 1)."""
+        if self.autoscaling_config is None:
+            return self.num_replicas or 1
+        auto = self.autoscaling_config
+        return max(1, int(auto.get("initial_replicas") or auto.get("min_replicas") or 1))
+
+
+@dataclass(frozen=True)
 class VllmSettings:
     """Settings of the vllm backend that our other sections do not cover (read only when backend = vllm)."""
 
@@ -158,7 +199,15 @@ class AppConfig:
     server: ServerSettings = field(default_factory=ServerSettings)
     resources: ResourceSettings = field(default_factory=ResourceSettings)
     expert_parallel: ExpertParallelSettings = field(default_factory=ExpertParallelSettings)
+    replicas: ReplicaSettings = field(default_factory=ReplicaSettings)
     vllm: VllmSettings = field(default_factory=VllmSettings)
+
+    def __post_init__(self) -> None:
+        if self.engine.backend == "vllm" and self.replicas != ReplicaSettings():
+            raise ValueError(
+                "the replicas section applies to the native backend; with engine.backend vllm set "
+                "vllm.num_replicas (or override the VllmServer deployment's options in the Serve config)"
+            )
 
     @property
     def max_outstanding(self) -> int:
@@ -195,6 +244,7 @@ _SECTIONS = {
     "server": ServerSettings,
     "resources": ResourceSettings,
     "expert_parallel": ExpertParallelSettings,
+    "replicas": ReplicaSettings,
     "vllm": VllmSettings,
 }
 _AppArgsBase = msgspec.defstruct(

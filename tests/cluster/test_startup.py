@@ -13,27 +13,26 @@ from starlette.requests import Request
 from cluster.app import RouterServer, check_fits, resource_demand
 from cluster.cli import main
 from cluster.config import AppConfig
+from cluster.deployments import ModelHosts
 
 
 class _NeverReady:
-    """A deployment handle whose replica never finishes loading (`actor_handle` awaits forever)."""
+    """A model host that never finishes loading (`actor_handle` awaits forever)."""
 
-    class _Method:
-        def remote(self) -> Any:
-            return asyncio.Event().wait()
+    async def actor_handle(self) -> Any:
+        await asyncio.Event().wait()
 
-    actor_handle = _Method()
+    def check(self) -> None:
+        pass
 
 
-class _Failing:
-    class _Method:
-        async def _fail(self) -> Any:
-            raise RuntimeError("replica died while loading")
+class _Failing(_NeverReady):
+    async def actor_handle(self) -> Any:
+        raise RuntimeError("replica died while loading")
 
-        def remote(self) -> Any:
-            return self._fail()
 
-    actor_handle = _Method()
+def _hosts(target: Any) -> ModelHosts:
+    return ModelHosts(target, None)
 
 
 def _request(path: str) -> Request:
@@ -46,14 +45,14 @@ def _request(path: str) -> Request:
 
 def test_health_answers_503_at_once_while_the_replicas_load_then_with_the_failure() -> None:
     async def scenario() -> None:
-        server = RouterServer(AppConfig(), _NeverReady(), None)
+        server = RouterServer(AppConfig(), _hosts(_NeverReady()))
         for _ in range(3):
             start = time.monotonic()
             response = await server(_request("/health"))
             assert time.monotonic() - start < 0.5
             assert response.status_code == 503
             assert b'"code":503' in response.body and b"still starting" in response.body
-        failing = RouterServer(AppConfig(), _Failing(), None)
+        failing = RouterServer(AppConfig(), _hosts(_Failing()))
         await failing(_request("/health"))  # starts the build, which fails
         await asyncio.sleep(0.05)
         response = await failing(_request("/health"))
@@ -67,7 +66,7 @@ def test_an_app_larger_than_the_cluster_fails_naming_the_resource() -> None:
     demand = resource_demand(config)
     check_fits(demand, {"CPU": 4.0})
     with pytest.raises(
-        ValueError, match=r"needs 2\.2 CPU \(Router 0\.5, MoETarget replica 0\.05, MoETarget host 1"
+        ValueError, match=r"needs 2\.1 CPU \(Router 0\.5, MoETarget host 1, Drafter host 0\.5, SpecPolicy"
     ):
         check_fits(demand, {"CPU": 2.0})
     gpu = AppConfig.from_args({"resources": {"target_num_gpus": 1.0}})
