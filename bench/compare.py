@@ -2,6 +2,7 @@
 
     python -m bench.compare            # the whole comparison, about 40 minutes on 2 cores
     python -m bench.compare --quick    # mixed, concurrency 1 and 4, ours K = 2, vLLM off: about 6 minutes
+    python -m bench.compare --served-speed   # our served `off` against offline generation, batch 1-32
 
 One run, one machine, in this order: memory bandwidth; our iteration times offline (SpecEngine at several
 batch sizes and K) against the MoESD-form cost model fitted on a subset of them; `generate` with and without
@@ -157,6 +158,139 @@ def cost_model_check(target: Path, draft: Path, dtype: str, config: RunConfig) -
     return {"params": asdict(params), "points": points}
 
 
+# -- served speed: our served `off` against offline generation at the same batch ----------------------------
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    """`--served-speed`: one server (`serve_config`, requests at `off`) and, in this process with the same
+    torch threads as each model process, `SpecEngine.generate` and `transformers` `generate` (greedy)."""
+
+    serve_config: str = "cluster/configs/demo-cpu.yaml"  # the demo pair
+    concurrencies: tuple[int, ...] = (1, 4, 16, 32)
+    max_tokens: int = 64  # output tokens per request (ignore_eos)
+    repeats: int = 2  # rounds; each round runs served, offline and transformers at every batch size
+    workload: str = "mixed"
+
+
+def offline_generate(app: Any, prompts: list[list[int]], max_tokens: int) -> float:
+    """Output tokens/s of `SpecEngine.generate` (no drafter: `off`) over all `prompts` as one batch."""
+    from dataclasses import replace as replace_config
+
+    from cluster.engine_builder import build_engine, local_backends
+    from policy.baselines import OffChooser
+    from workers.sampling import SamplingParams
+
+    run = replace_config(app, model=replace_config(app.model, draft=None, max_seqs=len(prompts)))
+    target, _ = local_backends(run)
+    engine = build_engine(run, target, None, OffChooser(), None)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    outputs = engine.generate(prompts, params)
+    return sum(map(len, outputs)) / (time.perf_counter() - start)
+
+
+def transformers_generate(model: Any, tokenizer: Any, prompts: list[str], max_tokens: int) -> float:
+    """Output tokens/s of `transformers` greedy `generate` over `prompts` as one (left-padded) batch."""
+    import torch
+
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return (out.shape[1] - inputs["input_ids"].shape[1]) * len(prompts) / (time.perf_counter() - start)
+
+
+def served_speed(config: SpeedConfig) -> dict[str, Any]:
+    """Rounds of: served `off` at concurrency B (B requests, so the batch is B as offline), then offline
+    `SpecEngine.generate` and `transformers.generate` at batch B, for every B. The served phase's share of
+    iteration time outside the forwards comes from /metrics (`other_seconds_total`)."""
+    import asyncio
+
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cluster.config import AppConfig, resolve_model_path
+    from workers.tokenizer import Tokenizer
+
+    args = load.load_serve_config_args(REPO / config.serve_config)
+    app = AppConfig.from_args(args)
+    torch.set_num_threads(app.resources.torch_threads)  # as each model process of the served app
+    target = resolve_model_path(app.model.target)
+    texts = load.load_prompts(config.workload, max(config.concurrencies))
+    ids = [Tokenizer(target).encode(t) for t in texts]
+    transformers.logging.set_verbosity_error()
+    hf_tokenizer = AutoTokenizer.from_pretrained(target, padding_side="left")
+    hf_tokenizer.pad_token = hf_tokenizer.pad_token or hf_tokenizer.eos_token
+    hf_model = AutoModelForCausalLM.from_pretrained(target, dtype=getattr(torch, app.model.dtype)).eval()
+    url = load.start_local_app(str(REPO / config.serve_config))
+    name = app.model.served_name
+    log("warm-up (not measured)")
+    asyncio.run(load.run_phase(url, texts, "off", 2, 2, config.max_tokens, name, seed=0))
+    offline_generate(app, ids[:2], 4)
+    transformers_generate(hf_model, hf_tokenizer, texts[:2], 4)
+    rows: list[dict[str, Any]] = []
+    for round_index in range(config.repeats):
+        for batch in config.concurrencies:
+            log(f"round {round_index}, batch {batch}")
+            phase = asyncio.run(
+                load.run_phase(url, texts, "off", batch, batch, config.max_tokens, name, seed=batch)
+            )
+            metrics = phase.metrics
+            iterations = max(1.0, metrics.get("iterations_total", 0.0))
+            forward_s = metrics.get("draft_seconds_total", 0.0) + metrics.get("verify_seconds_total", 0.0)
+            rows.append(
+                {
+                    "round": round_index,
+                    "batch": batch,
+                    "served": phase.throughput,
+                    "offline": offline_generate(app, ids[:batch], config.max_tokens),
+                    "transformers": transformers_generate(
+                        hf_model, hf_tokenizer, texts[:batch], config.max_tokens
+                    ),
+                    "outside_share": phase.overhead_share,
+                    "iteration_ms": (forward_s + metrics.get("other_seconds_total", 0.0)) / iterations * 1e3,
+                    "outside_ms": metrics.get("other_seconds_total", 0.0) / iterations * 1e3,
+                    "num_errors": phase.num_errors,
+                }
+            )
+    return {"config": asdict(config), "rows": rows, "load_average_1m_at_end": os.getloadavg()[0]}
+
+
+def speed_table(result: dict[str, Any]) -> str:
+    """Medians over rounds of each ratio (min-max in brackets), side by side per batch size."""
+    import statistics
+
+    lines = [
+        "| batch | served tok/s | offline tok/s | transformers tok/s | served / offline | served / transformers "
+        "| outside forwards | outside ms / iteration |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for batch in sorted({r["batch"] for r in result["rows"]}):
+        rows = [r for r in result["rows"] if r["batch"] == batch]
+
+        def summary(values: list[float], fmt: str) -> str:
+            return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+        lines.append(
+            f"| {batch} | {statistics.median(r['served'] for r in rows):.1f} "
+            f"| {statistics.median(r['offline'] for r in rows):.1f} "
+            f"| {statistics.median(r['transformers'] for r in rows):.1f} "
+            f"| {summary([r['served'] / r['offline'] for r in rows], '.2f')} "
+            f"| {summary([r['served'] / r['transformers'] for r in rows], '.2f')} "
+            f"| {summary([r['outside_share'] for r in rows], '.1%')} "
+            f"| {statistics.median(r['outside_ms'] for r in rows):.2f} |"
+        )
+    return "\n".join(lines)
+
+
 # -- the whole run -------------------------------------------------------------------------------------------
 
 
@@ -221,7 +355,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--config", default=None, help="our Serve config (default: the benchmark pair's)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from compare.json")
+    parser.add_argument(
+        "--served-speed",
+        action="store_true",
+        help="served off against SpecEngine.generate and transformers.generate at batch = concurrency "
+        "(the demo pair unless --config; --concurrency, --max-tokens, --repeats); "
+        "writes bench/results/served-speed.json",
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="--served-speed: rounds")
+    parser.add_argument("--out", default=None, help="--served-speed: the JSON to write")
     args = parser.parse_args(argv)
+    if args.served_speed:
+        speed = SpeedConfig(repeats=args.repeats)
+        if args.concurrency:
+            speed = replace(speed, concurrencies=tuple(int(c) for c in args.concurrency.split(",")))
+        if args.max_tokens:
+            speed = replace(speed, max_tokens=args.max_tokens)
+        if args.config:
+            speed = replace(speed, serve_config=str(Path(args.config).resolve().relative_to(REPO)))
+        result = served_speed(speed)
+        result["table"] = speed_table(result)
+        print(result["table"], flush=True)
+        path = Path(args.out) if args.out else RESULTS / "served-speed.json"
+        path.write_text(json.dumps(result, indent=1))
+        log(f"wrote {path}")
+        return
     out = RAW / "quick" if args.quick else RESULTS / "compare"  # a quick run's report stays out of git
     if args.report_only:
         report = json.loads(out.with_suffix(".json").read_text())
