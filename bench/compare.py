@@ -163,14 +163,18 @@ def cost_model_check(target: Path, draft: Path, dtype: str, config: RunConfig) -
 
 @dataclass(frozen=True)
 class SpeedConfig:
-    """`--served-speed`: one server (`serve_config`, requests at `off`) and, in this process with the same
-    torch threads as each model process, `SpecEngine.generate` and `transformers` `generate` (greedy)."""
+    """`--served-speed`: our server (`serve_config`, requests at `off`) in each target placement, and, in this
+    process with the same torch threads as each model process, `SpecEngine.generate` and `transformers`
+    `generate` (greedy)."""
 
     serve_config: str = "cluster/configs/demo-cpu.yaml"  # the demo pair
     concurrencies: tuple[int, ...] = (1, 4, 16, 32)
     max_tokens: int = 64  # output tokens per request (ignore_eos)
-    repeats: int = 2  # rounds; each round runs served, offline and transformers at every batch size
+    repeats: int = 2  # rounds; each round runs every placement, offline and transformers at every batch size
     workload: str = "mixed"
+    # engine.loop_beside_target of each served placement: False = the target in its own host actor (one call
+    # between processes per iteration), True = in the Router's process
+    placements: tuple[bool, ...] = (False, True)
 
 
 def offline_generate(app: Any, prompts: list[list[int]], max_tokens: int) -> float:
@@ -207,10 +211,30 @@ def transformers_generate(model: Any, tokenizer: Any, prompts: list[str], max_to
     return (out.shape[1] - inputs["input_ids"].shape[1]) * len(prompts) / (time.perf_counter() - start)
 
 
+def deploy(args: dict[str, Any], port: int | None) -> str:
+    """Our app on a local Ray instance (started on first use), replacing the one deployed before."""
+    import ray
+    from ray import serve
+
+    from cluster.app import build_app
+    from cluster.cli import wait_healthy
+    from tests.cluster.serving_app import free_port
+
+    if port is None:
+        port = free_port()
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(args), name="bench", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(f"{url}/health", 600)
+    return url
+
+
 def served_speed(config: SpeedConfig) -> dict[str, Any]:
-    """Rounds of: served `off` at concurrency B (B requests, so the batch is B as offline), then offline
-    `SpecEngine.generate` and `transformers.generate` at batch B, for every B. The served phase's share of
-    iteration time outside the forwards comes from /metrics (`other_seconds_total`)."""
+    """Rounds of: for each placement of the target, served `off` at concurrency B for every B (B requests,
+    so that the batch is B as offline); then offline `SpecEngine.generate` and `transformers.generate` at
+    batch B. The served phases' share of iteration time outside the forwards comes from /metrics
+    (`other_seconds_total`)."""
     import asyncio
 
     import torch
@@ -230,37 +254,47 @@ def served_speed(config: SpeedConfig) -> dict[str, Any]:
     hf_tokenizer = AutoTokenizer.from_pretrained(target, padding_side="left")
     hf_tokenizer.pad_token = hf_tokenizer.pad_token or hf_tokenizer.eos_token
     hf_model = AutoModelForCausalLM.from_pretrained(target, dtype=getattr(torch, app.model.dtype)).eval()
-    url = load.start_local_app(str(REPO / config.serve_config))
-    name = app.model.served_name
-    log("warm-up (not measured)")
-    asyncio.run(load.run_phase(url, texts, "off", 2, 2, config.max_tokens, name, seed=0))
-    offline_generate(app, ids[:2], 4)
+    offline_generate(app, ids[:2], 4)  # warm-up
     transformers_generate(hf_model, hf_tokenizer, texts[:2], 4)
+    name, port = app.model.served_name, None
     rows: list[dict[str, Any]] = []
     for round_index in range(config.repeats):
+        served: dict[tuple[bool, int], Any] = {}
+        for beside in config.placements:
+            placed = json.loads(json.dumps(args))
+            placed.setdefault("engine", {})["loop_beside_target"] = beside
+            url = deploy(placed, port)
+            port = int(url.rsplit(":", 1)[1])
+            asyncio.run(load.run_phase(url, texts, "off", 2, 2, config.max_tokens, name, seed=0))  # warm-up
+            for batch in config.concurrencies:
+                log(f"round {round_index}, loop beside target {beside}, batch {batch}")
+                served[beside, batch] = asyncio.run(
+                    load.run_phase(url, texts, "off", batch, batch, config.max_tokens, name, seed=batch)
+                )
         for batch in config.concurrencies:
-            log(f"round {round_index}, batch {batch}")
-            phase = asyncio.run(
-                load.run_phase(url, texts, "off", batch, batch, config.max_tokens, name, seed=batch)
-            )
-            metrics = phase.metrics
-            iterations = max(1.0, metrics.get("iterations_total", 0.0))
-            forward_s = metrics.get("draft_seconds_total", 0.0) + metrics.get("verify_seconds_total", 0.0)
-            rows.append(
-                {
-                    "round": round_index,
-                    "batch": batch,
-                    "served": phase.throughput,
-                    "offline": offline_generate(app, ids[:batch], config.max_tokens),
-                    "transformers": transformers_generate(
-                        hf_model, hf_tokenizer, texts[:batch], config.max_tokens
-                    ),
-                    "outside_share": phase.overhead_share,
-                    "iteration_ms": (forward_s + metrics.get("other_seconds_total", 0.0)) / iterations * 1e3,
-                    "outside_ms": metrics.get("other_seconds_total", 0.0) / iterations * 1e3,
-                    "num_errors": phase.num_errors,
-                }
-            )
+            log(f"round {round_index}, offline, batch {batch}")
+            offline = offline_generate(app, ids[:batch], config.max_tokens)
+            hf = transformers_generate(hf_model, hf_tokenizer, texts[:batch], config.max_tokens)
+            for beside in config.placements:
+                phase = served[beside, batch]
+                metrics = phase.metrics
+                iterations = max(1.0, metrics.get("iterations_total", 0.0))
+                forward_s = metrics.get("draft_seconds_total", 0.0) + metrics.get("verify_seconds_total", 0.0)
+                outside_s = metrics.get("other_seconds_total", 0.0)
+                rows.append(
+                    {
+                        "round": round_index,
+                        "batch": batch,
+                        "loop_beside_target": beside,
+                        "served": phase.throughput,
+                        "offline": offline,
+                        "transformers": hf,
+                        "outside_share": phase.overhead_share,
+                        "iteration_ms": (forward_s + outside_s) / iterations * 1e3,
+                        "outside_ms": outside_s / iterations * 1e3,
+                        "num_errors": phase.num_errors,
+                    }
+                )
     return {"config": asdict(config), "rows": rows, "load_average_1m_at_end": os.getloadavg()[0]}
 
 
@@ -269,18 +303,20 @@ def speed_table(result: dict[str, Any]) -> str:
     import statistics
 
     lines = [
-        "| batch | served tok/s | offline tok/s | transformers tok/s | served / offline | served / transformers "
-        "| outside forwards | outside ms / iteration |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| target | batch | served tok/s | offline tok/s | transformers tok/s | served / offline "
+        "| served / transformers | outside forwards | outside ms / iteration |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for batch in sorted({r["batch"] for r in result["rows"]}):
-        rows = [r for r in result["rows"] if r["batch"] == batch]
+    keys = sorted({(r["loop_beside_target"], r["batch"]) for r in result["rows"]})
+    for beside, batch in keys:
+        rows = [r for r in result["rows"] if (r["loop_beside_target"], r["batch"]) == (beside, batch)]
 
         def summary(values: list[float], fmt: str) -> str:
             return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
 
         lines.append(
-            f"| {batch} | {statistics.median(r['served'] for r in rows):.1f} "
+            f"| {'router process' if beside else 'host actor'} | {batch} "
+            f"| {statistics.median(r['served'] for r in rows):.1f} "
             f"| {statistics.median(r['offline'] for r in rows):.1f} "
             f"| {statistics.median(r['transformers'] for r in rows):.1f} "
             f"| {summary([r['served'] / r['offline'] for r in rows], '.2f')} "

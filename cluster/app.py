@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import ray
+import torch
 from ray import serve
 from ray.serve import Application
 from starlette.requests import Request
@@ -21,10 +22,12 @@ from starlette.responses import Response
 from cluster.choosers import router_chooser
 from cluster.config import AppConfig, resolve_model_path
 from cluster.deployments import ModelHosts, RemoteDrafter, RemoteTarget, start_hosts
-from cluster.engine_builder import build_engine
+from cluster.engine_builder import build_engine, target_runner
 from cluster.openai_api import APIError
 from cluster.router import Router, unavailable
+from workers.engine import TargetBackend
 from workers.kv_cache import CacheCapacityError
+from workers.target import Target
 from workers.tokenizer import Tokenizer
 
 START_WAIT_S = 60.0  # a request that arrives while the model replicas load waits this long, then gets 503
@@ -44,6 +47,7 @@ class RouterServer:
         self.hosts = hosts if hosts is not None else start_hosts(config, replica_name())
         self.router: Router | None = None
         self._building: asyncio.Task[Router] | None = None
+        self._local_target: Target | None = None  # engine.loop_beside_target
 
     async def __call__(self, request: Request) -> Response:
         if self.router is None:
@@ -67,8 +71,12 @@ class RouterServer:
 
     async def _build_router(self) -> Router:
         hosts = self.hosts
-        target_actor = await hosts.target.actor_handle()
-        target = RemoteTarget(hosts.target, target_actor, await target_actor.info.remote())
+        target: TargetBackend
+        if hosts.target is None:  # engine.loop_beside_target: the model loads here, off the event loop
+            target = self._local_target = await asyncio.to_thread(local_target, self.config)
+        else:
+            target_actor = await hosts.target.actor_handle()
+            target = RemoteTarget(hosts.target, target_actor, await target_actor.info.remote())
         drafter = None
         if hosts.drafter is not None:
             drafter_actor = await hosts.drafter.actor_handle()
@@ -76,7 +84,7 @@ class RouterServer:
         # The rest reads files and builds models of the policy: off the event loop, so /health keeps answering.
         return await asyncio.to_thread(self._assemble, target, drafter)
 
-    def _assemble(self, target: RemoteTarget, drafter: RemoteDrafter | None) -> Router:
+    def _assemble(self, target: TargetBackend, drafter: RemoteDrafter | None) -> Router:
         config = self.config
         chooser = router_chooser(config, target.info)
         tokenizer = Tokenizer(resolve_model_path(config.model.target))
@@ -88,21 +96,38 @@ class RouterServer:
 
     async def num_used_slots(self) -> tuple[int, int]:
         """KV slots in use in this replica's target and drafter caches (for tests and operators)."""
-        drafter = self.hosts.drafter
-        return await self.hosts.target.num_used_slots(), await drafter.num_used_slots() if drafter else 0
+        target, drafter = self.hosts.target, self.hosts.drafter
+        if target is not None:
+            num_target = await target.num_used_slots()
+        else:
+            num_target = self._local_target.runner.cache.num_used_slots if self._local_target else 0
+        return num_target, await drafter.num_used_slots() if drafter else 0
 
     def check_health(self) -> None:
         """Serve's health check: raises if the engine loop died, if a model host hangs (see
         `HostSupervisor.check`; a dead one is started again), or if the target's cache refused new requests
         while this router ran none (slots held by nobody: the replacement router starts with empty caches)."""
-        self.hosts.target.check()
-        if self.hosts.drafter is not None:
-            self.hosts.drafter.check()
+        for host in (self.hosts.target, self.hosts.drafter):
+            if host is not None:
+                host.check()
         loop = self.router.loop if self.router is not None else None
         if loop is not None and loop.has_started and not loop.is_alive:
             raise RuntimeError("the engine loop thread has stopped")
         if loop is not None and isinstance(loop.last_error, CacheCapacityError):
             raise RuntimeError(f"the KV cache refuses requests while none run: {loop.last_error}")
+
+
+def local_target(config: AppConfig) -> Target:
+    """The target in this process (engine.loop_beside_target: on the CPU), with the model processes' torch
+    threads."""
+    torch.set_num_threads(config.resources.torch_threads)
+    return Target(target_runner(config))
+
+
+def router_num_cpus(config: AppConfig) -> float:
+    """The Router replica's CPUs: its own, plus the target's when the target runs in its process."""
+    res = config.resources
+    return res.router_num_cpus + (res.target_num_cpus if config.engine.loop_beside_target else 0.0)
 
 
 def replica_name() -> str:
@@ -115,8 +140,10 @@ def resource_demand(config: AppConfig) -> dict[str, dict[str, float]]:
     """The logical resources each part of the app reserves at deployment, as Ray schedules them: each part
     of a replica times the replicas that start (`replicas.num_starting`), the central policy actor once."""
     res, num_ranks = config.resources, config.expert_parallel.num_ranks
-    parts = {"Router": {"CPU": res.router_num_cpus}}
-    if num_ranks == 1:
+    parts = {"Router": {"CPU": router_num_cpus(config)}}
+    if config.engine.loop_beside_target:
+        pass  # the target runs in the Router's process
+    elif num_ranks == 1:
         parts["MoETarget host"] = {"CPU": res.target_num_cpus, "GPU": res.target_num_gpus}
     else:
         parts["MoETarget host"] = {"CPU": 0.1}
@@ -168,7 +195,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     router = serve.deployment(
         name="Router",
         max_ongoing_requests=config.max_outstanding + 16,  # 429s come from the router
-        ray_actor_options={"num_cpus": config.resources.router_num_cpus},
+        ray_actor_options={"num_cpus": router_num_cpus(config)},
         **scaling,
     )(RouterServer)
     return router.bind(config)

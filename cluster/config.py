@@ -64,6 +64,10 @@ class EngineSettings:
     # What a sampled request's drafter sends the target (native backend): "one_hot" = draft token ids only
     # (the draft's argmax; lossless), "distribution" = also each draft's [vocab] fp32 distribution.
     draft_proposals: str = "one_hot"
+    # True: the target's model runs in the Router replica's process, beside the engine loop, so a plain
+    # iteration makes no call between processes (the drafter stays its own actor). A target failure is then
+    # a router failure (Serve replaces the replica); needs expert_parallel.num_ranks 1 and no GPU.
+    loop_beside_target: bool = False
 
     def __post_init__(self) -> None:
         if self.max_batch_size is not None:
@@ -203,6 +207,14 @@ class AppConfig:
     vllm: VllmSettings = field(default_factory=VllmSettings)
 
     def __post_init__(self) -> None:
+        if self.engine.loop_beside_target and (
+            self.expert_parallel.num_ranks != 1 or self.resources.target_num_gpus > 0
+        ):
+            raise ValueError(
+                "engine.loop_beside_target runs the whole target in the Router replica's process: it needs "
+                "expert_parallel.num_ranks 1 and resources.target_num_gpus 0; unset it for an "
+                "expert-parallel or GPU target"
+            )
         if self.engine.backend == "vllm" and self.replicas != ReplicaSettings():
             raise ValueError(
                 "the replicas section applies to the native backend; with engine.backend vllm set "

@@ -195,7 +195,7 @@ class HostSupervisor:
 class ModelHosts:
     """A router replica's own model hosts: the target and (with speculation) the drafter."""
 
-    target: HostSupervisor
+    target: HostSupervisor | None  # None: the target runs in the router's process (engine.loop_beside_target)
     drafter: HostSupervisor | None
 
 
@@ -204,13 +204,15 @@ def start_hosts(config: AppConfig, owner: str) -> ModelHosts:
     carry). The models load while the replica starts."""
     res = config.resources
     single = config.expert_parallel.num_ranks == 1  # else the expert-parallel ranks hold the resources
-    target = HostSupervisor(
-        TargetHost,
-        config,
-        res.target_num_cpus if single else 0.1,
-        res.target_num_gpus if single else 0.0,
-        f"{owner}:TargetHost",
-    )
+    target = None
+    if not config.engine.loop_beside_target:
+        target = HostSupervisor(
+            TargetHost,
+            config,
+            res.target_num_cpus if single else 0.1,
+            res.target_num_gpus if single else 0.0,
+            f"{owner}:TargetHost",
+        )
     drafter = None
     if config.model.draft is not None:
         drafter = HostSupervisor(

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from starlette.requests import Request
 
@@ -81,3 +83,50 @@ def test_help_shows_the_defaults(capsys: pytest.CaptureFixture[str], monkeypatch
         main(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 4)" in text and "(default: 600.0)" in text and "demo-cpu.yaml)" in text
+
+
+def test_the_loop_beside_its_target_serves_from_the_routers_process(tmp_path: Path) -> None:
+    """engine.loop_beside_target: no TargetHost; the Router replica loads the target itself and serves
+    (greedy text equal to the engine's own), and its slots are free afterwards."""
+    from cluster.engine_builder import build_engine, local_backends
+    from policy.baselines import OffChooser
+    from tests.cluster.serving_app import app_args, make_models
+    from workers.sampling import SamplingParams
+    from workers.tokenizer import Tokenizer
+
+    target, draft = make_models(tmp_path)
+    args = app_args(target, draft, engine={"loop_beside_target": True}, policy={"use_central_actor": False})
+    args["model"]["draft"] = None
+    config = AppConfig.from_args(args)
+    with pytest.raises(ValueError, match="expert_parallel.num_ranks 1"):
+        AppConfig.from_args({**args, "expert_parallel": {"num_ranks": 2}})
+    assert set(resource_demand(config)) == {"Router"}  # the target's CPUs are the Router's
+    assert resource_demand(config)["Router"]["CPU"] == 1.25
+    server = RouterServer(config, ModelHosts(None, None))
+    body = {"prompt": "def f(x):", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+
+    async def scenario() -> dict[str, Any]:
+        transport = httpx.ASGITransport(app=_asgi(server))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as client:
+            response = await client.post("/v1/completions", json=body)
+            assert response.status_code == 200, response.text
+            assert await server.num_used_slots() == (0, 0)
+            return dict(response.json())
+
+    done = asyncio.run(scenario())
+    assert server.router is not None
+    server.router.loop.stop()
+    tokenizer = Tokenizer(target)
+    local, _ = local_backends(config)
+    engine = build_engine(config, local, None, OffChooser(), tokenizer)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    (expected,) = engine.generate([tokenizer.encode("def f(x):")], params)
+    assert done["choices"][0]["text"] == tokenizer.decode(expected)
+
+
+def _asgi(server: RouterServer) -> Any:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        response = await server(Request(scope, receive))
+        await response(scope, receive, send)
+
+    return app
