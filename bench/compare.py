@@ -170,7 +170,9 @@ class SpeedConfig:
     serve_config: str = "cluster/configs/demo-cpu.yaml"  # the demo pair
     concurrencies: tuple[int, ...] = (1, 4, 16, 32)
     max_tokens: int = 64  # output tokens per request (ignore_eos)
-    repeats: int = 2  # rounds; each round runs every placement, offline and transformers at every batch size
+    # served requests per client in a phase: continuous batching holds the batch at B between the ramps
+    requests_per_client: int = 3
+    repeats: int = 3  # rounds; each round runs every placement, offline and transformers at every batch size
     workload: str = "mixed"
     # engine.loop_beside_target of each served placement: False = the target in its own host actor (one call
     # between processes per iteration), True = in the Router's process
@@ -231,8 +233,8 @@ def deploy(args: dict[str, Any], port: int | None) -> str:
 
 
 def served_speed(config: SpeedConfig) -> dict[str, Any]:
-    """Rounds of: for each placement of the target, served `off` at concurrency B for every B (B requests,
-    so that the batch is B as offline); then offline `SpecEngine.generate` and `transformers.generate` at
+    """Rounds of: for each placement of the target, served `off` at concurrency B for every B (each client
+    sends `requests_per_client` requests one after another, so the batch stays near B); then offline `SpecEngine.generate` and `transformers.generate` at
     batch B. The served phases' share of iteration time outside the forwards comes from /metrics
     (`other_seconds_total`)."""
     import asyncio
@@ -268,8 +270,11 @@ def served_speed(config: SpeedConfig) -> dict[str, Any]:
             asyncio.run(load.run_phase(url, texts, "off", 2, 2, config.max_tokens, name, seed=0))  # warm-up
             for batch in config.concurrencies:
                 log(f"round {round_index}, loop beside target {beside}, batch {batch}")
+                prompts = [texts[i % len(texts)] for i in range(batch * config.requests_per_client)]
                 served[beside, batch] = asyncio.run(
-                    load.run_phase(url, texts, "off", batch, batch, config.max_tokens, name, seed=batch)
+                    load.run_phase(
+                        url, prompts, "off", batch, len(prompts), config.max_tokens, name, seed=batch
+                    )
                 )
         for batch in config.concurrencies:
             log(f"round {round_index}, offline, batch {batch}")
@@ -398,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
         "(the demo pair unless --config; --concurrency, --max-tokens, --repeats); "
         "writes bench/results/served-speed.json",
     )
-    parser.add_argument("--repeats", type=int, default=2, help="--served-speed: rounds")
+    parser.add_argument("--repeats", type=int, default=3, help="--served-speed: rounds")
     parser.add_argument("--out", default=None, help="--served-speed: the JSON to write")
     args = parser.parse_args(argv)
     if args.served_speed:
