@@ -63,10 +63,10 @@ class RouterServer:
         if not self._building.done():
             await asyncio.wait([self._building], timeout=timeout_s)
         if not self._building.done():
-            raise unavailable("the model replicas are still starting")
+            raise unavailable("the model hosts are still starting")
         error = self._building.exception()
         if error is not None:
-            raise unavailable(f"the router could not reach its model replicas: {error}")
+            raise unavailable(f"the router could not reach its model hosts: {error}")
         return self._building.result()
 
     async def _build_router(self) -> Router:

@@ -1,5 +1,5 @@
-"""Faults and load in the served app (the shipped demo pair, real Ray Serve, real HTTP): a killed Drafter or
-MoETarget replica loses no request, and bursts above capacity leave KV slots and process memory at their
+"""Faults and load in the served app (the shipped demo pair, real Ray Serve, real HTTP): a killed drafter or
+target host loses no request, and bursts above capacity leave KV slots and process memory at their
 idle level."""
 
 from __future__ import annotations
