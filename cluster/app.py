@@ -1,5 +1,6 @@
-"""Builds the Ray Serve application: Router (ingress) -> Drafter and MoETarget deployments (engine.backend =
-native), or one `VllmServer` deployment, a vLLM engine with our scheduler per replica (engine.backend = vllm).
+"""Builds the Ray Serve application: one Router deployment (engine.backend = native), each replica with its
+own drafter and target host actors, or one `VllmServer` deployment, a vLLM engine with our scheduler per
+replica (engine.backend = vllm). `replicas.num_replicas` / `replicas.autoscaling_config` scale the Router.
 
 `build_app(args)` is the import path of every Serve config (`cluster.app:build_app`); `args` are validated
 into an `AppConfig`. `serve.deployment` is applied here and only here, so the classes stay testable.
@@ -9,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import uuid
 from typing import Any
 
 import ray
+import torch
 from ray import serve
 from ray.serve import Application
 from starlette.requests import Request
@@ -20,31 +21,33 @@ from starlette.responses import Response
 
 from cluster.choosers import router_chooser
 from cluster.config import AppConfig, resolve_model_path
-from cluster.deployments import DrafterServer, RemoteDrafter, RemoteTarget, TargetServer
-from cluster.engine_builder import build_engine
+from cluster.deployments import ModelHosts, RemoteDrafter, RemoteTarget, start_hosts
+from cluster.engine_builder import build_engine, target_runner
 from cluster.openai_api import APIError
 from cluster.router import Router, unavailable
+from workers.engine import TargetBackend
 from workers.kv_cache import CacheCapacityError
+from workers.target import Target
 from workers.tokenizer import Tokenizer
 
 START_WAIT_S = 60.0  # a request that arrives while the model replicas load waits this long, then gets 503
 
 
 class RouterServer:
-    """The ingress deployment: builds the engine over handles to its bound Drafter and MoETarget.
+    """The ingress deployment: one replica = HTTP, the engine loop and its own model hosts.
 
-    The engine is built in the background from the first request on: handles are awaited, never blocked on,
-    inside the replica's event loop. Until it is built, /health answers 503 at once and other requests wait
-    up to START_WAIT_S; a failed build answers 503 with its reason and is retried by the next request.
+    The hosts start loading when the replica starts (`start_hosts`; tests inject their own). The engine is
+    built in the background from the first request on: hosts are awaited, never blocked on, inside the
+    replica's event loop. Until it is built, /health answers 503 at once and other requests wait up to
+    START_WAIT_S; a failed build answers 503 with its reason and is retried by the next request.
     """
 
-    def __init__(self, config: AppConfig, target_handle: Any, drafter_handle: Any | None) -> None:
+    def __init__(self, config: AppConfig, hosts: ModelHosts | None = None) -> None:
         self.config = config
-        self.target_handle, self.drafter_handle = target_handle, drafter_handle
+        self.hosts = hosts if hosts is not None else start_hosts(config, replica_name())
         self.router: Router | None = None
         self._building: asyncio.Task[Router] | None = None
-        # This replica's identity towards the model replicas: a replacement router reclaims their caches.
-        self.owner = f"router-{uuid.uuid4().hex}"
+        self._local_target: Target | None = None  # engine.loop_beside_target
 
     async def __call__(self, request: Request) -> Response:
         if self.router is None:
@@ -60,28 +63,28 @@ class RouterServer:
         if not self._building.done():
             await asyncio.wait([self._building], timeout=timeout_s)
         if not self._building.done():
-            raise unavailable("the model replicas are still starting")
+            raise unavailable("the model hosts are still starting")
         error = self._building.exception()
         if error is not None:
-            raise unavailable(f"the router could not reach its model replicas: {error}")
+            raise unavailable(f"the router could not reach its model hosts: {error}")
         return self._building.result()
 
     async def _build_router(self) -> Router:
-        # Claim the model replicas' caches first: sequences of a router this one replaces are freed.
-        target_actor = await self.target_handle.actor_handle.remote()
-        await target_actor.claim.remote(self.owner)
-        target = RemoteTarget(self.target_handle, target_actor, await target_actor.info.remote(), self.owner)
+        hosts = self.hosts
+        target: TargetBackend
+        if hosts.target is None:  # engine.loop_beside_target: the model loads here, off the event loop
+            target = self._local_target = await asyncio.to_thread(local_target, self.config)
+        else:
+            target_actor = await hosts.target.actor_handle()
+            target = RemoteTarget(hosts.target, target_actor, await target_actor.info.remote())
         drafter = None
-        if self.drafter_handle is not None:
-            drafter_actor = await self.drafter_handle.actor_handle.remote()
-            await drafter_actor.claim.remote(self.owner)
-            drafter = RemoteDrafter(
-                self.drafter_handle, drafter_actor, await drafter_actor.vocab_size.remote(), self.owner
-            )
+        if hosts.drafter is not None:
+            drafter_actor = await hosts.drafter.actor_handle()
+            drafter = RemoteDrafter(hosts.drafter, drafter_actor, await drafter_actor.vocab_size.remote())
         # The rest reads files and builds models of the policy: off the event loop, so /health keeps answering.
         return await asyncio.to_thread(self._assemble, target, drafter)
 
-    def _assemble(self, target: RemoteTarget, drafter: RemoteDrafter | None) -> Router:
+    def _assemble(self, target: TargetBackend, drafter: RemoteDrafter | None) -> Router:
         config = self.config
         chooser = router_chooser(config, target.info)
         tokenizer = Tokenizer(resolve_model_path(config.model.target))
@@ -91,9 +94,22 @@ class RouterServer:
             api_key = os.environ.get(config.server.api_key_env) or None
         return Router(config, engine, tokenizer, api_key)
 
+    async def num_used_slots(self) -> tuple[int, int]:
+        """KV slots in use in this replica's target and drafter caches (for tests and operators)."""
+        target, drafter = self.hosts.target, self.hosts.drafter
+        if target is not None:
+            num_target = await target.num_used_slots()
+        else:
+            num_target = self._local_target.runner.cache.num_used_slots if self._local_target else 0
+        return num_target, await drafter.num_used_slots() if drafter else 0
+
     def check_health(self) -> None:
-        """Serve's health check: raises if the engine loop died, or if the target's cache refused new
-        requests while this router ran none (slots held by nobody: a replacement router reclaims them)."""
+        """Serve's health check: raises if the engine loop died, if a model host hangs (see
+        `HostSupervisor.check`; a dead one is started again), or if the target's cache refused new requests
+        while this router ran none (slots held by nobody: the replacement router starts with empty caches)."""
+        for host in (self.hosts.target, self.hosts.drafter):
+            if host is not None:
+                host.check()
         loop = self.router.loop if self.router is not None else None
         if loop is not None and loop.has_started and not loop.is_alive:
             raise RuntimeError("the engine loop thread has stopped")
@@ -101,14 +117,33 @@ class RouterServer:
             raise RuntimeError(f"the KV cache refuses requests while none run: {loop.last_error}")
 
 
-LIGHT_NUM_CPUS = 0.05  # the model replicas: the host actors they start hold the models and the resources
+def local_target(config: AppConfig) -> Target:
+    """The target in this process (engine.loop_beside_target: on the CPU), with the model processes' torch
+    threads."""
+    torch.set_num_threads(config.resources.torch_threads)
+    return Target(target_runner(config))
+
+
+def router_num_cpus(config: AppConfig) -> float:
+    """The Router replica's CPUs: its own, plus the target's when the target runs in its process."""
+    res = config.resources
+    return res.router_num_cpus + (res.target_num_cpus if config.engine.loop_beside_target else 0.0)
+
+
+def replica_name() -> str:
+    """This Router replica's name (app, deployment, replica id); its host actors' names start with it."""
+    context = serve.get_replica_context()
+    return f"{context.app_name}#{context.deployment}#{context.replica_id.unique_id}"
 
 
 def resource_demand(config: AppConfig) -> dict[str, dict[str, float]]:
-    """The logical resources each part of the app reserves, as Ray schedules them."""
+    """The logical resources each part of the app reserves at deployment, as Ray schedules them: each part
+    of a replica times the replicas that start (`replicas.num_starting`), the central policy actor once."""
     res, num_ranks = config.resources, config.expert_parallel.num_ranks
-    parts = {"Router": {"CPU": res.router_num_cpus}, "MoETarget replica": {"CPU": LIGHT_NUM_CPUS}}
-    if num_ranks == 1:
+    parts = {"Router": {"CPU": router_num_cpus(config)}}
+    if config.engine.loop_beside_target:
+        pass  # the target runs in the Router's process
+    elif num_ranks == 1:
         parts["MoETarget host"] = {"CPU": res.target_num_cpus, "GPU": res.target_num_gpus}
     else:
         parts["MoETarget host"] = {"CPU": 0.1}
@@ -118,8 +153,13 @@ def resource_demand(config: AppConfig) -> dict[str, dict[str, float]]:
         }
         parts[f"{num_ranks} expert-parallel ranks"] = ranks
     if config.model.draft is not None:
-        parts["Drafter replica"] = {"CPU": LIGHT_NUM_CPUS}
         parts["Drafter host"] = {"CPU": res.drafter_num_cpus, "GPU": res.drafter_num_gpus}
+    num_replicas = config.replicas.num_starting
+    if num_replicas > 1:
+        parts = {
+            f"{num_replicas} x {part}": {r: amount * num_replicas for r, amount in demand.items()}
+            for part, demand in parts.items()
+        }
     if config.policy.kind in ("auto", "cascade") and config.policy.use_central_actor:
         parts["SpecPolicy actor"] = {"CPU": 0.1}
     return parts
@@ -146,18 +186,19 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         return build_vllm_app(config)
     if ray.is_initialized():  # on a cluster (serve run, serve deploy, our CLI); not when only validating
         check_fits(resource_demand(config), ray.cluster_resources())
-    light = {"num_cpus": LIGHT_NUM_CPUS}
-    target = serve.deployment(name="MoETarget", ray_actor_options=light)(TargetServer).bind(config)
-    drafter = None
-    if config.model.draft is not None:
-        drafter = serve.deployment(name="Drafter", ray_actor_options=light)(DrafterServer).bind(config)
-    ongoing = config.max_outstanding + 16  # 429s come from the router
+    replicas = config.replicas
+    scaling: dict[str, Any] = (
+        {"autoscaling_config": replicas.autoscaling_config}
+        if replicas.autoscaling_config is not None
+        else {"num_replicas": replicas.num_replicas or 1}
+    )
     router = serve.deployment(
         name="Router",
-        max_ongoing_requests=ongoing,
-        ray_actor_options={"num_cpus": config.resources.router_num_cpus},
+        max_ongoing_requests=config.max_outstanding + 16,  # 429s come from the router
+        ray_actor_options={"num_cpus": router_num_cpus(config)},
+        **scaling,
     )(RouterServer)
-    return router.bind(config, target, drafter)
+    return router.bind(config)
 
 
 def build_vllm_app(config: AppConfig) -> Application:

@@ -67,7 +67,7 @@ def serve_command(args: argparse.Namespace) -> int:
             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
         )
     serve.start(http_options={"host": host, "port": port})
-    print("[moespec] deploying Router, Drafter and MoETarget (loading models)", flush=True)
+    print("[moespec] deploying the Router (each replica loads its drafter and target)", flush=True)
     serve.run(
         build_app(app_config.get("args")),
         name=app_config.get("name", "moespec"),

@@ -64,6 +64,10 @@ class EngineSettings:
     # What a sampled request's drafter sends the target (native backend): "one_hot" = draft token ids only
     # (the draft's argmax; lossless), "distribution" = also each draft's [vocab] fp32 distribution.
     draft_proposals: str = "one_hot"
+    # True: the target's model runs in the Router replica's process, beside the engine loop, so a plain
+    # iteration makes no call between processes (the drafter stays its own actor). A target failure is then
+    # a router failure (Serve replaces the replica); needs expert_parallel.num_ranks 1 and no GPU.
+    loop_beside_target: bool = False
 
     def __post_init__(self) -> None:
         if self.max_batch_size is not None:
@@ -135,6 +139,47 @@ class ExpertParallelSettings:
 
 
 @dataclass(frozen=True)
+class ReplicaSettings:
+    """How many copies of the whole unit (a Router replica with its own drafter and target, native backend)
+    run: Serve's `num_replicas`, or Serve's `autoscaling_config` (its fields: min_replicas, max_replicas,
+    target_ongoing_requests, ...), which replaces a fixed number."""
+
+    num_replicas: int | None = None  # None: 1, or what autoscaling_config decides
+    autoscaling_config: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_replicas is not None and self.num_replicas < 1:
+            raise ValueError(f"replicas.num_replicas must be >= 1, got {self.num_replicas}")
+        if self.autoscaling_config is None:
+            return
+        if self.num_replicas is not None:
+            raise ValueError(
+                "replicas.num_replicas and replicas.autoscaling_config are both set; set one: a fixed number "
+                "of replicas, or autoscaling between its min_replicas and max_replicas"
+            )
+        from ray.serve.config import AutoscalingConfig  # Serve's own validation (ranges, types)
+
+        unknown = set(self.autoscaling_config) - set(AutoscalingConfig.model_fields)
+        if unknown:
+            raise ValueError(
+                f"replicas.autoscaling_config has unknown fields {sorted(unknown)}; Serve's are "
+                f"{sorted(AutoscalingConfig.model_fields)}"
+            )
+        try:
+            AutoscalingConfig.model_validate(self.autoscaling_config)
+        except ValueError as error:  # pydantic's ValidationError is a ValueError
+            raise ValueError(f"replicas.autoscaling_config is invalid: {error}") from error
+
+    @property
+    def num_starting(self) -> int:
+        """Replicas at deployment (autoscaling: its initial_replicas, else min_replicas, at least 1)."""
+        if self.autoscaling_config is None:
+            return self.num_replicas or 1
+        auto = self.autoscaling_config
+        return max(1, int(auto.get("initial_replicas") or auto.get("min_replicas") or 1))
+
+
+@dataclass(frozen=True)
 class VllmSettings:
     """Settings of the vllm backend that our other sections do not cover (read only when backend = vllm)."""
 
@@ -158,7 +203,23 @@ class AppConfig:
     server: ServerSettings = field(default_factory=ServerSettings)
     resources: ResourceSettings = field(default_factory=ResourceSettings)
     expert_parallel: ExpertParallelSettings = field(default_factory=ExpertParallelSettings)
+    replicas: ReplicaSettings = field(default_factory=ReplicaSettings)
     vllm: VllmSettings = field(default_factory=VllmSettings)
+
+    def __post_init__(self) -> None:
+        if self.engine.loop_beside_target and (
+            self.expert_parallel.num_ranks != 1 or self.resources.target_num_gpus > 0
+        ):
+            raise ValueError(
+                "engine.loop_beside_target runs the whole target in the Router replica's process: it needs "
+                "expert_parallel.num_ranks 1 and resources.target_num_gpus 0; unset it for an "
+                "expert-parallel or GPU target"
+            )
+        if self.engine.backend == "vllm" and self.replicas != ReplicaSettings():
+            raise ValueError(
+                "the replicas section applies to the native backend; with engine.backend vllm set "
+                "vllm.num_replicas (or override the VllmServer deployment's options in the Serve config)"
+            )
 
     @property
     def max_outstanding(self) -> int:
@@ -195,6 +256,7 @@ _SECTIONS = {
     "server": ServerSettings,
     "resources": ResourceSettings,
     "expert_parallel": ExpertParallelSettings,
+    "replicas": ReplicaSettings,
     "vllm": VllmSettings,
 }
 _AppArgsBase = msgspec.defstruct(

@@ -1,27 +1,26 @@
-"""Model hosting: Serve deployments that own plain Ray actors, and the proxies the router's engine uses.
+"""Model hosting: the host actors that hold the models, their supervisor, and the proxies the engine uses.
 
-Why actors under the deployments: the engine calls the drafter and the target every iteration, and a
-Serve handle call costs several times a direct actor call (measured here: 6.7 ms against 1.5 ms per call
-on a loaded 2-core machine, `bench/rpc.py`). So each deployment replica (`TargetServer`,
-`DrafterServer`) starts one host actor (`TargetHost`, `DrafterHost`) that holds the model and its KV caches,
-hands the actor to its router once, and keeps the lifecycle: its health check pings the actor, so a dead
-actor makes Serve replace the replica, and the replica's death takes the actor with it (Ray fate-sharing).
+Why plain actors: the engine calls the drafter and the target every iteration, and a Serve handle call
+costs several times a direct actor call (measured here: 6.7 ms against 1.5 ms per call on a loaded 2-core
+machine, `bench/rpc.py`). So the models live in host actors (`TargetHost`, `DrafterHost`) that the engine
+calls directly.
 
-Binding: an app has one Router, one Drafter and one MoETarget replica, so every call about a sequence
-reaches the actor holding its cache. Scale out with more apps (one expert-parallel group each).
-
-Ownership: a host actor's sequences belong to one owner, the router whose engine runs them. A router
-`claim`s the actor before its first call (and after it re-resolves one), and a claim by a new owner frees
-every sequence of the old one. So a replaced router never inherits slots it cannot free: the sequence ids
-it numbers from 0 again cannot collide with its predecessor's, and nothing of the old one stays cached.
+Binding: each Router replica starts its own TargetHost and DrafterHost (`start_hosts`), so every call about
+a sequence reaches the actor holding its cache, and `num_replicas: N` (or Serve's autoscaling) on the one
+Router deployment scales the whole unit: N routers, N targets, N drafters, no sequence shared. The replica
+owns its hosts (Ray fate-sharing): a replaced router starts with fresh hosts and empty caches, so it never
+inherits slots it cannot free. A `HostSupervisor` keeps each host's lifecycle: the router's health check
+pings it, and a host that died is started again (the engine re-prefills from its token history).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
 import ray
@@ -38,41 +37,16 @@ logger = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 60.0
 HEALTH_TIMEOUT_S = 20.0  # a loaded host actor that does not answer a ping for this long is unhealthy
 LOAD_TIMEOUT_S = 600.0  # a host actor that has not loaded its model after this long is unhealthy
+HOST_NAMESPACE = "moespec-hosts"  # the Ray namespace of the host actors' names
 
 
-class _OwnedHost:
-    """The sequences of a host actor belong to one owner (see the module docstring)."""
-
-    owner: str | None = None
-
-    def claim(self, owner: str) -> int:
-        """Make `owner` the owner; a new owner frees every sequence of the old one. Returns how many."""
-        if owner == self.owner:
-            return 0
-        seq_ids = self._seq_ids()
-        if seq_ids:
-            logger.warning("owner %s replaces %s: freeing its %d sequences", owner, self.owner, len(seq_ids))
-            self.free(seq_ids)
-        self.owner = owner
-        return len(seq_ids)
-
-    def _seq_ids(self) -> list[int]:
-        raise NotImplementedError
-
-    def free(self, seq_ids: list[int]) -> None:
-        raise NotImplementedError
-
-
-class TargetHost(_OwnedHost):
+class TargetHost:
     """Runs in a plain Ray actor: the MoE target and its KV cache."""
 
     def __init__(self, config: AppConfig) -> None:
         torch.set_num_threads(config.resources.torch_threads)
         logger.info("loading the target %s", config.model.target)
         self.target = Target(target_runner(config, assigned_device()))
-
-    def _seq_ids(self) -> list[int]:
-        return self.target.runner.cache.seq_ids
 
     def info(self) -> TargetInfo:
         return self.target.info
@@ -110,7 +84,7 @@ class TargetHost(_OwnedHost):
             raise
 
 
-class DrafterHost(_OwnedHost):
+class DrafterHost:
     """Runs in a plain Ray actor: the draft model and its KV cache."""
 
     def __init__(self, config: AppConfig) -> None:
@@ -118,9 +92,6 @@ class DrafterHost(_OwnedHost):
         torch.set_num_threads(config.resources.torch_threads)
         logger.info("loading the draft %s", config.model.draft)
         self.drafter = draft_engine(config, assigned_device())
-
-    def _seq_ids(self) -> list[int]:
-        return self.drafter.runner.cache.seq_ids
 
     def vocab_size(self) -> int:
         return self.drafter.vocab_size
@@ -138,94 +109,145 @@ class DrafterHost(_OwnedHost):
         return True
 
 
-class _HostServer:
-    """A Serve replica that owns one host actor (`host_cls`) and reports its health.
+class HostSupervisor:
+    """Starts one host actor (`host_cls`) for a router replica, replaces it when it dies, reports its health.
 
-    Loading the model can take longer than Serve's health-check period (a busy 2-core machine took over 20 s
-    for the demo pair), so a host that is still starting is healthy until LOAD_TIMEOUT_S; one whose
-    start-up failed, or that died, or that stopped answering once started, is not.
+    The actor is owned by the router replica's process, so it dies with it (Ray fate-sharing): a replaced
+    router starts with fresh models and empty caches. Its name (`<name>:<generation>`) lets tools and tests
+    find it. Loading a model can take longer than Serve's health-check period (a busy 2-core machine took
+    over 20 s for the demo pair), so a host that is still starting is healthy until LOAD_TIMEOUT_S. Used from
+    the engine's thread (`lookup`) and Serve's health check (`check`): a lock guards the current actor.
     """
 
-    host_cls: type
-
-    def __init__(self, config: AppConfig, num_cpus: float, num_gpus: float) -> None:
-        actor_cls: Any = ray.remote(self.host_cls)
-        self.actor = actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0).remote(config)
+    def __init__(
+        self, host_cls: type, config: AppConfig, num_cpus: float, num_gpus: float, name: str
+    ) -> None:
+        self.host_cls, self.config, self.name = host_cls, config, name
+        self._options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_restarts": 0}
+        self._lock = threading.Lock()
+        self._generation = 0
+        self.actor: Any = self._spawn()
         self._ping: tuple[Any, float] | None = None  # the health check's ping in flight, and when it was sent
-        self._has_loaded = False  # the actor answered once: its model is loaded
+        self._has_loaded = False  # the current actor answered once: its model is loaded
+
+    @property
+    def deployment_name(self) -> str:
+        return self.host_cls.__name__
+
+    def _spawn(self) -> Any:
+        self._generation += 1
+        actor_cls: Any = ray.remote(self.host_cls)
+        name = f"{self.name}:{self._generation}"
+        return actor_cls.options(name=name, namespace=HOST_NAMESPACE, **self._options).remote(self.config)
+
+    def _replace_if_current(self, dead: Any) -> Any:
+        with self._lock:
+            if self.actor is dead:
+                logger.warning("the %s actor died; starting a new one", self.deployment_name)
+                self.actor, self._ping, self._has_loaded = self._spawn(), None, False
+            return self.actor
 
     async def actor_handle(self) -> Any:
-        await self.actor.ping.remote()  # loaded and answering
-        return self.actor
+        """The actor once its model has loaded (awaited inside the replica's event loop)."""
+        actor = self.actor
+        await actor.ping.remote()
+        return actor
+
+    def lookup(self, timeout_s: float = CALL_TIMEOUT_S) -> Any:
+        """The live actor after a failed call (blocking): the same one after a timeout, a new one if it died."""
+        actor = self.actor
+        try:
+            ray.get(actor.ping.remote(), timeout=timeout_s)
+            return actor
+        except ray.exceptions.RayActorError:
+            actor = self._replace_if_current(actor)
+        ray.get(actor.ping.remote(), timeout=timeout_s)  # a new actor: wait until its model has loaded
+        return actor
 
     async def num_used_slots(self) -> int:
         return int(await self.actor.num_used_slots.remote())
 
-    def check_health(self) -> None:
-        """Serve's health check: raises if the host actor died, stopped answering for HEALTH_TIMEOUT_S after
-        it had loaded, or took more than LOAD_TIMEOUT_S to load. Never waits: a ping stays in flight between
-        checks, so a model that loads slowly (a busy machine, a large checkpoint) does not fail the replica's
-        first checks, while a dead actor's ping fails at once."""
+    def check(self) -> None:
+        """Part of the router's health check: raises if the actor stopped answering for HEALTH_TIMEOUT_S after
+        it had loaded, or took more than LOAD_TIMEOUT_S to load; starts a new one if it died. Never waits: a
+        ping stays in flight between checks, so a model that loads slowly does not fail the first checks."""
+        actor = self.actor
         if self._ping is None:
-            self._ping = (self.actor.ping.remote(), time.monotonic())
+            self._ping = (actor.ping.remote(), time.monotonic())
         ref, sent_at = self._ping
         if ray.wait([ref], timeout=0)[0]:
             self._ping = None
-            ray.get(ref)  # raises if the actor died
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError:
+                self._replace_if_current(actor)
+                return
             self._has_loaded = True
             return
         waited = time.monotonic() - sent_at
         if self._has_loaded and waited > HEALTH_TIMEOUT_S:
-            raise RuntimeError(f"the {self.host_cls.__name__} actor has not answered for {waited:.0f} s")
+            raise RuntimeError(f"the {self.deployment_name} actor has not answered for {waited:.0f} s")
         if not self._has_loaded and waited > LOAD_TIMEOUT_S:
-            raise RuntimeError(f"the {self.host_cls.__name__} actor has not loaded within {waited:.0f} s")
+            raise RuntimeError(f"the {self.deployment_name} actor has not loaded within {waited:.0f} s")
 
 
-class TargetServer(_HostServer):
-    host_cls = TargetHost
+@dataclass(frozen=True)
+class ModelHosts:
+    """A router replica's own model hosts: the target and (with speculation) the drafter."""
 
-    def __init__(self, config: AppConfig) -> None:
-        res = config.resources
-        single = config.expert_parallel.num_ranks == 1  # else the ranks hold the resources
-        super().__init__(
-            config, res.target_num_cpus if single else 0.1, res.target_num_gpus if single else 0.0
+    target: HostSupervisor | None  # None: the target runs in the router's process (engine.loop_beside_target)
+    drafter: HostSupervisor | None
+
+
+def start_hosts(config: AppConfig, owner: str) -> ModelHosts:
+    """Start the host actors of one router replica (`owner`: the replica's name, which the actors' names
+    carry). The models load while the replica starts."""
+    res = config.resources
+    single = config.expert_parallel.num_ranks == 1  # else the expert-parallel ranks hold the resources
+    target = None
+    if not config.engine.loop_beside_target:
+        target = HostSupervisor(
+            TargetHost,
+            config,
+            res.target_num_cpus if single else 0.1,
+            res.target_num_gpus if single else 0.0,
+            f"{owner}:TargetHost",
         )
-
-
-class DrafterServer(_HostServer):
-    host_cls = DrafterHost
-
-    def __init__(self, config: AppConfig) -> None:
-        super().__init__(config, config.resources.drafter_num_cpus, config.resources.drafter_num_gpus)
+    drafter = None
+    if config.model.draft is not None:
+        drafter = HostSupervisor(
+            DrafterHost, config, res.drafter_num_cpus, res.drafter_num_gpus, f"{owner}:DrafterHost"
+        )
+    return ModelHosts(target, drafter)
 
 
 class BackendUnavailable(RuntimeError):
     """A host actor is being looked up again after a failure; the call was not made."""
 
 
-Host = TypeVar("Host", bound=_OwnedHost)
+Host = TypeVar("Host", TargetHost, DrafterHost)
 Params = ParamSpec("Params")
 Result = TypeVar("Result")
 
 
 class _Remote(Generic[Host]):
-    """Typed blocking calls to a host actor (of class `Host`) from the engine's thread, as `owner`.
+    """Typed blocking calls to a host actor (of class `Host`) from the engine's thread.
 
     `call(TargetHost.verify, requests)` names the method by the host class's own function, so mypy checks
     the arguments against its signature and types the result: no method names in strings.
 
-    `actor` is handed over already claimed by `owner`. After a failed call the actor is looked up again
-    through its (possibly replaced) replica and claimed before the next call. With `lookup_in_background`,
-    the look-up runs on a helper thread and calls fail fast with `BackendUnavailable` until it answers, so the
-    engine's loop never waits for a replacement (the drafter's case: the engine runs at K = 0 meanwhile).
-    Frees sent while no actor is known are kept and sent first to the next actor, so one failed call never
-    drops later frees.
+    After a failed call the actor is looked up again through its supervisor (the same actor after a timeout,
+    a new one after it died) before the next call. With `lookup_in_background`, the look-up runs on a helper
+    thread and calls fail fast with `BackendUnavailable` until it answers, so the engine's loop never waits
+    for a replacement (the drafter's case: the engine runs at K = 0 meanwhile). Frees sent while no actor is
+    known are kept and sent first to the next actor, so one failed call never drops later frees (a new actor
+    holds no sequences; the frees are no-ops there).
     """
 
     def __init__(
-        self, server_handle: Any, actor: Any, timeout_s: float, owner: str, lookup_in_background: bool = False
+        self, host: HostSupervisor, actor: Any, timeout_s: float, lookup_in_background: bool = False
     ) -> None:
-        self.server_handle, self.timeout_s, self.owner = server_handle, timeout_s, owner
+        self.host, self.timeout_s = host, timeout_s
         self._actor: Any = actor  # None after a failed call, until looked up again
         self._unsent_frees: list[list[int]] = []
         self._lookup: concurrent.futures.Future[Any] | None = None
@@ -267,26 +289,20 @@ class _Remote(Generic[Host]):
 
     def _looked_up(self) -> Any:
         if self._lookup_pool is None:
-            return self._claim_replacement()
+            return self.host.lookup()
         if self._lookup is None:
-            self._lookup = self._lookup_pool.submit(self._claim_replacement)
+            self._lookup = self._lookup_pool.submit(self.host.lookup)
         if not self._lookup.done():
-            raise BackendUnavailable(f"looking up a replacement {self.server_handle.deployment_name} replica")
+            raise BackendUnavailable(f"looking up a replacement {self.host.deployment_name} actor")
         lookup, self._lookup = self._lookup, None
         return lookup.result()  # raises the look-up's error; the next call starts another
-
-    def _claim_replacement(self) -> Any:
-        """The replica's actor (the same one after a timeout, a new one after a replacement), claimed."""
-        actor = self.server_handle.actor_handle.remote().result(timeout_s=CALL_TIMEOUT_S)
-        ray.get(actor.claim.remote(self.owner), timeout=self.timeout_s)
-        return actor
 
 
 class RemoteTarget:
     """The engine's target backend: a TargetHost actor."""
 
-    def __init__(self, server_handle: Any, actor: Any, info: TargetInfo, owner: str) -> None:
-        self.remote: _Remote[TargetHost] = _Remote(server_handle, actor, CALL_TIMEOUT_S, owner)
+    def __init__(self, host: HostSupervisor, actor: Any, info: TargetInfo) -> None:
+        self.remote: _Remote[TargetHost] = _Remote(host, actor, CALL_TIMEOUT_S)
         self.info = info
 
     def prefill(
@@ -310,12 +326,8 @@ class RemoteDrafter:
     """The engine's draft backend: a DrafterHost actor. Failures reach the engine, which continues at
     K = 0 for a while (see SpecEngine._draft)."""
 
-    def __init__(
-        self, server_handle: Any, actor: Any, vocab_size: int, owner: str, timeout_s: float = 5.0
-    ) -> None:
-        self.remote: _Remote[DrafterHost] = _Remote(
-            server_handle, actor, timeout_s, owner, lookup_in_background=True
-        )
+    def __init__(self, host: HostSupervisor, actor: Any, vocab_size: int, timeout_s: float = 5.0) -> None:
+        self.remote: _Remote[DrafterHost] = _Remote(host, actor, timeout_s, lookup_in_background=True)
         self.vocab_size = vocab_size
 
     def propose(self, requests: Sequence[DraftRequest]) -> DraftOutput:

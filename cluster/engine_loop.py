@@ -127,8 +127,7 @@ class EngineLoop:
                 self._fail_all(error)
                 continue
             self.last_error = None
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            self._deliver_all([(out.request_id, out) for out in outputs])
             if self.engine.last_stats is not None and outputs:
                 self.metrics.observe(self.engine.last_stats)
                 if self.on_iteration is not None:
@@ -163,16 +162,29 @@ class EngineLoop:
         failure = EngineFailure(error)
         for request_id in list(self._clients):
             self.engine.abort(request_id)
-            self._deliver(request_id, failure)
+        self._deliver_all([(request_id, failure) for request_id in list(self._clients)])
 
     def _deliver(self, request_id: str, item: Item) -> None:
-        client = self._clients.get(request_id)
-        if client is None:
-            return
-        finished = isinstance(item, BaseException) or item.is_finished
-        if finished:
-            del self._clients[request_id]
-            with self._outstanding_lock:
-                self.num_outstanding -= 1
-        assert self._event_loop is not None
-        self._event_loop.call_soon_threadsafe(client.outputs.put_nowait, item)
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items: list[tuple[str, Item]]) -> None:
+        """Hand an iteration's outputs to their handlers with one wake-up of the event loop (one per output
+        cost the loop thread a cross-thread call, and the event loop a wake-up, per request per iteration)."""
+        batch = []
+        for request_id, item in items:
+            client = self._clients.get(request_id)
+            if client is None:
+                continue
+            if isinstance(item, BaseException) or item.is_finished:
+                del self._clients[request_id]
+                with self._outstanding_lock:
+                    self.num_outstanding -= 1
+            batch.append((client.outputs, item))
+        if batch:
+            assert self._event_loop is not None
+            self._event_loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _put_all(batch: list[tuple[asyncio.Queue[Item], Item]]) -> None:
+    for outputs, item in batch:
+        outputs.put_nowait(item)

@@ -100,6 +100,38 @@ def _is_healthy(base: str) -> bool:
         return False
 
 
+def host_actors(app: str, class_name: str) -> dict[str, Any]:
+    """The live model host actors (`TargetHost`, `DrafterHost`) of an app's Router replicas, by replica."""
+    import ray
+
+    from cluster.deployments import HOST_NAMESPACE
+
+    found = {}
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        replica, _, rest = entry["name"].partition(f":{class_name}:")
+        if entry["namespace"] != HOST_NAMESPACE or not rest or not replica.startswith(f"{app}#"):
+            continue
+        try:
+            found[replica] = ray.get_actor(entry["name"], namespace=HOST_NAMESPACE)
+        except ValueError:  # died since it was listed
+            continue
+    return found
+
+
+def used_slots(app: str) -> dict[str, tuple[int, int]]:
+    """KV slots in use (target, drafter) on each Router replica of an app, from its live host actors."""
+    import ray
+
+    targets, drafters = host_actors(app, "TargetHost"), host_actors(app, "DrafterHost")
+    return {
+        replica: (
+            int(ray.get(target.num_used_slots.remote())),
+            int(ray.get(drafters[replica].num_used_slots.remote())) if replica in drafters else 0,
+        )
+        for replica, target in targets.items()
+    }
+
+
 def metric_value(metrics: str, name: str) -> float:
     """The first sample of `moespec:<name>` in Prometheus text."""
     lines = [line for line in metrics.splitlines() if line.startswith(f"moespec:{name}{{")]

@@ -186,6 +186,30 @@ def test_one_batch_limit_and_derived_settings_computed_once() -> None:
     assert config.max_outstanding == 13 and engine_config(config).max_waiting == config.max_outstanding
 
 
+def test_replicas_are_serves_num_replicas_or_autoscaling_config_validated() -> None:
+    """One app scales by its Router deployment (each replica with its own drafter and target): the options
+    reach Serve under their Serve names, and mistakes are refused naming the field."""
+    from cluster.app import build_app, resource_demand
+
+    router = build_app({"replicas": {"num_replicas": 2}})._bound_deployment
+    assert router.name == "Router" and router.num_replicas == 2
+    auto = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}
+    router = build_app({"replicas": {"autoscaling_config": auto}})._bound_deployment
+    assert router._deployment_config.autoscaling_config.max_replicas == 4
+    demand = resource_demand(AppConfig.from_args({"replicas": {"num_replicas": 2}}))
+    assert demand["2 x MoETarget host"]["CPU"] == 2.0 and demand["2 x Router"]["CPU"] == 1.0
+    for bad, message in [
+        ({"num_replicas": 0}, "num_replicas must be >= 1"),
+        ({"num_replicas": 2, "autoscaling_config": auto}, "both set; set one"),
+        ({"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}}, "autoscaling_config is invalid"),
+        ({"autoscaling_config": {"max_replica": 2}}, r"unknown fields \['max_replica'\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            AppConfig.from_args({"replicas": bad})
+    with pytest.raises(ValueError, match="set vllm.num_replicas"):
+        AppConfig.from_args({"engine": {"backend": "vllm"}, "replicas": {"num_replicas": 2}})
+
+
 def gpus_per_app(app: AppConfig) -> float:
     """GPUs one application needs: every vLLM replica's ranks, or the native ranks plus the drafter's."""
     ranks = app.expert_parallel.num_ranks * app.resources.target_num_gpus

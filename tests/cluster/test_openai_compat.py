@@ -17,7 +17,7 @@ import torch
 from cluster.config import DEMO_DRAFT, DEMO_TARGET
 from cluster.metrics import COUNTERS, GAUGES, PER_POSITION
 from tests.cluster.reference import NO_PENALTIES, OPENAI_PENALTIES, PENALTIES, reference_greedy
-from tests.cluster.serving_app import app_args
+from tests.cluster.serving_app import app_args, host_actors
 
 openai = pytest.importorskip("openai")
 transformers = pytest.importorskip("transformers")
@@ -243,11 +243,10 @@ def test_what_is_still_refused_names_the_field(startup: Startup, client: Any) ->
 def test_health_answers_within_2_s_after_a_replica_failed(startup: Startup, client: Any) -> None:
     """Kill the drafter's host, then the target's, each with a request in flight; poll /health meanwhile."""
     import ray
-    from ray import serve
 
     slow_client = client.with_options(timeout=180)
-    for deployment in ("Drafter", "MoETarget"):
-        host = serve.get_deployment_handle(deployment, app_name=APP).actor_handle.remote().result()
+    for deployment in ("DrafterHost", "TargetHost"):
+        (host,) = host_actors(APP, deployment).values()
         ray.kill(host, no_restart=True)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             request = pool.submit(

@@ -1,5 +1,5 @@
-"""Faults and load in the served app (the shipped demo pair, real Ray Serve, real HTTP): a killed Drafter or
-MoETarget replica loses no request, and bursts above capacity leave KV slots and process memory at their
+"""Faults and load in the served app (the shipped demo pair, real Ray Serve, real HTTP): a killed drafter or
+target host loses no request, and bursts above capacity leave KV slots and process memory at their
 idle level."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from cluster.config import DEMO_DRAFT, DEMO_TARGET
-from tests.cluster.serving_app import app_args, burst, metric_value, running_app
+from tests.cluster.serving_app import app_args, burst, host_actors, metric_value, running_app, used_slots
 
 openai = pytest.importorskip("openai")
 psutil = pytest.importorskip("psutil")
@@ -53,25 +53,17 @@ def stream(server: str) -> Callable[[int], str]:
 
 
 def _used_slots() -> tuple[int, int]:
-    from ray import serve
-
-    target = serve.get_deployment_handle("MoETarget", app_name=APP)
-    drafter = serve.get_deployment_handle("Drafter", app_name=APP)
-    return target.num_used_slots.remote().result(), drafter.num_used_slots.remote().result()
+    (slots,) = used_slots(APP).values()  # one Router replica
+    return slots
 
 
 def _gauge(server: str, name: str) -> float:
     return metric_value(httpx.get(f"{server}/metrics").text, name)
 
 
-def _named_replicas(deployment: str) -> list[Any]:
-    import ray
-
-    return [
-        ray.get_actor(a["name"], namespace="serve")
-        for a in ray.util.list_named_actors(all_namespaces=True)
-        if f":{APP}#{deployment}#" in a["name"] and a["namespace"] == "serve"
-    ]
+def _host_actors(class_name: str) -> list[Any]:
+    """The Router replica's host actor of a class (`ray.kill`: the actor dies, its supervisor starts another)."""
+    return list(host_actors(APP, class_name).values())
 
 
 def _host_pids(class_name: str) -> list[int]:
@@ -104,7 +96,7 @@ def _kill_mid_stream(
 
 
 def test_killing_the_drafter_mid_stream_loses_nothing(server: str, stream: Callable[[int], str]) -> None:
-    expected, got = _kill_mid_stream(lambda: _named_replicas("Drafter"), stream)
+    expected, got = _kill_mid_stream(lambda: _host_actors("DrafterHost"), stream)
     assert got == expected
     assert _gauge(server, "drafter_failures") >= 1  # the fault really hit the streams
     assert stream(0) == expected[0]  # speculation resumes with a new replica (or runs at K = 0): same text
@@ -113,8 +105,8 @@ def test_killing_the_drafter_mid_stream_loses_nothing(server: str, stream: Calla
 @pytest.mark.parametrize(
     "victims",
     [
-        pytest.param(lambda: _named_replicas("MoETarget"), id="replica"),
-        # The replica lives on with a dead model actor: its health check fails and Serve replaces it.
+        pytest.param(lambda: _host_actors("TargetHost"), id="replica"),
+        # The process dies without Ray's notice (a crash): the next call or health check finds it dead.
         pytest.param(lambda: _host_pids("TargetHost"), id="host-actor"),
     ],
 )
