@@ -54,7 +54,7 @@ def markdown(report: dict[str, Any], out: Path) -> str:
         "lowers TPOT and raises TTFT (latency p50 is the robust latency figure). `hf-*` rows are offline `generate` at batch = "
         "concurrency (assisted: batch 1 only), TPOT there = wall time per output token of one sequence.",
         "",
-        f"Servers, one at a time: ours = `{config['serve_config']}` (Router, Drafter and MoETarget deployments, "
+        f"Servers, one at a time: ours = `{config['serve_config']}` (Router replicas, each with its drafter and target hosts, "
         "one torch thread each) with `policy.kind` auto (batch-aware; its phases: off, static K, auto) or cascade "
         "(off, auto), K per request in `num_spec_tokens`; vLLM = its OpenAI server with the same dtype, "
         "max_model_len and max_num_seqs, 2 OpenMP threads, "
