@@ -114,7 +114,9 @@ def test_a_replaced_router_reclaims_the_slots_of_its_predecessor(server: str) ->
         cut = sum(1 for f in streams if f.exception(timeout=300) is not None)
     # A dead process cuts its streams (an incomplete body, no error event): the client sees an error.
     print(f"\nrouter kill: {cut}/24 streams cut")
-    healthy_after = _wait_healthy(server, timeout_s=60 - (time.monotonic() - killed_at))
+    # The replacement Router loads its own drafter and target (their hosts died with the old one): 32-42 s
+    # measured at load 10-50, against 14-18 s when the models lived in deployments of their own.
+    healthy_after = _wait_healthy(server, timeout_s=120 - (time.monotonic() - killed_at))
     print(
         f"router kill: /health 200 {time.monotonic() - killed_at:.1f} s after the kill ({healthy_after:.1f} s waited)"
     )
