@@ -39,6 +39,11 @@ class BatchAwareConfig:
     # A first test costs the drafter the request's whole history (its catch-up prefill) besides the draft
     # steps, which short requests rarely repay where the traffic does not speculate.
     new_request_zero_verdicts: int = 3
+    # Until this many requests have drafted, a new request starts from no less than the uninformed rate
+    # (acceptance's prior): one low-acceptance request must not set every later request's start at K = 0,
+    # untested for its whole life (the vLLM backend's mixed batch-4 miss: the first request of the traffic
+    # accepted 0.3, the mean was 0.58).
+    min_population_requests: int = 4
     acceptance: AcceptanceConfig = field(default_factory=AcceptanceConfig)
 
     def __post_init__(self) -> None:
@@ -58,6 +63,8 @@ class BatchAwareConfig:
             raise ValueError(f"max_test_wait={self.max_test_wait} must be >= 0")
         if self.new_request_zero_verdicts < 0:
             raise ValueError(f"new_request_zero_verdicts={self.new_request_zero_verdicts} must be >= 0")
+        if self.min_population_requests < 0:
+            raise ValueError(f"min_population_requests={self.min_population_requests} must be >= 0")
 
 
 class _RequestState:
@@ -69,6 +76,7 @@ class _RequestState:
         self.num_zero_verdicts = 0  # consecutive tests followed by K = 0: the back-off exponent
         self.is_new = True  # not chosen for yet
         self.test_wait = 0  # iterations a pending test has waited for a drafting iteration
+        self.has_drafted = False  # its drafts have fed the population's acceptance
 
 
 class BatchAwareChooser:
@@ -80,6 +88,7 @@ class BatchAwareChooser:
         self._states: dict[str, _RequestState] = {}
         # Acceptance of all requests together, updated once per iteration: new requests start from it.
         self._population = AcceptanceEstimator(POPULATION_ACCEPTANCE)
+        self._num_population_requests = 0  # requests whose drafts fed it
 
     def choose(self, request_ids: Sequence[str]) -> dict[str, int]:
         if not request_ids:
@@ -113,6 +122,8 @@ class BatchAwareChooser:
                 state.estimator.record_counts(r.num_accepted_tokens, 1.0 if is_rejected else 0.0)
                 num_accepted += r.num_accepted_tokens
                 num_rejected += is_rejected
+                self._num_population_requests += not state.has_drafted
+                state.has_drafted = True
             if state.test_remaining > 0:
                 state.test_remaining -= r.num_spec_tokens > 0  # a test waiting for a probe is still pending
             elif r.num_spec_tokens > 0:
@@ -244,7 +255,13 @@ class BatchAwareChooser:
     def _state(self, request_id: str) -> _RequestState:
         state = self._states.get(request_id)
         if state is None:
-            state = self._states[request_id] = _RequestState(self.config, self._population.rate)
+            rate = self._population.rate
+            if self._num_population_requests < self.config.min_population_requests:
+                uninformed = self.config.acceptance.prior_accepted / (
+                    self.config.acceptance.prior_accepted + self.config.acceptance.prior_rejected
+                )
+                rate = max(rate, uninformed)
+            state = self._states[request_id] = _RequestState(self.config, rate)
         return state
 
 

@@ -143,3 +143,17 @@ def test_config_rejects_bad_values() -> None:
         BatchAwareConfig(max_spec_tokens=4, probe_num_spec_tokens=5)
     with pytest.raises(ValueError, match="hysteresis=-0.1"):
         BatchAwareConfig(hysteresis=-0.1)
+
+
+def test_new_requests_start_uninformed_until_enough_requests_have_drafted() -> None:
+    """One low-acceptance request must not start every later one at K = 0, untested for its whole life."""
+    chooser = chooser_for("mixtral-8x7b-h100", min_population_requests=2)
+    for i in range(3):
+        request_id = f"r{i}"
+        chooser.choose([request_id])
+        start = chooser._states[request_id].estimator.rate
+        assert start >= 0.5 if i < 2 else start < 0.3, (i, start)
+        requests = [RequestIterationStats(request_id, 2, 0, 1, 10)] * 1
+        for step in range(20):  # every draft rejected
+            chooser.observe(IterationStats(step, 1, requests, 3, 0.01, 0.02, 0.0))
+        chooser.release(request_id)
