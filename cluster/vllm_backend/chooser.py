@@ -116,8 +116,8 @@ def step_prior(vllm_config: Any) -> CostParams:
     `draft_*` terms) and the rest of the step (verify terms): the time outside the forwards is folded into
     the verify terms, the call to the drafter into its per-step term. The draft terms must stay apart:
     folded into the verify terms (as before the worker measured them), a fit on batch-1 steps charged the
-    drafter's steps to each verified token, predicted drafting at batch 4 at 2x its cost, and the chooser
-    kept every request at K = 0 where static K = 3 ran 1.7x faster (tests/cluster/vllm_backend/test_chooser.py).
+    drafter's steps to each verified token and predicted drafting at batch 4 at twice its cost
+    (tests/cluster/vllm_backend/test_chooser.py).
     Without our worker (vLLM's runner: its drafter pass runs every step, K = 0 included) the whole step is
     reported as verify time, and every term is folded into the verify terms."""
     spec = vllm_config.speculative_config

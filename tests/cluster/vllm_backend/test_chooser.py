@@ -3,11 +3,18 @@ shaped like the regime pair (a memory-bound MoE target: its cost follows the dis
 a draft model whose every step costs about a tenth of a plain target step), traffic at concurrency 1 and
 then 4, as `bench.vllm_policy` sends it to one server.
 
-Found by tracing the served benchmark's miss (auto at off's speed at mixed concurrency 4, where static K = 3
-ran 1.7x off): with the drafter's terms folded into the target's and the whole step reported as verify time,
-the fit on concurrency 1's steps charged the draft steps to each verified token; at batch 4 it predicted
-drafting at twice its cost, every new request started at K = 0 and, never tested in its 64 tokens, stayed
-there (3 of these 6 seeds)."""
+Found by replaying the served benchmark's miss (auto at off's speed at mixed concurrency 4, where static
+K = 3 ran 1.7x off) on this truth:
+- the lock: the traffic's acceptance, which new requests start from, rested on the first request tested
+  (at batch 1 only it is tested); one request at 0.3 started every later request at K = 0, untested for its
+  64 tokens. Now new requests start from the uninformed rate until 4 requests have drafted
+  (`BatchAwareConfig.min_population_requests`);
+- what made it likelier: the drafter's terms were folded into the target's and the whole step reported as
+  verify time, so the fit on concurrency 1's steps charged the draft steps to each verified token and
+  predicted drafting at batch 4 at twice its cost. Now the worker measures the drafter and the prior keeps
+  its draft terms (batch-4 predictions within 10% of this truth).
+With neither change 3 of these 6 seeds ran batch 4 at K = 0 throughout (1.0x off); with the measured
+drafter alone 2 ran at 1.0x off (mean K 0.6-0.8); with the population rule alone none."""
 
 from __future__ import annotations
 
