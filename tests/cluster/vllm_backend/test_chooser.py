@@ -13,8 +13,9 @@ K = 3 ran 1.7x off) on this truth:
   verify time, so the fit on concurrency 1's steps charged the draft steps to each verified token and
   predicted drafting at batch 4 at twice its cost. Now the worker measures the drafter and the prior keeps
   its draft terms (batch-4 predictions within 10% of this truth).
-With neither change 3 of these 6 seeds ran batch 4 at K = 0 throughout (1.0x off); with the measured
-drafter alone 2 ran at 1.0x off (mean K 0.6-0.8); with the population rule alone none."""
+With neither change 4 of these 6 seeds ran batch 4 at mean K 0-0.4 and 0.98-1.0x off (2 at K = 0
+throughout); with the measured drafter alone 2 ran at 1.0x off (mean K 0.6-0.8); with the population rule
+alone none (1.05-1.29x off, its model still 2x off on drafting's cost)."""
 
 from __future__ import annotations
 
