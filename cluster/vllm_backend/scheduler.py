@@ -108,6 +108,7 @@ class SchedulerCounters:
     mean_num_spec_tokens: float = 0.0  # over the last step's decoding requests
     batch_size: int = 0
     step_time_s: float = 0.0
+    draft_time_s: float = 0.0  # total in the drafter, as our worker measured it (0 without it)
     guard_holds: int = 0
     central_decisions: int = 0
     policy_actor_failures: int = 0
@@ -258,6 +259,7 @@ class PolicyScheduler(Scheduler):
                 "PolicyScheduler: the worker measures the drafter; steps split into draft and verify time"
             )
         previous, self._last_draft = self._last_draft, draft or DraftMeasurement(0.0, 0)
+        counters.draft_time_s += self._last_draft.time_s
         if requests:
             self.chooser.observe(iteration_stats(counters.num_steps, requests, step_time_s, draft, previous))
             counters.num_request_steps += len(requests)

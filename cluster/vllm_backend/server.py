@@ -45,6 +45,7 @@ _COUNTERS = {
     "num_draft_tokens": "spec_decode_num_draft_tokens_total",
     "num_accepted_tokens": "spec_decode_num_accepted_tokens_total",
     "num_drafting_steps": "drafting_iterations_total",
+    "draft_time_s": "draft_seconds_total",  # measured by our worker, sent with each step's output
 }
 _GAUGES = {
     "mean_num_spec_tokens": "num_spec_tokens_mean",
