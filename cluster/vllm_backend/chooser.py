@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from cluster.choosers import DEFAULT_PRIOR, analytic_prior, make_chooser, shared_chooser_factory
-from cluster.vllm_backend.settings import SchedulerSettings
+from cluster.vllm_backend.settings import WORKER_CLS, DraftMeasurement, SchedulerSettings
 from policy.cost_model import CostParams
 from policy.guard import MeasuredGuard
-from policy.stats import KChooser
+from policy.stats import IterationStats, KChooser, RequestIterationStats
 from workers.config import ModelConfig
 from workers.target import TargetInfo
 
@@ -80,11 +80,46 @@ def target_info(vllm_config: Any) -> TargetInfo:
     )
 
 
-def step_prior(vllm_config: Any) -> CostParams:
-    """The cost model's starting point for a whole vLLM step.
+def iteration_stats(
+    step: int,
+    requests: list[RequestIterationStats],
+    step_time_s: float,
+    draft: DraftMeasurement | None,
+    previous: DraftMeasurement,
+) -> IterationStats:
+    """One iteration of the policy from one vLLM step: the drafts verified in the step were drafted at the end
+    of the step before (`previous`), and the drafting at the end of this step (`draft`) is the next
+    iteration's, so verify time = step time - `draft.time_s`. `draft` None (not our worker): the whole
+    step is verify time."""
+    return IterationStats(
+        iteration=step,
+        batch_size=len(requests),
+        requests=requests,
+        num_target_tokens=sum(r.num_spec_tokens + 1 for r in requests),
+        draft_time_s=0.0 if draft is None else previous.time_s,
+        verify_time_s=step_time_s if draft is None else max(step_time_s - draft.time_s, 0.0),
+        other_time_s=0.0,
+        num_draft_prefill_tokens=0 if draft is None else previous.num_prefill_tokens,
+    )
 
-    The scheduler reports a step's wall time as verify time (vLLM gives it no split), so the draft and
-    "other" terms of the analytic prior are folded into the verify terms, and the online fit refines those."""
+
+def measures_draft_time(vllm_config: Any) -> bool:
+    """Whether the engine runs our `CatchUpWorker`, which measures the drafter's time every step (runner.py):
+    the scheduler then reports each step's draft and verify time apart."""
+    return str(getattr(vllm_config.parallel_config, "worker_cls", "")) == WORKER_CLS
+
+
+def step_prior(vllm_config: Any) -> CostParams:
+    """The cost model's starting point for a vLLM step, in the terms the scheduler measures.
+
+    With our worker, a step is reported as the drafter's time (measured in the worker, catch-up included:
+    `draft_*` terms) and the rest of the step (verify terms): the time outside the forwards is folded into
+    the verify terms, the call to the drafter into its per-step term. The draft terms must stay apart:
+    folded into the verify terms (as before the worker measured them), a fit on batch-1 steps charged the
+    drafter's steps to each verified token and predicted drafting at batch 4 at twice its cost
+    (tests/cluster/vllm_backend/test_chooser.py).
+    Without our worker (vLLM's runner: its drafter pass runs every step, K = 0 included) the whole step is
+    reported as verify time, and every term is folded into the verify terms."""
     spec = vllm_config.speculative_config
     target_dir = Path(vllm_config.model_config.model)
     draft_dir = Path(spec.draft_model_config.model) if spec is not None and spec.draft_model_config else None
@@ -97,13 +132,21 @@ def step_prior(vllm_config: Any) -> CostParams:
     else:
         bytes_per_param = 2 if "16" in str(vllm_config.model_config.dtype) else 4
         prior = analytic_prior(target, draft, bytes_per_param)
-    return dataclasses.replace(
+    verify = dataclasses.replace(
         prior,
-        fixed_s=prior.fixed_s + prior.other_s + prior.draft_call_s + prior.draft_fixed_s,
-        per_token_s=prior.per_token_s + prior.draft_per_token_s,
+        fixed_s=prior.fixed_s + prior.other_s,
+        per_token_s=prior.per_token_s + prior.other_per_token_s,
+        other_s=0.0,
+        other_per_token_s=0.0,
+        draft_call_s=0.0,
+    )
+    if measures_draft_time(vllm_config):
+        return dataclasses.replace(verify, draft_fixed_s=prior.draft_fixed_s + prior.draft_call_s)
+    return dataclasses.replace(
+        verify,
+        fixed_s=verify.fixed_s + prior.draft_call_s + prior.draft_fixed_s,
+        per_token_s=verify.per_token_s + prior.draft_per_token_s,
         draft_fixed_s=0.0,
         draft_per_token_s=0.0,
         draft_prefill_per_token_s=0.0,
-        other_s=0.0,
-        draft_call_s=0.0,
     )

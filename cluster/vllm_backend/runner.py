@@ -16,6 +16,12 @@ drafts from it. Spans longer than the drafter's token buffers are split into sev
 Drafts never change the output (verification is exact), so the catch-up is about acceptance: the tests check
 that drafts after skipped steps are accepted exactly as often as without skipping.
 
+The runner also measures the drafter: each step's `ModelRunnerOutput` carries a `DraftMeasurement` (seconds
+in the drafter, catch-up included, and the history tokens the catch-up fed) in its `moespec_draft` attribute,
+which reaches the scheduler's `update_from_output` in the engine-core process (pickled with the output when
+the worker is a process of its own). The scheduler splits each step's wall time into draft and verify time
+with it, so that the cost model fits the drafter's terms instead of folding them into the target's.
+
 Scope: vLLM's V1 model runner (`GPUModelRunner`, which the CPU runner extends) with a draft model
 (`method: draft_model`) and the padded drafter batch (vLLM's default). Anything else (EAGLE, whose catch-up
 would need the target's hidden states of the missed tokens; the V2 runner) runs vLLM's runner unchanged,
@@ -27,15 +33,19 @@ draft from them: lower acceptance there, output unchanged.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import numpy as np
 import torch
 from vllm.platforms import current_platform
 from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
+
+from cluster.vllm_backend.settings import DRAFT_MEASUREMENT_ATTR, DraftMeasurement
 
 logger = logging.getLogger(__name__)
 # What the runner relies on, checked when the worker starts.
@@ -60,6 +70,21 @@ class CatchUpRunnerMixin:
         self.num_skipped_steps = 0
         self.num_catch_up_passes = 0
         self.num_catch_up_tokens = 0
+        self._draft_measurement: DraftMeasurement | None = None
+
+    def sample_tokens(self, *args: Any, **kwargs: Any) -> Any:
+        """vLLM's, with this step's `DraftMeasurement` attached to its output (see the module docstring)."""
+        parent: Any = super()
+        self._draft_measurement = None
+        output = parent.sample_tokens(*args, **kwargs)
+        measured = self._draft_measurement
+        if (
+            measured is not None
+            and isinstance(output, ModelRunnerOutput)
+            and output is not EMPTY_MODEL_RUNNER_OUTPUT
+        ):
+            setattr(output, DRAFT_MEASUREMENT_ATTR, measured)
+        return output
 
     def propose_draft_token_ids(
         self,
@@ -81,12 +106,24 @@ class CatchUpRunnerMixin:
                 aux_hidden_states, spec_decode_metadata, common_attn_metadata, slot_mappings,
             )  # fmt: skip
         if scheduler_output.num_spec_tokens_to_schedule == 0 and self.skips_drafter:
+            self._draft_measurement = DraftMeasurement(0.0, 0)
             return self._skip(rows, sampled_token_ids)
+        self._synchronize()  # the target's forward and sampling are not the drafter's time
+        start, tokens = time.perf_counter(), self.num_catch_up_tokens
         self._catch_up(rows, common_attn_metadata)
-        return parent.propose_draft_token_ids(
+        num_prefill = self.num_catch_up_tokens - tokens
+        drafts = parent.propose_draft_token_ids(
             scheduler_output, sampled_token_ids, sampling_metadata, hidden_states, sample_hidden_states,
             aux_hidden_states, spec_decode_metadata, common_attn_metadata, slot_mappings,
         )  # fmt: skip
+        self._synchronize()
+        self._draft_measurement = DraftMeasurement(time.perf_counter() - start, num_prefill)
+        return drafts
+
+    def _synchronize(self) -> None:
+        """Waits for the device (a no-op on CPU, where forwards run synchronously)."""
+        if self.device.type != "cpu":
+            torch.accelerator.synchronize(self.device)
 
     # -- the two halves ----------------------------------------------------------------------------------------
 

@@ -21,8 +21,12 @@ What the scheduler alone cannot change (see the README's vllm section):
   draft forward over the batch per step.
 - Every request gets the batch's max K drafts; we only cut what is verified. K never exceeds the
   `num_speculative_tokens` given at launch (K_max: KV slots are reserved for it).
-- There is no drafter/target time split in the scheduler: the step's wall time is reported as verify
-  time, with no expert counts (the cost model falls back to N(t)).
+- The scheduler times each step (schedule() to update_from_output()); our worker measures the drafter's
+  part and sends it with the step's output (`runner.DraftMeasurement`). An iteration of the policy is a
+  step's verification plus the drafting for it, which ran at the end of the step before: the scheduler
+  reports the previous step's draft time and catch-up tokens with this step's verified drafts, and this
+  step's wall time less its own drafting as verify time. Without our worker the whole step is verify time.
+  There are no expert counts (the cost model falls back to N(t)).
 """
 
 from __future__ import annotations
@@ -40,9 +44,15 @@ import vllm
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from cluster.vllm_backend.chooser import build_chooser
-from cluster.vllm_backend.settings import NUM_SPEC_TOKENS_ARG, SchedulerSettings, parse_num_spec_tokens
-from policy.stats import IterationStats, RequestIterationStats
+from cluster.vllm_backend.chooser import build_chooser, iteration_stats
+from cluster.vllm_backend.settings import (
+    DRAFT_MEASUREMENT_ATTR,
+    NUM_SPEC_TOKENS_ARG,
+    DraftMeasurement,
+    SchedulerSettings,
+    parse_num_spec_tokens,
+)
+from policy.stats import RequestIterationStats
 
 logger = logging.getLogger(__name__)
 SUPPORTED_VERSIONS = ("0.32.", "0.33.")
@@ -81,6 +91,8 @@ class StepRecord:
     num_accepted: dict[str, int]  # drafts accepted per request
     chosen: dict[str, int] = field(default_factory=dict)  # K_r decided this step (verified next step)
     num_draft_steps: int = 0  # num_spec_tokens_to_schedule: the drafter's steps at the end of this step
+    step_time_s: float = 0.0  # schedule() to update_from_output()
+    draft_time_s: float | None = None  # the drafter at the end of this step (None: not measured)
 
 
 @dataclass
@@ -96,6 +108,7 @@ class SchedulerCounters:
     mean_num_spec_tokens: float = 0.0  # over the last step's decoding requests
     batch_size: int = 0
     step_time_s: float = 0.0
+    draft_time_s: float = 0.0  # total in the drafter, as our worker measured it (0 without it)
     guard_holds: int = 0
     central_decisions: int = 0
     policy_actor_failures: int = 0
@@ -126,6 +139,9 @@ class PolicyScheduler(Scheduler):
         self._chosen: dict[str, int] = {}  # K decided at the last schedule() for the drafts now held
         self._step_start = 0.0
         self._last_metrics_write = 0.0
+        # What the drafter did at the end of the last step: its drafts are verified in this step.
+        self._last_draft = DraftMeasurement(0.0, 0)
+        self._measures_draft = False  # a measurement has arrived (logged once)
 
     # -- vLLM's hooks ----------------------------------------------------------------------------------------
 
@@ -156,7 +172,7 @@ class PolicyScheduler(Scheduler):
     def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: Any) -> Any:
         requests = self._step_requests(scheduler_output, model_runner_output)
         outputs = super().update_from_output(scheduler_output, model_runner_output)
-        self._observe(scheduler_output, requests)
+        self._observe(scheduler_output, requests, getattr(model_runner_output, DRAFT_MEASUREMENT_ATTR, None))
         return outputs
 
     def _free_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
@@ -214,7 +230,13 @@ class PolicyScheduler(Scheduler):
             )
         return requests
 
-    def _observe(self, scheduler_output: SchedulerOutput, requests: list[RequestIterationStats]) -> None:
+    def _observe(
+        self,
+        scheduler_output: SchedulerOutput,
+        requests: list[RequestIterationStats],
+        draft: DraftMeasurement | None,
+    ) -> None:
+        """`draft`: the drafter at the end of this step, measured by our worker (None without it)."""
         step_time_s = time.perf_counter() - self._step_start
         counters = self.counters
         counters.num_steps += 1
@@ -227,19 +249,19 @@ class PolicyScheduler(Scheduler):
                     num_accepted={r.request_id: r.num_accepted_tokens for r in requests},
                     chosen=dict(self._chosen),
                     num_draft_steps=scheduler_output.num_spec_tokens_to_schedule,
+                    step_time_s=step_time_s,
+                    draft_time_s=None if draft is None else draft.time_s,
                 )
             )
-        if requests:
-            stats = IterationStats(
-                iteration=counters.num_steps,
-                batch_size=len(requests),
-                requests=requests,
-                num_target_tokens=sum(r.num_spec_tokens + 1 for r in requests),
-                draft_time_s=0.0,
-                verify_time_s=step_time_s,  # the whole step: vLLM runs draft and target inside one call
-                other_time_s=0.0,
+        if draft is not None and not self._measures_draft:
+            self._measures_draft = True
+            logger.info(
+                "PolicyScheduler: the worker measures the drafter; steps split into draft and verify time"
             )
-            self.chooser.observe(stats)
+        previous, self._last_draft = self._last_draft, draft or DraftMeasurement(0.0, 0)
+        counters.draft_time_s += self._last_draft.time_s
+        if requests:
+            self.chooser.observe(iteration_stats(counters.num_steps, requests, step_time_s, draft, previous))
             counters.num_request_steps += len(requests)
             counters.num_drafts += sum(r.num_spec_tokens > 0 for r in requests)
             counters.num_draft_tokens += sum(r.num_spec_tokens for r in requests)

@@ -31,15 +31,13 @@ from cluster.config import AppConfig, resolve_model_path
 from cluster.engine_loop import EngineLoop
 from cluster.metrics import Metrics
 from cluster.router import Router
-from cluster.vllm_backend.settings import NUM_SPEC_TOKENS_ARG, SchedulerSettings
+from cluster.vllm_backend.settings import NUM_SPEC_TOKENS_ARG, SCHEDULER_CLS, WORKER_CLS, SchedulerSettings
 from workers.engine import SpecEngine
 from workers.sampling import SamplingParams, TokenLogprob
 from workers.sequence import RequestOutput
 from workers.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
-SCHEDULER_CLS = "cluster.vllm_backend.scheduler.PolicyScheduler"
-WORKER_CLS = "cluster.vllm_backend.runner.CatchUpWorker"  # no drafter forward on steps where every K is 0
 # Scheduler counters exported as counters (named like vLLM's spec-decode ones) and as gauges.
 _COUNTERS = {
     "num_steps": "iterations_total",
@@ -47,6 +45,7 @@ _COUNTERS = {
     "num_draft_tokens": "spec_decode_num_draft_tokens_total",
     "num_accepted_tokens": "spec_decode_num_accepted_tokens_total",
     "num_drafting_steps": "drafting_iterations_total",
+    "draft_time_s": "draft_seconds_total",  # measured by our worker, sent with each step's output
 }
 _GAUGES = {
     "mean_num_spec_tokens": "num_spec_tokens_mean",

@@ -21,6 +21,18 @@ from cluster.config import PolicySettings
 
 ADDITIONAL_CONFIG_KEY = "moespec"
 NUM_SPEC_TOKENS_ARG = "num_spec_tokens"  # the per-request setting, in SamplingParams.extra_args (vllm_xargs)
+SCHEDULER_CLS = "cluster.vllm_backend.scheduler.PolicyScheduler"
+WORKER_CLS = "cluster.vllm_backend.runner.CatchUpWorker"  # no drafter forward on steps where every K is 0
+DRAFT_MEASUREMENT_ATTR = "moespec_draft"  # the attribute of vLLM's ModelRunnerOutput that carries it
+
+
+@dataclass(frozen=True)
+class DraftMeasurement:
+    """What the drafter did at the end of one step (our worker measures it, runner.py): it drafted for the next
+    step, or was skipped (0 draft steps)."""
+
+    time_s: float  # in the drafter: the catch-up passes and vLLM's draft steps (device synchronized)
+    num_prefill_tokens: int  # history tokens the catch-up fed beyond one per drafting request
 
 
 @dataclass(frozen=True)

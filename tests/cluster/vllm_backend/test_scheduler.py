@@ -114,9 +114,13 @@ def test_k_zero_runs_no_draft_forward(engines: tuple[Any, Any]) -> None:
     # Every K is 0 on every step: the drafter does not run at all (vLLM's runner would run its first pass).
     assert calls == []
     assert worker.num_skipped_steps - skipped == len(record) > 0
+    # The worker measures the drafter for the scheduler (its cost model fits draft terms from it): 0 here.
+    assert all(r.draft_time_s == 0.0 for r in record)
     with count_draft_forwards(ours) as calls:
         _, record = _generate(ours, [3] * 4)
     drafting = sum(r.num_draft_steps for r in record)
+    assert all((r.draft_time_s or 0.0) > 0.0 for r in record if r.num_draft_steps > 0)
+    assert all(r.draft_time_s is not None and r.draft_time_s < r.step_time_s for r in record)
     # Drafting steps: vLLM's first pass, then one forward per further draft step.
     assert len(calls) == len(record) + sum(max(0, r.num_draft_steps - 1) for r in record) and drafting > 0
     assert sched.counters.num_steps > 0

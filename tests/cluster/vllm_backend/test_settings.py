@@ -7,7 +7,6 @@ from typing import Any
 import pytest
 
 from cluster.config import AppConfig, PolicySettings
-from cluster.vllm_backend.chooser import step_prior
 from cluster.vllm_backend.server import SCHEDULER_CLS, WORKER_CLS, engine_args, token_logprobs_of
 from cluster.vllm_backend.settings import ADDITIONAL_CONFIG_KEY, SchedulerSettings, parse_num_spec_tokens
 
@@ -61,24 +60,6 @@ def test_engine_args_carry_our_scheduler_and_k_max() -> None:
     assert SchedulerSettings.from_additional_config(args["additional_config"]) == settings
     no_draft = AppConfig.from_args({"engine": {"backend": "vllm"}, "model": {"draft": None}})
     assert "speculative_config" not in engine_args(no_draft, settings)
-
-
-class _Fake:
-    def __init__(self, **values: Any) -> None:
-        self.__dict__.update(values)
-
-
-def test_step_prior_puts_the_whole_step_in_the_verify_terms() -> None:
-    """The scheduler reports a step's time as verify time, so the prior must carry no draft / other terms."""
-    config = AppConfig.from_args(None)
-    draft = _Fake(model=config.model.draft)
-    vllm_config = _Fake(
-        model_config=_Fake(model=config.model.target, dtype="float32"),
-        speculative_config=_Fake(draft_model_config=draft),
-    )
-    prior = step_prior(vllm_config)
-    assert prior.fixed_s > 0 and prior.per_expert_s > 0
-    assert prior.draft_fixed_s == prior.draft_per_token_s == prior.other_s == prior.draft_call_s == 0.0
 
 
 class _Logprob:  # vLLM's Logprob record: the value and the rank in the vocabulary
