@@ -407,13 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="--served-speed: the JSON to write")
     args = parser.parse_args(argv)
     if args.served_speed:
-        speed = SpeedConfig(repeats=args.repeats)
-        if args.concurrency:
-            speed = replace(speed, concurrencies=tuple(int(c) for c in args.concurrency.split(",")))
-        if args.max_tokens:
-            speed = replace(speed, max_tokens=args.max_tokens)
-        if args.config:
-            speed = replace(speed, serve_config=str(Path(args.config).resolve().relative_to(REPO)))
+        speed = replace(SpeedConfig(repeats=args.repeats), **_shared_overrides(args))
         result = served_speed(speed)
         result["table"] = speed_table(result)
         print(result["table"], flush=True)
@@ -430,15 +424,21 @@ def main(argv: list[str] | None = None) -> None:
             config = replace(config, with_vllm=False)
         if args.workloads:
             config = replace(config, workloads=tuple(args.workloads.split(",")))
-        if args.concurrency:
-            config = replace(config, concurrencies=tuple(int(c) for c in args.concurrency.split(",")))
-        if args.max_tokens:
-            config = replace(config, max_tokens=args.max_tokens)
-        if args.config:
-            config = replace(config, serve_config=str(Path(args.config).resolve().relative_to(REPO)))
-        report = run(config)
+        report = run(replace(config, **_shared_overrides(args)))
     report = write_report(report, out)
     log(f"wrote {out}.json, {out}.md and {out}/*.png in {report['elapsed_s'] / 60:.1f} min")
+
+
+def _shared_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The options both runs take (concurrency levels, tokens, serve config), as dataclass field changes."""
+    changes: dict[str, Any] = {}
+    if args.concurrency:
+        changes["concurrencies"] = tuple(int(c) for c in args.concurrency.split(","))
+    if args.max_tokens:
+        changes["max_tokens"] = args.max_tokens
+    if args.config:
+        changes["serve_config"] = str(Path(args.config).resolve().relative_to(REPO))
+    return changes
 
 
 if __name__ == "__main__":
