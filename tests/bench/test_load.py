@@ -45,7 +45,7 @@ def test_process_cpu_charges_a_child_process_by_iteration() -> None:
     import sys
     import time
 
-    from bench.load import ProcessCpu
+    from bench.process_cpu import ProcessCpu
 
     cpu = ProcessCpu()
     burn = (
