@@ -62,6 +62,10 @@ class SpecPolicy:
         """The routers and vLLM engines that have reported so far."""
         return self.aggregator.source_names
 
+    def gauges(self) -> dict[str, dict[str, float]]:
+        """Each source's chooser's gauges (`KChooser.gauges`): what the central policy decides from."""
+        return self.aggregator.gauges()
+
 
 def ray_reply(pending: Any) -> bytes | None:
     """The actor's answer if it has arrived (None if not yet); raises if the call failed."""

@@ -115,6 +115,10 @@ class PolicyAggregator:
         """The routers (or vLLM engines) that have reported or asked so far."""
         return sorted(self._sources)
 
+    def gauges(self) -> dict[str, dict[str, float]]:
+        """Each source's chooser's gauges, by source name."""
+        return {name: source.chooser.gauges() for name, source in sorted(self._sources.items())}
+
     def _source(self, name: str) -> _Source:
         source = self._sources.get(name)
         if source is None:

@@ -89,6 +89,8 @@ class BatchAwareChooser:
         # Acceptance of all requests together, updated once per iteration: new requests start from it.
         self._population = AcceptanceEstimator(POPULATION_ACCEPTANCE)
         self._num_population_requests = 0  # requests whose drafts fed it
+        # The last choice, for `gauges`: its predicted tokens per second over plain decoding's.
+        self._predicted_speedup = 1.0
 
     def choose(self, request_ids: Sequence[str]) -> dict[str, int]:
         if not request_ids:
@@ -110,6 +112,8 @@ class BatchAwareChooser:
         for state, k in zip(states, chosen, strict=True):
             if state.test_remaining == 0:
                 self._set(state, k)
+        plain_rate = num / float(times[0, 0])
+        self._predicted_speedup = self.tokens_per_second(rates, chosen) / plain_rate
         return dict(zip(request_ids, chosen, strict=True))
 
     def observe(self, stats: IterationStats) -> None:
@@ -141,7 +145,12 @@ class BatchAwareChooser:
         self._states.pop(request_id, None)
 
     def gauges(self) -> dict[str, float]:
-        return {}
+        """Why it drafts or not: the traffic's acceptance and what the cost model predicts the last choice
+        gains over plain decoding."""
+        return {
+            "policy_acceptance": self._population.rate,
+            "policy_predicted_speedup": self._predicted_speedup,
+        }
 
     def tokens_per_second(self, rates: Array, num_spec_tokens: Sequence[int]) -> float:
         """Expected committed tokens per second of the batch at this K vector (one entry per request)."""

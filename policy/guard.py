@@ -21,7 +21,11 @@ iteration, so that a central policy client keeps reporting (and reconnecting) wh
 An iteration counts as the chooser's only if the chooser decided K for every request in it: requests with a
 K fixed through the API (`num_spec_tokens: N`) share the engine, and their drafting is not the chooser's to
 answer for. Counting them (the served benchmark's static-K phases ran between its auto ones) made the guard
-hold 93 times in one run, so `auto` never drafted where static K = 2 paid 1.19x.
+hold 93 times in one run, so `auto` never drafted where static K = 2 paid 1.19x. For the same reason a hold
+lasts engine iterations, whether the chooser was asked in them or not: counted in the chooser's iterations
+only, a hold that began at the end of one burst of auto traffic outlived the fixed-K traffic after it and
+kept the next burst plain for its whole length (the served benchmark's second auto phase at concurrency 16:
+no drafting, while the central policy predicted 1.28x).
 """
 
 from __future__ import annotations
@@ -110,7 +114,6 @@ class MeasuredGuard:
         if not request_ids:
             return chosen
         if self._hold_left > 0:
-            self._hold_left -= 1
             return self._plain_iteration(request_ids)
         plain = self._plain.get(len(request_ids).bit_length())
         is_known = plain is not None and plain.count >= self.config.min_samples
@@ -124,6 +127,7 @@ class MeasuredGuard:
         self.inner.observe(stats)
         if not stats.requests:
             return
+        self._hold_left = max(self._hold_left - 1, 0)  # a hold lasts engine iterations, asked or not
         asked = self._pending.popleft() if self._pending else None  # None: nobody asked the chooser
         is_chosen = asked is not None and all(r.request_id in asked for r in stats.requests)
         if stats.iteration_time_s <= 0.0:

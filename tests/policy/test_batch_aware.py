@@ -157,3 +157,19 @@ def test_new_requests_start_uninformed_until_enough_requests_have_drafted() -> N
         for step in range(20):  # every draft rejected
             chooser.observe(IterationStats(step, 1, requests, 3, 0.01, 0.02, 0.0))
         chooser.release(request_id)
+
+
+def test_gauges_say_why_it_drafts_or_not() -> None:
+    # Batch 16 of a saturated MoE: drafting pays, and the gauge predicts a gain over plain decoding.
+    chooser = chooser_for("mixtral-8x7b-h100")
+    chosen = chooser.choose([f"r{i}" for i in range(16)])
+    assert max(chosen.values()) > 0
+    gauges = chooser.gauges()
+    assert gauges["policy_predicted_speedup"] > 1.05
+    assert 0.0 < gauges["policy_acceptance"] < 1.0
+    # Batch 1 of the same MoE, traffic whose drafts were all rejected: K = 0 and no gain predicted.
+    lone = chooser_for("mixtral-8x7b-h100", min_population_requests=0)
+    lone._population.record_counts(0, 50)
+    assert lone.choose(["a"]) == {"a": 0}
+    assert lone.gauges()["policy_predicted_speedup"] == pytest.approx(1.0)
+    assert lone.gauges()["policy_acceptance"] < 0.1

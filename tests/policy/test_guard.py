@@ -127,3 +127,22 @@ def test_iterations_of_requests_with_a_fixed_k_are_not_the_choosers() -> None:
             _iteration(2 * i + 1, chosen, {"a": 2 if chosen["a"] else 1}, 0.040 if chosen["a"] else 0.010)
         )
     assert decided.num_holds >= 1
+
+
+def test_a_hold_lasts_engine_iterations_whether_the_chooser_is_asked_or_not() -> None:
+    # A verdict near the end of a burst of auto traffic must not hold plain the next burst, after the
+    # engine ran fixed-K traffic for longer than the hold (the chooser is not asked in those iterations).
+    config = GuardConfig(hold_iterations=16, min_samples=4)
+    guard = MeasuredGuard(StaticChooser(4), config)
+    index = 0
+    while guard.num_holds == 0:  # the chooser's drafting loses against plain: a verdict
+        chosen = guard.choose(["a"])
+        seconds = 0.040 if chosen["a"] else 0.010
+        guard.observe(_iteration(index, chosen, {"a": 2 if chosen["a"] else 1}, seconds))
+        index += 1
+        assert index < 200
+    assert guard.choose(["a"]) == {"a": 0}  # held
+    guard.observe(_iteration(index, {"a": 0}, {"a": 1}, 0.010))
+    for i in range(config.hold_iterations):  # clients at `off` only: nobody asks the chooser
+        guard.observe(_iteration(index + 1 + i, {"fixed": 0}, {"fixed": 1}, 0.010))
+    assert guard.choose(["b"]) == {"b": 4}  # the hold is over
