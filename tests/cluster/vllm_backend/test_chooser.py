@@ -68,7 +68,23 @@ def _draft_s(batch: int, num_steps: int, num_prefill: int) -> float:
     return (num_steps * (2.5e-3 + 0.3e-3 * batch) + 1e-3 + 0.05e-3 * num_prefill) if num_steps else 0.0
 
 
-def _serve(seed: int, phases: tuple[tuple[int, int], ...]) -> list[tuple[float, float]]:
+def _served_verify_s(batch: int, num_tokens: int) -> float:
+    """The target's step as the served benchmark measured it at mixed concurrency 1 (off 32 ms a token, static
+    K = 1 1.28x off): a large per-step part outside the forward (the API server and the engine core share
+    2 cores), so that verifying a second token adds far less than a plain-only fit scaled from the prior."""
+    return 18e-3 + 0.5e-3 * batch + 4e-3 * float(expected_experts(num_tokens, 8, 2)) + 0.3e-3 * num_tokens
+
+
+def _static_tokens_per_s(verify_s: Any, batch: int, num_spec_tokens: int) -> float:
+    """Expected tokens/s of static K on a truth, over the traffic's acceptance rates."""
+    etr = np.mean([(1 - a ** (num_spec_tokens + 1)) / (1 - a) for a in ACCEPTANCE])
+    step_s = verify_s(batch, batch * (num_spec_tokens + 1)) + _draft_s(batch, num_spec_tokens, 0)
+    return float(batch * etr / step_s)
+
+
+def _serve(
+    seed: int, phases: tuple[tuple[int, int], ...], verify_s: Any = _verify_s
+) -> list[tuple[float, float]]:
     """Runs each (concurrency, requests) phase on one chooser the way PolicyScheduler drives it: the K chosen
     at a step is drafted at its end and verified in the next step. Returns (mean K, tokens/s) per phase."""
     rng = np.random.default_rng(seed)
@@ -110,7 +126,7 @@ def _serve(seed: int, phases: tuple[tuple[int, int], ...]) -> list[tuple[float, 
                 lag[request_id] = 0 if num_steps else lag[request_id] + 1
             noise = float(np.exp(rng.normal(0.0, 0.05)))
             draft = DraftMeasurement(_draft_s(len(ids), num_steps, num_prefill) * noise, num_prefill)
-            step_s = _verify_s(len(ids), len(ids) + sum(ks)) * noise + draft.time_s
+            step_s = verify_s(len(ids), len(ids) + sum(ks)) * noise + draft.time_s
             chooser.observe(iteration_stats(step, requests, step_s, draft, last_draft))
             last_draft = draft
             seconds += step_s
@@ -150,3 +166,22 @@ def test_step_prior_keeps_the_draft_terms_apart_when_our_worker_measures_them() 
     folded = step_prior(_vllm_config("auto"))  # vLLM's runner: its drafter pass runs every step
     assert folded.draft_fixed_s == folded.draft_per_token_s == folded.other_s == folded.draft_call_s == 0.0
     assert folded.fixed_s == pytest.approx(measured.fixed_s + measured.draft_fixed_s)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open (#15): at batch 1 a new request starts untested at K = 0 whenever the model says so, and "
+    "the model has seen only plain steps; testing the first requests (tried) reached 0.85-0.93x here but "
+    "made the guard hold at batch 1, and its hold (global, not per batch size) then kept batch 4 plain",
+)
+@pytest.mark.parametrize("seed", range(3))
+def test_the_chooser_tests_drafting_at_batch_1_before_its_model_has_seen_any(seed: int) -> None:
+    """Mixed concurrency 1 served: static K = 1 paid 1.28x off and auto never drafted (0 of 520 steps). The
+    first request started at K = 0 by the prior's guess, untested for its 64 tokens (new requests the
+    model puts at K = 0 start as if tested 3 times), and a fit on plain steps alone cannot tell the
+    per-step overhead from the cost of a verified token, so later requests start at K = 0 too."""
+    ((mean_k, batch_1),) = _serve(seed, ((1, 16),), _served_verify_s)
+    best = max(_static_tokens_per_s(_served_verify_s, 1, k) for k in range(MAX_SPEC_TOKENS + 1))
+    assert best >= 1.1 * _static_tokens_per_s(_served_verify_s, 1, 0)  # drafting pays on this truth
+    assert mean_k > 0.5, f"seed {seed}: mean K {mean_k:.2f}"
+    assert batch_1 >= 0.95 * best, f"seed {seed}: {batch_1 / best:.2f}x the best static K"
