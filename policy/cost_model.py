@@ -77,7 +77,8 @@ class CostModel:
     """The shared iteration-time model: predictions from the current params, refitted online.
 
     T = draft + verify + other, with t = batch + sum K_r verification tokens and m = max K_r draft steps:
-      draft  = m * draft_fixed + draft_per_token * sum K_r   (step j drafts the requests with K_r >= j)
+      draft  = m * draft_fixed + draft_per_token * sum K_r   (step j drafts the requests with K_r >= j;
+                                      with is_draft_padded, every request: batch * m instead of sum K_r)
       verify = fixed + per_seq * batch + per_expert * N(t) + per_token * t
                                       (weights read, per-sequence attention, distinct experts, compute)
       other  = other + draft_call * [m > 0] + other_per_token * t
