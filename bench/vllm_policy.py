@@ -50,11 +50,15 @@ class PolicySettings(VllmSettings):
     """A vLLM server with our scheduler (mode "auto") instead of a static K."""
 
     policy: str = ""  # "" = vLLM's own static K; else our policy kind (auto, cascade)
+    record_path: Path | None = None  # with a policy: the scheduler appends its step record here (JSON lines)
 
     def command(self, python: Path, port: int, num_spec_tokens: int) -> list[str]:
         command = super().command(python, port, num_spec_tokens)
         if self.policy:
-            additional = {"moespec": {"policy": {"kind": self.policy}}}
+            section: dict[str, Any] = {"policy": {"kind": self.policy}}
+            if self.record_path is not None:
+                section["record_path"] = str(self.record_path)
+            additional = {"moespec": section}
             command += ["--scheduler-cls", SCHEDULER_CLS, "--worker-cls", WORKER_CLS, "--no-async-scheduling"]
             command += ["--additional-config", json.dumps(additional)]
         return command
@@ -118,40 +122,99 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for mode in args.modes:
         policy = {"auto": "auto", "k0": "off"}.get(mode, "")
-        settings = PolicySettings(**{**base.__dict__, "policy": policy})
+        record = RAW / f"record-{mode}-{int(time.time())}.jsonl" if policy else None
+        settings = PolicySettings(**{**base.__dict__, "policy": policy, "record_path": record})
         num_spec = 0 if mode == "off" else MAX_SPEC_TOKENS if policy else int(mode)
         with VllmServer(python, settings, num_spec, args.port, RAW / f"server-{mode}.log") as url:
-            for workload in args.workloads:
-                for concurrency in args.concurrency:
-                    result = run_client(python, url, workload, concurrency, args)
-                    row = {
-                        "mode": mode,
-                        "workload": workload,
-                        "concurrency": concurrency,
-                        "output_throughput": result["output_throughput"],
-                        "tpot_p50_ms": result["median_tpot_ms"],
-                        "tpot_p99_ms": result["p99_tpot_ms"],
-                    }
-                    log(json.dumps(row))
-                    rows.append(row)
-                    with (RAW / "rows.jsonl").open("a") as partial:  # kept if a later launch fails
-                        partial.write(json.dumps(row) + "\n")
+            for round_index in range(args.rounds):
+                for workload in args.workloads:
+                    for concurrency in args.concurrency:
+                        row = {"mode": mode, "workload": workload, "concurrency": concurrency}
+                        row |= {"round": round_index} if args.rounds > 1 else {}
+                        row |= run_cell(python, url, workload, concurrency, args, record)
+                        log(json.dumps(row))
+                        rows.append(row)
+                        with (RAW / "rows.jsonl").open("a") as partial:  # kept if a later launch fails
+                            partial.write(json.dumps(row) + "\n")
     return rows
+
+
+def run_cell(
+    python: Path,
+    url: str,
+    workload: str,
+    concurrency: int,
+    args: argparse.Namespace,
+    record: Path | None,
+) -> dict[str, Any]:
+    """One client run: throughput, TPOT, when and at what load (1-minute load average at start and end), and
+    with our scheduler, what it did meanwhile (its step record's new lines)."""
+    num_records = _count_lines(record)
+    started, load_start = time.strftime("%H:%M:%S"), os.getloadavg()[0]
+    result = run_client(python, url, workload, concurrency, args)
+    row: dict[str, Any] = {
+        "output_throughput": result["output_throughput"],
+        "tpot_p50_ms": result["median_tpot_ms"],
+        "tpot_p99_ms": result["p99_tpot_ms"],
+        "started": started,
+        "ended": time.strftime("%H:%M:%S"),
+        "load_1min": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+    }
+    if record is not None:
+        lines = record.read_text().splitlines()[num_records:]
+        row["scheduler"] = scheduler_summary([json.loads(line) for line in lines])
+    return row
+
+
+def _count_lines(path: Path | None) -> int:
+    return len(path.read_text().splitlines()) if path is not None and path.exists() else 0
+
+
+def scheduler_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the scheduler did over these steps (its `StepRecord`s): how often it drafted, how much, what was
+    accepted, the guard's verdicts, and step times with and without drafting."""
+    decode = [s for s in steps if s["num_drafts"]]  # steps with decoding requests
+    num_drafts = sum(sum(s["num_drafts"].values()) for s in decode)
+    num_accepted = sum(sum(s["num_accepted"].values()) for s in decode)
+    request_steps = sum(len(s["num_drafts"]) for s in decode)
+    k_histogram: dict[int, int] = {}
+    for s in decode:
+        for k in s["num_drafts"].values():
+            k_histogram[k] = k_histogram.get(k, 0) + 1
+
+    def median_ms(values: list[float]) -> float | None:
+        return round(1e3 * sorted(values)[len(values) // 2], 2) if values else None
+
+    return {
+        "num_steps": len(steps),
+        "num_drafting_steps": sum(s["num_draft_steps"] > 0 for s in steps),
+        "mean_num_spec_tokens": num_drafts / request_steps if request_steps else 0.0,
+        "num_spec_tokens_histogram": {str(k): v for k, v in sorted(k_histogram.items())},
+        "acceptance": num_accepted / num_drafts if num_drafts else None,
+        "guard_holds": (steps[-1]["guard_holds"] - steps[0]["guard_holds"]) if steps else 0,
+        "step_ms_p50_drafting": median_ms([s["step_time_s"] for s in steps if s["num_draft_steps"] > 0]),
+        "step_ms_p50_plain": median_ms([s["step_time_s"] for s in steps if s["num_draft_steps"] == 0]),
+    }
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown: each mode's throughput and TPOT as ratios to vLLM without speculation, per cell."""
-    off = {(r["workload"], r["concurrency"]): r for r in rows if r["mode"] == "off"}
+
+    def cell(r: dict[str, Any]) -> tuple[str, int, int]:
+        return r["workload"], r["concurrency"], r.get("round", 0)
+
+    off = {cell(r): r for r in rows if r["mode"] == "off"}
     lines = [
-        "| workload | conc | mode | tok/s | x off | TPOT p50 (x off) | TPOT p99 (x off) |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        "| workload | conc | round | mode | tok/s | x off | TPOT p50 (x off) | TPOT p99 (x off) |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     keys = ("output_throughput", "tpot_p50_ms", "tpot_p99_ms")
-    for r in sorted(rows, key=lambda r: (r["workload"], r["concurrency"], r["mode"])):
-        base = off.get((r["workload"], r["concurrency"]))
+    for r in sorted(rows, key=lambda r: (*cell(r), r["mode"])):
+        base = off.get(cell(r))
         x = {key: r[key] / base[key] if base else float("nan") for key in keys}
         lines.append(
-            f"| {r['workload']} | {r['concurrency']} | {r['mode']} | {r['output_throughput']:.1f} | "
+            f"| {r['workload']} | {r['concurrency']} | {r.get('round', 0)} | {r['mode']} | "
+            f"{r['output_throughput']:.1f} | "
             f"{x['output_throughput']:.2f} | {r['tpot_p50_ms']:.1f} ms ({x['tpot_p50_ms']:.2f}) | "
             f"{r['tpot_p99_ms']:.1f} ms ({x['tpot_p99_ms']:.2f}) |"
         )
@@ -227,6 +290,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "vllm_policy.json")
     parser.add_argument("--catch-up", action="store_true", help="measure the K = 0 catch-up pass offline")
     parser.add_argument("--repeats", type=int, default=3, help="--catch-up: runs of each batch per engine")
+    parser.add_argument("--rounds", type=int, default=1, help="client runs of every cell per server launch")
     args = parser.parse_args()
     RAW.mkdir(parents=True, exist_ok=True)
     if args.catch_up:

@@ -135,13 +135,20 @@ def make_chooser(
     )
 
 
-def new_cost_model(info: TargetInfo, prior: CostParams = DEFAULT_PRIOR) -> CostModel:
+def new_cost_model(
+    info: TargetInfo, prior: CostParams = DEFAULT_PRIOR, is_draft_padded: bool = False
+) -> CostModel:
+    """`is_draft_padded`: the engine drafts the batch's max K for every sequence (vLLM), see CostModelConfig."""
     routing = RoutingConfig(num_experts=info.num_experts, top_k=info.top_k if info.num_experts else 0)
-    return CostModel(CostModelConfig(routing=routing), prior)
+    return CostModel(CostModelConfig(routing=routing, is_draft_padded=is_draft_padded), prior)
 
 
 def shared_chooser_factory(
-    settings: PolicySettings, info: TargetInfo, max_spec_tokens: int, prior: CostParams = DEFAULT_PRIOR
+    settings: PolicySettings,
+    info: TargetInfo,
+    max_spec_tokens: int,
+    prior: CostParams = DEFAULT_PRIOR,
+    is_draft_padded: bool = False,
 ) -> Callable[[], KChooser]:
     """For the central actor: one chooser per router, all sharing one cost model (one target hardware).
 
@@ -151,7 +158,7 @@ def shared_chooser_factory(
 
     def make() -> KChooser:
         if not shared:
-            shared.append(new_cost_model(info, prior))
+            shared.append(new_cost_model(info, prior, is_draft_padded))
         return make_chooser(settings, info, max_spec_tokens, shared[0])
 
     return make

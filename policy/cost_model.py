@@ -58,6 +58,9 @@ class CostModelConfig:
     min_samples: int = 8  # the prior is used until this many iterations were measured
     refit_interval: int = 16  # refit after this many new iterations (sooner while there are few)
     prior_weight: float = 0.01  # pull toward the prior, relative to one iteration's relative residual
+    # The drafter drafts max K for every sequence of the batch, whatever its own K (vLLM's draft model: the
+    # engine verifies K_r of them): its per-sequence term counts batch * max K drafts instead of sum K_r.
+    is_draft_padded: bool = False
 
     def __post_init__(self) -> None:
         if self.min_samples < 3:
@@ -74,7 +77,8 @@ class CostModel:
     """The shared iteration-time model: predictions from the current params, refitted online.
 
     T = draft + verify + other, with t = batch + sum K_r verification tokens and m = max K_r draft steps:
-      draft  = m * draft_fixed + draft_per_token * sum K_r   (step j drafts the requests with K_r >= j)
+      draft  = m * draft_fixed + draft_per_token * sum K_r   (step j drafts the requests with K_r >= j;
+                                      with is_draft_padded, every request: batch * m instead of sum K_r)
       verify = fixed + per_seq * batch + per_expert * N(t) + per_token * t
                                       (weights read, per-sequence attention, distinct experts, compute)
       other  = other + draft_call * [m > 0] + other_per_token * t
@@ -109,7 +113,8 @@ class CostModel:
         steps = np.asarray(max_steps, dtype=np.float64)
         spec = np.asarray(total_spec, dtype=np.float64)
         tokens = batch_size + spec
-        draft = steps * p.draft_fixed_s + spec * p.draft_per_token_s
+        drafted = steps * batch_size if self.config.is_draft_padded else spec
+        draft = steps * p.draft_fixed_s + drafted * p.draft_per_token_s
         verify = (
             p.fixed_s
             + p.per_seq_s * batch_size
@@ -213,7 +218,9 @@ class CostModel:
                 ("fixed_s", "per_seq_s", "per_expert_s", "per_token_s"),
             ),
             (
-                np.column_stack([steps, spec, prefill])[has_draft],
+                np.column_stack([steps, steps * batch if self.config.is_draft_padded else spec, prefill])[
+                    has_draft
+                ],
                 draft[has_draft],
                 ("draft_fixed_s", "draft_per_token_s", "draft_prefill_per_token_s"),
             ),

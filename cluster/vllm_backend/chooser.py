@@ -17,7 +17,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from cluster.choosers import DEFAULT_PRIOR, analytic_prior, make_chooser, shared_chooser_factory
+from cluster.choosers import (
+    DEFAULT_PRIOR,
+    analytic_prior,
+    make_chooser,
+    new_cost_model,
+    shared_chooser_factory,
+)
 from cluster.vllm_backend.settings import WORKER_CLS, DraftMeasurement, SchedulerSettings
 from policy.cost_model import CostParams
 from policy.guard import MeasuredGuard
@@ -34,7 +40,10 @@ def build_chooser(
     policy = settings.policy
     info = target_info(vllm_config)
     prior = step_prior(vllm_config)
-    local = make_chooser(policy, info, max_spec_tokens, prior=prior)
+    # vLLM drafts the batch's max K for every request (the scheduler cuts what is verified).
+    local = make_chooser(
+        policy, info, max_spec_tokens, new_cost_model(info, prior, is_draft_padded=True), prior
+    )
     if policy.kind in ("off", "static"):
         return local
     if not settings.uses_central_actor:
@@ -50,7 +59,7 @@ def build_chooser(
             log_to_driver=False,
             configure_logging=False,
         )
-    factory = shared_chooser_factory(policy, info, max_spec_tokens, prior)
+    factory = shared_chooser_factory(policy, info, max_spec_tokens, prior, is_draft_padded=True)
     client = PolicyClient(
         source, local, lambda: policy_actor_handle(policy.actor_name, policy.window_iterations, factory)
     )

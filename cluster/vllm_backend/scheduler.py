@@ -31,6 +31,7 @@ What the scheduler alone cannot change (see the README's vllm section):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -38,7 +39,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import vllm
 from vllm.v1.core.sched.output import SchedulerOutput
@@ -93,6 +94,7 @@ class StepRecord:
     num_draft_steps: int = 0  # num_spec_tokens_to_schedule: the drafter's steps at the end of this step
     step_time_s: float = 0.0  # schedule() to update_from_output()
     draft_time_s: float | None = None  # the drafter at the end of this step (None: not measured)
+    guard_holds: int = 0  # the measured guard's verdicts against the chooser so far
 
 
 @dataclass
@@ -142,6 +144,8 @@ class PolicyScheduler(Scheduler):
         # What the drafter did at the end of the last step: its drafts are verified in this step.
         self._last_draft = DraftMeasurement(0.0, 0)
         self._measures_draft = False  # a measurement has arrived (logged once)
+        path = self.settings.record_path  # line-buffered: a served engine's record survives its kill
+        self._record_file: TextIO | None = None if path is None else open(path, "a", buffering=1)  # noqa: SIM115
 
     # -- vLLM's hooks ----------------------------------------------------------------------------------------
 
@@ -241,8 +245,8 @@ class PolicyScheduler(Scheduler):
         counters = self.counters
         counters.num_steps += 1
         counters.num_drafting_steps += scheduler_output.num_spec_tokens_to_schedule > 0
-        if self.settings.is_recording:
-            self.record.append(
+        if self.settings.is_recording or self._record_file is not None:
+            self._keep(
                 StepRecord(
                     step=counters.num_steps,
                     num_drafts={r.request_id: r.num_spec_tokens for r in requests},
@@ -251,6 +255,7 @@ class PolicyScheduler(Scheduler):
                     num_draft_steps=scheduler_output.num_spec_tokens_to_schedule,
                     step_time_s=step_time_s,
                     draft_time_s=None if draft is None else draft.time_s,
+                    guard_holds=getattr(self.chooser, "num_holds", 0),
                 )
             )
         if draft is not None and not self._measures_draft:
@@ -270,6 +275,12 @@ class PolicyScheduler(Scheduler):
             counters.batch_size = len(requests)
             counters.step_time_s = step_time_s
         self._write_metrics()
+
+    def _keep(self, record: StepRecord) -> None:
+        if self.settings.is_recording:
+            self.record.append(record)
+        if self._record_file is not None:
+            self._record_file.write(json.dumps(dataclasses.asdict(record)) + "\n")
 
     def _write_metrics(self) -> None:
         """Every `metrics_interval_s`, the counters as JSON for the Serve replica (written atomically)."""

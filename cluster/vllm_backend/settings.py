@@ -45,6 +45,8 @@ class SchedulerSettings:
     metrics_path: str | None = None  # the scheduler writes its gauges here (JSON) for the Serve replica
     metrics_interval_s: float = 1.0
     is_recording: bool = False  # keep every step's K and accepted counts in `PolicyScheduler.record` (tests)
+    # Append every step's record to this file as a JSON line (a served engine's record, for diagnostics).
+    record_path: str | None = None
 
     def __post_init__(self) -> None:
         if self.metrics_interval_s <= 0:
@@ -82,6 +84,7 @@ class _Args(msgspec.Struct, forbid_unknown_fields=True):
     metrics_path: str | None = None
     metrics_interval_s: float = 1.0
     is_recording: bool = False
+    record_path: str | None = None
 
 
 def parse_num_spec_tokens(value: Any, max_spec_tokens: int) -> int | None:

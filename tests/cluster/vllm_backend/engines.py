@@ -82,3 +82,20 @@ def count_draft_forwards(llm: Any) -> Iterator[list[int]]:
         yield calls
     finally:
         handle.remove()
+
+
+@contextmanager
+def count_calls(obj: Any, name: str) -> Iterator[list[int]]:
+    """Counts calls of `obj.name` (one entry per call) while the block runs."""
+    calls: list[int] = []
+    method = getattr(obj, name)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return method(*args, **kwargs)
+
+    setattr(obj, name, counted)
+    try:
+        yield calls
+    finally:
+        delattr(obj, name)  # the class's method again

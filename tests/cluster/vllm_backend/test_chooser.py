@@ -68,7 +68,23 @@ def _draft_s(batch: int, num_steps: int, num_prefill: int) -> float:
     return (num_steps * (2.5e-3 + 0.3e-3 * batch) + 1e-3 + 0.05e-3 * num_prefill) if num_steps else 0.0
 
 
-def _serve(seed: int, phases: tuple[tuple[int, int], ...]) -> list[tuple[float, float]]:
+def _served_verify_s(batch: int, num_tokens: int) -> float:
+    """The target's step as the served benchmark measured it at mixed concurrency 1 (off 32 ms a token, static
+    K = 1 1.28x off): a large per-step part outside the forward (the API server and the engine core share
+    2 cores), so that verifying a second token adds far less than a plain-only fit scaled from the prior."""
+    return 18e-3 + 0.5e-3 * batch + 4e-3 * float(expected_experts(num_tokens, 8, 2)) + 0.3e-3 * num_tokens
+
+
+def _static_tokens_per_s(verify_s: Any, batch: int, num_spec_tokens: int) -> float:
+    """Expected tokens/s of static K on a truth, over the traffic's acceptance rates."""
+    etr = np.mean([(1 - a ** (num_spec_tokens + 1)) / (1 - a) for a in ACCEPTANCE])
+    step_s = verify_s(batch, batch * (num_spec_tokens + 1)) + _draft_s(batch, num_spec_tokens, 0)
+    return float(batch * etr / step_s)
+
+
+def _serve(
+    seed: int, phases: tuple[tuple[int, int], ...], verify_s: Any = _verify_s
+) -> list[tuple[float, float]]:
     """Runs each (concurrency, requests) phase on one chooser the way PolicyScheduler drives it: the K chosen
     at a step is drafted at its end and verified in the next step. Returns (mean K, tokens/s) per phase."""
     rng = np.random.default_rng(seed)
@@ -110,7 +126,7 @@ def _serve(seed: int, phases: tuple[tuple[int, int], ...]) -> list[tuple[float, 
                 lag[request_id] = 0 if num_steps else lag[request_id] + 1
             noise = float(np.exp(rng.normal(0.0, 0.05)))
             draft = DraftMeasurement(_draft_s(len(ids), num_steps, num_prefill) * noise, num_prefill)
-            step_s = _verify_s(len(ids), len(ids) + sum(ks)) * noise + draft.time_s
+            step_s = verify_s(len(ids), len(ids) + sum(ks)) * noise + draft.time_s
             chooser.observe(iteration_stats(step, requests, step_s, draft, last_draft))
             last_draft = draft
             seconds += step_s
@@ -150,3 +166,34 @@ def test_step_prior_keeps_the_draft_terms_apart_when_our_worker_measures_them() 
     folded = step_prior(_vllm_config("auto"))  # vLLM's runner: its drafter pass runs every step
     assert folded.draft_fixed_s == folded.draft_per_token_s == folded.other_s == folded.draft_call_s == 0.0
     assert folded.fixed_s == pytest.approx(measured.fixed_s + measured.draft_fixed_s)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open (#15): auto drafts too little at batch 1 where a large per-step part makes K = 1 pay "
+    "(here mean K 0.1-0.45, 0.85-0.93x of the best static K; served: no drafting at all). Testing new "
+    "requests until 4 have drafted (tried) changed nothing here and made the guard hold at batch 1 in the "
+    "batch-1-then-4 replay, its hold (global, not per batch size) then keeping batch 4 plain on one seed",
+)
+@pytest.mark.parametrize("seed", range(3))
+def test_the_chooser_drafts_at_batch_1_where_a_per_step_overhead_makes_it_pay(seed: int) -> None:
+    """Mixed concurrency 1 served: static K = 1 paid 1.28x off and auto never drafted (0 of 520 steps). A
+    new request the model puts at K = 0 starts as if tested 3 times (untested for its 64 tokens), and a fit
+    on plain steps alone cannot tell the per-step part outside the forward from the cost of a token."""
+    ((mean_k, batch_1),) = _serve(seed, ((1, 16),), _served_verify_s)
+    best = max(_static_tokens_per_s(_served_verify_s, 1, k) for k in range(MAX_SPEC_TOKENS + 1))
+    assert best >= 1.1 * _static_tokens_per_s(_served_verify_s, 1, 0)  # drafting pays on this truth
+    assert mean_k > 0.5, f"seed {seed}: mean K {mean_k:.2f}"
+    assert batch_1 >= 0.95 * best, f"seed {seed}: {batch_1 / best:.2f}x the best static K"
+
+
+def test_the_vllm_cost_model_charges_max_k_drafts_for_every_request() -> None:
+    """vLLM drafts the batch's max K for every request; the scheduler only cuts what is verified. Charged as
+    sum K (before), the chooser mixed K = 0-4 in one batch at concurrency 16, where 45% of the drafts vLLM
+    computed were cut (the served record); in the batch-1-then-4 replay, batch 4 rose from 1.09-1.22x to
+    1.16-1.46x off on the 6 seeds with this charge."""
+    chooser: Any = build_chooser(SchedulerSettings(), _vllm_config(WORKER_CLS), MAX_SPEC_TOKENS, "test")
+    model = chooser.inner.cost_model
+    (ragged,) = model.phase_times(4, 4, 4)[:1]  # one request at K = 4, three at K = 0
+    (uniform,) = model.phase_times(4, 4, 16)[:1]  # all four at K = 4
+    assert float(ragged) == pytest.approx(float(uniform)) and float(ragged) > 0.0
