@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         "--placements",
         default="host,beside",
         help="--served-speed: comma-separated target placements (host: its own actor; beside: the Router's "
-        "process, engine.loop_beside_target)",
+        "process, engine.loop_beside_target), each optionally with :N, its server.stream_interval",
     )
     parser.add_argument(
         "--gap-ms",
@@ -246,15 +246,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="--served-speed: the JSON to write")
     args = parser.parse_args(argv)
     if args.served_speed:
-        placements = {"host": False, "beside": True}
-        unknown = set(args.placements.split(",")) - set(placements)
-        if unknown:
-            parser.error(f"unknown --placements {sorted(unknown)} (known: host, beside)")
-        speed = SpeedConfig(
-            repeats=args.repeats,
-            mean_gap_s=args.gap_ms / 1e3,
-            placements=tuple(placements[p] for p in args.placements.split(",")),
-        )
+        placements = []
+        for item in args.placements.split(","):
+            where, _, interval = item.partition(":")
+            if where not in ("host", "beside") or not (interval or "1").isdigit():
+                parser.error(f"--placements: {item!r} is not host or beside, with an optional :N")
+            placements.append((where == "beside", int(interval or 1)))
+        speed = SpeedConfig(repeats=args.repeats, mean_gap_s=args.gap_ms / 1e3, placements=tuple(placements))
         speed = replace(speed, **_shared_overrides(args))
         result = served_speed(speed)
         result["table"] = speed_table(result)

@@ -37,9 +37,9 @@ class SpeedConfig:
     mean_gap_s: float = 0.0
     repeats: int = 3  # rounds; each round runs every placement, offline and transformers at every batch size
     workload: str = "mixed"
-    # engine.loop_beside_target of each served placement: False = the target in its own host actor (one call
-    # between processes per iteration), True = in the Router's process
-    placements: tuple[bool, ...] = (False, True)
+    # Served variants: (engine.loop_beside_target, server.stream_interval). loop_beside_target False = the
+    # target in its own host actor (one call between processes per iteration), True = in the Router's process
+    placements: tuple[tuple[bool, int], ...] = ((False, 1), (True, 1))
 
 
 @dataclass(frozen=True)
@@ -164,33 +164,35 @@ def served_speed(config: SpeedConfig) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     load_average = [os.getloadavg()[0]]
     for round_index in range(config.repeats):
-        served: dict[tuple[bool, int], load.PhaseResult] = {}
-        for beside in config.placements:
+        served: dict[tuple[tuple[bool, int], int], load.PhaseResult] = {}
+        for placement in config.placements:
             placed = json.loads(json.dumps(args))
-            placed.setdefault("engine", {})["loop_beside_target"] = beside
+            placed.setdefault("engine", {})["loop_beside_target"] = placement[0]
+            placed.setdefault("server", {})["stream_interval"] = placement[1]
             url = deploy(placed, port)
             port = int(url.rsplit(":", 1)[1])
             warm_up = load.run_phase(url, texts, "off", 2, 2, config.max_tokens, name, seed=0)
             asyncio.run(warm_up)
             for batch in config.concurrencies:
-                log(f"round {round_index}, loop beside target {beside}, batch {batch}")
+                log(f"round {round_index}, {placement_name(placement)}, batch {batch}")
                 prompts = [texts[i % len(texts)] for i in range(batch * config.requests_per_client)]
                 phase = load.run_phase(
                     url, prompts, "off", batch, len(prompts), config.max_tokens, name, seed=batch,
                     mean_gap_s=config.mean_gap_s,
                 )  # fmt: skip
-                served[beside, batch] = asyncio.run(phase)
+                served[placement, batch] = asyncio.run(phase)
         for batch in config.concurrencies:
             log(f"round {round_index}, offline, batch {batch}")
             offline = offline_generate(app, ids[:batch], config.max_tokens)
             hf = transformers_generate(hf_model, hf_tokenizer, texts[:batch], config.max_tokens)
-            for beside in config.placements:
+            for placement in config.placements:
                 rows.append(
                     {
                         "round": round_index,
                         "batch": batch,
-                        "loop_beside_target": beside,
-                        **served_row(served[beside, batch]),
+                        "loop_beside_target": placement[0],
+                        "stream_interval": placement[1],
+                        **served_row(served[placement, batch]),
                         "offline": offline.throughput,
                         "offline_iteration_ms": offline.iteration_ms,
                         "offline_verify_ms": offline.verify_ms,
@@ -210,13 +212,20 @@ def speed_table(result: dict[str, Any]) -> str:
         "| target forward ms served / offline | outside forwards |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    keys = sorted({(r["loop_beside_target"], r["batch"]) for r in result["rows"]})
-    for beside, batch in keys:
-        rows = [r for r in result["rows"] if (r["loop_beside_target"], r["batch"]) == (beside, batch)]
-        lines.append(
-            f"| {'router process' if beside else 'host actor'} | {batch} | " + " | ".join(_cells(rows)) + " |"
-        )
+
+    def key(row: dict[str, Any]) -> tuple[tuple[bool, int], int]:
+        return (row["loop_beside_target"], row.get("stream_interval", 1)), row["batch"]
+
+    for placement, batch in sorted({key(r) for r in result["rows"]}):
+        rows = [r for r in result["rows"] if key(r) == (placement, batch)]
+        lines.append(f"| {placement_name(placement)} | {batch} | " + " | ".join(_cells(rows)) + " |")
     return "\n".join(lines)
+
+
+def placement_name(placement: tuple[bool, int]) -> str:
+    beside, stream_interval = placement
+    name = "router process" if beside else "host actor"
+    return name if stream_interval == 1 else f"{name}, stream interval {stream_interval}"
 
 
 def _cells(rows: list[dict[str, Any]]) -> list[str]:
