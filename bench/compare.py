@@ -33,6 +33,7 @@ from bench.launches import RAW, REPO, RESULTS, run_servers, serve_settings
 from bench.peers import log
 from bench.regime_pair import ensure_checkpoint
 from bench.report import write_report
+from bench.served_speed import SpeedConfig, served_speed, speed_table
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def measure_iterations(target: Path, draft: Path, dtype: str, config: RunConfig)
     tokenizer = Tokenizer(target)
     prompts = [tokenizer.encode(t) for t in load.load_prompts("mixed", max(config.cost_batch_sizes))]
     max_k = max(config.static_num_spec_tokens)
-    model = {"target": str(target), "draft": str(draft), "dtype": dtype}
+    model: dict[str, Any] = {"target": str(target), "draft": str(draft), "dtype": dtype}
     model |= {
         "max_seqs": max(config.cost_batch_sizes),
         "max_seq_len": max(map(len, prompts)) + config.cost_max_tokens,
@@ -156,180 +157,6 @@ def cost_model_check(target: Path, draft: Path, dtype: str, config: RunConfig) -
             }
         )
     return {"params": asdict(params), "points": points}
-
-
-# -- served speed: our served `off` against offline generation at the same batch ----------------------------
-
-
-@dataclass(frozen=True)
-class SpeedConfig:
-    """`--served-speed`: our server (`serve_config`, requests at `off`) in each target placement, and, in this
-    process with the same torch threads as each model process, `SpecEngine.generate` and `transformers`
-    `generate` (greedy)."""
-
-    serve_config: str = "cluster/configs/demo-cpu.yaml"  # the demo pair
-    concurrencies: tuple[int, ...] = (1, 4, 16, 32)
-    max_tokens: int = 64  # output tokens per request (ignore_eos)
-    # served requests per client in a phase: continuous batching holds the batch at B between the ramps
-    requests_per_client: int = 3
-    repeats: int = 3  # rounds; each round runs every placement, offline and transformers at every batch size
-    workload: str = "mixed"
-    # engine.loop_beside_target of each served placement: False = the target in its own host actor (one call
-    # between processes per iteration), True = in the Router's process
-    placements: tuple[bool, ...] = (False, True)
-
-
-def offline_generate(app: Any, prompts: list[list[int]], max_tokens: int) -> float:
-    """Output tokens/s of `SpecEngine.generate` (no drafter: `off`) over all `prompts` as one batch."""
-    from dataclasses import replace as replace_config
-
-    from cluster.engine_builder import build_engine, local_backends
-    from policy.baselines import OffChooser
-    from workers.sampling import SamplingParams
-
-    run = replace_config(app, model=replace_config(app.model, draft=None, max_seqs=len(prompts)))
-    target, _ = local_backends(run)
-    engine = build_engine(run, target, None, OffChooser(), None)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    start = time.perf_counter()
-    outputs = engine.generate(prompts, params)
-    return sum(map(len, outputs)) / (time.perf_counter() - start)
-
-
-def transformers_generate(model: Any, tokenizer: Any, prompts: list[str], max_tokens: int) -> float:
-    """Output tokens/s of `transformers` greedy `generate` over `prompts` as one (left-padded) batch."""
-    import torch
-
-    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(
-            **inputs,
-            max_new_tokens=max_tokens,
-            min_new_tokens=max_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    return (out.shape[1] - inputs["input_ids"].shape[1]) * len(prompts) / (time.perf_counter() - start)
-
-
-def deploy(args: dict[str, Any], port: int | None) -> str:
-    """Our app on a local Ray instance (started on first use), replacing the one deployed before."""
-    import ray
-    from ray import serve
-
-    from cluster.app import build_app
-    from cluster.cli import wait_healthy
-    from tests.cluster.serving_app import free_port
-
-    if port is None:
-        port = free_port()
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args), name="bench", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(f"{url}/health", 600)
-    return url
-
-
-def served_speed(config: SpeedConfig) -> dict[str, Any]:
-    """Rounds of: for each placement of the target, served `off` at concurrency B for every B (each client
-    sends `requests_per_client` requests one after another, so the batch stays near B); then offline `SpecEngine.generate` and `transformers.generate` at
-    batch B. The served phases' share of iteration time outside the forwards comes from /metrics
-    (`other_seconds_total`)."""
-    import asyncio
-
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from cluster.config import AppConfig, resolve_model_path
-    from workers.tokenizer import Tokenizer
-
-    args = load.load_serve_config_args(REPO / config.serve_config)
-    app = AppConfig.from_args(args)
-    torch.set_num_threads(app.resources.torch_threads)  # as each model process of the served app
-    target = resolve_model_path(app.model.target)
-    texts = load.load_prompts(config.workload, max(config.concurrencies))
-    ids = [Tokenizer(target).encode(t) for t in texts]
-    transformers.logging.set_verbosity_error()
-    hf_tokenizer = AutoTokenizer.from_pretrained(target, padding_side="left")
-    hf_tokenizer.pad_token = hf_tokenizer.pad_token or hf_tokenizer.eos_token
-    hf_model = AutoModelForCausalLM.from_pretrained(target, dtype=getattr(torch, app.model.dtype)).eval()
-    offline_generate(app, ids[:2], 4)  # warm-up
-    transformers_generate(hf_model, hf_tokenizer, texts[:2], 4)
-    name, port = app.model.served_name, None
-    rows: list[dict[str, Any]] = []
-    for round_index in range(config.repeats):
-        served: dict[tuple[bool, int], Any] = {}
-        for beside in config.placements:
-            placed = json.loads(json.dumps(args))
-            placed.setdefault("engine", {})["loop_beside_target"] = beside
-            url = deploy(placed, port)
-            port = int(url.rsplit(":", 1)[1])
-            asyncio.run(load.run_phase(url, texts, "off", 2, 2, config.max_tokens, name, seed=0))  # warm-up
-            for batch in config.concurrencies:
-                log(f"round {round_index}, loop beside target {beside}, batch {batch}")
-                prompts = [texts[i % len(texts)] for i in range(batch * config.requests_per_client)]
-                served[beside, batch] = asyncio.run(
-                    load.run_phase(
-                        url, prompts, "off", batch, len(prompts), config.max_tokens, name, seed=batch
-                    )
-                )
-        for batch in config.concurrencies:
-            log(f"round {round_index}, offline, batch {batch}")
-            offline = offline_generate(app, ids[:batch], config.max_tokens)
-            hf = transformers_generate(hf_model, hf_tokenizer, texts[:batch], config.max_tokens)
-            for beside in config.placements:
-                phase = served[beside, batch]
-                metrics = phase.metrics
-                iterations = max(1.0, metrics.get("iterations_total", 0.0))
-                forward_s = metrics.get("draft_seconds_total", 0.0) + metrics.get("verify_seconds_total", 0.0)
-                outside_s = metrics.get("other_seconds_total", 0.0)
-                rows.append(
-                    {
-                        "round": round_index,
-                        "batch": batch,
-                        "loop_beside_target": beside,
-                        "served": phase.throughput,
-                        "offline": offline,
-                        "transformers": hf,
-                        "outside_share": phase.overhead_share,
-                        "iteration_ms": (forward_s + outside_s) / iterations * 1e3,
-                        "outside_ms": outside_s / iterations * 1e3,
-                        "num_errors": phase.num_errors,
-                    }
-                )
-    return {"config": asdict(config), "rows": rows, "load_average_1m_at_end": os.getloadavg()[0]}
-
-
-def speed_table(result: dict[str, Any]) -> str:
-    """Medians over rounds of each ratio (min-max in brackets), side by side per batch size."""
-    import statistics
-
-    lines = [
-        "| target | batch | served tok/s | offline tok/s | transformers tok/s | served / offline "
-        "| served / transformers | outside forwards | outside ms / iteration |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    keys = sorted({(r["loop_beside_target"], r["batch"]) for r in result["rows"]})
-    for beside, batch in keys:
-        rows = [r for r in result["rows"] if (r["loop_beside_target"], r["batch"]) == (beside, batch)]
-
-        def summary(values: list[float], fmt: str) -> str:
-            return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
-
-        lines.append(
-            f"| {'router process' if beside else 'host actor'} | {batch} "
-            f"| {statistics.median(r['served'] for r in rows):.1f} "
-            f"| {statistics.median(r['offline'] for r in rows):.1f} "
-            f"| {statistics.median(r['transformers'] for r in rows):.1f} "
-            f"| {summary([r['served'] / r['offline'] for r in rows], '.2f')} "
-            f"| {summary([r['served'] / r['transformers'] for r in rows], '.2f')} "
-            f"| {summary([r['outside_share'] for r in rows], '.1%')} "
-            f"| {statistics.median(r['outside_ms'] for r in rows):.2f} |"
-        )
-    return "\n".join(lines)
 
 
 # -- the whole run -------------------------------------------------------------------------------------------
@@ -404,10 +231,29 @@ def main(argv: list[str] | None = None) -> None:
         "writes bench/results/served-speed.json",
     )
     parser.add_argument("--repeats", type=int, default=3, help="--served-speed: rounds")
+    parser.add_argument(
+        "--placements",
+        default="host,beside",
+        help="--served-speed: comma-separated target placements (host: its own actor; beside: the Router's "
+        "process, engine.loop_beside_target), each optionally with :N, its server.stream_interval",
+    )
+    parser.add_argument(
+        "--gap-ms",
+        type=float,
+        default=0.0,
+        help="--served-speed: mean Poisson gap before each served request (default 0: closed-loop clients)",
+    )
     parser.add_argument("--out", default=None, help="--served-speed: the JSON to write")
     args = parser.parse_args(argv)
     if args.served_speed:
-        speed = replace(SpeedConfig(repeats=args.repeats), **_shared_overrides(args))
+        placements = []
+        for item in args.placements.split(","):
+            where, _, interval = item.partition(":")
+            if where not in ("host", "beside") or not (interval or "1").isdigit():
+                parser.error(f"--placements: {item!r} is not host or beside, with an optional :N")
+            placements.append((where == "beside", int(interval or 1)))
+        speed = SpeedConfig(repeats=args.repeats, mean_gap_s=args.gap_ms / 1e3, placements=tuple(placements))
+        speed = replace(speed, **_shared_overrides(args))
         result = served_speed(speed)
         result["table"] = speed_table(result)
         print(result["table"], flush=True)

@@ -142,8 +142,13 @@ async def run_phase(
     label: str | None = None,
     extra_body: dict[str, Any] | None = None,
     metrics_prefix: str = "moespec:",
+    mean_gap_s: float = 0.05,
 ) -> PhaseResult:
     """One phase; `label` names it in the result (default: `mode`), `extra_body` joins every request's body.
+
+    Each of the `concurrency` clients waits an exponential gap (mean `mean_gap_s`: Poisson arrivals) before
+    each of its requests; `mean_gap_s=0` makes the clients closed-loop (the next request is sent as soon as
+    the last one finished), so the server's batch stays at the concurrency until the queue runs out.
 
     Another OpenAI server (no `num_spec_tokens`, no moespec metrics): mode="", label="...", and
     metrics_prefix="vllm:" to read its speculative-decoding counters, which carry the same names.
@@ -158,7 +163,8 @@ async def run_phase(
         nonlocal errors
         while queue:
             prompt = queue.pop()
-            await asyncio.sleep(rng.expovariate(1 / 0.05))  # Poisson arrivals, mean gap 50 ms per client
+            if mean_gap_s > 0:
+                await asyncio.sleep(rng.expovariate(1 / mean_gap_s))  # Poisson arrivals, per client
             try:
                 results.append(await one_request(client, url, prompt, mode, max_tokens, model, extra_body))
             except Exception as error:  # noqa: BLE001 (counted and reported, the run goes on)

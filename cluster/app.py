@@ -103,6 +103,12 @@ class RouterServer:
             num_target = self._local_target.runner.cache.num_used_slots if self._local_target else 0
         return num_target, await drafter.num_used_slots() if drafter else 0
 
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Serve's per-replica statistics hook (Serve's controller polls it for request routers; tests and
+        operators call it on the replica's actor): this replica's KV slots in use, (target, drafter), in
+        either placement of the target."""
+        return {"num_used_slots": await self.num_used_slots()}
+
     def check_health(self) -> None:
         """Serve's health check: raises if the engine loop died, if a model host hangs (see
         `HostSupervisor.check`; a dead one is started again), or if the target's cache refused new requests

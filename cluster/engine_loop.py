@@ -1,7 +1,8 @@
 """Runs a SpecEngine on its own thread and connects it to asyncio request handlers.
 
 The engine is not thread-safe, so only this thread touches it: handlers send commands (add, abort) through
-an inbox that is drained at iteration boundaries, and receive their outputs on per-request asyncio queues.
+an inbox that is drained at iteration boundaries, and receive their outputs on per-request asyncio queues
+(after the first, a request's outputs are merged until they hold `stream_interval` tokens or it ends).
 If an iteration fails (the target died), every running request ends with that error; the loop goes on.
 """
 
@@ -50,6 +51,8 @@ def short_reason(error: BaseException) -> str:
 class _Client:
     outputs: asyncio.Queue[Item]
     deadline: float
+    held: RequestOutput | None = None  # outputs merged until they reach the stream interval
+    num_delivered: int = 0
 
 
 class EngineLoop:
@@ -58,11 +61,13 @@ class EngineLoop:
         engine: SpecEngine,
         metrics: Metrics,
         request_timeout_s: float,
+        stream_interval: int = 1,
         on_iteration: Callable[[IterationStats], None] | None = None,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.request_timeout_s = request_timeout_s
+        self.stream_interval = stream_interval
         self.on_iteration = on_iteration
         self._inbox: queue.SimpleQueue[tuple[str, str, list[int], SamplingParams | None]] = (
             queue.SimpleQueue()
@@ -170,7 +175,7 @@ class EngineLoop:
     def _deliver_all(self, items: list[tuple[str, Item]]) -> None:
         """Hand an iteration's outputs to their handlers with one wake-up of the event loop (one per output
         cost the loop thread a cross-thread call, and the event loop a wake-up, per request per iteration)."""
-        batch = []
+        batch: list[tuple[asyncio.Queue[Item], Item]] = []
         for request_id, item in items:
             client = self._clients.get(request_id)
             if client is None:
@@ -179,10 +184,38 @@ class EngineLoop:
                 del self._clients[request_id]
                 with self._outstanding_lock:
                     self.num_outstanding -= 1
+            if client.held is not None:  # what was held goes out first, or with this output
+                if isinstance(item, BaseException):
+                    batch.append((client.outputs, client.held))
+                else:
+                    item = _merge(client.held, item)
+                client.held = None
+            if (
+                isinstance(item, RequestOutput)
+                and not item.is_finished
+                and client.num_delivered > 0  # the first token goes out at once
+                and len(item.new_token_ids) < self.stream_interval
+            ):
+                client.held = item
+                continue
+            client.num_delivered += 1
             batch.append((client.outputs, item))
         if batch:
             assert self._event_loop is not None
             self._event_loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _merge(first: RequestOutput, then: RequestOutput) -> RequestOutput:
+    """One output for two consecutive outputs of a request."""
+    return RequestOutput(
+        then.request_id,
+        first.new_token_ids + then.new_token_ids,
+        first.new_text + then.new_text,
+        then.num_prompt_tokens,
+        then.num_output_tokens,
+        then.finish_reason,
+        first.new_logprobs + then.new_logprobs,
+    )
 
 
 def _put_all(batch: list[tuple[asyncio.Queue[Item], Item]]) -> None:

@@ -57,7 +57,9 @@ class Router:
         self.tokenizer = tokenizer
         self.api_key = api_key
         self.metrics = metrics or Metrics(config.model.served_name, config.engine.max_spec_tokens)
-        self.loop = loop or EngineLoop(engine, self.metrics, config.engine.request_timeout_s)
+        self.loop = loop or EngineLoop(
+            engine, self.metrics, config.engine.request_timeout_s, config.server.stream_interval
+        )
         self.created = int(time.time())
         self.routes: dict[tuple[str, str], Handler] = {
             ("GET", "/health"): self.health,

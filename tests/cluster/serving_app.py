@@ -119,17 +119,24 @@ def host_actors(app: str, class_name: str) -> dict[str, Any]:
 
 
 def used_slots(app: str) -> dict[str, tuple[int, int]]:
-    """KV slots in use (target, drafter) on each Router replica of an app, from its live host actors."""
+    """KV slots in use (target, drafter) on each live Router replica of an app, by replica, whichever process
+    holds the target (`RouterServer.record_routing_stats`, called on each replica's actor)."""
     import ray
+    from ray.exceptions import RayActorError
 
-    targets, drafters = host_actors(app, "TargetHost"), host_actors(app, "DrafterHost")
-    return {
-        replica: (
-            int(ray.get(target.num_used_slots.remote())),
-            int(ray.get(drafters[replica].num_used_slots.remote())) if replica in drafters else 0,
-        )
-        for replica, target in targets.items()
-    }
+    prefix = f"SERVE_REPLICA::{app}#Router#"  # Serve's replica actor names, in its namespace "serve"
+    found = {}
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] != "serve" or not entry["name"].startswith(prefix):
+            continue
+        try:
+            replica = ray.get_actor(entry["name"], namespace="serve")
+            stats = ray.get(replica.record_routing_stats.remote(), timeout=60)
+        except (ValueError, RayActorError):  # died since it was listed
+            continue
+        target, drafter = stats["num_used_slots"]
+        found[entry["name"].removeprefix("SERVE_REPLICA::")] = (int(target), int(drafter))
+    return found
 
 
 def metric_value(metrics: str, name: str) -> float:

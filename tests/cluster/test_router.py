@@ -176,3 +176,29 @@ def test_the_configured_context_length_is_served_exactly(tmp_path: Path) -> None
         assert too_long.status_code == 400 and "exceeds the context length 2048" in too_long.text
     finally:
         router.loop.stop()
+
+
+def test_a_stream_interval_sends_the_same_tokens_in_fewer_chunks(models: tuple[Path, Path]) -> None:
+    """server.stream_interval 4: the first token at once, then chunks of at least 4 tokens (the last may be
+    shorter), and the same text and usage as token-by-token streaming."""
+    body = {"prompt": "def f(x):", "max_tokens": 11, "temperature": 0, "ignore_eos": True, "stream": True}
+    body |= {"stream_options": {"include_usage": True}, "num_spec_tokens": 0}
+
+    def stream(interval: int) -> tuple[list[str], int]:
+        router = local_router(*models, server={"stream_interval": interval})
+        try:
+            response = _call(router, "POST", "/v1/completions", json=body)
+        finally:
+            router.loop.stop()
+        assert response.status_code == 200, response.text
+        events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+        texts = [e["choices"][0]["text"] for e in events if e["choices"]]
+        (usage,) = [e["usage"]["completion_tokens"] for e in events if e.get("usage")]
+        return texts, usage
+
+    every_token, every_usage = stream(1)
+    chunked, chunked_usage = stream(4)
+    assert "".join(chunked) == "".join(every_token) and chunked_usage == every_usage == 11
+    assert len(every_token) == 11 and [len(t) for t in chunked] == [1, 4, 4, 2]  # one character per token
+    with pytest.raises(ValueError, match="stream_interval must be >= 1"):
+        local_router(*models, server={"stream_interval": 0})
