@@ -6,7 +6,10 @@ it keeps the committed tokens per second per request of every iteration the choo
 ones and its test probes included) and of every plain iteration (EWMAs). While the chooser speculates,
 every `baseline_every`-th iteration runs plain to keep the plain figure fresh (every 4th until a bucket has
 one). When the chooser's iterations measure worse than plain ones by more than `margin`, the guard runs
-plain for `hold_iterations` (doubled per consecutive verdict, capped), then lets the chooser try again.
+that bucket plain for `hold_iterations` (doubled per consecutive verdict there, capped), then lets the
+chooser try again. A verdict holds only its own bucket: drafting that loses at batch 1 says nothing about
+batch 4, where verification costs far less relative to a plain step (the vLLM backend's replay of a batch-1
+phase followed by a batch-4 one: a global hold kept batch 4 plain on one seed).
 
 Why the decisions as a whole: the guard controls one thing, the chooser's decisions against plain decoding,
 so that is what it measures; a chooser that runs plain and tests one request in a batch now and then is
@@ -102,8 +105,10 @@ class MeasuredGuard:
         self.config = config or GuardConfig()
         self._plain: dict[int, _Rate] = {}
         self._chosen: dict[int, _Rate] = {}  # iterations that ran what the chooser decided
-        self._hold_left = 0  # plain iterations still to run after a verdict
-        self._num_verdicts = 0  # consecutive verdicts against the chooser (the hold doubles)
+        # Per batch-size bucket, as the figures: plain iterations still to run after a verdict there, and
+        # consecutive verdicts there (the hold doubles).
+        self._hold_left: dict[int, int] = {}
+        self._num_verdicts: dict[int, int] = {}
         self._num_drafting = 0  # drafting iterations since the last plain one
         # Per choice not yet observed: the requests the chooser decided for (None: a forced plain iteration).
         self._pending: deque[frozenset[str] | None] = deque(maxlen=_MAX_PENDING_CHOICES)
@@ -113,7 +118,7 @@ class MeasuredGuard:
         chosen = self.inner.choose(request_ids)
         if not request_ids:
             return chosen
-        if self._hold_left > 0:
+        if self._hold_left.get(len(request_ids).bit_length(), 0) > 0:
             return self._plain_iteration(request_ids)
         plain = self._plain.get(len(request_ids).bit_length())
         is_known = plain is not None and plain.count >= self.config.min_samples
@@ -127,7 +132,8 @@ class MeasuredGuard:
         self.inner.observe(stats)
         if not stats.requests:
             return
-        self._hold_left = max(self._hold_left - 1, 0)  # a hold lasts engine iterations, asked or not
+        # A hold lasts engine iterations, asked or not, at any batch size.
+        self._hold_left = {b: left - 1 for b, left in self._hold_left.items() if left > 1}
         asked = self._pending.popleft() if self._pending else None  # None: nobody asked the chooser
         is_chosen = asked is not None and all(r.request_id in asked for r in stats.requests)
         if stats.iteration_time_s <= 0.0:
@@ -163,10 +169,11 @@ class MeasuredGuard:
             return
         noise = self.config.confidence * math.hypot(chosen.standard_error, plain.standard_error)
         if chosen.value < (1.0 - self.config.margin) * plain.value - noise:
-            hold = self.config.hold_iterations * 2**self._num_verdicts
-            self._hold_left = min(hold, self.config.max_hold_iterations)
-            self._num_verdicts += 1
+            num_verdicts = self._num_verdicts.get(bucket, 0)
+            hold = self.config.hold_iterations * 2**num_verdicts
+            self._hold_left[bucket] = min(hold, self.config.max_hold_iterations)
+            self._num_verdicts[bucket] = num_verdicts + 1
             self.num_holds += 1
             del self._chosen[bucket]  # the next try is judged on fresh iterations
         elif chosen.count >= 4 * self.config.min_samples:
-            self._num_verdicts = 0  # the chooser has held its own for a while
+            self._num_verdicts[bucket] = 0  # the chooser has held its own for a while

@@ -146,3 +146,19 @@ def test_a_hold_lasts_engine_iterations_whether_the_chooser_is_asked_or_not() ->
     for i in range(config.hold_iterations):  # clients at `off` only: nobody asks the chooser
         guard.observe(_iteration(index + 1 + i, {"fixed": 0}, {"fixed": 1}, 0.010))
     assert guard.choose(["b"]) == {"b": 4}  # the hold is over
+
+
+def test_a_verdict_at_one_batch_size_does_not_hold_another() -> None:
+    # Drafting loses at batch 1 (a verdict there); at batch 4 the chooser keeps its K.
+    guard = MeasuredGuard(StaticChooser(2), GuardConfig(hold_iterations=64, min_samples=4))
+    index = 0
+    while guard.num_holds == 0:
+        chosen = guard.choose(["a"])
+        seconds = 0.040 if chosen["a"] else 0.010
+        guard.observe(_iteration(index, chosen, {"a": 2 if chosen["a"] else 1}, seconds))
+        index += 1
+        assert index < 200
+    assert guard.choose(["a"]) == {"a": 0}  # batch 1 is held
+    guard.observe(_iteration(index, {"a": 0}, {"a": 1}, 0.010))
+    batch_4 = ["a", "b", "c", "d"]
+    assert guard.choose(batch_4) == dict.fromkeys(batch_4, 2)  # batch 4 is not

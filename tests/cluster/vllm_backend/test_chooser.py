@@ -173,7 +173,8 @@ def test_step_prior_keeps_the_draft_terms_apart_when_our_worker_measures_them() 
     reason="open (#15): auto drafts too little at batch 1 where a large per-step part makes K = 1 pay "
     "(here mean K 0.1-0.45, 0.85-0.93x of the best static K; served: no drafting at all). Testing new "
     "requests until 4 have drafted (tried) changed nothing here and made the guard hold at batch 1 in the "
-    "batch-1-then-4 replay, its hold (global, not per batch size) then keeping batch 4 plain on one seed",
+    "batch-1-then-4 replay; its hold, then global, kept batch 4 plain on one seed (holds are per batch size "
+    "since: policy/guard.py)",
 )
 @pytest.mark.parametrize("seed", range(3))
 def test_the_chooser_drafts_at_batch_1_where_a_per_step_overhead_makes_it_pay(seed: int) -> None:
