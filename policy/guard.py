@@ -118,9 +118,10 @@ class MeasuredGuard:
         chosen = self.inner.choose(request_ids)
         if not request_ids:
             return chosen
-        if self._hold_left.get(len(request_ids).bit_length(), 0) > 0:
+        bucket = len(request_ids).bit_length()
+        if self._hold_left.get(bucket, 0) > 0:
             return self._plain_iteration(request_ids)
-        plain = self._plain.get(len(request_ids).bit_length())
+        plain = self._plain.get(bucket)
         is_known = plain is not None and plain.count >= self.config.min_samples
         every = self.config.baseline_every if is_known else 4  # learn the plain rate of a new bucket fast
         if any(chosen.values()) and self._num_drafting >= every - 1:
