@@ -16,6 +16,8 @@ import torch
 
 from cluster.config import DEMO_DRAFT, DEMO_TARGET
 from cluster.metrics import COUNTERS, GAUGES, PER_POSITION
+from policy.batch_aware import POPULATION_ACCEPTANCE
+from policy.utility import AcceptanceEstimator
 from tests.cluster.reference import NO_PENALTIES, OPENAI_PENALTIES, PENALTIES, reference_greedy
 from tests.cluster.serving_app import app_args, host_actors
 
@@ -108,10 +110,16 @@ def test_prometheus_parser_reads_every_documented_series_before_the_first_reques
     from prometheus_client.parser import text_string_to_metric_families
 
     families = {f.name: f for f in text_string_to_metric_families(startup.metrics_before_requests)}
+    # Zero before any request, except the chooser's estimates: the acceptance it starts from (its prior)
+    # and no gain predicted.
+    starts = {
+        "policy_acceptance": AcceptanceEstimator(POPULATION_ACCEPTANCE).rate,
+        "policy_predicted_speedup": 1.0,
+    }
     for name in [*COUNTERS, *GAUGES]:
         family = families[f"moespec:{name.removesuffix('_total')}"]
         assert family.documentation, name
-        assert [s.value for s in family.samples] == [0.0], name
+        assert [s.value for s in family.samples] == [starts.get(name, 0.0)], name
     per_pos = families[f"moespec:{PER_POSITION[0].removesuffix('_total')}"]
     positions = sorted(int(s.labels["position"]) for s in per_pos.samples)
     assert positions == list(range(4)) and all(s.value == 0 for s in per_pos.samples)  # max_spec_tokens 4
