@@ -2,7 +2,7 @@
 ratios to our policy-off run; the table rows, the targets, the profile where vLLM is ahead, the cost model's
 errors.
 
-Input: the dict `bench.compare.run` returns (phases of bench/load.py, `generate` results, bandwidth,
+Input: the dict `bench.compare.run` returns (phases of bench/http_load.py, `generate` results, bandwidth,
 offline iterations with the cost model's predictions). Everything here is derived from it, so a report can
 be rewritten from compare.json (`python -m bench.compare --report-only`).
 """

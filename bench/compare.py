@@ -9,7 +9,7 @@ batch sizes and K) against the MoESD-form cost model fitted on a subset of them;
 `assistant_model`; then one server at a time, alternating ours and vLLM's: vLLM without speculation and
 with draft-model speculation at K = 1, ours with the batch-aware policy (phases: off, static K = 1..4, auto),
 vLLM at K = 2, 3, ours with Cascade (phases: off, auto), vLLM at K = 4; the bandwidth again. Every server gets the same
-load generator (bench/load.py: streamed /v1/completions, Poisson arrivals, greedy, ignore_eos), workloads
+load generator (bench/http_load.py: streamed /v1/completions, Poisson arrivals, greedy, ignore_eos), workloads
 and concurrency levels. Our policy-off reference is the mean of the two off runs (their spread is the
 noise floor). Writes bench/results/compare.{json,md} and bench/results/compare/*.png (--quick: under
 bench/results/raw/compare/); server logs, the vLLM environment (created on first use) and its compile cache,
@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench import load, peers
+from bench import http_load, peers
 from bench.bound import ELEMENT_SIZE, bandwidth, weight_params
 from bench.launches import RAW, REPO, RESULTS, run_servers, serve_settings
 from bench.peers import log
@@ -93,7 +93,7 @@ def measure_iterations(target: Path, draft: Path, dtype: str, config: RunConfig)
 
     torch.set_num_threads(1)
     tokenizer = Tokenizer(target)
-    prompts = [tokenizer.encode(t) for t in load.load_prompts("mixed", max(config.cost_batch_sizes))]
+    prompts = [tokenizer.encode(t) for t in http_load.load_prompts("mixed", max(config.cost_batch_sizes))]
     max_k = max(config.static_num_spec_tokens)
     model: dict[str, Any] = {"target": str(target), "draft": str(draft), "dtype": dtype}
     model |= {
@@ -181,7 +181,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     log("our iteration times offline, against the cost model")
     cost = cost_model_check(target, draft, dtype, config)
     log("transformers generate")
-    prompts = {w: load.load_prompts(w, config.hf_num_prompts) for w in config.workloads}
+    prompts = {w: http_load.load_prompts(w, config.hf_num_prompts) for w in config.workloads}
     generate = [
         {"workload": w, **asdict(r), "throughput": r.throughput}
         for w in config.workloads

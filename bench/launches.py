@@ -1,6 +1,6 @@
 """One server at a time for the peer comparison: ours (our Serve app with a `policy.kind`) or vLLM's (its
 OpenAI server, speculation fixed at K), each started, driven through every workload x concurrency x mode
-by bench/load.py, and stopped; launches alternate ours and vLLM's against drift.
+by bench/http_load.py, and stopped; launches alternate ours and vLLM's against drift.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from bench import load, peers
+from bench import http_load, peers
 from bench.peers import log
 
 if TYPE_CHECKING:
@@ -151,10 +151,12 @@ def run_launch(launch: Launch, url: str, config: RunConfig, index: int) -> list[
     model = serve_settings(config)["model"]["served_name"]
     prefix = "moespec:" if launch.is_ours else "vllm:"
 
-    def phase(workload: str, mode: str, label: str, concurrency: int, num_requests: int) -> load.PhaseResult:
-        prompts = load.load_prompts(workload, num_requests)
+    def phase(
+        workload: str, mode: str, label: str, concurrency: int, num_requests: int
+    ) -> http_load.PhaseResult:
+        prompts = http_load.load_prompts(workload, num_requests)
         return asyncio.run(
-            load.run_phase(
+            http_load.run_phase(
                 url, prompts, mode, concurrency, num_requests, config.max_tokens, model, seed=concurrency,
                 label=label, metrics_prefix=prefix,
             )

@@ -45,7 +45,7 @@ def markdown(report: dict[str, Any], out: Path) -> str:
         f"at the end), {report['elapsed_s'] / 60:.1f} min. vLLM: {report['machine']['vllm'] or 'not run'}. "
         f"dtype {report['dtype']} everywhere. {config['max_tokens']} output tokens per request (greedy, "
         f"ignore_eos); requests per phase max({config['min_requests']}, {config['requests_per_client']} x "
-        "concurrency); closed-loop clients with Poisson think times (bench/load.py).",
+        "concurrency); closed-loop clients with Poisson think times (bench/http_load.py).",
         "",
         "Ratios (x) are against our policy-off run at the same workload and concurrency: for our systems, the "
         "off run on the same server launch (minutes apart, so launch-to-launch drift cancels); for vLLM and "

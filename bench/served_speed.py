@@ -1,7 +1,7 @@
 """Served `off` against offline generation at the same batch (`python -m bench.compare --served-speed`).
 
 Our Serve app (the demo pair by default) in each placement of the target, requests at `off`, driven by
-closed-loop clients (`bench.load.run_phase` with no think time: each client sends its next request as soon
+closed-loop clients (`bench.http_load.run_phase` with no think time: each client sends its next request as soon
 as the last one finished, so the batch is the concurrency); against, in this process with the torch threads
 of each model process, `SpecEngine.generate` and `transformers` greedy `generate` over the same number of
 prompts as one batch. Beside every served row: the batch the server actually ran (running requests per
@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from bench import load
+from bench import http_load, load
 from bench.launches import REPO
 from bench.peers import log
 
@@ -115,7 +115,7 @@ def deploy(args: dict[str, Any], port: int | None) -> str:
     return url
 
 
-def served_row(phase: load.PhaseResult) -> dict[str, float]:
+def served_row(phase: http_load.PhaseResult) -> dict[str, float]:
     """What a served phase's /metrics counters say per engine iteration."""
     metrics = phase.metrics
     iterations = max(1.0, metrics.get("iterations_total", 0.0))
@@ -152,7 +152,7 @@ def served_speed(config: SpeedConfig) -> dict[str, Any]:
     app = AppConfig.from_args(args)
     torch.set_num_threads(app.resources.torch_threads)  # as each model process of the served app
     target = resolve_model_path(app.model.target)
-    texts = load.load_prompts(config.workload, max(config.concurrencies))
+    texts = http_load.load_prompts(config.workload, max(config.concurrencies))
     ids = [Tokenizer(target).encode(t) for t in texts]
     transformers.logging.set_verbosity_error()
     hf_tokenizer = AutoTokenizer.from_pretrained(target, padding_side="left")
@@ -164,19 +164,19 @@ def served_speed(config: SpeedConfig) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     load_average = [os.getloadavg()[0]]
     for round_index in range(config.repeats):
-        served: dict[tuple[tuple[bool, int], int], load.PhaseResult] = {}
+        served: dict[tuple[tuple[bool, int], int], http_load.PhaseResult] = {}
         for placement in config.placements:
             placed = json.loads(json.dumps(args))
             placed.setdefault("engine", {})["loop_beside_target"] = placement[0]
             placed.setdefault("server", {})["stream_interval"] = placement[1]
             url = deploy(placed, port)
             port = int(url.rsplit(":", 1)[1])
-            warm_up = load.run_phase(url, texts, "off", 2, 2, config.max_tokens, name, seed=0)
+            warm_up = http_load.run_phase(url, texts, "off", 2, 2, config.max_tokens, name, seed=0)
             asyncio.run(warm_up)
             for batch in config.concurrencies:
                 log(f"round {round_index}, {placement_name(placement)}, batch {batch}")
                 prompts = [texts[i % len(texts)] for i in range(batch * config.requests_per_client)]
-                phase = load.run_phase(
+                phase = http_load.run_phase(
                     url, prompts, "off", batch, len(prompts), config.max_tokens, name, seed=batch,
                     mean_gap_s=config.mean_gap_s,
                 )  # fmt: skip

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bench import load
+from bench import http_load
 from bench.served_speed import served_row, speed_table
 
 
@@ -17,23 +17,23 @@ def _run_phase_with_fake_server(monkeypatch: pytest.MonkeyPatch, mean_gap_s: flo
     in_flight, peak, sleeps = 0, 0, 0
     real_sleep = asyncio.sleep
 
-    async def fake_request(*args: Any, **kwargs: Any) -> load.RequestResult:
+    async def fake_request(*args: Any, **kwargs: Any) -> http_load.RequestResult:
         nonlocal in_flight, peak
         in_flight += 1
         peak = max(peak, in_flight)
         await real_sleep(0.01)
         in_flight -= 1
-        return load.RequestResult(0.001, 0.01, 8)
+        return http_load.RequestResult(0.001, 0.01, 8)
 
     async def counting_sleep(delay: float) -> None:
         nonlocal sleeps
         sleeps += 1
         await real_sleep(delay)
 
-    monkeypatch.setattr(load, "one_request", fake_request)
-    monkeypatch.setattr(load, "scrape", lambda url, prefix="": {})
-    monkeypatch.setattr(load.asyncio, "sleep", counting_sleep)
-    phase = load.run_phase(
+    monkeypatch.setattr(http_load, "one_request", fake_request)
+    monkeypatch.setattr(http_load, "scrape", lambda url, prefix="": {})
+    monkeypatch.setattr(http_load.asyncio, "sleep", counting_sleep)
+    phase = http_load.run_phase(
         "http://x", ["p"] * 12, "off", 4, 12, 8, "m", seed=0, mean_gap_s=mean_gap_s
     )  # fmt: skip
     result = asyncio.run(phase)
@@ -53,8 +53,8 @@ def test_the_default_clients_wait_a_poisson_gap_before_every_request(monkeypatch
     assert client_sleeps == 12
 
 
-def _phase(metrics: dict[str, float]) -> load.PhaseResult:
-    return load.PhaseResult(4, "off", 100.0, 0, 0, 0, 0, 0.0, 0.1, 0, metrics=metrics)
+def _phase(metrics: dict[str, float]) -> http_load.PhaseResult:
+    return http_load.PhaseResult(4, "off", 100.0, 0, 0, 0, 0, 0.0, 0.1, 0, metrics=metrics)
 
 
 def test_a_served_row_counts_the_running_requests_per_iteration() -> None:

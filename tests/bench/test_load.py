@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.load import PhaseResult, main, median_phase
+from bench.http_load import PhaseResult, median_phase
+from bench.load import main
 
 
 def _phase(throughput: float, tpot: float, drafted: float, accepted: float) -> PhaseResult:
