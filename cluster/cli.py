@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 import urllib.error
@@ -66,40 +67,49 @@ def serve_command(args: argparse.Namespace) -> int:
             include_dashboard=False,
             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
         )
-    serve.start(http_options={"host": host, "port": port})
-    print("[moespec] deploying the Router (each replica loads its drafter and target)", flush=True)
-    serve.run(
-        build_app(app_config.get("args")),
-        name=app_config.get("name", "moespec"),
-        route_prefix=app_config.get("route_prefix", "/"),
-        blocking=False,
-    )
-    base = f"http://{host}:{port}"
-    wait_healthy(f"{base}/health", args.timeout)
-    example = {
-        "model": app_config.get("args", {}).get("model", {}).get("served_name", "demo-moe"),
-        "prompt": "def fibonacci(n):",
-        "max_tokens": 48,
-        "temperature": 0,
-    }
+    _stop_on_sigterm()  # after ray.init, whose handler would abort the process on SIGTERM
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        print("[moespec] deploying the Router (each replica loads its drafter and target)", flush=True)
+        serve.run(
+            build_app(app_config.get("args")),
+            name=app_config.get("name", "moespec"),
+            route_prefix=app_config.get("route_prefix", "/"),
+            blocking=False,
+        )
+        base = f"http://{host}:{port}"
+        wait_healthy(f"{base}/health", args.timeout)
+        _print_ready(base, app_config.get("args", {}).get("model", {}).get("served_name", "demo-moe"))
+        while not args.exit_after_ready:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("[moespec] shutting down", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def _print_ready(base: str, model: str) -> None:
+    example = {"model": model, "prompt": "def fibonacci(n):", "max_tokens": 48, "temperature": 0}
     print(f"\n[moespec] ready: OpenAI-compatible API at {base}/v1  (metrics: {base}/metrics)")
     print(f"  curl {base}/v1/completions -H 'Content-Type: application/json' -d '{json.dumps(example)}'")
     print(
         f"  python -c \"import openai; c = openai.OpenAI(base_url='{base}/v1', api_key='none'); "
-        f"print(c.completions.create(model='{example['model']}', prompt='def add(a, b):', max_tokens=32)"
+        f"print(c.completions.create(model='{model}', prompt='def add(a, b):', max_tokens=32)"
         f'.choices[0].text)"',
         flush=True,
     )
-    if args.exit_after_ready:
-        serve.shutdown()
-        return 0
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("[moespec] shutting down", flush=True)
-        serve.shutdown()
-    return 0
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (`kill`, `docker stop`, systemd, a background job that ignores Ctrl-C) shuts the app down as
+    Ctrl-C does; Ray's handler in the driver would print a stack and abort (exit status 134)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
