@@ -21,8 +21,12 @@ from policy.stats import IterationStats
 from policy.utility import AcceptanceConfig, AcceptanceEstimator
 
 Array = NDArray[np.float64]
-# Per iteration (the counts of the whole batch at once): remembers about 20 iterations.
-POPULATION_ACCEPTANCE = AcceptanceConfig(decay=0.95, fast_decay=0.7)
+# Per drafting request-iteration (each request's counts apart): remembers about 200 of them, a few requests'
+# lives at batch 1 and a few iterations at batch 32. No phase changes (fast = slow): at batch 1 every new
+# request looks like a change of phase, and the traffic's acceptance was then the last request's alone (fed
+# per iteration over 20 iterations, it was too): one request at 0.3 put every later one at K = 0, untested
+# for its life, where the traffic's mean was 0.58 and static K = 1 paid (tests/cluster/vllm_backend).
+POPULATION_ACCEPTANCE = AcceptanceConfig(decay=0.995, fast_decay=0.995)
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ class BatchAwareChooser:
         # Acceptance of all requests together, updated once per iteration: new requests start from it.
         self._population = AcceptanceEstimator(POPULATION_ACCEPTANCE)
         self._num_population_requests = 0  # requests whose drafts fed it
+        self._num_plain_iterations = 0  # observed iterations since one drafted
         # The last choice, for `gauges`: its predicted tokens per second over plain decoding's.
         self._predicted_speedup = 1.0
 
@@ -118,14 +123,14 @@ class BatchAwareChooser:
 
     def observe(self, stats: IterationStats) -> None:
         self.cost_model.observe(stats)
-        num_accepted = num_rejected = 0
+        is_drafting = any(r.num_spec_tokens > 0 for r in stats.requests)
+        self._num_plain_iterations = 0 if is_drafting else self._num_plain_iterations + 1
         for r in stats.requests:
             state = self._state(r.request_id)
             if r.num_spec_tokens > 0:
-                is_rejected = r.num_accepted_tokens < r.num_spec_tokens
-                state.estimator.record_counts(r.num_accepted_tokens, 1.0 if is_rejected else 0.0)
-                num_accepted += r.num_accepted_tokens
-                num_rejected += is_rejected
+                rejected = 1.0 if r.num_accepted_tokens < r.num_spec_tokens else 0.0
+                state.estimator.record_counts(r.num_accepted_tokens, rejected)
+                self._population.record_counts(r.num_accepted_tokens, rejected)
                 self._num_population_requests += not state.has_drafted
                 state.has_drafted = True
             if state.test_remaining > 0:
@@ -138,8 +143,6 @@ class BatchAwareChooser:
                 if state.zero_iterations >= min(backoff, self.config.max_set_iterations):
                     state.test_remaining = self.config.test_iterations  # retest from the next choice
                     state.set_k = None
-        if num_accepted + num_rejected > 0:
-            self._population.record_counts(num_accepted, num_rejected)
 
     def release(self, request_id: str) -> None:
         self._states.pop(request_id, None)
@@ -239,10 +242,17 @@ class BatchAwareChooser:
         # A started test runs its iterations back to back.
         is_drafting = max(chosen) > 0 or any(0 < s.test_remaining < num_test for s in states)
         waiting = []
+        # Skipping a new request's test rests on measurement only if drafting's cost has been measured at this
+        # batch size and the traffic's acceptance is fresh (some request drafted within the longest back-off).
+        is_measured = (
+            self.cost_model.num_drafting_iterations(len(states)) >= num_test
+            and self._num_plain_iterations < self.config.max_set_iterations
+        )
         for i, state in enumerate(states):
             if state.is_new and state.test_remaining > 0 and chosen[i] == 0:
-                state.test_remaining, state.set_k, state.zero_iterations = 0, 0, 0
                 state.num_zero_verdicts = self.config.new_request_zero_verdicts  # as if tested
+                if is_measured:
+                    state.test_remaining, state.set_k, state.zero_iterations = 0, 0, 0
             state.is_new = False
             if state.test_remaining > 0 and chosen[i] < probe:
                 waiting.append(i)
