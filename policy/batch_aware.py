@@ -2,8 +2,9 @@
 
 Objective: sum_r E[ETR_r(K_r)] / T(batch, K vector), with per-request acceptance estimates and the shared
 cost model. A new request's estimate starts from the acceptance of the traffic so far (not from an
-uninformed 0.5). Requests are probed in Cascade-style test phases (new ones at once, ones at K = 0 with
-back-off) so that every estimate stays fresh. A probe only guarantees K >= probe_num_spec_tokens on top of
+uninformed 0.5), pooled over recent request-iterations. Requests are probed in Cascade-style test phases
+(new ones at once, ones at K = 0 with back-off) so that every estimate stays fresh; a batch size at which
+no drafting was measured yet gets tests too, since its cost of drafting is only the prior's guess. A probe only guarantees K >= probe_num_spec_tokens on top of
 the optimum, and probes that would make a K = 0 batch draft wait to go together, so that testing costs
 little where speculation does not pay. Hysteresis keeps a request's K unless changing it clearly pays.
 """
@@ -41,7 +42,11 @@ class BatchAwareConfig:
     # A new request for which speculation would not pay at the traffic's acceptance starts at K = 0 as if
     # this many tests had said K = 0: its first test comes after set_iterations * 2**n iterations (capped).
     # A first test costs the drafter the request's whole history (its catch-up prefill) besides the draft
-    # steps, which short requests rarely repay where the traffic does not speculate.
+    # steps, which short requests rarely repay where the traffic does not speculate. That rests on
+    # measurement only where drafting was measured at the batch's size (a test_iterations' worth) and some
+    # request drafted within max_set_iterations: otherwise the new request is tested (and backs off from
+    # there as if tested n times before). At the vLLM backend's batch 1 the prior put drafting at a loss,
+    # no request was ever tested, and auto never drafted where static K = 1 paid 1.28x.
     new_request_zero_verdicts: int = 3
     # Until this many requests have drafted, a new request starts from no less than the uninformed rate
     # (acceptance's prior): one low-acceptance request must not set every later request's start at K = 0,
