@@ -2,8 +2,9 @@
 
 Objective: sum_r E[ETR_r(K_r)] / T(batch, K vector), with per-request acceptance estimates and the shared
 cost model. A new request's estimate starts from the acceptance of the traffic so far (not from an
-uninformed 0.5). Requests are probed in Cascade-style test phases (new ones at once, ones at K = 0 with
-back-off) so that every estimate stays fresh. A probe only guarantees K >= probe_num_spec_tokens on top of
+uninformed 0.5), pooled over recent request-iterations. Requests are probed in Cascade-style test phases
+(new ones at once, ones at K = 0 with back-off) so that every estimate stays fresh; a batch size at which
+no drafting was measured yet gets tests too, since its cost of drafting is only the prior's guess. A probe only guarantees K >= probe_num_spec_tokens on top of
 the optimum, and probes that would make a K = 0 batch draft wait to go together, so that testing costs
 little where speculation does not pay. Hysteresis keeps a request's K unless changing it clearly pays.
 """
@@ -21,8 +22,12 @@ from policy.stats import IterationStats
 from policy.utility import AcceptanceConfig, AcceptanceEstimator
 
 Array = NDArray[np.float64]
-# Per iteration (the counts of the whole batch at once): remembers about 20 iterations.
-POPULATION_ACCEPTANCE = AcceptanceConfig(decay=0.95, fast_decay=0.7)
+# Per drafting request-iteration (each request's counts apart): remembers about 200 of them, a few requests'
+# lives at batch 1 and a few iterations at batch 32. No phase changes (fast = slow): at batch 1 every new
+# request looks like a change of phase, and the traffic's acceptance was then the last request's alone (fed
+# per iteration over 20 iterations, it was too): one request at 0.3 put every later one at K = 0, untested
+# for its life, where the traffic's mean was 0.58 and static K = 1 paid (tests/cluster/vllm_backend).
+POPULATION_ACCEPTANCE = AcceptanceConfig(decay=0.995, fast_decay=0.995)
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,11 @@ class BatchAwareConfig:
     # A new request for which speculation would not pay at the traffic's acceptance starts at K = 0 as if
     # this many tests had said K = 0: its first test comes after set_iterations * 2**n iterations (capped).
     # A first test costs the drafter the request's whole history (its catch-up prefill) besides the draft
-    # steps, which short requests rarely repay where the traffic does not speculate.
+    # steps, which short requests rarely repay where the traffic does not speculate. That rests on
+    # measurement only where drafting was measured at the batch's size (a test_iterations' worth) and some
+    # request drafted within max_set_iterations: otherwise the new request is tested (and backs off from
+    # there as if tested n times before). At the vLLM backend's batch 1 the prior put drafting at a loss,
+    # no request was ever tested, and auto never drafted where static K = 1 paid 1.28x.
     new_request_zero_verdicts: int = 3
     # Until this many requests have drafted, a new request starts from no less than the uninformed rate
     # (acceptance's prior): one low-acceptance request must not set every later request's start at K = 0,
@@ -89,6 +98,7 @@ class BatchAwareChooser:
         # Acceptance of all requests together, updated once per iteration: new requests start from it.
         self._population = AcceptanceEstimator(POPULATION_ACCEPTANCE)
         self._num_population_requests = 0  # requests whose drafts fed it
+        self._num_plain_iterations = 0  # observed iterations since one drafted
         # The last choice, for `gauges`: its predicted tokens per second over plain decoding's.
         self._predicted_speedup = 1.0
 
@@ -118,14 +128,14 @@ class BatchAwareChooser:
 
     def observe(self, stats: IterationStats) -> None:
         self.cost_model.observe(stats)
-        num_accepted = num_rejected = 0
+        is_drafting = any(r.num_spec_tokens > 0 for r in stats.requests)
+        self._num_plain_iterations = 0 if is_drafting else self._num_plain_iterations + 1
         for r in stats.requests:
             state = self._state(r.request_id)
             if r.num_spec_tokens > 0:
-                is_rejected = r.num_accepted_tokens < r.num_spec_tokens
-                state.estimator.record_counts(r.num_accepted_tokens, 1.0 if is_rejected else 0.0)
-                num_accepted += r.num_accepted_tokens
-                num_rejected += is_rejected
+                rejected = 1.0 if r.num_accepted_tokens < r.num_spec_tokens else 0.0
+                state.estimator.record_counts(r.num_accepted_tokens, rejected)
+                self._population.record_counts(r.num_accepted_tokens, rejected)
                 self._num_population_requests += not state.has_drafted
                 state.has_drafted = True
             if state.test_remaining > 0:
@@ -138,8 +148,6 @@ class BatchAwareChooser:
                 if state.zero_iterations >= min(backoff, self.config.max_set_iterations):
                     state.test_remaining = self.config.test_iterations  # retest from the next choice
                     state.set_k = None
-        if num_accepted + num_rejected > 0:
-            self._population.record_counts(num_accepted, num_rejected)
 
     def release(self, request_id: str) -> None:
         self._states.pop(request_id, None)
@@ -239,10 +247,17 @@ class BatchAwareChooser:
         # A started test runs its iterations back to back.
         is_drafting = max(chosen) > 0 or any(0 < s.test_remaining < num_test for s in states)
         waiting = []
+        # Skipping a new request's test rests on measurement only if drafting's cost has been measured at this
+        # batch size and the traffic's acceptance is fresh (some request drafted within the longest back-off).
+        is_measured = (
+            self.cost_model.num_drafting_iterations(len(states)) >= num_test
+            and self._num_plain_iterations < self.config.max_set_iterations
+        )
         for i, state in enumerate(states):
             if state.is_new and state.test_remaining > 0 and chosen[i] == 0:
-                state.test_remaining, state.set_k, state.zero_iterations = 0, 0, 0
                 state.num_zero_verdicts = self.config.new_request_zero_verdicts  # as if tested
+                if is_measured:
+                    state.test_remaining, state.set_k, state.zero_iterations = 0, 0, 0
             state.is_new = False
             if state.test_remaining > 0 and chosen[i] < probe:
                 waiting.append(i)

@@ -99,6 +99,9 @@ class CostModel:
         self._num_samples = 0  # ever recorded; row i lives at i % max_samples
         self._num_new_samples = 0
         self.num_refits = 0
+        # Drafting iterations measured (anchors included) per batch-size bucket (1, 2-3, 4-7, ...): where there
+        # are none, predictions of what drafting costs rest on the prior alone (`num_drafting_iterations`).
+        self._num_drafting: dict[int, int] = {}
         # Imported here, not at module level (`workers` imports `policy` and scipy.optimize takes a while to
         # import), and not at the first refit, which would stall a serving iteration.
         from scipy.optimize import nnls
@@ -133,6 +136,14 @@ class CostModel:
         if not num_spec_tokens:
             return 0.0
         return float(self.time_grid(len(num_spec_tokens), max(num_spec_tokens), sum(num_spec_tokens)))
+
+    def num_drafting_iterations(self, batch_size: int) -> int:
+        """Drafting iterations measured at this batch size's bucket (1, 2-3, 4-7, ...). Plain iterations alone
+        cannot tell a fixed per-iteration cost from the cost of a token (every row has one token per
+        sequence), so where this is 0 what drafting costs is the prior's guess (the vLLM backend's batch 1:
+        half of a served step was outside the forward, and the prior put drafting at a loss where static
+        K = 1 paid 1.28x)."""
+        return self._num_drafting.get(batch_size.bit_length(), 0)
 
     def plain_time(self, batch_size: int) -> float:
         return self.iteration_time([0] * batch_size)
@@ -185,13 +196,16 @@ class CostModel:
 
     def _record(self, stats: IterationStats) -> tuple[float, ...] | None:
         """(batch, max K, sum K, mean experts or nan, draft prefill tokens, draft s, verify s, other s);
-        feeds the expert counts."""
+        feeds the expert counts and the drafting iterations per bucket."""
         if not stats.requests:
             return None
         ks = [r.num_spec_tokens for r in stats.requests]
         experts = float(np.mean(stats.experts_touched)) if stats.experts_touched else math.nan
         if stats.experts_touched:
             self.expert_counts.record(stats.num_target_tokens, experts)
+        if max(ks) > 0:
+            bucket = len(ks).bit_length()
+            self._num_drafting[bucket] = self._num_drafting.get(bucket, 0) + 1
         return (
             len(ks),
             max(ks),

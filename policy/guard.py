@@ -125,7 +125,11 @@ class MeasuredGuard:
         is_known = plain is not None and plain.count >= self.config.min_samples
         every = self.config.baseline_every if is_known else 4  # learn the plain rate of a new bucket fast
         if any(chosen.values()) and self._num_drafting >= every - 1:
-            return self._plain_iteration(request_ids)  # a baseline iteration
+            # A baseline iteration. The count restarts now, not when it is observed: an engine that verifies
+            # each choice a step later (vLLM) would otherwise be asked again before the baseline is observed,
+            # and ran two plain iterations per baseline (1 in 9 at baseline_every 16, the vLLM backend's replay).
+            self._num_drafting = 0
+            return self._plain_iteration(request_ids)
         self._pending.append(frozenset(request_ids))
         return chosen
 

@@ -83,10 +83,10 @@ def test_low_acceptance_turns_off_after_the_first_test_and_backs_off() -> None:
     simulate(MIXTRAL, recorder, workload)
     ks = [d["req-0"] for d in recorder.decisions]
     num_test = chooser.config.test_iterations
-    # Speculation does not pay at batch 1 even at an uninformed 0.5: the request starts at K = 0 as if
-    # tested once, so its first test comes after two set phases (32) plus the longest wait for others to
-    # probe with (8).
-    assert ks[:40] == [0] * 40 and ks[40 : 40 + num_test] == [1] * num_test and ks[40 + num_test] == 0
+    # Speculation does not pay at batch 1 even at an uninformed 0.5 in the model, but no drafting has been
+    # measured at batch 1: the request is tested after the longest wait for others to probe with (8), and
+    # backs off from there as if tested once before (new_request_zero_verdicts).
+    assert ks[:8] == [0] * 8 and ks[8 : 8 + num_test] == [1] * num_test and ks[8 + num_test] == 0
     test_starts = [i for i in range(1, len(ks)) if ks[i] > 0 and ks[i - 1] == 0]
     gaps = np.diff(test_starts) - num_test - 8  # iterations at K = 0 after each test, less the wait
     assert list(gaps[:3]) == [64, 128, 256]
@@ -173,3 +173,47 @@ def test_gauges_say_why_it_drafts_or_not() -> None:
     assert lone.choose(["a"]) == {"a": 0}
     assert lone.gauges()["policy_predicted_speedup"] == pytest.approx(1.0)
     assert lone.gauges()["policy_acceptance"] < 0.1
+
+
+def test_a_new_request_is_tested_where_drafting_was_never_measured_at_its_batch_size() -> None:
+    """Where the model puts a new request at K = 0 on its prior alone (no drafting measured at this batch
+    size: plain iterations cannot tell a fixed per-iteration cost from a token's), the request is tested;
+    once drafting was measured there, a new request at K = 0 starts untested, as if tested before (the
+    vLLM backend at concurrency 1: auto never drafted, 0 of 520 steps, where static K = 1 paid 1.28x)."""
+    chooser = chooser_for("mixtral-8x7b-h100", min_population_requests=0)
+    truth, rng = MIXTRAL.truth(), np.random.default_rng(0)
+
+    def run(request_id: str, num_iterations: int, start: int) -> list[int]:
+        ks = []
+        for i in range(start, start + num_iterations):
+            k = chooser.choose([request_id])[request_id]
+            ks.append(k)
+            requests = [RequestIterationStats(request_id, k, 0, 1, 10)]  # every draft rejected
+            chooser.observe(_measure(truth, MIXTRAL, i, requests, rng, noise=0.0))
+        chooser.release(request_id)
+        return ks
+
+    assert chooser.best_spec_tokens(np.array([0.5]), np.array([-1])) == [0]  # the model: K = 0 at batch 1
+    first = run("a", 32, 0)
+    num_test, wait = chooser.config.test_iterations, chooser.config.max_test_wait
+    assert first[:wait] == [0] * wait and first[wait : wait + num_test] == [1] * num_test, first
+    assert chooser.cost_model.num_drafting_iterations(1) == num_test
+    assert chooser.cost_model.num_drafting_iterations(4) == 0  # counted per batch-size bucket
+    # Measured now, and the traffic's acceptance (every draft rejected) is fresh: the next request starts at
+    # K = 0 untested.
+    assert run("b", 64, 32) == [0] * 64
+
+
+def test_the_traffic_acceptance_is_not_the_last_request_alone_at_batch_1() -> None:
+    """At batch 1 each new request looked like a change of phase: one request at 0.3 after others at 0.85
+    set the acceptance new requests start from to its own (0.26 in the vLLM backend's replay), and every
+    later request started at K = 0, untested for its life."""
+    chooser = chooser_for("mixtral-8x7b-h100", min_population_requests=0)
+    for i, accepted in enumerate([4, 4, 4, 0]):  # three requests that accept every draft, then one none
+        request_id = f"r{i}"
+        chooser.choose([request_id])
+        for step in range(30):
+            requests = [RequestIterationStats(request_id, 4, accepted, accepted + 1, 10)]
+            chooser.observe(IterationStats(step, 1, requests, 5, 0.01, 0.02, 0.0))
+        chooser.release(request_id)
+    assert chooser.gauges()["policy_acceptance"] > 0.8

@@ -3,6 +3,7 @@ inside believes; speculation that pays keeps most of its gain (the guard's plain
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import pytest
@@ -162,3 +163,21 @@ def test_a_verdict_at_one_batch_size_does_not_hold_another() -> None:
     guard.observe(_iteration(index, {"a": 0}, {"a": 1}, 0.010))
     batch_4 = ["a", "b", "c", "d"]
     assert guard.choose(batch_4) == dict.fromkeys(batch_4, 2)  # batch 4 is not
+
+
+def test_a_baseline_is_one_plain_iteration_when_choices_are_verified_a_step_late() -> None:
+    # vLLM verifies at step t + 1 what was chosen at step t, and asks for step t + 1's choice before it
+    # observes step t: counted from observed plain iterations, each baseline ran two plain steps (1 in 9).
+    config = GuardConfig(baseline_every=16)
+    guard = MeasuredGuard(StaticChooser(2), config)
+    held = {"a": 2}  # the drafts verified in the next step
+    plain = []
+    for index in range(320):
+        chosen = guard.choose(["a"])
+        guard.observe(_iteration(index, held, {"a": 3 if held["a"] else 1}, 0.012 if held["a"] else 0.010))
+        plain.append(chosen["a"] == 0)
+        held = chosen
+    assert guard.num_holds == 0  # the premise: drafting pays (250 against 100 tokens/s)
+    steady = plain[64:]
+    assert sum(steady) == pytest.approx(len(steady) / config.baseline_every, abs=1)
+    assert not any(a and b for a, b in itertools.pairwise(steady))  # never two plain steps in a row

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cluster.config import AppConfig
+from cluster.config import AppConfig, PolicySettings
 from cluster.vllm_backend.chooser import build_chooser, iteration_stats, step_prior
 from cluster.vllm_backend.settings import WORKER_CLS, DraftMeasurement, SchedulerSettings
 from policy.routing import expected_experts
@@ -75,21 +75,19 @@ def _served_verify_s(batch: int, num_tokens: int) -> float:
     return 18e-3 + 0.5e-3 * batch + 4e-3 * float(expected_experts(num_tokens, 8, 2)) + 0.3e-3 * num_tokens
 
 
-def _static_tokens_per_s(verify_s: Any, batch: int, num_spec_tokens: int) -> float:
-    """Expected tokens/s of static K on a truth, over the traffic's acceptance rates."""
-    etr = np.mean([(1 - a ** (num_spec_tokens + 1)) / (1 - a) for a in ACCEPTANCE])
-    step_s = verify_s(batch, batch * (num_spec_tokens + 1)) + _draft_s(batch, num_spec_tokens, 0)
-    return float(batch * etr / step_s)
-
-
 def _serve(
-    seed: int, phases: tuple[tuple[int, int], ...], verify_s: Any = _verify_s
+    seed: int,
+    phases: tuple[tuple[int, int], ...],
+    verify_s: Any = _verify_s,
+    settings: SchedulerSettings | None = None,
 ) -> list[tuple[float, float]]:
     """Runs each (concurrency, requests) phase on one chooser the way PolicyScheduler drives it: the K chosen
-    at a step is drafted at its end and verified in the next step. Returns (mean K, tokens/s) per phase."""
-    rng = np.random.default_rng(seed)
+    at a step is drafted at its end and verified in the next step. Returns (mean K, tokens/s) per phase.
+    The traffic (each request's acceptance) depends on the seed alone, not on the chooser's choices, so
+    that choosers compare on the same requests."""
+    rng, traffic = np.random.default_rng(seed), np.random.default_rng([seed, 1])
     vllm_config = _vllm_config(WORKER_CLS)
-    chooser = build_chooser(SchedulerSettings(), vllm_config, MAX_SPEC_TOKENS, "test")
+    chooser = build_chooser(settings or SchedulerSettings(), vllm_config, MAX_SPEC_TOKENS, "test")
     step, results = 0, []
     last_draft = DraftMeasurement(0.0, 0)
     chosen: dict[str, int] = {}  # drafts held for the next step
@@ -102,7 +100,7 @@ def _serve(
                 request_id = f"r{step}-{waiting}"
                 running[request_id], rates[request_id], lag[request_id] = (
                     MAX_TOKENS,
-                    rng.choice(ACCEPTANCE),
+                    traffic.choice(ACCEPTANCE),
                     100,
                 )
                 chosen[request_id] = 0
@@ -139,13 +137,27 @@ def _serve(
     return results
 
 
+def _static(
+    seed: int, phases: tuple[tuple[int, int], ...], verify_s: Any = _verify_s
+) -> list[list[tuple[float, float]]]:
+    """`_serve` at static K = 0..K_max on the same traffic (vLLM without speculation is K = 0)."""
+    return [
+        _serve(seed, phases, verify_s, SchedulerSettings(PolicySettings(kind="static", num_spec_tokens=k)))
+        for k in range(MAX_SPEC_TOKENS + 1)
+    ]
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_the_chooser_drafts_at_batch_4_after_a_batch_1_phase(seed: int) -> None:
-    (_, batch_1), (mean_k, batch_4) = _serve(seed, ((1, 8), (4, 12)))
-    off_batch_1, off_batch_4 = 1 / _verify_s(1, 1), 4 / _verify_s(4, 4)
+    phases = ((1, 8), (4, 12))
+    (_, batch_1), (mean_k, batch_4) = _serve(seed, phases)
+    static = _static(seed, phases)
+    off_batch_1, off_batch_4 = 1 / _verify_s(1, 1), static[0][1][1]
+    best_batch_4 = max(phase[1][1] for phase in static)
     assert batch_1 >= 0.95 * off_batch_1  # drafting does not pay at batch 1 here: the chooser must not lose
     assert mean_k >= 1.0, f"seed {seed}: mean K {mean_k:.2f} at batch 4"
-    assert batch_4 >= 1.05 * off_batch_4, f"seed {seed}: {batch_4 / off_batch_4:.2f}x off at batch 4"
+    assert batch_4 > off_batch_4, f"seed {seed}: {batch_4 / off_batch_4:.2f}x off at batch 4"
+    assert batch_4 >= 0.95 * best_batch_4, f"seed {seed}: {batch_4 / best_batch_4:.2f}x the best static K"
 
 
 def test_step_stats_pair_each_verification_with_the_drafting_before_it() -> None:
@@ -168,24 +180,20 @@ def test_step_prior_keeps_the_draft_terms_apart_when_our_worker_measures_them() 
     assert folded.fixed_s == pytest.approx(measured.fixed_s + measured.draft_fixed_s)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (#15): auto drafts too little at batch 1 where a large per-step part makes K = 1 pay "
-    "(here mean K 0.1-0.45, 0.85-0.93x of the best static K; served: no drafting at all). Testing new "
-    "requests until 4 have drafted (tried) changed nothing here and made the guard hold at batch 1 in the "
-    "batch-1-then-4 replay; its hold, then global, kept batch 4 plain on one seed (holds are per batch size "
-    "since: policy/guard.py)",
-)
 @pytest.mark.parametrize("seed", range(3))
 def test_the_chooser_drafts_at_batch_1_where_a_per_step_overhead_makes_it_pay(seed: int) -> None:
-    """Mixed concurrency 1 served: static K = 1 paid 1.28x off and auto never drafted (0 of 520 steps). A
-    new request the model puts at K = 0 starts as if tested 3 times (untested for its 64 tokens), and a fit
-    on plain steps alone cannot tell the per-step part outside the forward from the cost of a token."""
-    ((mean_k, batch_1),) = _serve(seed, ((1, 16),), _served_verify_s)
-    best = max(_static_tokens_per_s(_served_verify_s, 1, k) for k in range(MAX_SPEC_TOKENS + 1))
-    assert best >= 1.1 * _static_tokens_per_s(_served_verify_s, 1, 0)  # drafting pays on this truth
+    """Mixed concurrency 1 served: static K = 1 paid 1.28x off and auto never drafted (0 of 520 steps). Here
+    (session 6) auto ran at mean K 0.1-0.45 and 0.85-0.93x of the best static K: the traffic's acceptance was
+    the last drafted request's alone, and one request at 0.3 put every later one at K = 0, untested for its
+    64 tokens. Now it is pooled over about 200 request-iterations without phase changes, a new request is
+    tested where the model's K = 0 rests on no measured drafting (or on stale acceptance), and a guard
+    baseline is one plain step, not two (policy/)."""
+    phases = ((1, 16),)
+    ((mean_k, batch_1),) = _serve(seed, phases, _served_verify_s)
+    static = [phase[0][1] for phase in _static(seed, phases, _served_verify_s)]
+    assert max(static) >= 1.1 * static[0]  # drafting pays on this truth
     assert mean_k > 0.5, f"seed {seed}: mean K {mean_k:.2f}"
-    assert batch_1 >= 0.95 * best, f"seed {seed}: {batch_1 / best:.2f}x the best static K"
+    assert batch_1 >= 0.95 * max(static), f"seed {seed}: {batch_1 / max(static):.2f}x the best static K"
 
 
 def test_the_vllm_cost_model_charges_max_k_drafts_for_every_request() -> None:
