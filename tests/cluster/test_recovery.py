@@ -31,7 +31,7 @@ def server(serve_url: str) -> Iterator[str]:
     # A short drafter retry: speculation resumes soon after a Drafter replica is replaced.
     with running_app(
         serve_url,
-        app_args(DEMO_TARGET, DEMO_DRAFT, engine={"target_recovery_s": 120.0, "loop_beside_target": False}),
+        app_args(DEMO_TARGET, DEMO_DRAFT, engine={"target_recovery_s": 120.0, "loop": "router"}),
         APP,
     ) as base:
         yield base

@@ -33,7 +33,7 @@ def server(serve_url: str) -> Iterator[str]:
     # The target in its own host actor (not the demo config's loop beside the target): these tests kill it.
     with running_app(
         serve_url,
-        app_args(DEMO_TARGET, DEMO_DRAFT, engine={"target_recovery_s": 120.0, "loop_beside_target": False}),
+        app_args(DEMO_TARGET, DEMO_DRAFT, engine={"target_recovery_s": 120.0, "loop": "router"}),
         APP,
     ) as base:
         yield base
