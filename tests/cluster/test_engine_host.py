@@ -15,7 +15,14 @@ import httpx
 import pytest
 
 from cluster.config import AppConfig
-from tests.cluster.serving_app import app_args, host_actors, make_models, metric_value, running_app, used_slots
+from tests.cluster.serving_app import (
+    app_args,
+    host_actors,
+    make_models,
+    metric_value,
+    running_app,
+    used_slots,
+)
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.timeout(420)
@@ -61,9 +68,13 @@ def test_the_loop_in_the_target_host_serves_the_engines_text(server: str, models
     assert set(host_actors(APP, "TargetHost")) == set()  # no target host of the other placement
     assert len(host_actors(APP, "EngineHost")) == 1 and len(host_actors(APP, "DrafterHost")) == 1
     client = _client(server)
-    text = client.completions.create(
-        model="demo-moe", prompt=PROMPT, max_tokens=20, temperature=0, extra_body={"ignore_eos": True}
-    ).choices[0].text
+    text = (
+        client.completions.create(
+            model="demo-moe", prompt=PROMPT, max_tokens=20, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+    )
 
     def stream(i: int) -> tuple[str, int]:
         chunks = client.completions.create(
