@@ -185,8 +185,8 @@ class HostedEngine:
         self._task: asyncio.Task[None] | None = None
 
     @property
-    def info(self) -> TargetInfo:
-        return self._info
+    def vocab_size(self) -> int:
+        return self._info.vocab_size
 
     @property
     def has_started(self) -> bool:

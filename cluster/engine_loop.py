@@ -28,7 +28,6 @@ from policy.stats import IterationStats
 from workers.engine import SpecEngine
 from workers.sampling import SamplingParams
 from workers.sequence import RequestOutput
-from workers.target import TargetInfo
 
 logger = logging.getLogger(__name__)
 Item = RequestOutput | BaseException
@@ -66,7 +65,7 @@ class EngineClient(Protocol):
     last_error: BaseException | None  # the last iteration's failure; None after one that succeeded
 
     @property
-    def info(self) -> TargetInfo: ...
+    def vocab_size(self) -> int: ...
     @property
     def has_started(self) -> bool: ...
     @property
@@ -147,8 +146,8 @@ class EngineLoop:
         self._wakeup.set()
 
     @property
-    def info(self) -> TargetInfo:
-        return self.engine.info
+    def vocab_size(self) -> int:
+        return self.engine.info.vocab_size
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         self.engine.validate(prompt_ids, params)

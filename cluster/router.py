@@ -151,10 +151,10 @@ class Router:
                 f"model {body.model!r} does not exist; this server serves {self.config.model.served_name!r}",
                 param="model",
             )
-        info, max_model_len = self.loop.info, self.config.model.max_seq_len
+        max_model_len = self.config.model.max_seq_len
         default_max = max(1, min(256, max_model_len - len(prompt_ids)))
         params = sampling_params(
-            body, default_max, self.config.engine.max_spec_tokens, range(info.vocab_size)
+            body, default_max, self.config.engine.max_spec_tokens, range(self.loop.vocab_size)
         )
         try:
             self.loop.validate(prompt_ids, params)  # the context length is the served max_model_len
