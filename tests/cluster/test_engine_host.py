@@ -149,3 +149,17 @@ def test_a_killed_engine_host_fails_its_streams_and_is_replaced_with_no_slot_hel
     )
     assert done.usage.completion_tokens == 16
     assert all(s == (0, 0) for s in used_slots(APP).values()), used_slots(APP)
+
+
+def test_an_engine_failure_crosses_processes_with_its_cause() -> None:
+    """The host's errors reach the Router pickled: a full cache must still read as one (503 and /health)."""
+    import pickle
+
+    from cluster.engine_loop import EngineFailure
+    from cluster.router import _as_api_error
+    from workers.kv_cache import CacheCapacityError
+
+    failure = pickle.loads(pickle.dumps(EngineFailure(CacheCapacityError("no free slot"))))
+    assert isinstance(failure.error, CacheCapacityError)
+    assert str(failure) == "CacheCapacityError: no free slot"
+    assert "no free KV-cache slot" in _as_api_error(failure).message
