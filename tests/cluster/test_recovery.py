@@ -27,7 +27,7 @@ MB = 1 << 20
 
 @pytest.fixture(scope="module")
 def server(serve_url: str) -> Iterator[str]:
-    # The target in its own host actor (not the demo config's loop beside the target): these tests kill it.
+    # The target in its own host actor (not the demo config's loop in the target host): these tests kill it.
     # A short drafter retry: speculation resumes soon after a Drafter replica is replaced.
     with running_app(
         serve_url,
