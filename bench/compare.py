@@ -34,6 +34,7 @@ from bench.peers import log
 from bench.regime_pair import ensure_checkpoint
 from bench.report import write_report
 from bench.served_speed import SpeedConfig, served_speed, speed_table
+from cluster.config import LOOP_PLACEMENTS
 
 
 @dataclass(frozen=True)
@@ -233,9 +234,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="--served-speed: rounds")
     parser.add_argument(
         "--placements",
-        default="host,beside",
-        help="--served-speed: comma-separated target placements (host: its own actor; beside: the Router's "
-        "process, engine.loop_beside_target), each optionally with :N, its server.stream_interval",
+        default="router,beside_target,target_host",
+        help="--served-speed: comma-separated engine.loop placements (router: the loop in the Router, the "
+        "target in its own actor; beside_target: both in the Router's process; target_host: the loop in the "
+        "target's actor), each optionally with :N, its server.stream_interval",
     )
     parser.add_argument(
         "--gap-ms",
@@ -249,9 +251,9 @@ def main(argv: list[str] | None = None) -> None:
         placements = []
         for item in args.placements.split(","):
             where, _, interval = item.partition(":")
-            if where not in ("host", "beside") or not (interval or "1").isdigit():
-                parser.error(f"--placements: {item!r} is not host or beside, with an optional :N")
-            placements.append((where == "beside", int(interval or 1)))
+            if where not in LOOP_PLACEMENTS or not (interval or "1").isdigit():
+                parser.error(f"--placements: {item!r} is not one of {LOOP_PLACEMENTS}, with an optional :N")
+            placements.append((where, int(interval or 1)))
         speed = SpeedConfig(repeats=args.repeats, mean_gap_s=args.gap_ms / 1e3, placements=tuple(placements))
         speed = replace(speed, **_shared_overrides(args))
         result = served_speed(speed)

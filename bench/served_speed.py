@@ -37,9 +37,10 @@ class SpeedConfig:
     mean_gap_s: float = 0.0
     repeats: int = 3  # rounds; each round runs every placement, offline and transformers at every batch size
     workload: str = "mixed"
-    # Served variants: (engine.loop_beside_target, server.stream_interval). loop_beside_target False = the
-    # target in its own host actor (one call between processes per iteration), True = in the Router's process
-    placements: tuple[tuple[bool, int], ...] = ((False, 1), (True, 1))
+    # Served variants: (engine.loop, server.stream_interval). router = the loop in the Router, the target in
+    # its own host actor (one call between processes per iteration); beside_target = the loop and the target
+    # in the Router's process; target_host = the loop in the target's host actor, the Router apart.
+    placements: tuple[tuple[str, int], ...] = (("router", 1), ("beside_target", 1), ("target_host", 1))
 
 
 @dataclass(frozen=True)
@@ -164,10 +165,10 @@ def served_speed(config: SpeedConfig) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     load_average = [os.getloadavg()[0]]
     for round_index in range(config.repeats):
-        served: dict[tuple[tuple[bool, int], int], http_load.PhaseResult] = {}
+        served: dict[tuple[tuple[str, int], int], http_load.PhaseResult] = {}
         for placement in config.placements:
             placed = json.loads(json.dumps(args))
-            placed.setdefault("engine", {})["loop_beside_target"] = placement[0]
+            placed.setdefault("engine", {})["loop"] = placement[0]
             placed.setdefault("server", {})["stream_interval"] = placement[1]
             url = deploy(placed, port)
             port = int(url.rsplit(":", 1)[1])
@@ -190,7 +191,7 @@ def served_speed(config: SpeedConfig) -> dict[str, Any]:
                     {
                         "round": round_index,
                         "batch": batch,
-                        "loop_beside_target": placement[0],
+                        "loop": placement[0],
                         "stream_interval": placement[1],
                         **served_row(served[placement, batch]),
                         "offline": offline.throughput,
@@ -213,8 +214,8 @@ def speed_table(result: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
-    def key(row: dict[str, Any]) -> tuple[tuple[bool, int], int]:
-        return (row["loop_beside_target"], row.get("stream_interval", 1)), row["batch"]
+    def key(row: dict[str, Any]) -> tuple[tuple[str, int], int]:
+        return (row["loop"], row.get("stream_interval", 1)), row["batch"]
 
     for placement, batch in sorted({key(r) for r in result["rows"]}):
         rows = [r for r in result["rows"] if key(r) == (placement, batch)]
@@ -222,9 +223,12 @@ def speed_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def placement_name(placement: tuple[bool, int]) -> str:
-    beside, stream_interval = placement
-    name = "router process" if beside else "host actor"
+PLACEMENT_NAMES = {"router": "host actor", "beside_target": "router process", "target_host": "loop in host"}
+
+
+def placement_name(placement: tuple[str, int]) -> str:
+    loop, stream_interval = placement
+    name = PLACEMENT_NAMES[loop]
     return name if stream_interval == 1 else f"{name}, stream interval {stream_interval}"
 
 

@@ -23,6 +23,8 @@ from cluster.choosers import router_chooser
 from cluster.config import AppConfig, resolve_model_path
 from cluster.deployments import ModelHosts, RemoteDrafter, RemoteTarget, start_hosts
 from cluster.engine_builder import build_engine, target_runner
+from cluster.engine_host import HostedEngine
+from cluster.engine_loop import EngineLoop
 from cluster.openai_api import APIError
 from cluster.router import Router, unavailable
 from workers.engine import TargetBackend
@@ -47,7 +49,7 @@ class RouterServer:
         self.hosts = hosts if hosts is not None else start_hosts(config, replica_name())
         self.router: Router | None = None
         self._building: asyncio.Task[Router] | None = None
-        self._local_target: Target | None = None  # engine.loop_beside_target
+        self._local_target: Target | None = None  # engine.loop beside_target
 
     async def __call__(self, request: Request) -> Response:
         if self.router is None:
@@ -71,8 +73,14 @@ class RouterServer:
 
     async def _build_router(self) -> Router:
         hosts = self.hosts
+        if self.config.engine.loop == "target_host":  # the engine runs in the host: nothing to build here
+            assert hosts.target is not None
+            actor = await hosts.target.actor_handle()
+            engine = HostedEngine(self.config, hosts.target, actor, await actor.info.remote())
+            tokenizer = await asyncio.to_thread(Tokenizer, resolve_model_path(self.config.model.target))
+            return Router(self.config, engine, tokenizer, self._api_key())
         target: TargetBackend
-        if hosts.target is None:  # engine.loop_beside_target: the model loads here, off the event loop
+        if hosts.target is None:  # engine.loop beside_target: the model loads here, off the event loop
             target = self._local_target = await asyncio.to_thread(local_target, self.config)
         else:
             target_actor = await hosts.target.actor_handle()
@@ -89,14 +97,20 @@ class RouterServer:
         chooser = router_chooser(config, target.info)
         tokenizer = Tokenizer(resolve_model_path(config.model.target))
         engine = build_engine(config, target, drafter, chooser, tokenizer)
-        api_key = config.server.api_key
-        if api_key is None and config.server.api_key_env:
-            api_key = os.environ.get(config.server.api_key_env) or None
-        return Router(config, engine, tokenizer, api_key)
+        return Router(config, EngineLoop.for_config(config, engine), tokenizer, self._api_key())
+
+    def _api_key(self) -> str | None:
+        server = self.config.server
+        if server.api_key is None and server.api_key_env:
+            return os.environ.get(server.api_key_env) or None
+        return server.api_key
 
     async def num_used_slots(self) -> tuple[int, int]:
         """KV slots in use in this replica's target and drafter caches (for tests and operators)."""
         target, drafter = self.hosts.target, self.hosts.drafter
+        if target is not None and self.config.engine.loop == "target_host":
+            used = await target.actor.num_used_slots.remote()  # the EngineHost asks its drafter
+            return int(used[0]), int(used[1])
         if target is not None:
             num_target = await target.num_used_slots()
         else:
@@ -124,7 +138,7 @@ class RouterServer:
 
 
 def local_target(config: AppConfig) -> Target:
-    """The target in this process (engine.loop_beside_target: on the CPU), with the model processes' torch
+    """The target in this process (engine.loop beside_target: on the CPU), with the model processes' torch
     threads."""
     torch.set_num_threads(config.resources.torch_threads)
     return Target(target_runner(config))
@@ -133,7 +147,7 @@ def local_target(config: AppConfig) -> Target:
 def router_num_cpus(config: AppConfig) -> float:
     """The Router replica's CPUs: its own, plus the target's when the target runs in its process."""
     res = config.resources
-    return res.router_num_cpus + (res.target_num_cpus if config.engine.loop_beside_target else 0.0)
+    return res.router_num_cpus + (res.target_num_cpus if config.engine.loop == "beside_target" else 0.0)
 
 
 def replica_name() -> str:
@@ -147,8 +161,10 @@ def resource_demand(config: AppConfig) -> dict[str, dict[str, float]]:
     of a replica times the replicas that start (`replicas.num_starting`), the central policy actor once."""
     res, num_ranks = config.resources, config.expert_parallel.num_ranks
     parts = {"Router": {"CPU": router_num_cpus(config)}}
-    if config.engine.loop_beside_target:
+    if config.engine.loop == "beside_target":
         pass  # the target runs in the Router's process
+    elif config.engine.loop == "target_host":
+        parts["Engine host (target)"] = {"CPU": res.target_num_cpus, "GPU": res.target_num_gpus}
     elif num_ranks == 1:
         parts["MoETarget host"] = {"CPU": res.target_num_cpus, "GPU": res.target_num_gpus}
     else:

@@ -20,6 +20,7 @@ POLICIES = ("auto", "cascade", "static", "off")
 BACKENDS = ("native", "vllm")
 DTYPES = ("bfloat16", "float32", "auto")
 DRAFT_PROPOSALS = ("one_hot", "distribution")  # as workers.drafter.PROPOSALS (this module imports no torch)
+LOOP_PLACEMENTS = ("router", "beside_target", "target_host")  # engine.loop
 
 
 def resolve_model_path(path: str) -> Path:
@@ -64,12 +65,23 @@ class EngineSettings:
     # What a sampled request's drafter sends the target (native backend): "one_hot" = draft token ids only
     # (the draft's argmax; lossless), "distribution" = also each draft's [vocab] fp32 distribution.
     draft_proposals: str = "one_hot"
-    # True: the target's model runs in the Router replica's process, beside the engine loop, so a plain
-    # iteration makes no call between processes (the drafter stays its own actor). A target failure is then
-    # a router failure (Serve replaces the replica); needs expert_parallel.num_ranks 1 and no GPU.
-    loop_beside_target: bool = False
+    # Where the engine loop runs (README, "The served path against offline generation"):
+    #   router:        in the Router replica, the target in its own host actor (a call per iteration);
+    #   beside_target: in the Router replica with the target's model (a target failure is a router failure);
+    #   target_host:   in the target's host actor (`EngineHost`), which calls the drafter itself; the Router
+    #                  keeps HTTP, validation and streaming, and sends typed commands to it.
+    # beside_target and target_host need expert_parallel.num_ranks 1; beside_target also no GPU.
+    loop: str = "router"
+    loop_beside_target: bool | None = None  # removed: see `loop` (an error if set)
 
     def __post_init__(self) -> None:
+        if self.loop_beside_target is not None:
+            raise ValueError(
+                "engine.loop_beside_target is no longer a setting: set engine.loop to one of "
+                f"{LOOP_PLACEMENTS} (loop_beside_target: true is engine.loop: beside_target)"
+            )
+        if self.loop not in LOOP_PLACEMENTS:
+            raise ValueError(f"engine.loop must be one of {LOOP_PLACEMENTS}, got {self.loop!r}")
         if self.max_batch_size is not None:
             raise ValueError(
                 f"engine.max_batch_size ({self.max_batch_size}) is no longer a setting: model.max_seqs is the one "
@@ -216,13 +228,18 @@ class AppConfig:
     vllm: VllmSettings = field(default_factory=VllmSettings)
 
     def __post_init__(self) -> None:
-        if self.engine.loop_beside_target and (
+        if self.engine.loop == "beside_target" and (
             self.expert_parallel.num_ranks != 1 or self.resources.target_num_gpus > 0
         ):
             raise ValueError(
-                "engine.loop_beside_target runs the whole target in the Router replica's process: it needs "
-                "expert_parallel.num_ranks 1 and resources.target_num_gpus 0; unset it for an "
+                "engine.loop beside_target runs the whole target in the Router replica's process: it needs "
+                "expert_parallel.num_ranks 1 and resources.target_num_gpus 0; use engine.loop router for an "
                 "expert-parallel or GPU target"
+            )
+        if self.engine.loop == "target_host" and self.expert_parallel.num_ranks != 1:
+            raise ValueError(
+                "engine.loop target_host runs the engine beside a target in one process: it needs "
+                "expert_parallel.num_ranks 1; use engine.loop router for an expert-parallel target"
             )
         if self.engine.backend == "vllm" and self.replicas != ReplicaSettings():
             raise ValueError(

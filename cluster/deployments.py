@@ -195,17 +195,26 @@ class HostSupervisor:
 class ModelHosts:
     """A router replica's own model hosts: the target and (with speculation) the drafter."""
 
-    target: HostSupervisor | None  # None: the target runs in the router's process (engine.loop_beside_target)
-    drafter: HostSupervisor | None
+    # The TargetHost (engine.loop router), the EngineHost (target_host), or None: the target runs in the
+    # router's process (beside_target).
+    target: HostSupervisor | None
+    drafter: HostSupervisor | None  # None without speculation, or when the EngineHost owns the drafter
 
 
 def start_hosts(config: AppConfig, owner: str) -> ModelHosts:
     """Start the host actors of one router replica (`owner`: the replica's name, which the actors' names
     carry). The models load while the replica starts."""
     res = config.resources
+    if config.engine.loop == "target_host":  # the engine host loads the target and starts the drafter
+        from cluster.engine_host import EngineHost
+
+        engine_host = HostSupervisor(
+            EngineHost, config, res.target_num_cpus, res.target_num_gpus, f"{owner}:EngineHost"
+        )
+        return ModelHosts(engine_host, None)
     single = config.expert_parallel.num_ranks == 1  # else the expert-parallel ranks hold the resources
     target = None
-    if not config.engine.loop_beside_target:
+    if config.engine.loop == "router":
         target = HostSupervisor(
             TargetHost,
             config,

@@ -1,9 +1,13 @@
 """Runs a SpecEngine on its own thread and connects it to asyncio request handlers.
 
 The engine is not thread-safe, so only this thread touches it: handlers send commands (add, abort) through
-an inbox that is drained at iteration boundaries, and receive their outputs on per-request asyncio queues
-(after the first, a request's outputs are merged until they hold `stream_interval` tokens or it ends).
-If an iteration fails (the target died), every running request ends with that error; the loop goes on.
+an inbox that is drained at iteration boundaries, and receive their outputs through a per-request `put`
+called on an asyncio event loop (after the first, a request's outputs are merged until they hold
+`stream_interval` tokens or it ends). If an iteration fails (the target died), every running request ends
+with that error; the loop goes on.
+
+`EngineClient` is what the Router needs of an engine: this loop in the Router's process, or
+`cluster.engine_host.HostedEngine`, the same loop in the target's host actor.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
+from cluster.config import AppConfig
 from cluster.metrics import Metrics
 from policy.stats import IterationStats
 from workers.engine import SpecEngine
@@ -37,6 +43,9 @@ class EngineFailure(RuntimeError):
         super().__init__(short_reason(error))
         self.error = error
 
+    def __reduce__(self) -> tuple[type[EngineFailure], tuple[BaseException]]:
+        return EngineFailure, (self.error,)  # pickled across processes (engine.loop: target_host)
+
 
 def short_reason(error: BaseException) -> str:
     """`error` in one line for a client: the original exception of a Ray task error, its first line."""
@@ -47,9 +56,33 @@ def short_reason(error: BaseException) -> str:
     return f"{type(inner).__name__}: {message}"[:300]
 
 
+class EngineClient(Protocol):
+    """What the Router needs of an engine: commands in, outputs out on per-request asyncio queues, and a
+    view of the engine's state that HTTP handlers may read from the event loop's thread."""
+
+    metrics: Metrics
+    num_outstanding: int  # submitted and not yet finished (admission control reads it)
+    last_error: BaseException | None  # the last iteration's failure; None after one that succeeded
+
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def has_started(self) -> bool: ...
+    @property
+    def is_alive(self) -> bool: ...
+    def start(self, event_loop: asyncio.AbstractEventLoop) -> None: ...
+    def stop(self) -> None: ...
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None: ...
+    def submit(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ) -> asyncio.Queue[Item]: ...
+    def abort(self, request_id: str) -> None: ...
+    def gauges(self) -> dict[str, float]: ...
+
+
 @dataclass
 class _Client:
-    outputs: asyncio.Queue[Item]
+    put: Callable[[Item], None]  # called on the event loop's thread
     deadline: float
     held: RequestOutput | None = None  # outputs merged until they reach the stream interval
     num_delivered: int = 0
@@ -81,6 +114,19 @@ class EngineLoop:
         self.num_outstanding = 0  # submitted and not yet finished (admission control reads it)
         self.last_error: BaseException | None = None
 
+    @classmethod
+    def for_config(
+        cls,
+        config: AppConfig,
+        engine: SpecEngine,
+        on_iteration: Callable[[IterationStats], None] | None = None,
+    ) -> EngineLoop:
+        """The loop the app runs over `engine`: its metrics, request timeout and stream interval."""
+        metrics = Metrics(config.model.served_name, config.engine.max_spec_tokens)
+        return cls(
+            engine, metrics, config.engine.request_timeout_s, config.server.stream_interval, on_iteration
+        )
+
     def start(self, event_loop: asyncio.AbstractEventLoop) -> None:
         if self._thread is None:
             self._event_loop = event_loop
@@ -99,16 +145,37 @@ class EngineLoop:
         self._stopped.set()
         self._wakeup.set()
 
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.info.vocab_size
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.engine.validate(prompt_ids, params)
+
+    def gauges(self) -> dict[str, float]:
+        return {
+            "num_requests_outstanding": self.num_outstanding,
+            "drafter_failures": self.engine.num_draft_failures,
+            "target_recoveries": self.engine.num_target_recoveries,
+            **self.engine.chooser.gauges(),
+        }
+
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue[Item]:
         """Queue a request (already validated); its outputs arrive on the returned queue."""
-        assert self._event_loop is not None, "start() the loop first"
         outputs: asyncio.Queue[Item] = asyncio.Queue()
+        self.add(request_id, prompt_ids, params, outputs.put_nowait)
+        return outputs
+
+    def add(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, put: Callable[[Item], None]
+    ) -> None:
+        """Queue a request; `put` receives its outputs, on the event loop `start` was given."""
+        assert self._event_loop is not None, "start() the loop first"
         with self._outstanding_lock:
             self.num_outstanding += 1
-        self._clients[request_id] = _Client(outputs, time.monotonic() + self.request_timeout_s)
+        self._clients[request_id] = _Client(put, time.monotonic() + self.request_timeout_s)
         self._inbox.put(("add", request_id, prompt_ids, params))
         self._wakeup.set()
-        return outputs
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id, [], None))
@@ -175,7 +242,7 @@ class EngineLoop:
     def _deliver_all(self, items: list[tuple[str, Item]]) -> None:
         """Hand an iteration's outputs to their handlers with one wake-up of the event loop (one per output
         cost the loop thread a cross-thread call, and the event loop a wake-up, per request per iteration)."""
-        batch: list[tuple[asyncio.Queue[Item], Item]] = []
+        batch: list[tuple[Callable[[Item], None], Item]] = []
         for request_id, item in items:
             client = self._clients.get(request_id)
             if client is None:
@@ -186,7 +253,7 @@ class EngineLoop:
                     self.num_outstanding -= 1
             if client.held is not None:  # what was held goes out first, or with this output
                 if isinstance(item, BaseException):
-                    batch.append((client.outputs, client.held))
+                    batch.append((client.put, client.held))
                 else:
                     item = _merge(client.held, item)
                 client.held = None
@@ -199,7 +266,7 @@ class EngineLoop:
                 client.held = item
                 continue
             client.num_delivered += 1
-            batch.append((client.outputs, item))
+            batch.append((client.put, item))
         if batch:
             assert self._event_loop is not None
             self._event_loop.call_soon_threadsafe(_put_all, batch)
@@ -218,6 +285,6 @@ def _merge(first: RequestOutput, then: RequestOutput) -> RequestOutput:
     )
 
 
-def _put_all(batch: list[tuple[asyncio.Queue[Item], Item]]) -> None:
-    for outputs, item in batch:
-        outputs.put_nowait(item)
+def _put_all(batch: list[tuple[Callable[[Item], None], Item]]) -> None:
+    for put, item in batch:
+        put(item)

@@ -18,8 +18,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from cluster.config import AppConfig
-from cluster.engine_loop import EngineFailure, EngineLoop, short_reason
-from cluster.metrics import CONTENT_TYPE, Metrics
+from cluster.engine_loop import EngineClient, EngineFailure, short_reason
+from cluster.metrics import CONTENT_TYPE
 from cluster.openai_api import (
     APIError,
     ChatCompletionRequest,
@@ -32,7 +32,6 @@ from cluster.openai_api import (
     sse,
     usage,
 )
-from workers.engine import SpecEngine
 from workers.kv_cache import CacheCapacityError
 from workers.sampling import TokenLogprob
 from workers.sequence import RequestOutput
@@ -44,22 +43,13 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 class Router:
     def __init__(
-        self,
-        config: AppConfig,
-        engine: SpecEngine,
-        tokenizer: Tokenizer,
-        api_key: str | None,
-        metrics: Metrics | None = None,
-        loop: EngineLoop | None = None,
+        self, config: AppConfig, loop: EngineClient, tokenizer: Tokenizer, api_key: str | None
     ) -> None:
         self.config = config
-        self.engine = engine
+        self.loop = loop  # the engine: on a thread of this process, or in the target's host actor
         self.tokenizer = tokenizer
         self.api_key = api_key
-        self.metrics = metrics or Metrics(config.model.served_name, config.engine.max_spec_tokens)
-        self.loop = loop or EngineLoop(
-            engine, self.metrics, config.engine.request_timeout_s, config.server.stream_interval
-        )
+        self.metrics = loop.metrics
         self.created = int(time.time())
         self.routes: dict[tuple[str, str], Handler] = {
             ("GET", "/health"): self.health,
@@ -113,10 +103,7 @@ class Router:
         )
 
     async def render_metrics(self, request: Request) -> Response:
-        self.metrics.set_gauge("num_requests_outstanding", self.loop.num_outstanding)
-        self.metrics.set_gauge("drafter_failures", self.engine.num_draft_failures)
-        self.metrics.set_gauge("target_recoveries", self.engine.num_target_recoveries)
-        for name, value in self.engine.chooser.gauges().items():
+        for name, value in self.loop.gauges().items():
             self.metrics.set_gauge(name, value)
         return Response(self.metrics.render(), headers={"content-type": CONTENT_TYPE})
 
@@ -164,13 +151,13 @@ class Router:
                 f"model {body.model!r} does not exist; this server serves {self.config.model.served_name!r}",
                 param="model",
             )
-        info, max_model_len = self.engine.info, self.config.model.max_seq_len
+        max_model_len = self.config.model.max_seq_len
         default_max = max(1, min(256, max_model_len - len(prompt_ids)))
         params = sampling_params(
-            body, default_max, self.config.engine.max_spec_tokens, range(info.vocab_size)
+            body, default_max, self.config.engine.max_spec_tokens, range(self.loop.vocab_size)
         )
         try:
-            self.engine.validate(prompt_ids, params)  # the context length is the served max_model_len
+            self.loop.validate(prompt_ids, params)  # the context length is the served max_model_len
         except ValueError as error:
             raise APIError(400, str(error), param="prompt") from error
         if self.loop.num_outstanding >= self.config.max_outstanding:

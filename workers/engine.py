@@ -394,20 +394,28 @@ class SpecEngine:
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError (naming the problem) for a request that could never run; no state changes."""
-        vocab_size = self.info.vocab_size
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
-        max_seq_len = self.info.max_seq_len
-        if len(prompt_ids) + params.max_tokens > max_seq_len:
-            raise ValueError(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
-                f"length {max_seq_len}"
-            )
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need an engine with a tokenizer")
+        validate_request(self.info, self.tokenizer is not None, prompt_ids, params)
+
+
+def validate_request(
+    info: TargetInfo, has_tokenizer: bool, prompt_ids: list[int], params: SamplingParams
+) -> None:
+    """What `SpecEngine.validate` checks, for a caller that holds only the target's `info` (a router whose
+    engine runs in another process)."""
+    vocab_size = info.vocab_size
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    max_seq_len = info.max_seq_len
+    if len(prompt_ids) + params.max_tokens > max_seq_len:
+        raise ValueError(
+            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
+            f"length {max_seq_len}"
+        )
+    if params.stop and not has_tokenizer:
+        raise ValueError("stop strings need an engine with a tokenizer")
 
 
 def _penalty(seq: Sequence) -> PenaltyContext | None:

@@ -76,7 +76,7 @@ def test_the_table_gives_medians_and_ratio_ranges_per_placement_and_batch() -> N
     rows = [
         {
             "batch": 4,
-            "loop_beside_target": True,
+            "loop": "beside_target",
             **served_row(_phase({"iterations_total": 1, "generation_tokens_total": 4})),
             "served": served,
             "offline": 100.0,

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from cluster.choosers import make_chooser
 from cluster.config import AppConfig
 from cluster.engine_builder import build_engine, local_backends
+from cluster.engine_loop import EngineLoop
 from cluster.router import Router
 from tests.cluster.serving_app import app_args
 from workers.tokenizer import Tokenizer
@@ -24,9 +25,8 @@ def local_router(target: Path, draft: Path, api_key: str | None = None, **sectio
     target_engine, drafter = local_backends(config)
     tokenizer = Tokenizer(target)
     chooser = make_chooser(config.policy, target_engine.info, config.engine.max_spec_tokens)
-    return Router(
-        config, build_engine(config, target_engine, drafter, chooser, tokenizer), tokenizer, api_key
-    )
+    engine = build_engine(config, target_engine, drafter, chooser, tokenizer)
+    return Router(config, EngineLoop.for_config(config, engine), tokenizer, api_key)
 
 
 def asgi(router: Router) -> Callable[[Scope, Any, Any], Awaitable[None]]:

@@ -254,7 +254,7 @@ def test_cpu_demo_fits_a_two_cpu_machine(monkeypatch: pytest.MonkeyPatch) -> Non
     config = AppConfig.from_args(args)
     assert config.expert_parallel.num_ranks == 1  # else the ranks, not the replica's actor, hold the CPUs
     res = config.resources
-    target_host = 0.0 if config.engine.loop_beside_target else res.target_num_cpus  # else in the replica's
+    target_host = 0.0 if config.engine.loop == "beside_target" else res.target_num_cpus  # else the replica's
     host_actors = target_host + (res.drafter_num_cpus if config.model.draft else 0.0)
     total = replica_cpus(build_app(args)) + host_actors + policy_actor_cpus(monkeypatch)
     assert total <= 2.0, f"the CPU demo asks for {total:.2f} CPUs"

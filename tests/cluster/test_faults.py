@@ -25,7 +25,7 @@ def ep_server(serve_url: str) -> Iterator[str]:
         DEMO_DRAFT,
         expert_parallel={"num_ranks": 2},
         resources={"target_num_cpus": 0.5},
-        engine={"target_recovery_s": 180.0, "loop_beside_target": False},  # ranks are their own actors
+        engine={"target_recovery_s": 180.0, "loop": "router"},  # ranks are their own actors
     )
     with running_app(serve_url, args, APP, timeout_s=240) as base:
         yield base

@@ -65,8 +65,8 @@ def startup(serve_url: str) -> Iterator[Startup]:
 
     from cluster.app import build_app
 
-    # The target in its own host actor (not the demo config's loop beside the target): the last test kills it.
-    args = app_args(DEMO_TARGET, DEMO_DRAFT, engine={"loop_beside_target": False})
+    # The target in its own host actor (not the demo config's loop in the target host): the last test kills it.
+    args = app_args(DEMO_TARGET, DEMO_DRAFT, engine={"loop": "router"})
     _run(build_app(args), name=APP, route_prefix="/", _blocking=False)
     seen = Startup(serve_url)
     deadline = time.monotonic() + 240

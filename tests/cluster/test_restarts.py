@@ -30,10 +30,10 @@ MAX_SEQS = 16  # app_args: max_seqs 16, max_waiting 8
 
 @pytest.fixture(scope="module")
 def server(serve_url: str) -> Iterator[str]:
-    # The target in its own host actor (not the demo config's loop beside the target): these tests kill it.
+    # The target in its own host actor (not the demo config's loop in the target host): these tests kill it.
     with running_app(
         serve_url,
-        app_args(DEMO_TARGET, DEMO_DRAFT, engine={"target_recovery_s": 120.0, "loop_beside_target": False}),
+        app_args(DEMO_TARGET, DEMO_DRAFT, engine={"target_recovery_s": 120.0, "loop": "router"}),
         APP,
     ) as base:
         yield base

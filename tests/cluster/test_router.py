@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cluster.engine_loop import EngineLoop
 from cluster.router import Router
 from tests.cluster.router_harness import asgi, local_router
 from tests.cluster.serving_app import make_models
@@ -88,7 +89,8 @@ def test_a_burst_above_capacity_gets_429_and_the_rest_completes(router: Router) 
     assert codes.count(200) >= 4 and codes.count(429) >= 1 and set(codes) <= {200, 429}, codes
     assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 429)
     assert all(r.json()["usage"]["completion_tokens"] == 24 for r in responses if r.status_code == 200)
-    engine = router.engine
+    assert isinstance(router.loop, EngineLoop)
+    engine = router.loop.engine
     assert not engine.has_unfinished and router.loop.num_outstanding == 0
     assert engine.target.runner.cache.num_used_slots == 0  # type: ignore[attr-defined]
     assert engine.drafter.runner.cache.num_used_slots == 0  # type: ignore[union-attr]

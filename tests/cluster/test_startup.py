@@ -86,7 +86,7 @@ def test_help_shows_the_defaults(capsys: pytest.CaptureFixture[str], monkeypatch
 
 
 def test_the_loop_beside_its_target_serves_from_the_routers_process(tmp_path: Path) -> None:
-    """engine.loop_beside_target: no TargetHost; the Router replica loads the target itself and serves
+    """engine.loop beside_target: no TargetHost; the Router replica loads the target itself and serves
     (greedy text equal to the engine's own), and its slots are free afterwards."""
     from cluster.engine_builder import build_engine, local_backends
     from policy.baselines import OffChooser
@@ -95,7 +95,7 @@ def test_the_loop_beside_its_target_serves_from_the_routers_process(tmp_path: Pa
     from workers.tokenizer import Tokenizer
 
     target, draft = make_models(tmp_path)
-    args = app_args(target, draft, engine={"loop_beside_target": True}, policy={"use_central_actor": False})
+    args = app_args(target, draft, engine={"loop": "beside_target"}, policy={"use_central_actor": False})
     args["model"]["draft"] = None
     config = AppConfig.from_args(args)
     with pytest.raises(ValueError, match="expert_parallel.num_ranks 1"):
