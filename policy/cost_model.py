@@ -22,6 +22,15 @@ Array = NDArray[np.float64]
 ROW_SIZE = 8  # a measured iteration's row: see CostModel._record
 
 
+def batch_bucket(batch_size: int) -> int:
+    """The batch-size bucket of per-bucket figures (here and in `policy.guard`): 1, 2, 3-4, 5-8, 9-16, 17-32,
+    ... A power of two (a full batch at a usual max_num_seqs or client concurrency) shares its bucket with
+    the sizes just below it: with buckets 4-7, 8-15, 16-31 instead, a batch of 16 that shrank to 15 while a
+    request was prefilling changed bucket, and the vLLM backend's guard, learning each bucket's plain rate
+    apart, ran every fifth step plain throughout a 127-step cell at concurrency 16."""
+    return (batch_size - 1).bit_length()
+
+
 @dataclass(frozen=True)
 class CostParams:
     """Seconds. Derive from hardware and model specs (`policy.presets`) or fit from measurements."""
@@ -99,7 +108,7 @@ class CostModel:
         self._num_samples = 0  # ever recorded; row i lives at i % max_samples
         self._num_new_samples = 0
         self.num_refits = 0
-        # Drafting iterations measured (anchors included) per batch-size bucket (1, 2-3, 4-7, ...): where there
+        # Drafting iterations measured (anchors included) per batch-size bucket (`batch_bucket`): where there
         # are none, predictions of what drafting costs rest on the prior alone (`num_drafting_iterations`).
         self._num_drafting: dict[int, int] = {}
         # Imported here, not at module level (`workers` imports `policy` and scipy.optimize takes a while to
@@ -138,12 +147,12 @@ class CostModel:
         return float(self.time_grid(len(num_spec_tokens), max(num_spec_tokens), sum(num_spec_tokens)))
 
     def num_drafting_iterations(self, batch_size: int) -> int:
-        """Drafting iterations measured at this batch size's bucket (1, 2-3, 4-7, ...). Plain iterations alone
+        """Drafting iterations measured at this batch size's bucket (`batch_bucket`). Plain iterations alone
         cannot tell a fixed per-iteration cost from the cost of a token (every row has one token per
         sequence), so where this is 0 what drafting costs is the prior's guess (the vLLM backend's batch 1:
         half of a served step was outside the forward, and the prior put drafting at a loss where static
         K = 1 paid 1.28x)."""
-        return self._num_drafting.get(batch_size.bit_length(), 0)
+        return self._num_drafting.get(batch_bucket(batch_size), 0)
 
     def plain_time(self, batch_size: int) -> float:
         return self.iteration_time([0] * batch_size)
@@ -204,7 +213,7 @@ class CostModel:
         if stats.experts_touched:
             self.expert_counts.record(stats.num_target_tokens, experts)
         if max(ks) > 0:
-            bucket = len(ks).bit_length()
+            bucket = batch_bucket(len(ks))
             self._num_drafting[bucket] = self._num_drafting.get(bucket, 0) + 1
         return (
             len(ks),

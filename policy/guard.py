@@ -38,6 +38,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from policy.cost_model import batch_bucket
 from policy.stats import IterationStats, KChooser
 
 
@@ -118,7 +119,7 @@ class MeasuredGuard:
         chosen = self.inner.choose(request_ids)
         if not request_ids:
             return chosen
-        bucket = len(request_ids).bit_length()
+        bucket = batch_bucket(len(request_ids))
         if self._hold_left.get(bucket, 0) > 0:
             return self._plain_iteration(request_ids)
         plain = self._plain.get(bucket)
@@ -143,7 +144,7 @@ class MeasuredGuard:
         is_chosen = asked is not None and all(r.request_id in asked for r in stats.requests)
         if stats.iteration_time_s <= 0.0:
             return
-        bucket = stats.batch_size.bit_length()  # batch sizes 1, 2-3, 4-7, 8-15, ...
+        bucket = batch_bucket(stats.batch_size)  # batch sizes 1, 2, 3-4, 5-8, 9-16, ...
         per_request = sum(r.num_committed_tokens for r in stats.requests) / stats.batch_size
         is_drafting = any(r.num_spec_tokens > 0 for r in stats.requests)
         if not is_drafting:

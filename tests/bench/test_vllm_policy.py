@@ -55,3 +55,21 @@ def test_auto_server_command_records_its_steps(tmp_path: Path) -> None:
     section = json.loads(command[command.index("--additional-config") + 1])["moespec"]
     assert section == {"policy": {"kind": "auto"}, "record_path": str(tmp_path / "record.jsonl")}
     assert "--scheduler-cls" in command
+
+
+def test_ours_static_server_runs_our_scheduler_at_a_fixed_k(tmp_path: Path) -> None:
+    settings = PolicySettings(
+        target=tmp_path / "target",
+        draft=tmp_path / "draft",
+        served_name="t",
+        dtype="float32",
+        max_model_len=256,
+        max_num_seqs=4,
+        cache_root=tmp_path,
+        policy="static",
+        policy_num_spec_tokens=2,
+    )
+    command = settings.command(Path("python"), 8000, 4)
+    section = json.loads(command[command.index("--additional-config") + 1])["moespec"]
+    assert section == {"policy": {"kind": "static", "num_spec_tokens": 2}}
+    assert "--scheduler-cls" in command and "--worker-cls" in command

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import pytest
 
 from policy.baselines import OffChooser, StaticChooser
+from policy.cost_model import batch_bucket
 from policy.guard import GuardConfig, MeasuredGuard
 from policy.presets import PRESETS
 from policy.simulator import make_chooser, simulate
@@ -181,3 +182,24 @@ def test_a_baseline_is_one_plain_iteration_when_choices_are_verified_a_step_late
     steady = plain[64:]
     assert sum(steady) == pytest.approx(len(steady) / config.baseline_every, abs=1)
     assert not any(a and b for a, b in itertools.pairwise(steady))  # never two plain steps in a row
+
+
+def test_a_full_batch_that_shrinks_by_one_keeps_its_plain_figure() -> None:
+    # Served at concurrency 16, the batch is 16 and 14-15 while requests prefill. With buckets 8-15 and
+    # 16-31 each size learned its plain rate apart, and the guard ran every fifth step plain for a whole
+    # 127-step benchmark cell (baselines every 4 steps until a bucket has 8 plain samples).
+    assert batch_bucket(16) == batch_bucket(15) == batch_bucket(9) != batch_bucket(17)
+    assert len({batch_bucket(b) for b in (1, 2, 3, 5)}) == 4
+    guard = MeasuredGuard(StaticChooser(2))
+    held: dict[str, int] = {}
+    plain = []
+    for index in range(200):
+        ids = [f"r{i}" for i in range(16 - index % 3 // 2)]  # 16, 16, 15, 16, 16, 15, ...
+        chosen = guard.choose(ids)
+        ks = {r: held.get(r, 0) for r in ids}
+        committed = {r: 3 if k else 1 for r, k in ks.items()}
+        guard.observe(_iteration(index, ks, committed, 0.2 if any(ks.values()) else 0.16))
+        plain.append(not any(chosen.values()))
+        held = chosen
+    assert guard.num_holds == 0
+    assert sum(plain[64:]) <= len(plain[64:]) / 12  # one baseline in about 16 once the plain rate is known
