@@ -22,17 +22,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
 from cluster.config import AppConfig, resolve_model_path
-from cluster.engine_loop import EngineLoop
 from cluster.metrics import Metrics
 from cluster.router import Router
 from cluster.vllm_backend.settings import NUM_SPEC_TOKENS_ARG, SCHEDULER_CLS, WORKER_CLS, SchedulerSettings
-from workers.engine import SpecEngine
 from workers.sampling import SamplingParams, TokenLogprob
 from workers.sequence import RequestOutput
 from workers.tokenizer import Tokenizer
@@ -158,9 +156,11 @@ class VllmLoop:
     """The engine-loop interface the Router uses (submit, abort, health), over `AsyncLLM.generate`: one
     asyncio task per request turns vLLM's delta outputs into our `RequestOutput`s."""
 
-    def __init__(self, engine: Any, request_timeout_s: float) -> None:
+    def __init__(self, engine: Any, request_timeout_s: float, metrics: Metrics, view: EngineView) -> None:
         self.engine = engine
         self.request_timeout_s = request_timeout_s
+        self.metrics = metrics
+        self.view = view
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.num_outstanding = 0
         self.last_error: BaseException | None = None
@@ -168,6 +168,19 @@ class VllmLoop:
 
     def start(self, event_loop: asyncio.AbstractEventLoop) -> None:
         self.has_started = True
+
+    def stop(self) -> None:
+        pass  # the engine shuts down with the server
+
+    @property
+    def vocab_size(self) -> int:
+        return self.view.info.vocab_size
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.view.validate(prompt_ids, params)
+
+    def gauges(self) -> dict[str, float]:
+        return {"num_requests_outstanding": self.num_outstanding}  # the scheduler's come from its file
 
     @property
     def is_alive(self) -> bool:
@@ -247,16 +260,8 @@ class VllmServer:
             api_key = os.environ.get(config.server.api_key_env) or None
         self.metrics = Metrics(config.model.served_name)
         self._counted: dict[str, float] = {}  # scheduler counters already added to self.metrics
-        self.loop = VllmLoop(self.engine, config.engine.request_timeout_s)
-        # The Router is typed for the native engine; these adapters provide the members it uses.
-        self.router = Router(
-            config,
-            cast(SpecEngine, EngineView(info)),
-            tokenizer,
-            api_key,
-            self.metrics,
-            loop=cast(EngineLoop, self.loop),
-        )
+        self.loop = VllmLoop(self.engine, config.engine.request_timeout_s, self.metrics, EngineView(info))
+        self.router = Router(config, self.loop, tokenizer, api_key)
 
     async def __call__(self, request: Request) -> Response:
         if request.method == "GET" and request.url.path == "/metrics":
