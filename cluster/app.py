@@ -208,19 +208,21 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         return build_vllm_app(config)
     if ray.is_initialized():  # on a cluster (serve run, serve deploy, our CLI); not when only validating
         check_fits(resource_demand(config), ray.cluster_resources())
-    replicas = config.replicas
-    scaling: dict[str, Any] = (
-        {"autoscaling_config": replicas.autoscaling_config}
-        if replicas.autoscaling_config is not None
-        else {"num_replicas": replicas.num_replicas or 1}
-    )
     router = serve.deployment(
         name="Router",
         max_ongoing_requests=config.max_outstanding + 16,  # 429s come from the router
         ray_actor_options={"num_cpus": router_num_cpus(config)},
-        **scaling,
+        **scaling(config),
     )(RouterServer)
     return router.bind(config)
+
+
+def scaling(config: AppConfig) -> dict[str, Any]:
+    """Serve's replica options of either backend's deployment: a fixed number, or its autoscaling."""
+    replicas = config.replicas
+    if replicas.autoscaling_config is not None:
+        return {"autoscaling_config": replicas.autoscaling_config}
+    return {"num_replicas": replicas.num_replicas or 1}
 
 
 def build_vllm_app(config: AppConfig) -> Application:
@@ -231,10 +233,10 @@ def build_vllm_app(config: AppConfig) -> Application:
     num_gpus = resources.target_num_gpus * config.expert_parallel.num_ranks
     deployment = serve.deployment(
         name="VllmServer",
-        num_replicas=config.vllm.num_replicas,
         max_ongoing_requests=config.max_outstanding + 16,
         ray_actor_options={"num_cpus": resources.target_num_cpus, "num_gpus": num_gpus},
         health_check_period_s=10,
         health_check_timeout_s=60,
+        **scaling(config),
     )(VllmServer)
     return deployment.bind(config)

@@ -204,14 +204,17 @@ class ReplicaSettings:
 class VllmSettings:
     """Settings of the vllm backend that our other sections do not cover (read only when backend = vllm)."""
 
-    num_replicas: int = 1  # engines (Serve replicas); the Serve config's deployment options may override
+    num_replicas: int | None = None  # removed: replicas.num_replicas (an error if set)
     enforce_eager: bool = False  # True: no torch.compile / CUDA graphs (a much shorter start)
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU builds (whole GiB)
 
     def __post_init__(self) -> None:
-        if self.num_replicas < 1:
-            raise ValueError(f"vllm.num_replicas must be >= 1, got {self.num_replicas}")
+        if self.num_replicas is not None:
+            raise ValueError(
+                "vllm.num_replicas is no longer a setting: both backends scale with replicas.num_replicas "
+                "or replicas.autoscaling_config (one vLLM engine per replica)"
+            )
         if not 0.0 < self.gpu_memory_utilization <= 1.0 or self.cpu_kv_cache_gib < 1:
             raise ValueError("vllm.gpu_memory_utilization in (0, 1] and cpu_kv_cache_gib >= 1 (GiB) required")
 
@@ -240,11 +243,6 @@ class AppConfig:
             raise ValueError(
                 "engine.loop target_host runs the engine beside a target in one process: it needs "
                 "expert_parallel.num_ranks 1; use engine.loop router for an expert-parallel target"
-            )
-        if self.engine.backend == "vllm" and self.replicas != ReplicaSettings():
-            raise ValueError(
-                "the replicas section applies to the native backend; with engine.backend vllm set "
-                "vllm.num_replicas (or override the VllmServer deployment's options in the Serve config)"
             )
 
     @property

@@ -206,15 +206,21 @@ def test_replicas_are_serves_num_replicas_or_autoscaling_config_validated() -> N
     ]:
         with pytest.raises(ValueError, match=message):
             AppConfig.from_args({"replicas": bad})
-    with pytest.raises(ValueError, match="set vllm.num_replicas"):
-        AppConfig.from_args({"engine": {"backend": "vllm"}, "replicas": {"num_replicas": 2}})
+    vllm = build_app({"engine": {"backend": "vllm"}, "replicas": {"num_replicas": 2}})._bound_deployment
+    assert vllm.name == "VllmServer" and vllm.num_replicas == 2  # one setting for both backends
+    vllm = build_app(
+        {"engine": {"backend": "vllm"}, "replicas": {"autoscaling_config": auto}}
+    )._bound_deployment
+    assert vllm._deployment_config.autoscaling_config.max_replicas == 4
+    with pytest.raises(ValueError, match="vllm.num_replicas is no longer a setting: .*replicas.num_replicas"):
+        AppConfig.from_args({"engine": {"backend": "vllm"}, "vllm": {"num_replicas": 2}})
 
 
 def gpus_per_app(app: AppConfig) -> float:
     """GPUs one application needs: every vLLM replica's ranks, or the native ranks plus the drafter's."""
     ranks = app.expert_parallel.num_ranks * app.resources.target_num_gpus
     if app.engine.backend == "vllm":
-        return ranks * app.vllm.num_replicas
+        return ranks * app.replicas.num_starting
     return ranks + app.resources.drafter_num_gpus
 
 

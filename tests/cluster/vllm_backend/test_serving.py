@@ -31,7 +31,8 @@ def server(serve_url: str) -> Iterator[str]:
         DEMO_DRAFT,
         engine={"backend": "vllm", "max_spec_tokens": 4},
         policy={"kind": "auto", "actor_name": ACTOR, "window_iterations": 4},
-        vllm={"num_replicas": 2, "enforce_eager": True, "cpu_kv_cache_gib": 1},
+        replicas={"num_replicas": 2},
+        vllm={"enforce_eager": True, "cpu_kv_cache_gib": 1},
         resources={"target_num_cpus": 0.5},
     )
     with running_app(serve_url, args, APP, timeout_s=1200) as base:
