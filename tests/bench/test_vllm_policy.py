@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from bench.vllm_policy import PolicySettings, scheduler_summary
 
@@ -39,7 +40,8 @@ def test_summary_counts_drafting_acceptance_and_holds() -> None:
     assert summary["step_ms_p50_drafting"] == 50.0 and summary["step_ms_p50_plain"] == 20.0
 
 
-def test_auto_server_command_records_its_steps(tmp_path: Path) -> None:
+def _command(tmp_path: Path, **policy: Any) -> list[str]:
+    """The command line of a policy server on a tiny model shape, with `policy`'s settings."""
     settings = PolicySettings(
         target=tmp_path / "target",
         draft=tmp_path / "draft",
@@ -48,28 +50,20 @@ def test_auto_server_command_records_its_steps(tmp_path: Path) -> None:
         max_model_len=256,
         max_num_seqs=4,
         cache_root=tmp_path,
-        policy="auto",
-        record_path=tmp_path / "record.jsonl",
+        **policy,
     )
-    command = settings.command(Path("python"), 8000, 4)
+    return settings.command(Path("python"), 8000, 4)
+
+
+def test_auto_server_command_records_its_steps(tmp_path: Path) -> None:
+    command = _command(tmp_path, policy="auto", record_path=tmp_path / "record.jsonl")
     section = json.loads(command[command.index("--additional-config") + 1])["moespec"]
     assert section == {"policy": {"kind": "auto"}, "record_path": str(tmp_path / "record.jsonl")}
     assert "--scheduler-cls" in command
 
 
 def test_ours_static_server_runs_our_scheduler_at_a_fixed_k(tmp_path: Path) -> None:
-    settings = PolicySettings(
-        target=tmp_path / "target",
-        draft=tmp_path / "draft",
-        served_name="t",
-        dtype="float32",
-        max_model_len=256,
-        max_num_seqs=4,
-        cache_root=tmp_path,
-        policy="static",
-        policy_num_spec_tokens=2,
-    )
-    command = settings.command(Path("python"), 8000, 4)
+    command = _command(tmp_path, policy="static", policy_num_spec_tokens=2)
     section = json.loads(command[command.index("--additional-config") + 1])["moespec"]
     assert section == {"policy": {"kind": "static", "num_spec_tokens": 2}}
     assert "--scheduler-cls" in command and "--worker-cls" in command
