@@ -22,6 +22,8 @@ from bench import http_load, load
 from bench.launches import REPO
 from bench.peers import log
 
+Placement = tuple[str, int, bool]  # (engine.loop, server.stream_interval, whether the requests stream)
+
 
 @dataclass(frozen=True)
 class SpeedConfig:
@@ -37,10 +39,15 @@ class SpeedConfig:
     mean_gap_s: float = 0.0
     repeats: int = 3  # rounds; each round runs every placement, offline and transformers at every batch size
     workload: str = "mixed"
-    # Served variants: (engine.loop, server.stream_interval). router = the loop in the Router, the target in
-    # its own host actor (one call between processes per iteration); beside_target = the loop and the target
-    # in the Router's process; target_host = the loop in the target's host actor, the Router apart.
-    placements: tuple[tuple[str, int], ...] = (("router", 1), ("beside_target", 1), ("target_host", 1))
+    # Served variants: (engine.loop, server.stream_interval, streamed requests). router = the loop in the
+    # Router, the target in its own host actor (one call between processes per iteration); beside_target =
+    # the loop and the target in the Router's process; target_host = the loop in the target's host actor, the
+    # Router apart. Not streamed: each request is answered in one response (the `openai` client's default).
+    placements: tuple[Placement, ...] = (
+        ("router", 1, True),
+        ("beside_target", 1, True),
+        ("target_host", 1, True),
+    )
 
 
 @dataclass(frozen=True)
@@ -161,25 +168,26 @@ def served_speed(config: SpeedConfig) -> dict[str, Any]:
     hf_model = AutoModelForCausalLM.from_pretrained(target, dtype=getattr(torch, app.model.dtype)).eval()
     offline_generate(app, ids[:2], 4)  # warm-up
     transformers_generate(hf_model, hf_tokenizer, texts[:2], 4)
-    name, port = app.model.served_name, None
+    name, port, deployed = app.model.served_name, None, None
     rows: list[dict[str, Any]] = []
     load_average = [os.getloadavg()[0]]
     for round_index in range(config.repeats):
-        served: dict[tuple[tuple[str, int], int], http_load.PhaseResult] = {}
+        served: dict[tuple[Placement, int], http_load.PhaseResult] = {}
         for placement in config.placements:
             placed = json.loads(json.dumps(args))
             placed.setdefault("engine", {})["loop"] = placement[0]
             placed.setdefault("server", {})["stream_interval"] = placement[1]
-            url = deploy(placed, port)
-            port = int(url.rsplit(":", 1)[1])
-            warm_up = http_load.run_phase(url, texts, "off", 2, 2, config.max_tokens, name, seed=0)
-            asyncio.run(warm_up)
+            if placed != deployed:  # placements that differ only in streaming share a deployment
+                url = deploy(placed, port)
+                port, deployed = int(url.rsplit(":", 1)[1]), placed
+                warm_up = http_load.run_phase(url, texts, "off", 2, 2, config.max_tokens, name, seed=0)
+                asyncio.run(warm_up)
             for batch in config.concurrencies:
                 log(f"round {round_index}, {placement_name(placement)}, batch {batch}")
                 prompts = [texts[i % len(texts)] for i in range(batch * config.requests_per_client)]
                 phase = http_load.run_phase(
                     url, prompts, "off", batch, len(prompts), config.max_tokens, name, seed=batch,
-                    mean_gap_s=config.mean_gap_s,
+                    mean_gap_s=config.mean_gap_s, stream=placement[2],
                 )  # fmt: skip
                 served[placement, batch] = asyncio.run(phase)
         for batch in config.concurrencies:
@@ -193,6 +201,7 @@ def served_speed(config: SpeedConfig) -> dict[str, Any]:
                         "batch": batch,
                         "loop": placement[0],
                         "stream_interval": placement[1],
+                        "stream": placement[2],
                         **served_row(served[placement, batch]),
                         "offline": offline.throughput,
                         "offline_iteration_ms": offline.iteration_ms,
@@ -214,8 +223,8 @@ def speed_table(result: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
-    def key(row: dict[str, Any]) -> tuple[tuple[str, int], int]:
-        return (row["loop"], row.get("stream_interval", 1)), row["batch"]
+    def key(row: dict[str, Any]) -> tuple[Placement, int]:
+        return (row["loop"], row.get("stream_interval", 1), row.get("stream", True)), row["batch"]
 
     for placement, batch in sorted({key(r) for r in result["rows"]}):
         rows = [r for r in result["rows"] if key(r) == (placement, batch)]
@@ -226,9 +235,11 @@ def speed_table(result: dict[str, Any]) -> str:
 PLACEMENT_NAMES = {"router": "host actor", "beside_target": "router process", "target_host": "loop in host"}
 
 
-def placement_name(placement: tuple[str, int]) -> str:
-    loop, stream_interval = placement
+def placement_name(placement: Placement) -> str:
+    loop, stream_interval, stream = placement
     name = PLACEMENT_NAMES[loop]
+    if not stream:
+        name = f"{name}, not streamed"
     return name if stream_interval == 1 else f"{name}, stream interval {stream_interval}"
 
 

@@ -4,11 +4,14 @@ iteration (no server needed)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
+import httpx
 import pytest
 
 from bench import http_load
+from bench.compare import parse_placement
 from bench.served_speed import served_row, speed_table
 
 
@@ -91,3 +94,30 @@ def test_the_table_gives_medians_and_ratio_ranges_per_placement_and_batch() -> N
     assert table[2].startswith(
         "| router process | 4 | 4.0 | 90.0 | 100.0 | 50.0 | 0.90 (0.80-1.20) | 1.80 (1.60-2.40)"
     )
+
+
+def test_placements_take_a_stream_interval_and_nostream() -> None:
+    assert parse_placement("target_host") == ("target_host", 1, True)
+    assert parse_placement("target_host:4") == ("target_host", 4, True)
+    assert parse_placement("target_host:4:nostream") == ("target_host", 4, False)
+    assert parse_placement("beside_target:nostream") == ("beside_target", 1, False)
+    for bad in ("nowhere", "target_host:0", "target_host:fast", "target_host:2:4"):
+        with pytest.raises(ValueError, match="is not one of"):
+            parse_placement(bad)
+
+
+def test_a_non_streaming_request_asks_for_one_response_and_counts_its_tokens() -> None:
+    bodies: list[dict[str, Any]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        return httpx.Response(200, json={"choices": [{"text": "abc"}], "usage": {"completion_tokens": 7}})
+
+    async def one() -> http_load.RequestResult:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            return await http_load.one_request(client, "http://x", "p", "off", 7, "m", stream=False)
+
+    result = asyncio.run(one())
+    assert result.num_tokens == 7 and result.ttft_s == result.latency_s > 0
+    assert bodies[0]["stream"] is False and "stream_options" not in bodies[0]
+    assert bodies[0]["num_spec_tokens"] == "off"
