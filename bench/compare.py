@@ -33,7 +33,7 @@ from bench.launches import RAW, REPO, RESULTS, run_servers, serve_settings
 from bench.peers import log
 from bench.regime_pair import ensure_checkpoint
 from bench.report import write_report
-from bench.served_speed import Placement, SpeedConfig, served_speed, speed_table
+from bench.served_speed import Placement, SpeedConfig, cpu_table, served_speed, speed_table
 from cluster.config import LOOP_PLACEMENTS
 
 
@@ -257,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
         speed = replace(speed, **_shared_overrides(args))
         result = served_speed(speed)
         result["table"] = speed_table(result)
-        print(result["table"], flush=True)
+        result["cpu_table"] = cpu_table(result)
+        print(result["table"], result["cpu_table"], sep="\n\n", flush=True)
         path = Path(args.out) if args.out else RESULTS / "served-speed.json"
         path.write_text(json.dumps(result, indent=1))
         log(f"wrote {path}")

@@ -21,6 +21,7 @@ from typing import Any
 from bench import http_load, load
 from bench.launches import REPO
 from bench.peers import log
+from bench.process_cpu import ProcessCpu
 
 Placement = tuple[str, int, bool]  # (engine.loop, server.stream_interval, whether the requests stream)
 
@@ -143,6 +144,8 @@ def served_row(phase: http_load.PhaseResult) -> dict[str, float]:
         "verify_ms": verify_s / iterations * 1e3,
         "outside_ms": outside_s / iterations * 1e3,
         "num_errors": float(phase.num_errors),
+        # CPU ms per engine iteration by process role ("load generator": the benchmark's client)
+        **{f"cpu_ms:{role}": ms for role, ms in phase.cpu_ms_per_iteration.items()},
     }
 
 
@@ -169,6 +172,9 @@ def served_speed(config: SpeedConfig) -> dict[str, Any]:
     offline_generate(app, ids[:2], 4)  # warm-up
     transformers_generate(hf_model, hf_tokenizer, texts[:2], 4)
     name, port, deployed = app.model.served_name, None, None
+    cpu = (
+        ProcessCpu()
+    )  # the served app's processes (Router, EngineHost, Serve's proxy) and the client (this one)
     rows: list[dict[str, Any]] = []
     load_average = [os.getloadavg()[0]]
     for round_index in range(config.repeats):
@@ -189,7 +195,11 @@ def served_speed(config: SpeedConfig) -> dict[str, Any]:
                     url, prompts, "off", batch, len(prompts), config.max_tokens, name, seed=batch,
                     mean_gap_s=config.mean_gap_s, stream=placement[2],
                 )  # fmt: skip
-                served[placement, batch] = asyncio.run(phase)
+                cpu_before = cpu.snapshot()
+                result = asyncio.run(phase)
+                iterations = result.metrics.get("iterations_total", 0.0)
+                result.cpu_ms_per_iteration = cpu.per_iteration_ms(cpu_before, cpu.snapshot(), iterations)
+                served[placement, batch] = result
         for batch in config.concurrencies:
             log(f"round {round_index}, offline, batch {batch}")
             offline = offline_generate(app, ids[:batch], config.max_tokens)
@@ -223,13 +233,33 @@ def speed_table(result: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
-    def key(row: dict[str, Any]) -> tuple[Placement, int]:
-        return (row["loop"], row.get("stream_interval", 1), row.get("stream", True)), row["batch"]
-
-    for placement, batch in sorted({key(r) for r in result["rows"]}):
-        rows = [r for r in result["rows"] if key(r) == (placement, batch)]
+    for placement, batch in sorted({_key(r) for r in result["rows"]}):
+        rows = [r for r in result["rows"] if _key(r) == (placement, batch)]
         lines.append(f"| {placement_name(placement)} | {batch} | " + " | ".join(_cells(rows)) + " |")
     return "\n".join(lines)
+
+
+def cpu_table(result: dict[str, Any]) -> str:
+    """CPU ms per engine iteration of each process role during the served phases (medians over rounds)."""
+    roles = sorted({k for r in result["rows"] for k in r if k.startswith("cpu_ms:")})
+    if not roles:
+        return ""
+    names = [role.removeprefix("cpu_ms:") for role in roles]
+    lines = [
+        "| target | batch | " + " | ".join(names) + " | decode iteration ms |",
+        "|---|---:|" + "---:|" * (len(names) + 1),
+    ]
+    for placement, batch in sorted({_key(r) for r in result["rows"]}):
+        rows = [r for r in result["rows"] if _key(r) == (placement, batch)]
+        cells = [
+            f"{statistics.median(r.get(role, 0.0) for r in rows):.1f}" for role in [*roles, "iteration_ms"]
+        ]
+        lines.append(f"| {placement_name(placement)} | {batch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _key(row: dict[str, Any]) -> tuple[Placement, int]:
+    return (row["loop"], row.get("stream_interval", 1), row.get("stream", True)), row["batch"]
 
 
 PLACEMENT_NAMES = {"router": "host actor", "beside_target": "router process", "target_host": "loop in host"}

@@ -12,7 +12,7 @@ import pytest
 
 from bench import http_load
 from bench.compare import parse_placement
-from bench.served_speed import served_row, speed_table
+from bench.served_speed import cpu_table, served_row, speed_table
 
 
 def _run_phase_with_fake_server(monkeypatch: pytest.MonkeyPatch, mean_gap_s: float) -> tuple[int, int]:
@@ -121,3 +121,16 @@ def test_a_non_streaming_request_asks_for_one_response_and_counts_its_tokens() -
     assert result.num_tokens == 7 and result.ttft_s == result.latency_s > 0
     assert bodies[0]["stream"] is False and "stream_options" not in bodies[0]
     assert bodies[0]["num_spec_tokens"] == "off"
+
+
+def test_the_cpu_table_gives_each_roles_median_cpu_per_iteration() -> None:
+    phases = [_phase({"iterations_total": 10}) for _ in range(2)]
+    for phase, router_ms in zip(phases, (20.0, 30.0), strict=True):
+        phase.cpu_ms_per_iteration = {"Router": router_ms, "ProxyActor": 10.0}
+    rows = [
+        {"batch": 32, "loop": "target_host", "stream_interval": 1, "stream": False, **served_row(phase)}
+        for phase in phases
+    ]
+    table = cpu_table({"rows": rows}).splitlines()
+    assert table[0] == "| target | batch | ProxyActor | Router | decode iteration ms |"
+    assert table[2] == "| loop in host, not streamed | 32 | 10.0 | 25.0 | 0.0 |"
