@@ -220,7 +220,8 @@ def served_speed(config: SpeedConfig) -> dict[str, Any]:
                     }
                 )
         load_average.append(os.getloadavg()[0])
-    return {"config": asdict(config), "rows": rows, "load_average_1m": load_average}
+    serve_env = {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}  # e.g. the HAProxy ingress
+    return {"config": asdict(config), "rows": rows, "load_average_1m": load_average, "serve_env": serve_env}
 
 
 def speed_table(result: dict[str, Any]) -> str:
