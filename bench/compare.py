@@ -246,6 +246,12 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="--served-speed: mean Poisson gap before each served request (default 0: closed-loop clients)",
     )
+    parser.add_argument(
+        "--ingress",
+        default="proxy",
+        choices=("proxy", "haproxy"),
+        help="--served-speed: Serve's HTTP ingress (cluster.cli serve --ingress)",
+    )
     parser.add_argument("--out", default=None, help="--served-speed: the JSON to write")
     args = parser.parse_args(argv)
     if args.served_speed:
@@ -253,7 +259,9 @@ def main(argv: list[str] | None = None) -> None:
             placements = tuple(parse_placement(item) for item in args.placements.split(","))
         except ValueError as error:
             parser.error(f"--placements: {error}")
-        speed = SpeedConfig(repeats=args.repeats, mean_gap_s=args.gap_ms / 1e3, placements=placements)
+        speed = SpeedConfig(
+            repeats=args.repeats, mean_gap_s=args.gap_ms / 1e3, placements=placements, ingress=args.ingress
+        )
         speed = replace(speed, **_shared_overrides(args))
         result = served_speed(speed)
         result["table"] = speed_table(result)

@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -44,6 +45,7 @@ class SpeedConfig:
     # Router, the target in its own host actor (one call between processes per iteration); beside_target =
     # the loop and the target in the Router's process; target_host = the loop in the target's host actor, the
     # Router apart. Not streamed: each request is answered in one response (the `openai` client's default).
+    ingress: str = "proxy"  # Serve's HTTP ingress (cluster.cli.INGRESS_ENV): proxy or haproxy
     placements: tuple[Placement, ...] = (
         ("router", 1, True),
         ("beside_target", 1, True),
@@ -156,8 +158,13 @@ def served_speed(config: SpeedConfig) -> dict[str, Any]:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from cluster.cli import INGRESS_ENV
     from cluster.config import AppConfig, resolve_model_path
     from workers.tokenizer import Tokenizer
+
+    if INGRESS_ENV[config.ingress] and "ray.serve" in sys.modules:
+        raise RuntimeError("--ingress must be set before Ray Serve is imported (Serve reads it at import)")
+    os.environ.update(INGRESS_ENV[config.ingress])  # before `deploy` starts Ray: its processes read it too
 
     args = load.load_serve_config_args(REPO / config.serve_config)
     app = AppConfig.from_args(args)
@@ -220,7 +227,9 @@ def served_speed(config: SpeedConfig) -> dict[str, Any]:
                     }
                 )
         load_average.append(os.getloadavg()[0])
-    serve_env = {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}  # e.g. the HAProxy ingress
+    serve_env = {
+        k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")
+    }  # e.g. the HAProxy ingress
     return {"config": asdict(config), "rows": rows, "load_average_1m": load_average, "serve_env": serve_env}
 
 
