@@ -11,6 +11,8 @@ import sys
 import time
 import urllib.request
 
+import pytest
+
 from cluster.config import REPO_ROOT
 from tests.cluster.serving_app import free_port
 
@@ -55,3 +57,10 @@ def test_serve_answers_a_completion_then_sigterm_shuts_it_down_cleanly() -> None
     assert "[moespec] shutting down" in output
     assert "SIGTERM received" not in output  # Ray's abort handler did not run
     print(f"shut down in {time.monotonic() - start:.1f} s")
+
+
+def test_the_haproxy_ingress_is_refused_on_an_existing_cluster_naming_the_settings() -> None:
+    from cluster.cli import main
+
+    with pytest.raises(SystemExit, match="RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1"):
+        main(["serve", "--address", "auto", "--ingress", "haproxy"])
