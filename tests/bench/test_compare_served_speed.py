@@ -123,14 +123,20 @@ def test_a_non_streaming_request_asks_for_one_response_and_counts_its_tokens() -
     assert bodies[0]["num_spec_tokens"] == "off"
 
 
-def test_the_cpu_table_gives_each_roles_median_cpu_per_iteration() -> None:
+def test_the_cpu_table_gives_the_serving_roles_median_cpu_per_iteration_and_the_rest_as_other() -> None:
     phases = [_phase({"iterations_total": 10}) for _ in range(2)]
     for phase, router_ms in zip(phases, (20.0, 30.0), strict=True):
-        phase.cpu_ms_per_iteration = {"Router": router_ms, "ProxyActor": 10.0}
+        phase.cpu_ms_per_iteration = {
+            "Router": router_ms,
+            "ProxyActor": 10.0,
+            "Ray raylet": 1.0,
+            "SpecPolicy": 2.0,
+        }
     rows = [
         {"batch": 32, "loop": "target_host", "stream_interval": 1, "stream": False, **served_row(phase)}
         for phase in phases
     ]
     table = cpu_table({"rows": rows}).splitlines()
-    assert table[0] == "| target | batch | ProxyActor | Router | decode iteration ms |"
-    assert table[2] == "| loop in host, not streamed | 32 | 10.0 | 25.0 | 0.0 |"
+    assert table[0].startswith("| target | batch | Router | ProxyActor | HAProxy | load generator |")
+    assert table[0].endswith("| other | decode iteration ms |")
+    assert table[2] == "| loop in host, not streamed | 32 | 25.0 | 10.0 | 0.0 | 0.0 | 0.0 | 0.0 | 3.0 | 0.0 |"
