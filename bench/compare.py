@@ -34,6 +34,7 @@ from bench.peers import log
 from bench.regime_pair import ensure_checkpoint
 from bench.report import write_report
 from bench.served_speed import Placement, SpeedConfig, cpu_table, served_speed, speed_table
+from cluster.cli import INGRESS_ENV
 from cluster.config import LOOP_PLACEMENTS
 
 
@@ -249,8 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--ingress",
         default="proxy",
-        choices=("proxy", "haproxy"),
-        help="--served-speed: Serve's HTTP ingress (cluster.cli serve --ingress)",
+        choices=sorted(INGRESS_ENV),
+        help="--served-speed: Serve's HTTP ingress (as cluster.cli serve --ingress)",
     )
     parser.add_argument("--out", default=None, help="--served-speed: the JSON to write")
     args = parser.parse_args(argv)
