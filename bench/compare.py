@@ -33,7 +33,8 @@ from bench.launches import RAW, REPO, RESULTS, run_servers, serve_settings
 from bench.peers import log
 from bench.regime_pair import ensure_checkpoint
 from bench.report import write_report
-from bench.served_speed import SpeedConfig, served_speed, speed_table
+from bench.served_speed import Placement, SpeedConfig, cpu_table, served_speed, speed_table
+from cluster.cli import INGRESS_ENV
 from cluster.config import LOOP_PLACEMENTS
 
 
@@ -237,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
         default="router,beside_target,target_host",
         help="--served-speed: comma-separated engine.loop placements (router: the loop in the Router, the "
         "target in its own actor; beside_target: both in the Router's process; target_host: the loop in the "
-        "target's actor), each optionally with :N, its server.stream_interval",
+        "target's actor), each optionally with :N, its server.stream_interval, and :nostream, non-streaming "
+        "requests (e.g. target_host,target_host:4,target_host:nostream)",
     )
     parser.add_argument(
         "--gap-ms",
@@ -245,20 +247,27 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="--served-speed: mean Poisson gap before each served request (default 0: closed-loop clients)",
     )
+    parser.add_argument(
+        "--ingress",
+        default="proxy",
+        choices=sorted(INGRESS_ENV),
+        help="--served-speed: Serve's HTTP ingress (as cluster.cli serve --ingress)",
+    )
     parser.add_argument("--out", default=None, help="--served-speed: the JSON to write")
     args = parser.parse_args(argv)
     if args.served_speed:
-        placements = []
-        for item in args.placements.split(","):
-            where, _, interval = item.partition(":")
-            if where not in LOOP_PLACEMENTS or not (interval or "1").isdigit():
-                parser.error(f"--placements: {item!r} is not one of {LOOP_PLACEMENTS}, with an optional :N")
-            placements.append((where, int(interval or 1)))
-        speed = SpeedConfig(repeats=args.repeats, mean_gap_s=args.gap_ms / 1e3, placements=tuple(placements))
+        try:
+            placements = tuple(parse_placement(item) for item in args.placements.split(","))
+        except ValueError as error:
+            parser.error(f"--placements: {error}")
+        speed = SpeedConfig(
+            repeats=args.repeats, mean_gap_s=args.gap_ms / 1e3, placements=placements, ingress=args.ingress
+        )
         speed = replace(speed, **_shared_overrides(args))
         result = served_speed(speed)
         result["table"] = speed_table(result)
-        print(result["table"], flush=True)
+        result["cpu_table"] = cpu_table(result)
+        print(result["table"], result["cpu_table"], sep="\n\n", flush=True)
         path = Path(args.out) if args.out else RESULTS / "served-speed.json"
         path.write_text(json.dumps(result, indent=1))
         log(f"wrote {path}")
@@ -275,6 +284,21 @@ def main(argv: list[str] | None = None) -> None:
         report = run(replace(config, **_shared_overrides(args)))
     report = write_report(report, out)
     log(f"wrote {out}.json, {out}.md and {out}/*.png in {report['elapsed_s'] / 60:.1f} min")
+
+
+def parse_placement(item: str) -> Placement:
+    """`LOOP[:N][:nostream]`: an engine.loop placement, its server.stream_interval N (default 1), and
+    `nostream` for non-streaming requests."""
+    where, *options = item.split(":")
+    intervals = [int(option) for option in options if option.isdigit() and int(option) >= 1]
+    is_streamed = "nostream" not in options
+    if (
+        where not in LOOP_PLACEMENTS
+        or len(intervals) + (not is_streamed) != len(options)
+        or len(intervals) > 1
+    ):
+        raise ValueError(f"{item!r} is not one of {LOOP_PLACEMENTS}, with an optional :N and :nostream")
+    return where, intervals[0] if intervals else 1, is_streamed
 
 
 def _shared_overrides(args: argparse.Namespace) -> dict[str, Any]:

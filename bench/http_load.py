@@ -1,4 +1,5 @@
-"""One load phase over HTTP: concurrent OpenAI clients streaming completions, and what they measured.
+"""One load phase over HTTP: concurrent OpenAI clients asking for completions (streamed unless told
+otherwise), and what they measured.
 
 `run_phase` drives a server with the workload prompt sets (bench/prompts) and returns throughput, TTFT,
 TPOT and latency percentiles plus the increase of the server's counters (/metrics) over the phase.
@@ -65,21 +66,30 @@ async def one_request(
     max_tokens: int,
     model: str,
     extra_body: dict[str, Any] | None = None,
+    stream: bool = True,
 ) -> RequestResult:
-    """One streamed completion. `mode` goes in `num_spec_tokens` (an empty mode sends no such field)."""
+    """One completion, streamed (or, `stream=False`, answered in one response: its TTFT is its latency).
+    `mode` goes in `num_spec_tokens` (an empty mode sends no such field)."""
     body: dict[str, Any] = {
         "model": model,
         "prompt": prompt,
         "max_tokens": max_tokens,
         "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
+        "stream": stream,
         "ignore_eos": True,
     }
+    if stream:
+        body["stream_options"] = {"include_usage": True}
     if mode:
         body["num_spec_tokens"] = int(mode) if mode.isdigit() else mode
     body.update(extra_body or {})
     start = time.perf_counter()
+    if not stream:
+        response = await client.post(f"{url}/v1/completions", json=body)
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {response.content[:200]!r}")
+        latency = time.perf_counter() - start
+        return RequestResult(latency, latency, response.json()["usage"]["completion_tokens"])
     first: float | None = None
     num_tokens = 0
     async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
@@ -133,6 +143,7 @@ async def run_phase(
     extra_body: dict[str, Any] | None = None,
     metrics_prefix: str = "moespec:",
     mean_gap_s: float = 0.05,
+    stream: bool = True,
 ) -> PhaseResult:
     """One phase; `label` names it in the result (default: `mode`), `extra_body` joins every request's body.
 
@@ -142,6 +153,7 @@ async def run_phase(
 
     Another OpenAI server (no `num_spec_tokens`, no moespec metrics): mode="", label="...", and
     metrics_prefix="vllm:" to read its speculative-decoding counters, which carry the same names.
+    `stream=False` sends non-streaming requests (one response each, the `openai` client's default).
     """
     rng = random.Random(seed)
     queue = list(prompts[:num_requests])
@@ -156,7 +168,8 @@ async def run_phase(
             if mean_gap_s > 0:
                 await asyncio.sleep(rng.expovariate(1 / mean_gap_s))  # Poisson arrivals, per client
             try:
-                results.append(await one_request(client, url, prompt, mode, max_tokens, model, extra_body))
+                result = await one_request(client, url, prompt, mode, max_tokens, model, extra_body, stream)
+                results.append(result)
             except Exception as error:  # noqa: BLE001 (counted and reported, the run goes on)
                 errors += 1
                 print(f"    error: {error}", flush=True)

@@ -51,6 +51,8 @@ class ProcessCpu:
             return "other"
         if words[0].startswith("ray::"):  # an actor's title: ray::ServeReplica:app:Router[.method]
             return words[0][5:].split(".")[0].split(":")[-1]
+        if words[0].endswith("haproxy"):  # Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY)
+            return "HAProxy"
         for known in ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "agent"):
             if any(known in word for word in words[:3]):
                 return "Ray " + known.removesuffix(".py")

@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -21,6 +22,9 @@ from typing import Any
 from bench import http_load, load
 from bench.launches import REPO
 from bench.peers import log
+from bench.process_cpu import ProcessCpu
+
+Placement = tuple[str, int, bool]  # (engine.loop, server.stream_interval, whether the requests stream)
 
 
 @dataclass(frozen=True)
@@ -37,10 +41,16 @@ class SpeedConfig:
     mean_gap_s: float = 0.0
     repeats: int = 3  # rounds; each round runs every placement, offline and transformers at every batch size
     workload: str = "mixed"
-    # Served variants: (engine.loop, server.stream_interval). router = the loop in the Router, the target in
-    # its own host actor (one call between processes per iteration); beside_target = the loop and the target
-    # in the Router's process; target_host = the loop in the target's host actor, the Router apart.
-    placements: tuple[tuple[str, int], ...] = (("router", 1), ("beside_target", 1), ("target_host", 1))
+    # Served variants: (engine.loop, server.stream_interval, streamed requests). router = the loop in the
+    # Router, the target in its own host actor (one call between processes per iteration); beside_target =
+    # the loop and the target in the Router's process; target_host = the loop in the target's host actor, the
+    # Router apart. Not streamed: each request is answered in one response (the `openai` client's default).
+    ingress: str = "proxy"  # Serve's HTTP ingress (cluster.cli.INGRESS_ENV): proxy or haproxy
+    placements: tuple[Placement, ...] = (
+        ("router", 1, True),
+        ("beside_target", 1, True),
+        ("target_host", 1, True),
+    )
 
 
 @dataclass(frozen=True)
@@ -136,6 +146,8 @@ def served_row(phase: http_load.PhaseResult) -> dict[str, float]:
         "verify_ms": verify_s / iterations * 1e3,
         "outside_ms": outside_s / iterations * 1e3,
         "num_errors": float(phase.num_errors),
+        # CPU ms per engine iteration by process role ("load generator": the benchmark's client)
+        **{f"cpu_ms:{role}": ms for role, ms in phase.cpu_ms_per_iteration.items()},
     }
 
 
@@ -146,8 +158,13 @@ def served_speed(config: SpeedConfig) -> dict[str, Any]:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from cluster.cli import INGRESS_ENV
     from cluster.config import AppConfig, resolve_model_path
     from workers.tokenizer import Tokenizer
+
+    if INGRESS_ENV[config.ingress] and "ray.serve" in sys.modules:
+        raise RuntimeError("--ingress must be set before Ray Serve is imported (Serve reads it at import)")
+    os.environ.update(INGRESS_ENV[config.ingress])  # before `deploy` starts Ray: its processes read it too
 
     args = load.load_serve_config_args(REPO / config.serve_config)
     app = AppConfig.from_args(args)
@@ -161,27 +178,35 @@ def served_speed(config: SpeedConfig) -> dict[str, Any]:
     hf_model = AutoModelForCausalLM.from_pretrained(target, dtype=getattr(torch, app.model.dtype)).eval()
     offline_generate(app, ids[:2], 4)  # warm-up
     transformers_generate(hf_model, hf_tokenizer, texts[:2], 4)
-    name, port = app.model.served_name, None
+    name, port, deployed = app.model.served_name, None, None
+    cpu = (
+        ProcessCpu()
+    )  # the served app's processes (Router, EngineHost, Serve's proxy) and the client (this one)
     rows: list[dict[str, Any]] = []
     load_average = [os.getloadavg()[0]]
     for round_index in range(config.repeats):
-        served: dict[tuple[tuple[str, int], int], http_load.PhaseResult] = {}
+        served: dict[tuple[Placement, int], http_load.PhaseResult] = {}
         for placement in config.placements:
             placed = json.loads(json.dumps(args))
             placed.setdefault("engine", {})["loop"] = placement[0]
             placed.setdefault("server", {})["stream_interval"] = placement[1]
-            url = deploy(placed, port)
-            port = int(url.rsplit(":", 1)[1])
-            warm_up = http_load.run_phase(url, texts, "off", 2, 2, config.max_tokens, name, seed=0)
-            asyncio.run(warm_up)
+            if placed != deployed:  # placements that differ only in streaming share a deployment
+                url = deploy(placed, port)
+                port, deployed = int(url.rsplit(":", 1)[1]), placed
+                warm_up = http_load.run_phase(url, texts, "off", 2, 2, config.max_tokens, name, seed=0)
+                asyncio.run(warm_up)
             for batch in config.concurrencies:
                 log(f"round {round_index}, {placement_name(placement)}, batch {batch}")
                 prompts = [texts[i % len(texts)] for i in range(batch * config.requests_per_client)]
                 phase = http_load.run_phase(
                     url, prompts, "off", batch, len(prompts), config.max_tokens, name, seed=batch,
-                    mean_gap_s=config.mean_gap_s,
+                    mean_gap_s=config.mean_gap_s, stream=placement[2],
                 )  # fmt: skip
-                served[placement, batch] = asyncio.run(phase)
+                cpu_before = cpu.snapshot()
+                result = asyncio.run(phase)
+                iterations = result.metrics.get("iterations_total", 0.0)
+                result.cpu_ms_per_iteration = cpu.per_iteration_ms(cpu_before, cpu.snapshot(), iterations)
+                served[placement, batch] = result
         for batch in config.concurrencies:
             log(f"round {round_index}, offline, batch {batch}")
             offline = offline_generate(app, ids[:batch], config.max_tokens)
@@ -193,6 +218,7 @@ def served_speed(config: SpeedConfig) -> dict[str, Any]:
                         "batch": batch,
                         "loop": placement[0],
                         "stream_interval": placement[1],
+                        "stream": placement[2],
                         **served_row(served[placement, batch]),
                         "offline": offline.throughput,
                         "offline_iteration_ms": offline.iteration_ms,
@@ -201,7 +227,10 @@ def served_speed(config: SpeedConfig) -> dict[str, Any]:
                     }
                 )
         load_average.append(os.getloadavg()[0])
-    return {"config": asdict(config), "rows": rows, "load_average_1m": load_average}
+    serve_env = {
+        k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")
+    }  # e.g. the HAProxy ingress
+    return {"config": asdict(config), "rows": rows, "load_average_1m": load_average, "serve_env": serve_env}
 
 
 def speed_table(result: dict[str, Any]) -> str:
@@ -214,21 +243,54 @@ def speed_table(result: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
-    def key(row: dict[str, Any]) -> tuple[tuple[str, int], int]:
-        return (row["loop"], row.get("stream_interval", 1)), row["batch"]
-
-    for placement, batch in sorted({key(r) for r in result["rows"]}):
-        rows = [r for r in result["rows"] if key(r) == (placement, batch)]
+    for placement, batch in sorted({_key(r) for r in result["rows"]}):
+        rows = [r for r in result["rows"] if _key(r) == (placement, batch)]
         lines.append(f"| {placement_name(placement)} | {batch} | " + " | ".join(_cells(rows)) + " |")
     return "\n".join(lines)
+
+
+CPU_COLUMNS = ("Router", "ProxyActor", "HAProxy", "load generator", "EngineHost", "DrafterHost")
+
+
+def cpu_table(result: dict[str, Any]) -> str:
+    """CPU ms per engine iteration of the serving path's processes during the served phases (medians over
+    rounds); "other": Ray's daemons, Serve's controller, the policy actor."""
+    if not any(k.startswith("cpu_ms:") for r in result["rows"] for k in r):
+        return ""
+    lines = [
+        "| target | batch | " + " | ".join(CPU_COLUMNS) + " | other | decode iteration ms |",
+        "|---|---:|" + "---:|" * (len(CPU_COLUMNS) + 2),
+    ]
+
+    def other(row: dict[str, Any]) -> float:
+        roles = {f"cpu_ms:{role}" for role in CPU_COLUMNS}
+        return sum(v for k, v in row.items() if k.startswith("cpu_ms:") and k not in roles)
+
+    for placement, batch in sorted({_key(r) for r in result["rows"]}):
+        rows = [r for r in result["rows"] if _key(r) == (placement, batch)]
+        cells = [
+            f"{statistics.median(r.get(f'cpu_ms:{role}', 0.0) for r in rows):.1f}" for role in CPU_COLUMNS
+        ]
+        cells += [
+            f"{statistics.median(other(r) for r in rows):.1f}",
+            f"{statistics.median(r['iteration_ms'] for r in rows):.1f}",
+        ]
+        lines.append(f"| {placement_name(placement)} | {batch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _key(row: dict[str, Any]) -> tuple[Placement, int]:
+    return (row["loop"], row.get("stream_interval", 1), row.get("stream", True)), row["batch"]
 
 
 PLACEMENT_NAMES = {"router": "host actor", "beside_target": "router process", "target_host": "loop in host"}
 
 
-def placement_name(placement: tuple[str, int]) -> str:
-    loop, stream_interval = placement
+def placement_name(placement: Placement) -> str:
+    loop, stream_interval, stream = placement
     name = PLACEMENT_NAMES[loop]
+    if not stream:
+        name = f"{name}, not streamed"
     return name if stream_interval == 1 else f"{name}, stream interval {stream_interval}"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -23,6 +24,14 @@ import yaml
 from cluster.config import REPO_ROOT
 
 DEFAULT_CONFIG = REPO_ROOT / "cluster" / "configs" / "demo-cpu.yaml"
+# Serve's HTTP ingress, chosen by the environment of the Ray processes (set before Ray starts). proxy: Serve's
+# Python proxy actor relays every request and every streamed chunk to a Router replica through Ray. haproxy:
+# HAProxy forwards HTTP straight to each Router replica's own HTTP server (direct ingress), with Serve's
+# throughput-optimized settings; a feature flag of Ray Serve >= 2.55 on Linux (ray[serve] installs HAProxy).
+INGRESS_ENV: dict[str, dict[str, str]] = {
+    "proxy": {},
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+}
 
 
 def load_serve_config(path: Path) -> dict[str, Any]:
@@ -48,6 +57,13 @@ def wait_healthy(url: str, timeout_s: float) -> None:
 
 
 def serve_command(args: argparse.Namespace) -> int:
+    if args.address and INGRESS_ENV[args.ingress]:
+        raise SystemExit(
+            f"--ingress {args.ingress} sets the environment of a Ray instance this command starts; on an "
+            f"existing cluster set {' '.join(f'{k}={v}' for k, v in INGRESS_ENV[args.ingress].items())} "
+            "where its nodes start (ray start, or the RayService's container env)"
+        )
+    os.environ.update(INGRESS_ENV[args.ingress])  # before Ray is imported: Serve reads it at import
     import ray
     from ray import serve
 
@@ -137,6 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=4,
         help="logical CPUs of a local Ray instance (more than cores is fine)",
+    )
+    serve_parser.add_argument(
+        "--ingress",
+        choices=sorted(INGRESS_ENV),
+        default="proxy",
+        help="Serve's HTTP ingress: its Python proxy actor, or HAProxy straight to the Router replicas "
+        "(a Ray Serve feature flag; see the README)",
     )
     serve_parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for health")
     serve_parser.add_argument(

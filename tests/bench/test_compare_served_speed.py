@@ -4,12 +4,15 @@ iteration (no server needed)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
+import httpx
 import pytest
 
 from bench import http_load
-from bench.served_speed import served_row, speed_table
+from bench.compare import parse_placement
+from bench.served_speed import cpu_table, served_row, speed_table
 
 
 def _run_phase_with_fake_server(monkeypatch: pytest.MonkeyPatch, mean_gap_s: float) -> tuple[int, int]:
@@ -91,3 +94,49 @@ def test_the_table_gives_medians_and_ratio_ranges_per_placement_and_batch() -> N
     assert table[2].startswith(
         "| router process | 4 | 4.0 | 90.0 | 100.0 | 50.0 | 0.90 (0.80-1.20) | 1.80 (1.60-2.40)"
     )
+
+
+def test_placements_take_a_stream_interval_and_nostream() -> None:
+    assert parse_placement("target_host") == ("target_host", 1, True)
+    assert parse_placement("target_host:4") == ("target_host", 4, True)
+    assert parse_placement("target_host:4:nostream") == ("target_host", 4, False)
+    assert parse_placement("beside_target:nostream") == ("beside_target", 1, False)
+    for bad in ("nowhere", "target_host:0", "target_host:fast", "target_host:2:4"):
+        with pytest.raises(ValueError, match="is not one of"):
+            parse_placement(bad)
+
+
+def test_a_non_streaming_request_asks_for_one_response_and_counts_its_tokens() -> None:
+    bodies: list[dict[str, Any]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        return httpx.Response(200, json={"choices": [{"text": "abc"}], "usage": {"completion_tokens": 7}})
+
+    async def one() -> http_load.RequestResult:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            return await http_load.one_request(client, "http://x", "p", "off", 7, "m", stream=False)
+
+    result = asyncio.run(one())
+    assert result.num_tokens == 7 and result.ttft_s == result.latency_s > 0
+    assert bodies[0]["stream"] is False and "stream_options" not in bodies[0]
+    assert bodies[0]["num_spec_tokens"] == "off"
+
+
+def test_the_cpu_table_gives_the_serving_roles_median_cpu_per_iteration_and_the_rest_as_other() -> None:
+    phases = [_phase({"iterations_total": 10}) for _ in range(2)]
+    for phase, router_ms in zip(phases, (20.0, 30.0), strict=True):
+        phase.cpu_ms_per_iteration = {
+            "Router": router_ms,
+            "ProxyActor": 10.0,
+            "Ray raylet": 1.0,
+            "SpecPolicy": 2.0,
+        }
+    rows = [
+        {"batch": 32, "loop": "target_host", "stream_interval": 1, "stream": False, **served_row(phase)}
+        for phase in phases
+    ]
+    table = cpu_table({"rows": rows}).splitlines()
+    assert table[0].startswith("| target | batch | Router | ProxyActor | HAProxy | load generator |")
+    assert table[0].endswith("| other | decode iteration ms |")
+    assert table[2] == "| loop in host, not streamed | 32 | 25.0 | 10.0 | 0.0 | 0.0 | 0.0 | 0.0 | 3.0 | 0.0 |"

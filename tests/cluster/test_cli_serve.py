@@ -1,6 +1,6 @@
 """The README's serve command end to end: `python -m cluster.cli serve` starts its own Ray, serves the demo
-config over HTTP, and SIGTERM (`kill`, `docker stop`) shuts it down cleanly instead of aborting in Ray's
-handler."""
+config over HTTP behind either ingress (Serve's proxy actor, or HAProxy straight to the Router), streamed and
+not, and SIGTERM (`kill`, `docker stop`) shuts it down cleanly instead of aborting in Ray's handler."""
 
 from __future__ import annotations
 
@@ -11,14 +11,18 @@ import sys
 import time
 import urllib.request
 
+import pytest
+
 from cluster.config import REPO_ROOT
 from tests.cluster.serving_app import free_port
 
 
-def test_serve_answers_a_completion_then_sigterm_shuts_it_down_cleanly() -> None:
+@pytest.mark.parametrize("ingress", ["proxy", "haproxy"])
+def test_serve_answers_a_completion_then_sigterm_shuts_it_down_cleanly(ingress: str) -> None:
     port = free_port()
+    command = ["serve", "--port", str(port), "--num-cpus", "4", "--ingress", ingress]
     process = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port), "--num-cpus", "4"],
+        [sys.executable, "-m", "cluster.cli", *command],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -41,6 +45,19 @@ def test_serve_answers_a_completion_then_sigterm_shuts_it_down_cleanly() -> None
         with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310 (loopback)
             completion = json.loads(response.read())
         assert completion["usage"]["completion_tokens"] == 8
+        # The same completion streamed token by token (the path the ingress relays chunk by chunk).
+        streamed = json.loads(body) | {"stream": True, "stream_options": {"include_usage": True}}
+        request = urllib.request.Request(
+            request.full_url, json.dumps(streamed).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310 (loopback)
+            events = [json.loads(line[6:]) for line in response.read().decode().splitlines()
+                      if line.startswith("data: {")]  # fmt: skip
+        assert (
+            "".join(e["choices"][0]["text"] for e in events if e["choices"])
+            == completion["choices"][0]["text"]
+        )
+        assert events[-1]["usage"]["completion_tokens"] == 8
 
         start = time.monotonic()
         process.send_signal(signal.SIGTERM)
@@ -55,3 +72,10 @@ def test_serve_answers_a_completion_then_sigterm_shuts_it_down_cleanly() -> None
     assert "[moespec] shutting down" in output
     assert "SIGTERM received" not in output  # Ray's abort handler did not run
     print(f"shut down in {time.monotonic() - start:.1f} s")
+
+
+def test_the_haproxy_ingress_is_refused_on_an_existing_cluster_naming_the_settings() -> None:
+    from cluster.cli import main
+
+    with pytest.raises(SystemExit, match="RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1"):
+        main(["serve", "--address", "auto", "--ingress", "haproxy"])
