@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from packaging.version import Version
 
 from cluster.config import REPO_ROOT
 
@@ -32,6 +33,8 @@ INGRESS_ENV: dict[str, dict[str, str]] = {
     "proxy": {},
     "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
 }
+
+HAPROXY_MIN_RAY = "2.55"
 
 
 def load_serve_config(path: Path) -> dict[str, Any]:
@@ -66,6 +69,12 @@ def serve_command(args: argparse.Namespace) -> int:
     os.environ.update(INGRESS_ENV[args.ingress])  # before Ray is imported: Serve reads it at import
     import ray
     from ray import serve
+
+    if INGRESS_ENV[args.ingress] and Version(ray.__version__) < Version(HAPROXY_MIN_RAY):
+        raise SystemExit(
+            f"--ingress {args.ingress} needs Ray >= {HAPROXY_MIN_RAY} (Serve's HAProxy ingress); this Ray is "
+            f"{ray.__version__}: use --ingress proxy or upgrade ray[serve]"
+        )
 
     from cluster.app import build_app
 

@@ -79,3 +79,17 @@ def test_the_haproxy_ingress_is_refused_on_an_existing_cluster_naming_the_settin
 
     with pytest.raises(SystemExit, match="RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1"):
         main(["serve", "--address", "auto", "--ingress", "haproxy"])
+
+
+def test_the_haproxy_ingress_is_refused_on_a_ray_without_it_naming_the_version(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ray
+
+    from cluster.cli import INGRESS_ENV, main
+
+    for name, value in INGRESS_ENV["haproxy"].items():
+        monkeypatch.setenv(name, value)  # serve sets them; monkeypatch restores the environment afterwards
+    monkeypatch.setattr(ray, "__version__", "2.50.0")
+    with pytest.raises(SystemExit, match=r"needs Ray >= 2\.55 .*this Ray is 2\.50\.0"):
+        main(["serve", "--ingress", "haproxy"])
