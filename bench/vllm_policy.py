@@ -180,7 +180,13 @@ def _count_lines(path: Path | None) -> int:
 
 def scheduler_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
     """What the scheduler did over these steps (its `StepRecord`s): how often it drafted, how much, what was
-    accepted, the guard's verdicts, and step times with and without drafting."""
+    accepted, the guard's verdicts, and where the time went.
+
+    Step times are split by what the target's forward held, not by whether the drafter ran after it: a step
+    whose drafter was off still verifies the drafts of the step before (session 7 labelled those "plain").
+    Steps with prefill tokens (new requests) are apart: they cost several decode steps each. The hooks'
+    times (the chooser's choose and observe) and the engine core's time between steps are in the record
+    from session 8 on (older records give None)."""
     decode = [s for s in steps if s["num_drafts"]]  # steps with decoding requests
     num_drafts = sum(sum(s["num_drafts"].values()) for s in decode)
     num_accepted = sum(sum(s["num_accepted"].values()) for s in decode)
@@ -189,9 +195,20 @@ def scheduler_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
     for s in decode:
         for k in s["num_drafts"].values():
             k_histogram[k] = k_histogram.get(k, 0) + 1
+    has_detail = bool(steps) and "num_prefill_tokens" in steps[0]
+    prefill = [s for s in steps if s.get("num_prefill_tokens", 0) > 0]
+    pure = [s for s in decode if not s.get("num_prefill_tokens", 0)]  # decode only
+    verifying = [s for s in pure if any(s["num_drafts"].values())]
+    not_verifying = [s for s in pure if not any(s["num_drafts"].values())]
 
     def median_ms(values: list[float]) -> float | None:
         return round(1e3 * sorted(values)[len(values) // 2], 2) if values else None
+
+    def detail(key: str) -> float | None:
+        return median_ms([s[key] for s in steps]) if has_detail else None
+
+    def total_s(selected: list[dict[str, Any]], key: str = "step_time_s") -> float:
+        return round(sum(s[key] for s in selected), 3)
 
     return {
         "num_steps": len(steps),
@@ -200,8 +217,20 @@ def scheduler_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
         "num_spec_tokens_histogram": {str(k): v for k, v in sorted(k_histogram.items())},
         "acceptance": num_accepted / num_drafts if num_drafts else None,
         "guard_holds": (steps[-1]["guard_holds"] - steps[0]["guard_holds"]) if steps else 0,
-        "step_ms_p50_drafting": median_ms([s["step_time_s"] for s in steps if s["num_draft_steps"] > 0]),
-        "step_ms_p50_plain": median_ms([s["step_time_s"] for s in steps if s["num_draft_steps"] == 0]),
+        "mean_batch": request_steps / len(decode) if decode else 0.0,
+        # Decode-only steps (no prefill tokens; all steps in older records), by whether they verified drafts.
+        "step_ms_p50_verifying": median_ms([s["step_time_s"] for s in verifying]),
+        "step_ms_p50_not_verifying": median_ms([s["step_time_s"] for s in not_verifying]),
+        "draft_ms_p50": median_ms(
+            [s["draft_time_s"] for s in steps if s["num_draft_steps"] and s["draft_time_s"]]
+        ),
+        "steps_s": total_s(steps),
+        "prefill_steps": len(prefill) if has_detail else None,
+        "prefill_steps_s": total_s(prefill) if has_detail else None,
+        "gap_s": total_s(steps, "gap_s") if has_detail else None,
+        "choose_ms_p50": detail("choose_s"),
+        "observe_ms_p50": detail("observe_s"),
+        "gap_ms_p50": detail("gap_s"),
     }
 
 
