@@ -40,11 +40,22 @@ RAW = REPO / "bench" / "results" / "raw" / "vllm_policy"
 SCHEDULER_CLS = "cluster.vllm_backend.scheduler.PolicyScheduler"
 WORKER_CLS = "cluster.vllm_backend.runner.CatchUpWorker"
 MAX_SPEC_TOKENS = 4
-CLIENT = (
-    "import sys; from vllm.benchmarks.serve import add_cli_args, main; "
-    "from vllm.utils.argparse_utils import FlexibleArgumentParser; "
-    "p = FlexibleArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))"
-)
+# The client: `vllm bench serve`'s main, once per cell, all cells of one server in one process (its start,
+# importing vLLM and loading the tokenizer, took about 30 s of each cell's 50 s at concurrency 1). Each cell's
+# wall-clock span and 1-minute load average are appended to the file named by the second argument.
+CLIENT = """
+import json, os, sys, time
+from vllm.benchmarks.serve import add_cli_args, main
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+with open(sys.argv[1]) as cells, open(sys.argv[2], "a", buffering=1) as spans:
+    for argv in json.load(cells):
+        parser = FlexibleArgumentParser()
+        add_cli_args(parser)
+        started, load = time.time(), os.getloadavg()[0]
+        main(parser.parse_args(argv))
+        span = {"started": started, "ended": time.time(), "load_1min": [load, os.getloadavg()[0]]}
+        spans.write(json.dumps(span) + "\\n")
+"""
 
 
 @dataclass(frozen=True)
@@ -69,12 +80,9 @@ class PolicySettings(VllmSettings):
         return command
 
 
-def run_client(
-    python: Path, url: str, workload: str, concurrency: int, args: argparse.Namespace
-) -> dict[str, Any]:
-    out = RAW / f"{workload}-c{concurrency}-{int(time.time())}.json"
-    command = [
-        str(python), "-c", CLIENT,
+def client_argv(url: str, workload: str, concurrency: int, args: argparse.Namespace, out: Path) -> list[str]:
+    """`vllm bench serve`'s arguments for one cell; its result is saved to `out`."""
+    return [
         "--backend", "vllm", "--base-url", url, "--endpoint", "/v1/completions",
         "--model", args.served_name, "--tokenizer", str(args.target),
         "--dataset-name", "custom", "--dataset-path", str(PROMPTS / f"{workload}.jsonl"),
@@ -85,10 +93,23 @@ def run_client(
         "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99",
         "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name,
     ]  # fmt: skip
+
+
+def run_clients(python: Path, cells: list[list[str]], outs: list[Path]) -> list[dict[str, Any]]:
+    """Runs the cells (client arguments) in one client process; per cell its result and span (started, ended:
+    wall clock; load_1min at start and end). A failed client's finished cells are returned (and logged)."""
+    stamp = int(time.time())
+    cells_path, spans_path = RAW / f"cells-{stamp}.json", RAW / f"spans-{stamp}.jsonl"
+    cells_path.write_text(json.dumps(cells))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *_dist_stand_in(python)])}
+    command = [str(python), "-c", CLIENT, str(cells_path), str(spans_path)]
     with (RAW / "client.log").open("ab") as log_file:
-        subprocess.run(command, check=True, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    return dict(json.loads(out.read_text()))
+        done = subprocess.run(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    spans = [json.loads(line) for line in spans_path.read_text().splitlines()] if spans_path.exists() else []
+    results = [{**json.loads(out.read_text()), "span": span} for out, span in zip(outs, spans, strict=False)]
+    if done.returncode != 0:
+        log(f"the client failed after {len(results)} of {len(cells)} cells (see {RAW / 'client.log'})")
+    return results
 
 
 def _dist_stand_in(python: Path) -> list[str]:
@@ -112,7 +133,8 @@ def _dist_stand_in(python: Path) -> list[str]:
     return [str(root)]
 
 
-def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
+def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of every cell run, and the cells whose client failed (each mode still runs)."""
     python = Path(args.python)
     base = PolicySettings(
         target=args.target,
@@ -124,7 +146,8 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         cache_root=RAW / "vllm-cache",
         is_eager=args.eager,
     )
-    rows = []
+    rows: list[dict[str, Any]] = []
+    missing: list[str] = []
     for mode in args.modes:
         policy = {"auto": "auto", "k0": "off"}.get(mode, "static" if mode.startswith("ours") else "")
         ours_k = int(mode.removeprefix("ours")) if policy == "static" else None
@@ -133,49 +156,46 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             **{**base.__dict__, "policy": policy, "policy_num_spec_tokens": ours_k, "record_path": record}
         )
         num_spec = 0 if mode == "off" else MAX_SPEC_TOKENS if policy else int(mode)
+        plan = [
+            (round_index, workload, concurrency)
+            for round_index in range(args.rounds)
+            for workload in args.workloads
+            for concurrency in args.concurrency
+        ]
         with VllmServer(python, settings, num_spec, args.port, RAW / f"server-{mode}.log") as url:
-            for round_index in range(args.rounds):
-                for workload in args.workloads:
-                    for concurrency in args.concurrency:
-                        row = {"mode": mode, "workload": workload, "concurrency": concurrency}
-                        row |= {"round": round_index} if args.rounds > 1 else {}
-                        row |= run_cell(python, url, workload, concurrency, args, record)
-                        log(json.dumps(row))
-                        rows.append(row)
-                        with (RAW / "rows.jsonl").open("a") as partial:  # kept if a later launch fails
-                            partial.write(json.dumps(row) + "\n")
-    return rows
+            outs = [RAW / f"{mode}-{w}-c{c}-r{r}-{int(time.time())}.json" for r, w, c in plan]
+            cells = [client_argv(url, w, c, args, out) for (_, w, c), out in zip(plan, outs, strict=True)]
+            results = run_clients(python, cells, outs)
+        for (round_index, workload, concurrency), result in zip(plan, results, strict=False):
+            row = {"mode": mode, "workload": workload, "concurrency": concurrency}
+            row |= {"round": round_index} if args.rounds > 1 else {}
+            row |= cell_row(result, record)
+            log(json.dumps(row))
+            rows.append(row)
+            with (RAW / "rows.jsonl").open("a") as partial:  # kept if a later launch fails
+                partial.write(json.dumps(row) + "\n")
+        missing += [f"{mode} {w} c{c} round {r}" for r, w, c in plan[len(results) :]]
+    return rows, missing
 
 
-def run_cell(
-    python: Path,
-    url: str,
-    workload: str,
-    concurrency: int,
-    args: argparse.Namespace,
-    record: Path | None,
-) -> dict[str, Any]:
+def cell_row(result: dict[str, Any], record: Path | None) -> dict[str, Any]:
     """One client run: throughput, TPOT, when and at what load (1-minute load average at start and end), and
-    with our scheduler, what it did meanwhile (its step record's new lines)."""
-    num_records = _count_lines(record)
-    started, load_start = time.strftime("%H:%M:%S"), os.getloadavg()[0]
-    result = run_client(python, url, workload, concurrency, args)
+    with our scheduler, what it did meanwhile (its step record's steps that started within the run)."""
+    span = result["span"]
     row: dict[str, Any] = {
         "output_throughput": result["output_throughput"],
         "tpot_p50_ms": result["median_tpot_ms"],
         "tpot_p99_ms": result["p99_tpot_ms"],
-        "started": started,
-        "ended": time.strftime("%H:%M:%S"),
-        "load_1min": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+        "started": time.strftime("%H:%M:%S", time.localtime(span["started"])),
+        "ended": time.strftime("%H:%M:%S", time.localtime(span["ended"])),
+        "load_1min": [round(load, 2) for load in span["load_1min"]],
     }
-    if record is not None:
-        lines = record.read_text().splitlines()[num_records:]
-        row["scheduler"] = scheduler_summary([json.loads(line) for line in lines])
+    if record is not None and record.exists():
+        steps = [json.loads(line) for line in record.read_text().splitlines()]
+        row["scheduler"] = scheduler_summary(
+            [s for s in steps if span["started"] <= s["start_s"] <= span["ended"]]
+        )
     return row
-
-
-def _count_lines(path: Path | None) -> int:
-    return len(path.read_text().splitlines()) if path is not None and path.exists() else 0
 
 
 def scheduler_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
@@ -334,9 +354,12 @@ def main() -> None:
         rows = measure_catch_up(args, args.concurrency, args.repeats)
         args.out.write_text(json.dumps({"args": _recorded(args), "rows": rows}, indent=1))
         return
-    rows = measure(args)
-    args.out.write_text(json.dumps({"args": _recorded(args), "rows": rows}, indent=1))
+    rows, missing = measure(args)
+    result: dict[str, Any] = {"args": _recorded(args), "rows": rows}
+    args.out.write_text(json.dumps(result | ({"missing": missing} if missing else {}), indent=1))
     print(table(rows))
+    if missing:
+        sys.exit(f"cells not measured (the client failed; see {RAW / 'client.log'}): {', '.join(missing)}")
 
 
 if __name__ == "__main__":
