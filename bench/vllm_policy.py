@@ -80,14 +80,22 @@ class PolicySettings(VllmSettings):
         return command
 
 
-def client_argv(url: str, workload: str, concurrency: int, args: argparse.Namespace, out: Path) -> list[str]:
+def client_argv(
+    url: str,
+    workload: str,
+    concurrency: int,
+    args: argparse.Namespace,
+    out: Path,
+    num_prompts: int | None = None,
+) -> list[str]:
     """`vllm bench serve`'s arguments for one cell; its result is saved to `out`."""
+    num_prompts = num_prompts or max(args.min_prompts, args.requests_per_slot * concurrency)
     return [
         "--backend", "vllm", "--base-url", url, "--endpoint", "/v1/completions",
         "--model", args.served_name, "--tokenizer", str(args.target),
         "--dataset-name", "custom", "--dataset-path", str(PROMPTS / f"{workload}.jsonl"),
         "--custom-output-len", str(args.max_tokens), "--skip-chat-template",
-        "--num-prompts", str(max(args.min_prompts, args.requests_per_slot * concurrency)),
+        "--num-prompts", str(num_prompts),
         "--max-concurrency", str(concurrency), "--request-rate", "inf",
         "--temperature", "0", "--ignore-eos", "--seed", "0",
         "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99",
@@ -165,7 +173,14 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
         with VllmServer(python, settings, num_spec, args.port, RAW / f"server-{mode}.log") as url:
             outs = [RAW / f"{mode}-{w}-c{c}-r{r}-{int(time.time())}.json" for r, w, c in plan]
             cells = [client_argv(url, w, c, args, out) for (_, w, c), out in zip(plan, outs, strict=True)]
+            if args.warmup_prompts:  # a first run on a fresh server measured 0.78x the next (session 8)
+                warmup = RAW / f"{mode}-warmup-{int(time.time())}.json"
+                top = max(args.concurrency)
+                cells.insert(0, client_argv(url, args.workloads[0], top, args, warmup, args.warmup_prompts))
+                outs.insert(0, warmup)
             results = run_clients(python, cells, outs)
+            if args.warmup_prompts and results:
+                log(f"{mode}: warm-up, {results.pop(0)['output_throughput']:.1f} tok/s (not a cell)")
         for (round_index, workload, concurrency), result in zip(plan, results, strict=False):
             row = {"mode": mode, "workload": workload, "concurrency": concurrency}
             row |= {"round": round_index} if args.rounds > 1 else {}
@@ -225,7 +240,7 @@ def scheduler_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
         return round(1e3 * sorted(values)[len(values) // 2], 2) if values else None
 
     def detail(key: str) -> float | None:
-        return median_ms([s[key] for s in steps]) if has_detail else None
+        return median_ms([s[key] for s in steps[1:]]) if has_detail and len(steps) > 1 else None
 
     def total_s(selected: list[dict[str, Any]], key: str = "step_time_s") -> float:
         return round(sum(s[key] for s in selected), 3)
@@ -247,7 +262,8 @@ def scheduler_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
         "steps_s": total_s(steps),
         "prefill_steps": len(prefill) if has_detail else None,
         "prefill_steps_s": total_s(prefill) if has_detail else None,
-        "gap_s": total_s(steps, "gap_s") if has_detail else None,
+        # The first step's gap holds the server's idle time before the run.
+        "gap_s": total_s(steps[1:], "gap_s") if has_detail else None,
         "choose_ms_p50": detail("choose_s"),
         "observe_ms_p50": detail("observe_s"),
         "gap_ms_p50": detail("gap_s"),
@@ -348,6 +364,12 @@ def main() -> None:
     parser.add_argument("--catch-up", action="store_true", help="measure the K = 0 catch-up pass offline")
     parser.add_argument("--repeats", type=int, default=3, help="--catch-up: runs of each batch per engine")
     parser.add_argument("--rounds", type=int, default=1, help="client runs of every cell per server launch")
+    parser.add_argument(
+        "--warmup-prompts",
+        type=int,
+        default=16,
+        help="a client run of this many prompts (first workload, top concurrency) before the cells; 0: none",
+    )
     args = parser.parse_args()
     RAW.mkdir(parents=True, exist_ok=True)
     if args.catch_up:

@@ -50,7 +50,8 @@ def test_summary_splits_steps_by_what_the_target_verified_and_prefilled() -> Non
     verifying step (session 7's summary called it plain). Steps with prefill tokens are counted apart."""
     detail = {"num_prefill_tokens": 0, "choose_s": 0.001, "observe_s": 0.002, "gap_s": 0.004}
     steps = [
-        {**_step(1, {}, {}), **detail, "num_prefill_tokens": 100, "step_time_s": 0.5},  # new requests
+        # New requests, after the server sat idle for 30 s (not the engine core's time between steps).
+        {**_step(1, {}, {}), **detail, "num_prefill_tokens": 100, "step_time_s": 0.5, "gap_s": 30.0},
         {**_step(2, {"a": 0, "b": 0}, {"a": 0, "b": 0}), **detail, "num_draft_steps": 2},
         {**_step(3, {"a": 2, "b": 2}, {"a": 1, "b": 2}), **detail, "num_draft_steps": 0},
         {**_step(4, {"a": 0, "b": 0}, {"a": 0, "b": 0}), **detail, "num_draft_steps": 0},
@@ -61,7 +62,7 @@ def test_summary_splits_steps_by_what_the_target_verified_and_prefilled() -> Non
     assert summary["step_ms_p50_verifying"] == 50.0  # step 3 only: step 5 also prefilled
     assert summary["step_ms_p50_not_verifying"] == 20.0  # steps 2 and 4
     assert summary["prefill_steps"] == 2 and summary["prefill_steps_s"] == 0.55
-    assert summary["steps_s"] == 0.64 and summary["gap_s"] == 0.02
+    assert summary["steps_s"] == 0.64 and summary["gap_s"] == 0.016
     assert summary["mean_batch"] == 2.0
     assert (summary["choose_ms_p50"], summary["observe_ms_p50"], summary["gap_ms_p50"]) == (1.0, 2.0, 4.0)
 
