@@ -14,7 +14,7 @@ import pytest
 from bench.vllm_policy import CLIENT, PolicySettings, cell_row, offline_engine_args, scheduler_summary
 
 
-def _step(step: int, drafts: dict[str, int], accepted: dict[str, int], holds: int = 0) -> dict[str, object]:
+def _step(step: int, drafts: dict[str, int], accepted: dict[str, int], holds: int = 0) -> dict[str, Any]:
     return {
         "step": step,
         "num_drafts": drafts,
