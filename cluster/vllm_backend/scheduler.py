@@ -95,6 +95,13 @@ class StepRecord:
     step_time_s: float = 0.0  # schedule() to update_from_output()
     draft_time_s: float | None = None  # the drafter at the end of this step (None: not measured)
     guard_holds: int = 0  # the measured guard's verdicts against the chooser so far
+    num_scheduled: int = 0  # requests in the target's forward (decoding and prefilling)
+    num_tokens: int = 0  # tokens in the target's forward (prefill chunks, verified drafts, sampled positions)
+    num_prefill_tokens: int = 0  # of those, prefill tokens (requests not decoding this step)
+    choose_s: float = 0.0  # in the chooser's choose() (inside the step)
+    observe_s: float = 0.0  # in the chooser's observe() (after the step: between it and the next)
+    gap_s: float = 0.0  # from the end of the step before to this one's schedule(): the engine core outside
+    start_s: float = 0.0  # wall clock (time.time()) at schedule(), to align with a client's timeline
 
 
 @dataclass
@@ -140,6 +147,8 @@ class PolicyScheduler(Scheduler):
         self._requested: dict[str, int | None] = {}  # the per-request setting (None: the policy decides)
         self._chosen: dict[str, int] = {}  # K decided at the last schedule() for the drafts now held
         self._step_start = 0.0
+        self._step_end = 0.0  # perf_counter() after the last update_from_output()
+        self._choose_s = 0.0
         self._last_metrics_write = 0.0
         # What the drafter did at the end of the last step: its drafts are verified in this step.
         self._last_draft = DraftMeasurement(0.0, 0)
@@ -161,6 +170,7 @@ class PolicyScheduler(Scheduler):
 
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
         self._step_start = time.perf_counter()
+        self._choose_s = 0.0
         for request in self.running:  # cut each request's held drafts to its K
             limit = self._chosen.get(request.request_id, 0)
             if len(request.spec_token_ids) > limit:
@@ -169,7 +179,9 @@ class PolicyScheduler(Scheduler):
 
     def _update_after_schedule(self, scheduler_output: SchedulerOutput) -> None:
         if self.max_spec_tokens:
+            start = time.perf_counter()
             self._chosen = self._choose(self._drafting_ids(scheduler_output))
+            self._choose_s = time.perf_counter() - start
             scheduler_output.num_spec_tokens_to_schedule = max(self._chosen.values(), default=0)
         super()._update_after_schedule(scheduler_output)
 
@@ -241,23 +253,12 @@ class PolicyScheduler(Scheduler):
         draft: DraftMeasurement | None,
     ) -> None:
         """`draft`: the drafter at the end of this step, measured by our worker (None without it)."""
-        step_time_s = time.perf_counter() - self._step_start
+        now = time.perf_counter()
+        step_time_s = now - self._step_start
+        gap_s = self._step_start - self._step_end if self._step_end else 0.0
         counters = self.counters
         counters.num_steps += 1
         counters.num_drafting_steps += scheduler_output.num_spec_tokens_to_schedule > 0
-        if self.settings.is_recording or self._record_file is not None:
-            self._keep(
-                StepRecord(
-                    step=counters.num_steps,
-                    num_drafts={r.request_id: r.num_spec_tokens for r in requests},
-                    num_accepted={r.request_id: r.num_accepted_tokens for r in requests},
-                    chosen=dict(self._chosen),
-                    num_draft_steps=scheduler_output.num_spec_tokens_to_schedule,
-                    step_time_s=step_time_s,
-                    draft_time_s=None if draft is None else draft.time_s,
-                    guard_holds=getattr(self.chooser, "num_holds", 0),
-                )
-            )
         if draft is not None and not self._measures_draft:
             self._measures_draft = True
             logger.info(
@@ -274,7 +275,32 @@ class PolicyScheduler(Scheduler):
             counters.mean_num_spec_tokens = sum(r.num_spec_tokens for r in requests) / len(requests)
             counters.batch_size = len(requests)
             counters.step_time_s = step_time_s
+        observe_s = time.perf_counter() - now
+        if self.settings.is_recording or self._record_file is not None:
+            scheduled = scheduler_output.num_scheduled_tokens
+            num_tokens = sum(scheduled.values())
+            decoding = sum(scheduled.get(r.request_id, 0) for r in requests)
+            self._keep(
+                StepRecord(
+                    step=counters.num_steps,
+                    num_drafts={r.request_id: r.num_spec_tokens for r in requests},
+                    num_accepted={r.request_id: r.num_accepted_tokens for r in requests},
+                    chosen=dict(self._chosen),
+                    num_draft_steps=scheduler_output.num_spec_tokens_to_schedule,
+                    step_time_s=step_time_s,
+                    draft_time_s=None if draft is None else draft.time_s,
+                    guard_holds=getattr(self.chooser, "num_holds", 0),
+                    num_scheduled=len(scheduled),
+                    num_tokens=num_tokens,
+                    num_prefill_tokens=num_tokens - decoding,
+                    choose_s=self._choose_s,
+                    observe_s=observe_s,
+                    gap_s=gap_s,
+                    start_s=time.time() - (now - self._step_start),
+                )
+            )
         self._write_metrics()
+        self._step_end = time.perf_counter()
 
     def _keep(self, record: StepRecord) -> None:
         if self.settings.is_recording:

@@ -3,14 +3,18 @@ the scheduler's record counts what it did."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
-from bench.vllm_policy import PolicySettings, scheduler_summary
+import pytest
+
+from bench.vllm_policy import CLIENT, PolicySettings, cell_row, offline_engine_args, scheduler_summary
 
 
-def _step(step: int, drafts: dict[str, int], accepted: dict[str, int], holds: int = 0) -> dict[str, object]:
+def _step(step: int, drafts: dict[str, int], accepted: dict[str, int], holds: int = 0) -> dict[str, Any]:
     return {
         "step": step,
         "num_drafts": drafts,
@@ -37,7 +41,30 @@ def test_summary_counts_drafting_acceptance_and_holds() -> None:
     assert summary["mean_num_spec_tokens"] == 8 / 6
     assert summary["acceptance"] == 4 / 8
     assert summary["guard_holds"] == 1
-    assert summary["step_ms_p50_drafting"] == 50.0 and summary["step_ms_p50_plain"] == 20.0
+    assert summary["step_ms_p50_verifying"] == 50.0 and summary["step_ms_p50_not_verifying"] == 20.0
+    assert summary["prefill_steps"] is None and summary["choose_ms_p50"] is None  # an older record
+
+
+def test_summary_splits_steps_by_what_the_target_verified_and_prefilled() -> None:
+    """A step whose drafter is off (num_draft_steps 0) still verifies the drafts of the step before: it is a
+    verifying step (session 7's summary called it plain). Steps with prefill tokens are counted apart."""
+    detail = {"num_prefill_tokens": 0, "choose_s": 0.001, "observe_s": 0.002, "gap_s": 0.004}
+    steps = [
+        # New requests, after the server sat idle for 30 s (not the engine core's time between steps).
+        {**_step(1, {}, {}), **detail, "num_prefill_tokens": 100, "step_time_s": 0.5, "gap_s": 30.0},
+        {**_step(2, {"a": 0, "b": 0}, {"a": 0, "b": 0}), **detail, "num_draft_steps": 2},
+        {**_step(3, {"a": 2, "b": 2}, {"a": 1, "b": 2}), **detail, "num_draft_steps": 0},
+        {**_step(4, {"a": 0, "b": 0}, {"a": 0, "b": 0}), **detail, "num_draft_steps": 0},
+        {**_step(5, {"a": 1, "b": 1}, {"a": 1, "b": 0}), **detail, "num_prefill_tokens": 30},
+    ]
+    summary = scheduler_summary(steps)
+    assert summary["num_drafting_steps"] == 2  # steps 2 and 5
+    assert summary["step_ms_p50_verifying"] == 50.0  # step 3 only: step 5 also prefilled
+    assert summary["step_ms_p50_not_verifying"] == 20.0  # steps 2 and 4
+    assert summary["prefill_steps"] == 2 and summary["prefill_steps_s"] == 0.55
+    assert summary["steps_s"] == 0.64 and summary["gap_s"] == 0.016
+    assert summary["mean_batch"] == 2.0
+    assert (summary["choose_ms_p50"], summary["observe_ms_p50"], summary["gap_ms_p50"]) == (1.0, 2.0, 4.0)
 
 
 def _command(tmp_path: Path, **policy: Any) -> list[str]:
@@ -67,3 +94,107 @@ def test_ours_static_server_runs_our_scheduler_at_a_fixed_k(tmp_path: Path) -> N
     section = json.loads(command[command.index("--additional-config") + 1])["moespec"]
     assert section == {"policy": {"kind": "static", "num_spec_tokens": 2}}
     assert "--scheduler-cls" in command and "--worker-cls" in command
+
+
+def test_a_cell_summarises_the_record_steps_that_started_within_its_client_run(tmp_path: Path) -> None:
+    """All cells of a server run in one client process; each cell's steps are those whose wall-clock start
+    falls in its span (the steps of the cell before and after are not its own)."""
+    record = tmp_path / "record.jsonl"
+    steps = [{**_step(i, {"a": k}, {"a": k}), "start_s": 100.0 + i} for i, k in enumerate((4, 1, 1, 2, 4))]
+    record.write_text("".join(json.dumps(s) + "\n" for s in steps))
+    result = {"output_throughput": 10.0, "median_tpot_ms": 20.0, "p99_tpot_ms": 30.0}
+    span = {"started": 100.5, "ended": 103.5, "load_1min": [1.234, 2.0]}
+    row = cell_row({**result, "span": span}, record)
+    assert row["scheduler"]["num_steps"] == 3 and row["scheduler"]["num_spec_tokens_histogram"] == {
+        "1": 2,
+        "2": 1,
+    }
+    assert row["load_1min"] == [1.23, 2.0] and row["output_throughput"] == 10.0
+    assert "scheduler" not in cell_row({**result, "span": span}, None)  # vLLM's own server: no record
+
+
+def test_the_client_script_compiles() -> None:
+    compile(CLIENT, "<client>", "exec")
+
+
+def _fake_completions_server() -> tuple[str, Any]:
+    """An OpenAI completions endpoint streaming `max_tokens` chunks of one character each, as `vllm bench
+    serve` reads them; (base URL, stop function)."""
+    import asyncio
+    import threading
+
+    from aiohttp import web
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for _ in range(body["max_tokens"]):
+            await response.write(b'data: {"choices": [{"text": "a"}]}\n\n')
+        usage = {"completion_tokens": body["max_tokens"], "prompt_tokens": 5}
+        await response.write(f"data: {json.dumps({'usage': usage})}\n\ndata: [DONE]\n\n".encode())
+        return response
+
+    loop = asyncio.new_event_loop()
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = runner.addresses[0][1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+
+    return f"http://127.0.0.1:{port}", stop
+
+
+@pytest.mark.slow  # about 25-50 s: it imports vLLM
+def test_one_client_process_runs_every_cell_of_a_server(tmp_path: Path, monkeypatch: Any) -> None:
+    """`vllm bench serve`'s main, twice in one process, against a fake server: each cell's own result (its
+    prompts and concurrency) and span come back, in order."""
+    pytest.importorskip("vllm")
+    import bench.vllm_policy as vllm_policy
+
+    monkeypatch.setattr(vllm_policy, "RAW", tmp_path)
+    args = argparse.Namespace(
+        served_name="demo-moe",
+        target=vllm_policy.REPO / "models" / "demo-moe",
+        max_tokens=3,
+        min_prompts=2,
+        requests_per_slot=1,
+    )
+    url, stop = _fake_completions_server()
+    try:
+        outs = [tmp_path / "a.json", tmp_path / "b.json"]
+        cells = [
+            vllm_policy.client_argv(url, "code", c, args, out) for c, out in zip((1, 3), outs, strict=True)
+        ]
+        results = vllm_policy.run_clients(Path(sys.executable), cells, outs)
+    finally:
+        stop()
+    assert [(r["completed"], r["max_concurrency"], r["total_output_tokens"]) for r in results] == [
+        (2, 1, 6),
+        (3, 3, 9),
+    ]
+    assert results[0]["span"]["ended"] <= results[1]["span"]["started"]
+
+
+def test_offline_modes_build_each_engine() -> None:
+    common = {"model": "t"}
+    draft = Path("d")
+    assert offline_engine_args("off", common, draft) == common
+    assert offline_engine_args("2", common, draft)["speculative_config"]["num_speculative_tokens"] == 2
+    assert "scheduler_cls" not in offline_engine_args("2", common, draft)
+    ours = offline_engine_args("ours1@1", common, draft)
+    assert ours["speculative_config"]["num_speculative_tokens"] == 1
+    assert ours["additional_config"] == {"moespec": {"policy": {"kind": "static", "num_spec_tokens": 1}}}
+    assert "worker_cls" in ours and "worker_cls" in offline_engine_args("k0", common, draft)
+    assert "worker_cls" not in offline_engine_args("k0_vllm", common, draft)
+    assert offline_engine_args("ours3", common, draft)["speculative_config"]["num_speculative_tokens"] == 4
+    with pytest.raises(ValueError, match="offline mode 'oursx'"):
+        offline_engine_args("oursx", common, draft)

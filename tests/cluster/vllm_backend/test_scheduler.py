@@ -93,6 +93,14 @@ def test_greedy_output_unchanged_with_mixed_k(engines: tuple[Any, Any]) -> None:
         for r in mixed
     )
     assert sum(sum(r.num_accepted.values()) for r in record) > 0  # speculation did happen
+    # Where a step's time went, in the record: the prompts' tokens in the first steps, then K_r + 1 tokens
+    # per decoding request; the chooser's hooks timed; the time between steps.
+    total_prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    assert 0 < sum(r.num_prefill_tokens for r in record) <= total_prompt  # (less: prefix cache hits)
+    decode = [r for r in record if r.num_drafts and not r.num_prefill_tokens]
+    assert all(r.num_tokens >= sum(k + 1 for k in r.num_drafts.values()) for r in decode)
+    assert all(r.choose_s > 0 and r.observe_s > 0 and r.start_s > 0 for r in decode)
+    assert all(r.gap_s >= 0 for r in record) and any(r.gap_s > 0 for r in record)
 
 
 def test_per_request_settings_are_honoured(engines: tuple[Any, Any]) -> None:
