@@ -98,7 +98,7 @@ def client_argv(
         "--dataset-name", "custom", "--dataset-path", str(PROMPTS / f"{workload}.jsonl"),
         "--custom-output-len", str(args.max_tokens), "--skip-chat-template",
         "--num-prompts", str(num_prompts),
-        "--max-concurrency", str(concurrency), "--request-rate", "inf",
+        "--max-concurrency", str(concurrency), "--request-rate", str(args.request_rate),
         "--temperature", "0", "--ignore-eos", "--seed", "0",
         "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99",
         "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name,
@@ -264,6 +264,10 @@ def scheduler_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
         "steps_s": total_s(steps),
         "prefill_steps": len(prefill) if has_detail else None,
         "prefill_steps_s": total_s(prefill) if has_detail else None,
+        # How many new prompts' tokens a prefill step carried: few per step = prefills fragmented.
+        "prefill_tokens_per_step_p50": (
+            sorted(s["num_prefill_tokens"] for s in prefill)[len(prefill) // 2] if prefill else None
+        ),
         # The first step's gap holds the server's idle time before the run.
         "gap_s": total_s(steps[1:], "gap_s") if has_detail else None,
         "choose_ms_p50": detail("choose_s"),
@@ -382,6 +386,13 @@ def main() -> None:
         "--modes", type=lambda s: s.split(","), default=["off", "1", "2", "3", "4", "auto", "k0"]
     )
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--request-rate",
+        type=float,
+        default=float("inf"),
+        help="requests/s, Poisson arrivals (vllm bench serve's --request-rate, seed 0), each cell still capped "
+        "at its concurrency; inf (default): all at once, a closed loop of `concurrency` clients",
+    )
     parser.add_argument("--requests-per-slot", type=int, default=3)
     parser.add_argument("--min-prompts", type=int, default=8)
     parser.add_argument(

@@ -62,6 +62,7 @@ def test_summary_splits_steps_by_what_the_target_verified_and_prefilled() -> Non
     assert summary["step_ms_p50_verifying"] == 50.0  # step 3 only: step 5 also prefilled
     assert summary["step_ms_p50_not_verifying"] == 20.0  # steps 2 and 4
     assert summary["prefill_steps"] == 2 and summary["prefill_steps_s"] == 0.55
+    assert summary["prefill_tokens_per_step_p50"] == 100
     assert summary["steps_s"] == 0.64 and summary["gap_s"] == 0.016
     assert summary["mean_batch"] == 2.0
     assert (summary["choose_ms_p50"], summary["observe_ms_p50"], summary["gap_ms_p50"]) == (1.0, 2.0, 4.0)
@@ -156,7 +157,7 @@ def _fake_completions_server() -> tuple[str, Any]:
 @pytest.mark.slow  # about 25-50 s: it imports vLLM
 def test_one_client_process_runs_every_cell_of_a_server(tmp_path: Path, monkeypatch: Any) -> None:
     """`vllm bench serve`'s main, twice in one process, against a fake server: each cell's own result (its
-    prompts and concurrency) and span come back, in order."""
+    prompts, concurrency and request rate) and span come back, in order."""
     pytest.importorskip("vllm")
     import bench.vllm_policy as vllm_policy
 
@@ -167,6 +168,7 @@ def test_one_client_process_runs_every_cell_of_a_server(tmp_path: Path, monkeypa
         max_tokens=3,
         min_prompts=2,
         requests_per_slot=1,
+        request_rate=50.0,  # Poisson arrivals
     )
     url, stop = _fake_completions_server()
     try:
@@ -181,6 +183,7 @@ def test_one_client_process_runs_every_cell_of_a_server(tmp_path: Path, monkeypa
         (2, 1, 6),
         (3, 3, 9),
     ]
+    assert [r["request_rate"] for r in results] == [50.0, 50.0]
     assert results[0]["span"]["ended"] <= results[1]["span"]["started"]
 
 
