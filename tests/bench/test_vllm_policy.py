@@ -66,6 +66,11 @@ def test_summary_splits_steps_by_what_the_target_verified_and_prefilled() -> Non
     assert summary["steps_s"] == 0.64 and summary["gap_s"] == 0.016
     assert summary["mean_batch"] == 2.0
     assert (summary["choose_ms_p50"], summary["observe_ms_p50"], summary["gap_ms_p50"]) == (1.0, 2.0, 4.0)
+    # The drain: the trailing steps below the cell's full batch (2 here).
+    for s, num_scheduled in zip(steps, (2, 2, 2, 1, 2), strict=True):
+        s["num_scheduled"] = num_scheduled
+    assert scheduler_summary(steps)["drain_steps"] == 0
+    assert (scheduler_summary(steps[:4])["drain_steps"], scheduler_summary(steps[:4])["drain_s"]) == (1, 0.02)
 
 
 def _command(tmp_path: Path, **policy: Any) -> list[str]:
@@ -201,3 +206,10 @@ def test_offline_modes_build_each_engine() -> None:
     assert offline_engine_args("ours3", common, draft)["speculative_config"]["num_speculative_tokens"] == 4
     with pytest.raises(ValueError, match="offline mode 'oursx'"):
         offline_engine_args("oursx", common, draft)
+
+
+def test_a_sync_mode_runs_vllm_without_async_scheduling_as_our_scheduler_does(tmp_path: Path) -> None:
+    """Our scheduler runs with --no-async-scheduling; vLLM's own modes get it only as `N-sync`."""
+    assert "--no-async-scheduling" not in _command(tmp_path)
+    assert _command(tmp_path, is_sync=True).count("--no-async-scheduling") == 1
+    assert _command(tmp_path, policy="auto", is_sync=True).count("--no-async-scheduling") == 1
