@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -151,7 +152,6 @@ def _dist_stand_in(python: Path) -> list[str]:
 
 def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows of every cell run, and the cells whose client failed (each mode still runs)."""
-    python = Path(args.python)
     base = PolicySettings(
         target=args.target,
         draft=args.draft,
@@ -164,49 +164,59 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
     )
     rows: list[dict[str, Any]] = []
     missing: list[str] = []
-    for mode in args.modes:
-        policy = {"auto": "auto", "k0": "off"}.get(mode, "static" if mode.startswith("ours") else "")
-        ours_k = int(mode.removeprefix("ours")) if policy == "static" else None
-        record = RAW / f"record-{mode}-{int(time.time())}.jsonl" if policy else None
-        vllm_mode, is_sync = mode.removesuffix("-sync"), mode.endswith("-sync") and not policy
-        settings = dataclasses.replace(
-            base,
-            policy=policy,
-            policy_num_spec_tokens=ours_k,
-            record_path=record,
-            is_sync=is_sync,
-        )
-        num_spec = 0 if vllm_mode == "off" else MAX_SPEC_TOKENS if policy else int(vllm_mode)
-        plan = [
-            (round_index, workload, concurrency)
-            for round_index in range(args.rounds)
-            for workload in args.workloads
-            for concurrency in args.concurrency
-        ]
-        with VllmServer(python, settings, num_spec, args.port, RAW / f"server-{mode}.log") as url:
-            outs = [RAW / f"{mode}-{w}-c{c}-r{r}-{int(time.time())}.json" for r, w, c in plan]
-            cells = [client_argv(url, w, c, args, out) for (_, w, c), out in zip(plan, outs, strict=True)]
-            if args.warmup_prompts:
-                # A first run on a fresh server measured 0.78x the next (session 8), and still 0.72-0.80x
-                # after a 16-prompt warm-up at concurrency 32 (session 9): by default a full cell at the top
-                # concurrency (every batch shape the cells will see), then the cells.
-                warmup = RAW / f"{mode}-warmup-{int(time.time())}.json"
-                top = max(args.concurrency)
-                num_warmup = None if args.warmup_prompts < 0 else args.warmup_prompts
-                cells.insert(0, client_argv(url, args.workloads[0], top, args, warmup, num_warmup))
-                outs.insert(0, warmup)
-            results = run_clients(python, cells, outs)
-            if args.warmup_prompts and results:
-                log(f"{mode}: warm-up, {results.pop(0)['output_throughput']:.1f} tok/s (not a cell)")
-        for (round_index, workload, concurrency), result in zip(plan, results, strict=False):
-            row = {"mode": mode, "workload": workload, "concurrency": concurrency}
-            row |= {"round": round_index} if args.rounds > 1 else {}
-            row |= cell_row(result, record)
-            log(json.dumps(row))
-            rows.append(row)
-            with (RAW / "rows.jsonl").open("a") as partial:  # kept if a later launch fails
-                partial.write(json.dumps(row) + "\n")
-        missing += [f"{mode} {w} c{c} round {r}" for r, w, c in plan[len(results) :]]
+    for launch in range(args.launches):  # launches of one configuration differed by 12-14% (session 9)
+        for mode in args.modes:
+            mode_rows, mode_missing = measure_server(args, base, mode, launch)
+            rows += mode_rows
+            missing += mode_missing
+    return rows, missing
+
+
+def measure_server(
+    args: argparse.Namespace, base: PolicySettings, mode: str, launch: int
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """One launch of `mode`'s server: a warm-up run, then every cell (`--rounds` times) in one client."""
+    python = Path(args.python)
+    policy = {"auto": "auto", "k0": "off"}.get(mode, "static" if mode.startswith("ours") else "")
+    ours_k = int(mode.removeprefix("ours")) if policy == "static" else None
+    record = RAW / f"record-{mode}-{int(time.time())}.jsonl" if policy else None
+    vllm_mode, is_sync = mode.removesuffix("-sync"), mode.endswith("-sync") and not policy
+    settings = dataclasses.replace(
+        base, policy=policy, policy_num_spec_tokens=ours_k, record_path=record, is_sync=is_sync
+    )
+    num_spec = 0 if vllm_mode == "off" else MAX_SPEC_TOKENS if policy else int(vllm_mode)
+    plan = [
+        (round_index, workload, concurrency)
+        for round_index in range(args.rounds)
+        for workload in args.workloads
+        for concurrency in args.concurrency
+    ]
+    with VllmServer(python, settings, num_spec, args.port, RAW / f"server-{mode}.log") as url:
+        outs = [RAW / f"{mode}-{w}-c{c}-r{r}-{int(time.time())}.json" for r, w, c in plan]
+        cells = [client_argv(url, w, c, args, out) for (_, w, c), out in zip(plan, outs, strict=True)]
+        if args.warmup_prompts:
+            # A first run on a fresh server measured 0.78x the next (session 8), and still 0.72-0.80x after a
+            # 16-prompt warm-up at concurrency 32 (session 9): by default a full cell at the top concurrency
+            # (every batch shape the cells will see), then the cells.
+            warmup = RAW / f"{mode}-warmup-{int(time.time())}.json"
+            top = max(args.concurrency)
+            num_warmup = None if args.warmup_prompts < 0 else args.warmup_prompts
+            cells.insert(0, client_argv(url, args.workloads[0], top, args, warmup, num_warmup))
+            outs.insert(0, warmup)
+        results = run_clients(python, cells, outs)
+        if args.warmup_prompts and results:
+            log(f"{mode}: warm-up, {results.pop(0)['output_throughput']:.1f} tok/s (not a cell)")
+    rows = []
+    for (round_index, workload, concurrency), result in zip(plan, results, strict=False):
+        row = {"mode": mode, "workload": workload, "concurrency": concurrency}
+        row |= {"launch": launch} if args.launches > 1 else {}
+        row |= {"round": round_index} if args.rounds > 1 else {}
+        row |= cell_row(result, record)
+        log(json.dumps(row))
+        rows.append(row)
+        with (RAW / "rows.jsonl").open("a") as partial:  # kept if a later launch fails
+            partial.write(json.dumps(row) + "\n")
+    missing = [f"{mode} {w} c{c} launch {launch} round {r}" for r, w, c in plan[len(results) :]]
     return rows, missing
 
 
@@ -302,24 +312,50 @@ def scheduler_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown: each mode's throughput and TPOT as ratios to vLLM without speculation, per cell."""
 
-    def cell(r: dict[str, Any]) -> tuple[str, int, int]:
-        return r["workload"], r["concurrency"], r.get("round", 0)
+    def cell(r: dict[str, Any]) -> tuple[str, int, int, int]:
+        return r["workload"], r["concurrency"], r.get("launch", 0), r.get("round", 0)
 
     off = {cell(r): r for r in rows if r["mode"] == "off"}
     lines = [
-        "| workload | conc | round | mode | tok/s | x off | TPOT p50 (x off) | TPOT p99 (x off) |",
-        "|---|---:|---:|---|---:|---:|---:|---:|",
+        "| workload | conc | launch | round | mode | tok/s | x off | TPOT p50 (x off) | TPOT p99 (x off) |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     keys = ("output_throughput", "tpot_p50_ms", "tpot_p99_ms")
     for r in sorted(rows, key=lambda r: (*cell(r), r["mode"])):
         base = off.get(cell(r))
         x = {key: r[key] / base[key] if base else float("nan") for key in keys}
         lines.append(
-            f"| {r['workload']} | {r['concurrency']} | {r.get('round', 0)} | {r['mode']} | "
+            f"| {r['workload']} | {r['concurrency']} | {r.get('launch', 0)} | {r.get('round', 0)} | {r['mode']} | "
             f"{r['output_throughput']:.1f} | "
             f"{x['output_throughput']:.2f} | {r['tpot_p50_ms']:.1f} ms ({x['tpot_p50_ms']:.2f}) | "
             f"{r['tpot_p99_ms']:.1f} ms ({x['tpot_p99_ms']:.2f}) |"
         )
+    return "\n".join(lines)
+
+
+def median_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: per cell, each mode's median throughput over its launches and rounds, as a ratio to off's
+    median, and auto's median over max(off, the best static K) (vLLM's own modes named by a number)."""
+    by_mode: dict[tuple[str, int], dict[str, list[float]]] = {}
+    for r in rows:
+        by_mode.setdefault((r["workload"], r["concurrency"]), {}).setdefault(r["mode"], []).append(
+            r["output_throughput"]
+        )
+    lines = [
+        "| workload | conc | mode | runs | median tok/s | x off | auto / max(off, best static K) |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for (workload, concurrency), modes in sorted(by_mode.items()):
+        median = {mode: statistics.median(values) for mode, values in modes.items()}
+        static = [median[m] for m in median if m.isdigit()]
+        best = max([median[m] for m in ("off",) if m in median] + static, default=float("nan"))
+        for mode, values in sorted(modes.items()):
+            x_off = median[mode] / median["off"] if "off" in median else float("nan")
+            versus = f"{median[mode] / best:.2f}" if mode == "auto" else ""
+            lines.append(
+                f"| {workload} | {concurrency} | {mode} | {len(values)} | {median[mode]:.1f} | {x_off:.2f} | "
+                f"{versus} |"
+            )
     return "\n".join(lines)
 
 
@@ -437,6 +473,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="--catch-up: runs of each batch per engine")
     parser.add_argument("--rounds", type=int, default=1, help="client runs of every cell per server launch")
     parser.add_argument(
+        "--launches", type=int, default=1, help="launches of every mode's server, the modes in turn each time"
+    )
+    parser.add_argument(
         "--warmup-prompts",
         type=int,
         default=-1,
@@ -456,6 +495,7 @@ def main() -> None:
     result: dict[str, Any] = {"args": _recorded(args), "rows": rows}
     args.out.write_text(json.dumps(result | ({"missing": missing} if missing else {}), indent=1))
     print(table(rows))
+    print(median_table(rows))
     if missing:
         sys.exit(f"cells not measured (the client failed; see {RAW / 'client.log'}): {', '.join(missing)}")
 

@@ -11,7 +11,14 @@ from typing import Any
 
 import pytest
 
-from bench.vllm_policy import CLIENT, PolicySettings, cell_row, offline_engine_args, scheduler_summary
+from bench.vllm_policy import (
+    CLIENT,
+    PolicySettings,
+    cell_row,
+    median_table,
+    offline_engine_args,
+    scheduler_summary,
+)
 
 
 def _step(step: int, drafts: dict[str, int], accepted: dict[str, int], holds: int = 0) -> dict[str, Any]:
@@ -213,3 +220,17 @@ def test_a_sync_mode_runs_vllm_without_async_scheduling_as_our_scheduler_does(tm
     assert "--no-async-scheduling" not in _command(tmp_path)
     assert _command(tmp_path, is_sync=True).count("--no-async-scheduling") == 1
     assert _command(tmp_path, policy="auto", is_sync=True).count("--no-async-scheduling") == 1
+
+
+def test_the_median_table_compares_auto_with_the_best_of_off_and_vllms_static_k() -> None:
+    """Medians over launches and rounds per mode; our own fixed-K path (ours2) is not one of vLLM's static K."""
+    measured = {"off": (100.0, 120.0), "2": (90.0, 130.0, 110.0), "auto": (105.0, 99.0), "ours2": (200.0,)}
+    rows = [
+        {"mode": mode, "workload": "code", "concurrency": 16, "output_throughput": value}
+        for mode, values in measured.items()
+        for value in values
+    ]
+    lines = {line.split(" | ")[2]: line for line in median_table(rows).splitlines()[2:]}
+    assert lines["auto"] == "| code | 16 | auto | 2 | 102.0 | 0.93 | 0.93 |"  # 102 / max(110, 110)
+    assert lines["2"] == "| code | 16 | 2 | 3 | 110.0 | 1.00 |  |"
+    assert lines["ours2"].startswith("| code | 16 | ours2 | 1 | 200.0 | 1.82 |")
