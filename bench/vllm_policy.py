@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.peers import VllmServer, VllmSettings, log
+from bench.vllm_policy_report import median_table, scheduler_summary, table
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = REPO / "bench" / "prompts"
@@ -240,187 +240,6 @@ def cell_row(result: dict[str, Any], record: Path | None) -> dict[str, Any]:
     return row
 
 
-def scheduler_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
-    """What the scheduler did over these steps (its `StepRecord`s): how often it drafted, how much, what was
-    accepted, the guard's verdicts, and where the time went.
-
-    Step times are split by what the target's forward held, not by whether the drafter ran after it: a step
-    whose drafter was off still verifies the drafts of the step before (session 7 labelled those "plain").
-    Steps with prefill tokens (new requests) are apart: they cost several decode steps each. The hooks'
-    times (the chooser's choose and observe) and the engine core's time between steps are in the record
-    from session 8 on (older records give None)."""
-    decode = [s for s in steps if s["num_drafts"]]  # steps with decoding requests
-    num_drafts = sum(sum(s["num_drafts"].values()) for s in decode)
-    num_accepted = sum(sum(s["num_accepted"].values()) for s in decode)
-    request_steps = sum(len(s["num_drafts"]) for s in decode)
-    k_histogram: dict[int, int] = {}
-    for s in decode:
-        for k in s["num_drafts"].values():
-            k_histogram[k] = k_histogram.get(k, 0) + 1
-    has_detail = bool(steps) and "num_prefill_tokens" in steps[0]
-    prefill = [s for s in steps if s.get("num_prefill_tokens", 0) > 0]
-    pure = [s for s in decode if not s.get("num_prefill_tokens", 0)]  # decode only
-    verifying = [s for s in pure if any(s["num_drafts"].values())]
-    not_verifying = [s for s in pure if not any(s["num_drafts"].values())]
-
-    # The drain: the trailing steps below the cell's full batch, where no request replaces a finished one.
-    full = max((s.get("num_scheduled", 0) for s in steps), default=0)
-    num_full = next((i for i, s in enumerate(reversed(steps)) if s.get("num_scheduled", 0) >= full), 0)
-    drain = steps[len(steps) - num_full :] if num_full else []
-
-    def median_ms(values: list[float]) -> float | None:
-        return round(1e3 * sorted(values)[len(values) // 2], 2) if values else None
-
-    def detail(key: str) -> float | None:
-        return median_ms([s[key] for s in steps[1:]]) if has_detail and len(steps) > 1 else None
-
-    def total_s(selected: list[dict[str, Any]], key: str = "step_time_s") -> float:
-        return round(sum(s[key] for s in selected), 3)
-
-    return {
-        "num_steps": len(steps),
-        "num_drafting_steps": sum(s["num_draft_steps"] > 0 for s in steps),
-        "mean_num_spec_tokens": num_drafts / request_steps if request_steps else 0.0,
-        "num_spec_tokens_histogram": {str(k): v for k, v in sorted(k_histogram.items())},
-        "acceptance": num_accepted / num_drafts if num_drafts else None,
-        "guard_holds": (steps[-1]["guard_holds"] - steps[0]["guard_holds"]) if steps else 0,
-        "mean_batch": request_steps / len(decode) if decode else 0.0,
-        # Decode-only steps (no prefill tokens; all steps in older records), by whether they verified drafts.
-        "step_ms_p50_verifying": median_ms([s["step_time_s"] for s in verifying]),
-        "step_ms_p50_not_verifying": median_ms([s["step_time_s"] for s in not_verifying]),
-        "draft_ms_p50": median_ms(
-            [s["draft_time_s"] for s in steps if s["num_draft_steps"] and s["draft_time_s"]]
-        ),
-        "steps_s": total_s(steps),
-        "prefill_steps": len(prefill) if has_detail else None,
-        "prefill_steps_s": total_s(prefill) if has_detail else None,
-        # How many new prompts' tokens a prefill step carried: few per step = prefills fragmented.
-        "prefill_tokens_per_step_p50": (
-            sorted(s["num_prefill_tokens"] for s in prefill)[len(prefill) // 2] if prefill else None
-        ),
-        # A closed loop's cell ends with a drain; requests that progressed at different rates make it longer.
-        "drain_steps": len(drain) if has_detail else None,
-        "drain_s": total_s(drain) if has_detail else None,
-        # The first step's gap holds the server's idle time before the run.
-        "gap_s": total_s(steps[1:], "gap_s") if has_detail else None,
-        "choose_ms_p50": detail("choose_s"),
-        "observe_ms_p50": detail("observe_s"),
-        "gap_ms_p50": detail("gap_s"),
-    }
-
-
-def table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: each mode's throughput and TPOT as ratios to vLLM without speculation, per cell."""
-
-    def cell(r: dict[str, Any]) -> tuple[str, int, int, int]:
-        return r["workload"], r["concurrency"], r.get("launch", 0), r.get("round", 0)
-
-    off = {cell(r): r for r in rows if r["mode"] == "off"}
-    lines = [
-        "| workload | conc | launch | round | mode | tok/s | x off | TPOT p50 (x off) | TPOT p99 (x off) |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
-    ]
-    keys = ("output_throughput", "tpot_p50_ms", "tpot_p99_ms")
-    for r in sorted(rows, key=lambda r: (*cell(r), r["mode"])):
-        base = off.get(cell(r))
-        x = {key: r[key] / base[key] if base else float("nan") for key in keys}
-        lines.append(
-            f"| {r['workload']} | {r['concurrency']} | {r.get('launch', 0)} | {r.get('round', 0)} | {r['mode']} | "
-            f"{r['output_throughput']:.1f} | "
-            f"{x['output_throughput']:.2f} | {r['tpot_p50_ms']:.1f} ms ({x['tpot_p50_ms']:.2f}) | "
-            f"{r['tpot_p99_ms']:.1f} ms ({x['tpot_p99_ms']:.2f}) |"
-        )
-    return "\n".join(lines)
-
-
-def median_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: per cell, each mode's median throughput over its launches and rounds, as a ratio to off's
-    median, and auto's median over max(off, the best static K) (vLLM's own modes named by a number)."""
-    by_mode: dict[tuple[str, int], dict[str, list[float]]] = {}
-    for r in rows:
-        by_mode.setdefault((r["workload"], r["concurrency"]), {}).setdefault(r["mode"], []).append(
-            r["output_throughput"]
-        )
-    lines = [
-        "| workload | conc | mode | runs | median tok/s | x off | auto / max(off, best static K) |",
-        "|---|---:|---|---:|---:|---:|---:|",
-    ]
-    for (workload, concurrency), modes in sorted(by_mode.items()):
-        median = {mode: statistics.median(values) for mode, values in modes.items()}
-        static = [median[m] for m in median if m.isdigit()]
-        best = max([median[m] for m in ("off",) if m in median] + static, default=float("nan"))
-        for mode, values in sorted(modes.items()):
-            x_off = median[mode] / median["off"] if "off" in median else float("nan")
-            versus = f"{median[mode] / best:.2f}" if mode == "auto" else ""
-            lines.append(
-                f"| {workload} | {concurrency} | {mode} | {len(values)} | {median[mode]:.1f} | {x_off:.2f} | "
-                f"{versus} |"
-            )
-    return "\n".join(lines)
-
-
-def offline_engine_args(mode: str, common: dict[str, Any], draft: Path) -> dict[str, Any]:
-    """`vllm.LLM` arguments of an offline mode: off; N (vLLM's own static K = N); k0_vllm (our scheduler at
-    every K = 0, K_max 4, vLLM's runner); k0 (the same on our worker); oursN (our scheduler and worker at a
-    fixed K = N, K_max 4); oursN@M (the same at K_max M)."""
-
-    def spec(num: int) -> dict[str, Any]:
-        return {"method": "draft_model", "model": str(draft), "num_speculative_tokens": num}
-
-    if mode == "off":
-        return dict(common)
-    if mode.isdigit():
-        return {**common, "speculative_config": spec(int(mode))}
-    ours = mode.removeprefix("ours")
-    if mode in ("k0", "k0_vllm"):
-        policy: dict[str, Any] = {"kind": "off"}
-        max_spec = MAX_SPEC_TOKENS
-    elif mode.startswith("ours") and ours.split("@")[0].isdigit():
-        num, _, top = ours.partition("@")
-        policy = {"kind": "static", "num_spec_tokens": int(num)}
-        max_spec = int(top) if top else MAX_SPEC_TOKENS
-    else:
-        raise ValueError(f"offline mode {mode!r}: expected off, N, k0, k0_vllm, oursN or oursN@M")
-    engine = {
-        **common,
-        "speculative_config": spec(max_spec),
-        "scheduler_cls": SCHEDULER_CLS,
-        "additional_config": {"moespec": {"policy": policy}},
-    }
-    return engine if mode == "k0_vllm" else {**engine, "worker_cls": WORKER_CLS}
-
-
-def measure_offline(
-    args: argparse.Namespace, modes: list[str], workload: str, batch_sizes: list[int], repeats: int = 3
-) -> list[dict[str, Any]]:
-    """Seconds per greedy batch of each mode's engine, all in this process, alternating (`repeats` rounds);
-    per batch, each mode's median over the first mode's. `--catch-up`: off, k0_vllm, k0 on mixed prompts
-    (what a step costs when every K is 0)."""
-    from vllm import LLM, SamplingParams
-
-    lines = (PROMPTS / f"{workload}.jsonl").read_text().splitlines()
-    prompts = [json.loads(line)["prompt"] for line in lines]
-    common = {"model": str(args.target), "dtype": args.dtype, "max_model_len": 1024, "seed": 0}
-    common |= {"max_num_seqs": max(batch_sizes), "enforce_eager": args.eager}
-    engines = {mode: LLM(**offline_engine_args(mode, common, args.draft)) for mode in modes}
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-    rows = []
-    for batch in batch_sizes:
-        times: dict[str, list[float]] = {mode: [] for mode in engines}
-        for _ in range(repeats):
-            for mode, llm in engines.items():
-                start = time.perf_counter()
-                llm.generate(prompts[:batch], params, use_tqdm=False)
-                times[mode].append(time.perf_counter() - start)
-        row: dict[str, Any] = {"batch": batch, **{f"{m}_s": sorted(t) for m, t in times.items()}}
-        median = {mode: sorted(t)[repeats // 2] for mode, t in times.items()}
-        for mode in modes[1:]:
-            row[f"{mode}_over_{modes[0]}_median"] = float(median[mode] / median[modes[0]])
-        log(json.dumps(row))
-        rows.append(row)
-    return rows
-
-
 def _recorded(args: argparse.Namespace) -> dict[str, str]:
     """The arguments as the result file records them: paths by name only (no machine paths)."""
     return {k: v.name if isinstance(v, Path) else str(v) for k, v in vars(args).items() if k != "python"}
@@ -485,10 +304,9 @@ def main() -> None:
     args = parser.parse_args()
     RAW.mkdir(parents=True, exist_ok=True)
     if args.catch_up or args.offline:
-        modes, workload = (
-            (args.offline, args.workloads[0]) if args.offline else (["off", "k0_vllm", "k0"], "mixed")
-        )
-        rows = measure_offline(args, modes, workload, args.concurrency, args.repeats)
+        from bench.vllm_policy_offline import run_offline  # it imports this module's settings
+
+        rows = run_offline(args)
         args.out.write_text(json.dumps({"args": _recorded(args), "rows": rows}, indent=1))
         return
     rows, missing = measure(args)

@@ -27,7 +27,7 @@ from cluster.engine_host import HostedEngine
 from cluster.engine_loop import EngineLoop
 from cluster.openai_api import APIError
 from cluster.router import Router, unavailable
-from workers.engine import TargetBackend
+from workers.backends import TargetBackend
 from workers.kv_cache import CacheCapacityError
 from workers.target import Target
 from workers.tokenizer import Tokenizer

@@ -14,8 +14,9 @@ import torch
 
 from cluster.config import AppConfig, resolve_model_path
 from policy.stats import KChooser
+from workers.backends import DraftBackend, TargetBackend
 from workers.drafter import Drafter
-from workers.engine import DraftBackend, EngineConfig, SpecEngine, TargetBackend
+from workers.engine import EngineConfig, SpecEngine
 from workers.kv_cache import CacheConfig
 from workers.runner import ModelRunner, Runner
 from workers.target import Target

@@ -33,11 +33,11 @@ from cluster.engine_loop import EngineFailure, EngineLoop, Item
 from cluster.ep_group import assigned_device
 from cluster.metrics import Metrics
 from policy.stats import IterationStats
-from workers.engine import validate_request
 from workers.sampling import SamplingParams
 from workers.sequence import RequestOutput
 from workers.target import Target, TargetInfo
 from workers.tokenizer import Tokenizer
+from workers.validation import validate_request
 
 logger = logging.getLogger(__name__)
 POLL_IDLE_S = 1.0  # an idle host answers a poll after this long, with its snapshot only

@@ -10,41 +10,21 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterable
-from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import Protocol
 
 from policy.stats import IterationStats, KChooser, RequestIterationStats
-from workers.drafter import DraftOutput, DraftRequest, Proposal
+from workers.backends import DraftBackend, TargetBackend
+from workers.drafter import Proposal
 from workers.kv_cache import CacheCapacityError
-from workers.sampling import PenaltyContext, SamplingParams, TokenLogprob
+from workers.proposer import Proposer
+from workers.recovery import restore_target
+from workers.sampling import SamplingParams, TokenLogprob
 from workers.sequence import FINISH_ABORT, RequestOutput, Sequence
-from workers.target import PrefillOutput, TargetInfo, VerifyOutput, VerifyRequest
+from workers.target import VerifyRequest
 from workers.tokenizer import IncrementalDetokenizer, Tokenizer
+from workers.validation import validate_request
 
 logger = logging.getLogger(__name__)
-
-
-class TargetBackend(Protocol):
-    """What the engine needs of a target: `workers.target.Target`, or a proxy to a remote one."""
-
-    @property
-    def info(self) -> TargetInfo: ...
-    def prefill(
-        self, seq_ids: Seq[int], prompts: Seq[Seq[int]], params: Seq[SamplingParams]
-    ) -> PrefillOutput: ...
-    def verify(self, requests: Seq[VerifyRequest]) -> VerifyOutput: ...
-    def restore(self, seq_ids: Seq[int], token_ids: Seq[Seq[int]], params: Seq[SamplingParams]) -> None: ...
-    def free(self, seq_ids: Seq[int]) -> None: ...
-
-
-class DraftBackend(Protocol):
-    """What the engine needs of a drafter: `workers.drafter.Drafter`, or a proxy to a remote one."""
-
-    @property
-    def vocab_size(self) -> int: ...
-    def propose(self, requests: Seq[DraftRequest]) -> DraftOutput: ...
-    def free(self, seq_ids: Seq[int]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -81,15 +61,12 @@ class SpecEngine:
                 f"draft vocabulary ({drafter.vocab_size}) differs from the target's "
                 f"({self.info.vocab_size}); they must share a tokenizer"
             )
-        self.target, self.drafter, self.chooser = target, drafter, chooser
+        self.target, self.chooser = target, chooser
         self.config = config or EngineConfig()
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(self.info.eos_token_ids)
-        self.num_draft_failures = 0
+        self.proposer = Proposer(drafter, self.config.drafter_retry_s)
         self.num_target_recoveries = 0
-        self._draft_compute_s = 0.0  # draft forward time within the current iteration
-        self._draft_prefill_tokens = 0  # history tokens the drafter caught up on in the current iteration
-        self._drafter_retry_at = 0.0  # after a drafter failure, run at K = 0 until then
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.iteration = 0
@@ -135,6 +112,10 @@ class SpecEngine:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def num_draft_failures(self) -> int:
+        return self.proposer.num_failures
+
     # -- the loop --------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
@@ -143,12 +124,13 @@ class SpecEngine:
         if not self.running:
             return outputs
         start = time.perf_counter()
-        self._draft_compute_s, self._draft_prefill_tokens = 0.0, 0
         batch = list(self.running)
         num_spec = self._choose_num_spec_tokens(batch)
-        proposals = self._propose(batch, num_spec)
+        proposals = self.proposer.propose(batch, num_spec)
         requests = [
-            VerifyRequest(s.seq_id, s.output_ids[-1], p.draft_ids, p.draft_probs, s.params, _penalty(s))
+            VerifyRequest(
+                s.seq_id, s.output_ids[-1], p.draft_ids, p.draft_probs, s.params, s.penalty_context()
+            )
             for s, p in zip(batch, proposals, strict=True)
         ]
         try:
@@ -166,7 +148,7 @@ class SpecEngine:
             proposals,
             committed,
             experts_touched,
-            draft_time=self._draft_compute_s,
+            draft_time=self.proposer.compute_s,
             verify_time=verified.compute_time_s,
             total_time=time.perf_counter() - start,
         )
@@ -238,7 +220,7 @@ class SpecEngine:
         self.target.free([s.seq_id for s in admitted])  # if the call failed after the target took them
 
     def _choose_num_spec_tokens(self, batch: list[Sequence]) -> list[int]:
-        if self.drafter is None:
+        if self.proposer.drafter is None:
             return [0] * len(batch)
         auto = [s.request_id for s in batch if s.params.num_spec_tokens is None]
         chosen = self.chooser.choose(auto) if auto else {}
@@ -252,61 +234,10 @@ class SpecEngine:
             result.append(max(0, min(num, limit)))
         return result
 
-    def _propose(self, batch: list[Sequence], num_spec: list[int]) -> list[Proposal]:
-        proposals = [Proposal([], None) for _ in batch]
-        speculating = [i for i, n in enumerate(num_spec) if n > 0]
-        if self.drafter is None or not speculating:
-            return proposals
-        requests = []
-        for i in speculating:
-            seq = batch[i]
-            start = seq.num_draft_cached
-            requests.append(
-                DraftRequest(seq.seq_id, start, seq.token_ids[start:], num_spec[i], seq.params, _penalty(seq))
-            )
-        drafted = self._draft(requests, [batch[i] for i in speculating])
-        for i, proposal in zip(speculating, drafted, strict=True):
-            proposals[i] = proposal
-        return proposals
-
-    def _draft(self, requests: list[DraftRequest], seqs: list[Sequence]) -> list[Proposal]:
-        """Call the drafter. If it fails, speculation pauses (K = 0) and nothing is lost: every draft cache
-        position is forgotten, and the next successful call catches up from the token history."""
-        if self.drafter is None or time.monotonic() < self._drafter_retry_at:
-            return [Proposal([], None) for _ in requests]
-        try:
-            drafted = self.drafter.propose(requests)
-        except Exception as error:  # noqa: BLE001 (any drafter failure degrades to plain decoding)
-            self.num_draft_failures += 1
-            self._drafter_retry_at = time.monotonic() + self.config.drafter_retry_s
-            logger.warning("drafter failed (%s); continuing without speculation this iteration", error)
-            for seq in self.running + seqs:
-                seq.num_draft_cached = 0
-            return [Proposal([], None) for _ in requests]
-        self._draft_compute_s += drafted.compute_time_s
-        self._draft_prefill_tokens += sum(max(0, len(r.token_ids) - 1) for r in requests)
-        for request, seq in zip(requests, seqs, strict=True):
-            seq.num_draft_cached = request.start + len(request.token_ids)
-        return drafted.proposals
-
     def _recover_target(self, batch: list[Sequence], error: Exception) -> None:
         """The target lost its caches (a rank or replica died): rebuild them from the token histories."""
-        deadline = time.monotonic() + self.config.target_recovery_s
-        logger.warning("target failed (%s); re-prefilling %d sequences", error, len(batch))
-        while True:
-            try:
-                self.target.restore(
-                    [s.seq_id for s in batch], [s.token_ids[:-1] for s in batch], [s.params for s in batch]
-                )
-                self.num_target_recoveries += 1
-                return
-            except Exception as retry_error:  # noqa: BLE001 (retried until the deadline)
-                if time.monotonic() >= deadline:
-                    raise RuntimeError(
-                        f"the target failed ({error}) and could not be restored within "
-                        f"{self.config.target_recovery_s:.0f} s ({retry_error})"
-                    ) from error
-                time.sleep(1.0)
+        restore_target(self.target, batch, error, self.config.target_recovery_s)
+        self.num_target_recoveries += 1
 
     def _commit(
         self,
@@ -355,7 +286,7 @@ class SpecEngine:
             other_time_s=max(0.0, total_time - draft_time - verify_time),
             experts_touched=experts_touched,
             num_experts=self.info.num_experts,
-            num_draft_prefill_tokens=self._draft_prefill_tokens,
+            num_draft_prefill_tokens=self.proposer.num_prefill_tokens,
         )
         self.iteration += 1
         self.chooser.observe(self.last_stats)
@@ -373,11 +304,7 @@ class SpecEngine:
             self.target.free(seq_ids)
         except Exception as error:  # noqa: BLE001 (a lost target has nothing left to free)
             logger.warning("target free failed: %s", error)
-        if self.drafter is not None:
-            try:
-                self.drafter.free(seq_ids)
-            except Exception as error:  # noqa: BLE001 (a lost drafter has nothing left to free)
-                logger.warning("drafter free failed: %s", error)
+        self.proposer.free(seq_ids)
         for seq in seqs:
             self.chooser.release(seq.request_id)
 
@@ -395,29 +322,3 @@ class SpecEngine:
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError (naming the problem) for a request that could never run; no state changes."""
         validate_request(self.info, self.tokenizer is not None, prompt_ids, params)
-
-
-def validate_request(
-    info: TargetInfo, has_tokenizer: bool, prompt_ids: list[int], params: SamplingParams
-) -> None:
-    """What `SpecEngine.validate` checks, for a caller that holds only the target's `info` (a router whose
-    engine runs in another process)."""
-    vocab_size = info.vocab_size
-    if not prompt_ids:
-        raise ValueError("the prompt is empty")
-    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
-    max_seq_len = info.max_seq_len
-    if len(prompt_ids) + params.max_tokens > max_seq_len:
-        raise ValueError(
-            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
-            f"length {max_seq_len}"
-        )
-    if params.stop and not has_tokenizer:
-        raise ValueError("stop strings need an engine with a tokenizer")
-
-
-def _penalty(seq: Sequence) -> PenaltyContext | None:
-    """What the target and the drafter need to penalize a sequence's next positions (None: no penalties)."""
-    return PenaltyContext(seq.prompt_ids, seq.output_ids) if seq.params.has_penalties else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from workers.sampling import SamplingParams, TokenLogprob
+from workers.sampling import PenaltyContext, SamplingParams, TokenLogprob
 from workers.tokenizer import IncrementalDetokenizer
 
 FINISH_STOP = "stop"
@@ -54,6 +54,10 @@ class Sequence:
     @property
     def num_remaining(self) -> int:
         return self.params.max_tokens - len(self.output_ids)
+
+    def penalty_context(self) -> PenaltyContext | None:
+        """What the target and the drafter need to penalize the next positions (None: no penalties)."""
+        return PenaltyContext(self.prompt_ids, self.output_ids) if self.params.has_penalties else None
 
     def append(self, token_ids: list[int]) -> list[int]:
         """Commit tokens up to the first stop condition; returns the tokens actually committed."""

@@ -11,14 +11,8 @@ from typing import Any
 
 import pytest
 
-from bench.vllm_policy import (
-    CLIENT,
-    PolicySettings,
-    cell_row,
-    median_table,
-    offline_engine_args,
-    scheduler_summary,
-)
+from bench.vllm_policy import CLIENT, PolicySettings, cell_row
+from bench.vllm_policy_report import median_table, scheduler_summary
 
 
 def _step(step: int, drafts: dict[str, int], accepted: dict[str, int], holds: int = 0) -> dict[str, Any]:
@@ -197,22 +191,6 @@ def test_one_client_process_runs_every_cell_of_a_server(tmp_path: Path, monkeypa
     ]
     assert [r["request_rate"] for r in results] == [50.0, 50.0]
     assert results[0]["span"]["ended"] <= results[1]["span"]["started"]
-
-
-def test_offline_modes_build_each_engine() -> None:
-    common = {"model": "t"}
-    draft = Path("d")
-    assert offline_engine_args("off", common, draft) == common
-    assert offline_engine_args("2", common, draft)["speculative_config"]["num_speculative_tokens"] == 2
-    assert "scheduler_cls" not in offline_engine_args("2", common, draft)
-    ours = offline_engine_args("ours1@1", common, draft)
-    assert ours["speculative_config"]["num_speculative_tokens"] == 1
-    assert ours["additional_config"] == {"moespec": {"policy": {"kind": "static", "num_spec_tokens": 1}}}
-    assert "worker_cls" in ours and "worker_cls" in offline_engine_args("k0", common, draft)
-    assert "worker_cls" not in offline_engine_args("k0_vllm", common, draft)
-    assert offline_engine_args("ours3", common, draft)["speculative_config"]["num_speculative_tokens"] == 4
-    with pytest.raises(ValueError, match="offline mode 'oursx'"):
-        offline_engine_args("oursx", common, draft)
 
 
 def test_a_sync_mode_runs_vllm_without_async_scheduling_as_our_scheduler_does(tmp_path: Path) -> None:

@@ -93,7 +93,7 @@ def test_a_burst_above_capacity_gets_429_and_the_rest_completes(router: Router) 
     engine = router.loop.engine
     assert not engine.has_unfinished and router.loop.num_outstanding == 0
     assert engine.target.runner.cache.num_used_slots == 0  # type: ignore[attr-defined]
-    assert engine.drafter.runner.cache.num_used_slots == 0  # type: ignore[union-attr]
+    assert engine.proposer.drafter.runner.cache.num_used_slots == 0  # type: ignore[union-attr]
 
 
 FIELDS = [

@@ -99,7 +99,7 @@ def test_abort_frees_slots(paths: tuple[Path, Path]) -> None:
     engine.step()
     assert engine.abort("x") and not engine.abort("nope")
     assert engine.target.runner.cache.num_used_slots == 1
-    assert engine.drafter is not None and engine.drafter.runner.cache.num_used_slots <= 1
+    assert engine.proposer.drafter is not None and engine.proposer.drafter.runner.cache.num_used_slots <= 1
     while engine.has_unfinished:
         engine.step()
     assert engine.target.runner.cache.num_used_slots == 0

@@ -71,14 +71,19 @@ class ScriptedChooser:
 
 
 def _engine(
-    target_path: Path, draft_path: Path | None, chooser: object, max_batch_size: int = 8
+    target_path: Path,
+    draft_path: Path | None,
+    chooser: object,
+    max_batch_size: int = 8,
+    drafter_retry_s: float = 0.0,
 ) -> SpecEngine:
     cache = CacheConfig(max_seqs=8, max_seq_len=128)
     target = Target(ModelRunner.from_checkpoint(target_path, cache, dtype=torch.float32))
     drafter = (
         Drafter(ModelRunner.from_checkpoint(draft_path, cache, dtype=torch.float32)) if draft_path else None
     )
-    return SpecEngine(target, drafter, chooser, EngineConfig(max_batch_size=max_batch_size))  # type: ignore[arg-type]
+    config = EngineConfig(max_batch_size=max_batch_size, drafter_retry_s=drafter_retry_s)
+    return SpecEngine(target, drafter, chooser, config)  # type: ignore[arg-type]
 
 
 def _prompts(n: int) -> list[list[int]]:
@@ -118,7 +123,7 @@ def test_greedy_mixed_k_per_request_and_iteration(
     engine = _engine(target_path, draft_path, ScriptedChooser(pattern), max_batch_size=4)  # joins mid-way
     assert engine.generate(_prompts(6), GREEDY) == reference
     assert engine.target.runner.cache.num_used_slots == 0
-    assert engine.drafter is not None and engine.drafter.runner.cache.num_used_slots == 0
+    assert engine.proposer.drafter is not None and engine.proposer.drafter.runner.cache.num_used_slots == 0
 
 
 def test_good_draft_is_accepted_more_than_random(
@@ -176,8 +181,8 @@ def test_drafter_failures_lose_nothing(
     target_path: Path, good_draft_path: Path, reference: list[list[int]]
 ) -> None:
     engine = _engine(target_path, good_draft_path, StaticChooser(3))
-    assert engine.drafter is not None
-    engine.drafter = FlakyDrafter(engine.drafter.runner)
+    assert engine.proposer.drafter is not None
+    engine.proposer.drafter = FlakyDrafter(engine.proposer.drafter.runner)
     assert engine.generate(_prompts(6), GREEDY) == reference
     assert engine.num_draft_failures >= 3
 
@@ -273,11 +278,10 @@ def test_speculation_resumes_after_a_drafter_replacement(
     # A clock that advances 10 ms per reading: the 100 ms pause after the failure spans several iterations,
     # during which K stays 3 but nothing is drafted. The engine must not count those drafts as cached.
     clock = iter(range(10**6))
-    monkeypatch.setattr("workers.engine.time.monotonic", lambda: next(clock) * 0.01)
-    engine = _engine(target_path, good_draft_path, StaticChooser(3))
-    engine.config = EngineConfig(max_batch_size=8, drafter_retry_s=0.1)
-    assert engine.drafter is not None
-    drafter = engine.drafter = ReplacedDrafter(engine.drafter.runner)
+    monkeypatch.setattr("workers.proposer.time.monotonic", lambda: next(clock) * 0.01)
+    engine = _engine(target_path, good_draft_path, StaticChooser(3), drafter_retry_s=0.1)
+    assert engine.proposer.drafter is not None
+    drafter = engine.proposer.drafter = ReplacedDrafter(engine.proposer.drafter.runner)
     assert engine.generate(_prompts(6), GREEDY) == reference
     assert engine.num_draft_failures == 1  # no DraftCacheMiss after the replacement answers
     assert drafter.num_drafted_after_replacement > 0

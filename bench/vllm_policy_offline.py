@@ -1,0 +1,85 @@
+"""The offline modes of `python -m bench.vllm_policy` (`--catch-up`, `--offline MODES`): vLLM's offline
+`LLM` engines in this process instead of servers, the same greedy batch alternately on each, repeated.
+`--catch-up` is off, k0_vllm and k0 on the mixed prompts: what a step costs when every K is 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.peers import log
+from bench.vllm_policy import MAX_SPEC_TOKENS, PROMPTS, SCHEDULER_CLS, WORKER_CLS
+
+
+def run_offline(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """`--offline MODES` on the first workload's prompts, or `--catch-up`; at each --concurrency as the batch."""
+    modes, workload = (
+        (args.offline, args.workloads[0]) if args.offline else (["off", "k0_vllm", "k0"], "mixed")
+    )
+    return measure_offline(args, modes, workload, args.concurrency, args.repeats)
+
+
+def offline_engine_args(mode: str, common: dict[str, Any], draft: Path) -> dict[str, Any]:
+    """`vllm.LLM` arguments of an offline mode: off; N (vLLM's own static K = N); k0_vllm (our scheduler at
+    every K = 0, K_max 4, vLLM's runner); k0 (the same on our worker); oursN (our scheduler and worker at a
+    fixed K = N, K_max 4); oursN@M (the same at K_max M)."""
+
+    def spec(num: int) -> dict[str, Any]:
+        return {"method": "draft_model", "model": str(draft), "num_speculative_tokens": num}
+
+    if mode == "off":
+        return dict(common)
+    if mode.isdigit():
+        return {**common, "speculative_config": spec(int(mode))}
+    ours = mode.removeprefix("ours")
+    if mode in ("k0", "k0_vllm"):
+        policy: dict[str, Any] = {"kind": "off"}
+        max_spec = MAX_SPEC_TOKENS
+    elif mode.startswith("ours") and ours.split("@")[0].isdigit():
+        num, _, top = ours.partition("@")
+        policy = {"kind": "static", "num_spec_tokens": int(num)}
+        max_spec = int(top) if top else MAX_SPEC_TOKENS
+    else:
+        raise ValueError(f"offline mode {mode!r}: expected off, N, k0, k0_vllm, oursN or oursN@M")
+    engine = {
+        **common,
+        "speculative_config": spec(max_spec),
+        "scheduler_cls": SCHEDULER_CLS,
+        "additional_config": {"moespec": {"policy": policy}},
+    }
+    return engine if mode == "k0_vllm" else {**engine, "worker_cls": WORKER_CLS}
+
+
+def measure_offline(
+    args: argparse.Namespace, modes: list[str], workload: str, batch_sizes: list[int], repeats: int = 3
+) -> list[dict[str, Any]]:
+    """Seconds per greedy batch of each mode's engine, all in this process, alternating (`repeats` rounds);
+    per batch, each mode's median over the first mode's. `--catch-up`: off, k0_vllm, k0 on mixed prompts
+    (what a step costs when every K is 0)."""
+    from vllm import LLM, SamplingParams
+
+    lines = (PROMPTS / f"{workload}.jsonl").read_text().splitlines()
+    prompts = [json.loads(line)["prompt"] for line in lines]
+    common = {"model": str(args.target), "dtype": args.dtype, "max_model_len": 1024, "seed": 0}
+    common |= {"max_num_seqs": max(batch_sizes), "enforce_eager": args.eager}
+    engines = {mode: LLM(**offline_engine_args(mode, common, args.draft)) for mode in modes}
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    rows = []
+    for batch in batch_sizes:
+        times: dict[str, list[float]] = {mode: [] for mode in engines}
+        for _ in range(repeats):
+            for mode, llm in engines.items():
+                start = time.perf_counter()
+                llm.generate(prompts[:batch], params, use_tqdm=False)
+                times[mode].append(time.perf_counter() - start)
+        row: dict[str, Any] = {"batch": batch, **{f"{m}_s": sorted(t) for m, t in times.items()}}
+        median = {mode: sorted(t)[repeats // 2] for mode, t in times.items()}
+        for mode in modes[1:]:
+            row[f"{mode}_over_{modes[0]}_median"] = float(median[mode] / median[modes[0]])
+        log(json.dumps(row))
+        rows.append(row)
+    return rows
