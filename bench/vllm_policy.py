@@ -75,9 +75,7 @@ class PolicySettings(VllmSettings):
     policy: str = ""  # "" = vLLM's own static K; else our policy kind (auto, cascade, static, off)
     policy_num_spec_tokens: int | None = None  # our policy's K, for kind static
     record_path: Path | None = None  # with a policy: the scheduler appends its step record here (JSON lines)
-    is_sync: bool = (
-        False  # vLLM's own modes with --no-async-scheduling, as our scheduler runs (mode "N-sync")
-    )
+    is_sync: bool = False  # vLLM's modes with --no-async-scheduling, as ours run (mode "N-sync")
 
     def command(self, python: Path, port: int, num_spec_tokens: int) -> list[str]:
         command = super().command(python, port, num_spec_tokens)
