@@ -33,11 +33,14 @@ def scheduler_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
 
     # The drain: the trailing steps below the cell's full batch, where no request replaces a finished one.
     full = max((s.get("num_scheduled", 0) for s in steps), default=0)
-    num_full = next((i for i, s in enumerate(reversed(steps)) if s.get("num_scheduled", 0) >= full), 0)
-    drain = steps[len(steps) - num_full :] if num_full else []
+    num_drain = next((i for i, s in enumerate(reversed(steps)) if s.get("num_scheduled", 0) >= full), 0)
+    drain = steps[len(steps) - num_drain :]
+
+    def median(values: list[Any]) -> Any:
+        return sorted(values)[len(values) // 2] if values else None  # the upper median
 
     def median_ms(values: list[float]) -> float | None:
-        return round(1e3 * sorted(values)[len(values) // 2], 2) if values else None
+        return None if not values else round(1e3 * median(values), 2)
 
     def detail(key: str) -> float | None:
         return median_ms([s[key] for s in steps[1:]]) if has_detail and len(steps) > 1 else None
@@ -63,9 +66,7 @@ def scheduler_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
         "prefill_steps": len(prefill) if has_detail else None,
         "prefill_steps_s": total_s(prefill) if has_detail else None,
         # How many new prompts' tokens a prefill step carried: few per step = prefills fragmented.
-        "prefill_tokens_per_step_p50": (
-            sorted(s["num_prefill_tokens"] for s in prefill)[len(prefill) // 2] if prefill else None
-        ),
+        "prefill_tokens_per_step_p50": median([s["num_prefill_tokens"] for s in prefill]),
         # A closed loop's cell ends with a drain; requests that progressed at different rates make it longer.
         "drain_steps": len(drain) if has_detail else None,
         "drain_s": total_s(drain) if has_detail else None,
@@ -115,8 +116,8 @@ def median_table(rows: list[dict[str, Any]]) -> str:
     ]
     for (workload, concurrency), modes in sorted(by_mode.items()):
         median = {mode: statistics.median(values) for mode, values in modes.items()}
-        static = [median[m] for m in median if m.isdigit()]
-        best = max([median[m] for m in ("off",) if m in median] + static, default=float("nan"))
+        # off and vLLM's static K (modes named by a number); not our own paths (ours2, k0)
+        best = max((v for m, v in median.items() if m == "off" or m.isdigit()), default=float("nan"))
         for mode, values in sorted(modes.items()):
             x_off = median[mode] / median["off"] if "off" in median else float("nan")
             versus = f"{median[mode] / best:.2f}" if mode == "auto" else ""
