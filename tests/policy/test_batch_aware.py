@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from policy.workload import WorkloadConfig
 MIXTRAL = PRESETS["mixtral-8x7b-h100"]
 
 
-def chooser_for(preset_name: str, **overrides: int) -> BatchAwareChooser:
+def chooser_for(preset_name: str, **overrides: Any) -> BatchAwareChooser:
     preset = PRESETS[preset_name]
     model = CostModel(CostModelConfig(preset.routing), preset.cost_params())
     return BatchAwareChooser(BatchAwareConfig(**overrides), model)
@@ -75,8 +76,12 @@ class Recorder:
 
 
 def test_low_acceptance_turns_off_after_the_first_test_and_backs_off() -> None:
-    chooser = chooser_for(
-        "mixtral-8x7b-h100", set_iterations=16, max_set_iterations=1024, new_request_zero_verdicts=1
+    chooser = chooser_for(  # no test budget: the back-off alone (the budget has its own test)
+        "mixtral-8x7b-h100",
+        set_iterations=16,
+        max_set_iterations=1024,
+        new_request_zero_verdicts=1,
+        test_budget=1.0,
     )
     recorder = Recorder(chooser)
     workload = WorkloadConfig(1, (0.2,), mean_output_tokens=4000, num_iterations=600, time_noise=0.0)
@@ -93,7 +98,7 @@ def test_low_acceptance_turns_off_after_the_first_test_and_backs_off() -> None:
 
 
 def test_pending_tests_wait_for_a_drafting_iteration_and_probe_together() -> None:
-    chooser = chooser_for("mixtral-8x7b-h100", set_iterations=16)
+    chooser = chooser_for("mixtral-8x7b-h100", set_iterations=16, test_budget=1.0)  # no budget: the wait
     truth, rng = MIXTRAL.truth(), np.random.default_rng(0)
     ids = [f"r{i}" for i in range(4)]
     num_together = 0
@@ -217,3 +222,66 @@ def test_the_traffic_acceptance_is_not_the_last_request_alone_at_batch_1() -> No
             chooser.observe(IterationStats(step, 1, requests, 5, 0.01, 0.02, 0.0))
         chooser.release(request_id)
     assert chooser.gauges()["policy_acceptance"] > 0.8
+
+
+def _closed_loop(
+    chooser: BatchAwareChooser, num_iterations: int, *, batch: int, lifetime: int, lag: bool
+) -> tuple[list[dict[str, int]], list[float]]:
+    """A closed loop of `batch` requests of `lifetime` iterations each, every draft rejected, where a drafting
+    iteration costs 3x a plain one (the vLLM backend at concurrency 32: the drafter over the padded batch
+    and its catch-up). With `lag`, each choice is verified an iteration later, as vLLM does. Returns the
+    verified K of every iteration and its seconds."""
+    ages = dict.fromkeys((f"r{i}" for i in range(batch)), 0)
+    next_id, held = batch, dict.fromkeys(ages, 0)
+    verified_ks: list[dict[str, int]] = []
+    times: list[float] = []
+    for i in range(num_iterations):
+        chosen = chooser.choose(list(ages))
+        ks = {r: held.get(r, 0) for r in ages} if lag else chosen
+        held = chosen
+        verified_ks.append(ks)
+        draft_s = 0.2 if any(ks.values()) else 0.0
+        times.append(0.1 + draft_s)
+        requests = [RequestIterationStats(r, k, 0, 1, 100 + ages[r]) for r, k in ks.items()]
+        num_tokens = batch + sum(ks.values())
+        chooser.observe(IterationStats(i, batch, requests, num_tokens, draft_s, 0.1, 0.0))
+        for r in list(ages):
+            ages[r] += 1
+            if ages[r] == lifetime:  # finished: a new request takes its slot
+                chooser.release(r)
+                del ages[r]
+                ages[f"r{next_id}"], next_id = 0, next_id + 1
+    return verified_ks, times
+
+
+def test_forced_tests_spend_at_most_the_test_budget() -> None:
+    """Where drafting does not pay and each test makes the whole batch draft at 3x a step's cost (the vLLM
+    backend at prose concurrency 32), tests stay within the budget's share of the time; without the budget,
+    every generation of new requests was tested once the traffic's last test was 128 iterations old."""
+    budget, window = 0.02, 1000
+    shares = {}
+    for test_budget in (budget, 1.0):
+        chooser = chooser_for(
+            "mixtral-8x7b-h100",
+            test_budget=test_budget,
+            test_budget_iterations=window,
+            min_population_requests=0,
+        )
+        _, times = _closed_loop(chooser, 3000, batch=32, lifetime=64, lag=True)
+        settled = times[window:]  # after the start (the first tests and the cost model's learning)
+        # A drafting iteration's net cost: 0.2 s beyond the plain step whose token it also commits.
+        shares[test_budget] = sum(t - 0.1 for t in settled) / sum(settled)
+    # A test starts while the cost is within the budget, so one test (9 iterations, with vLLM's lag) may
+    # overshoot it by a test's cost over the budget's window.
+    assert shares[budget] <= budget + 9 * 0.2 / (window * 0.1), shares
+    assert shares[1.0] > 2 * shares[budget], shares
+
+
+def test_a_test_drafts_in_consecutive_iterations_when_verified_a_step_later() -> None:
+    """vLLM verifies a choice one step later: a test counted from its verification left the batch plain in
+    the step between and paid the drafter's catch-up twice."""
+    chooser = chooser_for("mixtral-8x7b-h100", test_budget=1.0, min_population_requests=0)
+    verified, _ = _closed_loop(chooser, 400, batch=32, lifetime=1000, lag=True)
+    drafting = [any(ks.values()) for ks in verified]
+    runs = [len(list(group)) for is_drafting, group in itertools.groupby(drafting) if is_drafting]
+    assert runs and min(runs) >= chooser.config.test_iterations, runs
