@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.peers import log
+from bench.peers import VllmSettings, log
 from bench.vllm_policy import MAX_SPEC_TOKENS, PROMPTS, SCHEDULER_CLS, WORKER_CLS
 
 
@@ -66,6 +67,9 @@ def measure_offline(
     prompts = [json.loads(line)["prompt"] for line in lines]
     common = {"model": str(args.target), "dtype": args.dtype, "max_model_len": 1024, "seed": 0}
     common |= {"max_num_seqs": max(batch_sizes), "enforce_eager": args.eager}
+    # The servers' KV cache size: unset, vLLM's CPU build reserves 92% of the machine's memory for the first
+    # engine, and the second one failed to start ("Available memory ... is less than desired").
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(VllmSettings.kv_cache_gib))
     engines = {mode: LLM(**offline_engine_args(mode, common, args.draft)) for mode in modes}
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     rows = []

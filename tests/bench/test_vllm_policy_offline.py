@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -23,3 +24,30 @@ def test_offline_modes_build_each_engine() -> None:
     assert offline_engine_args("ours3", common, draft)["speculative_config"]["num_speculative_tokens"] == 4
     with pytest.raises(ValueError, match="offline mode 'oursx'"):
         offline_engine_args("oursx", common, draft)
+
+
+def test_offline_engines_get_the_servers_kv_cache_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset, vLLM's CPU build reserved 92% of the machine's memory for the first engine and the second one
+    failed to start."""
+    import argparse
+
+    import vllm
+
+    from bench.peers import VllmSettings
+    from bench.vllm_policy_offline import measure_offline
+
+    seen: list[str | None] = []
+
+    class FakeLLM:
+        def __init__(self, **_: object) -> None:
+            seen.append(os.environ.get("VLLM_CPU_KVCACHE_SPACE"))
+
+        def generate(self, *_: object, **__: object) -> None:
+            return None
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setattr(vllm, "LLM", FakeLLM)
+    args = argparse.Namespace(target=Path("t"), draft=Path("d"), dtype="float32", eager=True, max_tokens=4)
+    rows = measure_offline(args, ["off", "k0"], "mixed", [2], repeats=1)
+    assert seen == [str(VllmSettings.kv_cache_gib)] * 2
+    assert rows[0]["batch"] == 2 and "k0_over_off_median" in rows[0]
