@@ -48,6 +48,7 @@ GAUGES = {
     "policy_actor_failures": "Calls to the central policy actor that failed (the local chooser decided).",
     "policy_acceptance": "Per-token draft acceptance of the traffic, as the local chooser estimates it.",
     "policy_predicted_speedup": "The local chooser's last K choice: predicted tokens/s over plain decoding.",
+    "policy_test_cost_share": "Net time of the local chooser's test phases over the time observed (its budget).",
     "batch_size": "Requests in the last iteration's batch.",
     "num_spec_tokens_mean": "Mean K over the last iteration's requests.",
     "iteration_time_seconds": "Duration of the last iteration.",
