@@ -29,13 +29,6 @@ lasts engine iterations, whether the chooser was asked in them or not: counted i
 only, a hold that began at the end of one burst of auto traffic outlived the fixed-K traffic after it and
 kept the next burst plain for its whole length (the served benchmark's second auto phase at concurrency 16:
 no drafting, while the central policy predicted 1.28x).
-
-A plain sample must be plain: an iteration whose time also holds the engine's drafting for the next
-iteration (`IterationStats.includes_next_draft`, vLLM: a step drafts at its end) is not one. On the demo
-pair at concurrency 1, the guard's one-step baselines were such steps: 11 ms p50 as reported, against 6.4
-ms for a step with no drafting at either end, so drafting (its 1.8 tokens in 19 ms) measured 1.23x plain
-where it ran 0.72x off, and the guard never held. With vLLM, baselines are two plain steps and one of them
-is a sample (`GuardConfig.baseline_iterations`).
 """
 
 from __future__ import annotations
@@ -55,12 +48,7 @@ class GuardConfig:
     confidence: float = 2.0  # ... and not by less than this many standard errors of the difference either
     min_samples: int = 8  # iterations of each kind in a bucket before a verdict
     smoothing: float = 0.05  # EWMA weight of the newest iteration (about 20 iterations of memory)
-    baseline_every: int = 16  # while drafting, one plain baseline in this many iterations
-    # Plain iterations per baseline. An engine that verifies a choice a step later and drafts at the end of a
-    # step (vLLM) needs 2: the step that verifies the last plain choice drafts again at its end for the step
-    # after the baseline, so only the first plain verification is a clean sample
-    # (`IterationStats.includes_next_draft`).
-    baseline_iterations: int = 1
+    baseline_every: int = 16  # while drafting, one plain iteration in this many
     hold_iterations: int = 64  # plain iterations after a verdict against drafting
     max_hold_iterations: int = 1024  # cap of the doubling hold
 
@@ -70,12 +58,8 @@ class GuardConfig:
                 f"margin={self.margin} must be in [0, 1), smoothing={self.smoothing} in (0, 1], "
                 f"confidence={self.confidence} >= 0"
             )
-        if min(self.min_samples, self.baseline_every, self.hold_iterations, self.baseline_iterations) < 1:
-            raise ValueError(
-                "min_samples, baseline_every, baseline_iterations and hold_iterations must be >= 1"
-            )
-        if self.baseline_iterations >= self.baseline_every:
-            raise ValueError(f"baseline_iterations={self.baseline_iterations} must be < baseline_every")
+        if min(self.min_samples, self.baseline_every, self.hold_iterations) < 1:
+            raise ValueError("min_samples, baseline_every and hold_iterations must be >= 1")
         if self.max_hold_iterations < self.hold_iterations:
             raise ValueError(f"max_hold_iterations={self.max_hold_iterations} must be >= hold_iterations")
 
@@ -127,7 +111,6 @@ class MeasuredGuard:
         self._hold_left: dict[int, int] = {}
         self._num_verdicts: dict[int, int] = {}
         self._num_drafting = 0  # drafting iterations since the last plain one
-        self._baseline_left = 0  # plain iterations still to choose in the current baseline
         # Per choice not yet observed: the requests the chooser decided for (None: a forced plain iteration).
         self._pending: deque[frozenset[str] | None] = deque(maxlen=_MAX_PENDING_CHOICES)
         self.num_holds = 0
@@ -141,15 +124,11 @@ class MeasuredGuard:
             return self._plain_iteration(request_ids)
         plain = self._plain.get(bucket)
         is_known = plain is not None and plain.count >= self.config.min_samples
-        # Learn the plain rate of a new bucket fast.
-        every = self.config.baseline_every if is_known else 4 * self.config.baseline_iterations
-        if any(chosen.values()) and (self._baseline_left > 0 or self._num_drafting >= every - 1):
+        every = self.config.baseline_every if is_known else 4  # learn the plain rate of a new bucket fast
+        if any(chosen.values()) and self._num_drafting >= every - 1:
             # A baseline iteration. The count restarts now, not when it is observed: an engine that verifies
             # each choice a step later (vLLM) would otherwise be asked again before the baseline is observed,
             # and ran two plain iterations per baseline (1 in 9 at baseline_every 16, the vLLM backend's replay).
-            if self._baseline_left == 0:
-                self._baseline_left = self.config.baseline_iterations
-            self._baseline_left -= 1
             self._num_drafting = 0
             return self._plain_iteration(request_ids)
         self._pending.append(frozenset(request_ids))
@@ -168,7 +147,7 @@ class MeasuredGuard:
         bucket = batch_bucket(stats.batch_size)  # batch sizes 1, 2, 3-4, 5-8, 9-16, ...
         per_request = sum(r.num_committed_tokens for r in stats.requests) / stats.batch_size
         is_drafting = any(r.num_spec_tokens > 0 for r in stats.requests)
-        if not is_drafting and not stats.includes_next_draft:
+        if not is_drafting:
             self._plain.setdefault(bucket, _Rate()).add(
                 per_request, stats.iteration_time_s, self.config.smoothing
             )

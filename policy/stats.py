@@ -43,11 +43,6 @@ class IterationStats(msgspec.Struct, frozen=True):
     # History tokens the drafter prefilled this iteration beyond the one it feeds per drafting request: the
     # catch-up of requests that start or resume speculating (their whole history) and after a drafter loss.
     num_draft_prefill_tokens: int = 0
-    # The iteration's time also holds the engine's drafting for the next iteration beyond what draft_time_s
-    # of the next one reports (vLLM: a step drafts at its end for the next verification, and the step's own
-    # cost of drafting outside the drafter's forward stays in this step's time). Such an iteration is not a
-    # clean plain sample even if it verified no drafts (`policy.guard`).
-    includes_next_draft: bool = False
 
     @property
     def iteration_time_s(self) -> float:

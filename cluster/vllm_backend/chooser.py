@@ -26,17 +26,12 @@ from cluster.choosers import (
 )
 from cluster.vllm_backend.settings import WORKER_CLS, DraftMeasurement, SchedulerSettings
 from policy.cost_model import CostParams
-from policy.guard import GuardConfig, MeasuredGuard
+from policy.guard import MeasuredGuard
 from policy.stats import IterationStats, KChooser, RequestIterationStats
 from workers.config import ModelConfig
 from workers.target import TargetInfo
 
 logger = logging.getLogger(__name__)
-
-
-# vLLM drafts at the end of a step for the next one: a baseline is two plain steps, one of them a clean
-# sample (policy/guard.py), one baseline in 32 steps (the same plain share as one step in 16).
-VLLM_GUARD = GuardConfig(baseline_every=32, baseline_iterations=2)
 
 
 def build_chooser(
@@ -52,7 +47,7 @@ def build_chooser(
     if policy.kind in ("off", "static"):
         return local
     if not settings.uses_central_actor:
-        return MeasuredGuard(local, VLLM_GUARD)
+        return MeasuredGuard(local)
     import ray  # only under our Serve app: standalone vLLM needs no Ray
 
     from cluster.policy_actor import POLICY_NAMESPACE, PolicyClient, policy_actor_handle
@@ -68,7 +63,7 @@ def build_chooser(
     client = PolicyClient(
         source, local, lambda: policy_actor_handle(policy.actor_name, policy.window_iterations, factory)
     )
-    return MeasuredGuard(client, VLLM_GUARD)
+    return MeasuredGuard(client)
 
 
 def target_info(vllm_config: Any) -> TargetInfo:
@@ -100,12 +95,11 @@ def iteration_stats(
     step_time_s: float,
     draft: DraftMeasurement | None,
     previous: DraftMeasurement,
-    drafts_next: bool = False,
 ) -> IterationStats:
     """One iteration of the policy from one vLLM step: the drafts verified in the step were drafted at the end
     of the step before (`previous`), and the drafting at the end of this step (`draft`) is the next
     iteration's, so verify time = step time - `draft.time_s`. `draft` None (not our worker): the whole
-    step is verify time. `drafts_next`: the step drafted at its end (`IterationStats.includes_next_draft`)."""
+    step is verify time."""
     return IterationStats(
         iteration=step,
         batch_size=len(requests),
@@ -115,7 +109,6 @@ def iteration_stats(
         verify_time_s=step_time_s if draft is None else max(step_time_s - draft.time_s, 0.0),
         other_time_s=0.0,
         num_draft_prefill_tokens=0 if draft is None else previous.num_prefill_tokens,
-        includes_next_draft=drafts_next,
     )
 
 

@@ -267,10 +267,7 @@ class PolicyScheduler(Scheduler):
         previous, self._last_draft = self._last_draft, draft or DraftMeasurement(0.0, 0)
         counters.draft_time_s += self._last_draft.time_s
         if requests:
-            drafts_next = scheduler_output.num_spec_tokens_to_schedule > 0
-            self.chooser.observe(
-                iteration_stats(counters.num_steps, requests, step_time_s, draft, previous, drafts_next)
-            )
+            self.chooser.observe(iteration_stats(counters.num_steps, requests, step_time_s, draft, previous))
             counters.num_request_steps += len(requests)
             counters.num_drafts += sum(r.num_spec_tokens > 0 for r in requests)
             counters.num_draft_tokens += sum(r.num_spec_tokens for r in requests)

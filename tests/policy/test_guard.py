@@ -46,13 +46,7 @@ def test_speculation_that_pays_keeps_most_of_its_gain() -> None:
 
 
 def test_config_rejects_bad_values() -> None:
-    for bad in (
-        {"margin": 1.0},
-        {"smoothing": 0.0},
-        {"baseline_every": 0},
-        {"max_hold_iterations": 8},
-        {"baseline_iterations": 16},
-    ):
+    for bad in ({"margin": 1.0}, {"smoothing": 0.0}, {"baseline_every": 0}, {"max_hold_iterations": 8}):
         with pytest.raises(ValueError):
             GuardConfig(**bad)  # type: ignore[arg-type]
 
@@ -209,44 +203,3 @@ def test_a_full_batch_that_shrinks_by_one_keeps_its_plain_figure() -> None:
         held = chosen
     assert guard.num_holds == 0
     assert sum(plain[64:]) <= len(plain[64:]) / 12  # one baseline in about 16 once the plain rate is known
-
-
-def _lagged_engine(guard: MeasuredGuard, num_steps: int, drafts_next_flag: bool) -> int:
-    """Batch 1 on an engine that verifies each choice a step later and drafts at the end of a step (vLLM):
-    a step costs 6.4 ms for the target's token, 3 ms per verified draft and, if it drafts at its end, 4.4
-    ms in the drafter (reported as the next iteration's draft time) plus 5 ms elsewhere in the step (not
-    reported apart: the demo pair at concurrency 1 served). 78% of drafts are accepted. Returns the
-    iterations that verified drafts."""
-    held, previous_draft_s, num_drafting = 0, 0.0, 0
-    for step in range(num_steps):
-        chosen = guard.choose(["r"])["r"]
-        accepted = sum(1 for j in range(held) if (step * 7 + j * 3) % 100 < 78)
-        draft_s = 4.4e-3 if chosen else 0.0
-        step_s = 6.4e-3 + 3e-3 * held + (draft_s + 5e-3 if chosen else 0.0)
-        request = RequestIterationStats("r", held, accepted, accepted + 1, 100)
-        guard.observe(
-            IterationStats(
-                step,
-                1,
-                [request],
-                1 + held,
-                previous_draft_s,
-                step_s - draft_s,
-                0.0,
-                includes_next_draft=drafts_next_flag and chosen > 0,
-            )  # fmt: skip
-        )
-        num_drafting += held > 0
-        held, previous_draft_s = chosen, draft_s
-    return num_drafting
-
-
-def test_plain_samples_exclude_the_drafting_for_the_next_step() -> None:
-    """On the demo pair at concurrency 1 the guard's one-step baselines drafted at their end for the step
-    after: reported at 11 ms against 6.4 ms for a plain step, they made drafting (0.72x off) look 1.23x plain,
-    and the guard never held. Static K = 1 loses here (10.6 ms a token against 6.4)."""
-    fixed = MeasuredGuard(StaticChooser(1), GuardConfig(baseline_every=32, baseline_iterations=2))
-    num_drafting = _lagged_engine(fixed, 400, drafts_next_flag=True)
-    assert fixed.num_holds >= 1 and num_drafting < 200
-    before = MeasuredGuard(StaticChooser(1))  # one-step baselines, every iteration a plain sample
-    assert _lagged_engine(before, 400, drafts_next_flag=False) > 350 and before.num_holds == 0
