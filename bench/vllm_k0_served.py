@@ -1,0 +1,103 @@
+"""Served: vLLM without speculation (off) against our scheduler and worker at every K = 0 (k0: the draft
+model loaded, K_max 4), at concurrency 1, launches alternating; optionally a py-spy profile of each server's
+engine-core process while the client runs.
+
+    python -m bench.vllm_k0_served --launches 2 --profile
+
+The client is a sequential loop of greedy completions (64 tokens, EOS ignored) on the code prompts; it
+prints tokens/s per launch. Profiles (py-spy's raw format) and server logs go to bench/results/raw/k0_served/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from bench.peers import VllmServer
+from bench.vllm_policy import MAX_SPEC_TOKENS, PROMPTS, RAW, REPO, PolicySettings
+
+OUT = RAW.parent / "k0_served"
+
+
+def completions_per_second(url: str, prompts: list[str], num_requests: int, max_tokens: int) -> float:
+    """Output tokens/s of `num_requests` greedy completions sent one after another."""
+    tokens, start = 0, time.perf_counter()
+    for i in range(num_requests):
+        body = {
+            "model": "demo-moe",
+            "prompt": prompts[i % len(prompts)],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        request = urllib.request.Request(
+            url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request) as response:
+            tokens += json.load(response)["usage"]["completion_tokens"]
+    return tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--target", type=Path, default=REPO / "models" / "demo-moe")
+    parser.add_argument("--draft", type=Path, default=REPO / "models" / "demo-draft")
+    parser.add_argument("--launches", type=int, default=2)
+    parser.add_argument("--requests", type=int, default=20)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--profile", action="store_true", help="py-spy record the engine core (20 s)")
+    parser.add_argument("--port", type=int, default=8124)
+    args = parser.parse_args()
+    if args.profile and shutil.which("py-spy") is None:
+        sys.exit("--profile needs py-spy on the PATH (pip install py-spy)")
+    OUT.mkdir(parents=True, exist_ok=True)
+    base = PolicySettings(
+        target=args.target.resolve(),
+        draft=args.draft.resolve(),
+        served_name="demo-moe",
+        dtype="float32",
+        max_model_len=1024,
+        max_num_seqs=4,
+        cache_root=RAW / "vllm-cache",
+        is_eager=True,
+    )
+    prompts = [json.loads(line)["prompt"] for line in (PROMPTS / "code.jsonl").read_text().splitlines()]
+    rates: dict[str, list[float]] = {"off": [], "k0": []}
+    for _ in range(args.launches):
+        for mode in rates:
+            settings = dataclasses.replace(base, policy="off" if mode == "k0" else "")
+            num_spec = MAX_SPEC_TOKENS if mode == "k0" else 0
+            with VllmServer(
+                Path(sys.executable), settings, num_spec, args.port, OUT / f"server-{mode}.log"
+            ) as url:
+                completions_per_second(url, prompts, 4, args.max_tokens)  # warm-up
+                profiler = None
+                if args.profile:
+                    found = subprocess.run(
+                        ["pgrep", "-f", "VLLM::EngineCore"], capture_output=True, text=True
+                    )
+                    out = OUT / f"profile-{mode}-{int(time.time())}.txt"
+                    command = ["py-spy", "record", "--pid", found.stdout.split()[0], "--duration", "20"]
+                    profiler = subprocess.Popen(
+                        [*command, "-r", "100", "-f", "raw", "-o", str(out)], stdout=subprocess.DEVNULL
+                    )
+                rate = completions_per_second(url, prompts, args.requests, args.max_tokens)
+                if profiler is not None:
+                    profiler.wait()
+                rates[mode].append(rate)
+                print(f"{mode}: {rate:.1f} tok/s", flush=True)
+    ratios = [k0 / off for off, k0 in zip(rates["off"], rates["k0"], strict=True)]
+    print(json.dumps({"off_tok_s": rates["off"], "k0_tok_s": rates["k0"], "k0_over_off": ratios}))
+
+
+if __name__ == "__main__":
+    main()
