@@ -84,9 +84,14 @@ def _kill_mid_stream(
     import ray
 
     with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        start = time.perf_counter()
         expected = list(pool.map(run, range(len(PROMPTS))))
+        undisturbed_s = time.perf_counter() - start
         futures = [pool.submit(run, i) for i in range(len(PROMPTS))]
-        time.sleep(1.0)
+        # A third of the way in (a fixed 1 s was after the end of every stream on a fast day, and the target's
+        # kill then hit no request: its recovery gauge did not move).
+        time.sleep(undisturbed_s / 3)
+        assert not all(f.done() for f in futures), "the streams ended before the kill"
         killed = victims()
         assert killed, "nothing to kill"
         for victim in killed:  # an actor handle, or the pid of a process to SIGKILL
