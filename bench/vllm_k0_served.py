@@ -20,8 +20,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from bench.http_load import load_prompts
 from bench.peers import VllmServer
-from bench.vllm_policy import MAX_SPEC_TOKENS, PROMPTS, RAW, REPO, PolicySettings
+from bench.vllm_policy import MAX_SPEC_TOKENS, RAW, REPO, PolicySettings
 
 OUT = RAW.parent / "k0_served"
 
@@ -70,7 +71,7 @@ def main() -> None:
         cache_root=RAW / "vllm-cache",
         is_eager=True,
     )
-    prompts = [json.loads(line)["prompt"] for line in (PROMPTS / "code.jsonl").read_text().splitlines()]
+    prompts = load_prompts("code", args.requests)
     rates: dict[str, list[float]] = {"off": [], "k0": []}
     for _ in range(args.launches):
         for mode in rates:

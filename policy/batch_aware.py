@@ -153,7 +153,7 @@ class BatchAwareChooser:
         self.cost_model.observe(stats)
         is_drafting = any(r.num_spec_tokens > 0 for r in stats.requests)
         self._num_plain_iterations = 0 if is_drafting else self._num_plain_iterations + 1
-        self._account_tests(stats, is_drafting)
+        self._account_tests(stats)
         for r in stats.requests:
             state = self._state(r.request_id)
             if r.num_spec_tokens > 0:
@@ -305,7 +305,7 @@ class BatchAwareChooser:
     def _within_test_budget(self) -> bool:
         return self._test_cost_s <= self.config.test_budget * self._elapsed_s
 
-    def _account_tests(self, stats: IterationStats, is_drafting: bool) -> None:
+    def _account_tests(self, stats: IterationStats) -> None:
         """Add the iteration to the test budget's sums: its time, and if only tests drafted in it, its net
         cost (its time less plain decoding's predicted time for the tokens it committed)."""
         seconds = stats.iteration_time_s
@@ -315,7 +315,7 @@ class BatchAwareChooser:
         self._elapsed_s = keep * self._elapsed_s + seconds
         self._test_cost_s *= keep
         drafting = [r for r in stats.requests if r.num_spec_tokens > 0]
-        if not is_drafting or not all(self._state(r.request_id).test_started for r in drafting):
+        if not drafting or not all(self._state(r.request_id).test_started for r in drafting):
             return
         committed = sum(r.num_committed_tokens for r in stats.requests)
         plain = self.cost_model.plain_time(stats.batch_size) * committed / stats.batch_size
