@@ -1,8 +1,9 @@
-"""Served: vLLM without speculation (off) against our scheduler and worker at every K = 0 (k0: the draft
-model loaded, K_max 4), at concurrency 1, launches alternating; optionally a py-spy profile of each server's
-engine-core process while the client runs.
+"""Served: vLLM without speculation (off) against our scheduler, worker and executor at every K = 0 (k0: the
+draft model loaded, K_max 4), and the same on vLLM's executor (k0-fetch: the engine core fetches the empty
+drafts from the worker after every step), at concurrency 1, launches alternating; optionally a py-spy profile
+of each server's engine-core process and its worker process while the client runs.
 
-    python -m bench.vllm_k0_served --launches 2 --profile
+    python -m bench.vllm_k0_served --launches 2 [--modes off,k0,k0-fetch] [--profile]
 
 The client is a sequential loop of greedy completions (64 tokens, EOS ignored) on the code prompts; it
 prints tokens/s per launch. Profiles (py-spy's raw format) and server logs go to bench/results/raw/k0_served/.
@@ -55,6 +56,7 @@ def main() -> None:
     parser.add_argument("--launches", type=int, default=2)
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--modes", default="off,k0,k0-fetch", help="of off, k0, k0-fetch; off first")
     parser.add_argument("--profile", action="store_true", help="py-spy record the engine core (20 s)")
     parser.add_argument("--port", type=int, default=8124)
     args = parser.parse_args()
@@ -72,11 +74,15 @@ def main() -> None:
         is_eager=True,
     )
     prompts = load_prompts("code", args.requests)
-    rates: dict[str, list[float]] = {"off": [], "k0": []}
+    modes = args.modes.split(",")
+    if modes[0] != "off" or not set(modes) <= {"off", "k0", "k0-fetch"}:
+        parser.error(f"--modes: off first, then k0 and/or k0-fetch; got {args.modes}")
+    rates: dict[str, list[float]] = {mode: [] for mode in modes}
     for _ in range(args.launches):
         for mode in rates:
-            settings = dataclasses.replace(base, policy="off" if mode == "k0" else "")
-            num_spec = MAX_SPEC_TOKENS if mode == "k0" else 0
+            policy = "" if mode == "off" else "off"
+            settings = dataclasses.replace(base, policy=policy, fetches_every_step=mode == "k0-fetch")
+            num_spec = MAX_SPEC_TOKENS if policy else 0
             with VllmServer(
                 Path(sys.executable), settings, num_spec, args.port, OUT / f"server-{mode}.log"
             ) as url:
@@ -88,6 +94,7 @@ def main() -> None:
                     )
                     out = OUT / f"profile-{mode}-{int(time.time())}.txt"
                     command = ["py-spy", "record", "--pid", found.stdout.split()[0], "--duration", "20"]
+                    command.append("--subprocesses")  # the worker, a child of the engine core
                     profiler = subprocess.Popen(
                         [*command, "-r", "100", "-f", "raw", "-o", str(out)], stdout=subprocess.DEVNULL
                     )
@@ -96,8 +103,10 @@ def main() -> None:
                     profiler.wait()
                 rates[mode].append(rate)
                 print(f"{mode}: {rate:.1f} tok/s", flush=True)
-    ratios = [k0 / off for off, k0 in zip(rates["off"], rates["k0"], strict=True)]
-    print(json.dumps({"off_tok_s": rates["off"], "k0_tok_s": rates["k0"], "k0_over_off": ratios}))
+    summary: dict[str, list[float]] = {f"{mode}_tok_s": rates[mode] for mode in modes}
+    for mode in modes[1:]:
+        summary[f"{mode}_over_off"] = [r / off for off, r in zip(rates["off"], rates[mode], strict=True)]
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

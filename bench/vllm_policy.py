@@ -43,12 +43,11 @@ from typing import Any
 
 from bench.peers import VllmServer, VllmSettings, log
 from bench.vllm_policy_report import median_table, scheduler_summary, table
+from cluster.vllm_backend.settings import SCHEDULER_CLS, WORKER_CLS, executor_backend
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = REPO / "bench" / "prompts"
 RAW = REPO / "bench" / "results" / "raw" / "vllm_policy"
-SCHEDULER_CLS = "cluster.vllm_backend.scheduler.PolicyScheduler"
-WORKER_CLS = "cluster.vllm_backend.runner.CatchUpWorker"
 MAX_SPEC_TOKENS = 4
 # The client: `vllm bench serve`'s main, once per cell, all cells of one server in one process (its start,
 # importing vLLM and loading the tokenizer, took about 30 s of each cell's 50 s at concurrency 1). Each cell's
@@ -76,6 +75,9 @@ class PolicySettings(VllmSettings):
     policy_num_spec_tokens: int | None = None  # our policy's K, for kind static
     record_path: Path | None = None  # with a policy: the scheduler appends its step record here (JSON lines)
     is_sync: bool = False  # vLLM's modes with --no-async-scheduling, as ours run (mode "N-sync")
+    # With a policy: vLLM's executor (the engine core fetches drafts after every step) instead of ours
+    # (which skips the fetch on steps that draft nothing); for measuring what ours saves.
+    fetches_every_step: bool = False
 
     def command(self, python: Path, port: int, num_spec_tokens: int) -> list[str]:
         command = super().command(python, port, num_spec_tokens)
@@ -89,6 +91,8 @@ class PolicySettings(VllmSettings):
                 section["record_path"] = str(self.record_path)
             additional = {"moespec": section}
             command += ["--scheduler-cls", SCHEDULER_CLS, "--worker-cls", WORKER_CLS, "--no-async-scheduling"]
+            if not self.fetches_every_step:  # these servers run vLLM's CPU build
+                command += ["--distributed-executor-backend", executor_backend(is_cpu=True)]
             command += ["--additional-config", json.dumps(additional)]
         return command
 

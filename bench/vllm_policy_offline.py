@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.peers import VllmSettings, log
-from bench.vllm_policy import MAX_SPEC_TOKENS, PROMPTS, SCHEDULER_CLS, WORKER_CLS
+from bench.vllm_policy import MAX_SPEC_TOKENS, PROMPTS
+from cluster.vllm_backend.settings import SCHEDULER_CLS, WORKER_CLS, executor_backend
 
 
 def run_offline(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -26,7 +27,7 @@ def run_offline(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def offline_engine_args(mode: str, common: dict[str, Any], draft: Path) -> dict[str, Any]:
     """`vllm.LLM` arguments of an offline mode: off; N (vLLM's own static K = N); k0_vllm (our scheduler at
-    every K = 0, K_max 4, vLLM's runner); k0 (the same on our worker); oursN (our scheduler and worker at a
+    every K = 0, K_max 4, vLLM's runner and executor); k0 (the same on our worker and executor); oursN (our scheduler and worker at a
     fixed K = N, K_max 4); oursN@M (the same at K_max M)."""
 
     def spec(num: int) -> dict[str, Any]:
@@ -52,7 +53,9 @@ def offline_engine_args(mode: str, common: dict[str, Any], draft: Path) -> dict[
         "scheduler_cls": SCHEDULER_CLS,
         "additional_config": {"moespec": {"policy": policy}},
     }
-    return engine if mode == "k0_vllm" else {**engine, "worker_cls": WORKER_CLS}
+    if mode == "k0_vllm":
+        return engine
+    return {**engine, "worker_cls": WORKER_CLS, "distributed_executor_backend": executor_backend(is_cpu=True)}
 
 
 def measure_offline(

@@ -30,7 +30,13 @@ from starlette.responses import PlainTextResponse, Response
 from cluster.config import AppConfig, resolve_model_path
 from cluster.metrics import Metrics
 from cluster.router import Router
-from cluster.vllm_backend.settings import NUM_SPEC_TOKENS_ARG, SCHEDULER_CLS, WORKER_CLS, SchedulerSettings
+from cluster.vllm_backend.settings import (
+    NUM_SPEC_TOKENS_ARG,
+    SCHEDULER_CLS,
+    WORKER_CLS,
+    SchedulerSettings,
+    executor_backend,
+)
 from workers.sampling import SamplingParams, TokenLogprob
 from workers.sequence import RequestOutput
 from workers.tokenizer import Tokenizer
@@ -55,9 +61,11 @@ _GAUGES = {
 }
 
 
-def engine_args(config: AppConfig, settings: SchedulerSettings) -> dict[str, Any]:
-    """vLLM's engine arguments for our Serve config (AsyncEngineArgs fields; `vllm serve` flags alike)."""
+def engine_args(config: AppConfig, settings: SchedulerSettings, *, is_cpu: bool) -> dict[str, Any]:
+    """vLLM's engine arguments for our Serve config (AsyncEngineArgs fields; `vllm serve` flags alike), on
+    vLLM's CPU build or not."""
     model, engine, vllm = config.model, config.engine, config.vllm
+    num_ranks = config.expert_parallel.num_ranks
     args: dict[str, Any] = {
         "model": str(resolve_model_path(model.target)),
         "served_model_name": model.served_name,
@@ -67,10 +75,11 @@ def engine_args(config: AppConfig, settings: SchedulerSettings) -> dict[str, Any
         "seed": 0,
         "enforce_eager": vllm.enforce_eager,
         "gpu_memory_utilization": vllm.gpu_memory_utilization,
-        "tensor_parallel_size": config.expert_parallel.num_ranks,
-        "enable_expert_parallel": config.expert_parallel.num_ranks > 1,
+        "tensor_parallel_size": num_ranks,
+        "enable_expert_parallel": num_ranks > 1,
         "scheduler_cls": SCHEDULER_CLS,
         "worker_cls": WORKER_CLS,
+        "distributed_executor_backend": executor_backend(is_cpu=is_cpu, world_size=num_ranks),
         "async_scheduling": False,  # PolicyScheduler cuts drafts that synchronous scheduling holds
         "additional_config": settings.to_additional_config(),
     }
@@ -316,6 +325,7 @@ def read_scheduler_counters(path: str | None) -> dict[str, float]:
 
 def _start_engine(config: AppConfig, settings: SchedulerSettings) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.platforms import current_platform
     from vllm.v1.engine.async_llm import AsyncLLM
 
     vllm = config.vllm
@@ -325,4 +335,5 @@ def _start_engine(config: AppConfig, settings: SchedulerSettings) -> Any:
     # first cores, so replicas sharing a node would share one core; let the OS place them instead.
     os.environ.setdefault("OMP_NUM_THREADS", str(config.resources.torch_threads))
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(config, settings)))
+    args = engine_args(config, settings, is_cpu=current_platform.is_cpu())
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))

@@ -4,6 +4,7 @@ to pass settings to plugins; it reaches the engine-core process inside `VllmConf
     vllm serve MODEL --speculative-config '{"method": "draft_model", "model": DRAFT, "num_speculative_tokens": 4}' \
         --scheduler-cls cluster.vllm_backend.scheduler.PolicyScheduler --no-async-scheduling \
         --worker-cls cluster.vllm_backend.runner.CatchUpWorker \
+        --distributed-executor-backend cluster.vllm_backend.executor.PolicyMultiprocExecutor \
         --additional-config '{"moespec": {"policy": {"kind": "auto"}}}'
 
 No vLLM import here, so the Serve app and the tests can build and check settings without vLLM.
@@ -12,6 +13,7 @@ No vLLM import here, so the Serve app and the tests can build and check settings
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +25,19 @@ ADDITIONAL_CONFIG_KEY = "moespec"
 NUM_SPEC_TOKENS_ARG = "num_spec_tokens"  # the per-request setting, in SamplingParams.extra_args (vllm_xargs)
 SCHEDULER_CLS = "cluster.vllm_backend.scheduler.PolicyScheduler"
 WORKER_CLS = "cluster.vllm_backend.runner.CatchUpWorker"  # no drafter forward on steps where every K is 0
+# Executors without the engine core's draft fetch on steps that draft nothing (executor.py), by vLLM's choice.
+MULTIPROC_EXECUTOR = "cluster.vllm_backend.executor.PolicyMultiprocExecutor"  # vLLM's "mp"
+UNIPROC_EXECUTOR = "cluster.vllm_backend.executor.PolicyUniProcExecutor"  # vLLM's "uni"
 DRAFT_MEASUREMENT_ATTR = "moespec_draft"  # the attribute of vLLM's ModelRunnerOutput that carries it
+
+
+def executor_backend(*, is_cpu: bool, world_size: int = 1) -> str:
+    """`--distributed-executor-backend` for our executor where vLLM would pick "mp" or "uni" itself: the
+    multiprocess one for several ranks and on CPU (vLLM's CPU build needs it for its OpenMP setup, unless
+    `VLLM_ENABLE_V1_MULTIPROCESSING=0` keeps the engine core in-process), else the in-process one."""
+    multiprocessing = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "1"  # vLLM's CPU rule
+    uses_processes = world_size > 1 or (is_cpu and multiprocessing)
+    return MULTIPROC_EXECUTOR if uses_processes else UNIPROC_EXECUTOR
 
 
 @dataclass(frozen=True)

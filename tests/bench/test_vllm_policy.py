@@ -101,6 +101,10 @@ def test_ours_static_server_runs_our_scheduler_at_a_fixed_k(tmp_path: Path) -> N
     section = json.loads(command[command.index("--additional-config") + 1])["moespec"]
     assert section == {"policy": {"kind": "static", "num_spec_tokens": 2}}
     assert "--scheduler-cls" in command and "--worker-cls" in command
+    executor = command[command.index("--distributed-executor-backend") + 1]
+    assert executor == "cluster.vllm_backend.executor.PolicyMultiprocExecutor"  # vLLM's CPU build: processes
+    vllms = _command(tmp_path, policy="static", policy_num_spec_tokens=2, fetches_every_step=True)
+    assert "--distributed-executor-backend" not in vllms and "--worker-cls" in vllms
 
 
 def test_a_cell_summarises_the_record_steps_that_started_within_its_client_run(tmp_path: Path) -> None:

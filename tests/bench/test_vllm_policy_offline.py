@@ -21,6 +21,8 @@ def test_offline_modes_build_each_engine() -> None:
     assert ours["additional_config"] == {"moespec": {"policy": {"kind": "static", "num_spec_tokens": 1}}}
     assert "worker_cls" in ours and "worker_cls" in offline_engine_args("k0", common, draft)
     assert "worker_cls" not in offline_engine_args("k0_vllm", common, draft)
+    assert "distributed_executor_backend" in ours
+    assert "distributed_executor_backend" not in offline_engine_args("k0_vllm", common, draft)
     assert offline_engine_args("ours3", common, draft)["speculative_config"]["num_speculative_tokens"] == 4
     with pytest.raises(ValueError, match="offline mode 'oursx'"):
         offline_engine_args("oursx", common, draft)

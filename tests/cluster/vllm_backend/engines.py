@@ -9,16 +9,16 @@ from contextlib import contextmanager
 from typing import Any
 
 from cluster.config import DEMO_DRAFT, DEMO_TARGET
+from cluster.vllm_backend.settings import SCHEDULER_CLS, UNIPROC_EXECUTOR, WORKER_CLS
 
 MAX_SPEC_TOKENS = 4
-SCHEDULER_CLS = "cluster.vllm_backend.scheduler.PolicyScheduler"
-WORKER_CLS = "cluster.vllm_backend.runner.CatchUpWorker"
 
 
 def make_llm(policy: dict[str, Any] | None) -> Any:
     """The demo target in fp32 (greedy output exact); with `policy`, the draft at K_max = 4, our scheduler
-    recording every step and our worker (no drafter pass on all-K = 0 steps); without, vLLM without
-    speculation."""
+        recording every step, our worker (no drafter pass on all-K = 0 steps) and our executor (in-process, as the
+    engine core is here: no draft fetch after such steps); without, vLLM without
+        speculation."""
     from vllm import LLM
 
     args: dict[str, Any] = {
@@ -37,6 +37,7 @@ def make_llm(policy: dict[str, Any] | None) -> Any:
         }
         args["scheduler_cls"] = SCHEDULER_CLS
         args["worker_cls"] = WORKER_CLS
+        args["distributed_executor_backend"] = UNIPROC_EXECUTOR
         args["additional_config"] = {"moespec": {"is_recording": True, "policy": policy}}
         args["per_request_spec_decode_metrics"] = "detailed"
     # The engine core in this process (read at construction); the variables do not outlive it.
@@ -58,9 +59,12 @@ def scheduler(llm: Any) -> Any:
     return llm.llm_engine.engine_core.engine_core.scheduler
 
 
+def executor(llm: Any) -> Any:
+    return llm.llm_engine.engine_core.engine_core.model_executor
+
+
 def runner(llm: Any) -> Any:
-    executor = llm.llm_engine.engine_core.engine_core.model_executor
-    return executor.driver_worker.worker.model_runner
+    return executor(llm).driver_worker.worker.model_runner
 
 
 def drafter(llm: Any) -> Any:

@@ -18,6 +18,7 @@ from tests.cluster.vllm_backend.engines import (
     count_calls,
     count_draft_forwards,
     drafter,
+    executor,
     make_llm,
     runner,
     scheduler,
@@ -118,9 +119,11 @@ def test_k_zero_runs_no_draft_forward(engines: tuple[Any, Any]) -> None:
     _, ours = engines
     sched, worker = scheduler(ours), runner(ours)
     skipped = worker.num_skipped_steps
+    assert type(executor(ours)).__name__ == "PolicyUniProcExecutor"
     with (
         count_draft_forwards(ours) as calls,
         count_calls(drafter(ours), "prepare_next_token_ids_padded") as bookkeeping,
+        count_calls(worker, "take_draft_token_ids") as fetches,
     ):
         _, record = _generate(ours, ["off"] * 4)
     assert all(r.num_draft_steps == 0 for r in record)
@@ -129,12 +132,16 @@ def test_k_zero_runs_no_draft_forward(engines: tuple[Any, Any]) -> None:
     # nor its bookkeeping of the sampled tokens, which only async scheduling reads (0.8 ms a step).
     assert calls == []
     assert bookkeeping == []
+    # Nor does the engine core fetch the (empty) drafts from the worker after each step: an RPC through the
+    # worker's message queue when the executor runs workers in processes (9% of the engine core's loop).
+    assert fetches == []
     assert worker.num_skipped_steps - skipped == len(record) > 0
     # The worker measures the drafter for the scheduler (its cost model fits draft terms from it): 0 here.
     assert all(r.draft_time_s == 0.0 for r in record)
-    with count_draft_forwards(ours) as calls:
+    with count_draft_forwards(ours) as calls, count_calls(worker, "take_draft_token_ids") as fetches:
         _, record = _generate(ours, [3] * 4)
     drafting = sum(r.num_draft_steps for r in record)
+    assert len(fetches) == sum(r.num_draft_steps > 0 for r in record) > 0  # a step that drafts: fetched
     assert all((r.draft_time_s or 0.0) > 0.0 for r in record if r.num_draft_steps > 0)
     assert all(r.draft_time_s is not None and r.draft_time_s < r.step_time_s for r in record)
     # Drafting steps: vLLM's first pass, then one forward per further draft step.

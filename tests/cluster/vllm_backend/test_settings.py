@@ -8,7 +8,14 @@ import pytest
 
 from cluster.config import AppConfig, PolicySettings
 from cluster.vllm_backend.server import SCHEDULER_CLS, WORKER_CLS, engine_args, token_logprobs_of
-from cluster.vllm_backend.settings import ADDITIONAL_CONFIG_KEY, SchedulerSettings, parse_num_spec_tokens
+from cluster.vllm_backend.settings import (
+    ADDITIONAL_CONFIG_KEY,
+    MULTIPROC_EXECUTOR,
+    UNIPROC_EXECUTOR,
+    SchedulerSettings,
+    executor_backend,
+    parse_num_spec_tokens,
+)
 
 
 def test_settings_round_trip_through_additional_config() -> None:
@@ -52,14 +59,25 @@ def test_backend_field_is_validated() -> None:
 def test_engine_args_carry_our_scheduler_and_k_max() -> None:
     config = AppConfig.from_args({"engine": {"backend": "vllm", "max_spec_tokens": 4}})
     settings = SchedulerSettings(policy=config.policy, metrics_path="/tmp/x.json")
-    args = engine_args(config, settings)
+    args = engine_args(config, settings, is_cpu=True)
     assert args["scheduler_cls"] == SCHEDULER_CLS and args["async_scheduling"] is False
     assert args["worker_cls"] == WORKER_CLS
+    assert args["distributed_executor_backend"] == MULTIPROC_EXECUTOR
     assert args["speculative_config"]["num_speculative_tokens"] == 4
     assert args["speculative_config"]["method"] == "draft_model"
     assert SchedulerSettings.from_additional_config(args["additional_config"]) == settings
     no_draft = AppConfig.from_args({"engine": {"backend": "vllm"}, "model": {"draft": None}})
-    assert "speculative_config" not in engine_args(no_draft, settings)
+    assert "speculative_config" not in engine_args(no_draft, settings, is_cpu=True)
+    assert engine_args(config, settings, is_cpu=False)["distributed_executor_backend"] == UNIPROC_EXECUTOR
+
+
+def test_the_executor_is_vllms_choice_of_process_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    assert executor_backend(is_cpu=True) == MULTIPROC_EXECUTOR  # vLLM's CPU build needs processes
+    assert executor_backend(is_cpu=False) == UNIPROC_EXECUTOR  # one GPU: in-process
+    assert executor_backend(is_cpu=False, world_size=2) == MULTIPROC_EXECUTOR
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process
+    assert executor_backend(is_cpu=True) == UNIPROC_EXECUTOR
 
 
 class _Logprob:  # vLLM's Logprob record: the value and the rank in the vocabulary
