@@ -116,7 +116,7 @@ def test_per_request_settings_are_honoured(engines: tuple[Any, Any]) -> None:
 
 
 def test_k_zero_runs_no_draft_forward(engines: tuple[Any, Any]) -> None:
-    _, ours = engines
+    plain, ours = engines
     sched, worker = scheduler(ours), runner(ours)
     skipped = worker.num_skipped_steps
     assert type(executor(ours)).__name__ == "PolicyUniProcExecutor"
@@ -124,8 +124,11 @@ def test_k_zero_runs_no_draft_forward(engines: tuple[Any, Any]) -> None:
         count_draft_forwards(ours) as calls,
         count_calls(drafter(ours), "prepare_next_token_ids_padded") as bookkeeping,
         count_calls(worker, "take_draft_token_ids") as fetches,
+        count_calls(worker.rejection_sampler, "forward") as rejection_sampling,
     ):
-        _, record = _generate(ours, ["off"] * 4)
+        outputs, record = _generate(ours, ["off"] * 4)
+    expected = plain.generate(PROMPTS[:4], _params([None] * 4), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
     assert all(r.num_draft_steps == 0 for r in record)
     assert all(n == 0 for r in record for n in r.num_drafts.values())
     # Every K is 0 on every step: the drafter does not run at all (vLLM's runner would run its first pass),
@@ -135,11 +138,18 @@ def test_k_zero_runs_no_draft_forward(engines: tuple[Any, Any]) -> None:
     # Nor does the engine core fetch the (empty) drafts from the worker after each step: an RPC through the
     # worker's message queue when the executor runs workers in processes (9% of the engine core's loop).
     assert fetches == []
+    # A batch with no draft to verify is sampled as without speculation, not by the rejection sampler.
+    assert rejection_sampling == []
     assert worker.num_skipped_steps - skipped == len(record) > 0
     # The worker measures the drafter for the scheduler (its cost model fits draft terms from it): 0 here.
     assert all(r.draft_time_s == 0.0 for r in record)
-    with count_draft_forwards(ours) as calls, count_calls(worker, "take_draft_token_ids") as fetches:
+    with (
+        count_draft_forwards(ours) as calls,
+        count_calls(worker, "take_draft_token_ids") as fetches,
+        count_calls(worker.rejection_sampler, "forward") as rejection_sampling,
+    ):
         _, record = _generate(ours, [3] * 4)
+    assert len(rejection_sampling) == sum(any(r.num_drafts.values()) for r in record) > 0
     drafting = sum(r.num_draft_steps for r in record)
     assert len(fetches) == sum(r.num_draft_steps > 0 for r in record) > 0  # a step that drafts: fetched
     assert all((r.draft_time_s or 0.0) > 0.0 for r in record if r.num_draft_steps > 0)
