@@ -3,7 +3,7 @@ draft model loaded, K_max 4), and the same on vLLM's executor (k0-fetch: the eng
 drafts from the worker after every step), at concurrency 1, launches alternating; optionally a py-spy profile
 of each server's engine-core process and its worker process while the client runs.
 
-    python -m bench.vllm_k0_served --launches 2 [--modes off,k0,k0-fetch] [--profile]
+    python -m bench.vllm_k0_served --launches 3 [--modes off,k0,k0-fetch] [--profile] [--out FILE.json]
 
 The client is a sequential loop of greedy completions (64 tokens, EOS ignored) on the code prompts; it
 prints tokens/s per launch. Profiles (py-spy's raw format) and server logs go to bench/results/raw/k0_served/.
@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--modes", default="off,k0,k0-fetch", help="of off, k0, k0-fetch; off first")
     parser.add_argument("--profile", action="store_true", help="py-spy record the engine core (20 s)")
     parser.add_argument("--port", type=int, default=8124)
+    parser.add_argument("--out", type=Path, help="also write the rates and ratios here (JSON)")
     args = parser.parse_args()
     if args.profile and shutil.which("py-spy") is None:
         sys.exit("--profile needs py-spy on the PATH (pip install py-spy)")
@@ -78,6 +79,7 @@ def main() -> None:
     if modes[0] != "off" or not set(modes) <= {"off", "k0", "k0-fetch"}:
         parser.error(f"--modes: off first, then k0 and/or k0-fetch; got {args.modes}")
     rates: dict[str, list[float]] = {mode: [] for mode in modes}
+    started = time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())
     for _ in range(args.launches):
         for mode in rates:
             policy = "" if mode == "off" else "off"
@@ -107,6 +109,9 @@ def main() -> None:
     for mode in modes[1:]:
         summary[f"{mode}_over_off"] = [r / off for off, r in zip(rates["off"], rates[mode], strict=True)]
     print(json.dumps(summary))
+    if args.out is not None:
+        run = {"command": " ".join(["python -m bench.vllm_k0_served", *sys.argv[1:]]), "started_utc": started}
+        args.out.write_text(json.dumps({**run, **summary}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

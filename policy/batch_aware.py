@@ -63,6 +63,12 @@ class BatchAwareConfig:
     # the launch that hardly tested ran 0.96x.
     test_budget: float = 0.02
     test_budget_iterations: int = 1000
+    # A batch where every request is set at K = 0, none testing, is searched again at most every this many
+    # iterations (and at once when its requests change, a retest falls due or anything drafts): in between,
+    # the choice is K = 0 again without the search. Nothing the search reads changes in such iterations but
+    # the cost model's fit, by one plain iteration each. Served at batch 1 on the demo pair (vLLM backend,
+    # 2 cores), the search took 0.6 ms of a 4.5 ms plain step, where vLLM without speculation took 3.5 ms.
+    steady_iterations: int = 8
     acceptance: AcceptanceConfig = field(default_factory=AcceptanceConfig)
 
     def __post_init__(self) -> None:
@@ -84,6 +90,8 @@ class BatchAwareConfig:
             raise ValueError(f"new_request_zero_verdicts={self.new_request_zero_verdicts} must be >= 0")
         if self.min_population_requests < 0:
             raise ValueError(f"min_population_requests={self.min_population_requests} must be >= 0")
+        if self.steady_iterations < 1:
+            raise ValueError(f"steady_iterations={self.steady_iterations} must be >= 1")
         if not 0.0 <= self.test_budget <= 1.0 or self.test_budget_iterations < 1:
             raise ValueError(
                 f"test_budget={self.test_budget} must be in [0, 1], "
@@ -124,10 +132,19 @@ class BatchAwareChooser:
         self._elapsed_s = 0.0
         # The last choice, for `gauges`: its predicted tokens per second over plain decoding's.
         self._predicted_speedup = 1.0
+        # A steady all-plain batch (`BatchAwareConfig.steady_iterations`): its requests, and the choices
+        # left before the next search.
+        self._steady: tuple[tuple[str, ...], int] | None = None
+        self.num_searches = 0
 
     def choose(self, request_ids: Sequence[str]) -> dict[str, int]:
         if not request_ids:
             return {}
+        key = tuple(request_ids)
+        if self._steady is not None and self._steady[0] == key and self._steady[1] > 0:
+            self._steady = (key, self._steady[1] - 1)
+            return dict.fromkeys(request_ids, 0)
+        self.num_searches += 1
         states = [self._state(r) for r in request_ids]
         num = len(states)
         rates = np.fromiter((s.estimator.rate for s in states), np.float64, num)
@@ -147,12 +164,16 @@ class BatchAwareChooser:
                 self._set(state, k)
         plain_rate = num / float(times[0, 0])
         self._predicted_speedup = self.tokens_per_second(rates, chosen) / plain_rate
+        is_steady = not any(chosen) and all(s.test_remaining == 0 and s.set_k == 0 for s in states)
+        self._steady = (key, self.config.steady_iterations - 1) if is_steady else None
         return dict(zip(request_ids, chosen, strict=True))
 
     def observe(self, stats: IterationStats) -> None:
         self.cost_model.observe(stats)
         is_drafting = any(r.num_spec_tokens > 0 for r in stats.requests)
         self._num_plain_iterations = 0 if is_drafting else self._num_plain_iterations + 1
+        if is_drafting:
+            self._steady = None
         self._account_tests(stats)
         for r in stats.requests:
             state = self._state(r.request_id)
@@ -172,6 +193,7 @@ class BatchAwareChooser:
                 if state.zero_iterations >= min(backoff, self.config.max_set_iterations):
                     state.test_remaining = self.config.test_iterations  # retest from the next choice
                     state.set_k = None
+                    self._steady = None
             if state.test_remaining == 0:
                 state.test_started = False
 

@@ -19,6 +19,9 @@ What the scheduler alone cannot change (see the README's vllm section):
   cluster.vllm_backend.runner.CatchUpWorker`) skips it on steps where this scheduler sets 0 draft steps
   and catches the drafter up when a request drafts again; without it, K = 0 everywhere still costs one
   draft forward over the batch per step.
+- After every step, vLLM's engine core fetches the step's drafts from the worker, a round trip to the
+  worker process when workers run in processes, even when the step drafted nothing. Our executor
+  (`executor.py`, `--distributed-executor-backend`) skips it on steps where this scheduler sets 0 draft steps.
 - Every request gets the batch's max K drafts; we only cut what is verified. K never exceeds the
   `num_speculative_tokens` given at launch (K_max: KV slots are reserved for it).
 - The scheduler times each step (schedule() to update_from_output()); our worker measures the drafter's

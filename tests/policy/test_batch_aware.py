@@ -285,3 +285,24 @@ def test_a_test_drafts_in_consecutive_iterations_when_verified_a_step_later() ->
     drafting = [any(ks.values()) for ks in verified]
     runs = [len(list(group)) for is_drafting, group in itertools.groupby(drafting) if is_drafting]
     assert runs and min(runs) >= chooser.config.test_iterations, runs
+
+
+def test_a_steady_plain_batch_skips_the_search_and_decides_the_same() -> None:
+    """Where every request is set at K = 0, the search runs every `steady_iterations` (and when a retest falls
+    due or the batch changes): the decisions are those of a search every iteration, at a fraction of them."""
+    workload = WorkloadConfig(4, (0.2,), mean_output_tokens=300, num_iterations=800, time_noise=0.0)
+    runs = []
+    for steady in (1, 8):
+        chooser = chooser_for("mixtral-8x7b-h100", steady_iterations=steady, test_budget=1.0)
+        recorder = Recorder(chooser)
+        simulate(MIXTRAL, recorder, workload)
+        runs.append((recorder.decisions, chooser.num_searches))
+    (every, num_every), (steady_decisions, num_steady) = runs
+    assert steady_decisions == every
+    assert num_every == len(every)
+    num_plain = sum(not any(d.values()) for d in every)
+    assert num_plain > len(every) / 2  # mostly plain: acceptance 0.2 does not pay at batch 4
+    # Searched: every drafting iteration, the iterations while a new request waits for its test, and one in 8
+    # of the rest (278 of 800 here).
+    assert num_steady < len(every) / 2
+    assert any(d.values() for d in steady_decisions)  # retests still fall due and draft
