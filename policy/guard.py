@@ -3,9 +3,10 @@ the chooser's model.
 
 It judges the chooser's decisions as a whole, not its drafting iterations one by one: per batch-size bucket
 it keeps the committed tokens per second per request of every iteration the chooser decided (its plain
-ones and its test probes included) and of every plain iteration (EWMAs). While the chooser speculates,
-every `baseline_every`-th iteration runs plain to keep the plain figure fresh (every 4th until a bucket has
-one). When the chooser's iterations measure worse than plain ones by more than `margin`, the guard runs
+ones and its test probes included) and of every plain iteration (EWMAs; not those next to drafting ones
+where the engine says they carry the drafter's costs, `IterationStats.is_near_drafting`). While the chooser
+speculates, a baseline of `baseline_length` plain iterations runs every `baseline_every` iterations to keep
+the plain figure fresh (more often until a bucket has `min_samples`). When the chooser's iterations measure worse than plain ones by more than `margin`, the guard runs
 that bucket plain for `hold_iterations` (doubled per consecutive verdict there, capped), then lets the
 chooser try again. A verdict holds only its own bucket: drafting that loses at batch 1 says nothing about
 batch 4, where verification costs far less relative to a plain step (the vLLM backend's replay of a batch-1
@@ -48,7 +49,11 @@ class GuardConfig:
     confidence: float = 2.0  # ... and not by less than this many standard errors of the difference either
     min_samples: int = 8  # iterations of each kind in a bucket before a verdict
     smoothing: float = 0.05  # EWMA weight of the newest iteration (about 20 iterations of memory)
-    baseline_every: int = 16  # while drafting, one plain iteration in this many
+    baseline_every: int = 16  # while drafting, one baseline in this many iterations
+    # Plain iterations per baseline. An engine whose plain iterations next to drafting ones are not plain
+    # decoding's cost (`IterationStats.is_near_drafting`, vLLM) needs 3 for one that is: with vLLM's one-step
+    # lag the first follows a verification and the last drafts at its end.
+    baseline_length: int = 1
     hold_iterations: int = 64  # plain iterations after a verdict against drafting
     max_hold_iterations: int = 1024  # cap of the doubling hold
 
@@ -58,8 +63,8 @@ class GuardConfig:
                 f"margin={self.margin} must be in [0, 1), smoothing={self.smoothing} in (0, 1], "
                 f"confidence={self.confidence} >= 0"
             )
-        if min(self.min_samples, self.baseline_every, self.hold_iterations) < 1:
-            raise ValueError("min_samples, baseline_every and hold_iterations must be >= 1")
+        if min(self.min_samples, self.baseline_every, self.hold_iterations, self.baseline_length) < 1:
+            raise ValueError("min_samples, baseline_every, baseline_length and hold_iterations must be >= 1")
         if self.max_hold_iterations < self.hold_iterations:
             raise ValueError(f"max_hold_iterations={self.max_hold_iterations} must be >= hold_iterations")
 
@@ -111,6 +116,7 @@ class MeasuredGuard:
         self._hold_left: dict[int, int] = {}
         self._num_verdicts: dict[int, int] = {}
         self._num_drafting = 0  # drafting iterations since the last plain one
+        self._baseline_left = 0  # plain iterations of the current baseline still to choose
         # Per choice not yet observed: the requests the chooser decided for (None: a forced plain iteration).
         self._pending: deque[frozenset[str] | None] = deque(maxlen=_MAX_PENDING_CHOICES)
         self.num_holds = 0
@@ -122,14 +128,20 @@ class MeasuredGuard:
         bucket = batch_bucket(len(request_ids))
         if self._hold_left.get(bucket, 0) > 0:
             return self._plain_iteration(request_ids)
+        if self._baseline_left > 0:
+            self._baseline_left -= 1
+            self._num_drafting = 0
+            return self._plain_iteration(request_ids)
         plain = self._plain.get(bucket)
         is_known = plain is not None and plain.count >= self.config.min_samples
-        every = self.config.baseline_every if is_known else 4  # learn the plain rate of a new bucket fast
-        if any(chosen.values()) and self._num_drafting >= every - 1:
-            # A baseline iteration. The count restarts now, not when it is observed: an engine that verifies
-            # each choice a step later (vLLM) would otherwise be asked again before the baseline is observed,
-            # and ran two plain iterations per baseline (1 in 9 at baseline_every 16, the vLLM backend's replay).
+        # Learn the plain rate of a new bucket fast (still at least one drafting iteration per baseline).
+        every = self.config.baseline_every if is_known else max(4, 2 * self.config.baseline_length)
+        if any(chosen.values()) and self._num_drafting >= every - self.config.baseline_length:
+            # A baseline. The count restarts now, not when it is observed: an engine that verifies each choice
+            # a step later (vLLM) would otherwise be asked again before the baseline is observed, and ran two
+            # plain iterations per baseline (1 in 9 at baseline_every 16, the vLLM backend's replay).
             self._num_drafting = 0
+            self._baseline_left = self.config.baseline_length - 1
             return self._plain_iteration(request_ids)
         self._pending.append(frozenset(request_ids))
         return chosen
@@ -147,7 +159,7 @@ class MeasuredGuard:
         bucket = batch_bucket(stats.batch_size)  # batch sizes 1, 2, 3-4, 5-8, 9-16, ...
         per_request = sum(r.num_committed_tokens for r in stats.requests) / stats.batch_size
         is_drafting = any(r.num_spec_tokens > 0 for r in stats.requests)
-        if not is_drafting:
+        if not is_drafting and not stats.is_near_drafting:
             self._plain.setdefault(bucket, _Rate()).add(
                 per_request, stats.iteration_time_s, self.config.smoothing
             )

@@ -26,12 +26,16 @@ from cluster.choosers import (
 )
 from cluster.vllm_backend.settings import WORKER_CLS, DraftMeasurement, SchedulerSettings
 from policy.cost_model import CostParams
-from policy.guard import MeasuredGuard
+from policy.guard import GuardConfig, MeasuredGuard
 from policy.stats import IterationStats, KChooser, RequestIterationStats
 from workers.config import ModelConfig
 from workers.target import TargetInfo
 
 logger = logging.getLogger(__name__)
+
+# A plain step next to drafting ones is not plain decoding's cost here (`IterationStats.is_near_drafting`):
+# a baseline takes 3 plain steps for one measured sample, so it runs half as often as the default's 1 in 16.
+GUARD = GuardConfig(baseline_length=3, baseline_every=32)
 
 
 def build_chooser(
@@ -47,7 +51,7 @@ def build_chooser(
     if policy.kind in ("off", "static"):
         return local
     if not settings.uses_central_actor:
-        return MeasuredGuard(local)
+        return MeasuredGuard(local, GUARD)
     import ray  # only under our Serve app: standalone vLLM needs no Ray
 
     from cluster.policy_actor import POLICY_NAMESPACE, PolicyClient, policy_actor_handle
@@ -63,7 +67,7 @@ def build_chooser(
     client = PolicyClient(
         source, local, lambda: policy_actor_handle(policy.actor_name, policy.window_iterations, factory)
     )
-    return MeasuredGuard(client)
+    return MeasuredGuard(client, GUARD)
 
 
 def target_info(vllm_config: Any) -> TargetInfo:
@@ -95,11 +99,14 @@ def iteration_stats(
     step_time_s: float,
     draft: DraftMeasurement | None,
     previous: DraftMeasurement,
+    *,
+    is_near_drafting: bool = False,
 ) -> IterationStats:
     """One iteration of the policy from one vLLM step: the drafts verified in the step were drafted at the end
     of the step before (`previous`), and the drafting at the end of this step (`draft`) is the next
     iteration's, so verify time = step time - `draft.time_s`. `draft` None (not our worker): the whole
-    step is verify time."""
+    step is verify time. `is_near_drafting`: the drafter ran at the end of this step or the step before, or
+    the step before verified drafts (`IterationStats.is_near_drafting`)."""
     return IterationStats(
         iteration=step,
         batch_size=len(requests),
@@ -109,6 +116,7 @@ def iteration_stats(
         verify_time_s=step_time_s if draft is None else max(step_time_s - draft.time_s, 0.0),
         other_time_s=0.0,
         num_draft_prefill_tokens=0 if draft is None else previous.num_prefill_tokens,
+        is_near_drafting=is_near_drafting,
     )
 
 

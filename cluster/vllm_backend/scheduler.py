@@ -104,6 +104,7 @@ class StepRecord:
     choose_s: float = 0.0  # in the chooser's choose() (inside the step)
     observe_s: float = 0.0  # in the chooser's observe() (after the step: between it and the next)
     gap_s: float = 0.0  # from the end of the step before to this one's schedule(): the engine core outside
+    is_near_drafting: bool = False  # IterationStats.is_near_drafting: the drafter ran at or next to this step
     start_s: float = 0.0  # wall clock (time.time()) at schedule(), to align with a client's timeline
 
 
@@ -155,6 +156,7 @@ class PolicyScheduler(Scheduler):
         self._last_metrics_write = 0.0
         # What the drafter did at the end of the last step: its drafts are verified in this step.
         self._last_draft = DraftMeasurement(0.0, 0)
+        self._last_drafted = False  # the last step drafted at its end or verified drafts
         self._measures_draft = False  # a measurement has arrived (logged once)
         path = self.settings.record_path  # line-buffered: a served engine's record survives its kill
         self._record_file: TextIO | None = None if path is None else open(path, "a", buffering=1)  # noqa: SIM115
@@ -269,8 +271,14 @@ class PolicyScheduler(Scheduler):
             )
         previous, self._last_draft = self._last_draft, draft or DraftMeasurement(0.0, 0)
         counters.draft_time_s += self._last_draft.time_s
+        drafts_next = scheduler_output.num_spec_tokens_to_schedule > 0
+        is_near = self._last_drafted or drafts_next
+        self._last_drafted = drafts_next or any(r.num_spec_tokens for r in requests)
         if requests:
-            self.chooser.observe(iteration_stats(counters.num_steps, requests, step_time_s, draft, previous))
+            stats = iteration_stats(
+                counters.num_steps, requests, step_time_s, draft, previous, is_near_drafting=is_near
+            )
+            self.chooser.observe(stats)
             counters.num_request_steps += len(requests)
             counters.num_drafts += sum(r.num_spec_tokens > 0 for r in requests)
             counters.num_draft_tokens += sum(r.num_spec_tokens for r in requests)
@@ -299,6 +307,7 @@ class PolicyScheduler(Scheduler):
                     choose_s=self._choose_s,
                     observe_s=observe_s,
                     gap_s=gap_s,
+                    is_near_drafting=is_near,
                     start_s=time.time() - (now - self._step_start),
                 )
             )

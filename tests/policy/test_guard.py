@@ -203,3 +203,59 @@ def test_a_full_batch_that_shrinks_by_one_keeps_its_plain_figure() -> None:
         held = chosen
     assert guard.num_holds == 0
     assert sum(plain[64:]) <= len(plain[64:]) / 12  # one baseline in about 16 once the plain rate is known
+
+
+def _lagged_engine(guard: MeasuredGuard, num_steps: int, *, reports_near_drafting: bool) -> list[int]:
+    """A vLLM-like engine at batch 1 whose plain steps next to drafting pay a switching cost: it verifies at
+    step t + 1 what was chosen at step t, and a step after one that drafted or verified pays 2 ms (the
+    demo pair's first plain step after drafting measured 1.5-3 ms slower than later ones). Steady plain: 6 ms a
+    token; drafting at K = 1: 4 ms drafter + 7 ms verify + 2 ms = 13 ms for 1.75 tokens, 19% worse. A single
+    plain step between drafting ones costs 8 ms for its token, so it makes drafting look 7% better than plain.
+    Returns the K verified in each step."""
+    held, last_drafted, last_draft_s, verified = 0, False, 0.0, []
+    for step in range(num_steps):
+        chosen = guard.choose(["a"])["a"]
+        draft_s = 0.004 if chosen else 0.0
+        verify_s = (0.007 if held else 0.006) + (0.002 if last_drafted else 0.0)
+        accepted = int(held > 0 and step % 4 != 0)  # 3 of 4 drafts accepted
+        near = last_drafted or chosen > 0
+        requests = [RequestIterationStats("a", held, accepted, accepted + 1, 100)]
+        guard.observe(
+            IterationStats(
+                step, 1, requests, held + 1, last_draft_s, verify_s, 0.0,
+                is_near_drafting=near and reports_near_drafting,
+            )
+        )  # fmt: skip
+        verified.append(held)
+        held, last_drafted, last_draft_s = chosen, chosen > 0 or held > 0, draft_s
+    return verified
+
+
+def test_plain_steps_next_to_drafting_do_not_set_the_plain_figure() -> None:
+    # The served demo pair at batch 4: drafting measured 30% better than the guard's one-step baselines and
+    # 36% worse than steady plain decoding; the guard never held. With the engine saying which plain steps
+    # are next to drafting, 3-step baselines give it a steady sample and it holds.
+    config = GuardConfig(baseline_length=3, baseline_every=32)
+    blind = MeasuredGuard(StaticChooser(1), config)
+    _lagged_engine(blind, 600, reports_near_drafting=False)
+    assert blind.num_holds == 0  # the premise: switching costs hide the loss
+    guard = MeasuredGuard(StaticChooser(1), config)
+    verified = _lagged_engine(guard, 600, reports_near_drafting=True)
+    assert guard.num_holds >= 1
+    assert sum(k > 0 for k in verified[200:]) < 0.2 * len(verified[200:])
+
+
+def test_a_baseline_runs_baseline_length_plain_iterations() -> None:
+    config = GuardConfig(baseline_length=3, baseline_every=32)
+    guard = MeasuredGuard(StaticChooser(2), config)
+    held = {"a": 2}
+    plain = []
+    for index in range(640):
+        chosen = guard.choose(["a"])
+        guard.observe(_iteration(index, held, {"a": 3 if held["a"] else 1}, 0.012 if held["a"] else 0.010))
+        plain.append(chosen["a"] == 0)
+        held = chosen
+    assert guard.num_holds == 0  # drafting pays
+    runs = [len(list(group)) for is_plain, group in itertools.groupby(plain[128:]) if is_plain]
+    assert runs and set(runs) == {3}
+    assert sum(plain[128:]) == pytest.approx(3 * len(plain[128:]) / 32, abs=3)

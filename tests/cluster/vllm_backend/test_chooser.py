@@ -89,7 +89,7 @@ def _serve(
     vllm_config = _vllm_config(WORKER_CLS)
     chooser = build_chooser(settings or SchedulerSettings(), vllm_config, MAX_SPEC_TOKENS, "test")
     step, results = 0, []
-    last_draft = DraftMeasurement(0.0, 0)
+    last_draft, last_drafted = DraftMeasurement(0.0, 0), False
     chosen: dict[str, int] = {}  # drafts held for the next step
     lag: dict[str, int] = {}  # tokens the drafter has not seen (it skips steps where every K is 0)
     for concurrency, num_requests in phases:
@@ -125,8 +125,11 @@ def _serve(
             noise = float(np.exp(rng.normal(0.0, 0.05)))
             draft = DraftMeasurement(_draft_s(len(ids), num_steps, num_prefill) * noise, num_prefill)
             step_s = verify_s(len(ids), len(ids) + sum(ks)) * noise + draft.time_s
-            chooser.observe(iteration_stats(step, requests, step_s, draft, last_draft))
-            last_draft = draft
+            is_near = last_drafted or num_steps > 0  # as PolicyScheduler reports it
+            chooser.observe(
+                iteration_stats(step, requests, step_s, draft, last_draft, is_near_drafting=is_near)
+            )
+            last_draft, last_drafted = draft, num_steps > 0 or any(ks)
             seconds += step_s
             drafted += ks
             chosen.update(decided)

@@ -143,6 +143,8 @@ def test_k_zero_runs_no_draft_forward(engines: tuple[Any, Any]) -> None:
     assert worker.num_skipped_steps - skipped == len(record) > 0
     # The worker measures the drafter for the scheduler (its cost model fits draft terms from it): 0 here.
     assert all(r.draft_time_s == 0.0 for r in record)
+    # No step after the first two is next to drafting (the first may follow an earlier test's last draft).
+    assert not any(r.is_near_drafting for r in record[2:])
     with (
         count_draft_forwards(ours) as calls,
         count_calls(worker, "take_draft_token_ids") as fetches,
@@ -156,6 +158,7 @@ def test_k_zero_runs_no_draft_forward(engines: tuple[Any, Any]) -> None:
     assert all(r.draft_time_s is not None and r.draft_time_s < r.step_time_s for r in record)
     # Drafting steps: vLLM's first pass, then one forward per further draft step.
     assert len(calls) == len(record) + sum(max(0, r.num_draft_steps - 1) for r in record) and drafting > 0
+    assert all(r.is_near_drafting for r in record if r.num_draft_steps > 0)
     assert sched.counters.num_steps > 0
 
 
