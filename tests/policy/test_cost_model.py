@@ -214,3 +214,33 @@ def test_plain_iterations_next_to_drafting_are_left_out_of_the_fit() -> None:
         fits.append(model.plain_time(4) / truth.plain_time(4))
     assert fits[0] > 1.08  # the premise: fitted in, they inflate plain decoding's time
     assert fits[1] == pytest.approx(1.0, rel=0.03)
+
+
+def test_an_engine_that_reports_no_other_time_has_the_drafter_call_fitted_from_verify_times() -> None:
+    """vLLM's backend reports a step as the drafter's time and the rest (verify); what an iteration that
+    verifies drafts costs beyond its tokens is in the rest. Fitted nowhere, it inflated plain decoding's
+    predicted time at batch 1 by a third on the demo pair (the fit spread it over the fixed term)."""
+    rng = np.random.default_rng(8)
+    truth_params = dataclasses.replace(MIXTRAL.cost_params(), draft_call_s=2e-3)
+    truth = CostModel(CostModelConfig(MIXTRAL.routing), truth_params)
+    p = MIXTRAL.cost_params()  # a prior in these terms: the other terms folded into verify's (`step_prior`)
+    prior = dataclasses.replace(
+        p,
+        fixed_s=p.fixed_s + p.other_s,
+        per_token_s=p.per_token_s + p.other_per_token_s,
+        other_s=0.0,
+        other_per_token_s=0.0,
+    )
+    model = CostModel(CostModelConfig(MIXTRAL.routing), prior)
+    for i in range(96):
+        ks = list(rng.integers(0, 4, 1 + i % 8)) if i % 2 else [0] * (1 + i % 8)
+        stats = measured_iteration(truth, ks, rng, noise=0.01, iteration=i)
+        model.observe(
+            msgspec.structs.replace(
+                stats, verify_time_s=stats.verify_time_s + stats.other_time_s, other_time_s=0.0
+            )
+        )
+    assert model.params.draft_call_s == pytest.approx(2e-3, rel=0.15)
+    for batch in (1, 4):
+        assert model.plain_time(batch) == pytest.approx(truth.plain_time(batch), rel=0.03)
+        assert model.spec_time(batch, 2) == pytest.approx(truth.spec_time(batch, 2), rel=0.03)
