@@ -28,6 +28,10 @@ Array = NDArray[np.float64]
 # request looks like a change of phase, and the traffic's acceptance was then the last request's alone (fed
 # per iteration over 20 iterations, it was too): one request at 0.3 put every later one at K = 0, untested
 # for its life, where the traffic's mean was 0.58 and static K = 1 paid (tests/cluster/vllm_backend).
+# Each request feeds it with its first `test_iterations` drafting iterations only: a request that drafts on
+# is one that accepts well, and counted per iteration they set the acceptance a new request starts from.
+# Served on the demo pair's prose at batch 1 (requests at 0.2-0.6), every new request drafted its first
+# iterations at K = 2 on the few that kept drafting, where the pair only pays at 0.8 and above.
 POPULATION_ACCEPTANCE = AcceptanceConfig(decay=0.995, fast_decay=0.995)
 
 
@@ -112,7 +116,7 @@ class _RequestState:
         self.num_zero_verdicts = 0  # consecutive tests followed by K = 0: the back-off exponent
         self.is_new = True  # not chosen for yet
         self.test_wait = 0  # iterations a pending test has waited for a drafting iteration
-        self.has_drafted = False  # its drafts have fed the population's acceptance
+        self.num_drafting_iterations = 0  # its first test_iterations feed the population's acceptance
 
 
 class BatchAwareChooser:
@@ -180,9 +184,10 @@ class BatchAwareChooser:
             if r.num_spec_tokens > 0:
                 rejected = 1.0 if r.num_accepted_tokens < r.num_spec_tokens else 0.0
                 state.estimator.record_counts(r.num_accepted_tokens, rejected)
-                self._population.record_counts(r.num_accepted_tokens, rejected)
-                self._num_population_requests += not state.has_drafted
-                state.has_drafted = True
+                if state.num_drafting_iterations < self.config.test_iterations:
+                    self._population.record_counts(r.num_accepted_tokens, rejected)
+                self._num_population_requests += state.num_drafting_iterations == 0
+                state.num_drafting_iterations += 1
             if state.test_remaining > 0:
                 state.test_remaining -= r.num_spec_tokens > 0  # a test waiting for a probe is still pending
             elif r.num_spec_tokens > 0:

@@ -306,3 +306,28 @@ def test_a_steady_plain_batch_skips_the_search_and_decides_the_same() -> None:
     # of the rest (278 of 800 here).
     assert num_steady < len(every) / 2
     assert any(d.values() for d in steady_decisions)  # retests still fall due and draft
+
+
+def test_requests_that_draft_on_do_not_set_the_traffic_acceptance_alone() -> None:
+    """A request that keeps drafting is one that accepts well; counted per drafting iteration, one at 0.9
+    for 200 iterations outweighed ten at 0.2 tested for 8 each, and new requests started drafting where most
+    requests do not pay (the demo pair's prose served at batch 1)."""
+    chooser = chooser_for("mixtral-8x7b-h100", min_population_requests=0)
+    step = 0
+
+    def draft(request_id: str, num_iterations: int, acceptance: float) -> None:
+        nonlocal step
+        for i in range(num_iterations):
+            accepted = int((i + 1) * acceptance) - int(
+                i * acceptance
+            )  # 0 or 1 at K = 1, on average `acceptance`
+            requests = [RequestIterationStats(request_id, 1, accepted, accepted + 1, 10)]
+            chooser.observe(IterationStats(step, 1, requests, 2, 0.01, 0.02, 0.0))
+            step += 1
+
+    for i in range(10):
+        draft(f"low{i}", 8, 0.2)
+        draft("high", 20, 0.9)  # drafts on beside them
+    # Per request, ten of eleven accept 0.2 (the high one's first iterations are the oldest, decayed most);
+    # counted per iteration, the high one's 200 made it 0.69.
+    assert 0.15 < chooser.gauges()["policy_acceptance"] < 0.3
