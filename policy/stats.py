@@ -44,9 +44,9 @@ class IterationStats(msgspec.Struct, frozen=True):
     # catch-up of requests that start or resume speculating (their whole history) and after a drafter loss.
     num_draft_prefill_tokens: int = 0
     # A plain iteration next to drafting ones, whose time is not plain decoding's alone: the vLLM backend sets
-    # it when the drafter ran at the end of this step or the step before, or the step before verified drafts.
-    # On the demo pair such steps measured 1.5-3 ms (25-45%) slower than plain steps in a run of plain ones
-    # (the first after drafting, and the last before it), so the guard's plain figure and the cost model's fit
+    # it when the drafter ran at the end of this step, or one of the last steps drafted or verified
+    # (`cluster.vllm_backend.scheduler.NEAR_DRAFTING_STEPS`). On the demo pair such steps measured up to 35%
+    # slower than plain steps further from drafting, so the guard's plain figure and the cost model's fit
     # leave them out: a baseline taken from them made drafting look 30% better than it was at batch 4.
     is_near_drafting: bool = False
 

@@ -48,7 +48,7 @@ import vllm
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from cluster.vllm_backend.chooser import build_chooser, iteration_stats
+from cluster.vllm_backend.chooser import NearDrafting, build_chooser, iteration_stats
 from cluster.vllm_backend.settings import (
     DRAFT_MEASUREMENT_ATTR,
     NUM_SPEC_TOKENS_ARG,
@@ -156,7 +156,7 @@ class PolicyScheduler(Scheduler):
         self._last_metrics_write = 0.0
         # What the drafter did at the end of the last step: its drafts are verified in this step.
         self._last_draft = DraftMeasurement(0.0, 0)
-        self._last_drafted = False  # the last step drafted at its end or verified drafts
+        self._near_drafting = NearDrafting()
         self._measures_draft = False  # a measurement has arrived (logged once)
         path = self.settings.record_path  # line-buffered: a served engine's record survives its kill
         self._record_file: TextIO | None = None if path is None else open(path, "a", buffering=1)  # noqa: SIM115
@@ -272,8 +272,8 @@ class PolicyScheduler(Scheduler):
         previous, self._last_draft = self._last_draft, draft or DraftMeasurement(0.0, 0)
         counters.draft_time_s += self._last_draft.time_s
         drafts_next = scheduler_output.num_spec_tokens_to_schedule > 0
-        is_near = self._last_drafted or drafts_next
-        self._last_drafted = drafts_next or any(r.num_spec_tokens for r in requests)
+        verified = any(r.num_spec_tokens for r in requests)
+        is_near = self._near_drafting.step(drafts_at_end=drafts_next, verified=verified)
         if requests:
             stats = iteration_stats(
                 counters.num_steps, requests, step_time_s, draft, previous, is_near_drafting=is_near

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from cluster.config import AppConfig, PolicySettings
-from cluster.vllm_backend.chooser import build_chooser, iteration_stats, step_prior
+from cluster.vllm_backend.chooser import NearDrafting, build_chooser, iteration_stats, step_prior
 from cluster.vllm_backend.settings import WORKER_CLS, DraftMeasurement, SchedulerSettings
 from policy.routing import expected_experts
 from policy.stats import RequestIterationStats
@@ -89,7 +89,7 @@ def _serve(
     vllm_config = _vllm_config(WORKER_CLS)
     chooser = build_chooser(settings or SchedulerSettings(), vllm_config, MAX_SPEC_TOKENS, "test")
     step, results = 0, []
-    last_draft, last_drafted = DraftMeasurement(0.0, 0), False
+    last_draft, near_drafting = DraftMeasurement(0.0, 0), NearDrafting()
     chosen: dict[str, int] = {}  # drafts held for the next step
     lag: dict[str, int] = {}  # tokens the drafter has not seen (it skips steps where every K is 0)
     for concurrency, num_requests in phases:
@@ -125,11 +125,11 @@ def _serve(
             noise = float(np.exp(rng.normal(0.0, 0.05)))
             draft = DraftMeasurement(_draft_s(len(ids), num_steps, num_prefill) * noise, num_prefill)
             step_s = verify_s(len(ids), len(ids) + sum(ks)) * noise + draft.time_s
-            is_near = last_drafted or num_steps > 0  # as PolicyScheduler reports it
+            is_near = near_drafting.step(drafts_at_end=num_steps > 0, verified=any(ks))  # as PolicyScheduler
             chooser.observe(
                 iteration_stats(step, requests, step_s, draft, last_draft, is_near_drafting=is_near)
             )
-            last_draft, last_drafted = draft, num_steps > 0 or any(ks)
+            last_draft = draft
             seconds += step_s
             drafted += ks
             chosen.update(decided)
