@@ -188,18 +188,25 @@ def test_a_verdict_at_one_batch_size_does_not_hold_another() -> None:
     assert guard.choose(batch_4) == dict.fromkeys(batch_4, 2)  # batch 4 is not
 
 
+def _plain_choices_verified_late(guard: MeasuredGuard, num_iterations: int) -> list[bool]:
+    """One request, each choice verified a step later (vLLM), drafting at 250 tokens/s against plain's 100:
+    whether each choice was plain."""
+    held = {"a": 2}  # the drafts verified in the next step
+    plain = []
+    for index in range(num_iterations):
+        chosen = guard.choose(["a"])
+        guard.observe(_iteration(index, held, {"a": 3 if held["a"] else 1}, 0.012 if held["a"] else 0.010))
+        plain.append(chosen["a"] == 0)
+        held = chosen
+    return plain
+
+
 def test_a_baseline_is_one_plain_iteration_when_choices_are_verified_a_step_late() -> None:
     # vLLM verifies at step t + 1 what was chosen at step t, and asks for step t + 1's choice before it
     # observes step t: counted from observed plain iterations, each baseline ran two plain steps (1 in 9).
     config = GuardConfig(baseline_every=16)
     guard = MeasuredGuard(StaticChooser(2), config)
-    held = {"a": 2}  # the drafts verified in the next step
-    plain = []
-    for index in range(320):
-        chosen = guard.choose(["a"])
-        guard.observe(_iteration(index, held, {"a": 3 if held["a"] else 1}, 0.012 if held["a"] else 0.010))
-        plain.append(chosen["a"] == 0)
-        held = chosen
+    plain = _plain_choices_verified_late(guard, 320)
     assert guard.num_holds == 0  # the premise: drafting pays (250 against 100 tokens/s)
     steady = plain[64:]
     assert sum(steady) == pytest.approx(len(steady) / config.baseline_every, abs=1)
@@ -270,13 +277,7 @@ def test_plain_steps_next_to_drafting_do_not_set_the_plain_figure() -> None:
 def test_a_baseline_runs_baseline_length_plain_iterations() -> None:
     config = GuardConfig(baseline_length=3, baseline_every=32)
     guard = MeasuredGuard(StaticChooser(2), config)
-    held = {"a": 2}
-    plain = []
-    for index in range(640):
-        chosen = guard.choose(["a"])
-        guard.observe(_iteration(index, held, {"a": 3 if held["a"] else 1}, 0.012 if held["a"] else 0.010))
-        plain.append(chosen["a"] == 0)
-        held = chosen
+    plain = _plain_choices_verified_late(guard, 640)
     assert guard.num_holds == 0  # drafting pays
     runs = [len(list(group)) for is_plain, group in itertools.groupby(plain[128:]) if is_plain]
     assert runs and set(runs) == {3}
