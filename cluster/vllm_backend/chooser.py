@@ -124,8 +124,7 @@ def iteration_stats(
     """One iteration of the policy from one vLLM step: the drafts verified in the step were drafted at the end
     of the step before (`previous`), and the drafting at the end of this step (`draft`) is the next
     iteration's, so verify time = step time - `draft.time_s`. `draft` None (not our worker): the whole
-    step is verify time. `is_near_drafting`: the drafter ran at the end of this step or the step before, or
-    the step before verified drafts (`IterationStats.is_near_drafting`)."""
+    step is verify time. `is_near_drafting`: from `NearDrafting` (`IterationStats.is_near_drafting`)."""
     return IterationStats(
         iteration=step,
         batch_size=len(requests),
