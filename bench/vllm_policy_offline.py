@@ -27,8 +27,8 @@ def run_offline(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def offline_engine_args(mode: str, common: dict[str, Any], draft: Path) -> dict[str, Any]:
     """`vllm.LLM` arguments of an offline mode: off; N (vLLM's own static K = N); k0_vllm (our scheduler at
-    every K = 0, K_max 4, vLLM's runner and executor); k0 (the same on our worker and executor); oursN (our scheduler and worker at a
-    fixed K = N, K_max 4); oursN@M (the same at K_max M)."""
+    every K = 0, K_max 4, vLLM's runner and executor); k0 (the same on our worker and executor); oursN (our
+    scheduler, worker and executor at a fixed K = N, K_max 4); oursN@M (the same at K_max M)."""
 
     def spec(num: int) -> dict[str, Any]:
         return {"method": "draft_model", "model": str(draft), "num_speculative_tokens": num}

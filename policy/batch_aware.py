@@ -19,7 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from policy.cost_model import CostModel
-from policy.stats import IterationStats
+from policy.stats import IterationStats, SameBatchSkips
 from policy.utility import AcceptanceConfig, AcceptanceEstimator
 
 Array = NDArray[np.float64]
@@ -136,17 +136,14 @@ class BatchAwareChooser:
         self._elapsed_s = 0.0
         # The last choice, for `gauges`: its predicted tokens per second over plain decoding's.
         self._predicted_speedup = 1.0
-        # A steady all-plain batch (`BatchAwareConfig.steady_iterations`): its requests, and the choices
-        # left before the next search.
-        self._steady: tuple[tuple[str, ...], int] | None = None
+        # A steady all-plain batch (`BatchAwareConfig.steady_iterations`): its choices before the next search.
+        self._steady = SameBatchSkips()
         self.num_searches = 0
 
     def choose(self, request_ids: Sequence[str]) -> dict[str, int]:
         if not request_ids:
             return {}
-        key = tuple(request_ids)
-        if self._steady is not None and self._steady[0] == key and self._steady[1] > 0:
-            self._steady = (key, self._steady[1] - 1)
+        if self._steady.skip(request_ids):
             return dict.fromkeys(request_ids, 0)
         self.num_searches += 1
         states = [self._state(r) for r in request_ids]
@@ -169,7 +166,7 @@ class BatchAwareChooser:
         plain_rate = num / float(times[0, 0])
         self._predicted_speedup = self.tokens_per_second(rates, chosen) / plain_rate
         is_steady = not any(chosen) and all(s.test_remaining == 0 and s.set_k == 0 for s in states)
-        self._steady = (key, self.config.steady_iterations - 1) if is_steady else None
+        self._steady.arm(request_ids, self.config.steady_iterations - 1 if is_steady else 0)
         return dict(zip(request_ids, chosen, strict=True))
 
     def observe(self, stats: IterationStats) -> None:
@@ -177,7 +174,7 @@ class BatchAwareChooser:
         is_drafting = any(r.num_spec_tokens > 0 for r in stats.requests)
         self._num_plain_iterations = 0 if is_drafting else self._num_plain_iterations + 1
         if is_drafting:
-            self._steady = None
+            self._steady.reset()
         self._account_tests(stats)
         for r in stats.requests:
             state = self._state(r.request_id)
@@ -198,7 +195,7 @@ class BatchAwareChooser:
                 if state.zero_iterations >= min(backoff, self.config.max_set_iterations):
                     state.test_remaining = self.config.test_iterations  # retest from the next choice
                     state.set_k = None
-                    self._steady = None
+                    self._steady.reset()
             if state.test_remaining == 0:
                 state.test_started = False
 

@@ -43,7 +43,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from policy.cost_model import batch_bucket
-from policy.stats import IterationStats, KChooser
+from policy.stats import IterationStats, KChooser, SameBatchSkips
 
 
 @dataclass(frozen=True)
@@ -126,23 +126,19 @@ class MeasuredGuard:
         # Per choice not yet observed: the requests the chooser decided for (None: a forced plain iteration).
         self._pending: deque[frozenset[str] | None] = deque(maxlen=_MAX_PENDING_CHOICES)
         self.num_holds = 0
-        # While held: the requests the chooser was last asked for, and the held choices until it is asked again.
-        self._held_asked: tuple[tuple[str, ...], int] | None = None
+        # While held: the choices until the chooser is asked again.
+        self._held_skips = SameBatchSkips()
 
     def choose(self, request_ids: Sequence[str]) -> dict[str, int]:
         if not request_ids:
             return self.inner.choose(request_ids)
         bucket = batch_bucket(len(request_ids))
         if self._hold_left.get(bucket, 0) > 0:
-            key = tuple(request_ids)
-            asked = self._held_asked
-            if asked is not None and asked[0] == key and asked[1] > 0:
-                self._held_asked = (key, asked[1] - 1)
-            else:
+            if not self._held_skips.skip(request_ids):
                 self.inner.choose(request_ids)
-                self._held_asked = (key, self.config.held_ask_every - 1)
+                self._held_skips.arm(request_ids, self.config.held_ask_every - 1)
             return self._plain_iteration(request_ids)
-        self._held_asked = None
+        self._held_skips.reset()
         chosen = self.inner.choose(request_ids)
         if self._baseline_left > 0:
             self._baseline_left -= 1

@@ -55,6 +55,29 @@ class IterationStats(msgspec.Struct, frozen=True):
         return self.draft_time_s + self.verify_time_s + self.other_time_s
 
 
+class SameBatchSkips:
+    """Lets a chooser answer the same batch again without asking (searching, or asking the chooser inside) for
+    a number of calls: `arm` after a call, `skip` before one. Any other batch, or `reset`, ends it."""
+
+    def __init__(self) -> None:
+        self._batch: tuple[str, ...] = ()
+        self._left = 0
+
+    def skip(self, request_ids: Sequence[str]) -> bool:
+        """Whether this call may be skipped (and counts it)."""
+        if self._left > 0 and tuple(request_ids) == self._batch:
+            self._left -= 1
+            return True
+        return False
+
+    def arm(self, request_ids: Sequence[str], num_calls: int) -> None:
+        """The next `num_calls` calls for this batch may be skipped."""
+        self._batch, self._left = tuple(request_ids), num_calls
+
+    def reset(self) -> None:
+        self._left = 0
+
+
 class KChooser(Protocol):
     """Chooses num_spec_tokens (K) per request. Implemented by every policy, including off and static."""
 
