@@ -279,3 +279,27 @@ def test_the_shape_correction_follows_verify_times_the_parametric_form_cannot() 
         )
     assert errors[1] > 0.04  # the premise: the parametric form cannot follow this shape
     assert errors[0] < 0.02
+
+
+def test_a_bucket_measured_only_plain_keeps_the_parametric_ratio_of_drafting_to_plain() -> None:
+    """Served on the regime pair, a bucket whose plain steps ran faster than the prior put them saw every K
+    as dearer by as much when unmeasured cells were left at 1, and auto never drafted at synthetic 1 / 4 /
+    16 (static K = 4: 1.3-1.5x off). Unmeasured K hold the nearest measured cell's factor."""
+    params = MIXTRAL.cost_params()
+    truth = CostModel(CostModelConfig(MIXTRAL.routing), params)
+    model = CostModel(CostModelConfig(MIXTRAL.routing), params)
+    rng = np.random.default_rng(10)
+    for i in range(384):  # batches 2, 4, 16 at every K as the truth has it; batch 1 plain only, 20% faster
+        if i % 4:
+            ks = [int(rng.integers(0, 5))] * (2, 4, 16)[i % 4 - 1]
+            model.observe(measured_iteration(truth, ks, rng, noise=0.01, iteration=i))
+            continue
+        stats = measured_iteration(truth, [0], rng, noise=0.01, iteration=i)
+        model.observe(msgspec.structs.replace(stats, verify_time_s=0.8 * stats.verify_time_s))
+    plain = model.plain_time(1)
+    assert plain == pytest.approx(0.8 * truth.plain_time(1), rel=0.05)  # corrected
+    factor = plain / float(sum(model._model_times(1, 0, 0)))
+    assert factor < 0.95  # the premise: the parametric form alone does not get there
+    for k in range(1, 5):
+        draft, verify, other = (float(t) for t in model._model_times(1, k, k))
+        assert model.spec_time(1, k) == pytest.approx(draft + factor * (verify + other), rel=1e-6)
