@@ -209,6 +209,41 @@ def test_a_new_request_is_tested_where_drafting_was_never_measured_at_its_batch_
     assert run("b", 64, 32) == [0] * 64
 
 
+def test_a_test_that_ends_in_drafting_gets_the_next_new_request_tested() -> None:
+    """The traffic's acceptance is fed by tests alone. Served on the regime pair, synthetic at batch 1 after
+    prose started 15 of 16 requests untested at K = 0 (the traffic's figure under the break-even), while the
+    one that a stale figure got tested drafted its life at 0.85 and static K = 4 paid 1.32x. Once a test ends
+    in drafting, the next new request is tested (the test budget is out of the way here)."""
+    chooser = chooser_for("mixtral-8x7b-h100", min_population_requests=0, test_budget=1.0)
+    step = 0
+
+    def observe(request_id: str, k: int, accepted: int) -> None:  # drafting pays from about 0.7 at batch 1
+        nonlocal step
+        requests = [RequestIterationStats(request_id, k, accepted, accepted + 1, 10)]
+        chooser.observe(IterationStats(step, 1, requests, 1 + k, 0.01 * k, 0.02 + 0.004 * k, 0.0))
+        step += 1
+
+    def run(request_id: str, num_iterations: int, accepts: bool) -> list[int]:
+        ks = []
+        for _ in range(num_iterations):
+            k = chooser.choose([request_id])[request_id]
+            ks.append(k)
+            observe(request_id, k, k if accepts else 0)
+        chooser.release(request_id)
+        return ks
+
+    for i in range(30):  # the traffic so far: tests of requests that accept 0.3 at K = 1
+        for j in range(8):
+            observe(f"low{i}", 1, int((j + 1) * 0.3) - int(j * 0.3))
+        chooser.release(f"low{i}")
+    assert not any(run("b", 64, accepts=False)) and not any(run("c", 96, accepts=False))  # untested
+    # The traffic's figure is stale now (no drafting for 128 iterations): the next one is tested.
+    high = run("high", 64, accepts=True)
+    assert all(high[-16:]), high  # ... and drafts on
+    assert chooser.best_spec_tokens(np.array([chooser.gauges()["policy_acceptance"]]), np.array([-1])) == [0]
+    assert any(run("next", 32, accepts=True))  # the traffic's figure says K = 0, the last test said draft
+
+
 def test_the_traffic_acceptance_is_not_the_last_request_alone_at_batch_1() -> None:
     """At batch 1 each new request looked like a change of phase: one request at 0.3 after others at 0.85
     set the acceptance new requests start from to its own (0.26 in the vLLM backend's replay), and every
