@@ -212,9 +212,7 @@ class CostModel:
         every refit, so that the fit stays determined at batch sizes and K that live traffic does not visit.
         """
         self._anchors.extend(row for stats in measured if (row := self._record(stats)) is not None)
-        self.params = self.prior = self._fit_rows(self._anchors)
-        self._correct(np.array(self._anchors).reshape(-1, ROW_SIZE))
-        self.version += 1
+        self.prior = self._fit_and_correct(np.array(self._anchors).reshape(-1, ROW_SIZE))
         return self.params
 
     def observe(self, stats: IterationStats) -> None:
@@ -239,7 +237,10 @@ class CostModel:
         self._num_new_samples = 0
         self.num_refits += 1
         recent = self._samples[: min(self._num_samples, self.config.max_samples)]
-        rows = np.vstack([np.array(self._anchors).reshape(-1, ROW_SIZE), recent])
+        return self._fit_and_correct(np.vstack([np.array(self._anchors).reshape(-1, ROW_SIZE), recent]))
+
+    def _fit_and_correct(self, rows: Array) -> CostParams:
+        """New params and shape correction from these rows (a new `version`)."""
         self.params = self._fit_rows(rows)
         self._correct(rows)
         self.version += 1
@@ -253,7 +254,7 @@ class CostModel:
         valid = (predicted > 0.0) & (measured > 0.0)
         ratio = np.divide(measured, predicted, out=np.ones_like(measured), where=valid)
         per_seq = np.rint(spec / batch).astype(np.int64)
-        buckets = np.array([batch_bucket(int(b)) for b in batch], dtype=np.int64)
+        buckets = np.frexp(batch - 1.0)[1]  # batch_bucket, elementwise: (b - 1).bit_length()
         pseudo = self.config.correction_pseudo_count
         correction: dict[int, tuple[Array, Array]] = {}
         for bucket in np.unique(buckets[valid]):
