@@ -282,3 +282,42 @@ def test_a_baseline_runs_baseline_length_plain_iterations() -> None:
     runs = [len(list(group)) for is_plain, group in itertools.groupby(plain[128:]) if is_plain]
     assert runs and set(runs) == {3}
     assert sum(plain[128:]) == pytest.approx(3 * len(plain[128:]) / 32, abs=3)
+
+
+class _Scripted(StaticChooser):
+    """Plain until told to draft (a chooser that tests a request now and then)."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.is_drafting = False
+
+    def choose(self, request_ids: Sequence[str]) -> dict[str, int]:
+        return dict.fromkeys(request_ids, int(self.is_drafting))
+
+
+def test_one_slow_drafting_iteration_among_plain_ones_is_not_a_verdict() -> None:
+    # Served on the regime pair (synthetic at batch 1): a test's first iteration pays the drafter's catch-up
+    # prefill, and both drafts were rejected; with the standard error from committed tokens alone (all 1)
+    # the guard held at once, and the test that would have found 0.85 acceptance never ran.
+    inner = _Scripted()
+    guard = MeasuredGuard(inner)
+    index = 0
+
+    def step(seconds: float, tokens: int) -> None:
+        nonlocal index
+        chosen = guard.choose(["a"])
+        guard.observe(_iteration(index, chosen, {"a": tokens if chosen["a"] else 1}, seconds))
+        index += 1
+
+    for _ in range(40):
+        step(0.017, 1)  # the chooser's plain iterations: 59 tokens/s
+    inner.is_drafting = True
+    step(0.040, 1)  # catch-up prefill, drafts rejected
+    assert guard.num_holds == 0
+    for _ in range(7):
+        step(0.019, 2)  # the rest of the test: 105 tokens/s
+    assert guard.num_holds == 0
+    # A chooser that keeps losing is still held: every iteration slow and rejected.
+    for _ in range(40):
+        step(0.040, 1)
+    assert guard.num_holds >= 1
