@@ -20,6 +20,7 @@ from numpy.typing import NDArray
 
 from policy.cost_model import CostModel
 from policy.stats import IterationStats, SameBatchSkips
+from policy.test_budget import TestBudget
 from policy.utility import AcceptanceConfig, AcceptanceEstimator
 
 Array = NDArray[np.float64]
@@ -60,9 +61,7 @@ class BatchAwareConfig:
     min_population_requests: int = 4
     # Tests that make a batch draft where the optimum would not (forced tests) start only while the tests'
     # net cost so far is within this share of the time observed (both over about the last
-    # `test_budget_iterations`). A test iteration's net cost is its time less what plain decoding would
-    # have taken for the tokens it committed; where drafting pays it is negative and tests are free. The
-    # vLLM backend at prose concurrency 32: each forced test there paid the whole batch's drafter catch-up
+    # `test_budget_iterations` of the batch's size bucket; `policy.test_budget`). The vLLM backend at prose concurrency 32: each forced test there paid the whole batch's drafter catch-up
     # (240-300 ms, against a 130 ms step) and 8 verifying steps at +50%, and auto ran 0.88x of off where
     # the launch that hardly tested ran 0.96x.
     test_budget: float = 0.02
@@ -131,10 +130,7 @@ class BatchAwareChooser:
         self._num_population_requests = 0  # requests whose drafts fed it
         self._num_plain_iterations = 0  # observed iterations since one drafted
         self._last_test_drafted = False  # the last test's verdict was K > 0 (`_testers`)
-        # The test budget (`BatchAwareConfig.test_budget`): decayed sums of the net seconds test iterations
-        # cost and of the seconds observed.
-        self._test_cost_s = 0.0
-        self._elapsed_s = 0.0
+        self._test_budget = TestBudget(config.test_budget, config.test_budget_iterations)
         # The last choice, for `gauges`: its predicted tokens per second over plain decoding's.
         self._predicted_speedup = 1.0
         # A steady all-plain batch (`BatchAwareConfig.steady_iterations`): its choices before the next search.
@@ -212,7 +208,7 @@ class BatchAwareChooser:
         return {
             "policy_acceptance": self._population.rate,
             "policy_predicted_speedup": self._predicted_speedup,
-            "policy_test_cost_share": self._test_cost_s / self._elapsed_s if self._elapsed_s else 0.0,
+            "policy_test_cost_share": self._test_budget.spent_share(),
         }
 
     def tokens_per_second(
@@ -325,7 +321,7 @@ class BatchAwareChooser:
         # 0.63) ran 15 of 16 requests untested at K = 0, while the one tested drafted its life at 0.85, where
         # static K = 4 paid 1.32x. Over the test budget, a new request starts untested too: kept pending, its
         # test would wait for the budget, and the batch's tests would pile up and go all at once.
-        within_budget = self._within_test_budget()
+        within_budget = self._test_budget.allows(len(states))
         is_measured = not within_budget or (
             self.cost_model.num_drafting_iterations(len(states)) >= num_test
             and self._num_plain_iterations < self.config.max_set_iterations
@@ -350,24 +346,18 @@ class BatchAwareChooser:
             states[i].test_started = True
         return testers
 
-    def _within_test_budget(self) -> bool:
-        return self._test_cost_s <= self.config.test_budget * self._elapsed_s
-
     def _account_tests(self, stats: IterationStats) -> None:
         """Add the iteration to the test budget's sums: its time, and if only tests drafted in it, its net
         cost (its time less plain decoding's predicted time for the tokens it committed)."""
         seconds = stats.iteration_time_s
         if seconds <= 0.0:
             return
-        keep = 1.0 - 1.0 / self.config.test_budget_iterations
-        self._elapsed_s = keep * self._elapsed_s + seconds
-        self._test_cost_s *= keep
         drafting = [r for r in stats.requests if r.num_spec_tokens > 0]
-        if not drafting or not all(self._state(r.request_id).test_started for r in drafting):
-            return
-        committed = sum(r.num_committed_tokens for r in stats.requests)
-        plain = self.cost_model.plain_time(stats.batch_size) * committed / stats.batch_size
-        self._test_cost_s += seconds - plain
+        net_cost_s = None
+        if drafting and all(self._state(r.request_id).test_started for r in drafting):
+            committed = sum(r.num_committed_tokens for r in stats.requests)
+            net_cost_s = seconds - self.cost_model.plain_time(stats.batch_size) * committed / stats.batch_size
+        self._test_budget.add(stats.batch_size, seconds, net_cost_s)
 
     def _set(self, state: _RequestState, num_spec_tokens: int) -> None:
         """Record a set-phase choice; the first one after a test sets the back-off."""

@@ -312,6 +312,21 @@ def test_forced_tests_spend_at_most_the_test_budget() -> None:
     assert shares[1.0] > 2 * shares[budget], shares
 
 
+def test_the_test_budget_of_a_large_batch_is_not_spent_at_batch_1() -> None:
+    """Each test at batch 32 pays the whole batch's catch-up; with one budget for the server, served on the
+    regime pair, prose at 32 spent it and synthetic at batch 1 after it ran untested at K = 0 (no request
+    tested until the 8th of 16). Per batch-size bucket, a new request at batch 1 is tested at once."""
+    chooser = chooser_for("mixtral-8x7b-h100", min_population_requests=0)
+    verified, _ = _closed_loop(chooser, 600, batch=32, lifetime=64, lag=True)
+    assert any(any(ks.values()) for ks in verified)  # the premise: batch 32 ran its tests
+    assert chooser.gauges()["policy_test_cost_share"] > 0.5 * chooser.config.test_budget
+    assert chooser.gauges()["policy_acceptance"] < 0.3  # K = 0 at the traffic's acceptance
+    assert chooser.best_spec_tokens(np.array([chooser.gauges()["policy_acceptance"]]), np.array([-1])) == [0]
+    # A forced test waits for others to draft with for up to max_test_wait iterations.
+    first = [chooser.choose(["solo"])["solo"] for _ in range(chooser.config.max_test_wait + 1)]
+    assert first[-1] > 0, first
+
+
 def test_a_test_drafts_in_consecutive_iterations_when_verified_a_step_later() -> None:
     """vLLM verifies a choice one step later: a test counted from its verification left the batch plain in
     the step between and paid the drafter's catch-up twice."""
