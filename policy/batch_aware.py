@@ -110,6 +110,9 @@ class _RequestState:
         # the verification: vLLM verifies a choice one step later, and a test counted from its verification
         # left the batch plain in the step between, with a second catch-up after it.
         self.test_started = False
+        # Its test started where the optimum put it below the probe (a forced test): the test budget counts
+        # those alone. A test the optimum covers is the model's own choice, and the guard answers for it.
+        self.is_forced_test = False
         self.set_k: int | None = None  # the last set-phase choice; None right after a test
         self.zero_iterations = 0  # iterations run at K = 0 since the last test
         self.num_zero_verdicts = 0  # consecutive tests followed by K = 0: the back-off exponent
@@ -343,18 +346,21 @@ class BatchAwareChooser:
             i for i, s in enumerate(states) if s.test_remaining > 0 and (is_drafting or chosen[i] >= probe)
         ]
         for i in testers:
+            if not states[i].test_started:
+                states[i].is_forced_test = chosen[i] < probe
             states[i].test_started = True
         return testers
 
     def _account_tests(self, stats: IterationStats) -> None:
-        """Add the iteration to the test budget's sums: its time, and if only tests drafted in it, its net
-        cost (its time less plain decoding's predicted time for the tokens it committed)."""
+        """Add the iteration to the test budget's sums: its time, and if only forced tests drafted in it, its
+        net cost (its time less plain decoding's predicted time for the tokens it committed)."""
         seconds = stats.iteration_time_s
         if seconds <= 0.0:
             return
         drafting = [r for r in stats.requests if r.num_spec_tokens > 0]
         net_cost_s = None
-        if drafting and all(self._state(r.request_id).test_started for r in drafting):
+        states = [self._state(r.request_id) for r in drafting]
+        if drafting and all(s.test_started and s.is_forced_test for s in states):
             committed = sum(r.num_committed_tokens for r in stats.requests)
             net_cost_s = seconds - self.cost_model.plain_time(stats.batch_size) * committed / stats.batch_size
         self._test_budget.add(stats.batch_size, seconds, net_cost_s)

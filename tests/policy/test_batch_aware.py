@@ -327,6 +327,36 @@ def test_the_test_budget_of_a_large_batch_is_not_spent_at_batch_1() -> None:
     assert first[-1] > 0, first
 
 
+def test_tests_the_optimum_covers_do_not_spend_the_test_budget() -> None:
+    """The budget bounds forced tests (the optimum would not draft): over it, a new request the model puts at
+    K = 0 starts untested. Counting every test, served on the regime pair, the tests of new requests at
+    batch 1 that the traffic's then high acceptance put at K >= 1, and that lost (prose), spent 12% of the
+    time against a 2% budget, and synthetic at batch 1 after them ran 1040 steps untested at K = 0 where
+    static K = 4 paid 1.32x. A test the optimum covers is the model's own choice, which the guard judges."""
+    chooser = chooser_for("mixtral-8x7b-h100", min_population_requests=0)
+    step = 0
+
+    def run(request_id: str, num_iterations: int, accepts: bool) -> list[int]:
+        nonlocal step
+        ks = []
+        for _ in range(num_iterations):
+            k = chooser.choose([request_id])[request_id]
+            accepted = k if accepts else 0
+            requests = [RequestIterationStats(request_id, k, accepted, accepted + 1, 10)]
+            draft_s = (0.01 if accepts else 0.05) * k  # the losing test pays a long catch-up
+            chooser.observe(IterationStats(step, 1, requests, 1 + k, draft_s, 0.02 + 0.004 * k, 0.0))
+            ks.append(k)
+            step += 1
+        chooser.release(request_id)
+        return ks
+
+    for i in range(4):  # the traffic accepts every draft: a new request's test is covered by the optimum
+        run(f"good{i}", 16, accepts=True)
+    for i in range(4):
+        assert run(f"bad{i}", 16, accepts=False)[0] > 0  # the premise: its test drafts at once, and loses
+    assert chooser.gauges()["policy_test_cost_share"] <= chooser.config.test_budget
+
+
 def test_a_test_drafts_in_consecutive_iterations_when_verified_a_step_later() -> None:
     """vLLM verifies a choice one step later: a test counted from its verification left the batch plain in
     the step between and paid the drafter's catch-up twice."""
