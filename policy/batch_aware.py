@@ -61,9 +61,10 @@ class BatchAwareConfig:
     min_population_requests: int = 4
     # Tests that make a batch draft where the optimum would not (forced tests) start only while the tests'
     # net cost so far is within this share of the time observed (both over about the last
-    # `test_budget_iterations` of the batch's size bucket; `policy.test_budget`). The vLLM backend at prose concurrency 32: each forced test there paid the whole batch's drafter catch-up
-    # (240-300 ms, against a 130 ms step) and 8 verifying steps at +50%, and auto ran 0.88x of off where
-    # the launch that hardly tested ran 0.96x.
+    # `test_budget_iterations` of the batch's size bucket; `policy.test_budget`). The vLLM backend at prose
+    # concurrency 32: each forced test there paid the whole batch's drafter catch-up (240-300 ms, against a
+    # 130 ms step) and 8 verifying steps at +50%, and auto ran 0.88x of off where the launch that hardly
+    # tested ran 0.96x.
     test_budget: float = 0.02
     test_budget_iterations: int = 1000
     # A batch where every request is set at K = 0, none testing, is searched again at most every this many

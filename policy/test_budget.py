@@ -4,9 +4,11 @@ iterations of that bucket. A test iteration's net cost is its time less what pla
 for the tokens it committed; where drafting pays it is negative and tests are free.
 
 Per bucket, not one figure for the server: a test's cost grows with the batch (each pays the whole batch's
-drafter catch-up), so the tests of a large batch spent the budget of a small one. Served on the regime pair,
-synthetic at batch 1 followed prose at batch 32 on the same server; no request was tested until the 8th of
-16, and auto ran 0.71x of static K = 4.
+drafter catch-up), so with one figure the tests of large batches decided whether small ones might test.
+Served on the regime pair, synthetic at batch 1 followed prose at batch 32 on the same server and ran 0.71x
+of static K = 4, almost untested. That pointed here, but the per-bucket budget alone did not make it draft:
+batch 1's own budget was spent too, by tests the optimum covered, which the chooser counts no longer
+(`BatchAwareChooser._account_tests`).
 """
 
 from __future__ import annotations
