@@ -14,8 +14,9 @@ vLLM without speculation.
 
 Each server first runs a warm-up (a full cell at the top concurrency, not reported), then every cell
 `--rounds` times in one client process. Launches of one configuration differed by up to 14% here (rounds of
-one launch by about 3%), so `--launches N` launches every mode N times, the modes in turn, and the run ends
-with each mode's median over its launches and rounds. `--request-rate R` sends Poisson arrivals at R
+one launch by about 3%), so `--launches N` launches every mode N times, the modes in turn (in reverse on odd
+launches: position in the run mattered too), and the run ends with each mode's median over its launches and
+rounds. `--request-rate R` sends Poisson arrivals at R
 requests/s (each cell still capped at its concurrency) instead of a closed loop.
 
 `--catch-up` measures instead, offline in this process, what a step costs when every K is 0: vLLM without
@@ -173,7 +174,10 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
     rows: list[dict[str, Any]] = []
     missing: list[str] = []
     for launch in range(args.launches):  # launches of one configuration differed by 12-14% (session 9)
-        for mode in args.modes:
+        # Odd launches take the modes in reverse: a server launched late in a run was slower (session 14:
+        # auto's plain steps at 1.15-1.66x off's TPOT launched 5th and 10th, 0.97-1.07x launched first), so
+        # with an even number of launches every mode's median sees early and late positions alike.
+        for mode in args.modes if launch % 2 == 0 else args.modes[::-1]:
             mode_rows, mode_missing = measure_server(args, base, mode, launch)
             rows += mode_rows
             missing += mode_missing
@@ -300,7 +304,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="--catch-up: runs of each batch per engine")
     parser.add_argument("--rounds", type=int, default=1, help="client runs of every cell per server launch")
     parser.add_argument(
-        "--launches", type=int, default=1, help="launches of every mode's server, the modes in turn each time"
+        "--launches",
+        type=int,
+        default=1,
+        help="launches of every mode's server, the modes in turn (reversed on odd launches)",
     )
     parser.add_argument(
         "--warmup-prompts",
