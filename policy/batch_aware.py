@@ -215,6 +215,10 @@ class BatchAwareChooser:
             "policy_test_cost_share": self._test_budget.spent_share(),
         }
 
+    @property
+    def test_budget(self) -> TestBudget:
+        return self._test_budget
+
     def tokens_per_second(
         self, rates: Array, num_spec_tokens: Sequence[int], times: Array | None = None
     ) -> float:

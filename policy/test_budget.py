@@ -40,3 +40,7 @@ class TestBudget:
         """Net cost of tests over the time observed, all buckets together."""
         elapsed = sum(self._elapsed_s.values())
         return sum(self._cost_s.values()) / elapsed if elapsed else 0.0
+
+    def spent_by_bucket(self) -> dict[int, float]:
+        """Net cost of tests over the time observed, per batch-size bucket."""
+        return {k: self._cost_s[k] / elapsed for k, elapsed in sorted(self._elapsed_s.items()) if elapsed}

@@ -1,0 +1,209 @@
+"""Replay a served step record through the chooser of this checkout, and say what it knew at each cell.
+
+`bench.vllm_policy` runs our scheduler with a step record (`record-auto-*.jsonl` under
+bench/results/raw/vllm_policy/: every step's chosen K, verified and accepted drafts, step and drafter
+times). This feeds the record to a fresh chooser built as the served one is (`build_chooser`, our worker,
+the measured guard), step by step as `PolicyScheduler` does (choose, then observe the step), and prints per
+cell of the run:
+- the chooser's state at the cell's start: the traffic's acceptance, the test budget spent per batch-size
+  bucket, plain iterations since drafting, the guard's holds;
+- what the record did: steps, drafting steps, requests that ever drafted, their acceptance; and the share
+  of steps at which this checkout's chooser chose as the served one did.
+
+The replay is faithful while the choices agree (the same code replays its own record exactly, but for the
+requests' decode order); after a different choice, the record's accepted counts are those of the served
+choice, not the replayed one, so the state is the served run's as this code would read it, not a
+counterfactual run. Found in seconds what a benchmark rerun took minutes to show (session 14: the test
+budget spent by unforced tests at batch 1).
+
+    python -m bench.replay_record bench/results/raw/vllm_policy/record-auto-1764600000.jsonl \\
+        --result bench/results/vllm_policy.json --mode auto --target models/demo-moe-wide
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cluster.vllm_backend.chooser import build_chooser, iteration_stats
+from cluster.vllm_backend.settings import WORKER_CLS, DraftMeasurement, SchedulerSettings
+from policy.guard import MeasuredGuard
+from policy.stats import RequestIterationStats
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_SPEC_TOKENS = 4  # bench.vllm_policy serves auto at K_max = 4
+
+
+class _Config:
+    """An attribute bag standing in for vLLM's config objects (what `build_chooser` reads of them)."""
+
+    def __init__(self, **values: Any) -> None:
+        self.__dict__.update(values)
+
+
+def vllm_config(target: Path, draft: Path, max_num_seqs: int = 32, worker_cls: str = WORKER_CLS) -> Any:
+    """What the chooser reads of vLLM's config, for a served target and draft checkpoint."""
+    hf = json.loads((target / "config.json").read_text())
+    return _Config(
+        model_config=_Config(
+            model=str(target),
+            dtype="float32",
+            hf_text_config=_Config(
+                num_local_experts=hf.get("num_local_experts"),
+                num_experts_per_tok=hf.get("num_experts_per_tok"),
+                eos_token_id=hf.get("eos_token_id"),
+            ),
+            max_model_len=int(hf.get("max_position_embeddings", 1024)),
+            get_vocab_size=lambda: int(hf["vocab_size"]),
+        ),
+        scheduler_config=_Config(max_num_seqs=max_num_seqs),
+        speculative_config=_Config(draft_model_config=_Config(model=str(draft))),
+        parallel_config=_Config(worker_cls=worker_cls),
+    )
+
+
+@dataclass
+class Cell:
+    """One client run of the record's server: its name and wall-clock span (local H:M:S, as the result
+    file gives it), and what the replay saw in it."""
+
+    name: str
+    started: str
+    ended: str
+    state: str = ""
+    steps: int = 0
+    drafting_steps: int = 0
+    matched: int = 0
+    drafted: Counter[str] = field(default_factory=Counter)  # drafting steps per request
+    accepted: Counter[str] = field(default_factory=Counter)  # accepted drafts per request
+    drafts: Counter[str] = field(default_factory=Counter)  # verified drafts per request
+    # The cost model's prediction of each iteration (before observing it) and its measured seconds, summed
+    # over drafting iterations and over plain ones (not near drafting).
+    predicted_s: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
+    measured_s: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def summary(self) -> str:
+        total_drafts = sum(self.drafts.values())
+        acceptance = sum(self.accepted.values()) / total_drafts if total_drafts else 0.0
+        per_request = sorted(
+            (self.accepted[r] / self.drafts[r], self.drafted[r]) for r in self.drafts if self.drafts[r]
+        )
+        requests = " ".join(f"{a:.2f}x{n}" for a, n in per_request)
+        model = ", ".join(
+            f"{kind} {self.predicted_s[kind] / self.measured_s[kind]:.2f}"
+            for kind in ("drafting", "plain")
+            if self.measured_s[kind]
+        )
+        return (
+            f"{self.name}: steps {self.steps}, drafting {self.drafting_steps}, same choice "
+            f"{self.matched / max(self.steps, 1):.0%}, acceptance {acceptance:.2f}\n"
+            f"  cost model's time over the measured: {model or '-'}\n"
+            f"  {len(per_request)} requests drafted (acceptance x drafting steps): {requests}\n"
+            f"  at start: {self.state}"
+        )
+
+
+def cells_of(result: Path, mode: str, launch: int) -> list[Cell]:
+    rows = json.loads(result.read_text())["rows"]
+    return [
+        Cell(f"{r['workload']} {r['concurrency']}", r["started"], r["ended"])
+        for r in rows
+        if r["mode"] == mode and r.get("launch", 0) == launch
+    ]
+
+
+def state_line(guard: MeasuredGuard) -> str:
+    inner: Any = guard.inner
+    gauges = inner.gauges()
+    spent = ", ".join(f"{k}: {v:.3f}" for k, v in inner.test_budget.spent_by_bucket().items())
+    return (
+        f"traffic acceptance {gauges['policy_acceptance']:.2f}, test budget spent by batch bucket "
+        f"{{{spent}}}, guard holds {guard.num_holds}"
+    )
+
+
+def replay(steps: list[dict[str, Any]], chooser: MeasuredGuard, cells: list[Cell]) -> list[Cell]:
+    """Feeds every step to `chooser`; fills in each cell's figures (steps outside every cell: warm-up)."""
+    inner: Any = chooser.inner
+    previous = DraftMeasurement(0.0, 0)
+    pending = list(cells)
+    current: Cell | None = None
+    for step in steps:
+        clock = time.strftime("%H:%M:%S", time.localtime(step["start_s"]))
+        if current is not None and clock > current.ended:
+            current = None
+        while pending and clock >= pending[0].started:
+            current = pending.pop(0)
+            current.state = state_line(chooser)
+        ids = list(step["chosen"])
+        if ids and chooser.choose(ids) == step["chosen"] and current is not None:
+            current.matched += 1
+        requests = [
+            RequestIterationStats(r, k, step["num_accepted"][r], step["num_accepted"][r] + 1, 100)
+            for r, k in step["num_drafts"].items()
+        ]
+        draft = DraftMeasurement(step["draft_time_s"] or 0.0, 0)
+        if requests:
+            stats = iteration_stats(
+                step["step"],
+                requests,
+                step["step_time_s"],
+                draft,
+                previous,
+                is_near_drafting=step["is_near_drafting"],
+            )
+            if current is not None:
+                kind = (
+                    "drafting"
+                    if any(r.num_spec_tokens for r in requests)
+                    else "near"
+                    if stats.is_near_drafting
+                    else "plain"
+                )
+                ks = [r.num_spec_tokens for r in requests]
+                current.predicted_s[kind] += inner.cost_model.iteration_time(ks)
+                current.measured_s[kind] += stats.iteration_time_s
+            chooser.observe(stats)
+        previous = draft
+        if current is not None and ids:
+            current.steps += 1
+            current.drafting_steps += step["num_draft_steps"] > 0
+            for r, k in step["num_drafts"].items():
+                if k:
+                    current.drafted[r] += 1
+                    current.drafts[r] += k
+                    current.accepted[r] += step["num_accepted"][r]
+    return cells
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("record", type=Path, help="a step record (JSON lines) of bench.vllm_policy")
+    parser.add_argument("--result", type=Path, required=True, help="the run's result file (its cells' spans)")
+    parser.add_argument("--mode", default="auto", help="the record's mode in the result file")
+    parser.add_argument("--launch", type=int, default=0, help="the record's launch in the result file")
+    parser.add_argument("--target", type=Path, default=REPO / "models" / "demo-moe")
+    parser.add_argument("--draft", type=Path, default=REPO / "models" / "demo-draft")
+    args = parser.parse_args()
+    steps = [json.loads(line) for line in args.record.read_text().splitlines() if line.strip()]
+    cells = cells_of(args.result, args.mode, args.launch)
+    if not cells:
+        parser.error(f"{args.result} has no cells of mode {args.mode!r} at launch {args.launch}")
+    chooser = build_chooser(
+        SchedulerSettings(), vllm_config(args.target, args.draft), MAX_SPEC_TOKENS, "replay"
+    )
+    if not isinstance(chooser, MeasuredGuard):
+        raise TypeError(f"expected the measured guard around the chooser, got {type(chooser).__name__}")
+    for cell in replay(steps, chooser, cells):
+        print(cell.summary())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""bench.replay_record: a record written by a chooser replays through the same chooser code with every choice
+the same, and each step lands in the cell whose wall-clock span holds it."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.replay_record import cells_of, replay, vllm_config
+from cluster.vllm_backend.chooser import build_chooser, iteration_stats
+from cluster.vllm_backend.settings import DraftMeasurement, SchedulerSettings
+from policy.guard import MeasuredGuard
+from policy.stats import RequestIterationStats
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _chooser() -> MeasuredGuard:
+    config = vllm_config(REPO / "models" / "demo-moe", REPO / "models" / "demo-draft")
+    chooser = build_chooser(SchedulerSettings(), config, 4, "test")
+    assert isinstance(chooser, MeasuredGuard)
+    return chooser
+
+
+def _serve(start_s: float, num_steps: int, concurrency: int, seed: int) -> list[dict[str, Any]]:
+    """A served-like record: requests of 24 tokens at `concurrency`, accepting about 0.7, the K chosen at a step
+    verified in the next (vLLM's lag), one step every 50 ms from `start_s`."""
+    chooser, rng = _chooser(), np.random.default_rng(seed)
+    steps: list[dict[str, Any]] = []
+    held: dict[str, int] = {}
+    left: dict[str, int] = {}
+    previous, next_id = DraftMeasurement(0.0, 0), 0
+    for step in range(num_steps):
+        while len(left) < concurrency:
+            left[f"r{next_id}"], next_id = 24, next_id + 1
+        ids = list(left)
+        drafts = {r: held.get(r, 0) for r in ids}
+        accepted = {r: int(np.sum(np.cumprod(rng.random(k) < 0.7))) for r, k in drafts.items()}
+        chosen = chooser.choose(ids)
+        draft_s = 0.004 * max(chosen.values()) if any(chosen.values()) else None
+        step_s = 0.012 + 0.003 * sum(drafts.values()) + (draft_s or 0.0)
+        requests = [RequestIterationStats(r, drafts[r], accepted[r], accepted[r] + 1, 100) for r in ids]
+        draft = DraftMeasurement(draft_s or 0.0, 0)
+        chooser.observe(iteration_stats(step, requests, step_s, draft, previous, is_near_drafting=False))
+        previous, held = draft, dict(chosen)
+        steps.append(
+            {
+                "step": step,
+                "num_drafts": drafts,
+                "num_accepted": accepted,
+                "chosen": chosen,
+                "num_draft_steps": max(chosen.values()),
+                "step_time_s": step_s,
+                "draft_time_s": draft_s,
+                "is_near_drafting": False,
+                "start_s": start_s + 0.05 * step,
+            }
+        )
+        for r in ids:
+            left[r] -= accepted[r] + 1
+            if left[r] <= 0:
+                del left[r], held[r]
+                chooser.release(r)
+    return steps
+
+
+def test_a_record_replays_with_the_same_choices_in_its_cells(tmp_path: Path) -> None:
+    start = float(int(time.time())) - 600.0  # whole seconds: the cells' spans are H:M:S
+    steps = _serve(start, 100, 1, seed=0)
+    rows = []
+    for name, offset, concurrency in (("code", 0, 1), ("prose", 10, 1)):
+        span = [time.strftime("%H:%M:%S", time.localtime(start + offset + d)) for d in (0, 5)]
+        rows.append(
+            {
+                "mode": "auto",
+                "workload": name,
+                "concurrency": concurrency,
+                "started": span[0],
+                "ended": span[1],
+            }
+        )
+    (tmp_path / "result.json").write_text(json.dumps({"rows": rows}))
+    cells = cells_of(tmp_path / "result.json", "auto", 0)
+    assert [c.name for c in cells] == ["code 1", "prose 1"]
+    # Steps 0-99 take 5 s from the start: all in the first cell, none in the second.
+    code, prose = replay(steps, _chooser(), cells)
+    assert (code.steps, prose.steps) == (100, 0)
+    assert code.matched == code.steps  # the same code: every choice the same
+    assert code.drafting_steps == sum(s["num_draft_steps"] > 0 for s in steps) > 0
+    assert "requests drafted" in code.summary()
