@@ -83,7 +83,8 @@ class Cell:
     accepted: Counter[str] = field(default_factory=Counter)  # accepted drafts per request
     drafts: Counter[str] = field(default_factory=Counter)  # verified drafts per request
     # The cost model's prediction of each iteration (before observing it) and its measured seconds, summed
-    # over drafting iterations and over plain ones (not near drafting).
+    # over drafting iterations and over plain ones (not near drafting), those with other requests' prefill
+    # tokens apart.
     predicted_s: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     measured_s: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
 
@@ -96,7 +97,7 @@ class Cell:
         requests = " ".join(f"{a:.2f}x{n}" for a, n in per_request)
         model = ", ".join(
             f"{kind} {self.predicted_s[kind] / self.measured_s[kind]:.2f}"
-            for kind in ("drafting", "plain")
+            for kind in ("drafting", "plain", "drafting with prefill", "plain with prefill")
             if self.measured_s[kind]
         )
         return (
@@ -147,7 +148,7 @@ def replay(steps: list[dict[str, Any]], chooser: MeasuredGuard, cells: list[Cell
             RequestIterationStats(r, k, step["num_accepted"][r], step["num_accepted"][r] + 1, 100)
             for r, k in step["num_drafts"].items()
         ]
-        draft = DraftMeasurement(step["draft_time_s"] or 0.0, 0)
+        draft = DraftMeasurement(step["draft_time_s"] or 0.0, step.get("draft_prefill_tokens") or 0)
         if requests:
             stats = iteration_stats(
                 step["step"],
@@ -156,15 +157,14 @@ def replay(steps: list[dict[str, Any]], chooser: MeasuredGuard, cells: list[Cell
                 draft,
                 previous,
                 is_near_drafting=step["is_near_drafting"],
+                num_prefill_tokens=step.get("num_prefill_tokens", 0),
             )
             if current is not None:
-                kind = (
-                    "drafting"
-                    if any(r.num_spec_tokens for r in requests)
-                    else "near"
-                    if stats.is_near_drafting
-                    else "plain"
-                )
+                kind = "drafting" if any(r.num_spec_tokens for r in requests) else "plain"
+                if step.get("num_prefill_tokens", 0):
+                    kind += " with prefill"  # other requests' prompts in the step: not in the model
+                elif stats.is_near_drafting and kind == "plain":
+                    kind = "near"
                 ks = [r.num_spec_tokens for r in requests]
                 current.predicted_s[kind] += inner.cost_model.iteration_time(ks)
                 current.measured_s[kind] += stats.iteration_time_s

@@ -365,7 +365,8 @@ class BatchAwareChooser:
         drafting = [r for r in stats.requests if r.num_spec_tokens > 0]
         net_cost_s = None
         states = [self._state(r.request_id) for r in drafting]
-        if drafting and all(s.test_started and s.is_forced_test for s in states):
+        is_decoding_only = not stats.num_prefill_tokens  # else its time is not the tests' to answer for
+        if drafting and is_decoding_only and all(s.test_started and s.is_forced_test for s in states):
             committed = sum(r.num_committed_tokens for r in stats.requests)
             net_cost_s = seconds - self.cost_model.plain_time(stats.batch_size) * committed / stats.batch_size
         self._test_budget.add(stats.batch_size, seconds, net_cost_s)

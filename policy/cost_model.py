@@ -275,6 +275,8 @@ class CostModel:
         ks = [r.num_spec_tokens for r in stats.requests]
         if stats.is_near_drafting and max(ks) == 0:
             return None  # a plain iteration carrying the drafter's switching costs: not plain decoding's time
+        if stats.num_prefill_tokens:
+            return None  # other requests' prompts in the forward: not decoding's time
         experts = float(np.mean(stats.experts_touched)) if stats.experts_touched else math.nan
         if stats.experts_touched:
             self.expert_counts.record(stats.num_target_tokens, experts)

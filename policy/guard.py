@@ -183,6 +183,9 @@ class MeasuredGuard:
         bucket = batch_bucket(stats.batch_size)  # batch sizes 1, 2, 3-4, 5-8, 9-16, ...
         per_request = sum(r.num_committed_tokens for r in stats.requests) / stats.batch_size
         is_drafting = any(r.num_spec_tokens > 0 for r in stats.requests)
+        self._num_drafting = self._num_drafting + 1 if is_drafting else 0
+        if stats.num_prefill_tokens:
+            return  # other requests' prompts in the forward: neither plain decoding's time nor the chooser's
         if not is_drafting and not stats.is_near_drafting:
             self._plain.setdefault(bucket, _Rate()).add(
                 per_request, stats.iteration_time_s, self.config.smoothing
@@ -191,7 +194,6 @@ class MeasuredGuard:
             self._chosen.setdefault(bucket, _Rate()).add(
                 per_request, stats.iteration_time_s, self.config.smoothing
             )
-        self._num_drafting = self._num_drafting + 1 if is_drafting else 0
         if is_drafting and is_chosen:
             self._judge(bucket)
 

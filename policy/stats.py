@@ -49,6 +49,14 @@ class IterationStats(msgspec.Struct, frozen=True):
     # slower than plain steps further from drafting, so the guard's plain figure and the cost model's fit
     # leave them out: a baseline taken from them made drafting look 30% better than it was at batch 4.
     is_near_drafting: bool = False
+    # Prompt tokens of other requests (new ones, prefilling) that the target's forward carried besides the
+    # decoding requests' tokens: the vLLM backend schedules them into decode steps. Their time is in the
+    # iteration's but not in any model of decoding, so the cost model's fit, the guard's figures and the test
+    # budget's net cost leave such iterations out. Served on the regime pair at concurrency 16, the ramp's
+    # steps (a whole batch of prompts, 1-2 s each) counted as plain decoding: the cost model put a plain step
+    # at batch 16 at 120 ms (40 ms measured) and drafting K = 4 for every request at the same cost, and the
+    # guard's plain figure stayed below the chooser's while drafting ran at 0.5x plain's speed (session 15).
+    num_prefill_tokens: int = 0
 
     @property
     def iteration_time_s(self) -> float:

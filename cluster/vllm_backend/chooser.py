@@ -120,11 +120,13 @@ def iteration_stats(
     previous: DraftMeasurement,
     *,
     is_near_drafting: bool = False,
+    num_prefill_tokens: int = 0,
 ) -> IterationStats:
     """One iteration of the policy from one vLLM step: the drafts verified in the step were drafted at the end
     of the step before (`previous`), and the drafting at the end of this step (`draft`) is the next
     iteration's, so verify time = step time - `draft.time_s`. `draft` None (not our worker): the whole
-    step is verify time. `is_near_drafting`: from `NearDrafting` (`IterationStats.is_near_drafting`)."""
+    step is verify time. `is_near_drafting`: from `NearDrafting` (`IterationStats.is_near_drafting`);
+    `num_prefill_tokens`: other requests' prompt tokens in the step (`IterationStats.num_prefill_tokens`)."""
     return IterationStats(
         iteration=step,
         batch_size=len(requests),
@@ -135,6 +137,7 @@ def iteration_stats(
         other_time_s=0.0,
         num_draft_prefill_tokens=0 if draft is None else previous.num_prefill_tokens,
         is_near_drafting=is_near_drafting,
+        num_prefill_tokens=num_prefill_tokens,
     )
 
 

@@ -97,6 +97,7 @@ class StepRecord:
     num_draft_steps: int = 0  # num_spec_tokens_to_schedule: the drafter's steps at the end of this step
     step_time_s: float = 0.0  # schedule() to update_from_output()
     draft_time_s: float | None = None  # the drafter at the end of this step (None: not measured)
+    draft_prefill_tokens: int | None = None  # ... and the history tokens it caught up on (its prefill)
     guard_holds: int = 0  # the measured guard's verdicts against the chooser so far
     num_scheduled: int = 0  # requests in the target's forward (decoding and prefilling)
     num_tokens: int = 0  # tokens in the target's forward (prefill chunks, verified drafts, sampled positions)
@@ -274,9 +275,18 @@ class PolicyScheduler(Scheduler):
         drafts_next = scheduler_output.num_spec_tokens_to_schedule > 0
         verified = any(r.num_spec_tokens for r in requests)
         is_near = self._near_drafting.step(drafts_at_end=drafts_next, verified=verified)
+        scheduled = scheduler_output.num_scheduled_tokens
+        num_tokens = sum(scheduled.values())
+        num_prefill_tokens = num_tokens - sum(scheduled.get(r.request_id, 0) for r in requests)
         if requests:
             stats = iteration_stats(
-                counters.num_steps, requests, step_time_s, draft, previous, is_near_drafting=is_near
+                counters.num_steps,
+                requests,
+                step_time_s,
+                draft,
+                previous,
+                is_near_drafting=is_near,
+                num_prefill_tokens=num_prefill_tokens,
             )
             self.chooser.observe(stats)
             counters.num_request_steps += len(requests)
@@ -288,9 +298,6 @@ class PolicyScheduler(Scheduler):
             counters.step_time_s = step_time_s
         observe_s = time.perf_counter() - now
         if self.settings.is_recording or self._record_file is not None:
-            scheduled = scheduler_output.num_scheduled_tokens
-            num_tokens = sum(scheduled.values())
-            decoding = sum(scheduled.get(r.request_id, 0) for r in requests)
             self._keep(
                 StepRecord(
                     step=counters.num_steps,
@@ -303,7 +310,8 @@ class PolicyScheduler(Scheduler):
                     guard_holds=getattr(self.chooser, "num_holds", 0),
                     num_scheduled=len(scheduled),
                     num_tokens=num_tokens,
-                    num_prefill_tokens=num_tokens - decoding,
+                    num_prefill_tokens=num_prefill_tokens,
+                    draft_prefill_tokens=None if draft is None else draft.num_prefill_tokens,
                     choose_s=self._choose_s,
                     observe_s=observe_s,
                     gap_s=gap_s,

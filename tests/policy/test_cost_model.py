@@ -216,6 +216,31 @@ def test_plain_iterations_next_to_drafting_are_left_out_of_the_fit() -> None:
     assert fits[1] == pytest.approx(1.0, rel=0.03)
 
 
+def test_iterations_that_carry_other_requests_prompts_are_left_out_of_the_fit() -> None:
+    """vLLM schedules new requests' prompts into decode steps; such a step's time is mostly the prompts'.
+    Fitted as plain decoding (served on the regime pair at concurrency 16, the ramp: every prompt of the
+    batch in the first steps, 1-2 s each), plain decoding at batch 16 looked 3x dearer than it was, as dear
+    as drafting K = 4 for every request, while the ramp's steps were a large part of the bucket's samples."""
+    rng = np.random.default_rng(3)
+    truth = CostModel(CostModelConfig(MIXTRAL.routing), MIXTRAL.cost_params())
+    fits = []
+    for reports in (False, True):
+        model = CostModel(CostModelConfig(MIXTRAL.routing), MIXTRAL.cost_params())
+        for i in range(24):
+            ks = list(rng.integers(0, 4, 16)) if i % 2 else [0] * 16
+            stats = measured_iteration(truth, ks, rng, noise=0.01, iteration=i)
+            if i < 8:  # the ramp: prompts in the step, 10x a plain step's time
+                stats = msgspec.structs.replace(
+                    stats,
+                    verify_time_s=stats.verify_time_s + 10 * truth.plain_time(16),
+                    num_prefill_tokens=1000 * reports,
+                )
+            model.observe(stats)
+        fits.append(model.plain_time(16) / truth.plain_time(16))
+    assert fits[0] > 1.2  # the premise: fitted in, the prompts inflate plain decoding's time
+    assert fits[1] == pytest.approx(1.0, rel=0.03)
+
+
 def test_an_engine_that_reports_no_other_time_has_the_drafter_call_fitted_from_verify_times() -> None:
     """vLLM's backend reports a step as the drafter's time and the rest (verify); what an iteration that
     verifies drafts costs beyond its tokens is in the rest. Fitted nowhere, it inflated plain decoding's

@@ -321,3 +321,35 @@ def test_one_slow_drafting_iteration_among_plain_ones_is_not_a_verdict() -> None
     for _ in range(40):
         step(0.040, 1)
     assert guard.num_holds >= 1
+
+
+def _batch_with_prompts(guard: MeasuredGuard, num_steps: int, *, reports_prefill: bool) -> None:
+    """A vLLM-like engine at batch 16 whose steps carry new requests' prompts now and then: the ramp's first 8
+    steps (a whole batch of prompts, 0.5 s each) and every 10th step after (one prompt, +0.15 s), whatever
+    K is. Plain: 40 ms for 16 tokens; K = 2: 80 ms for 1.3 tokens a request, 0.65x plain's speed."""
+    held = 0
+    for step in range(num_steps):
+        chosen = guard.choose([f"r{i}" for i in range(16)])["r0"]
+        accepted = [int(held > 0 and (step + i) % 10 < 3) for i in range(16)]  # 0.3 accepted a request
+        requests = [RequestIterationStats(f"r{i}", held, a, a + 1, 100) for i, a in enumerate(accepted)]
+        prompt_s = 0.5 if step < 8 else 0.15 if step % 10 == 0 else 0.0
+        guard.observe(
+            IterationStats(
+                step, 16, requests, 16 * (held + 1), 0.0, (0.08 if held else 0.04) + prompt_s, 0.0,
+                num_prefill_tokens=int(prompt_s > 0 and reports_prefill) * 100,
+            )
+        )  # fmt: skip
+        held = chosen
+
+
+def test_steps_that_carry_other_requests_prompts_do_not_set_the_figures() -> None:
+    """Served on the regime pair at concurrency 16, the ramp's steps (every prompt of the batch, 1-2 s each)
+    set the guard's plain figure below the chooser's, while drafting ran at half plain decoding's speed, and
+    the guard never held. Left out, the figures are decoding's alone."""
+    config = GuardConfig(baseline_length=4, baseline_every=64)  # the vLLM backend's guard
+    blind = MeasuredGuard(StaticChooser(2), config)
+    _batch_with_prompts(blind, 300, reports_prefill=False)
+    assert blind.num_holds == 0  # the premise: the prompts' time hides the loss
+    guard = MeasuredGuard(StaticChooser(2), config)
+    _batch_with_prompts(guard, 300, reports_prefill=True)
+    assert guard.num_holds >= 1
