@@ -6,15 +6,19 @@ times). This feeds the record to a fresh chooser built as the served one is (`bu
 the measured guard), step by step as `PolicyScheduler` does (choose, then observe the step), and prints per
 cell of the run:
 - the chooser's state at the cell's start: the traffic's acceptance, the test budget spent per batch-size
-  bucket, plain iterations since drafting, the guard's holds;
-- what the record did: steps, drafting steps, requests that ever drafted, their acceptance; and the share
-  of steps at which this checkout's chooser chose as the served one did.
+  bucket, the guard's holds;
+- what the record did: steps, drafting steps, the requests that drafted with their acceptance, and the
+  share of steps at which this checkout's chooser chose as the served one did;
+- the cost model's prediction of each step (before observing it) over the measured time, for drafting and
+  plain steps, those with other requests' prompts apart (session 15: right within 0.83-1.04 on decode
+  steps at concurrency 16 / 32, 0.01-0.57 on steps with prompts, which it does not model).
 
-The replay is faithful while the choices agree (the same code replays its own record exactly, but for the
-requests' decode order); after a different choice, the record's accepted counts are those of the served
-choice, not the replayed one, so the state is the served run's as this code would read it, not a
-counterfactual run. Found in seconds what a benchmark rerun took minutes to show (session 14: the test
-budget spent by unforced tests at batch 1).
+Records from session 15 on carry each step's prompt tokens of other requests and the drafter's catch-up
+tokens, as the served chooser saw them; in older ones the catch-up reads as 0. The replay is faithful while
+the choices agree (the same code replays its own record exactly); after a different choice, the record's
+accepted counts are those of the served choice, not the replayed one, so the state is the served run's as
+this code would read it, not a counterfactual run. It found in seconds what a benchmark rerun took minutes
+to show (session 14: the test budget spent by unforced tests at batch 1).
 
     python -m bench.replay_record bench/results/raw/vllm_policy/record-auto-1764600000.jsonl \\
         --result bench/results/vllm_policy.json --mode auto --target models/demo-moe-wide
