@@ -165,7 +165,7 @@ def replay(steps: list[dict[str, Any]], chooser: MeasuredGuard, cells: list[Cell
             )
             if current is not None:
                 kind = "drafting" if any(r.num_spec_tokens for r in requests) else "plain"
-                if step.get("num_prefill_tokens", 0):
+                if stats.num_prefill_tokens:
                     kind += " with prefill"  # other requests' prompts in the step: not in the model
                 elif stats.is_near_drafting and kind == "plain":
                     kind = "near"
