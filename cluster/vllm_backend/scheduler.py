@@ -9,6 +9,8 @@ How a V1 step runs with a draft model (vLLM 0.32/0.33, synchronous scheduling), 
 2. `_update_after_schedule()` ends `schedule()`: we ask the chooser for K_r of every scheduled request and
    set `SchedulerOutput.num_spec_tokens_to_schedule` (the drafter's number of steps at the end of this step)
    to max K_r. The drafter drafts that many tokens for every request; step 1 of the next step cuts them.
+   The output also names the requests with K_r > 0 (`settings.DRAFTING_REQUESTS_ATTR`): our worker catches
+   up the drafter's KV for those alone.
 3. `update_from_output()`: per request, drafted = len(scheduled drafts), accepted = sampled tokens - 1. The
    step's `IterationStats` go to the chooser (inside the measured guard) and, through it, to the central
    SpecPolicy actor when the engine runs under our Serve app.
@@ -51,6 +53,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from cluster.vllm_backend.chooser import NearDrafting, build_chooser, iteration_stats
 from cluster.vllm_backend.settings import (
     DRAFT_MEASUREMENT_ATTR,
+    DRAFTING_REQUESTS_ATTR,
     NUM_SPEC_TOKENS_ARG,
     DraftMeasurement,
     SchedulerSettings,
@@ -189,6 +192,8 @@ class PolicyScheduler(Scheduler):
             self._chosen = self._choose(self._drafting_ids(scheduler_output))
             self._choose_s = time.perf_counter() - start
             scheduler_output.num_spec_tokens_to_schedule = max(self._chosen.values(), default=0)
+            drafting = frozenset(r for r, k in self._chosen.items() if k > 0)
+            setattr(scheduler_output, DRAFTING_REQUESTS_ATTR, drafting)  # pickled with it to the worker
         super()._update_after_schedule(scheduler_output)
 
     def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: Any) -> Any:

@@ -164,51 +164,64 @@ def test_k_zero_runs_no_draft_forward(engines: tuple[Any, Any]) -> None:
     assert sched.counters.num_steps > 0
 
 
-def _accepted_after_skipping(llm: Any, skips: bool, num_plain_steps: int = 12) -> tuple[list[Any], list[Any]]:
-    """Four requests at K = 0 for their first steps, then at K = 3 (set in the scheduler between steps):
-    outputs and accepted counts per step. `skips`: the runner skips the drafter at K = 0 (ours) or runs its
-    pass every step (vLLM's behaviour)."""
+def _accepted_after_skipping(
+    llm: Any, skips: bool, num_plain_steps: int = 12, num_half_steps: int = 8
+) -> tuple[list[Any], list[Any], list[int]]:
+    """Four requests at K = 0 for their first steps, then two of them at K = 3 for `num_half_steps` steps
+    while the other two stay at 0, then all four at K = 3 (set in the scheduler between steps): outputs,
+    accepted counts per step, and the runner's catch-up tokens so far at each switch. `skips`: the runner
+    skips the drafter at K = 0 (ours) or runs its pass every step (vLLM's behaviour)."""
     sched, worker = scheduler(llm), runner(llm)
     worker.skips_drafter = skips
     engine = llm.llm_engine
     sched.record.clear()
     for i, (prompt, params) in enumerate(zip(FRESH_PROMPTS, _params(["off"] * 4), strict=True)):
         engine.add_request(f"skip{int(skips)}-{i}", prompt, params)
-    outputs, step = [], 0
+    outputs, step, catch_up_tokens = [], 0, []
     try:
         while engine.has_unfinished_requests():
             outputs += [o for o in engine.step() if o.finished]
             step += 1
-            if step == num_plain_steps:
-                for request_id in sched._requested:
+            if step in (num_plain_steps, num_plain_steps + num_half_steps):
+                catch_up_tokens.append(worker.num_catch_up_tokens)
+                first_half = step == num_plain_steps
+                for request_id in sorted(sched._requested)[: 2 if first_half else 4]:
                     sched._requested[request_id] = 3
     finally:
         worker.skips_drafter = True
     record = list(sched.record)
     assert any(r.num_draft_steps == 0 for r in record[:num_plain_steps])
-    return sorted((o.request_id, o.outputs[0].token_ids) for o in outputs), [
-        sorted(r.num_accepted.values()) for r in record
-    ]
+    return (
+        sorted((o.request_id, o.outputs[0].token_ids) for o in outputs),
+        [sorted((r.split("-")[1], n) for r, n in step.num_accepted.items()) for step in record],  # by index
+        [*catch_up_tokens, worker.num_catch_up_tokens],
+    )
 
 
 def test_drafts_after_skipped_steps_are_as_good_as_without_skipping(engines: tuple[Any, Any]) -> None:
     """The catch-up pass restores the draft's KV cache: after steps without the drafter, its drafts are
-    accepted exactly as often, step by step, as when it ran every step (holes in its KV would change them)."""
+    accepted exactly as often, request by request and step by step, as when it ran every step (holes in its
+    KV would change them). It catches up only the requests that draft: two requests that stayed at K = 0
+    while the others drafted (their draft KV written from incomplete KV meanwhile) are caught up when they
+    draft, and accepted as often as without skipping too."""
     _, ours = engines
     worker = runner(ours)
     passes, skipped = worker.num_catch_up_passes, worker.num_skipped_steps
     with count_draft_forwards(ours) as calls:  # first, so that no earlier run wrote these sequences' KV
-        out, accepted = _accepted_after_skipping(ours, skips=True)
+        out, accepted, catch_up = _accepted_after_skipping(ours, skips=True)
     assert worker.num_skipped_steps > skipped
-    assert worker.num_catch_up_passes == passes + 1  # one pass caught all four requests up
+    assert worker.num_catch_up_passes == passes + 2  # one pass per switch: two requests, then the two others
+    first, second = catch_up[1] - catch_up[0], catch_up[2] - catch_up[1]
+    # The first pass fed two requests' 12 missed steps, the second the other two's 20.
+    assert 0 < first < second
     skipped, passes = worker.num_skipped_steps, worker.num_catch_up_passes
     with count_draft_forwards(ours) as reference_calls:
-        reference_out, reference = _accepted_after_skipping(ours, skips=False)
+        reference_out, reference, _ = _accepted_after_skipping(ours, skips=False)
     assert worker.num_skipped_steps == skipped and worker.num_catch_up_passes == passes
     assert [tokens for _, tokens in out] == [tokens for _, tokens in reference_out]
     assert accepted == reference
     assert len(calls) < len(reference_calls)
-    assert sum(map(sum, accepted)) > 0
+    assert sum(n for step in accepted for r, n in step if r in ("2", "3")) > 0  # the two that drafted last
 
 
 def test_our_counts_equal_vllm_per_request_metrics(engines: tuple[Any, Any]) -> None:
