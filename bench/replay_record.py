@@ -88,7 +88,7 @@ class Cell:
     drafts: Counter[str] = field(default_factory=Counter)  # verified drafts per request
     # The cost model's prediction of each iteration (before observing it) and its measured seconds, summed
     # over drafting iterations and over plain ones (not near drafting), those with other requests' prefill
-    # tokens apart.
+    # tokens apart; "drafter": the drafter's part of drafting iterations without a catch-up.
     predicted_s: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     measured_s: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
 
@@ -101,7 +101,7 @@ class Cell:
         requests = " ".join(f"{a:.2f}x{n}" for a, n in per_request)
         model = ", ".join(
             f"{kind} {self.predicted_s[kind] / self.measured_s[kind]:.2f}"
-            for kind in ("drafting", "plain", "drafting with prefill", "plain with prefill")
+            for kind in ("drafting", "drafter", "plain", "drafting with prefill", "plain with prefill")
             if self.measured_s[kind]
         )
         return (
@@ -162,6 +162,7 @@ def replay(steps: list[dict[str, Any]], chooser: MeasuredGuard, cells: list[Cell
                 previous,
                 is_near_drafting=step["is_near_drafting"],
                 num_prefill_tokens=step.get("num_prefill_tokens", 0),
+                gap_s=step.get("gap_s", 0.0),
             )
             if current is not None:
                 kind = "drafting" if any(r.num_spec_tokens for r in requests) else "plain"
@@ -172,6 +173,10 @@ def replay(steps: list[dict[str, Any]], chooser: MeasuredGuard, cells: list[Cell
                 ks = [r.num_spec_tokens for r in requests]
                 current.predicted_s[kind] += inner.cost_model.iteration_time(ks)
                 current.measured_s[kind] += stats.iteration_time_s
+                if kind == "drafting" and not stats.num_draft_prefill_tokens:  # the drafter's part alone
+                    draft_s, _, _ = inner.cost_model.phase_times(len(ks), max(ks), sum(ks))
+                    current.predicted_s["drafter"] += float(draft_s)
+                    current.measured_s["drafter"] += stats.draft_time_s
             chooser.observe(stats)
         previous = draft
         if current is not None and ids:

@@ -292,6 +292,7 @@ class PolicyScheduler(Scheduler):
                 previous,
                 is_near_drafting=is_near,
                 num_prefill_tokens=num_prefill_tokens,
+                gap_s=gap_s,
             )
             self.chooser.observe(stats)
             counters.num_request_steps += len(requests)

@@ -172,6 +172,12 @@ def test_step_stats_pair_each_verification_with_the_drafting_before_it() -> None
     assert stats.num_target_tokens == 4 and stats.batch_size == 1
     whole = iteration_stats(7, requests, 0.1, None, before)  # vLLM's runner: nothing measured apart
     assert (whole.draft_time_s, whole.verify_time_s, whole.num_draft_prefill_tokens) == (0.0, 0.1, 0)
+    # The engine core's time before the step (the draft fetch) is the verification's, unless the step took
+    # prompts in (then the gap may be the engine's idle time before them).
+    fetched = iteration_stats(7, requests, 0.1, now, before, gap_s=0.002)
+    assert fetched.iteration_time_s == pytest.approx(stats.iteration_time_s + 0.002)
+    with_prompt = iteration_stats(7, requests, 0.1, now, before, gap_s=0.2, num_prefill_tokens=30)
+    assert with_prompt.iteration_time_s == pytest.approx(stats.iteration_time_s)
 
 
 def test_step_prior_keeps_the_draft_terms_apart_when_our_worker_measures_them() -> None:
