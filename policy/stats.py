@@ -40,8 +40,9 @@ class IterationStats(msgspec.Struct, frozen=True):
     experts_touched: list[int] = []
     num_experts: int = 0  # experts per MoE layer of the target (0 for a dense target)
     source: str = ""  # which router produced it (the central aggregator merges many)
-    # History tokens the drafter prefilled this iteration beyond the one it feeds per drafting request: the
-    # catch-up of requests that start or resume speculating (their whole history) and after a drafter loss.
+    # Tokens the drafter prefilled this iteration beyond the one it feeds per drafting request: the catch-up
+    # of requests that start or resume speculating (their whole history) and after a drafter loss, and (vLLM)
+    # the prompts of the step before, which its first pass feeds to the drafter with the step's other tokens.
     num_draft_prefill_tokens: int = 0
     # A plain iteration next to drafting ones, whose time is not plain decoding's alone: the vLLM backend sets
     # it when the drafter ran at the end of this step, or one of the last steps drafted or verified

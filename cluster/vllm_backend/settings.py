@@ -49,7 +49,8 @@ class DraftMeasurement:
     step, or was skipped (0 draft steps)."""
 
     time_s: float  # in the drafter: the catch-up passes and vLLM's draft steps (device synchronized)
-    num_prefill_tokens: int  # history tokens the catch-up fed beyond one per drafting request
+    # tokens fed beyond one per request: the catch-up's history and the step's prompt chunks (vLLM's first pass)
+    num_prefill_tokens: int
 
 
 @dataclass(frozen=True)

@@ -241,6 +241,29 @@ def test_iterations_that_carry_other_requests_prompts_are_left_out_of_the_fit() 
     assert fits[1] == pytest.approx(1.0, rel=0.03)
 
 
+def test_drafting_is_charged_the_drafters_prefill_of_the_prompts_that_arrive() -> None:
+    """An engine that feeds the prompts scheduled into a step to the drafter when the step drafts (vLLM): a
+    drafting iteration is charged the prompt tokens arriving per iteration at its batch size, at the drafter's
+    prefill cost; plain decoding and other batch sizes are not."""
+    rng = np.random.default_rng(5)
+    params = dataclasses.replace(MIXTRAL.cost_params(), draft_prefill_per_token_s=2e-5)
+    truth = CostModel(CostModelConfig(MIXTRAL.routing), params)
+    without, with_prompts = (CostModel(CostModelConfig(MIXTRAL.routing), params) for _ in range(2))
+    for i in range(64):
+        stats = measured_iteration(truth, list(rng.integers(0, 4, 8)), rng, noise=0.0, iteration=i)
+        without.observe(stats)
+        with_prompts.observe(stats)
+        if i % 4 == 0:  # and a step that took a 100-token prompt in (left out of the fit)
+            with_prompts.observe(msgspec.structs.replace(stats, num_prefill_tokens=100))
+    for model in (without, with_prompts):
+        model.refit()
+    assert with_prompts.prompt_tokens_per_iteration(8) == pytest.approx(100 * 16 / 80)
+    assert with_prompts.plain_time(8) == pytest.approx(without.plain_time(8))
+    charged = with_prompts.spec_time(8, 2) - without.spec_time(8, 2)
+    assert charged == pytest.approx(2e-5 * 100 * 16 / 80)
+    assert with_prompts.spec_time(1, 2) == pytest.approx(without.spec_time(1, 2))
+
+
 def test_an_engine_that_reports_no_other_time_has_the_drafter_call_fitted_from_verify_times() -> None:
     """vLLM's backend reports a step as the drafter's time and the rest (verify); what an iteration that
     verifies drafts costs beyond its tokens is in the rest. Fitted nowhere, it inflated plain decoding's

@@ -98,6 +98,12 @@ def test_greedy_output_unchanged_with_mixed_k(engines: tuple[Any, Any]) -> None:
     # per decoding request; the chooser's hooks timed; the time between steps.
     total_prompt = sum(len(o.prompt_token_ids) for o in outputs)
     assert 0 < sum(r.num_prefill_tokens for r in record) <= total_prompt  # (less: prefix cache hits)
+    # The drafter's pass at the end of a step that took prompts in fed them: counted as its prefill.
+    prompt_steps = [r for r in record if r.num_prefill_tokens and r.num_draft_steps]
+    assert prompt_steps
+    assert all(
+        (r.draft_prefill_tokens or 0) >= r.num_prefill_tokens - r.num_scheduled > 0 for r in prompt_steps
+    )
     decode = [r for r in record if r.num_drafts and not r.num_prefill_tokens]
     assert all(r.num_tokens >= sum(k + 1 for k in r.num_drafts.values()) for r in decode)
     assert all(r.choose_s > 0 and r.observe_s > 0 and r.start_s > 0 for r in decode)
