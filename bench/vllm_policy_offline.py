@@ -27,8 +27,9 @@ def run_offline(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def offline_engine_args(mode: str, common: dict[str, Any], draft: Path) -> dict[str, Any]:
     """`vllm.LLM` arguments of an offline mode: off; N (vLLM's own static K = N); k0_vllm (our scheduler at
-    every K = 0, K_max 4, vLLM's runner and executor); k0 (the same on our worker and executor); oursN (our
-    scheduler, worker and executor at a fixed K = N, K_max 4); oursN@M (the same at K_max M)."""
+    every K = 0, K_max 4, vLLM's runner and executor); k0 (the same on our worker and executor); auto (our
+    policy, K_max 4, our worker and executor); oursN (our scheduler, worker and executor at a fixed K = N,
+    K_max 4); oursN@M (the same at K_max M)."""
 
     def spec(num: int) -> dict[str, Any]:
         return {"method": "draft_model", "model": str(draft), "num_speculative_tokens": num}
@@ -38,15 +39,15 @@ def offline_engine_args(mode: str, common: dict[str, Any], draft: Path) -> dict[
     if mode.isdigit():
         return {**common, "speculative_config": spec(int(mode))}
     ours = mode.removeprefix("ours")
-    if mode in ("k0", "k0_vllm"):
-        policy: dict[str, Any] = {"kind": "off"}
+    if mode in ("k0", "k0_vllm", "auto"):
+        policy: dict[str, Any] = {"kind": "auto" if mode == "auto" else "off"}
         max_spec = MAX_SPEC_TOKENS
     elif mode.startswith("ours") and ours.split("@")[0].isdigit():
         num, _, top = ours.partition("@")
         policy = {"kind": "static", "num_spec_tokens": int(num)}
         max_spec = int(top) if top else MAX_SPEC_TOKENS
     else:
-        raise ValueError(f"offline mode {mode!r}: expected off, N, k0, k0_vllm, oursN or oursN@M")
+        raise ValueError(f"offline mode {mode!r}: expected off, N, k0, k0_vllm, auto, oursN or oursN@M")
     engine = {
         **common,
         "speculative_config": spec(max_spec),

@@ -24,6 +24,8 @@ def test_offline_modes_build_each_engine() -> None:
     assert "distributed_executor_backend" in ours
     assert "distributed_executor_backend" not in offline_engine_args("k0_vllm", common, draft)
     assert offline_engine_args("ours3", common, draft)["speculative_config"]["num_speculative_tokens"] == 4
+    auto = offline_engine_args("auto", common, draft)
+    assert auto["additional_config"] == {"moespec": {"policy": {"kind": "auto"}}} and "worker_cls" in auto
     with pytest.raises(ValueError, match="offline mode 'oursx'"):
         offline_engine_args("oursx", common, draft)
 
