@@ -99,9 +99,7 @@ class CostModelConfig:
     # The shape correction (module docstring): measured iterations a (bucket, tokens per sequence) cell needs
     # for its median ratio to count half; the rest of the weight stays on the parametric form.
     correction_pseudo_count: float = 8.0
-    prompt_window: int = (
-        128  # iterations the prompt tokens per iteration are averaged over (module docstring)
-    )
+    prompt_window: int = 128  # iterations the prompt tokens per iteration are averaged over
 
     def __post_init__(self) -> None:
         if self.prompt_window < 1:
