@@ -147,7 +147,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 def median_table(rows: list[dict[str, Any]]) -> str:
     """Markdown: per cell, each mode's median throughput over its launches and rounds, as a ratio to off's
     median, auto's median over max(off, the best static K) (vLLM's own modes named by a number), and with
-    our scheduler the median decode speedup over the server's own plain steps (`decode_speedup`)."""
+    our scheduler the median decode speedup over the server's own plain steps (`decode_speedup`). "spread":
+    each mode's fastest run over its slowest, the launch noise against which a ratio is read (up to 1.37 for
+    off in one demo-pair cell on this 2-core machine, session 16)."""
     by_mode: dict[tuple[str, int], dict[str, list[float]]] = {}
     speedups: dict[tuple[str, int, str], list[float]] = {}
     for r in rows:
@@ -158,9 +160,9 @@ def median_table(rows: list[dict[str, Any]]) -> str:
         if speedup is not None:
             speedups.setdefault((r["workload"], r["concurrency"], r["mode"]), []).append(speedup)
     lines = [
-        "| workload | conc | mode | runs | median tok/s | x off | auto / max(off, best static K) | decode "
-        "speedup over own plain |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| workload | conc | mode | runs | median tok/s | spread | x off | auto / max(off, best static K) | "
+        "decode speedup over own plain |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for (workload, concurrency), modes in sorted(by_mode.items()):
         median = {mode: statistics.median(values) for mode, values in modes.items()}
@@ -172,7 +174,8 @@ def median_table(rows: list[dict[str, Any]]) -> str:
             own = speedups.get((workload, concurrency, mode))
             own_text = f"{statistics.median(own):.2f}" if own else ""
             lines.append(
-                f"| {workload} | {concurrency} | {mode} | {len(values)} | {median[mode]:.1f} | {x_off:.2f} | "
+                f"| {workload} | {concurrency} | {mode} | {len(values)} | {median[mode]:.1f} | "
+                f"{max(values) / min(values):.2f} | {x_off:.2f} | "
                 f"{versus} | {own_text} |"
             )
     return "\n".join(lines)
