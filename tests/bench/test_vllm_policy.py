@@ -236,7 +236,6 @@ def test_the_median_table_compares_auto_with_the_best_of_off_and_vllms_static_k(
         for mode, values in measured.items()
         for value in values
     ]
-    lines = {line.split(" | ")[2]: line for line in median_table(rows).splitlines()[2:]}
     rows[-2]["scheduler"] = {"decode_speedup": 1.1}  # auto's second launch
     lines = {line.split(" | ")[2]: line for line in median_table(rows).splitlines()[2:]}
     # 102 / max(110, 110); spread 105 / 99
