@@ -6,9 +6,10 @@ it keeps the committed tokens per second per request of every iteration the choo
 ones and its test probes included) and of every plain iteration (EWMAs; not those next to drafting ones
 where the engine says they carry the drafter's costs, `IterationStats.is_near_drafting`). While the chooser
 speculates, a baseline of `baseline_length` plain iterations runs every `baseline_every` iterations to keep
-the plain figure fresh (more often until a bucket has `min_samples`). When the chooser's iterations measure worse than plain ones by more than `margin`, the guard runs
-that bucket plain for `hold_iterations` (doubled per consecutive verdict there, capped), then lets the
-chooser try again. A verdict holds only its own bucket: drafting that loses at batch 1 says nothing about
+the plain figure fresh (more often until a bucket has `min_samples`; `wide_lead_spacing` times less often
+while the chooser measures far above plain). When the chooser's iterations measure worse than plain ones by
+more than `margin`, the guard runs that bucket plain for `hold_iterations` (doubled per consecutive verdict
+there, capped), then lets the chooser try again. A verdict holds only its own bucket: drafting that loses at batch 1 says nothing about
 batch 4, where verification costs far less relative to a plain step (the vLLM backend's replay of a batch-1
 phase followed by a batch-4 one: a global hold kept batch 4 plain on one seed).
 
@@ -53,6 +54,14 @@ class GuardConfig:
     min_samples: int = 8  # iterations of each kind in a bucket before a verdict
     smoothing: float = 0.05  # EWMA weight of the newest iteration (about 20 iterations of memory)
     baseline_every: int = 16  # while drafting, one baseline in this many iterations
+    # While the chooser's iterations measure more than `wide_lead` above plain ones in the bucket (by more
+    # than `confidence` standard errors of the difference too), baselines run `wide_lead_spacing` times less
+    # often: a stale plain figure can then only matter after a fall that the chooser's own figure (about 20
+    # iterations of memory) shows long before the next baseline is due. Every baseline is plain steps at a
+    # loss where drafting pays most: served on the regime pair at synthetic 4, where static K = 4 ran 1.58x off,
+    # one 4-step baseline in 68 steps was about 2% of the cell's tokens.
+    wide_lead: float = 0.25
+    wide_lead_spacing: int = 4
     # Plain iterations per baseline. An engine whose plain iterations next to drafting ones are not plain
     # decoding's cost (`IterationStats.is_near_drafting`, vLLM) needs 3 for one that is: with vLLM's one-step
     # lag the first follows a verification and the last drafts at its end.
@@ -69,6 +78,10 @@ class GuardConfig:
             )
         if min(self.min_samples, self.baseline_every, self.hold_iterations, self.baseline_length) < 1:
             raise ValueError("min_samples, baseline_every, baseline_length and hold_iterations must be >= 1")
+        if self.wide_lead < 0.0 or self.wide_lead_spacing < 1:
+            raise ValueError(
+                f"wide_lead={self.wide_lead} must be >= 0, wide_lead_spacing={self.wide_lead_spacing} >= 1"
+            )
         if self.held_ask_every < 1:
             raise ValueError(f"held_ask_every={self.held_ask_every} must be >= 1")
         if self.max_hold_iterations < self.hold_iterations:
@@ -160,6 +173,8 @@ class MeasuredGuard:
         is_known = plain is not None and plain.count >= self.config.min_samples
         # Learn the plain rate of a new bucket fast (still at least one drafting iteration per baseline).
         every = self.config.baseline_every if is_known else max(4, 2 * self.config.baseline_length)
+        if is_known and self._leads_widely(bucket):
+            every *= self.config.wide_lead_spacing
         if any(chosen.values()) and self._num_drafting >= every - self.config.baseline_length:
             # A baseline. The count restarts now, not when it is observed: an engine that verifies each choice
             # a step later (vLLM) would otherwise be asked again before the baseline is observed, and ran two
@@ -207,17 +222,33 @@ class MeasuredGuard:
         self._pending.append(None)
         return dict.fromkeys(request_ids, 0)
 
-    def _judge(self, bucket: int) -> None:
-        plain, chosen = self._plain.get(bucket), self._chosen[bucket]
-        if plain is None or min(plain.count, chosen.count) < self.config.min_samples:
-            return
+    def _figures(self, bucket: int) -> tuple[float, float, float] | None:
+        """The bucket's (chooser's rate, plain rate, `confidence` standard errors of their difference), once
+        each has `min_samples` iterations."""
+        plain, chosen = self._plain.get(bucket), self._chosen.get(bucket)
+        if plain is None or chosen is None or min(plain.count, chosen.count) < self.config.min_samples:
+            return None
         noise = self.config.confidence * math.hypot(chosen.standard_error, plain.standard_error)
-        if chosen.value < (1.0 - self.config.margin) * plain.value - noise:
+        return chosen.value, plain.value, noise
+
+    def _leads_widely(self, bucket: int) -> bool:
+        figures = self._figures(bucket)
+        if figures is None:
+            return False
+        chosen, plain, noise = figures
+        return chosen - noise > (1.0 + self.config.wide_lead) * plain
+
+    def _judge(self, bucket: int) -> None:
+        figures = self._figures(bucket)
+        if figures is None:
+            return
+        chosen_value, plain_value, noise = figures
+        if chosen_value < (1.0 - self.config.margin) * plain_value - noise:
             num_verdicts = self._num_verdicts.get(bucket, 0)
             hold = self.config.hold_iterations * 2**num_verdicts
             self._hold_left[bucket] = min(hold, self.config.max_hold_iterations)
             self._num_verdicts[bucket] = num_verdicts + 1
             self.num_holds += 1
             del self._chosen[bucket]  # the next try is judged on fresh iterations
-        elif chosen.count >= 4 * self.config.min_samples:
+        elif self._chosen[bucket].count >= 4 * self.config.min_samples:
             self._num_verdicts[bucket] = 0  # the chooser has held its own for a while

@@ -4,7 +4,7 @@ inside believes; speculation that pays keeps most of its gain (the guard's plain
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -53,9 +53,11 @@ def test_config_rejects_bad_values() -> None:
         {"max_hold_iterations": 8},
         {"baseline_length": 0},
         {"held_ask_every": 0},
+        {"wide_lead": -0.1},
+        {"wide_lead_spacing": 0},
     ):
         with pytest.raises(ValueError):
-            GuardConfig(**bad)  # type: ignore[arg-type]
+            GuardConfig(**bad)
 
 
 class _Counting(StaticChooser):
@@ -188,14 +190,17 @@ def test_a_verdict_at_one_batch_size_does_not_hold_another() -> None:
     assert guard.choose(batch_4) == dict.fromkeys(batch_4, 2)  # batch 4 is not
 
 
-def _plain_choices_verified_late(guard: MeasuredGuard, num_iterations: int) -> list[bool]:
-    """One request, each choice verified a step later (vLLM), drafting at 250 tokens/s against plain's 100:
-    whether each choice was plain."""
+def _plain_choices_verified_late(
+    guard: MeasuredGuard, num_iterations: int, drafting_s: Callable[[int], float] = lambda _: 0.012
+) -> list[bool]:
+    """One request, each choice verified a step later (vLLM), a drafting iteration committing 3 tokens in
+    `drafting_s(index)` (250 tokens/s by default) against plain's 1 in 10 ms: whether each choice was plain."""
     held = {"a": 2}  # the drafts verified in the next step
     plain = []
     for index in range(num_iterations):
         chosen = guard.choose(["a"])
-        guard.observe(_iteration(index, held, {"a": 3 if held["a"] else 1}, 0.012 if held["a"] else 0.010))
+        seconds = drafting_s(index) if held["a"] else 0.010
+        guard.observe(_iteration(index, held, {"a": 3 if held["a"] else 1}, seconds))
         plain.append(chosen["a"] == 0)
         held = chosen
     return plain
@@ -204,13 +209,38 @@ def _plain_choices_verified_late(guard: MeasuredGuard, num_iterations: int) -> l
 def test_a_baseline_is_one_plain_iteration_when_choices_are_verified_a_step_late() -> None:
     # vLLM verifies at step t + 1 what was chosen at step t, and asks for step t + 1's choice before it
     # observes step t: counted from observed plain iterations, each baseline ran two plain steps (1 in 9).
-    config = GuardConfig(baseline_every=16)
+    config = GuardConfig(baseline_every=16, wide_lead_spacing=1)
     guard = MeasuredGuard(StaticChooser(2), config)
     plain = _plain_choices_verified_late(guard, 320)
     assert guard.num_holds == 0  # the premise: drafting pays (250 against 100 tokens/s)
     steady = plain[64:]
     assert sum(steady) == pytest.approx(len(steady) / config.baseline_every, abs=1)
     assert not any(a and b for a, b in itertools.pairwise(steady))  # never two plain steps in a row
+
+
+def test_baselines_space_out_while_the_chooser_leads_plain_widely() -> None:
+    # Each baseline runs plain where drafting pays: served on the regime pair at synthetic 4 (static K = 4
+    # 1.58x off), one 4-step baseline in 68 steps was about 2% of the cell's tokens.
+    config = GuardConfig(baseline_every=16)
+    wide, narrow = MeasuredGuard(StaticChooser(2), config), MeasuredGuard(StaticChooser(2), config)
+    plain_wide = _plain_choices_verified_late(wide, 640)  # 250 against 100 tokens/s
+    plain_narrow = _plain_choices_verified_late(narrow, 640, lambda _: 0.025)  # 120 against 100: a 20% lead
+    assert wide.num_holds == narrow.num_holds == 0
+    steady = slice(128, None)  # both figures known
+    assert sum(plain_narrow[steady]) == pytest.approx(512 / config.baseline_every, abs=2)
+    assert sum(plain_wide[steady]) == pytest.approx(512 / (config.baseline_every * 4), abs=2)
+
+
+@pytest.mark.parametrize("spacing", [1, 4])
+def test_a_wide_lead_that_turns_into_a_loss_is_held_as_fast_as_without_spacing(spacing: int) -> None:
+    # Spaced-out baselines leave the plain figure older, but a verdict compares the chooser's recent
+    # iterations with it at every drafting iteration: the hold comes when the chooser's figure falls.
+    guard = MeasuredGuard(StaticChooser(2), GuardConfig(baseline_every=16, wide_lead_spacing=spacing))
+    plain = _plain_choices_verified_late(guard, 700, lambda index: 0.012 if index < 400 else 0.040)
+    assert sum(plain[:400]) < 400 / 16 + 8  # drafting at 250 against 100 tokens/s: not held
+    assert guard.num_holds >= 1  # then 75 against 100: held
+    first_held = 400 + next(i for i, p in enumerate(plain[400:]) if all(plain[400 + i : 400 + i + 32]))
+    assert first_held < 440
 
 
 def test_a_full_batch_that_shrinks_by_one_keeps_its_plain_figure() -> None:
@@ -275,7 +305,7 @@ def test_plain_steps_next_to_drafting_do_not_set_the_plain_figure() -> None:
 
 
 def test_a_baseline_runs_baseline_length_plain_iterations() -> None:
-    config = GuardConfig(baseline_length=3, baseline_every=32)
+    config = GuardConfig(baseline_length=3, baseline_every=32, wide_lead_spacing=1)
     guard = MeasuredGuard(StaticChooser(2), config)
     plain = _plain_choices_verified_late(guard, 640)
     assert guard.num_holds == 0  # drafting pays
