@@ -170,8 +170,14 @@ class MeasuredGuard:
             self._num_drafting = 0
             return self._plain_iteration(request_ids)
         plain = self._plain.get(bucket)
-        is_known = plain is not None and plain.count >= self.config.min_samples
-        # Learn the plain rate of a new bucket fast (still at least one drafting iteration per baseline).
+        num_plain = 0 if plain is None else plain.count
+        is_known = num_plain >= self.config.min_samples
+        # Learn the plain rate of a new bucket fast (still at least one drafting iteration per baseline), in
+        # one baseline that is long enough for the missing samples: each baseline yields one sample for its
+        # `baseline_length` plain iterations, and each iteration beyond those one more. Baselines of 4 steps
+        # every 8 (the vLLM backend's guard) took 64 steps, half of them plain, to learn a bucket: served on
+        # the regime pair, the first cell at batch 4 (synthetic, where static K = 4 ran 1.60x off) ran its
+        # first 80 steps 4 drafting, 4 plain, and auto ran 0.80x of static K = 4.
         every = self.config.baseline_every if is_known else max(4, 2 * self.config.baseline_length)
         if is_known and self._leads_widely(bucket):
             every *= self.config.wide_lead_spacing
@@ -180,7 +186,8 @@ class MeasuredGuard:
             # a step later (vLLM) would otherwise be asked again before the baseline is observed, and ran two
             # plain iterations per baseline (1 in 9 at baseline_every 16, the vLLM backend's replay).
             self._num_drafting = 0
-            self._baseline_left = self.config.baseline_length - 1
+            missing = 0 if is_known else self.config.min_samples - num_plain - 1
+            self._baseline_left = self.config.baseline_length + missing - 1
             return self._plain_iteration(request_ids)
         self._pending.append(frozenset(request_ids))
         return chosen

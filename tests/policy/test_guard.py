@@ -293,8 +293,10 @@ def _lagged_engine(guard: MeasuredGuard, num_steps: int, *, reports_near_draftin
 def test_plain_steps_next_to_drafting_do_not_set_the_plain_figure() -> None:
     # The served demo pair at batch 4: drafting measured 30% better than the guard's one-step baselines and
     # 36% worse than steady plain decoding; the guard never held. With the engine saying which plain steps
-    # are next to drafting, 3-step baselines give it a steady sample and it holds.
-    config = GuardConfig(baseline_length=3, baseline_every=32)
+    # are next to drafting, 3-step baselines give it a steady sample and it holds. (min_samples 3: the
+    # bucket's first baseline, long enough for the missing samples, is then 5 steps, too short to show the
+    # blind guard steady plain steps among the switching ones; at 8 it does, below.)
+    config = GuardConfig(baseline_length=3, baseline_every=32, min_samples=3)
     blind = MeasuredGuard(StaticChooser(1), config)
     _lagged_engine(blind, 600, reports_near_drafting=False)
     assert blind.num_holds == 0  # the premise: switching costs hide the loss
@@ -302,6 +304,22 @@ def test_plain_steps_next_to_drafting_do_not_set_the_plain_figure() -> None:
     verified = _lagged_engine(guard, 600, reports_near_drafting=True)
     assert guard.num_holds >= 1
     assert sum(k > 0 for k in verified[200:]) < 0.2 * len(verified[200:])
+
+
+def test_a_new_buckets_plain_figure_comes_from_one_baseline_long_enough_for_its_samples() -> None:
+    # Baselines of 4 steps every 8 took 64 steps, half of them plain, to learn a bucket's plain rate (one
+    # sample per baseline on the vLLM backend); the first baseline now runs until the samples are there.
+    config = GuardConfig(baseline_length=3, baseline_every=32)  # min_samples 8
+    guard = MeasuredGuard(StaticChooser(1), config)
+    verified = _lagged_engine(guard, 600, reports_near_drafting=True)
+    first_plain = verified.index(0, 1)  # step 0 verifies nothing: no drafts yet
+    assert first_plain == 5  # after 4 drafting steps
+    assert verified[first_plain:].index(1) == 10  # one baseline of 3 + 8 - 1 steps
+    # Its middle steps are steady plain decoding, so even an engine that does not say which steps are next
+    # to drafting gets a true plain figure from it, and the guard holds there too.
+    blind = MeasuredGuard(StaticChooser(1), config)
+    _lagged_engine(blind, 600, reports_near_drafting=False)
+    assert blind.num_holds >= 1
 
 
 def test_a_baseline_runs_baseline_length_plain_iterations() -> None:
