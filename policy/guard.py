@@ -9,9 +9,9 @@ speculates, a baseline of `baseline_length` plain iterations runs every `baselin
 the plain figure fresh (more often until a bucket has `min_samples`; `wide_lead_spacing` times less often
 while the chooser measures far above plain). When the chooser's iterations measure worse than plain ones by
 more than `margin`, the guard runs that bucket plain for `hold_iterations` (doubled per consecutive verdict
-there, capped), then lets the chooser try again. A verdict holds only its own bucket: drafting that loses at batch 1 says nothing about
-batch 4, where verification costs far less relative to a plain step (the vLLM backend's replay of a batch-1
-phase followed by a batch-4 one: a global hold kept batch 4 plain on one seed).
+there, capped), then lets the chooser try again. A verdict holds only its own bucket: drafting that loses at
+batch 1 says nothing about batch 4, where verification costs far less relative to a plain step (the vLLM
+backend's replay of a batch-1 phase followed by a batch-4 one: a global hold kept batch 4 plain on one seed).
 
 Why the decisions as a whole: the guard controls one thing, the chooser's decisions against plain decoding,
 so that is what it measures; a chooser that runs plain and tests one request in a batch now and then is
@@ -58,8 +58,8 @@ class GuardConfig:
     # than `confidence` standard errors of the difference too), baselines run `wide_lead_spacing` times less
     # often: a stale plain figure can then only matter after a fall that the chooser's own figure (about 20
     # iterations of memory) shows long before the next baseline is due. Every baseline is plain steps at a
-    # loss where drafting pays most: served on the regime pair at synthetic 4, where static K = 4 ran 1.58x off,
-    # one 4-step baseline in 68 steps was about 2% of the cell's tokens.
+    # loss where drafting pays most: served on the regime pair at synthetic 4, where static K = 4 ran 1.58x
+    # off, one 4-step baseline in 68 steps was about 2% of the cell's tokens.
     wide_lead: float = 0.25
     wide_lead_spacing: int = 4
     # Plain iterations per baseline. An engine whose plain iterations next to drafting ones are not plain

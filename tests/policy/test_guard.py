@@ -194,7 +194,8 @@ def _plain_choices_verified_late(
     guard: MeasuredGuard, num_iterations: int, drafting_s: Callable[[int], float] = lambda _: 0.012
 ) -> list[bool]:
     """One request, each choice verified a step later (vLLM), a drafting iteration committing 3 tokens in
-    `drafting_s(index)` (250 tokens/s by default) against plain's 1 in 10 ms: whether each choice was plain."""
+    `drafting_s(index)` (250 tokens/s by default) against plain's 1 in 10 ms: whether each choice was
+    plain."""
     held = {"a": 2}  # the drafts verified in the next step
     plain = []
     for index in range(num_iterations):
