@@ -149,9 +149,14 @@ def median_table(rows: list[dict[str, Any]]) -> str:
     median, auto's median over max(off, the best static K) (vLLM's own modes named by a number), and with
     our scheduler the median decode speedup over the server's own plain steps (`decode_speedup`). "spread":
     each mode's fastest run over its slowest, the launch noise against which a ratio is read (up to 1.37 for
-    off in one demo-pair cell on this 2-core machine, session 16)."""
+    off in one demo-pair cell on this 2-core machine, session 16).
+
+    "x off, paired": the median over runs of the mode's throughput over off's in the same run (launch and
+    round), where every run has one row per mode. In a `--side-by-side` run the two ran seconds apart, so the
+    machine's drift cancels in each ratio; the ratio of medians mixes runs at different speeds."""
     by_mode: dict[tuple[str, int], dict[str, list[float]]] = {}
     speedups: dict[tuple[str, int, str], list[float]] = {}
+    paired = paired_ratios(rows)
     for r in rows:
         by_mode.setdefault((r["workload"], r["concurrency"]), {}).setdefault(r["mode"], []).append(
             r["output_throughput"]
@@ -160,9 +165,9 @@ def median_table(rows: list[dict[str, Any]]) -> str:
         if speedup is not None:
             speedups.setdefault((r["workload"], r["concurrency"], r["mode"]), []).append(speedup)
     lines = [
-        "| workload | conc | mode | runs | median tok/s | spread | x off | auto / max(off, best static K) | "
-        "decode speedup over own plain |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| workload | conc | mode | runs | median tok/s | spread | x off | x off, paired | "
+        "auto / max(off, best static K) | decode speedup over own plain |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (workload, concurrency), modes in sorted(by_mode.items()):
         median = {mode: statistics.median(values) for mode, values in modes.items()}
@@ -173,9 +178,29 @@ def median_table(rows: list[dict[str, Any]]) -> str:
             versus = f"{median[mode] / best:.2f}" if mode == "auto" else ""
             own = speedups.get((workload, concurrency, mode))
             own_text = f"{statistics.median(own):.2f}" if own else ""
+            pairs = paired.get((workload, concurrency, mode))
+            paired_text = f"{statistics.median(pairs):.2f}" if pairs and mode != "off" else ""
             lines.append(
                 f"| {workload} | {concurrency} | {mode} | {len(values)} | {median[mode]:.1f} | "
-                f"{max(values) / min(values):.2f} | {x_off:.2f} | "
+                f"{max(values) / min(values):.2f} | {x_off:.2f} | {paired_text} | "
                 f"{versus} | {own_text} |"
             )
     return "\n".join(lines)
+
+
+def paired_ratios(rows: list[dict[str, Any]]) -> dict[tuple[str, int, str], list[float]]:
+    """Per (workload, concurrency, mode): its throughput over off's of the same run (launch, round), for the
+    runs with exactly one row of the mode and one of off."""
+    runs: dict[tuple[str, int, int, int], dict[str, list[float]]] = {}
+    for r in rows:
+        run = (r["workload"], r["concurrency"], r.get("launch", 0), r.get("round", 0))
+        runs.setdefault(run, {}).setdefault(r["mode"], []).append(r["output_throughput"])
+    ratios: dict[tuple[str, int, str], list[float]] = {}
+    for (workload, concurrency, _, _), modes in runs.items():
+        off = modes.get("off", [])
+        if len(off) != 1:
+            continue
+        for mode, values in modes.items():
+            if len(values) == 1:
+                ratios.setdefault((workload, concurrency, mode), []).append(values[0] / off[0])
+    return ratios

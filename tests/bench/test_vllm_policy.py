@@ -239,8 +239,8 @@ def test_the_median_table_compares_auto_with_the_best_of_off_and_vllms_static_k(
     rows[-2]["scheduler"] = {"decode_speedup": 1.1}  # auto's second launch
     lines = {line.split(" | ")[2]: line for line in median_table(rows).splitlines()[2:]}
     # 102 / max(110, 110); spread 105 / 99
-    assert lines["auto"] == "| code | 16 | auto | 2 | 102.0 | 1.06 | 0.93 | 0.93 | 1.10 |"
-    assert lines["2"] == "| code | 16 | 2 | 3 | 110.0 | 1.44 | 1.00 |  |  |"
+    assert lines["auto"] == "| code | 16 | auto | 2 | 102.0 | 1.06 | 0.93 |  | 0.93 | 1.10 |"
+    assert lines["2"] == "| code | 16 | 2 | 3 | 110.0 | 1.44 | 1.00 |  |  |  |"
     assert lines["ours2"].startswith("| code | 16 | ours2 | 1 | 200.0 | 1.00 | 1.82 |")
 
 
@@ -333,3 +333,19 @@ def test_side_by_side_refuses_servers_that_do_not_fit_in_memory(monkeypatch: Any
     vllm_policy.check_memory(2, 2)  # 2 x (2.5 + 2) = 9 GiB
     with pytest.raises(SystemExit, match="3 servers need about 14 GiB"):
         vllm_policy.check_memory(3, 2)
+
+
+def test_the_median_table_pairs_each_mode_with_off_of_the_same_run() -> None:
+    """Side by side, off and k0 ran seconds apart in each round: the paired ratio is the median of k0 / off
+    per round (0.9, 0.9, 1.0), where the ratio of the medians mixes rounds at different speeds."""
+    measured = {"off": (100.0, 200.0, 150.0), "k0": (90.0, 180.0, 150.0)}
+    rows = [
+        {"mode": mode, "workload": "code", "concurrency": 4, "round": i, "output_throughput": value}
+        for mode, values in measured.items()
+        for i, value in enumerate(values)
+    ]
+    rows.append({"mode": "auto", "workload": "code", "concurrency": 4, "round": 0, "output_throughput": 50.0})
+    lines = {line.split(" | ")[2]: line for line in median_table(rows).splitlines()[2:]}
+    assert lines["k0"] == "| code | 4 | k0 | 3 | 150.0 | 2.00 | 1.00 | 0.90 |  |  |"
+    assert lines["auto"].startswith("| code | 4 | auto | 1 | 50.0 | 1.00 | 0.33 | 0.50 |")
+    assert lines["off"].startswith("| code | 4 | off | 3 | 150.0 | 2.00 | 1.00 |  |")
