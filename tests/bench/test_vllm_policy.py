@@ -67,6 +67,12 @@ def test_summary_splits_steps_by_what_the_target_verified_and_prefilled() -> Non
     assert summary["steps_s"] == 0.64 and summary["gap_s"] == 0.016
     assert summary["mean_batch"] == 2.0
     assert (summary["choose_ms_p50"], summary["observe_ms_p50"], summary["gap_ms_p50"]) == (1.0, 2.0, 4.0)
+    assert (summary["choose_ms_mean"], summary["observe_ms_mean"]) == (1.0, 2.0)
+    steps[2]["choose_s"] = 0.009  # one search among quick steps: the p50 hides it, the mean does not
+    assert (scheduler_summary(steps)["choose_ms_p50"], scheduler_summary(steps)["choose_ms_mean"]) == (
+        1.0,
+        3.0,
+    )
     # The drain: the trailing steps below the cell's full batch (2 here).
     for s, num_scheduled in zip(steps, (2, 2, 2, 1, 2), strict=True):
         s["num_scheduled"] = num_scheduled
