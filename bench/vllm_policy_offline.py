@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.peers import VllmSettings, log
-from bench.vllm_policy import MAX_SPEC_TOKENS, PROMPTS
+from bench.vllm_policy import MAX_SPEC_TOKENS, PROMPTS, RAW
+from bench.vllm_policy_report import scheduler_summary
 from cluster.vllm_backend.settings import SCHEDULER_CLS, WORKER_CLS, executor_backend
 
 
@@ -63,7 +64,8 @@ def measure_offline(
     args: argparse.Namespace, modes: list[str], workload: str, batch_sizes: list[int], repeats: int = 3
 ) -> list[dict[str, Any]]:
     """Seconds per greedy batch of each mode's engine, all in this process, alternating (`repeats` rounds);
-    per batch, each mode's median over the first mode's. `--catch-up`: off, k0_vllm, k0 on mixed prompts
+    per batch, each mode's median over the first mode's, and with our scheduler what it did (its step
+    record over that batch's runs, `scheduler_summary`). `--catch-up`: off, k0_vllm, k0 on mixed prompts
     (what a step costs when every K is 0)."""
     from vllm import LLM, SamplingParams
 
@@ -74,20 +76,32 @@ def measure_offline(
     # The servers' KV cache size: unset, vLLM's CPU build reserves 92% of the machine's memory for the first
     # engine, and the second one failed to start ("Available memory ... is less than desired").
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(VllmSettings.kv_cache_gib))
-    engines = {mode: LLM(**offline_engine_args(mode, common, args.draft)) for mode in modes}
+    engine_args = {mode: offline_engine_args(mode, common, args.draft) for mode in modes}
+    records: dict[str, Path] = {}
+    for mode, engine in engine_args.items():  # our scheduler keeps its step record, as the servers' does
+        if "additional_config" in engine:
+            records[mode] = RAW / f"offline-record-{mode}-{int(time.time())}.jsonl"
+            engine["additional_config"]["moespec"]["record_path"] = str(records[mode])
+    engines = {mode: LLM(**engine) for mode, engine in engine_args.items()}
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     rows = []
     for batch in batch_sizes:
         times: dict[str, list[float]] = {mode: [] for mode in engines}
+        spans: dict[str, list[tuple[float, float]]] = {mode: [] for mode in engines}
         for _ in range(repeats):
             for mode, llm in engines.items():
-                start = time.perf_counter()
+                start, wall = time.perf_counter(), time.time()
                 llm.generate(prompts[:batch], params, use_tqdm=False)
                 times[mode].append(time.perf_counter() - start)
+                spans[mode].append((wall, time.time()))
         row: dict[str, Any] = {"batch": batch, **{f"{m}_s": sorted(t) for m, t in times.items()}}
         median = {mode: sorted(t)[repeats // 2] for mode, t in times.items()}
         for mode in modes[1:]:
             row[f"{mode}_over_{modes[0]}_median"] = float(median[mode] / median[modes[0]])
+        for mode, record in records.items():
+            steps = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+            within = [s for s in steps if any(a <= s["start_s"] <= b for a, b in spans[mode])]
+            row[f"{mode}_scheduler"] = scheduler_summary(within)
         log(json.dumps(row))
         rows.append(row)
     return rows

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,28 +33,41 @@ def test_offline_modes_build_each_engine() -> None:
         offline_engine_args("oursx", common, draft)
 
 
-def test_offline_engines_get_the_servers_kv_cache_size(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_offline_engines_get_the_servers_kv_cache_size(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """Unset, vLLM's CPU build reserved 92% of the machine's memory for the first engine and the second one
     failed to start."""
     import argparse
 
     import vllm
 
+    import bench.vllm_policy_offline as offline
     from bench.peers import VllmSettings
     from bench.vllm_policy_offline import measure_offline
 
     seen: list[str | None] = []
 
     class FakeLLM:
-        def __init__(self, **_: object) -> None:
+        """Our scheduler's engines append one step to their record per generate call, as the real one does."""
+
+        def __init__(self, **engine: Any) -> None:
             seen.append(os.environ.get("VLLM_CPU_KVCACHE_SPACE"))
+            self.record = engine.get("additional_config", {}).get("moespec", {}).get("record_path")
 
         def generate(self, *_: object, **__: object) -> None:
-            return None
+            if self.record is not None:
+                step = {"step": 1, "num_drafts": {"a": 0}, "num_accepted": {"a": 0}, "chosen": {"a": 0}}
+                step |= {"num_draft_steps": 0, "step_time_s": 0.01, "draft_time_s": None, "guard_holds": 0}
+                with open(self.record, "a") as record:
+                    record.write(json.dumps({**step, "start_s": time.time()}) + "\n")
 
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     monkeypatch.setattr(vllm, "LLM", FakeLLM)
+    monkeypatch.setattr(offline, "RAW", tmp_path)
     args = argparse.Namespace(target=Path("t"), draft=Path("d"), dtype="float32", eager=True, max_tokens=4)
-    rows = measure_offline(args, ["off", "k0"], "mixed", [2], repeats=1)
+    rows = measure_offline(args, ["off", "k0"], "mixed", [2, 3], repeats=2)
     assert seen == [str(VllmSettings.kv_cache_gib)] * 2
     assert rows[0]["batch"] == 2 and "k0_over_off_median" in rows[0]
+    # Each batch's summary holds the steps of its own runs only (two per batch here); off keeps no record.
+    assert [row["k0_scheduler"]["num_steps"] for row in rows] == [2, 2] and "off_scheduler" not in rows[0]
