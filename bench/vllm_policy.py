@@ -259,8 +259,10 @@ def measure_side_by_side(
 
     Why: on this 2-core machine, shared with other jobs, the same server's speed drifted by 10-20% from one
     launch to the next (session 19: off at concurrency 32 on the demo pair, 1096-1510 tok/s in one evening),
-    and the modes launched one after another each saw one stretch of that drift. An idle server costs the
-    one in use nothing measurable: its engine core sleeps a second after its last step, its worker waits."""
+    and the modes launched one after another each saw one stretch of that drift. An idle server's engine core
+    sleeps a second after its last step and its worker waits; whether the others' processes in memory slow
+    the server in use was not measured (session 19's regime-pair run met fewer targets side by side than
+    session 17's launches in turn, for reasons not found)."""
     check_memory(len(args.modes), args.kv_cache_gib)
     plan = cell_plan(args)
     servers = {
