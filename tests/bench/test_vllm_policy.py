@@ -271,9 +271,10 @@ def test_side_by_side_runs_each_cell_on_every_server_in_rotated_order(
     as the others; each result lands on the row of the mode whose server it measured; a client that stopped
     early leaves the rest named as missing."""
     import bench.vllm_policy as vllm_policy
+    import bench.vllm_policy_side_by_side as side_by_side
 
     monkeypatch.setattr(vllm_policy, "RAW", tmp_path)
-    monkeypatch.setattr(vllm_policy, "_available_gib", lambda: 100.0)
+    monkeypatch.setattr(side_by_side, "_available_gib", lambda: 100.0)
     events: list[str] = []
     ports = {"off": 9000, "k0": 9001, "auto": 9002}  # from --port on
 
@@ -317,7 +318,7 @@ def test_side_by_side_runs_each_cell_on_every_server_in_rotated_order(
         python=sys.executable,
         port=9000,
     )
-    rows, missing = vllm_policy.measure_side_by_side(args, None, launch=0)  # type: ignore[arg-type]
+    rows, missing = side_by_side.measure_side_by_side(args, None, launch=0)  # type: ignore[arg-type]
     assert events[:3] == ["start off", "start k0", "start auto"] and events[3] == "client"
     assert sorted(events[4:]) == ["stop auto", "stop k0", "stop off"]
     warmups, cells = order[:3], order[3:]
@@ -333,12 +334,12 @@ def test_side_by_side_runs_each_cell_on_every_server_in_rotated_order(
 
 
 def test_side_by_side_refuses_servers_that_do_not_fit_in_memory(monkeypatch: Any) -> None:
-    import bench.vllm_policy as vllm_policy
+    import bench.vllm_policy_side_by_side as side_by_side
 
-    monkeypatch.setattr(vllm_policy, "_available_gib", lambda: 10.0)
-    vllm_policy.check_memory(2, 2)  # 2 x (2.5 + 2) = 9 GiB
+    monkeypatch.setattr(side_by_side, "_available_gib", lambda: 10.0)
+    side_by_side.check_memory(2, 2)  # 2 x (2.5 + 2) = 9 GiB
     with pytest.raises(SystemExit, match="3 servers need about 14 GiB"):
-        vllm_policy.check_memory(3, 2)
+        side_by_side.check_memory(3, 2)
 
 
 def test_the_median_table_pairs_each_mode_with_off_of_the_same_run() -> None:

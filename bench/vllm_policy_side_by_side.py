@@ -1,0 +1,91 @@
+"""`python -m bench.vllm_policy --side-by-side`: every mode's server up at once, each cell run on every server
+in turn (see `measure_side_by_side`)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import bench.vllm_policy as served  # called through the module: tests replace its servers and client
+from bench.vllm_policy import PolicySettings
+
+
+def measure_side_by_side(
+    args: argparse.Namespace, base: PolicySettings, launch: int
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every mode's server up at once (ports from `--port` on), one client running each cell on every server
+    in turn, the modes' order rotated from cell to cell: each mode's cells run beside the others' in time,
+    so a slowdown of the machine that lasts a minute falls on every mode alike instead of on one launch.
+
+    Why: on this 2-core machine, shared with other jobs, the same server's speed drifted by 10-20% from one
+    launch to the next (session 19: off at concurrency 32 on the demo pair, 1096-1510 tok/s in one evening),
+    and the modes launched one after another each saw one stretch of that drift. An idle server's engine core
+    sleeps a second after its last step and its worker waits; whether the others' processes in memory slow
+    the server in use was not measured (session 19's regime-pair run met fewer targets side by side than
+    session 17's launches in turn, for reasons not found)."""
+    check_memory(len(args.modes), args.kv_cache_gib)
+    plan = served.cell_plan(args)
+    servers = {
+        mode: served.mode_server(args, base, mode, args.port + index) for index, mode in enumerate(args.modes)
+    }
+    with contextlib.ExitStack() as stack:
+        urls = {mode: stack.enter_context(server) for mode, (server, _) in servers.items()}
+        cells: list[list[str]] = []
+        outs: list[Path] = []
+        if args.warmup_prompts:
+            for mode, url in urls.items():
+                warmup, warmup_out = served.warmup_cell(args, url, mode)
+                cells.append(warmup)
+                outs.append(warmup_out)
+        num_warmups = len(cells)
+        keys: list[tuple[str, tuple[int, str, int]]] = []
+        for index, (r, w, c) in enumerate(plan):
+            shift = (index + launch) % len(args.modes)
+            for mode in args.modes[shift:] + args.modes[:shift]:
+                out = served.RAW / f"{mode}-{w}-c{c}-r{r}-{int(time.time())}.json"
+                cells.append(served.client_argv(urls[mode], w, c, args, out))
+                outs.append(out)
+                keys.append((mode, (r, w, c)))
+        results = served.run_clients(Path(args.python), cells, outs)
+    for mode, result in zip(urls, results[:num_warmups], strict=False):
+        served.log(f"{mode}: warm-up, {result['output_throughput']:.1f} tok/s (not a cell)")
+    measured = results[num_warmups:]
+    rows = [
+        served.plan_row(args, mode, launch, cell, result, servers[mode][1])
+        for (mode, cell), result in zip(keys, measured, strict=False)
+    ]
+    missing = [f"{mode} {w} c{c} launch {launch} round {r}" for mode, (r, w, c) in keys[len(measured) :]]
+    return rows, missing
+
+
+# What one vLLM CPU server held here beside its KV cache (`--kv-cache-gib`): the API server, the engine core
+# and the worker, about 0.7 + 0.7 + 0.8 GiB on the demo pairs.
+SERVER_GIB = 2.5
+
+
+def check_memory(num_servers: int, kv_cache_gib: int) -> None:
+    """Servers side by side must fit in memory together: a clear error before starting them, not an OOM kill
+    half way through."""
+    available_gib = _available_gib()
+    needed_gib = num_servers * (SERVER_GIB + kv_cache_gib)
+    if available_gib is not None and needed_gib > available_gib:
+        sys.exit(
+            f"--side-by-side: {num_servers} servers need about {needed_gib:.0f} GiB ({SERVER_GIB} + "
+            f"--kv-cache-gib {kv_cache_gib} each), {available_gib:.0f} GiB is available; run fewer modes "
+            "or lower --kv-cache-gib"
+        )
+
+
+def _available_gib() -> float | None:
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None  # not Linux: no check
+    for line in meminfo.splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return None
