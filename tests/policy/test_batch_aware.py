@@ -6,6 +6,7 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 
 from policy.batch_aware import BatchAwareChooser, BatchAwareConfig
 from policy.cost_model import CostModel, CostModelConfig
-from policy.presets import PRESETS
+from policy.presets import MEASURED_PRESETS, PRESETS
 from policy.simulator import _measure, simulate
 from policy.stats import IterationStats, KChooser, RequestIterationStats
 from policy.workload import WorkloadConfig
@@ -386,6 +387,43 @@ def test_a_steady_plain_batch_skips_the_search_and_decides_the_same() -> None:
     # of the rest (278 of 800 here).
     assert num_steady < len(every) / 2
     assert any(d.values() for d in steady_decisions)  # retests still fall due and draft
+
+
+class AlwaysSearches(BatchAwareChooser):
+    """The chooser that never reuses its last optimum."""
+
+    def choose(self, request_ids: Sequence[str]) -> dict[str, int]:
+        self._optimum_key = None
+        return super().choose(request_ids)
+
+
+class WithoutExpertCounts(Recorder):
+    """Observes as vLLM's scheduler reports: no expert counts (the cost model changes at refits alone)."""
+
+    def observe(self, stats: IterationStats) -> None:
+        super().observe(msgspec.structs.replace(stats, experts_touched=[]))
+
+
+@pytest.mark.parametrize("acceptance", [(0.2,), (0.3, 0.9), (0.6,)])
+def test_reusing_the_last_optimum_decides_as_searching_again(acceptance: tuple[float, ...]) -> None:
+    """The last optimum is reused only while nothing it was computed from changed: the decisions of a closed
+    loop on the demo pair's measured costs are those of a search at every call, and plain batches with a
+    test pending reused it."""
+    demo = MEASURED_PRESETS["demo-moe-cpu"]
+    workload = WorkloadConfig(16, acceptance, mean_output_tokens=80, num_iterations=500, time_noise=0.0)
+    runs = []
+    for cls in (AlwaysSearches, BatchAwareChooser):
+        chooser = cls(
+            BatchAwareConfig(test_budget=1.0), CostModel(CostModelConfig(demo.routing), demo.measured)
+        )
+        recorder = WithoutExpertCounts(chooser)
+        simulate(demo, recorder, workload)
+        runs.append((recorder.decisions, chooser.num_reused_optima))
+    (searched, num_never), (reused, num_reused) = runs
+    assert reused == searched
+    assert num_never == 0
+    if acceptance == (0.2,):  # mostly plain; at 0.6 every iteration drafts, and rates change every time
+        assert num_reused > 0
 
 
 def test_requests_that_draft_on_do_not_set_the_traffic_acceptance_alone() -> None:
