@@ -148,6 +148,7 @@ def replay(steps: list[dict[str, Any]], chooser: MeasuredGuard, cells: list[Cell
         ids = list(step["chosen"])
         if ids and chooser.choose(ids) == step["chosen"] and current is not None:
             current.matched += 1
+        inner.cost_model.refit_if_due()  # as the scheduler does while the worker runs the step
         requests = [
             RequestIterationStats(r, k, step["num_accepted"][r], step["num_accepted"][r] + 1, 100)
             for r, k in step["num_drafts"].items()
@@ -205,7 +206,7 @@ def main() -> None:
     cells = cells_of(args.result, args.mode, args.launch)
     if not cells:
         parser.error(f"{args.result} has no cells of mode {args.mode!r} at launch {args.launch}")
-    chooser = build_chooser(
+    chooser, _ = build_chooser(
         SchedulerSettings(), vllm_config(args.target, args.draft), MAX_SPEC_TOKENS, "replay"
     )
     if not isinstance(chooser, MeasuredGuard):

@@ -25,7 +25,7 @@ from cluster.choosers import (
     shared_chooser_factory,
 )
 from cluster.vllm_backend.settings import WORKER_CLS, DraftMeasurement, SchedulerSettings
-from policy.cost_model import CostParams
+from policy.cost_model import CostModel, CostParams
 from policy.guard import GuardConfig, MeasuredGuard
 from policy.stats import IterationStats, KChooser, RequestIterationStats
 from workers.config import ModelConfig
@@ -45,18 +45,20 @@ GUARD = GuardConfig(baseline_length=4, baseline_every=64)
 
 def build_chooser(
     settings: SchedulerSettings, vllm_config: Any, max_spec_tokens: int, source: str
-) -> KChooser:
+) -> tuple[KChooser, CostModel]:
+    """The chooser, and the cost model of the engine's own chooser. That cost model leaves its refits to the
+    caller (`CostModel.defers_refits`): the scheduler runs them while the worker runs a step."""
     policy = settings.policy
     info = target_info(vllm_config)
     prior = step_prior(vllm_config)
     # vLLM drafts the batch's max K for every request (the scheduler cuts what is verified).
-    local = make_chooser(
-        policy, info, max_spec_tokens, new_cost_model(info, prior, is_draft_padded=True), prior
-    )
+    cost_model = new_cost_model(info, prior, is_draft_padded=True)
+    cost_model.defers_refits = True
+    local = make_chooser(policy, info, max_spec_tokens, cost_model, prior)
     if policy.kind in ("off", "static"):
-        return local
+        return local, cost_model
     if not settings.uses_central_actor:
-        return MeasuredGuard(local, GUARD)
+        return MeasuredGuard(local, GUARD), cost_model
     import ray  # only under our Serve app: standalone vLLM needs no Ray
 
     from cluster.policy_actor import POLICY_NAMESPACE, PolicyClient, policy_actor_handle
@@ -72,7 +74,7 @@ def build_chooser(
     client = PolicyClient(
         source, local, lambda: policy_actor_handle(policy.actor_name, policy.window_iterations, factory)
     )
-    return MeasuredGuard(client, GUARD)
+    return MeasuredGuard(client, GUARD), cost_model
 
 
 def target_info(vllm_config: Any) -> TargetInfo:

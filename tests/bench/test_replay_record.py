@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _chooser() -> MeasuredGuard:
     config = vllm_config(REPO / "models" / "demo-moe", REPO / "models" / "demo-draft")
-    chooser = build_chooser(SchedulerSettings(), config, 4, "test")
+    chooser, _ = build_chooser(SchedulerSettings(), config, 4, "test")
     assert isinstance(chooser, MeasuredGuard)
     return chooser
 
@@ -41,6 +41,8 @@ def _serve(start_s: float, num_steps: int, concurrency: int, seed: int) -> list[
         drafts = {r: held.get(r, 0) for r in ids}
         accepted = {r: int(np.sum(np.cumprod(rng.random(k) < 0.7))) for r, k in drafts.items()}
         chosen = chooser.choose(ids)
+        inner: Any = chooser.inner
+        inner.cost_model.refit_if_due()  # as the scheduler does while the worker runs the step
         draft_s = 0.004 * max(chosen.values()) if any(chosen.values()) else None
         step_s = 0.012 + 0.003 * sum(drafts.values()) + (draft_s or 0.0)
         requests = [RequestIterationStats(r, drafts[r], accepted[r], accepted[r] + 1, 100) for r in ids]

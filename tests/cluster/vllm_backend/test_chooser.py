@@ -87,7 +87,7 @@ def _serve(
     that choosers compare on the same requests."""
     rng, traffic = np.random.default_rng(seed), np.random.default_rng([seed, 1])
     vllm_config = _vllm_config(WORKER_CLS)
-    chooser = build_chooser(settings or SchedulerSettings(), vllm_config, MAX_SPEC_TOKENS, "test")
+    chooser, cost_model = build_chooser(settings or SchedulerSettings(), vllm_config, MAX_SPEC_TOKENS, "test")
     step, results = 0, []
     last_draft, near_drafting = DraftMeasurement(0.0, 0), NearDrafting()
     chosen: dict[str, int] = {}  # drafts held for the next step
@@ -118,6 +118,7 @@ def _serve(
             # The step: verify what was drafted, then draft what the chooser decides now.
             step += 1
             decided = chooser.choose(ids)
+            cost_model.refit_if_due()  # while the worker runs the step
             num_steps = max(decided.values())
             num_prefill = sum(lag.values()) if num_steps else 0
             for request_id in ids:
@@ -217,8 +218,7 @@ def test_the_vllm_cost_model_charges_max_k_drafts_for_every_request() -> None:
     sum K (before), the chooser mixed K = 0-4 in one batch at concurrency 16, where 45% of the drafts vLLM
     computed were cut (the served record); in the batch-1-then-4 replay, batch 4 rose from 1.09-1.22x to
     1.16-1.46x off on the 6 seeds with this charge."""
-    chooser: Any = build_chooser(SchedulerSettings(), _vllm_config(WORKER_CLS), MAX_SPEC_TOKENS, "test")
-    model = chooser.inner.cost_model
+    _, model = build_chooser(SchedulerSettings(), _vllm_config(WORKER_CLS), MAX_SPEC_TOKENS, "test")
     (ragged,) = model.phase_times(4, 4, 4)[:1]  # one request at K = 4, three at K = 0
     (uniform,) = model.phase_times(4, 4, 16)[:1]  # all four at K = 4
     assert float(ragged) == pytest.approx(float(uniform)) and float(ragged) > 0.0

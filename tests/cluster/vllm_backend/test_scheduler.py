@@ -258,3 +258,32 @@ def test_record_file_has_every_step(engines: tuple[Any, Any], tmp_path: Any) -> 
     assert [line["step"] for line in lines] == [r.step for r in record]
     assert [line["num_draft_steps"] for line in lines] == [r.num_draft_steps for r in record]
     assert any(line["num_draft_steps"] == 2 for line in lines)
+
+
+class _Releases:
+    """A chooser wrapper that keeps the ids it is asked to release."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.released: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def release(self, request_id: str) -> None:
+        self.released.append(request_id)
+        self.inner.release(request_id)
+
+
+def test_every_finished_request_is_released_from_the_chooser(engines: tuple[Any, Any]) -> None:
+    """Requests at a fixed K are observed too (the chooser learns the traffic from them), so their state is
+    released as well: before, only requests the policy decided for were, and the others' states stayed."""
+    _, ours = engines
+    sched = scheduler(ours)
+    wrapper = _Releases(sched.chooser)
+    sched.chooser = wrapper
+    try:
+        outputs, _ = _generate(ours, ["off", 3, "auto"])
+    finally:
+        sched.chooser = wrapper.inner
+    assert {r.rsplit("-", 1)[0] for r in wrapper.released} == {o.request_id for o in outputs}
