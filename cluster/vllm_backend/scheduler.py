@@ -11,6 +11,8 @@ How a V1 step runs with a draft model (vLLM 0.32/0.33, synchronous scheduling), 
    to max K_r. The drafter drafts that many tokens for every request; step 1 of the next step cuts them.
    The output also names the requests with K_r > 0 (`settings.DRAFTING_REQUESTS_ATTR`): our worker catches
    up the drafter's KV for those alone.
+   While the worker runs the step, the engine core calls `get_grammar_bitmask()` and then only waits for
+   it: we do there what no decision waits for (the cost model's refit, writing the step record).
 3. `update_from_output()`: per request, drafted = len(scheduled drafts), accepted = sampled tokens - 1. The
    step's `IterationStats` go to the chooser (inside the measured guard) and, through it, to the central
    SpecPolicy actor when the engine runs under our Serve app.
