@@ -169,7 +169,7 @@ class PolicyScheduler(Scheduler):
         self._near_drafting = NearDrafting()
         self._measures_draft = False  # a measurement has arrived (logged once)
         self._refits_between_steps = False  # a refit ran in `_observe` (logged once)
-        path = self.settings.record_path  # line-buffered: a served engine's record survives its kill
+        path = self.settings.record_path  # flushed at every write (`_write_record`)
         self._record_file: TextIO | None = None if path is None else open(path, "a")  # noqa: SIM115
         self._unwritten: list[StepRecord] = []  # steps of the record file not written yet (`_write_record`)
 
@@ -315,9 +315,8 @@ class PolicyScheduler(Scheduler):
         scheduled = scheduler_output.num_scheduled_tokens
         num_tokens = sum(scheduled.values())
         num_prefill_tokens = num_tokens - sum(scheduled.get(r.request_id, 0) for r in requests)
-        if (
-            self._cost_model.refit_if_due() and not self._refits_between_steps
-        ):  # get_grammar_bitmask never ran
+        # Still due from the last step: this vLLM did not call get_grammar_bitmask in between.
+        if self._cost_model.refit_if_due() and not self._refits_between_steps:
             self._refits_between_steps = True
             logger.warning("PolicyScheduler: vLLM did not call get_grammar_bitmask; refits run between steps")
         if requests:
