@@ -44,8 +44,8 @@ import os
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, TextIO
+from dataclasses import dataclass
+from typing import Any
 
 import vllm
 from vllm.v1.core.sched.output import SchedulerOutput
@@ -60,10 +60,10 @@ from cluster.vllm_backend.settings import (
     SchedulerSettings,
     parse_num_spec_tokens,
 )
+from cluster.vllm_backend.step_record import RecordFile, StepRecord
 from policy.stats import RequestIterationStats
 
 logger = logging.getLogger(__name__)
-MAX_UNWRITTEN_STEPS = 64  # the step record's lines are written at most this many steps late
 SUPPORTED_VERSIONS = ("0.32.", "0.33.")
 # What this scheduler relies on: (object, attribute) pairs checked at start.
 _SCHEDULER_HOOKS = (
@@ -91,29 +91,6 @@ def check_vllm(version: str | None = None) -> None:
     missing += [f"SchedulerOutput.{name}" for name in _OUTPUT_FIELDS if name not in fields]
     if missing:
         raise RuntimeError(f"vLLM {version} lacks what PolicyScheduler needs: {', '.join(missing)}")
-
-
-@dataclass
-class StepRecord:
-    """One step as the scheduler saw it (kept when `is_recording`, for tests and debugging)."""
-
-    step: int
-    num_drafts: dict[str, int]  # drafts verified this step per request (K_r of this step)
-    num_accepted: dict[str, int]  # drafts accepted per request
-    chosen: dict[str, int] = field(default_factory=dict)  # K_r decided this step (verified next step)
-    num_draft_steps: int = 0  # num_spec_tokens_to_schedule: the drafter's steps at the end of this step
-    step_time_s: float = 0.0  # schedule() to update_from_output()
-    draft_time_s: float | None = None  # the drafter at the end of this step (None: not measured)
-    draft_prefill_tokens: int | None = None  # ... and the history tokens it caught up on (its prefill)
-    guard_holds: int = 0  # the measured guard's verdicts against the chooser so far
-    num_scheduled: int = 0  # requests in the target's forward (decoding and prefilling)
-    num_tokens: int = 0  # tokens in the target's forward (prefill chunks, verified drafts, sampled positions)
-    num_prefill_tokens: int = 0  # of those, prefill tokens (requests not decoding this step)
-    choose_s: float = 0.0  # in the chooser's choose() (inside the step)
-    observe_s: float = 0.0  # in the chooser's observe() (after the step: between it and the next)
-    gap_s: float = 0.0  # from the end of the step before to this one's schedule(): the engine core outside
-    is_near_drafting: bool = False  # IterationStats.is_near_drafting: the drafter ran at or next to this step
-    start_s: float = 0.0  # wall clock (time.time()) at schedule(), to align with a client's timeline
 
 
 @dataclass
@@ -169,9 +146,8 @@ class PolicyScheduler(Scheduler):
         self._near_drafting = NearDrafting()
         self._measures_draft = False  # a measurement has arrived (logged once)
         self._refits_between_steps = False  # a refit ran in `_observe` (logged once)
-        path = self.settings.record_path  # flushed at every write (`_write_record`)
-        self._record_file: TextIO | None = None if path is None else open(path, "a")  # noqa: SIM115
-        self._unwritten: list[StepRecord] = []  # steps of the record file not written yet (`_write_record`)
+        path = self.settings.record_path
+        self._record_file = None if path is None else RecordFile(path)
 
     # -- vLLM's hooks ----------------------------------------------------------------------------------------
 
@@ -215,19 +191,19 @@ class PolicyScheduler(Scheduler):
         `bench.replay_record` replays it at the same point: after the step's choice."""
         bitmask = super().get_grammar_bitmask(scheduler_output)
         self._cost_model.refit_if_due()
-        self._write_record()
+        if self._record_file is not None:
+            self._record_file.write()
         return bitmask
 
     def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: Any) -> Any:
         requests = self._step_requests(scheduler_output, model_runner_output)
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         self._observe(scheduler_output, requests, getattr(model_runner_output, DRAFT_MEASUREMENT_ATTR, None))
-        if not self.has_unfinished_requests():
-            self._write_record()  # idle next: nothing waits for it
+        if self._record_file is not None and not self.has_unfinished_requests():
+            self._record_file.write()  # idle next: nothing waits for it
         return outputs
 
     def shutdown(self) -> None:
-        self._write_record()
         if self._record_file is not None:
             self._record_file.close()
             self._record_file = None
@@ -368,18 +344,7 @@ class PolicyScheduler(Scheduler):
         if self.settings.is_recording:
             self.record.append(record)
         if self._record_file is not None:
-            self._unwritten.append(record)
-            if len(self._unwritten) >= MAX_UNWRITTEN_STEPS:  # a vLLM that never calls get_grammar_bitmask
-                self._write_record()
-
-    def _write_record(self) -> None:
-        """The record file's lines of the steps kept since the last call (`get_grammar_bitmask`)."""
-        if self._record_file is None or not self._unwritten:
-            return
-        lines = "".join(json.dumps(vars(record)) + "\n" for record in self._unwritten)
-        self._unwritten.clear()
-        self._record_file.write(lines)
-        self._record_file.flush()  # a served engine's record survives its kill, less the steps since
+            self._record_file.keep(record)
 
     def _write_metrics(self) -> None:
         """Every `metrics_interval_s`, the counters as JSON for the Serve replica (written atomically)."""

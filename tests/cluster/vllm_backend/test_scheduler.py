@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from cluster.vllm_backend.step_record import RecordFile
 from tests.cluster.vllm_backend.conftest import needs_vllm
 from tests.cluster.vllm_backend.engines import (
     MAX_SPEC_TOKENS,
@@ -248,7 +249,7 @@ def test_record_file_has_every_step(engines: tuple[Any, Any], tmp_path: Any) -> 
     _, ours = engines
     sched = scheduler(ours)
     path = tmp_path / "record.jsonl"
-    sched._record_file = path.open("a", buffering=1)
+    sched._record_file = RecordFile(path)
     try:
         _, record = _generate(ours, ["off", 2])
     finally:
