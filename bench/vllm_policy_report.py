@@ -82,6 +82,11 @@ def scheduler_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
         # The means too: served, the chooser's time is bimodal (a search, or a step without one), and on the
         # demo pair at batch 32 its p50 read 0.4 ms where its mean was 1.3 ms (session 19).
         "choose_ms_mean": mean_ms([s["choose_s"] for s in steps[1:]]) if has_detail else None,
+        # ... of which the engine core's thread ran (records from session 21 on): the rest waited for the GIL
+        # or for a core.
+        "choose_cpu_ms_mean": (
+            mean_ms([s["choose_cpu_s"] for s in steps[1:]]) if steps and "choose_cpu_s" in steps[0] else None
+        ),
         "observe_ms_mean": mean_ms([s["observe_s"] for s in steps[1:]]) if has_detail else None,
         "gap_ms_p50": detail("gap_s"),
         "decode_speedup": decode_speedup(pure) if has_detail else None,

@@ -140,6 +140,7 @@ class PolicyScheduler(Scheduler):
         self._step_start = 0.0
         self._step_end = 0.0  # perf_counter() after the last update_from_output()
         self._choose_s = 0.0
+        self._choose_cpu_s = 0.0
         self._last_metrics_write = 0.0
         # What the drafter did at the end of the last step: its drafts are verified in this step.
         self._last_draft = DraftMeasurement(0.0, 0)
@@ -163,7 +164,7 @@ class PolicyScheduler(Scheduler):
 
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
         self._step_start = time.perf_counter()
-        self._choose_s = 0.0
+        self._choose_s = self._choose_cpu_s = 0.0
         for request in self.running:  # cut each request's held drafts to its K
             limit = self._chosen.get(request.request_id, 0)
             if len(request.spec_token_ids) > limit:
@@ -172,9 +173,10 @@ class PolicyScheduler(Scheduler):
 
     def _update_after_schedule(self, scheduler_output: SchedulerOutput) -> None:
         if self.max_spec_tokens:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             self._chosen = self._choose(self._drafting_ids(scheduler_output))
             self._choose_s = time.perf_counter() - start
+            self._choose_cpu_s = time.thread_time() - start_cpu
             scheduler_output.num_spec_tokens_to_schedule = max(self._chosen.values(), default=0)
             drafting = frozenset(r for r, k in self._chosen.items() if k > 0)
             setattr(scheduler_output, DRAFTING_REQUESTS_ATTR, drafting)  # pickled with it to the worker
@@ -331,6 +333,7 @@ class PolicyScheduler(Scheduler):
                     num_prefill_tokens=num_prefill_tokens,
                     draft_prefill_tokens=None if draft is None else draft.num_prefill_tokens,
                     choose_s=self._choose_s,
+                    choose_cpu_s=self._choose_cpu_s,
                     observe_s=observe_s,
                     gap_s=gap_s,
                     is_near_drafting=is_near,

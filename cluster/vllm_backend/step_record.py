@@ -29,6 +29,9 @@ class StepRecord:
     num_tokens: int = 0  # tokens in the target's forward (prefill chunks, verified drafts, sampled positions)
     num_prefill_tokens: int = 0  # of those, prefill tokens (requests not decoding this step)
     choose_s: float = 0.0  # in the chooser's choose() (inside the step)
+    choose_cpu_s: float = (
+        0.0  # ... of which this thread ran on a CPU (the rest: waiting for the GIL or a core)
+    )
     observe_s: float = 0.0  # in the chooser's observe() (after the step: between it and the next)
     gap_s: float = 0.0  # from the end of the step before to this one's schedule(): the engine core outside
     is_near_drafting: bool = False  # IterationStats.is_near_drafting: the drafter ran at or next to this step

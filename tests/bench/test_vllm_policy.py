@@ -44,12 +44,19 @@ def test_summary_counts_drafting_acceptance_and_holds() -> None:
     assert summary["guard_holds"] == 1
     assert summary["step_ms_p50_verifying"] == 50.0 and summary["step_ms_p50_not_verifying"] == 20.0
     assert summary["prefill_steps"] is None and summary["choose_ms_p50"] is None  # an older record
+    assert summary["choose_cpu_ms_mean"] is None
 
 
 def test_summary_splits_steps_by_what_the_target_verified_and_prefilled() -> None:
     """A step whose drafter is off (num_draft_steps 0) still verifies the drafts of the step before: it is a
     verifying step (session 7's summary called it plain). Steps with prefill tokens are counted apart."""
-    detail = {"num_prefill_tokens": 0, "choose_s": 0.001, "observe_s": 0.002, "gap_s": 0.004}
+    detail = {
+        "num_prefill_tokens": 0,
+        "choose_s": 0.001,
+        "choose_cpu_s": 0.0005,
+        "observe_s": 0.002,
+        "gap_s": 0.004,
+    }
     steps = [
         # New requests, after the server sat idle for 30 s (not the engine core's time between steps).
         {**_step(1, {}, {}), **detail, "num_prefill_tokens": 100, "step_time_s": 0.5, "gap_s": 30.0},
@@ -68,6 +75,7 @@ def test_summary_splits_steps_by_what_the_target_verified_and_prefilled() -> Non
     assert summary["mean_batch"] == 2.0
     assert (summary["choose_ms_p50"], summary["observe_ms_p50"], summary["gap_ms_p50"]) == (1.0, 2.0, 4.0)
     assert (summary["choose_ms_mean"], summary["observe_ms_mean"]) == (1.0, 2.0)
+    assert summary["choose_cpu_ms_mean"] == 0.5
     steps[2]["choose_s"] = 0.009  # one search among quick steps: the p50 hides it, the mean does not
     assert (scheduler_summary(steps)["choose_ms_p50"], scheduler_summary(steps)["choose_ms_mean"]) == (
         1.0,
