@@ -59,11 +59,21 @@ from vllm.v1.spec_decode.draft_model import DraftModelProposer
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
-from cluster.vllm_backend.settings import DRAFT_MEASUREMENT_ATTR, DRAFTING_REQUESTS_ATTR, DraftMeasurement
+from cluster.vllm_backend.settings import (
+    DRAFT_MEASUREMENT_ATTR,
+    DRAFT_TOKEN_IDS_ATTR,
+    DRAFTING_REQUESTS_ATTR,
+    DraftMeasurement,
+)
 
 logger = logging.getLogger(__name__)
 # What the runner relies on, checked when the worker starts.
-_RUNNER_HOOKS = ("propose_draft_token_ids", "_copy_valid_sampled_token_count", "_sample")
+_RUNNER_HOOKS = (
+    "propose_draft_token_ids",
+    "_copy_valid_sampled_token_count",
+    "_sample",
+    "take_draft_token_ids",
+)
 _PROPOSER_HOOKS = ("propose", "prepare_next_token_ids_padded", "max_num_tokens", "hidden_states")
 
 
@@ -77,6 +87,7 @@ class CatchUpRunnerMixin:
     speculative_config: Any
     device: torch.device
     discard_request_mask: Any
+    take_draft_token_ids: Any
 
     def _init_catch_up(self) -> None:
         # False: vLLM's path at K = 0 (the drafter's pass every step, the rejection sampler); tests flip it
@@ -86,11 +97,15 @@ class CatchUpRunnerMixin:
         self.num_catch_up_passes = 0
         self.num_catch_up_tokens = 0
         self._draft_measurement: DraftMeasurement | None = None
+        self._drafted = False  # the drafter ran at this step (not skipped)
 
     def sample_tokens(self, *args: Any, **kwargs: Any) -> Any:
-        """vLLM's, with this step's `DraftMeasurement` attached to its output (see the module docstring)."""
+        """vLLM's, with this step's `DraftMeasurement` attached to its output (see the module docstring), and
+        on a step that drafted, its drafts: what `take_draft_token_ids` would answer the engine core's fetch
+        after the step (nothing runs in the worker in between), so that our executor hands them over without
+        a round trip to this process (executor.py)."""
         parent: Any = super()
-        self._draft_measurement = None
+        self._draft_measurement, self._drafted = None, False
         output = parent.sample_tokens(*args, **kwargs)
         measured = self._draft_measurement
         if (
@@ -99,6 +114,8 @@ class CatchUpRunnerMixin:
             and output is not EMPTY_MODEL_RUNNER_OUTPUT
         ):
             setattr(output, DRAFT_MEASUREMENT_ATTR, measured)
+            if self._drafted:
+                setattr(output, DRAFT_TOKEN_IDS_ATTR, self.take_draft_token_ids())
         return output
 
     def _sample(self, logits: Any, spec_decode_metadata: Any) -> Any:
@@ -144,6 +161,7 @@ class CatchUpRunnerMixin:
         )  # fmt: skip
         self._synchronize()
         self._draft_measurement = DraftMeasurement(time.perf_counter() - start, num_prefill)
+        self._drafted = True
         return drafts
 
     def _synchronize(self) -> None:

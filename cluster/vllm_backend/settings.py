@@ -29,6 +29,9 @@ WORKER_CLS = "cluster.vllm_backend.runner.CatchUpWorker"  # no drafter forward o
 MULTIPROC_EXECUTOR = "cluster.vllm_backend.executor.PolicyMultiprocExecutor"  # vLLM's "mp"
 UNIPROC_EXECUTOR = "cluster.vllm_backend.executor.PolicyUniProcExecutor"  # vLLM's "uni"
 DRAFT_MEASUREMENT_ATTR = "moespec_draft"  # the attribute of vLLM's ModelRunnerOutput that carries it
+# ... and the one that carries a drafting step's drafts (vLLM's DraftTokenIds), which our executors hand to the
+# engine core instead of fetching them from the worker (executor.py).
+DRAFT_TOKEN_IDS_ATTR = "moespec_draft_token_ids"
 # The attribute of vLLM's SchedulerOutput that names the requests with K > 0 at a drafting step (a frozenset of
 # request ids): our worker catches up the drafter's KV of those alone (runner.py).
 DRAFTING_REQUESTS_ATTR = "moespec_drafting"

@@ -130,7 +130,7 @@ def test_k_zero_runs_no_draft_forward(engines: tuple[Any, Any]) -> None:
     with (
         count_draft_forwards(ours) as calls,
         count_calls(drafter(ours), "prepare_next_token_ids_padded") as bookkeeping,
-        count_calls(worker, "take_draft_token_ids") as fetches,
+        count_calls(executor(ours).driver_worker.worker, "take_draft_token_ids") as fetches,
         count_calls(worker.rejection_sampler, "forward") as rejection_sampling,
     ):
         outputs, record = _generate(ours, ["off"] * 4)
@@ -154,15 +154,23 @@ def test_k_zero_runs_no_draft_forward(engines: tuple[Any, Any]) -> None:
     from cluster.vllm_backend.chooser import NEAR_DRAFTING_STEPS
 
     assert not any(r.is_near_drafting for r in record[NEAR_DRAFTING_STEPS + 1 :])
+    from_output = executor(ours).num_drafts_from_output
     with (
         count_draft_forwards(ours) as calls,
-        count_calls(worker, "take_draft_token_ids") as fetches,
+        count_calls(executor(ours).driver_worker.worker, "take_draft_token_ids") as fetches,
+        count_calls(worker, "take_draft_token_ids") as taken,
         count_calls(worker.rejection_sampler, "forward") as rejection_sampling,
     ):
-        _, record = _generate(ours, [3] * 4)
+        outputs, record = _generate(ours, [3] * 4)
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
     assert len(rejection_sampling) == sum(any(r.num_drafts.values()) for r in record) > 0
     drafting = sum(r.num_draft_steps for r in record)
-    assert len(fetches) == sum(r.num_draft_steps > 0 for r in record) > 0  # a step that drafts: fetched
+    # A step that drafts: its drafts come with its output (taken in the worker at the step's end), and the
+    # engine core does not fetch them (a second round trip to the worker's process when it has its own).
+    num_drafting_steps = sum(r.num_draft_steps > 0 for r in record)
+    assert len(taken) == executor(ours).num_drafts_from_output - from_output == num_drafting_steps > 0
+    assert fetches == []
+    assert sum(sum(r.num_accepted.values()) for r in record) > 0  # they were the drafts (accepted)
     assert all((r.draft_time_s or 0.0) > 0.0 for r in record if r.num_draft_steps > 0)
     assert all(r.draft_time_s is not None and r.draft_time_s < r.step_time_s for r in record)
     # Drafting steps: vLLM's first pass, then one forward per further draft step.

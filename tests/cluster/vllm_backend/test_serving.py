@@ -135,16 +135,18 @@ def test_metrics_have_our_gauges_beside_vllms(server: str, client: Any) -> None:
             extra_body={"ignore_eos": True, "num_spec_tokens": 4},
         )
     time.sleep(1.5)  # the scheduler writes its counters once a second
-    seen_drafts = seen_draft_seconds = 0.0
+    seen_drafts = seen_accepted = seen_draft_seconds = 0.0
     for _ in range(6):  # /metrics answers from whichever replica Serve picks
         text = httpx.get(f"{server}/metrics").text
         assert "vllm:" in text  # vLLM's own metrics
         seen_drafts = max(seen_drafts, metric_value(text, "spec_decode_num_draft_tokens_total"))
+        # The drafts reach the engine core with the step's output, pickled from the worker's process.
+        seen_accepted = max(seen_accepted, metric_value(text, "spec_decode_num_accepted_tokens_total"))
         # Measured in the worker process and carried to the scheduler with the step's output.
         seen_draft_seconds = max(seen_draft_seconds, metric_value(text, "draft_seconds_total"))
         assert metric_value(text, "requests_total") >= 1
         assert "moespec:policy_central_decisions" in text
-    assert seen_drafts > 0 and seen_draft_seconds > 0
+    assert seen_drafts > 0 and seen_accepted > 0 and seen_draft_seconds > 0
 
 
 def test_every_replica_reports_to_the_central_policy(client: Any) -> None:
