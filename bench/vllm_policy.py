@@ -198,15 +198,23 @@ def mode_server(
     args: argparse.Namespace, base: PolicySettings, mode: str, port: int
 ) -> tuple[VllmServer, Path | None]:
     """`mode`'s server (not started) and, with our scheduler, the path of its step record."""
+    # "-fetch": our scheduler with vLLM's executor (it fetches every step's drafts from the worker)
+    fetches, mode_name = mode.endswith("-fetch"), mode
+    mode = mode.removesuffix("-fetch")
     policy = {"auto": "auto", "k0": "off"}.get(mode, "static" if mode.startswith("ours") else "")
     ours_k = int(mode.removeprefix("ours")) if policy == "static" else None
-    record = RAW / f"record-{mode}-{int(time.time())}.jsonl" if policy else None
+    record = RAW / f"record-{mode_name}-{int(time.time())}.jsonl" if policy else None
     vllm_mode, is_sync = mode.removesuffix("-sync"), mode.endswith("-sync") and not policy
     settings = dataclasses.replace(
-        base, policy=policy, policy_num_spec_tokens=ours_k, record_path=record, is_sync=is_sync
+        base,
+        policy=policy,
+        policy_num_spec_tokens=ours_k,
+        record_path=record,
+        is_sync=is_sync,
+        fetches_every_step=fetches and bool(policy),
     )
     num_spec = 0 if vllm_mode == "off" else MAX_SPEC_TOKENS if policy else int(vllm_mode)
-    return VllmServer(Path(args.python), settings, num_spec, port, RAW / f"server-{mode}.log"), record
+    return VllmServer(Path(args.python), settings, num_spec, port, RAW / f"server-{mode_name}.log"), record
 
 
 def cell_plan(args: argparse.Namespace) -> list[tuple[int, str, int]]:
@@ -316,7 +324,8 @@ def main() -> None:
         "--modes",
         type=lambda s: s.split(","),
         default=["off", "1", "2", "3", "4", "auto", "k0"],
-        help="off, N (vLLM's static K), auto, k0, oursN; vLLM's own modes with -sync (off-sync, 2-sync) run "
+        help="off, N (vLLM's static K), auto, k0, oursN (our modes with -fetch: vLLM's executor, which fetches "
+        "every step's drafts from the worker); vLLM's own modes with -sync (off-sync, 2-sync) run "
         "with --no-async-scheduling, as our scheduler does",
     )
     parser.add_argument("--max-tokens", type=int, default=64)

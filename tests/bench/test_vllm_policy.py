@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from bench import vllm_policy
 from bench.vllm_policy import CLIENT, PolicySettings, cell_row
 from bench.vllm_policy_report import median_table, scheduler_summary
 
@@ -143,6 +144,23 @@ def test_ours_static_server_runs_our_scheduler_at_a_fixed_k(tmp_path: Path) -> N
     assert executor == "cluster.vllm_backend.executor.PolicyMultiprocExecutor"  # vLLM's CPU build: processes
     vllms = _command(tmp_path, policy="static", policy_num_spec_tokens=2, fetches_every_step=True)
     assert "--distributed-executor-backend" not in vllms and "--worker-cls" in vllms
+
+
+def test_fetch_modes_run_our_scheduler_with_vllms_executor(tmp_path: Path) -> None:
+    base = PolicySettings(
+        target=tmp_path, draft=tmp_path, served_name="t", dtype="float32", max_model_len=256, max_num_seqs=4,
+        cache_root=tmp_path,
+    )  # fmt: skip
+    args = argparse.Namespace(python="python")
+    for mode, fetches in (("ours2-fetch", True), ("ours2", False)):
+        server, record = vllm_policy.mode_server(args, base, mode, 8000)
+        settings: Any = server.settings
+        assert (settings.policy, settings.policy_num_spec_tokens) == ("static", 2)
+        assert settings.fetches_every_step is fetches and record is not None
+        assert record.name.startswith(f"record-{mode}-") and server.log_path.name == f"server-{mode}.log"
+    server, _ = vllm_policy.mode_server(args, base, "2", 8000)  # vLLM's own static K
+    settings = server.settings
+    assert not settings.policy and not settings.fetches_every_step
 
 
 def test_a_cell_summarises_the_record_steps_that_started_within_its_client_run(tmp_path: Path) -> None:
