@@ -202,6 +202,8 @@ def mode_server(
     fetches, mode_name = mode.endswith("-fetch"), mode
     mode = mode.removesuffix("-fetch")
     policy = {"auto": "auto", "k0": "off"}.get(mode, "static" if mode.startswith("ours") else "")
+    if fetches and not policy:
+        raise ValueError(f"mode {mode_name}: -fetch applies to our modes (auto, k0, oursN)")
     ours_k = int(mode.removeprefix("ours")) if policy == "static" else None
     record = RAW / f"record-{mode_name}-{int(time.time())}.jsonl" if policy else None
     vllm_mode, is_sync = mode.removesuffix("-sync"), mode.endswith("-sync") and not policy
@@ -211,7 +213,7 @@ def mode_server(
         policy_num_spec_tokens=ours_k,
         record_path=record,
         is_sync=is_sync,
-        fetches_every_step=fetches and bool(policy),
+        fetches_every_step=fetches,
     )
     num_spec = 0 if vllm_mode == "off" else MAX_SPEC_TOKENS if policy else int(vllm_mode)
     return VllmServer(Path(args.python), settings, num_spec, port, RAW / f"server-{mode_name}.log"), record

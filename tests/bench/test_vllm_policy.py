@@ -161,6 +161,8 @@ def test_fetch_modes_run_our_scheduler_with_vllms_executor(tmp_path: Path) -> No
     server, _ = vllm_policy.mode_server(args, base, "2", 8000)  # vLLM's own static K
     settings = server.settings
     assert not settings.policy and not settings.fetches_every_step
+    with pytest.raises(ValueError, match="2-fetch"):  # vLLM's own modes fetch anyway
+        vllm_policy.mode_server(args, base, "2-fetch", 8000)
 
 
 def test_a_cell_summarises_the_record_steps_that_started_within_its_client_run(tmp_path: Path) -> None:
