@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import random
 import socket
 import string
 import time
@@ -69,10 +70,40 @@ def app_args(target: Path, draft: Path, **sections: dict[str, Any]) -> dict[str,
     return args
 
 
+RAY_WORKER_PORTS_END = 19999  # Ray's default `--max-worker-port`; its workers listen at or below it
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port that nothing else started by the test will take before the server binds it.
+
+    A port the kernel hands out for `bind(0)` lies in its ephemeral range, which every outgoing connection
+    also draws from: a Ray start opens hundreds (gRPC between its processes), and one took such a port
+    between this function and Serve's proxy binding it (CI: "Failed to bind to address"). So the port is
+    drawn between Ray's worker ports and the start of the ephemeral range instead.
+    """
+    low = _ephemeral_ports_start()
+    if low <= RAY_WORKER_PORTS_END + 1:  # no gap on this machine: take the kernel's choice
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(RAY_WORKER_PORTS_END + 1, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port in {RAY_WORKER_PORTS_END + 1}-{low - 1}")
+
+
+def _ephemeral_ports_start() -> int:
+    """The first port of the kernel's ephemeral range (Linux's setting; 32768 where it cannot be read)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 @contextmanager
@@ -125,13 +156,13 @@ def used_slots(app: str) -> dict[str, tuple[int, int]]:
     from ray.exceptions import RayActorError
 
     prefix = f"SERVE_REPLICA::{app}#Router#"  # Serve's replica actor names, in its namespace "serve"
-    found = {}
+    found: dict[str, tuple[int, int]] = {}
     for entry in ray.util.list_named_actors(all_namespaces=True):
         if entry["namespace"] != "serve" or not entry["name"].startswith(prefix):
             continue
         try:
             replica = ray.get_actor(entry["name"], namespace="serve")
-            stats = ray.get(replica.record_routing_stats.remote(), timeout=60)
+            stats: Any = ray.get(replica.record_routing_stats.remote(), timeout=60)
         except (ValueError, RayActorError):  # died since it was listed
             continue
         target, drafter = stats["num_used_slots"]
