@@ -138,7 +138,8 @@ def replay(steps: list[dict[str, Any]], chooser: MeasuredGuard, cells: list[Cell
     previous = DraftMeasurement(0.0, 0)
     pending = list(cells)
     current: Cell | None = None
-    for step in steps:
+    ahead: dict[str, int] | None = None  # the choice made for this step while the step before ran
+    for index, step in enumerate(steps):
         clock = time.strftime("%H:%M:%S", time.localtime(step["start_s"]))
         if current is not None and clock > current.ended:
             current = None
@@ -146,8 +147,16 @@ def replay(steps: list[dict[str, Any]], chooser: MeasuredGuard, cells: list[Cell
             current = pending.pop(0)
             current.state = state_line(chooser)
         ids = list(step["chosen"])
-        if ids and chooser.choose(ids) == step["chosen"] and current is not None:
+        # Chosen ahead (`PolicyScheduler.choose_ahead`): for this step's drafting requests, before the step
+        # before was observed; the requests that joined meanwhile were not the chooser's.
+        if step.get("is_chosen_ahead"):
+            chosen = {r: k for r, k in (ahead or {}).items() if r in step["chosen"]}
+        else:
+            chosen = chooser.choose(ids) if ids else {}
+        if ids and chosen.items() <= step["chosen"].items() and current is not None:
             current.matched += 1
+        is_next_ahead = index + 1 < len(steps) and steps[index + 1].get("is_chosen_ahead", False)
+        ahead = chooser.choose(ids) if ids and is_next_ahead else None  # while the worker runs this step
         inner.cost_model.refit_if_due()  # as the scheduler does while the worker runs the step
         requests = [
             RequestIterationStats(r, k, step["num_accepted"][r], step["num_accepted"][r] + 1, 100)

@@ -81,6 +81,9 @@ class PolicySettings(VllmSettings):
     # With a policy: vLLM's executor (the engine core fetches drafts after every step) instead of ours
     # (which skips the fetch on steps that draft nothing); for measuring what ours saves.
     fetches_every_step: bool = False
+    # With a policy that learns: choose each step's K between steps (mode "auto-now") instead of while the
+    # worker runs the step before (`SchedulerSettings.choose_ahead`); for measuring what choosing ahead saves.
+    chooses_ahead: bool = True
 
     def command(self, python: Path, port: int, num_spec_tokens: int) -> list[str]:
         command = super().command(python, port, num_spec_tokens)
@@ -92,6 +95,8 @@ class PolicySettings(VllmSettings):
                 section["policy"]["num_spec_tokens"] = self.policy_num_spec_tokens
             if self.record_path is not None:
                 section["record_path"] = str(self.record_path)
+            if not self.chooses_ahead:
+                section["choose_ahead"] = False
             additional = {"moespec": section}
             command += ["--scheduler-cls", SCHEDULER_CLS, "--worker-cls", WORKER_CLS, "--no-async-scheduling"]
             if not self.fetches_every_step:  # these servers run vLLM's CPU build
@@ -201,9 +206,13 @@ def mode_server(
     # "-fetch": our scheduler with vLLM's executor (it fetches every step's drafts from the worker)
     fetches, mode_name = mode.endswith("-fetch"), mode
     mode = mode.removesuffix("-fetch")
+    # "-now": auto choosing each step's K between steps, not ahead
+    chooses_now, mode = mode.endswith("-now"), mode.removesuffix("-now")
     policy = {"auto": "auto", "k0": "off"}.get(mode, "static" if mode.startswith("ours") else "")
     if fetches and not policy:
         raise ValueError(f"mode {mode_name}: -fetch applies to our modes (auto, k0, oursN)")
+    if chooses_now and policy != "auto":
+        raise ValueError(f"mode {mode_name}: -now applies to auto (the other modes' choices cost nothing)")
     ours_k = int(mode.removeprefix("ours")) if policy == "static" else None
     record = RAW / f"record-{mode_name}-{int(time.time())}.jsonl" if policy else None
     vllm_mode, is_sync = mode.removesuffix("-sync"), mode.endswith("-sync") and not policy
@@ -214,6 +223,7 @@ def mode_server(
         record_path=record,
         is_sync=is_sync,
         fetches_every_step=fetches,
+        chooses_ahead=not chooses_now,
     )
     num_spec = 0 if vllm_mode == "off" else MAX_SPEC_TOKENS if policy else int(vllm_mode)
     return VllmServer(Path(args.python), settings, num_spec, port, RAW / f"server-{mode_name}.log"), record

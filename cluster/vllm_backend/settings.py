@@ -68,6 +68,9 @@ class SchedulerSettings:
     is_recording: bool = False  # keep every step's K and accepted counts in `PolicyScheduler.record` (tests)
     # Append every step's record to this file as a JSON line (a served engine's record, for diagnostics).
     record_path: str | None = None
+    # Choose the next step's K while the worker runs this one (scheduler.py, `PolicyScheduler.choose_ahead`),
+    # for the choosers that learn (auto, cascade); False: every choice between steps, as before.
+    choose_ahead: bool = True
 
     def __post_init__(self) -> None:
         if self.metrics_interval_s <= 0:
@@ -106,6 +109,7 @@ class _Args(msgspec.Struct, forbid_unknown_fields=True):
     metrics_interval_s: float = 1.0
     is_recording: bool = False
     record_path: str | None = None
+    choose_ahead: bool = True
 
 
 def parse_num_spec_tokens(value: Any, max_spec_tokens: int) -> int | None:

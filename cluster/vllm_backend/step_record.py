@@ -28,10 +28,15 @@ class StepRecord:
     num_scheduled: int = 0  # requests in the target's forward (decoding and prefilling)
     num_tokens: int = 0  # tokens in the target's forward (prefill chunks, verified drafts, sampled positions)
     num_prefill_tokens: int = 0  # of those, prefill tokens (requests not decoding this step)
-    choose_s: float = 0.0  # in the chooser's choose() (inside the step)
+    choose_s: float = (
+        0.0  # in the chooser's choose() for this step's K (inside the step, unless chosen ahead)
+    )
     choose_cpu_s: float = (
         0.0  # ... of which this thread ran on a CPU (the rest: waiting for the GIL or a core)
     )
+    # this step's K were chosen while the worker ran the step before (`choose_ahead`), before its observation;
+    # choose_s and choose_cpu_s are that call's, off the path between steps
+    is_chosen_ahead: bool = False
     observe_s: float = 0.0  # in the chooser's observe() (after the step: between it and the next)
     gap_s: float = 0.0  # from the end of the step before to this one's schedule(): the engine core outside
     is_near_drafting: bool = False  # IterationStats.is_near_drafting: the drafter ran at or next to this step

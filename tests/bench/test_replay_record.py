@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from bench.replay_record import cells_of, replay, vllm_config
 from cluster.vllm_backend.chooser import build_chooser, iteration_stats
@@ -26,21 +27,27 @@ def _chooser() -> MeasuredGuard:
     return chooser
 
 
-def _serve(start_s: float, num_steps: int, concurrency: int, seed: int) -> list[dict[str, Any]]:
+def _serve(
+    start_s: float, num_steps: int, concurrency: int, seed: int, chooses_ahead: bool = False
+) -> list[dict[str, Any]]:
     """A served-like record: requests of 24 tokens at `concurrency`, accepting about 0.7, the K chosen at a step
-    verified in the next (vLLM's lag), one step every 50 ms from `start_s`."""
+    verified in the next (vLLM's lag), one step every 50 ms from `start_s`. `chooses_ahead`: each step's K
+    chosen while the step before ran (`PolicyScheduler.choose_ahead`), a new request's at 0."""
     chooser, rng = _chooser(), np.random.default_rng(seed)
     steps: list[dict[str, Any]] = []
     held: dict[str, int] = {}
     left: dict[str, int] = {}
     previous, next_id = DraftMeasurement(0.0, 0), 0
+    ahead: dict[str, int] | None = None
     for step in range(num_steps):
         while len(left) < concurrency:
             left[f"r{next_id}"], next_id = 24, next_id + 1
         ids = list(left)
         drafts = {r: held.get(r, 0) for r in ids}
         accepted = {r: int(np.sum(np.cumprod(rng.random(k) < 0.7))) for r, k in drafts.items()}
-        chosen = chooser.choose(ids)
+        is_chosen_ahead = ahead is not None
+        chosen = chooser.choose(ids) if ahead is None else {r: ahead.get(r, 0) for r in ids}
+        ahead = chooser.choose(ids) if chooses_ahead else None
         inner: Any = chooser.inner
         inner.cost_model.refit_if_due()  # as the scheduler does while the worker runs the step
         draft_s = 0.004 * max(chosen.values()) if any(chosen.values()) else None
@@ -60,6 +67,7 @@ def _serve(start_s: float, num_steps: int, concurrency: int, seed: int) -> list[
                 "draft_time_s": draft_s,
                 "is_near_drafting": False,
                 "start_s": start_s + 0.05 * step,
+                "is_chosen_ahead": is_chosen_ahead,
             }
         )
         for r in ids:
@@ -70,9 +78,11 @@ def _serve(start_s: float, num_steps: int, concurrency: int, seed: int) -> list[
     return steps
 
 
-def test_a_record_replays_with_the_same_choices_in_its_cells(tmp_path: Path) -> None:
+@pytest.mark.parametrize("chooses_ahead", [False, True])
+def test_a_record_replays_with_the_same_choices_in_its_cells(tmp_path: Path, chooses_ahead: bool) -> None:
     start = float(int(time.time())) - 600.0  # whole seconds: the cells' spans are H:M:S
-    steps = _serve(start, 100, 1, seed=0)
+    steps = _serve(start, 100, 1, seed=0, chooses_ahead=chooses_ahead)
+    assert sum(s["is_chosen_ahead"] for s in steps) == (99 if chooses_ahead else 0)
     rows = []
     for name, offset, concurrency in (("code", 0, 1), ("prose", 10, 1)):
         span = [time.strftime("%H:%M:%S", time.localtime(start + offset + d)) for d in (0, 5)]

@@ -14,6 +14,7 @@ import pytest
 from bench import vllm_policy
 from bench.vllm_policy import CLIENT, PolicySettings, cell_row
 from bench.vllm_policy_report import median_table, scheduler_summary
+from cluster.vllm_backend.settings import SchedulerSettings
 
 
 def _step(step: int, drafts: dict[str, int], accepted: dict[str, int], holds: int = 0) -> dict[str, Any]:
@@ -163,6 +164,25 @@ def test_fetch_modes_run_our_scheduler_with_vllms_executor(tmp_path: Path) -> No
     assert not settings.policy and not settings.fetches_every_step
     with pytest.raises(ValueError, match="2-fetch"):  # vLLM's own modes fetch anyway
         vllm_policy.mode_server(args, base, "2-fetch", 8000)
+
+
+def test_now_mode_runs_auto_choosing_between_steps(tmp_path: Path) -> None:
+    base = PolicySettings(
+        target=tmp_path, draft=tmp_path, served_name="t", dtype="float32", max_model_len=256, max_num_seqs=4,
+        cache_root=tmp_path,
+    )  # fmt: skip
+    args = argparse.Namespace(python="python")
+    for mode, ahead in (("auto-now", False), ("auto", True), ("auto-now-fetch", False)):
+        server, record = vllm_policy.mode_server(args, base, mode, 8000)
+        settings: Any = server.settings
+        assert settings.policy == "auto" and settings.chooses_ahead is ahead and record is not None
+        assert record.name.startswith(f"record-{mode}-")
+        command = settings.command(Path("python"), 8000, 4)
+        section = json.loads(command[command.index("--additional-config") + 1])["moespec"]
+        assert section.get("choose_ahead", True) is ahead
+        assert SchedulerSettings.from_additional_config({"moespec": section}).choose_ahead is ahead
+    with pytest.raises(ValueError, match="ours2-now"):  # a static K costs nothing to choose
+        vllm_policy.mode_server(args, base, "ours2-now", 8000)
 
 
 def test_a_cell_summarises_the_record_steps_that_started_within_its_client_run(tmp_path: Path) -> None:

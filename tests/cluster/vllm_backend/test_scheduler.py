@@ -6,6 +6,7 @@ One module-scoped pair of engines (vLLM without speculation, and with our schedu
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -120,6 +121,41 @@ def test_per_request_settings_are_honoured(engines: tuple[Any, Any]) -> None:
         assert drafts and set(drafts) == {expected}, (request_id, drafts)
     # The request at off decoded one token per step: 47 decode steps after the prefill's first token.
     assert len([r for r in record if ids[0] in r.num_drafts]) == 47
+
+
+def test_choosing_ahead_keeps_the_output_and_new_requests_get_their_asked_k(engines: tuple[Any, Any]) -> None:
+    """Each step's K chosen while the worker runs the step before (`choose_ahead`, on for the learning
+    policies; switched on here for the static one, whose choices are known): greedy output is unchanged, every
+    step after one that drafted was chosen ahead, and a request whose prompt completes meanwhile gets the K
+    it asked for at once (3), or, left to the policy, 0 for one step and the policy's K (2) after."""
+    plain, ours = engines
+    settings = ["auto", 3, "auto", 3]
+    expected = [
+        o.outputs[0].token_ids for o in plain.generate(PROMPTS[:4], _params([None] * 4), use_tqdm=False)
+    ]
+    sched, engine = scheduler(ours), ours.llm_engine
+    sched.record.clear()
+    sched._chooses_ahead = True
+    outputs: list[Any] = []
+    try:
+        for i in range(4):
+            if i == 2:  # the other two join while the first two decode
+                for _ in range(6):
+                    outputs += [o for o in engine.step() if o.finished]
+            engine.add_request(f"ahead-{i}", PROMPTS[i], _params(settings)[i])
+        while engine.has_unfinished_requests():
+            outputs += [o for o in engine.step() if o.finished]
+    finally:
+        sched._chooses_ahead = False
+    record = list(sched.record)
+    assert [o.outputs[0].token_ids for o in sorted(outputs, key=lambda o: o.request_id)] == expected
+    assert all(after.is_chosen_ahead == bool(before.chosen) for before, after in itertools.pairwise(record))
+    assert sum(r.is_chosen_ahead for r in record) > len(record) // 2
+    for i, first, rest in ((0, 2, 2), (1, 3, 3), (2, 0, 2), (3, 3, 3)):
+        drafts = [
+            n for r in record for request_id, n in r.num_drafts.items() if request_id.startswith(f"ahead-{i}")
+        ]
+        assert drafts[0] == first and set(drafts[1:]) == {rest}, (i, drafts)
 
 
 def test_k_zero_runs_no_draft_forward(engines: tuple[Any, Any]) -> None:
