@@ -6,13 +6,15 @@ How a V1 step runs with a draft model (vLLM 0.32/0.33, synchronous scheduling), 
 1. `schedule()` verifies the drafts each request holds (`request.spec_token_ids`, proposed at the end of
    the previous step). We cut them first to the K_r decided last step: vLLM's ragged verification then
    checks K_r drafts for request r (0 included) in one target forward.
-2. `_update_after_schedule()` ends `schedule()`: we ask the chooser for K_r of every scheduled request and
-   set `SchedulerOutput.num_spec_tokens_to_schedule` (the drafter's number of steps at the end of this step)
-   to max K_r. The drafter drafts that many tokens for every request; step 1 of the next step cuts them.
-   The output also names the requests with K_r > 0 (`settings.DRAFTING_REQUESTS_ATTR`): our worker catches
-   up the drafter's KV for those alone.
+2. `_update_after_schedule()` ends `schedule()`: we take K_r of every request that drafts at the end of
+   this step and set `SchedulerOutput.num_spec_tokens_to_schedule` (the drafter's number of steps at the
+   end of this step) to max K_r. The drafter drafts that many tokens for every request; step 1 of the next
+   step cuts them. The output also names the requests with K_r > 0 (`settings.DRAFTING_REQUESTS_ATTR`): our
+   worker catches up the drafter's KV for those alone.
    While the worker runs the step, the engine core calls `get_grammar_bitmask()` and then only waits for
-   it: we do there what no decision waits for (the cost model's refit, writing the step record).
+   it: we do there what no decision waits for (the cost model's refit, writing the step record) and, for
+   the choosers that learn, ask the chooser for the next step's K (`choose_ahead`); otherwise, and when
+   nothing was chosen ahead, the chooser is asked here.
 3. `update_from_output()`: per request, drafted = len(scheduled drafts), accepted = sampled tokens - 1. The
    step's `IterationStats` go to the chooser (inside the measured guard) and, through it, to the central
    SpecPolicy actor when the engine runs under our Serve app.
