@@ -147,12 +147,16 @@ def test_ours_static_server_runs_our_scheduler_at_a_fixed_k(tmp_path: Path) -> N
     assert "--distributed-executor-backend" not in vllms and "--worker-cls" in vllms
 
 
-def test_fetch_modes_run_our_scheduler_with_vllms_executor(tmp_path: Path) -> None:
-    base = PolicySettings(
+def _base_settings(tmp_path: Path) -> PolicySettings:
+    """The settings `mode_server` starts from (what `bench.vllm_policy` builds from its arguments)."""
+    return PolicySettings(
         target=tmp_path, draft=tmp_path, served_name="t", dtype="float32", max_model_len=256, max_num_seqs=4,
         cache_root=tmp_path,
     )  # fmt: skip
-    args = argparse.Namespace(python="python")
+
+
+def test_fetch_modes_run_our_scheduler_with_vllms_executor(tmp_path: Path) -> None:
+    base, args = _base_settings(tmp_path), argparse.Namespace(python="python")
     for mode, fetches in (("ours2-fetch", True), ("ours2", False)):
         server, record = vllm_policy.mode_server(args, base, mode, 8000)
         settings: Any = server.settings
@@ -167,11 +171,7 @@ def test_fetch_modes_run_our_scheduler_with_vllms_executor(tmp_path: Path) -> No
 
 
 def test_now_mode_runs_auto_choosing_between_steps(tmp_path: Path) -> None:
-    base = PolicySettings(
-        target=tmp_path, draft=tmp_path, served_name="t", dtype="float32", max_model_len=256, max_num_seqs=4,
-        cache_root=tmp_path,
-    )  # fmt: skip
-    args = argparse.Namespace(python="python")
+    base, args = _base_settings(tmp_path), argparse.Namespace(python="python")
     for mode, ahead in (("auto-now", False), ("auto", True), ("auto-now-fetch", False)):
         server, record = vllm_policy.mode_server(args, base, mode, 8000)
         settings: Any = server.settings
