@@ -68,7 +68,7 @@ class SchedulerSettings:
     is_recording: bool = False  # keep every step's K and accepted counts in `PolicyScheduler.record` (tests)
     # Append every step's record to this file as a JSON line (a served engine's record, for diagnostics).
     record_path: str | None = None
-    # Choose the next step's K while the worker runs this one (scheduler.py, `PolicyScheduler.choose_ahead`),
+    # Choose the next step's K while the worker runs this one (`PolicyScheduler.get_grammar_bitmask`),
     # for the choosers that learn (auto, cascade); False: every choice between steps, as before.
     choose_ahead: bool = True
 

@@ -28,9 +28,8 @@ class StepRecord:
     num_scheduled: int = 0  # requests in the target's forward (decoding and prefilling)
     num_tokens: int = 0  # tokens in the target's forward (prefill chunks, verified drafts, sampled positions)
     num_prefill_tokens: int = 0  # of those, prefill tokens (requests not decoding this step)
-    choose_s: float = (
-        0.0  # in the chooser's choose() for this step's K (inside the step, unless chosen ahead)
-    )
+    # in the chooser's choose() for this step's K (inside the step; off its path when chosen ahead)
+    choose_s: float = 0.0
     choose_cpu_s: float = (
         0.0  # ... of which this thread ran on a CPU (the rest: waiting for the GIL or a core)
     )
