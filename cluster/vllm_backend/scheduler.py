@@ -194,7 +194,7 @@ class PolicyScheduler(Scheduler):
                 self._choose_s = time.perf_counter() - start
                 self._choose_cpu_s = time.thread_time() - start_cpu
             else:
-                self._chosen = {r: ahead[r] if r in ahead else self._fixed_k(r) for r in self._drafting}
+                self._chosen = {r: self._k(r, ahead.get(r, 0)) for r in self._drafting}  # joined: 0 or asked
                 self._choose_s, self._choose_cpu_s = self._ahead_s, self._ahead_cpu_s
             scheduler_output.num_spec_tokens_to_schedule = max(self._chosen.values(), default=0)
             drafting = frozenset(r for r, k in self._chosen.items() if k > 0)
@@ -266,17 +266,12 @@ class PolicyScheduler(Scheduler):
     def _choose(self, request_ids: Sequence[str]) -> dict[str, int]:
         auto = [r for r in request_ids if self._requested.get(r) is None]
         chosen = self.chooser.choose(auto) if auto else {}
-        result = {}
-        for request_id in request_ids:
-            wanted = self._requested.get(request_id)
-            num = chosen.get(request_id, 0) if wanted is None else wanted
-            result[request_id] = max(0, min(num, self.max_spec_tokens))
-        return result
+        return {r: self._k(r, chosen.get(r, 0)) for r in request_ids}
 
-    def _fixed_k(self, request_id: str) -> int:
-        """K of a request without a choice from the chooser: the K it asked for through the API, else 0."""
+    def _k(self, request_id: str, policy_k: int) -> int:
+        """A request's K: the K it asked for through the API, else the policy's, within [0, K_max]."""
         wanted = self._requested.get(request_id)
-        return 0 if wanted is None else max(0, min(wanted, self.max_spec_tokens))
+        return max(0, min(policy_k if wanted is None else wanted, self.max_spec_tokens))
 
     def _step_requests(self, scheduler_output: SchedulerOutput, output: Any) -> list[RequestIterationStats]:
         """What each decoding request did this step; read before vLLM rolls back rejected positions."""
