@@ -9,7 +9,9 @@ speculates, a baseline of `baseline_length` plain iterations runs every `baselin
 the plain figure fresh (more often until a bucket has `min_samples`; `wide_lead_spacing` times less often
 while the chooser measures far above plain). When the chooser's iterations measure worse than plain ones by
 more than `margin`, the guard runs that bucket plain for `hold_iterations` (doubled per consecutive verdict
-there, capped), then lets the chooser try again. A verdict holds only its own bucket: drafting that loses at
+there, capped), then lets the chooser try again. A baseline whose plain iteration carried another request's
+prompt (`IterationStats.num_prefill_tokens`, which neither figure counts) yields no sample, so it runs again
+at the chooser's next drafting iteration there, up to `baseline_retries` times in a row. A verdict holds only its own bucket: drafting that loses at
 batch 1 says nothing about batch 4, where verification costs far less relative to a plain step (the vLLM
 backend's replay of a batch-1 phase followed by a batch-4 one: a global hold kept batch 4 plain on one seed).
 
@@ -66,6 +68,12 @@ class GuardConfig:
     # decoding's cost (`IterationStats.is_near_drafting`, vLLM) needs 3 for one that is: with vLLM's one-step
     # lag the first follows a verification and the last drafts at its end.
     baseline_length: int = 1
+    # A baseline whose plain iteration carried another request's prompt gave no sample; it runs again at the
+    # next drafting choice in its bucket, at most this many times in a row. Served on the regime pair under
+    # Poisson arrivals (mixed, concurrency 32), 45% of the steps at batch 17-32 carried a prompt; the one
+    # baseline of a 145-step cell lost its sample so, the next was due 256 drafting steps later (wide-lead
+    # spacing), and the bucket's plain figure got no new sample in that cell.
+    baseline_retries: int = 2
     hold_iterations: int = 64  # plain iterations after a verdict against drafting
     max_hold_iterations: int = 1024  # cap of the doubling hold
     held_ask_every: int = 8  # while held, the chooser is asked this often (and when the requests change)
@@ -82,6 +90,8 @@ class GuardConfig:
             raise ValueError(
                 f"wide_lead={self.wide_lead} must be >= 0, wide_lead_spacing={self.wide_lead_spacing} >= 1"
             )
+        if self.baseline_retries < 0:
+            raise ValueError(f"baseline_retries={self.baseline_retries} must be >= 0")
         if self.held_ask_every < 1:
             raise ValueError(f"held_ask_every={self.held_ask_every} must be >= 1")
         if self.max_hold_iterations < self.hold_iterations:
@@ -148,8 +158,13 @@ class MeasuredGuard:
         self._num_verdicts: dict[int, int] = {}
         self._num_drafting = 0  # drafting iterations since the last plain one
         self._baseline_left = 0  # plain iterations of the current baseline still to choose
-        # Per choice not yet observed: the requests the chooser decided for (None: a forced plain iteration).
-        self._pending: deque[frozenset[str] | None] = deque(maxlen=_MAX_PENDING_CHOICES)
+        # Per choice not yet observed: the requests the chooser decided for (None: a forced plain iteration),
+        # and whether it is a baseline's.
+        self._pending: deque[tuple[frozenset[str] | None, bool]] = deque(maxlen=_MAX_PENDING_CHOICES)
+        # The bucket where a baseline's sample was lost to a prompt (None: none), and the baselines run again
+        # in a row so far.
+        self._missed_bucket: int | None = None
+        self._num_retries = 0
         self.num_holds = 0
         # While held: the choices until the chooser is asked again.
         self._held_skips = SameBatchSkips()
@@ -168,7 +183,7 @@ class MeasuredGuard:
         if self._baseline_left > 0:
             self._baseline_left -= 1
             self._num_drafting = 0
-            return self._plain_iteration(request_ids)
+            return self._plain_iteration(request_ids, is_baseline=True)
         plain = self._plain.get(bucket)
         num_plain = 0 if plain is None else plain.count
         is_known = num_plain >= self.config.min_samples
@@ -181,15 +196,19 @@ class MeasuredGuard:
         every = self.config.baseline_every if is_known else max(4, 2 * self.config.baseline_length)
         if is_known and self._leads_widely(bucket):
             every *= self.config.wide_lead_spacing
-        if any(chosen.values()) and self._num_drafting >= every - self.config.baseline_length:
+        is_due = self._num_drafting >= every - self.config.baseline_length
+        is_retry = self._missed_bucket == bucket and self._num_retries < self.config.baseline_retries
+        if any(chosen.values()) and (is_due or is_retry):
             # A baseline. The count restarts now, not when it is observed: an engine that verifies each choice
             # a step later (vLLM) would otherwise be asked again before the baseline is observed, and ran two
             # plain iterations per baseline (1 in 9 at baseline_every 16, the vLLM backend's replay).
             self._num_drafting = 0
+            self._num_retries = 0 if is_due else self._num_retries + 1
+            self._missed_bucket = None
             missing = 0 if is_known else self.config.min_samples - num_plain - 1
             self._baseline_left = self.config.baseline_length + missing - 1
-            return self._plain_iteration(request_ids)
-        self._pending.append(frozenset(request_ids))
+            return self._plain_iteration(request_ids, is_baseline=True)
+        self._pending.append((frozenset(request_ids), False))
         return chosen
 
     def observe(self, stats: IterationStats) -> None:
@@ -198,7 +217,8 @@ class MeasuredGuard:
             return
         # A hold lasts engine iterations, asked or not, at any batch size.
         self._hold_left = {b: left - 1 for b, left in self._hold_left.items() if left > 1}
-        asked = self._pending.popleft() if self._pending else None  # None: nobody asked the chooser
+        # asked None: nobody asked the chooser.
+        asked, is_baseline = self._pending.popleft() if self._pending else (None, False)
         is_chosen = asked is not None and all(r.request_id in asked for r in stats.requests)
         if stats.iteration_time_s <= 0.0:
             return
@@ -206,12 +226,18 @@ class MeasuredGuard:
         per_request = sum(r.num_committed_tokens for r in stats.requests) / stats.batch_size
         is_drafting = any(r.num_spec_tokens > 0 for r in stats.requests)
         self._num_drafting = self._num_drafting + 1 if is_drafting else 0
+        is_plain_decoding = not is_drafting and not stats.is_near_drafting
         if stats.num_prefill_tokens:
-            return  # other requests' prompts in the forward: neither plain decoding's time nor the chooser's
-        if not is_drafting and not stats.is_near_drafting:
+            # Other requests' prompts in the forward: neither plain decoding's time nor the chooser's.
+            if is_baseline and is_plain_decoding:
+                self._missed_bucket = bucket  # the baseline's sample is lost: it runs again
+            return
+        if is_plain_decoding:
             self._plain.setdefault(bucket, _Rate()).add(
                 per_request, stats.iteration_time_s, self.config.smoothing
             )
+            if self._missed_bucket == bucket:
+                self._missed_bucket = None
         if is_chosen:
             self._chosen.setdefault(bucket, _Rate()).add(
                 per_request, stats.iteration_time_s, self.config.smoothing
@@ -225,8 +251,8 @@ class MeasuredGuard:
     def gauges(self) -> dict[str, float]:
         return {**self.inner.gauges(), "policy_guard_holds": self.num_holds}
 
-    def _plain_iteration(self, request_ids: Sequence[str]) -> dict[str, int]:
-        self._pending.append(None)
+    def _plain_iteration(self, request_ids: Sequence[str], *, is_baseline: bool = False) -> dict[str, int]:
+        self._pending.append((None, is_baseline))
         return dict.fromkeys(request_ids, 0)
 
     def _figures(self, bucket: int) -> tuple[float, float, float] | None:

@@ -3,6 +3,7 @@ inside believes; speculation that pays keeps most of its gain (the guard's plain
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
 
@@ -55,6 +56,7 @@ def test_config_rejects_bad_values() -> None:
         {"held_ask_every": 0},
         {"wide_lead": -0.1},
         {"wide_lead_spacing": 0},
+        {"baseline_retries": -1},
     ):
         with pytest.raises(ValueError):
             GuardConfig(**bad)
@@ -402,3 +404,76 @@ def test_steps_that_carry_other_requests_prompts_do_not_set_the_figures() -> Non
     guard = MeasuredGuard(StaticChooser(2), config)
     _batch_with_prompts(guard, 300, reports_prefill=True)
     assert guard.num_holds >= 1
+
+
+def _paying_engine_with_prompts(
+    guard: MeasuredGuard, num_steps: int, carries_prompt: Callable[[int], bool]
+) -> list[bool]:
+    """A vLLM-like engine at batch 1 where drafting pays (K = 2 verified a step late, 3 tokens in 12 ms against
+    plain's 1 in 10 ms), saying which plain steps are next to drafting; a plain step away from drafting
+    carries another request's prompt (+5 ms) where `carries_prompt(step)`. Returns whether each step was
+    plain decoding away from drafting (a step that sets the plain figure unless it carries a prompt)."""
+    held, last_drafted, clean = 0, False, []
+    for step in range(num_steps):
+        chosen = guard.choose(["a"])["a"]
+        is_clean = not held and not last_drafted and not chosen
+        has_prompt = is_clean and carries_prompt(step)
+        requests = [RequestIterationStats("a", held, held, held + 1, 100)]
+        guard.observe(
+            IterationStats(
+                step, 1, requests, held + 1, 0.002 if chosen else 0.0, 0.010 + 0.005 * has_prompt, 0.0,
+                is_near_drafting=not is_clean, num_prefill_tokens=50 * has_prompt,
+            )
+        )  # fmt: skip
+        clean.append(is_clean)
+        held, last_drafted = chosen, chosen > 0 or held > 0
+    return clean
+
+
+def _clean_runs(clean: list[bool]) -> list[tuple[int, int]]:
+    """(first step, length) of each run of steps away from drafting."""
+    runs, start = [], 0
+    for is_clean, group in itertools.groupby(clean):
+        length = len(list(group))
+        if is_clean:
+            runs.append((start, length))
+        start += length
+    return runs
+
+
+def test_a_baseline_whose_plain_step_carried_a_prompt_runs_again() -> None:
+    # Served on the regime pair under Poisson arrivals (concurrency 32), 45% of the steps carried a prompt;
+    # a baseline's one clean step lost its sample to a prompt, and the next was due 256 drafting steps later.
+    config = GuardConfig(baseline_length=3, baseline_every=32, wide_lead_spacing=1)
+    lost: list[int] = []
+
+    def first_after_100(step: int) -> bool:  # the first clean plain step after step 100 carries a prompt
+        if step > 100 and not lost:
+            lost.append(step)
+            return True
+        return False
+
+    guard = MeasuredGuard(StaticChooser(2), config)
+    clean = _paying_engine_with_prompts(guard, 300, first_after_100)
+    assert guard.num_holds == 0  # the premise: drafting pays
+    (step,) = lost
+    assert any(clean[step + 1 : step + 5])  # run again at once
+    assert sum(clean[step + 5 : step + 29]) == 0  # then spaced as before, its sample taken
+    blind = MeasuredGuard(StaticChooser(2), dataclasses.replace(config, baseline_retries=0))
+    lost.clear()
+    clean = _paying_engine_with_prompts(blind, 300, first_after_100)
+    (step,) = lost
+    assert sum(clean[step + 1 : step + 25]) == 0  # without retries: the next baseline when it is due
+
+
+def test_baselines_that_keep_meeting_prompts_run_again_a_bounded_number_of_times() -> None:
+    config = GuardConfig(baseline_length=3, baseline_every=32, wide_lead_spacing=1)  # baseline_retries 2
+    lengths = []
+    for retries in (0, config.baseline_retries):
+        guard = MeasuredGuard(StaticChooser(2), dataclasses.replace(config, baseline_retries=retries))
+        clean = _paying_engine_with_prompts(guard, 800, lambda step: step >= 200)  # then every plain step
+        assert guard.num_holds == 0
+        lengths.append({length for start, length in _clean_runs(clean) if 200 <= start < 780})
+    # Without retries a baseline has one step away from drafting; with them, each baseline lost to a prompt
+    # is followed by two more at once (here contiguous, so all their steps are away from drafting), no more.
+    assert lengths == [{1}, {1 + 2 * 3}]
