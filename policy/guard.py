@@ -9,11 +9,12 @@ speculates, a baseline of `baseline_length` plain iterations runs every `baselin
 the plain figure fresh (more often until a bucket has `min_samples`; `wide_lead_spacing` times less often
 while the chooser measures far above plain). When the chooser's iterations measure worse than plain ones by
 more than `margin`, the guard runs that bucket plain for `hold_iterations` (doubled per consecutive verdict
-there, capped), then lets the chooser try again. A baseline whose plain iteration carried another request's
-prompt (`IterationStats.num_prefill_tokens`, which neither figure counts) yields no sample, so it runs again
-at the chooser's next drafting iteration there, up to `baseline_retries` times in a row. A verdict holds only its own bucket: drafting that loses at
+there, capped), then lets the chooser try again. A verdict holds only its own bucket: drafting that loses at
 batch 1 says nothing about batch 4, where verification costs far less relative to a plain step (the vLLM
 backend's replay of a batch-1 phase followed by a batch-4 one: a global hold kept batch 4 plain on one seed).
+A baseline whose plain iteration carried another request's prompt (`IterationStats.num_prefill_tokens`,
+which neither figure counts) yields no sample, so it runs again at the chooser's next drafting iteration in
+its bucket, up to `baseline_retries` times in a row.
 
 Why the decisions as a whole: the guard controls one thing, the chooser's decisions against plain decoding,
 so that is what it measures; a chooser that runs plain and tests one request in a batch now and then is
