@@ -24,11 +24,18 @@ ones spent 70-100 ms in the drafter, against 7-8 ms when drafting went on, and 5
 Drafts never change the output (verification is exact), so the catch-up is about acceptance: the tests check
 that drafts after skipped steps are accepted exactly as often as without skipping.
 
-A batch with no draft to verify (every request at K = 0 in the step before) is sampled by vLLM's plain
-sampler, as vLLM without speculation samples, instead of its rejection sampler: with 0 drafts the rejection
-sampler only samples the bonus token, through the same sampler, but around it builds the target logits,
-applies the constraints and runs the rejection kernel over nothing. Served at concurrency 1 on the demo pair
-that took about 3x the plain sampler's time, 0.6 ms a token (py-spy, `bench.vllm_k0_served --profile`).
+A batch with no draft to verify (every request at K = 0 in the step before) is prepared and sampled as vLLM
+without speculation does it:
+- sampled by vLLM's plain sampler instead of its rejection sampler: with 0 drafts the rejection sampler only
+  samples the bonus token, through the same sampler, but around it builds the target logits, applies the
+  constraints and runs the rejection kernel over nothing. Served at concurrency 1 on the demo pair that took
+  about 3x the plain sampler's time, 0.6 ms a token (py-spy, `bench.vllm_k0_served --profile`);
+- prepared without spec-decode metadata: with a speculative config, vLLM's `_prepare_inputs` builds it for
+  every step, drafts or none (per-request draft counts, logits and bonus indices, copied to the device).
+  Offline at batch 16 on the demo pair (py-spy, one engine at a time), that was 0.16 ms a step, and the
+  step-input preparation took 1.5x vLLM's without speculation. It is vLLM's own path when a step has no
+  metadata (its drafter handles it); only where every KV cache group is attention: recurrent layers (Mamba,
+  GDN) read a decode step's state at an offset that only the spec-decode path sets.
 
 The runner also measures the drafter: each step's `ModelRunnerOutput` carries a `DraftMeasurement` (seconds
 in the drafter, catch-up included, and the history tokens the catch-up fed) in its `moespec_draft` attribute,
@@ -54,6 +61,7 @@ import numpy as np
 import torch
 from vllm.platforms import current_platform
 from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.kv_cache_interface import AttentionSpec
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -69,6 +77,7 @@ from cluster.vllm_backend.settings import (
 logger = logging.getLogger(__name__)
 # What the runner relies on, checked when the worker starts.
 _RUNNER_HOOKS = (
+    "_prepare_inputs",
     "propose_draft_token_ids",
     "_copy_valid_sampled_token_count",
     "_sample",
@@ -85,6 +94,7 @@ class CatchUpRunnerMixin:
     input_batch: Any
     requests: dict[str, Any]
     speculative_config: Any
+    kv_cache_config: Any
     device: torch.device
     discard_request_mask: Any
     take_draft_token_ids: Any
@@ -98,6 +108,7 @@ class CatchUpRunnerMixin:
         self.num_catch_up_tokens = 0
         self._draft_measurement: DraftMeasurement | None = None
         self._drafted = False  # the drafter ran at this step (not skipped)
+        self._attention_only: bool | None = None  # `_is_attention_only`, once the KV cache exists
 
     def sample_tokens(self, *args: Any, **kwargs: Any) -> Any:
         """vLLM's, with this step's `DraftMeasurement` attached to its output (see the module docstring), and
@@ -118,11 +129,38 @@ class CatchUpRunnerMixin:
                 setattr(output, DRAFT_TOKEN_IDS_ATTR, self.take_draft_token_ids())
         return output
 
+    def _prepare_inputs(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        """vLLM's, on a step with no draft to verify in the whole batch prepared as vLLM without speculation
+        prepares it: no spec-decode metadata (see the module docstring)."""
+        parent: Any = super()
+        if (
+            not self.skips_drafter
+            or any(scheduler_output.scheduled_spec_decode_tokens.values())
+            or not self._is_attention_only()
+        ):
+            return parent._prepare_inputs(scheduler_output, *args, **kwargs)
+        config, self.speculative_config = self.speculative_config, None  # vLLM's switch for that branch alone
+        try:
+            return parent._prepare_inputs(scheduler_output, *args, **kwargs)
+        finally:
+            self.speculative_config = config
+
+    def _is_attention_only(self) -> bool:
+        """Every KV cache group holds attention layers: recurrent ones (vLLM's `MambaSpec`: Mamba, GDN,
+        linear attention) read a decode step's state at an offset that only the spec-decode path sets."""
+        if self._attention_only is None:
+            specs = [group.kv_cache_spec for group in self.kv_cache_config.kv_cache_groups]
+            specs = [s for spec in specs for s in getattr(spec, "kv_cache_specs", {spec: spec}).values()]
+            self._attention_only = all(isinstance(spec, AttentionSpec) for spec in specs)
+        return self._attention_only
+
     def _sample(self, logits: Any, spec_decode_metadata: Any) -> Any:
         """A batch with no draft to verify samples as vLLM without speculation does (see the module
         docstring); any other batch goes through vLLM's rejection sampler."""
         parent: Any = super()
-        if spec_decode_metadata is None or spec_decode_metadata.max_spec_len > 0 or not self.skips_drafter:
+        if not self.skips_drafter or (
+            spec_decode_metadata is not None and spec_decode_metadata.max_spec_len > 0
+        ):
             return parent._sample(logits, spec_decode_metadata)
         output = parent._sample(logits, None)
         # The rejection sampler's dtype, which the drafter's bookkeeping of the sampled tokens receives.

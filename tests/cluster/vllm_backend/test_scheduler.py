@@ -168,6 +168,7 @@ def test_k_zero_runs_no_draft_forward(engines: tuple[Any, Any]) -> None:
         count_calls(drafter(ours), "prepare_next_token_ids_padded") as bookkeeping,
         count_calls(executor(ours).driver_worker.worker, "take_draft_token_ids") as fetches,
         count_calls(worker.rejection_sampler, "forward") as rejection_sampling,
+        count_calls(worker, "_calc_spec_decode_metadata") as metadata,
     ):
         outputs, record = _generate(ours, ["off"] * 4)
     expected = plain.generate(PROMPTS[:4], _params([None] * 4), use_tqdm=False)
@@ -181,8 +182,10 @@ def test_k_zero_runs_no_draft_forward(engines: tuple[Any, Any]) -> None:
     # Nor does the engine core fetch the (empty) drafts from the worker after each step: an RPC through the
     # worker's message queue when the executor runs workers in processes (9% of the engine core's loop).
     assert fetches == []
-    # A batch with no draft to verify is sampled as without speculation, not by the rejection sampler.
+    # A batch with no draft to verify is prepared and sampled as without speculation: no spec-decode metadata,
+    # no rejection sampler.
     assert rejection_sampling == []
+    assert metadata == []
     assert worker.num_skipped_steps - skipped == len(record) > 0
     # The worker measures the drafter for the scheduler (its cost model fits draft terms from it): 0 here.
     assert all(r.draft_time_s == 0.0 for r in record)
@@ -196,10 +199,11 @@ def test_k_zero_runs_no_draft_forward(engines: tuple[Any, Any]) -> None:
         count_calls(executor(ours).driver_worker.worker, "take_draft_token_ids") as fetches,
         count_calls(worker, "take_draft_token_ids") as taken,
         count_calls(worker.rejection_sampler, "forward") as rejection_sampling,
+        count_calls(worker, "_calc_spec_decode_metadata") as metadata,
     ):
         outputs, record = _generate(ours, [3] * 4)
     assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
-    assert len(rejection_sampling) == sum(any(r.num_drafts.values()) for r in record) > 0
+    assert len(rejection_sampling) == len(metadata) == sum(any(r.num_drafts.values()) for r in record) > 0
     drafting = sum(r.num_draft_steps for r in record)
     # A step that drafts: its drafts come with its output (taken in the worker at the step's end), and the
     # engine core does not fetch them (a second round trip to the worker's process when it has its own).
@@ -213,6 +217,16 @@ def test_k_zero_runs_no_draft_forward(engines: tuple[Any, Any]) -> None:
     assert len(calls) == len(record) + sum(max(0, r.num_draft_steps - 1) for r in record) and drafting > 0
     assert all(r.is_near_drafting for r in record if r.num_draft_steps > 0)
     assert sched.counters.num_steps > 0
+    # A model with recurrent layers (Mamba, GDN) keeps vLLM's metadata on every step: they read it.
+    worker._attention_only = False
+    try:
+        with count_calls(worker, "_calc_spec_decode_metadata") as metadata:
+            outputs, record = _generate(ours, ["off"] * 4)
+    finally:
+        worker._attention_only = None
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
+    assert len(metadata) == len(record) > 0
+    assert worker._is_attention_only()  # the demo pair: attention only
 
 
 def _accepted_after_skipping(
