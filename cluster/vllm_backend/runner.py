@@ -32,10 +32,10 @@ without speculation does it:
   about 3x the plain sampler's time, 0.6 ms a token (py-spy, `bench.vllm_k0_served --profile`);
 - prepared without spec-decode metadata: with a speculative config, vLLM's `_prepare_inputs` builds it for
   every step, drafts or none (per-request draft counts, logits and bonus indices, copied to the device).
-  Offline at batch 16 on the demo pair (py-spy, one engine at a time), that was 0.16 ms a step, and the
-  step-input preparation took 1.5x vLLM's without speculation. It is vLLM's own path when a step has no
-  metadata (its drafter handles it); only where every KV cache group is attention: recurrent layers (Mamba,
-  GDN) read a decode step's state at an offset that only the spec-decode path sets.
+  Offline at batch 16 on the demo pair (py-spy, one engine at a time, every K = 0), that was about 0.17 ms
+  of a 15 ms step (1%). It is vLLM's own path when a step has no metadata (its drafter handles that); taken
+  only where every KV cache group is attention: recurrent layers (Mamba, GDN) read a decode step's state at
+  an offset that only the spec-decode path sets.
 
 The runner also measures the drafter: each step's `ModelRunnerOutput` carries a `DraftMeasurement` (seconds
 in the drafter, catch-up included, and the history tokens the catch-up fed) in its `moespec_draft` attribute,
