@@ -208,7 +208,10 @@ def mode_server(
     mode = mode.removesuffix("-fetch")
     # "-now": auto choosing each step's K between steps, not ahead
     chooses_now, mode = mode.endswith("-now"), mode.removesuffix("-now")
-    policy = {"auto": "auto", "k0": "off"}.get(mode, "static" if mode.startswith("ours") else "")
+    # "off-ours": no draft model, on our scheduler, worker and executor (its record shows off's steps)
+    policy = {"auto": "auto", "k0": "off", "off-ours": "off"}.get(
+        mode, "static" if mode.startswith("ours") else ""
+    )
     if fetches and not policy:
         raise ValueError(f"mode {mode_name}: -fetch applies to our modes (auto, k0, oursN)")
     if chooses_now and policy != "auto":
@@ -225,7 +228,7 @@ def mode_server(
         fetches_every_step=fetches,
         chooses_ahead=not chooses_now,
     )
-    num_spec = 0 if vllm_mode == "off" else MAX_SPEC_TOKENS if policy else int(vllm_mode)
+    num_spec = 0 if vllm_mode in ("off", "off-ours") else MAX_SPEC_TOKENS if policy else int(vllm_mode)
     return VllmServer(Path(args.python), settings, num_spec, port, RAW / f"server-{mode_name}.log"), record
 
 
@@ -337,8 +340,9 @@ def main() -> None:
         type=lambda s: s.split(","),
         default=["off", "1", "2", "3", "4", "auto", "k0"],
         help="off, N (vLLM's static K), auto, k0, oursN (our modes with -fetch: vLLM's executor, which fetches "
-        "every step's drafts from the worker); vLLM's own modes with -sync (off-sync, 2-sync) run "
-        "with --no-async-scheduling, as our scheduler does",
+        "every step's drafts from the worker), off-ours (no draft model, on our scheduler and worker, with its "
+        "step record); vLLM's own modes with -sync (off-sync, 2-sync) run with --no-async-scheduling, as our "
+        "scheduler does",
     )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument(

@@ -158,10 +158,9 @@ class CatchUpRunnerMixin:
         """A batch with no draft to verify samples as vLLM without speculation does (see the module
         docstring); any other batch goes through vLLM's rejection sampler."""
         parent: Any = super()
-        if not self.skips_drafter or (
-            spec_decode_metadata is not None and spec_decode_metadata.max_spec_len > 0
-        ):
-            return parent._sample(logits, spec_decode_metadata)
+        is_plain = spec_decode_metadata is None or spec_decode_metadata.max_spec_len == 0
+        if not (self.skips_drafter and is_plain and self.speculative_config is not None):
+            return parent._sample(logits, spec_decode_metadata)  # (no speculative config: vLLM's own path)
         output = parent._sample(logits, None)
         # The rejection sampler's dtype, which the drafter's bookkeeping of the sampled tokens receives.
         output.sampled_token_ids = output.sampled_token_ids.to(torch.int32)

@@ -185,6 +185,20 @@ def test_now_mode_runs_auto_choosing_between_steps(tmp_path: Path) -> None:
         vllm_policy.mode_server(args, base, "ours2-now", 8000)
 
 
+def test_off_ours_runs_our_scheduler_without_a_draft_model(tmp_path: Path) -> None:
+    """off-ours: vLLM without speculation on our scheduler and worker, so that its step record shows what off's
+    steps are (k0 against it: what the idle draft model costs)."""
+    base, args = _base_settings(tmp_path), argparse.Namespace(python="python")
+    server, record = vllm_policy.mode_server(args, base, "off-ours", 8000)
+    assert server.num_spec_tokens == 0 and record is not None and record.name.startswith("record-off-ours-")
+    command = server.settings.command(Path("python"), 8000, server.num_spec_tokens)
+    assert (
+        "--speculative-config" not in command and "--scheduler-cls" in command and "--worker-cls" in command
+    )
+    server, _ = vllm_policy.mode_server(args, base, "k0", 8000)
+    assert server.num_spec_tokens == vllm_policy.MAX_SPEC_TOKENS
+
+
 def test_a_cell_summarises_the_record_steps_that_started_within_its_client_run(tmp_path: Path) -> None:
     """All cells of a server run in one client process; each cell's steps are those whose wall-clock start
     falls in its span (the steps of the cell before and after are not its own)."""
