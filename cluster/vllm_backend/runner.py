@@ -149,8 +149,10 @@ class CatchUpRunnerMixin:
         """Every KV cache group holds attention layers: recurrent ones (vLLM's `MambaSpec`: Mamba, GDN,
         linear attention) read a decode step's state at an offset that only the spec-decode path sets."""
         if self._attention_only is None:
-            specs = [group.kv_cache_spec for group in self.kv_cache_config.kv_cache_groups]
-            specs = [s for spec in specs for s in getattr(spec, "kv_cache_specs", {spec: spec}).values()]
+            specs = []
+            for group in self.kv_cache_config.kv_cache_groups:
+                layers = getattr(group.kv_cache_spec, "kv_cache_specs", None)  # several layers' specs in one
+                specs += list(layers.values()) if layers else [group.kv_cache_spec]
             self._attention_only = all(isinstance(spec, AttentionSpec) for spec in specs)
         return self._attention_only
 
@@ -158,8 +160,8 @@ class CatchUpRunnerMixin:
         """A batch with no draft to verify samples as vLLM without speculation does (see the module
         docstring); any other batch goes through vLLM's rejection sampler."""
         parent: Any = super()
-        is_plain = spec_decode_metadata is None or spec_decode_metadata.max_spec_len == 0
-        if not (self.skips_drafter and is_plain and self.speculative_config is not None):
+        has_drafts = spec_decode_metadata is not None and spec_decode_metadata.max_spec_len > 0
+        if has_drafts or not self.skips_drafter or self.speculative_config is None:
             return parent._sample(logits, spec_decode_metadata)  # (no speculative config: vLLM's own path)
         output = parent._sample(logits, None)
         # The rejection sampler's dtype, which the drafter's bookkeeping of the sampled tokens receives.
