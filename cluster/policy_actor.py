@@ -14,14 +14,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import msgspec
 import ray
 
 from policy.aggregator import AggregatorConfig, PolicyAggregator
-from policy.stats import Decision, IterationStats, KChooser
+from policy.stats import Decision, IterationStats, KChooser, OutlookAware, RequestOutlook
 
 logger = logging.getLogger(__name__)
 _stats_encoder = msgspec.msgpack.Encoder()
@@ -125,6 +125,12 @@ class PolicyClient:
             self._send(request_ids, self._iteration + 1)  # the next window, back before it starts
         chosen = self._choose_locally(missing) if missing else {}
         return {r: central[r] if r in central else chosen[r] for r in request_ids}
+
+    def set_outlook(self, outlook: Mapping[str, RequestOutlook]) -> None:
+        """(`OutlookAware`) For the local chooser: the central decisions are made for windows of iterations
+        from reports, and do not weigh it."""
+        if isinstance(self.local, OutlookAware):
+            self.local.set_outlook(outlook)
 
     def observe(self, stats: IterationStats) -> None:
         self.local.observe(stats)

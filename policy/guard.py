@@ -43,11 +43,11 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from policy.cost_model import batch_bucket
-from policy.stats import IterationStats, KChooser, SameBatchSkips
+from policy.stats import IterationStats, KChooser, OutlookAware, RequestOutlook, SameBatchSkips
 
 
 @dataclass(frozen=True)
@@ -169,6 +169,11 @@ class MeasuredGuard:
         self.num_holds = 0
         # While held: the choices until the chooser is asked again.
         self._held_skips = SameBatchSkips()
+
+    def set_outlook(self, outlook: Mapping[str, RequestOutlook]) -> None:
+        """(`OutlookAware`) For the chooser inside, if it weighs outlooks."""
+        if isinstance(self.inner, OutlookAware):
+            self.inner.set_outlook(outlook)
 
     def choose(self, request_ids: Sequence[str]) -> dict[str, int]:
         if not request_ids:

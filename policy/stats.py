@@ -7,8 +7,9 @@ Defined here (not in `workers/`) because imports point one way: `workers` produc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import msgspec
 
@@ -85,6 +86,28 @@ class SameBatchSkips:
 
     def reset(self) -> None:
         self._left = 0
+
+
+@dataclass(frozen=True)
+class RequestOutlook:
+    """What drafting a request from now on would cost once and how long it could repay it.
+
+    `num_catch_up_tokens`: tokens its drafter has not seen (a new request's prompt and output so far; a
+    request back from K = 0, what it generated meanwhile), which the drafter must run over before its first
+    draft. `num_remaining_tokens`: tokens it may still generate (its max_tokens less those generated; an
+    upper bound where it can stop earlier)."""
+
+    num_catch_up_tokens: int
+    num_remaining_tokens: int
+
+
+@runtime_checkable
+class OutlookAware(Protocol):
+    """A chooser that weighs each request's `RequestOutlook`: the engine sets them before asking it."""
+
+    def set_outlook(self, outlook: Mapping[str, RequestOutlook]) -> None:
+        """The outlook of the requests of the next `choose` (a request missing from it has none: no cost)."""
+        ...
 
 
 class KChooser(Protocol):

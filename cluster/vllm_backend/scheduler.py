@@ -63,7 +63,7 @@ from cluster.vllm_backend.settings import (
     parse_num_spec_tokens,
 )
 from cluster.vllm_backend.step_record import RecordFile, StepRecord
-from policy.stats import RequestIterationStats
+from policy.stats import OutlookAware, RequestIterationStats, RequestOutlook
 
 logger = logging.getLogger(__name__)
 SUPPORTED_VERSIONS = ("0.32.", "0.33.")
@@ -139,6 +139,9 @@ class PolicyScheduler(Scheduler):
         self.counters = SchedulerCounters()
         self._requested: dict[str, int | None] = {}  # the per-request setting (None: the policy decides)
         self._chosen: dict[str, int] = {}  # K decided at the last schedule() for the drafts now held
+        # Per request, its length (`num_tokens`) after the last step it drafted at the end of: the drafter has
+        # seen it up to there (our worker catches up the rest when it drafts again). For `_outlook`.
+        self._draft_seen: dict[str, int] = {}
         # Choosing ahead (`get_grammar_bitmask`): the requests that draft at the end of the step in flight, and
         # the K chosen for them for the next step while the worker runs it.
         self._chooses_ahead = self.settings.choose_ahead and self.settings.policy.kind not in (
@@ -232,6 +235,10 @@ class PolicyScheduler(Scheduler):
     def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: Any) -> Any:
         requests = self._step_requests(scheduler_output, model_runner_output)
         outputs = super().update_from_output(scheduler_output, model_runner_output)
+        for request_id, k in self._chosen.items():
+            request = self.requests.get(request_id)
+            if k > 0 and request is not None:
+                self._draft_seen[request_id] = request.num_tokens
         self._observe(scheduler_output, requests, getattr(model_runner_output, DRAFT_MEASUREMENT_ATTR, None))
         if self._record_file is not None and not self.has_unfinished_requests():
             self._record_file.write()  # idle next: nothing waits for it
@@ -249,6 +256,7 @@ class PolicyScheduler(Scheduler):
         # A request at a fixed K is observed too (the policy learns the traffic from it): its state goes.
         self.chooser.release(request_id)
         self._chosen.pop(request_id, None)
+        self._draft_seen.pop(request_id, None)
         return super()._free_request(request, *args, **kwargs)
 
     # -- the policy ------------------------------------------------------------------------------------------
@@ -265,8 +273,23 @@ class PolicyScheduler(Scheduler):
 
     def _choose(self, request_ids: Sequence[str]) -> dict[str, int]:
         auto = [r for r in request_ids if self._requested.get(r) is None]
+        if auto and isinstance(self.chooser, OutlookAware):
+            self.chooser.set_outlook(self._outlook(auto))
         chosen = self.chooser.choose(auto) if auto else {}
         return {r: self._k(r, chosen.get(r, 0)) for r in request_ids}
+
+    def _outlook(self, request_ids: Sequence[str]) -> dict[str, RequestOutlook]:
+        """Each request's drafter catch-up if it drafted next (what it has not seen: `_draft_seen`) and the
+        tokens it may still generate (its max_tokens less those generated)."""
+        outlook = {}
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is not None:
+                outlook[request_id] = RequestOutlook(
+                    num_catch_up_tokens=max(0, request.num_tokens - self._draft_seen.get(request_id, 0)),
+                    num_remaining_tokens=max(0, request.max_tokens - request.num_output_tokens),
+                )
+        return outlook
 
     def _k(self, request_id: str, policy_k: int) -> int:
         """A request's K: the K it asked for through the API, else the policy's, within [0, K_max]."""

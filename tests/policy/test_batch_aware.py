@@ -16,7 +16,7 @@ from policy.batch_aware import BatchAwareChooser, BatchAwareConfig
 from policy.cost_model import CostModel, CostModelConfig
 from policy.presets import MEASURED_PRESETS, PRESETS
 from policy.simulator import _measure, simulate
-from policy.stats import IterationStats, KChooser, RequestIterationStats
+from policy.stats import IterationStats, KChooser, RequestIterationStats, RequestOutlook
 from policy.workload import WorkloadConfig
 
 MIXTRAL = PRESETS["mixtral-8x7b-h100"]
@@ -449,3 +449,38 @@ def test_requests_that_draft_on_do_not_set_the_traffic_acceptance_alone() -> Non
     # Per request, ten of eleven accept 0.2 (the high one's first iterations are the oldest, decayed most);
     # counted per iteration, the high one's 200 made it 0.69.
     assert 0.15 < chooser.gauges()["policy_acceptance"] < 0.3
+
+
+def test_a_lagging_request_drafts_only_where_the_rest_of_its_life_repays_its_catch_up() -> None:
+    ids = [f"r{i}" for i in range(16)]
+
+    def first_choice(catch_up: int, remaining: int, **overrides: Any) -> set[int]:
+        chooser = chooser_for("mixtral-8x7b-h100", **overrides)
+        chooser.set_outlook({r: RequestOutlook(catch_up, remaining) for r in ids})
+        ks = set(chooser.choose(ids).values())
+        assert chooser.num_unrepaid == (ks == {0})  # only the catch-up kept it plain
+        return ks
+
+    # Batch 16 on an MoE target (H100) at the traffic's starting acceptance: drafting pays per iteration,
+    # and the drafter's prefill costs 1.5 us a token.
+    assert 0 not in first_choice(0, 4)  # caught up: nothing to repay, even with 4 tokens left
+    assert 0 not in first_choice(1000, 100_000)  # a long life repays a 1000-token history
+    assert first_choice(1000, 4) == {0}  # 4 tokens do not: the batch stays plain
+    assert 0 not in first_choice(1000, 4, weighs_catch_up=False)  # (the ablation weighs one iteration)
+    # The remainder that repays a catch-up grows with it.
+    break_even = [
+        next(n for n in (2**e for e in range(20)) if 0 not in first_choice(catch_up, n))
+        for catch_up in (100, 1000, 10_000)
+    ]
+    assert break_even[0] < break_even[1] < break_even[2]
+
+
+def test_a_request_that_joins_a_drafting_batch_near_its_end_waits_at_k_zero() -> None:
+    chooser = chooser_for("mixtral-8x7b-h100")
+    ids = [f"r{i}" for i in range(16)]
+    outlook = {r: RequestOutlook(0, 1000) for r in ids[:15]}  # caught up, drafting
+    outlook["r15"] = RequestOutlook(5000, 2)  # a 5000-token history, 2 tokens left
+    chooser.set_outlook(outlook)
+    ks = chooser.choose(ids)
+    assert ks["r15"] == 0 and min(ks[r] for r in ids[:15]) > 0
+    assert chooser.num_unrepaid == 1
