@@ -85,6 +85,9 @@ class PolicySettings(VllmSettings):
     # With a policy that learns: choose each step's K between steps (mode "auto-now") instead of while the
     # worker runs the step before (`SchedulerSettings.choose_ahead`); for measuring what choosing ahead saves.
     chooses_ahead: bool = True
+    # With auto: weigh each lagging request's drafter catch-up against the rest of its life
+    # (`BatchAwareConfig.weighs_catch_up`); False (mode "auto-nooutlook") for measuring what that changes.
+    weighs_catch_up: bool = True
 
     def command(self, python: Path, port: int, num_spec_tokens: int) -> list[str]:
         command = super().command(python, port, num_spec_tokens)
@@ -94,6 +97,8 @@ class PolicySettings(VllmSettings):
             section: dict[str, Any] = {"policy": {"kind": self.policy}}
             if self.policy_num_spec_tokens is not None:
                 section["policy"]["num_spec_tokens"] = self.policy_num_spec_tokens
+            if not self.weighs_catch_up:
+                section["policy"]["weighs_catch_up"] = False
             if self.record_path is not None:
                 section["record_path"] = str(self.record_path)
             if not self.chooses_ahead:
@@ -209,6 +214,8 @@ def mode_server(
     mode = mode.removesuffix("-fetch")
     # "-now": auto choosing each step's K between steps, not ahead
     chooses_now, mode = mode.endswith("-now"), mode.removesuffix("-now")
+    # "-nooutlook": auto weighing one iteration alone, not each lagging request's catch-up against its life
+    blind, mode = mode.endswith("-nooutlook"), mode.removesuffix("-nooutlook")
     # "off-ours": no draft model, on our scheduler, worker and executor (its record shows off's steps)
     policy = {"auto": "auto", "k0": "off", "off-ours": "off"}.get(
         mode, "static" if mode.startswith("ours") else ""
@@ -217,6 +224,10 @@ def mode_server(
         raise ValueError(f"mode {mode_name}: -fetch applies to our modes (auto, k0, oursN)")
     if chooses_now and policy != "auto":
         raise ValueError(f"mode {mode_name}: -now applies to auto (the other modes' choices cost nothing)")
+    if blind and policy != "auto":
+        raise ValueError(
+            f"mode {mode_name}: -nooutlook applies to auto (the other modes do not weigh outlooks)"
+        )
     ours_k = int(mode.removeprefix("ours")) if policy == "static" else None
     record = RAW / f"record-{mode_name}-{int(time.time())}.jsonl" if policy else None
     vllm_mode, is_sync = mode.removesuffix("-sync"), mode.endswith("-sync") and not policy
@@ -228,6 +239,7 @@ def mode_server(
         is_sync=is_sync,
         fetches_every_step=fetches,
         chooses_ahead=not chooses_now,
+        weighs_catch_up=not blind,
     )
     num_spec = 0 if vllm_mode in ("off", "off-ours") else MAX_SPEC_TOKENS if policy else int(vllm_mode)
     return VllmServer(Path(args.python), settings, num_spec, port, RAW / f"server-{mode_name}.log"), record
@@ -342,8 +354,9 @@ def main() -> None:
         default=["off", "1", "2", "3", "4", "auto", "k0"],
         help="off, N (vLLM's static K), auto, k0, oursN (our modes with -fetch: vLLM's executor, which fetches "
         "every step's drafts from the worker), off-ours (no draft model, on our scheduler and worker, with its "
-        "step record); vLLM's own modes with -sync (off-sync, 2-sync) run with --no-async-scheduling, as our "
-        "scheduler does",
+        "step record), auto-now (choosing each step's K between steps), auto-nooutlook (not weighing lagging "
+        "requests' catch-ups); vLLM's own modes with -sync (off-sync, 2-sync) run with --no-async-scheduling, "
+        "as our scheduler does",
     )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument(

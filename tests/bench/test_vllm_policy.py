@@ -185,6 +185,20 @@ def test_now_mode_runs_auto_choosing_between_steps(tmp_path: Path) -> None:
         vllm_policy.mode_server(args, base, "ours2-now", 8000)
 
 
+def test_nooutlook_mode_runs_auto_weighing_one_iteration_alone(tmp_path: Path) -> None:
+    base, args = _base_settings(tmp_path), argparse.Namespace(python="python")
+    for mode, weighs in (("auto-nooutlook", False), ("auto", True)):
+        server, record = vllm_policy.mode_server(args, base, mode, 8000)
+        bench_settings: Any = server.settings
+        assert bench_settings.policy == "auto" and record is not None
+        command = bench_settings.command(Path("python"), 8000, 4)
+        section = json.loads(command[command.index("--additional-config") + 1])["moespec"]
+        settings = SchedulerSettings.from_additional_config({"moespec": section})
+        assert settings.policy.weighs_catch_up is weighs
+    with pytest.raises(ValueError, match="k0-nooutlook"):
+        vllm_policy.mode_server(args, base, "k0-nooutlook", 8000)
+
+
 def test_off_ours_runs_our_scheduler_without_a_draft_model(tmp_path: Path) -> None:
     """off-ours: vLLM without speculation on our scheduler and worker, so that its step record shows what off's
     steps are (k0 against it: what the idle draft model costs)."""
