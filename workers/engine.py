@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from policy.stats import IterationStats, KChooser, RequestIterationStats
+from policy.stats import IterationStats, KChooser, OutlookAware, RequestIterationStats, RequestOutlook
 from workers.backends import DraftBackend, TargetBackend
 from workers.drafter import Proposal
 from workers.kv_cache import CacheCapacityError
@@ -222,8 +222,10 @@ class SpecEngine:
     def _choose_num_spec_tokens(self, batch: list[Sequence]) -> list[int]:
         if self.proposer.drafter is None:
             return [0] * len(batch)
-        auto = [s.request_id for s in batch if s.params.num_spec_tokens is None]
-        chosen = self.chooser.choose(auto) if auto else {}
+        auto = [s for s in batch if s.params.num_spec_tokens is None]
+        if auto and isinstance(self.chooser, OutlookAware):
+            self.chooser.set_outlook({s.request_id: _outlook(s) for s in auto})
+        chosen = self.chooser.choose([s.request_id for s in auto]) if auto else {}
         max_seq_len = self.info.max_seq_len
         result = []
         for seq in batch:
@@ -322,3 +324,9 @@ class SpecEngine:
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError (naming the problem) for a request that could never run; no state changes."""
         validate_request(self.info, self.tokenizer is not None, prompt_ids, params)
+
+
+def _outlook(seq: Sequence) -> RequestOutlook:
+    """What drafting `seq` next would cost its drafter beyond the one token it feeds per drafting step (the
+    history its cache misses, as the proposer feeds it), and the tokens `seq` may still generate."""
+    return RequestOutlook(max(0, seq.num_tokens - seq.num_draft_cached - 1), seq.num_remaining)

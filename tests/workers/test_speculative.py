@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
 import torch
 
 from policy.baselines import OffChooser, StaticChooser
-from policy.stats import IterationStats
+from policy.stats import IterationStats, RequestOutlook
 from tests.workers.checkpoints import make_checkpoint
 from workers.drafter import PROPOSALS, Drafter, DraftRequest
 from workers.engine import EngineConfig, SpecEngine
@@ -158,6 +158,38 @@ def test_catch_up_after_k0_iterations(
     # one it feeds anyway; later catch-ups are the few tokens committed during the next four K = 0 steps.
     assert caught_up[:4] == [0, 0, 0, 0]
     assert caught_up[4] == sum(len(p) + 5 - 1 for p in _prompts(6))
+
+
+class OutlookRecorder(ScriptedChooser):
+    """A scripted chooser that is outlook-aware: keeps the outlook given before each choice."""
+
+    def __init__(self, pattern: Sequence[Sequence[int]]) -> None:
+        super().__init__(pattern)
+        self.outlooks: list[dict[str, RequestOutlook]] = []
+        self.caught_up: list[int] = []  # per iteration, the tokens the drafter was fed beyond one a request
+
+    def set_outlook(self, outlook: Mapping[str, RequestOutlook]) -> None:
+        self.outlooks.append(dict(outlook))
+
+    def observe(self, stats: IterationStats) -> None:
+        self.caught_up.append(stats.num_draft_prefill_tokens)
+        super().observe(stats)
+
+
+def test_the_chooser_is_told_each_catch_up_before_it_happens(
+    target_path: Path, good_draft_path: Path, reference: list[list[int]]
+) -> None:
+    """The outlook before each choice names the history a request's drafter would catch up if it drafted
+    (what the drafter is then fed beyond its one token) and the tokens the request may still generate."""
+    chooser = OutlookRecorder([[0, 0, 0, 0, 3]] * 4)
+    engine = _engine(target_path, good_draft_path, chooser)
+    assert engine.generate(_prompts(6), GREEDY) == reference
+    # Iterations 4 and 9 draft for every request: the first catches up each whole history, the second the
+    # tokens of the four plain iterations between.
+    told = [sum(o.num_catch_up_tokens for o in chooser.outlooks[i].values()) for i in (4, 9)]
+    assert told == [chooser.caught_up[4], chooser.caught_up[9]] and told[0] > told[1] > 0
+    first = chooser.outlooks[4].values()
+    assert {o.num_remaining_tokens for o in first} == {GREEDY.max_tokens - 5}  # 5 generated
 
 
 class FlakyDrafter(Drafter):

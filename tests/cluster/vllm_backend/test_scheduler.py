@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
 
 from cluster.vllm_backend.step_record import RecordFile
+from policy.stats import RequestOutlook
 from tests.cluster.vllm_backend.conftest import needs_vllm
 from tests.cluster.vllm_backend.engines import (
     MAX_SPEC_TOKENS,
@@ -346,3 +347,48 @@ def test_every_finished_request_is_released_from_the_chooser(engines: tuple[Any,
     finally:
         sched.chooser = wrapper.inner
     assert {r.rsplit("-", 1)[0] for r in wrapper.released} == {o.request_id for o in outputs}
+
+
+class _Outlooks(_Releases):
+    """An outlook-aware chooser around the engine's: keeps every outlook it is given."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.outlooks: list[dict[str, RequestOutlook]] = []
+
+    def set_outlook(self, outlook: Mapping[str, RequestOutlook]) -> None:
+        self.outlooks.append(dict(outlook))
+
+
+def test_the_chooser_is_told_what_each_drafter_missed_and_what_is_left(engines: tuple[Any, Any]) -> None:
+    """The outlook (`RequestOutlook`) an outlook-aware chooser gets before each choice: a request that
+    drafted at the end of the last step has nothing to catch up; one at K = 0 so far, its whole history;
+    each, its max_tokens less what it generated."""
+    _, ours = engines
+    sched, engine = scheduler(ours), ours.llm_engine
+    wrapper = _Outlooks(sched.chooser)
+    sched.chooser = wrapper
+    try:
+        engine.add_request("outlook-auto", PROMPTS[0], _params(["auto"], max_tokens=20)[0])  # the policy's 2
+        engine.add_request("outlook-off", PROMPTS[1], _params(["off"], max_tokens=20)[0])
+        for _ in range(5):
+            engine.step()
+        auto = next(r for r in sched.requests if r.startswith("outlook-auto"))
+        off = next(r for r in sched.requests if r.startswith("outlook-off"))
+        prompt_len = len(sched.requests[auto].prompt_token_ids)
+        outlook = sched._outlook([auto, off])
+        assert outlook[auto].num_catch_up_tokens == 0  # drafted at the end of the last step
+        assert outlook[off].num_catch_up_tokens == sched.requests[off].num_tokens  # never drafted
+        assert sched.requests[off].num_tokens > len(sched.requests[off].prompt_token_ids)
+        for request_id in (auto, off):
+            assert (
+                outlook[request_id].num_remaining_tokens == 20 - sched.requests[request_id].num_output_tokens
+            )
+        while engine.has_unfinished_requests():
+            engine.step()
+    finally:
+        sched.chooser = wrapper.inner
+    # Only the request the policy decides for is asked about; its first outlook, its whole prompt.
+    assert wrapper.outlooks and all(list(o) == [auto] for o in wrapper.outlooks)
+    assert wrapper.outlooks[0][auto].num_catch_up_tokens == prompt_len
+    assert not sched._draft_seen  # forgotten with the requests
