@@ -67,6 +67,12 @@ def scheduler_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
         "draft_ms_p50": median_ms(
             [s["draft_time_s"] for s in steps if s["num_draft_steps"] and s["draft_time_s"]]
         ),
+        # What the drafter fed beyond one token per drafting request: its catch-ups and the prompts of new
+        # requests that drafted at once. Served on the demo pair (64-token requests), 6-12 thousand per cell
+        # at concurrency 16-32 cost 5-10% of the cell's time (session 25).
+        "draft_prefill_tokens": sum(s.get("draft_prefill_tokens") or 0 for s in steps)
+        if has_detail
+        else None,
         "steps_s": total_s(steps),
         "prefill_steps": len(prefill) if has_detail else None,
         "prefill_steps_s": total_s(prefill) if has_detail else None,

@@ -46,6 +46,7 @@ def test_summary_counts_drafting_acceptance_and_holds() -> None:
     assert summary["guard_holds"] == 1
     assert summary["step_ms_p50_verifying"] == 50.0 and summary["step_ms_p50_not_verifying"] == 20.0
     assert summary["prefill_steps"] is None and summary["choose_ms_p50"] is None  # an older record
+    assert summary["draft_prefill_tokens"] is None
     assert summary["choose_cpu_ms_mean"] is None
 
 
@@ -62,7 +63,12 @@ def test_summary_splits_steps_by_what_the_target_verified_and_prefilled() -> Non
     steps = [
         # New requests, after the server sat idle for 30 s (not the engine core's time between steps).
         {**_step(1, {}, {}), **detail, "num_prefill_tokens": 100, "step_time_s": 0.5, "gap_s": 30.0},
-        {**_step(2, {"a": 0, "b": 0}, {"a": 0, "b": 0}), **detail, "num_draft_steps": 2},
+        {
+            **_step(2, {"a": 0, "b": 0}, {"a": 0, "b": 0}),
+            **detail,
+            "num_draft_steps": 2,
+            "draft_prefill_tokens": 40,
+        },
         {**_step(3, {"a": 2, "b": 2}, {"a": 1, "b": 2}), **detail, "num_draft_steps": 0},
         {**_step(4, {"a": 0, "b": 0}, {"a": 0, "b": 0}), **detail, "num_draft_steps": 0},
         {**_step(5, {"a": 1, "b": 1}, {"a": 1, "b": 0}), **detail, "num_prefill_tokens": 30},
@@ -73,6 +79,7 @@ def test_summary_splits_steps_by_what_the_target_verified_and_prefilled() -> Non
     assert summary["step_ms_p50_not_verifying"] == 20.0  # steps 2 and 4
     assert summary["prefill_steps"] == 2 and summary["prefill_steps_s"] == 0.55
     assert summary["prefill_tokens_per_step_p50"] == 100
+    assert summary["draft_prefill_tokens"] == 40  # step 2's catch-up (the other steps carry none)
     assert summary["steps_s"] == 0.64 and summary["gap_s"] == 0.016
     assert summary["mean_batch"] == 2.0
     assert (summary["choose_ms_p50"], summary["observe_ms_p50"], summary["gap_ms_p50"]) == (1.0, 2.0, 4.0)
