@@ -215,7 +215,7 @@ def mode_server(
     # "-now": auto choosing each step's K between steps, not ahead
     chooses_now, mode = mode.endswith("-now"), mode.removesuffix("-now")
     # "-nooutlook": auto weighing one iteration alone, not each lagging request's catch-up against its life
-    blind, mode = mode.endswith("-nooutlook"), mode.removesuffix("-nooutlook")
+    no_outlook, mode = mode.endswith("-nooutlook"), mode.removesuffix("-nooutlook")
     # "off-ours": no draft model, on our scheduler, worker and executor (its record shows off's steps)
     policy = {"auto": "auto", "k0": "off", "off-ours": "off"}.get(
         mode, "static" if mode.startswith("ours") else ""
@@ -224,7 +224,7 @@ def mode_server(
         raise ValueError(f"mode {mode_name}: -fetch applies to our modes (auto, k0, oursN)")
     if chooses_now and policy != "auto":
         raise ValueError(f"mode {mode_name}: -now applies to auto (the other modes' choices cost nothing)")
-    if blind and policy != "auto":
+    if no_outlook and policy != "auto":
         raise ValueError(
             f"mode {mode_name}: -nooutlook applies to auto (the other modes do not weigh outlooks)"
         )
@@ -239,7 +239,7 @@ def mode_server(
         is_sync=is_sync,
         fetches_every_step=fetches,
         chooses_ahead=not chooses_now,
-        weighs_catch_up=not blind,
+        weighs_catch_up=not no_outlook,
     )
     num_spec = 0 if vllm_mode in ("off", "off-ours") else MAX_SPEC_TOKENS if policy else int(vllm_mode)
     return VllmServer(Path(args.python), settings, num_spec, port, RAW / f"server-{mode_name}.log"), record

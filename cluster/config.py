@@ -108,7 +108,7 @@ class PolicySettings:
     use_central_actor: bool = True  # False: each router decides alone
     actor_name: str = "moespec-spec-policy"
     # auto: a request whose drafter lags drafts only where the rest of its life repays the catch-up
-    # (`BatchAwareConfig.weighs_catch_up`; the vLLM backend sets the outlooks); false for measuring it.
+    # (`BatchAwareConfig.weighs_catch_up`; both engines set the outlooks); false for measuring it.
     weighs_catch_up: bool = True
 
     def __post_init__(self) -> None:
