@@ -128,8 +128,20 @@ def state_line(guard: MeasuredGuard) -> str:
     spent = ", ".join(f"{k}: {v:.3f}" for k, v in inner.test_budget.spent_by_bucket().items())
     return (
         f"traffic acceptance {gauges['policy_acceptance']:.2f}, test budget spent by batch bucket "
-        f"{{{spent}}}, guard holds {guard.num_holds}"
+        f"{{{spent}}}, guard holds {guard.num_holds}, {guard_line(guard)}"
     )
+
+
+def guard_line(guard: MeasuredGuard) -> str:
+    """The guard's verdict figures by batch-size bucket: the chooser's rate over plain decoding's, and the
+    noise (its `confidence` standard errors) in the same unit."""
+    figures = []
+    for bucket in range(16):
+        judged = guard.figures(bucket)
+        if judged is not None:
+            chosen, plain, noise = judged
+            figures.append(f"{bucket}: {chosen / plain:.3f} +- {noise / plain:.3f}")
+    return f"chooser over plain by bucket {{{', '.join(figures)}}}"
 
 
 def replay(steps: list[dict[str, Any]], chooser: MeasuredGuard, cells: list[Cell]) -> list[Cell]:

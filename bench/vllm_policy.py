@@ -88,6 +88,9 @@ class PolicySettings(VllmSettings):
     # With auto: weigh each lagging request's drafter catch-up against the rest of its life
     # (`BatchAwareConfig.weighs_catch_up`); False (mode "auto-nooutlook") for measuring what that changes.
     weighs_catch_up: bool = True
+    # With auto: the predicted gain a batch needs to leave plain decoding (`BatchAwareConfig.min_predicted_gain`;
+    # None: the default); mode "auto-gainN" sets it to N percent, for measuring what it changes.
+    min_predicted_gain: float | None = None
 
     def command(self, python: Path, port: int, num_spec_tokens: int) -> list[str]:
         command = super().command(python, port, num_spec_tokens)
@@ -99,6 +102,8 @@ class PolicySettings(VllmSettings):
                 section["policy"]["num_spec_tokens"] = self.policy_num_spec_tokens
             if not self.weighs_catch_up:
                 section["policy"]["weighs_catch_up"] = False
+            if self.min_predicted_gain is not None:
+                section["policy"]["min_predicted_gain"] = self.min_predicted_gain
             if self.record_path is not None:
                 section["record_path"] = str(self.record_path)
             if not self.chooses_ahead:
@@ -216,6 +221,8 @@ def mode_server(
     chooses_now, mode = mode.endswith("-now"), mode.removesuffix("-now")
     # "-nooutlook": auto weighing one iteration alone, not each lagging request's catch-up against its life
     no_outlook, mode = mode.endswith("-nooutlook"), mode.removesuffix("-nooutlook")
+    # "-gainN": auto leaving plain decoding only for a predicted gain above N percent
+    mode, _, gain_percent = mode.partition("-gain")
     # "off-ours": no draft model, on our scheduler, worker and executor (its record shows off's steps)
     policy = {"auto": "auto", "k0": "off", "off-ours": "off"}.get(
         mode, "static" if mode.startswith("ours") else ""
@@ -227,6 +234,10 @@ def mode_server(
     if no_outlook and policy != "auto":
         raise ValueError(
             f"mode {mode_name}: -nooutlook applies to auto (the other modes do not weigh outlooks)"
+        )
+    if gain_percent and (policy != "auto" or not gain_percent.isdigit()):
+        raise ValueError(
+            f"mode {mode_name}: -gainN applies to auto, N a whole percent (auto-gain0, auto-gain10)"
         )
     ours_k = int(mode.removeprefix("ours")) if policy == "static" else None
     record = RAW / f"record-{mode_name}-{int(time.time())}.jsonl" if policy else None
@@ -240,6 +251,7 @@ def mode_server(
         fetches_every_step=fetches,
         chooses_ahead=not chooses_now,
         weighs_catch_up=not no_outlook,
+        min_predicted_gain=int(gain_percent) / 100 if gain_percent else None,
     )
     num_spec = 0 if vllm_mode in ("off", "off-ours") else MAX_SPEC_TOKENS if policy else int(vllm_mode)
     return VllmServer(Path(args.python), settings, num_spec, port, RAW / f"server-{mode_name}.log"), record
@@ -355,7 +367,7 @@ def main() -> None:
         help="off, N (vLLM's static K), auto, k0, oursN (our modes with -fetch: vLLM's executor, which fetches "
         "every step's drafts from the worker), off-ours (no draft model, on our scheduler and worker, with its "
         "step record), auto-now (choosing each step's K between steps), auto-nooutlook (not weighing lagging "
-        "requests' catch-ups); vLLM's own modes with -sync (off-sync, 2-sync) run with --no-async-scheduling, "
+        "requests' catch-ups), auto-gainN (leaving plain decoding for a predicted gain above N percent); vLLM's own modes with -sync (off-sync, 2-sync) run with --no-async-scheduling, "
         "as our scheduler does",
     )
     parser.add_argument("--max-tokens", type=int, default=64)

@@ -131,7 +131,11 @@ def make_chooser(
     if settings.kind == "cascade":
         return CascadeChooser(CascadeConfig(max_spec_tokens=max_spec_tokens))
     return BatchAwareChooser(
-        BatchAwareConfig(max_spec_tokens=max_spec_tokens, weighs_catch_up=settings.weighs_catch_up),
+        BatchAwareConfig(
+            max_spec_tokens=max_spec_tokens,
+            weighs_catch_up=settings.weighs_catch_up,
+            min_predicted_gain=settings.min_predicted_gain,
+        ),
         cost_model or new_cost_model(info, prior),
     )
 

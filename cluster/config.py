@@ -13,6 +13,8 @@ from typing import Any
 
 import msgspec
 
+from policy.batch_aware import BatchAwareConfig
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_TARGET = REPO_ROOT / "models" / "demo-moe"
 DEMO_DRAFT = REPO_ROOT / "models" / "demo-draft"
@@ -110,10 +112,15 @@ class PolicySettings:
     # auto: a request whose drafter lags drafts only where the rest of its life repays the catch-up
     # (`BatchAwareConfig.weighs_catch_up`; both engines set the outlooks); false for measuring it.
     weighs_catch_up: bool = True
+    # auto: a batch leaves plain decoding only where the cost model predicts more than this gain
+    # (`BatchAwareConfig.min_predicted_gain`: the model's error at the margin); 0 for measuring it.
+    min_predicted_gain: float = BatchAwareConfig.min_predicted_gain
 
     def __post_init__(self) -> None:
         if self.kind not in POLICIES:
             raise ValueError(f"policy.kind must be one of {POLICIES}, got {self.kind!r}")
+        if self.min_predicted_gain < 0.0:
+            raise ValueError(f"policy.min_predicted_gain must be >= 0, got {self.min_predicted_gain}")
         if self.num_spec_tokens < 0 or self.window_iterations < 1:
             raise ValueError("policy.num_spec_tokens >= 0 and window_iterations >= 1 required")
 

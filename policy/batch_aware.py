@@ -84,6 +84,18 @@ class BatchAwareConfig:
     # on plain ones, and its drafter caught up 6-8 thousand prompt tokens per cell (5-10% of the cell's
     # time): auto ran 0.73x of k0 there.
     weighs_catch_up: bool = True
+    # A batch leaves plain decoding only for a predicted gain above this share: the search charges every
+    # drafting iteration (max K >= 1) this much above the cost model's time (`_time_table`), which leaves the
+    # choice between drafting vectors as it was. What the model cannot see is larger than the gains it
+    # predicts at the margin: replayed over a served record on the demo pair (vLLM backend, code and mixed at
+    # concurrency 16 / 32), its time for drafting steps was 0.83-1.16x the measured one and for plain steps
+    # 0.89-1.08x from cell to cell, while half of auto's drafting choices were predicted at 0.92-1.05x plain
+    # decoding (median 1.02) and its decode steps ran 0.93-0.96x its own plain ones; the guard, whose noise
+    # there was +-7-12% of plain decoding's figure, did not resolve that loss. Where the model is right (the
+    # simulator's demo-pair preset), a bar of 0.1 gave up gains of 5-10%: auto fell to 0.94-0.95x of the
+    # best static K at batch 4 / 32, and to 1.08x plain at batch 1 where speculation paid 1.1-1.2x
+    # (tests/policy); 0.05 kept those. The gauge of the predicted gain stays the model's own.
+    min_predicted_gain: float = 0.05
     acceptance: AcceptanceConfig = field(default_factory=AcceptanceConfig)
 
     def __post_init__(self) -> None:
@@ -105,6 +117,8 @@ class BatchAwareConfig:
             raise ValueError(f"new_request_zero_verdicts={self.new_request_zero_verdicts} must be >= 0")
         if self.min_population_requests < 0:
             raise ValueError(f"min_population_requests={self.min_population_requests} must be >= 0")
+        if self.min_predicted_gain < 0.0:
+            raise ValueError(f"min_predicted_gain={self.min_predicted_gain} must be >= 0")
         if self.steady_iterations < 1:
             raise ValueError(f"steady_iterations={self.steady_iterations} must be >= 1")
         if not 0.0 <= self.test_budget <= 1.0 or self.test_budget_iterations < 1:
@@ -193,7 +207,8 @@ class BatchAwareChooser:
             if state.test_remaining == 0:
                 self._set(state, k)
         plain_rate = num / float(times[0, 0])
-        self._predicted_speedup = self.tokens_per_second(rates, chosen, times) / plain_rate
+        bar = 1.0 + self.config.min_predicted_gain if max(chosen) else 1.0  # the gauge is the model's own
+        self._predicted_speedup = bar * self.tokens_per_second(rates, chosen, times) / plain_rate
         is_steady = not any(chosen) and all(s.test_remaining == 0 and s.set_k == 0 for s in states)
         self._steady.arm(request_ids, self.config.steady_iterations - 1 if is_steady else 0)
         return dict(zip(request_ids, chosen, strict=True))
@@ -255,7 +270,7 @@ class BatchAwareChooser:
         self, rates: Array, num_spec_tokens: Sequence[int], times: Array | None = None
     ) -> float:
         """Expected committed tokens per second of the batch at this K vector (one entry per request);
-        `times` as in `best_spec_tokens`."""
+        `times` as in `best_spec_tokens` (None: the cost model's time, drafting not charged its bar)."""
         etr = float(_expected_etr(rates, np.asarray(num_spec_tokens)).sum())
         if times is None:
             return etr / self.cost_model.iteration_time([int(k) for k in num_spec_tokens])
@@ -313,7 +328,8 @@ class BatchAwareChooser:
         return self._with_hysteresis(rates, best, previous, times)
 
     def _time_table(self, batch_size: int) -> Array:
-        """Predicted iteration seconds of this batch by (max K, sum K): shape (max_k + 1, R * max_k + 1).
+        """Predicted iteration seconds of this batch by (max K, sum K): shape (max_k + 1, R * max_k + 1), the
+        drafting rows (max K >= 1) charged `min_predicted_gain` above the cost model's time.
 
         Kept until the cost model's predictions change (`CostModel.version`; a refit every 16 iterations on the
         vLLM backend): computing it was a third of a search, and searches took 0.25-0.35 ms of a 4.6 ms plain
@@ -327,6 +343,7 @@ class BatchAwareChooser:
             table = self._time_tables[batch_size] = self.cost_model.time_grid(
                 batch_size, np.arange(max_k + 1)[:, None], np.arange(batch_size * max_k + 1)[None, :]
             )
+            table[1:] *= 1.0 + self.config.min_predicted_gain
         return table
 
     def _with_hysteresis(

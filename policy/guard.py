@@ -261,7 +261,7 @@ class MeasuredGuard:
         self._pending.append((None, is_baseline))
         return dict.fromkeys(request_ids, 0)
 
-    def _figures(self, bucket: int) -> tuple[float, float, float] | None:
+    def figures(self, bucket: int) -> tuple[float, float, float] | None:
         """The bucket's (chooser's rate, plain rate, `confidence` standard errors of their difference), once
         each has `min_samples` iterations."""
         plain, chosen = self._plain.get(bucket), self._chosen.get(bucket)
@@ -271,14 +271,14 @@ class MeasuredGuard:
         return chosen.value, plain.value, noise
 
     def _leads_widely(self, bucket: int) -> bool:
-        figures = self._figures(bucket)
+        figures = self.figures(bucket)
         if figures is None:
             return False
         chosen, plain, noise = figures
         return chosen - noise > (1.0 + self.config.wide_lead) * plain
 
     def _judge(self, bucket: int) -> None:
-        figures = self._figures(bucket)
+        figures = self.figures(bucket)
         if figures is None:
             return
         chosen_value, plain_value, noise = figures

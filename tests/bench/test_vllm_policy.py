@@ -15,6 +15,7 @@ from bench import vllm_policy
 from bench.vllm_policy import CLIENT, PolicySettings, cell_row
 from bench.vllm_policy_report import median_table, scheduler_summary
 from cluster.vllm_backend.settings import SchedulerSettings
+from policy.batch_aware import BatchAwareConfig
 
 
 def _step(step: int, drafts: dict[str, int], accepted: dict[str, int], holds: int = 0) -> dict[str, Any]:
@@ -204,6 +205,24 @@ def test_nooutlook_mode_runs_auto_weighing_one_iteration_alone(tmp_path: Path) -
         assert settings.policy.weighs_catch_up is weighs
     with pytest.raises(ValueError, match="k0-nooutlook"):
         vllm_policy.mode_server(args, base, "k0-nooutlook", 8000)
+
+
+def test_gain_mode_sets_the_predicted_gain_auto_needs_to_leave_plain_decoding(tmp_path: Path) -> None:
+    base, args = _base_settings(tmp_path), argparse.Namespace(python="python")
+    for mode, gain in (
+        ("auto-gain0", 0.0),
+        ("auto-gain12", 0.12),
+        ("auto", BatchAwareConfig.min_predicted_gain),
+    ):
+        server, record = vllm_policy.mode_server(args, base, mode, 8000)
+        assert record is not None and record.name.startswith(f"record-{mode}-")
+        command = server.settings.command(Path("python"), 8000, 4)
+        section = json.loads(command[command.index("--additional-config") + 1])["moespec"]
+        settings = SchedulerSettings.from_additional_config({"moespec": section})
+        assert settings.policy.kind == "auto" and settings.policy.min_predicted_gain == pytest.approx(gain)
+    for bad in ("k0-gain5", "auto-gainx"):
+        with pytest.raises(ValueError, match=bad):
+            vllm_policy.mode_server(args, base, bad, 8000)
 
 
 def test_off_ours_runs_our_scheduler_without_a_draft_model(tmp_path: Path) -> None:

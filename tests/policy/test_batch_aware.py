@@ -33,17 +33,38 @@ def chooser_for(preset_name: str, **overrides: Any) -> BatchAwareChooser:
     rates=st.lists(st.floats(0.0, 0.97), min_size=1, max_size=3),
     forced=st.lists(st.integers(-1, 3), min_size=3, max_size=3),
     preset=st.sampled_from(sorted(PRESETS)),
+    bar=st.sampled_from([0.0, 0.1]),
 )
 def test_best_spec_tokens_is_the_brute_force_optimum(
-    rates: list[float], forced: list[int], preset: str
+    rates: list[float], forced: list[int], preset: str, bar: float
 ) -> None:
-    chooser = chooser_for(preset, max_spec_tokens=3)
+    chooser = chooser_for(preset, max_spec_tokens=3, min_predicted_gain=bar)
     rate_array, forced_array = np.array(rates), np.array(forced[: len(rates)])
+
+    def objective(ks: Sequence[int]) -> float:  # the model's tokens per second, drafting charged its bar
+        return chooser.tokens_per_second(rate_array, ks) / (1.0 + bar if max(ks) else 1.0)
+
     best = chooser.best_spec_tokens(rate_array, forced_array)
     options = [range(4) if f < 0 else [f] for f in forced_array]
-    brute = max(chooser.tokens_per_second(rate_array, ks) for ks in itertools.product(*options))
-    assert chooser.tokens_per_second(rate_array, best) == pytest.approx(brute, rel=1e-9)
+    brute = max(objective(ks) for ks in itertools.product(*options))
+    assert objective(best) == pytest.approx(brute, rel=1e-9)
     assert all(k == f for k, f in zip(best, forced_array, strict=True) if f >= 0)
+
+
+def test_a_batch_leaves_plain_decoding_only_for_a_predicted_gain_above_the_bar() -> None:
+    # The bar moves the choice between plain decoding and drafting, never the choice among drafting vectors.
+    unbarred = chooser_for("mixtral-8x7b-h100", min_predicted_gain=0.0)
+    barred = chooser_for("mixtral-8x7b-h100", min_predicted_gain=0.1)
+    no_force = np.full(16, -1)
+    gains = []
+    for acceptance in np.linspace(0.05, 0.95, 91):
+        rates = np.full(16, acceptance)
+        free = unbarred.best_spec_tokens(rates, no_force)
+        gain = unbarred.tokens_per_second(rates, free) / unbarred.tokens_per_second(rates, [0] * 16)
+        gains.append(gain)
+        expected = free if gain > 1.1 + 1e-9 else [0] * 16
+        assert barred.best_spec_tokens(rates, no_force) == expected, (acceptance, gain)
+    assert any(1.0 < g < 1.1 for g in gains) and any(g > 1.1 for g in gains)  # both sides of the bar
 
 
 def test_optimum_follows_batch_size_and_acceptance() -> None:
