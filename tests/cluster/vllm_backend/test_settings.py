@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from cluster.choosers import make_chooser
 from cluster.config import AppConfig, PolicySettings
 from cluster.vllm_backend.server import SCHEDULER_CLS, WORKER_CLS, engine_args, token_logprobs_of
 from cluster.vllm_backend.settings import (
@@ -16,6 +17,8 @@ from cluster.vllm_backend.settings import (
     executor_backend,
     parse_num_spec_tokens,
 )
+from policy.batch_aware import BatchAwareChooser
+from workers.target import TargetInfo
 
 
 def test_settings_round_trip_through_additional_config() -> None:
@@ -34,6 +37,19 @@ def test_settings_default_standalone_and_refuse_unknown_keys() -> None:
         SchedulerSettings.from_additional_config({ADDITIONAL_CONFIG_KEY: {"polcy": {}}})
     with pytest.raises(ValueError, match="policy.kind"):
         SchedulerSettings.from_additional_config({ADDITIONAL_CONFIG_KEY: {"policy": {"kind": "fast"}}})
+
+
+def test_the_predicted_gain_to_leave_plain_decoding_reaches_the_chooser() -> None:
+    settings = SchedulerSettings.from_additional_config(
+        {ADDITIONAL_CONFIG_KEY: {"policy": {"min_predicted_gain": 0.12}}}
+    )
+    info = TargetInfo(vocab_size=64, eos_token_ids=(), num_experts=8, top_k=2, max_seqs=8, max_seq_len=256)
+    chooser = make_chooser(settings.policy, info, 4)
+    assert isinstance(chooser, BatchAwareChooser) and chooser.config.min_predicted_gain == 0.12
+    with pytest.raises(ValueError, match="policy.min_predicted_gain"):
+        SchedulerSettings.from_additional_config(
+            {ADDITIONAL_CONFIG_KEY: {"policy": {"min_predicted_gain": -0.1}}}
+        )
 
 
 @pytest.mark.parametrize(
