@@ -70,6 +70,9 @@ class BatchAwareConfig:
     # tested ran 0.96x.
     test_budget: float = 0.02
     test_budget_iterations: int = 1000
+    # The budget halves per consecutive forced test in a bucket that ended at K = 0, at most this many times,
+    # and is whole again when one ends at K > 0 (`policy.test_budget`).
+    test_budget_backoff: int = 2
     # A batch where every request is set at K = 0, none testing, is searched again at most every this many
     # iterations (and at once when its requests change, a retest falls due or anything drafts): in between,
     # the choice is K = 0 again without the search. Nothing the search reads changes in such iterations but
@@ -121,6 +124,8 @@ class BatchAwareConfig:
             raise ValueError(f"min_predicted_gain={self.min_predicted_gain} must be >= 0")
         if self.steady_iterations < 1:
             raise ValueError(f"steady_iterations={self.steady_iterations} must be >= 1")
+        if self.test_budget_backoff < 0:
+            raise ValueError(f"test_budget_backoff={self.test_budget_backoff} must be >= 0")
         if not 0.0 <= self.test_budget <= 1.0 or self.test_budget_iterations < 1:
             raise ValueError(
                 f"test_budget={self.test_budget} must be in [0, 1], "
@@ -146,6 +151,11 @@ class _RequestState:
         self.test_wait = 0  # iterations a pending test has waited for a drafting iteration
         self.num_drafting_iterations = 0  # its first test_iterations feed the population's acceptance
 
+    @property
+    def ends_forced_test(self) -> bool:
+        """Its forced test has run its iterations, and this choice is its verdict."""
+        return self.test_remaining == 0 and self.set_k is None and self.is_forced_test
+
 
 class BatchAwareChooser:
     """A `KChooser` for one batch (one router); the cost model may be shared between choosers."""
@@ -159,7 +169,9 @@ class BatchAwareChooser:
         self._num_population_requests = 0  # requests whose drafts fed it
         self._num_plain_iterations = 0  # observed iterations since one drafted
         self._last_test_drafted = False  # the last test's verdict was K > 0 (`_testers`)
-        self._test_budget = TestBudget(config.test_budget, config.test_budget_iterations)
+        self._test_budget = TestBudget(
+            config.test_budget, config.test_budget_iterations, config.test_budget_backoff
+        )
         # The last choice, for `gauges`: its predicted tokens per second over plain decoding's.
         self._predicted_speedup = 1.0
         # A steady all-plain batch (`BatchAwareConfig.steady_iterations`): its choices before the next search.
@@ -203,6 +215,11 @@ class BatchAwareChooser:
             chosen, unrepaid = self._repaid(request_ids, rates, chosen, times)
         for i in self._testers(states, chosen, unrepaid):
             chosen[i] = max(chosen[i], self.config.probe_num_spec_tokens)
+        # Forced tests that end now: their verdicts together set the test budget's back-off (one that drafts
+        # is enough to restore it).
+        forced_verdicts = [k > 0 for s, k in zip(states, chosen, strict=True) if s.ends_forced_test]
+        if forced_verdicts:
+            self._test_budget.verdict(num, any(forced_verdicts))
         for state, k in zip(states, chosen, strict=True):
             if state.test_remaining == 0:
                 self._set(state, k)

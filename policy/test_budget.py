@@ -9,6 +9,13 @@ Served on the regime pair, synthetic at batch 1 followed prose at batch 32 on th
 of static K = 4, almost untested. That pointed here, but the per-bucket budget alone did not make it draft:
 batch 1's own budget was spent too, by tests the optimum covered, which the chooser counts no longer
 (`BatchAwareChooser._account_tests`).
+
+The share backs off where forced tests keep finding nothing: it halves per consecutive forced test in the
+bucket whose verdict was K = 0, down to `share / 2**max_backoff`, and is whole again at a verdict of K > 0
+(`verdict`). Where drafting never pays, the full share was a standing cost: served on the demo pair (vLLM
+backend, code and mixed at concurrency 16 / 32), auto drafted in 1-18% of its steps, nearly all of them
+K = 1 tests, and those steps cost 1-5% of each cell beyond plain decoding, while the budget read 2%
+spent in both buckets. A shift to traffic that pays is still found by the next forced test, only later.
 """
 
 from __future__ import annotations
@@ -19,16 +26,28 @@ from policy.cost_model import batch_bucket
 class TestBudget:
     __test__ = False  # not a pytest class
 
-    def __init__(self, share: float, num_iterations: int) -> None:
+    def __init__(self, share: float, num_iterations: int, max_backoff: int = 0) -> None:
         self.share = share
+        self.max_backoff = max_backoff
         self._keep = 1.0 - 1.0 / num_iterations
         self._cost_s: dict[int, float] = {}  # by batch bucket: decayed net seconds of test iterations
         self._elapsed_s: dict[int, float] = {}  # ... and of all iterations
+        self._num_halvings: dict[int, int] = {}  # ... and the share's back-off
 
     def allows(self, batch_size: int) -> bool:
         """Whether a forced test may start in a batch of this size."""
         bucket = batch_bucket(batch_size)
-        return self._cost_s.get(bucket, 0.0) <= self.share * self._elapsed_s.get(bucket, 0.0)
+        return self._cost_s.get(bucket, 0.0) <= self.share_of(batch_size) * self._elapsed_s.get(bucket, 0.0)
+
+    def share_of(self, batch_size: int) -> float:
+        """The share forced tests may spend in a batch of this size, after the back-off."""
+        return self.share / 2 ** self._num_halvings.get(batch_bucket(batch_size), 0)
+
+    def verdict(self, batch_size: int, is_drafting: bool) -> None:
+        """A forced test in a batch of this size ended; `is_drafting`: it set its request's K above 0."""
+        bucket = batch_bucket(batch_size)
+        halvings = 0 if is_drafting else min(self._num_halvings.get(bucket, 0) + 1, self.max_backoff)
+        self._num_halvings[bucket] = halvings
 
     def add(self, batch_size: int, seconds: float, net_cost_s: float | None) -> None:
         """Count an iteration of `seconds`; `net_cost_s` if it was a test iteration."""

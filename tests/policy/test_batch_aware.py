@@ -282,12 +282,18 @@ def test_the_traffic_acceptance_is_not_the_last_request_alone_at_batch_1() -> No
 
 
 def _closed_loop(
-    chooser: BatchAwareChooser, num_iterations: int, *, batch: int, lifetime: int, lag: bool
+    chooser: BatchAwareChooser,
+    num_iterations: int,
+    *,
+    batch: int,
+    lifetime: int,
+    lag: bool,
+    accepts: bool = False,
 ) -> tuple[list[dict[str, int]], list[float]]:
-    """A closed loop of `batch` requests of `lifetime` iterations each, every draft rejected, where a drafting
-    iteration costs 3x a plain one (the vLLM backend at concurrency 32: the drafter over the padded batch
-    and its catch-up). With `lag`, each choice is verified an iteration later, as vLLM does. Returns the
-    verified K of every iteration and its seconds."""
+    """A closed loop of `batch` requests of `lifetime` iterations each, every draft rejected (or with
+    `accepts`, every draft accepted), where a drafting iteration costs 3x a plain one (the vLLM backend at
+    concurrency 32: the drafter over the padded batch and its catch-up). With `lag`, each choice is verified
+    an iteration later, as vLLM does. Returns the verified K of every iteration and its seconds."""
     ages = dict.fromkeys((f"r{i}" for i in range(batch)), 0)
     next_id, held = batch, dict.fromkeys(ages, 0)
     verified_ks: list[dict[str, int]] = []
@@ -299,7 +305,10 @@ def _closed_loop(
         verified_ks.append(ks)
         draft_s = 0.2 if any(ks.values()) else 0.0
         times.append(0.1 + draft_s)
-        requests = [RequestIterationStats(r, k, 0, 1, 100 + ages[r]) for r, k in ks.items()]
+        accepted = dict.fromkeys(ks, 0) if not accepts else ks
+        requests = [
+            RequestIterationStats(r, k, accepted[r], accepted[r] + 1, 100 + ages[r]) for r, k in ks.items()
+        ]
         num_tokens = batch + sum(ks.values())
         chooser.observe(IterationStats(i, batch, requests, num_tokens, draft_s, 0.1, 0.0))
         for r in list(ages):
@@ -332,6 +341,35 @@ def test_forced_tests_spend_at_most_the_test_budget() -> None:
     # overshoot it by a test's cost over the budget's window.
     assert shares[budget] <= budget + 9 * 0.2 / (window * 0.1), shares
     assert shares[1.0] > 2 * shares[budget], shares
+
+
+def test_the_test_budget_backs_off_while_forced_tests_find_nothing_and_recovers_when_one_does() -> None:
+    """Where drafting never pays, the full budget was a standing cost (served on the demo pair at 16 / 32,
+    auto's tests cost 1-5% of each cell); after forced tests in a row end at K = 0 it spends a quarter. When
+    the traffic turns to drafts that pay, the next forced test finds it (here 73 iterations after the turn)
+    and restores the budget."""
+    budget, window = 0.02, 1000
+    shares, choosers = {}, {}
+    for backoff in (0, 2):
+        chooser = chooser_for(
+            "mixtral-8x7b-h100",
+            test_budget=budget,
+            test_budget_iterations=window,
+            test_budget_backoff=backoff,
+            min_population_requests=0,
+        )
+        _, times = _closed_loop(chooser, 4000, batch=32, lifetime=64, lag=True)
+        settled = times[2 * window :]
+        shares[backoff] = sum(t - 0.1 for t in settled) / sum(settled)
+        choosers[backoff] = chooser
+    assert choosers[2].test_budget.share_of(32) == budget / 4
+    assert shares[2] <= budget / 4 + 9 * 0.2 / (window * 0.1), shares  # a test's overshoot, as above
+    assert shares[0] > 2 * shares[2], shares
+    # The traffic turns: every draft is accepted, and drafting pays even at 3x a plain step's cost.
+    verified, _ = _closed_loop(choosers[2], 2000, batch=32, lifetime=64, lag=True, accepts=True)
+    drafting = [i for i, ks in enumerate(verified) if sum(k > 0 for k in ks.values()) > 16]
+    assert drafting and drafting[0] < 500, drafting[:1]
+    assert choosers[2].test_budget.share_of(32) > budget / 4  # restored (a later verdict may halve it once)
 
 
 def test_the_test_budget_of_a_large_batch_is_not_spent_at_batch_1() -> None:
