@@ -96,6 +96,7 @@ def scheduler_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
         "observe_ms_mean": mean_ms([s["observe_s"] for s in steps[1:]]) if has_detail else None,
         "gap_ms_p50": detail("gap_s"),
         "decode_speedup": decode_speedup(pure) if has_detail else None,
+        "drafting_net_cost_share": drafting_net_cost_share(pure, total_s(steps)) if has_detail else None,
     }
 
 
@@ -111,6 +112,50 @@ def decode_speedup(decode: list[dict[str, Any]]) -> float | None:
     the batch sizes they span. None unless that covers half the decode time: at concurrency 16 / 32 a
     drafting server's plain steps are the ramp and the drain, and extrapolated from them to the full batch
     the line said drafting gained 1.03-1.35x where auto ran 0.73-0.98x off (session 15)."""
+    line = _plain_line(decode)
+    if line is None:
+        return None
+    covered = [s for s in decode if line.covers(s)]
+    actual_s = sum(s["step_time_s"] + s["gap_s"] for s in covered)
+    if actual_s < 0.5 * sum(s["step_time_s"] + s["gap_s"] for s in decode):
+        return None
+    return round(float(sum(line.committed_s(s) for s in covered) / actual_s), 3)
+
+
+def drafting_net_cost_share(decode: list[dict[str, Any]], steps_s: float) -> float | None:
+    """What the decode steps that drafted or verified drafts took beyond plain decoding's time for the tokens
+    they committed (`decode_speedup`'s plain line), as a share of all steps' time: where drafting does not
+    pay, what its tests and catch-ups cost the cell (served on the demo pair at 16 / 32: 1-5%, session 26);
+    negative where it pays. None as `decode_speedup`, or where no such step lies within the line's span."""
+    line = _plain_line(decode)
+    if line is None or not steps_s:
+        return None
+    drafting = [
+        s for s in decode if (any(s["num_drafts"].values()) or s["num_draft_steps"]) and line.covers(s)
+    ]
+    if not drafting:
+        return None
+    net_s = sum(s["step_time_s"] + s["gap_s"] - line.committed_s(s) for s in drafting)
+    return round(float(net_s / steps_s), 4)
+
+
+class _PlainLine:
+    """Plain decode steps' time (step and gap) as a line in the batch size, within the sizes it was fitted on."""
+
+    def __init__(self, slope: float, intercept: float, lo: float, hi: float) -> None:
+        self.slope, self.intercept, self.lo, self.hi = slope, intercept, lo, hi
+
+    def covers(self, step: dict[str, Any]) -> bool:
+        return self.lo <= len(step["num_drafts"]) <= self.hi
+
+    def committed_s(self, step: dict[str, Any]) -> float:
+        """Plain decoding's time for the tokens this step committed (one per request, plus the accepted)."""
+        size = len(step["num_drafts"])
+        return (self.intercept + self.slope * size) * (1 + sum(step["num_accepted"].values()) / size)
+
+
+def _plain_line(decode: list[dict[str, Any]]) -> _PlainLine | None:
+    """The line of `decode_speedup`'s docstring, from the steps without drafts, drafter or drafting near."""
     plain = [
         s
         for s in decode
@@ -126,16 +171,7 @@ def decode_speedup(decode: list[dict[str, Any]]) -> float | None:
         slope, intercept = np.polyfit(sizes, seconds, 1)
     else:
         slope, intercept = 0.0, float(seconds.mean())
-    covered = [s for s in decode if sizes.min() <= len(s["num_drafts"]) <= sizes.max()]
-    actual_s = sum(s["step_time_s"] + s["gap_s"] for s in covered)
-    if actual_s < 0.5 * sum(s["step_time_s"] + s["gap_s"] for s in decode):
-        return None
-    plain_s = sum(
-        (intercept + slope * len(s["num_drafts"]))
-        * (1 + sum(s["num_accepted"].values()) / len(s["num_drafts"]))
-        for s in covered
-    )
-    return round(float(plain_s / actual_s), 3)
+    return _PlainLine(float(slope), float(intercept), float(sizes.min()), float(sizes.max()))
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -165,7 +201,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 def median_table(rows: list[dict[str, Any]]) -> str:
     """Markdown: per cell, each mode's median throughput over its launches and rounds, as a ratio to off's
     median, auto's median over max(off, the best static K) (vLLM's own modes named by a number), and with
-    our scheduler the median decode speedup over the server's own plain steps (`decode_speedup`). "spread":
+    our scheduler the median decode speedup over the server's own plain steps (`decode_speedup`) and of
+    drafting's net cost as a share of the steps' time (`drafting_net_cost_share`, in percent). "spread":
     each mode's fastest run over its slowest, the launch noise against which a ratio is read (up to 1.37 for
     off in one demo-pair cell on this 2-core machine, session 16).
 
@@ -173,19 +210,28 @@ def median_table(rows: list[dict[str, Any]]) -> str:
     round), where every run has one row per mode. In a `--side-by-side` run the two ran seconds apart, so the
     machine's drift cancels in each ratio; the ratio of medians mixes runs at different speeds."""
     by_mode: dict[tuple[str, int], dict[str, list[float]]] = {}
-    speedups: dict[tuple[str, int, str], list[float]] = {}
+    own: dict[str, dict[tuple[str, int, str], list[float]]] = {
+        "decode_speedup": {},
+        "drafting_net_cost_share": {},
+    }
     paired = paired_ratios(rows)
     for r in rows:
         by_mode.setdefault((r["workload"], r["concurrency"]), {}).setdefault(r["mode"], []).append(
             r["output_throughput"]
         )
-        speedup = r.get("scheduler", {}).get("decode_speedup")
-        if speedup is not None:
-            speedups.setdefault((r["workload"], r["concurrency"], r["mode"]), []).append(speedup)
+        for key, figures in own.items():
+            value = r.get("scheduler", {}).get(key)
+            if value is not None:
+                figures.setdefault((r["workload"], r["concurrency"], r["mode"]), []).append(value)
+
+    def own_text(key: str, cell: tuple[str, int, str], scale: float, digits: int) -> str:
+        values = own[key].get(cell)
+        return f"{scale * statistics.median(values):.{digits}f}" if values else ""
+
     lines = [
         "| workload | conc | mode | runs | median tok/s | spread | x off | x off, paired | "
-        "auto / max(off, best static K) | decode speedup over own plain |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "auto / max(off, best static K) | decode speedup over own plain | drafting's net cost, % of steps |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (workload, concurrency), modes in sorted(by_mode.items()):
         median = {mode: statistics.median(values) for mode, values in modes.items()}
@@ -194,14 +240,13 @@ def median_table(rows: list[dict[str, Any]]) -> str:
         for mode, values in sorted(modes.items()):
             x_off = median[mode] / median["off"] if "off" in median else float("nan")
             versus = f"{median[mode] / best:.2f}" if mode == "auto" else ""
-            own = speedups.get((workload, concurrency, mode))
-            own_text = f"{statistics.median(own):.2f}" if own else ""
-            pairs = paired.get((workload, concurrency, mode))
+            cell = (workload, concurrency, mode)
+            pairs = paired.get(cell)
             paired_text = f"{statistics.median(pairs):.2f}" if pairs and mode != "off" else ""
             lines.append(
                 f"| {workload} | {concurrency} | {mode} | {len(values)} | {median[mode]:.1f} | "
-                f"{max(values) / min(values):.2f} | {x_off:.2f} | {paired_text} | "
-                f"{versus} | {own_text} |"
+                f"{max(values) / min(values):.2f} | {x_off:.2f} | {paired_text} | {versus} | "
+                f"{own_text('decode_speedup', cell, 1.0, 2)} | {own_text('drafting_net_cost_share', cell, 100.0, 1)} |"
             )
     return "\n".join(lines)
 

@@ -120,6 +120,12 @@ def test_the_decode_speedup_is_against_the_servers_own_plain_steps() -> None:
     # Plain-step time: 0.01 s per request. Step 4 commits 5 tokens (0.05 s plain), step 5 2 (0.02 s).
     assert scheduler_summary(steps)["decode_speedup"] == round((0.02 + 0.01 + 0.05 + 0.02) / 0.16, 3)
     assert scheduler_summary(steps[:1] + steps[3:])["decode_speedup"] is None  # no plain step as reference
+    # What drafting cost the cell: step 4 took 0.04 s for 0.05 s of plain decoding's tokens (a saving), of
+    # the steps' 0.66 s; step 5 is plain, whatever it carried.
+    assert scheduler_summary(steps)["drafting_net_cost_share"] == round(-0.01 / 0.66, 4)
+    steps[3]["num_accepted"] = {"a": 0, "b": 0}  # every draft rejected: 0.04 s for 0.02 s of plain tokens
+    assert scheduler_summary(steps)["drafting_net_cost_share"] == round(0.02 / 0.66, 4)
+    assert scheduler_summary(steps[:1] + steps[3:])["drafting_net_cost_share"] is None
 
 
 def _command(tmp_path: Path, **policy: Any) -> list[str]:
@@ -344,11 +350,11 @@ def test_the_median_table_compares_auto_with_the_best_of_off_and_vllms_static_k(
         for mode, values in measured.items()
         for value in values
     ]
-    rows[-2]["scheduler"] = {"decode_speedup": 1.1}  # auto's second launch
+    rows[-2]["scheduler"] = {"decode_speedup": 1.1, "drafting_net_cost_share": -0.021}  # auto's second launch
     lines = {line.split(" | ")[2]: line for line in median_table(rows).splitlines()[2:]}
     # 102 / max(110, 110); spread 105 / 99
-    assert lines["auto"] == "| code | 16 | auto | 2 | 102.0 | 1.06 | 0.93 |  | 0.93 | 1.10 |"
-    assert lines["2"] == "| code | 16 | 2 | 3 | 110.0 | 1.44 | 1.00 |  |  |  |"
+    assert lines["auto"] == "| code | 16 | auto | 2 | 102.0 | 1.06 | 0.93 |  | 0.93 | 1.10 | -2.1 |"
+    assert lines["2"] == "| code | 16 | 2 | 3 | 110.0 | 1.44 | 1.00 |  |  |  |  |"
     assert lines["ours2"].startswith("| code | 16 | ours2 | 1 | 200.0 | 1.00 | 1.82 |")
 
 
@@ -455,6 +461,6 @@ def test_the_median_table_pairs_each_mode_with_off_of_the_same_run() -> None:
     ]
     rows.append({"mode": "auto", "workload": "code", "concurrency": 4, "round": 0, "output_throughput": 50.0})
     lines = {line.split(" | ")[2]: line for line in median_table(rows).splitlines()[2:]}
-    assert lines["k0"] == "| code | 4 | k0 | 3 | 150.0 | 2.00 | 1.00 | 0.90 |  |  |"
+    assert lines["k0"] == "| code | 4 | k0 | 3 | 150.0 | 2.00 | 1.00 | 0.90 |  |  |  |"
     assert lines["auto"].startswith("| code | 4 | auto | 1 | 50.0 | 1.00 | 0.33 | 0.50 |")
     assert lines["off"].startswith("| code | 4 | off | 3 | 150.0 | 2.00 | 1.00 |  |")
