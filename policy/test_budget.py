@@ -44,7 +44,8 @@ class TestBudget:
         return self.share / 2 ** self._num_halvings.get(batch_bucket(batch_size), 0)
 
     def verdict(self, batch_size: int, is_drafting: bool) -> None:
-        """A forced test in a batch of this size ended; `is_drafting`: it set its request's K above 0."""
+        """Forced tests in a batch of this size ended together (one verdict); `is_drafting`: one of them set
+        its request's K above 0."""
         bucket = batch_bucket(batch_size)
         halvings = 0 if is_drafting else min(self._num_halvings.get(bucket, 0) + 1, self.max_backoff)
         self._num_halvings[bucket] = halvings
