@@ -367,7 +367,8 @@ def main() -> None:
         help="off, N (vLLM's static K), auto, k0, oursN (our modes with -fetch: vLLM's executor, which fetches "
         "every step's drafts from the worker), off-ours (no draft model, on our scheduler and worker, with its "
         "step record), auto-now (choosing each step's K between steps), auto-nooutlook (not weighing lagging "
-        "requests' catch-ups), auto-gainN (leaving plain decoding for a predicted gain above N percent); vLLM's own modes with -sync (off-sync, 2-sync) run with --no-async-scheduling, "
+        "requests' catch-ups), auto-gainN (leaving plain decoding for a predicted gain above N percent); "
+        "vLLM's own modes with -sync (off-sync, 2-sync) run with --no-async-scheduling, "
         "as our scheduler does",
     )
     parser.add_argument("--max-tokens", type=int, default=64)

@@ -5,6 +5,7 @@ and vLLM's static K)."""
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ def scheduler_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
     pure = [s for s in decode if not s.get("num_prefill_tokens", 0)]  # decode only
     verifying = [s for s in pure if any(s["num_drafts"].values())]
     not_verifying = [s for s in pure if not any(s["num_drafts"].values())]
+    line = plain_line(pure) if has_detail else None  # older records have no gap_s
 
     # The drain: the trailing steps below the cell's full batch, where no request replaces a finished one.
     full = max((s.get("num_scheduled", 0) for s in steps), default=0)
@@ -95,12 +97,14 @@ def scheduler_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
         ),
         "observe_ms_mean": mean_ms([s["observe_s"] for s in steps[1:]]) if has_detail else None,
         "gap_ms_p50": detail("gap_s"),
-        "decode_speedup": decode_speedup(pure) if has_detail else None,
-        "drafting_net_cost_share": drafting_net_cost_share(pure, total_s(steps)) if has_detail else None,
+        "decode_speedup": decode_speedup(pure, line) if has_detail else None,
+        "drafting_net_cost_share": drafting_net_cost_share(pure, line, total_s(steps))
+        if has_detail
+        else None,
     }
 
 
-def decode_speedup(decode: list[dict[str, Any]]) -> float | None:
+def decode_speedup(decode: list[dict[str, Any]], line: PlainLine | None) -> float | None:
     """The decode steps' committed tokens at this server's own plain-step time, over the steps' actual time
     (step and gap): what the policy's choices gained over plain decoding on the same server, apart from how
     fast the launch ran. Launches of one configuration differed by up to 14% here (session 9), as much as
@@ -111,8 +115,8 @@ def decode_speedup(decode: list[dict[str, Any]]) -> float | None:
     time is a least-squares line in the batch size (one mean where they all had one size), used only within
     the batch sizes they span. None unless that covers half the decode time: at concurrency 16 / 32 a
     drafting server's plain steps are the ramp and the drain, and extrapolated from them to the full batch
-    the line said drafting gained 1.03-1.35x where auto ran 0.73-0.98x off (session 15)."""
-    line = _plain_line(decode)
+    the line said drafting gained 1.03-1.35x where auto ran 0.73-0.98x off (session 15). `line`:
+    `plain_line(decode)`."""
     if line is None:
         return None
     covered = [s for s in decode if line.covers(s)]
@@ -122,12 +126,13 @@ def decode_speedup(decode: list[dict[str, Any]]) -> float | None:
     return round(float(sum(line.committed_s(s) for s in covered) / actual_s), 3)
 
 
-def drafting_net_cost_share(decode: list[dict[str, Any]], steps_s: float) -> float | None:
+def drafting_net_cost_share(
+    decode: list[dict[str, Any]], line: PlainLine | None, steps_s: float
+) -> float | None:
     """What the decode steps that drafted or verified drafts took beyond plain decoding's time for the tokens
     they committed (`decode_speedup`'s plain line), as a share of all steps' time: where drafting does not
     pay, what its tests and catch-ups cost the cell (served on the demo pair at 16 / 32: 1-5%, session 26);
-    negative where it pays. None as `decode_speedup`, or where no such step lies within the line's span."""
-    line = _plain_line(decode)
+    negative where it pays. None without a plain line, or where no such step lies within its span."""
     if line is None or not steps_s:
         return None
     drafting = [
@@ -139,11 +144,14 @@ def drafting_net_cost_share(decode: list[dict[str, Any]], steps_s: float) -> flo
     return round(float(net_s / steps_s), 4)
 
 
-class _PlainLine:
+@dataclass(frozen=True)
+class PlainLine:
     """Plain decode steps' time (step and gap) as a line in the batch size, within the sizes it was fitted on."""
 
-    def __init__(self, slope: float, intercept: float, lo: float, hi: float) -> None:
-        self.slope, self.intercept, self.lo, self.hi = slope, intercept, lo, hi
+    slope: float
+    intercept: float
+    lo: float
+    hi: float
 
     def covers(self, step: dict[str, Any]) -> bool:
         return self.lo <= len(step["num_drafts"]) <= self.hi
@@ -154,7 +162,7 @@ class _PlainLine:
         return (self.intercept + self.slope * size) * (1 + sum(step["num_accepted"].values()) / size)
 
 
-def _plain_line(decode: list[dict[str, Any]]) -> _PlainLine | None:
+def plain_line(decode: list[dict[str, Any]]) -> PlainLine | None:
     """The line of `decode_speedup`'s docstring, from the steps without drafts, drafter or drafting near."""
     plain = [
         s
@@ -171,7 +179,7 @@ def _plain_line(decode: list[dict[str, Any]]) -> _PlainLine | None:
         slope, intercept = np.polyfit(sizes, seconds, 1)
     else:
         slope, intercept = 0.0, float(seconds.mean())
-    return _PlainLine(float(slope), float(intercept), float(sizes.min()), float(sizes.max()))
+    return PlainLine(float(slope), float(intercept), float(sizes.min()), float(sizes.max()))
 
 
 def table(rows: list[dict[str, Any]]) -> str:
