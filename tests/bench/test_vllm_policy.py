@@ -353,9 +353,31 @@ def test_the_median_table_compares_auto_with_the_best_of_off_and_vllms_static_k(
     rows[-2]["scheduler"] = {"decode_speedup": 1.1, "drafting_net_cost_share": -0.021}  # auto's second launch
     lines = {line.split(" | ")[2]: line for line in median_table(rows).splitlines()[2:]}
     # 102 / max(110, 110); spread 105 / 99
-    assert lines["auto"] == "| code | 16 | auto | 2 | 102.0 | 1.06 | 0.93 |  | 0.93 | 1.10 | -2.1 |"
-    assert lines["2"] == "| code | 16 | 2 | 3 | 110.0 | 1.44 | 1.00 |  |  |  |  |"
+    assert lines["auto"] == "| code | 16 | auto | 2 | 102.0 | 1.06 | 0.93 |  | 0.93 |  | 1.10 | -2.1 |"
+    assert lines["2"] == "| code | 16 | 2 | 3 | 110.0 | 1.44 | 1.00 |  |  |  |  |  |"
     assert lines["ours2"].startswith("| code | 16 | ours2 | 1 | 200.0 | 1.00 | 1.82 |")
+
+
+def test_the_median_table_compares_auto_with_the_best_static_k_paired_by_run() -> None:
+    """The machine ran at 100, 300 and 200 tok/s of off in three rounds, and auto's fastest round fell in
+    the slow one's: from the medians auto trails K = 2 (220 / 270), paired by round it is 1.10 of off against
+    K = 2's 1.05 (per round 1.2, 1.1, 1.0 and 1.0, 1.05, 1.1)."""
+    measured = {"off": (100.0, 300.0, 200.0), "2": (100.0, 315.0, 220.0), "auto": (120.0, 330.0, 200.0)}
+    rows = [
+        {"mode": mode, "workload": "code", "concurrency": 16, "round": i, "output_throughput": value}
+        for mode, values in measured.items()
+        for i, value in enumerate(values)
+    ]
+    lines = {line.split(" | ")[2]: line for line in median_table(rows).splitlines()[2:]}
+    # median 200 / max(200, 220) = 0.91; paired 1.10 / max(1, 1.05) = 1.05
+    assert lines["auto"] == "| code | 16 | auto | 3 | 200.0 | 2.75 | 1.00 | 1.10 | 0.91 | 1.05 |  |  |"
+    # where every static K pairs below off, the comparison is with off: 1.10 / 1.0
+    rows = [r for r in rows if r["mode"] != "2"] + [
+        {"mode": "2", "workload": "code", "concurrency": 16, "round": i, "output_throughput": 0.5 * value}
+        for i, value in enumerate(measured["off"])
+    ]
+    lines = {line.split(" | ")[2]: line for line in median_table(rows).splitlines()[2:]}
+    assert lines["auto"].split(" | ")[8:10] == ["1.00", "1.10"]
 
 
 class _FakeServer:
@@ -461,6 +483,6 @@ def test_the_median_table_pairs_each_mode_with_off_of_the_same_run() -> None:
     ]
     rows.append({"mode": "auto", "workload": "code", "concurrency": 4, "round": 0, "output_throughput": 50.0})
     lines = {line.split(" | ")[2]: line for line in median_table(rows).splitlines()[2:]}
-    assert lines["k0"] == "| code | 4 | k0 | 3 | 150.0 | 2.00 | 1.00 | 0.90 |  |  |  |"
+    assert lines["k0"] == "| code | 4 | k0 | 3 | 150.0 | 2.00 | 1.00 | 0.90 |  |  |  |  |"
     assert lines["auto"].startswith("| code | 4 | auto | 1 | 50.0 | 1.00 | 0.33 | 0.50 |")
     assert lines["off"].startswith("| code | 4 | off | 3 | 150.0 | 2.00 | 1.00 |  |")
