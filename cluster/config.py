@@ -67,7 +67,7 @@ class EngineSettings:
     # What a sampled request's drafter sends the target (native backend): "one_hot" = draft token ids only
     # (the draft's argmax; lossless), "distribution" = also each draft's [vocab] fp32 distribution.
     draft_proposals: str = "one_hot"
-    # Where the engine loop runs (README, "The served path against offline generation"):
+    # Where the engine loop runs (docs/native-backend-measurements.md, "The served path ..."):
     #   router:        in the Router replica, the target in its own host actor (a call per iteration);
     #   beside_target: in the Router replica with the target's model (a target failure is a router failure);
     #   target_host:   in the target's host actor (`EngineHost`), which calls the drafter itself; the Router

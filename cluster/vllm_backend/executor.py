@@ -2,13 +2,14 @@
 Use one beside the scheduler and the worker: `--distributed-executor-backend` with the qualname that
 `settings.executor_backend` gives (the multiprocess one on CPU).
 
-Why (measured, see the README's vllm section): with synchronous scheduling and a speculative config, vLLM's
-engine core asks the worker for the step's drafts after every step (`EngineCore.post_step` →
-`Executor.take_draft_token_ids`). With the multiprocess executor (vLLM's on CPU, and with several GPUs) that
-is a round trip through the worker's message queue: 9.0-9.5% of the engine core's busy loop at concurrency 1
-on the demo pair, on steps where every K is 0 as much as on others. vLLM without speculation makes no such
-call. Served on the demo pair at batch 4, the engine core spent 1.5-2.4 ms between two steps after a step
-that drafted, 0.1 ms after one that did not (session 20's step record): 10-15% of a drafting step there.
+Why (measured in session 19, `docs/vllm-backend-measurements.md`): with synchronous scheduling and a
+speculative config, vLLM's engine core asks the worker for the step's drafts after every step
+(`EngineCore.post_step` → `Executor.take_draft_token_ids`). With the multiprocess executor (vLLM's on CPU, and
+with several GPUs) that is a round trip through the worker's message queue: 9.0-9.5% of the engine core's busy
+loop at concurrency 1 on the demo pair, on steps where every K is 0 as much as on others. vLLM without
+speculation makes no such call. Served on the demo pair at batch 4, the engine core spent 1.5-2.4 ms between
+two steps after a step that drafted, 0.1 ms after one that did not (session 20's step record): 10-15% of a
+drafting step there.
 
 - On a step whose scheduler output set 0 draft steps (`num_spec_tokens_to_schedule`: our scheduler's max K_r
   over the batch), the drafts are empty for every request. vLLM's `schedule()` has already emptied the held

@@ -63,7 +63,7 @@ def test_static_k_slows_low_acceptance_while_adaptive_stays_near_plain(batch_siz
         ("mixtral-8x7b-h100", 1),
         ("qwen2-57b-a14b-h100", 4),
         ("mixtral-8x7b-h100", 64),
-    ],  # + on every seed (README)
+    ],  # + on every seed (docs/native-backend-measurements.md)
 )
 def test_adaptive_policies_beat_the_best_static_k_on_a_mixed_workload(preset: str, batch_size: int) -> None:
     workload = replace(
