@@ -254,16 +254,14 @@ def median_table(rows: list[dict[str, Any]]) -> str:
             for mode in modes
             if (pairs := paired.get((workload, concurrency, mode))) and mode != "off"
         }
-        paired_best = max((v for m, v in paired_median.items() if m.isdigit()), default=1.0)
+        paired_best = max([1.0, *(v for m, v in paired_median.items() if m.isdigit())])  # off's is 1
         for mode, values in sorted(modes.items()):
             x_off = median[mode] / median["off"] if "off" in median else float("nan")
             versus = f"{median[mode] / best:.2f}" if mode == "auto" else ""
             cell = (workload, concurrency, mode)
             paired_text = f"{paired_median[mode]:.2f}" if mode in paired_median else ""
             versus_paired = (
-                f"{paired_median[mode] / max(1.0, paired_best):.2f}"
-                if mode == "auto" and mode in paired_median
-                else ""
+                f"{paired_median[mode] / paired_best:.2f}" if mode == "auto" and mode in paired_median else ""
             )
             lines.append(
                 f"| {workload} | {concurrency} | {mode} | {len(values)} | {median[mode]:.1f} | "
