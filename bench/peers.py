@@ -134,10 +134,19 @@ class VllmServer:
     """`with VllmServer(...) as url:` runs one vLLM OpenAI server until the block ends."""
 
     def __init__(
-        self, python: Path, settings: VllmSettings, num_spec_tokens: int, port: int, log_path: Path
+        self,
+        python: Path,
+        settings: VllmSettings,
+        num_spec_tokens: int,
+        port: int,
+        log_path: Path,
+        cwd: Path | None = None,
     ) -> None:
         self.python, self.settings, self.num_spec_tokens = python, settings, num_spec_tokens
         self.port, self.log_path = port, log_path
+        # The server's working directory: `python -m` puts it first on the path of the server and its workers,
+        # so a checkout's own `cluster` package is imported from there ahead of the installed one (None: ours).
+        self.cwd = cwd
         self.process: subprocess.Popen[bytes] | None = None
         self.start_s = 0.0
 
@@ -158,7 +167,12 @@ class VllmServer:
         start = time.perf_counter()
         with self.log_path.open("wb") as out:
             self.process = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.cwd,
+                start_new_session=True,
             )
         url = f"http://127.0.0.1:{self.port}"
         try:

@@ -180,8 +180,8 @@ def _dist_stand_in(python: Path) -> list[str]:
 def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows of every cell run, and the cells whose client failed (each mode still runs)."""
     base = PolicySettings(
-        target=args.target,
-        draft=args.draft,
+        target=args.target.resolve(),  # servers may start in another directory (`--base-checkout`)
+        draft=args.draft.resolve(),
         served_name=args.served_name,
         dtype=args.dtype,
         max_model_len=1024,
@@ -214,9 +214,11 @@ def mode_server(
     args: argparse.Namespace, base: PolicySettings, mode: str, port: int
 ) -> tuple[VllmServer, Path | None]:
     """`mode`'s server (not started) and, with our scheduler, the path of its step record."""
+    # "-base": the mode served from `--base-checkout`'s code (an A/B of a change to ours, side by side)
+    is_base, mode_name = mode.endswith("-base"), mode
+    mode = mode.removesuffix("-base")
     # "-fetch": our scheduler with vLLM's executor (it fetches every step's drafts from the worker)
-    fetches, mode_name = mode.endswith("-fetch"), mode
-    mode = mode.removesuffix("-fetch")
+    fetches, mode = mode.endswith("-fetch"), mode.removesuffix("-fetch")
     # "-now": auto choosing each step's K between steps, not ahead
     chooses_now, mode = mode.endswith("-now"), mode.removesuffix("-now")
     # "-nooutlook": auto weighing one iteration alone, not each lagging request's catch-up against its life
@@ -239,6 +241,11 @@ def mode_server(
         raise ValueError(
             f"mode {mode_name}: -gainN applies to auto, N a whole percent (auto-gain0, auto-gain10)"
         )
+    base_checkout: Path | None = getattr(args, "base_checkout", None)
+    if is_base and not (policy and base_checkout):
+        raise ValueError(
+            f"mode {mode_name}: -base applies to our modes (auto, k0, oursN) with --base-checkout"
+        )
     ours_k = int(mode.removeprefix("ours")) if policy == "static" else None
     record = RAW / f"record-{mode_name}-{int(time.time())}.jsonl" if policy else None
     vllm_mode, is_sync = mode.removesuffix("-sync"), mode.endswith("-sync") and not policy
@@ -254,7 +261,9 @@ def mode_server(
         min_predicted_gain=int(gain_percent) / 100 if gain_percent else None,
     )
     num_spec = 0 if vllm_mode in ("off", "off-ours") else MAX_SPEC_TOKENS if policy else int(vllm_mode)
-    return VllmServer(Path(args.python), settings, num_spec, port, RAW / f"server-{mode_name}.log"), record
+    cwd = base_checkout if is_base else REPO
+    server = VllmServer(Path(args.python), settings, num_spec, port, RAW / f"server-{mode_name}.log", cwd)
+    return server, record
 
 
 def cell_plan(args: argparse.Namespace) -> list[tuple[int, str, int]]:
@@ -367,9 +376,17 @@ def main() -> None:
         help="off, N (vLLM's static K), auto, k0, oursN (our modes with -fetch: vLLM's executor, which fetches "
         "every step's drafts from the worker), off-ours (no draft model, on our scheduler and worker, with its "
         "step record), auto-now (choosing each step's K between steps), auto-nooutlook (not weighing lagging "
-        "requests' catch-ups), auto-gainN (leaving plain decoding for a predicted gain above N percent); "
+        "requests' catch-ups), auto-gainN (leaving plain decoding for a predicted gain above N percent), "
+        "any of ours with -base (auto-base: served from --base-checkout's code); "
         "vLLM's own modes with -sync (off-sync, 2-sync) run with --no-async-scheduling, "
         "as our scheduler does",
+    )
+    parser.add_argument(
+        "--base-checkout",
+        type=Path,
+        help="a checkout of this repository (e.g. `git worktree add ../base main`) whose code serves the "
+        "-base modes: `--modes off,auto,auto-base --side-by-side` measures a change to our scheduler or "
+        "policy against the code before it, side by side",
     )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument(
@@ -421,6 +438,12 @@ def main() -> None:
         "-1 (default): a full cell's worth; 0: none",
     )
     args = parser.parse_args()
+    if args.base_checkout is not None:
+        args.base_checkout = args.base_checkout.resolve()
+        if not (args.base_checkout / "cluster" / "vllm_backend" / "scheduler.py").is_file():
+            sys.exit(
+                f"--base-checkout {args.base_checkout}: not a checkout of this repository (no scheduler)"
+            )
     RAW.mkdir(parents=True, exist_ok=True)
     if args.catch_up or args.offline:
         from bench.vllm_policy_offline import run_offline  # it imports this module's settings

@@ -231,6 +231,22 @@ def test_gain_mode_sets_the_predicted_gain_auto_needs_to_leave_plain_decoding(tm
             vllm_policy.mode_server(args, base, bad, 8000)
 
 
+def test_base_modes_serve_ours_from_the_base_checkout(tmp_path: Path) -> None:
+    """auto-base: auto served from another checkout's code (the server's working directory, first on its
+    path), beside auto from this one; every other server starts in this repository."""
+    base, args = _base_settings(tmp_path), argparse.Namespace(python="python", base_checkout=tmp_path)
+    server, record = vllm_policy.mode_server(args, base, "auto-base", 8000)
+    assert server.cwd == tmp_path and server.settings.policy == "auto"
+    assert record is not None and record.name.startswith("record-auto-base-")
+    assert server.log_path.name == "server-auto-base.log"
+    for mode in ("auto", "off", "2"):
+        assert vllm_policy.mode_server(args, base, mode, 8000)[0].cwd == vllm_policy.REPO
+    with pytest.raises(ValueError, match="2-base"):  # vLLM's own modes run none of our code
+        vllm_policy.mode_server(args, base, "2-base", 8000)
+    with pytest.raises(ValueError, match="--base-checkout"):
+        vllm_policy.mode_server(argparse.Namespace(python="python"), base, "auto-base", 8000)
+
+
 def test_off_ours_runs_our_scheduler_without_a_draft_model(tmp_path: Path) -> None:
     """off-ours: vLLM without speculation on our scheduler and worker, so that its step record shows what off's
     steps are (k0 against it: what the idle draft model costs)."""
