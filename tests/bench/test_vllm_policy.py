@@ -236,7 +236,8 @@ def test_base_modes_serve_ours_from_the_base_checkout(tmp_path: Path) -> None:
     path), beside auto from this one; every other server starts in this repository."""
     base, args = _base_settings(tmp_path), argparse.Namespace(python="python", base_checkout=tmp_path)
     server, record = vllm_policy.mode_server(args, base, "auto-base", 8000)
-    assert server.cwd == tmp_path and server.settings.policy == "auto"
+    settings: Any = server.settings
+    assert server.cwd == tmp_path and settings.policy == "auto"
     assert record is not None and record.name.startswith("record-auto-base-")
     assert server.log_path.name == "server-auto-base.log"
     for mode in ("auto", "off", "2"):
