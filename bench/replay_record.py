@@ -11,7 +11,9 @@ cell of the run:
   share of steps at which this checkout's chooser chose as the served one did;
 - the cost model's prediction of each step (before observing it) over the measured time, for drafting and
   plain steps, those with other requests' prompts apart (session 15: right within 0.83-1.04 on decode
-  steps at concurrency 16 / 32, 0.01-0.57 on steps with prompts, which it does not model).
+  steps at concurrency 16 / 32, 0.01-0.57 on steps with prompts, which it does not model);
+and at the end, the cost model's error in drafting relative to plain decoding (`relative_error`), the figure
+to compare two versions of the cost model by on the same records.
 
 Records from session 15 on carry each step's prompt tokens of other requests and the drafter's catch-up
 tokens, as the served chooser saw them; in older ones the catch-up reads as 0. The replay is faithful while
@@ -28,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -36,6 +40,7 @@ from typing import Any
 
 from cluster.vllm_backend.chooser import build_chooser, iteration_stats
 from cluster.vllm_backend.settings import WORKER_CLS, DraftMeasurement, SchedulerSettings
+from policy.cost_model import batch_bucket
 from policy.guard import MeasuredGuard
 from policy.stats import RequestIterationStats
 
@@ -91,6 +96,9 @@ class Cell:
     # tokens apart; "drafter": the drafter's part of drafting iterations without a catch-up.
     predicted_s: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     measured_s: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
+    # Predicted over measured seconds of each decode iteration without prompts or catch-ups, by (batch-size
+    # bucket, max K): for `relative_error`.
+    ratios: defaultdict[tuple[int, int], list[float]] = field(default_factory=lambda: defaultdict(list))
 
     def summary(self) -> str:
         total_drafts = sum(self.drafts.values())
@@ -111,6 +119,22 @@ class Cell:
             f"  {len(per_request)} requests drafted (acceptance x drafting steps): {requests}\n"
             f"  at start: {self.state}"
         )
+
+
+def relative_error(cells: list[Cell], min_steps: int = 4) -> tuple[float, int]:
+    """How far off the cost model put drafting relative to plain decoding, where choices are decided: per cell
+    and batch-size bucket, each max K's median predicted-over-measured ratio over plain iterations' (both of at
+    least `min_steps` iterations), as |log|; their mean and their number. Iterations of one cell ran minutes
+    apart at most, so the machine's drift, which moved a server's speed by 10-20% between runs here, cancels
+    out of each ratio: what is left is the error in the shape that decides K."""
+    errors = []
+    for cell in cells:
+        medians = {key: statistics.median(r) for key, r in cell.ratios.items() if len(r) >= min_steps}
+        for (bucket, max_k), median in medians.items():
+            plain = medians.get((bucket, 0))
+            if max_k and plain is not None:
+                errors.append(abs(math.log(median / plain)))
+    return (statistics.fmean(errors) if errors else math.nan), len(errors)
 
 
 def cells_of(result: Path, mode: str, launch: int) -> list[Cell]:
@@ -193,8 +217,12 @@ def replay(steps: list[dict[str, Any]], chooser: MeasuredGuard, cells: list[Cell
                 elif stats.is_near_drafting and kind == "plain":
                     kind = "near"
                 ks = [r.num_spec_tokens for r in requests]
-                current.predicted_s[kind] += inner.cost_model.iteration_time(ks)
+                current_prediction = inner.cost_model.iteration_time(ks)
+                current.predicted_s[kind] += current_prediction
                 current.measured_s[kind] += stats.iteration_time_s
+                if kind in ("drafting", "plain") and not stats.num_draft_prefill_tokens:
+                    key = (batch_bucket(len(ks)), max(ks))
+                    current.ratios[key].append(current_prediction / stats.iteration_time_s)
                 if kind == "drafting" and not stats.num_draft_prefill_tokens:  # the drafter's part alone
                     draft_s, _, _ = inner.cost_model.phase_times(len(ks), max(ks), sum(ks))
                     current.predicted_s["drafter"] += float(draft_s)
@@ -232,8 +260,14 @@ def main() -> None:
     )
     if not isinstance(chooser, MeasuredGuard):
         raise TypeError(f"expected the measured guard around the chooser, got {type(chooser).__name__}")
-    for cell in replay(steps, chooser, cells):
+    replayed = replay(steps, chooser, cells)
+    for cell in replayed:
         print(cell.summary())
+    error, num_groups = relative_error(replayed)
+    print(
+        f"cost model, drafting relative to plain decoding within each cell and batch bucket: mean "
+        f"|log(predicted / measured over plain's)| {error:.3f} over {num_groups} step groups"
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ the same, and each step lands in the cell whose wall-clock span holds it."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bench.replay_record import cells_of, replay, vllm_config
+from bench.replay_record import Cell, cells_of, relative_error, replay, vllm_config
 from cluster.vllm_backend.chooser import build_chooser, iteration_stats
 from cluster.vllm_backend.settings import DraftMeasurement, SchedulerSettings
 from policy.guard import MeasuredGuard
@@ -104,3 +105,14 @@ def test_a_record_replays_with_the_same_choices_in_its_cells(tmp_path: Path, cho
     assert code.matched == code.steps  # the same code: every choice the same
     assert code.drafting_steps == sum(s["num_draft_steps"] > 0 for s in steps) > 0
     assert "requests drafted" in code.summary()
+
+
+def test_the_cost_models_error_is_drafting_relative_to_plain_in_the_same_cell_and_bucket() -> None:
+    """A cell whose every prediction is 20% under (the machine ran slow then) has no error; one that put
+    drafting 20% over plain's ratio has log 1.2. Groups under `min_steps` iterations and buckets without
+    plain iterations do not count."""
+    slow, off = Cell("code 16", "00:00:00", "00:01:00"), Cell("prose 16", "00:01:00", "00:02:00")
+    slow.ratios.update({(4, 0): [0.8] * 4, (4, 3): [0.79, 0.8, 0.81, 0.8], (5, 2): [1.5] * 4})
+    off.ratios.update({(4, 0): [1.0] * 5, (4, 2): [1.2] * 4, (4, 4): [3.0] * 3})
+    error, num_groups = relative_error([slow, off])
+    assert num_groups == 2 and error == pytest.approx(math.log(1.2) / 2)
