@@ -89,7 +89,15 @@ class CostParams:
 @dataclass(frozen=True)
 class CostModelConfig:
     routing: RoutingConfig
-    max_samples: int = 512  # most recent measured iterations kept for the fit
+    # Most recent measured iterations kept for the fit, per batch-size bucket (`batch_bucket`). One ring for
+    # every batch size (512 iterations) forgot a batch size during a stretch at another: served on the regime
+    # pair (vLLM backend, session 27), after cells at batch 1 and 4 (about 500 iterations) the fit held almost
+    # no batch-16 rows, and at the next cell's start it put drafting at batch 16 (acceptance 0.84) at
+    # 1.04-1.13x plain decoding, where static K = 4 ran 1.41x vLLM without speculation; the same prediction
+    # for K = 4 ranged 0.87-2.75x over the run's cell starts. Replayed with a ring per bucket: 1.54-1.91x.
+    # Over the drafting-against-plain step groups of each cell (`bench.replay_record`), the prediction's
+    # error relative to plain's fell from 0.149 to 0.104 (demo pair) and 0.119 to 0.106 (regime pair).
+    max_samples_per_bucket: int = 256
     min_samples: int = 8  # the prior is used until this many iterations were measured
     refit_interval: int = 16  # refit after this many new iterations (sooner while there are few)
     prior_weight: float = 0.01  # pull toward the prior, relative to one iteration's relative residual
@@ -108,8 +116,10 @@ class CostModelConfig:
             raise ValueError(f"correction_pseudo_count={self.correction_pseudo_count} must be > 0")
         if self.min_samples < 3:
             raise ValueError(f"min_samples={self.min_samples} must be >= 3 (three parameters per fit)")
-        if self.max_samples < self.min_samples:
-            raise ValueError(f"max_samples={self.max_samples} must be >= min_samples={self.min_samples}")
+        if self.max_samples_per_bucket < self.min_samples:
+            raise ValueError(
+                f"max_samples_per_bucket={self.max_samples_per_bucket} must be >= min_samples={self.min_samples}"
+            )
         if self.refit_interval < 1:
             raise ValueError(f"refit_interval={self.refit_interval} must be >= 1")
         if self.prior_weight < 0.0:
@@ -137,9 +147,10 @@ class CostModel:
         self.expert_counts = ExpertCounts(config.routing)
         # One row per measured iteration (see `_record`): calibration anchors and the most recent ones.
         self._anchors: list[tuple[float, ...]] = []
-        # The most recent iterations: a ring of max_samples rows (refits read it without converting rows).
-        self._samples = np.empty((config.max_samples, ROW_SIZE))
-        self._num_samples = 0  # ever recorded; row i lives at i % max_samples
+        # The most recent iterations per batch-size bucket: a ring of max_samples_per_bucket rows each (refits
+        # read them without converting rows), and how many each has ever recorded (row i at i % the ring).
+        self._samples: dict[int, Array] = {}
+        self._num_samples: dict[int, int] = {}
         self._num_new_samples = 0
         self.num_refits = 0
         # Set by an owner that calls `refit_if_due` where a refit delays nothing (vLLM's scheduler: while the
@@ -259,12 +270,17 @@ class CostModel:
         row = self._record(stats)
         if row is None:
             return
-        if not self._samples.flags.writeable:  # unpickled zero-copy (a Ray object): take a private copy
-            self._samples = self._samples.copy()
-        self._samples[self._num_samples % self.config.max_samples] = row
-        self._num_samples += 1
+        bucket, size = batch_bucket(stats.batch_size), self.config.max_samples_per_bucket
+        samples = self._samples.get(bucket)
+        if samples is None:
+            samples = self._samples[bucket] = np.empty((size, ROW_SIZE))
+        elif not samples.flags.writeable:  # unpickled zero-copy (a Ray object): take a private copy
+            samples = self._samples[bucket] = samples.copy()
+        count = self._num_samples.get(bucket, 0)
+        samples[count % size] = row
+        self._num_samples[bucket] = count + 1
         self._num_new_samples += 1
-        num_rows = len(self._anchors) + min(self._num_samples, self.config.max_samples)
+        num_rows = len(self._anchors) + sum(min(n, size) for n in self._num_samples.values())
         num_fitted = num_rows - self._num_new_samples
         is_due = self._num_new_samples >= min(self.config.refit_interval, max(num_fitted, 1))
         if is_due and num_rows >= self.config.min_samples:
@@ -285,8 +301,9 @@ class CostModel:
         self._num_new_samples = 0
         self.is_refit_due = False
         self.num_refits += 1
-        recent = self._samples[: min(self._num_samples, self.config.max_samples)]
-        return self._fit_and_correct(np.vstack([np.array(self._anchors).reshape(-1, ROW_SIZE), recent]))
+        size = self.config.max_samples_per_bucket
+        recent = [samples[: min(self._num_samples[b], size)] for b, samples in self._samples.items()]
+        return self._fit_and_correct(np.vstack([np.array(self._anchors).reshape(-1, ROW_SIZE), *recent]))
 
     def _fit_and_correct(self, rows: Array) -> CostParams:
         """New params and shape correction from these rows (a new `version`)."""

@@ -137,7 +137,7 @@ def test_refits_come_early_while_the_prior_dominates_then_every_interval() -> No
     model = CostModel(
         CostModelConfig(MIXTRAL.routing, min_samples=8, refit_interval=16), wrong_prior(MIXTRAL.cost_params())
     )
-    refits_at = []
+    refits_at: list[int] = []
     for i in range(80):
         model.observe(measured_iteration(truth, list(rng.integers(0, 4, 1 + i % 16)), rng, 0.01, i))
         if model.num_refits > len(refits_at):
@@ -167,10 +167,41 @@ def test_a_model_whose_samples_arrived_read_only_keeps_learning() -> None:
     rng = np.random.default_rng(6)
     truth = CostModel(CostModelConfig(MIXTRAL.routing), MIXTRAL.cost_params())
     model = CostModel(CostModelConfig(MIXTRAL.routing), wrong_prior(MIXTRAL.cost_params()))
-    model._samples.setflags(write=False)
-    for i in range(32):
+    for i in range(16):
         model.observe(measured_iteration(truth, list(rng.integers(0, 4, 1 + i % 8)), rng, 0.01, i))
-    assert model.num_refits > 0
+    for samples in model._samples.values():
+        samples.setflags(write=False)
+    num_refits = model.num_refits
+    for i in range(16, 48):
+        model.observe(measured_iteration(truth, list(rng.integers(0, 4, 1 + i % 8)), rng, 0.01, i))
+    assert model.num_refits > num_refits
+
+
+def test_a_stretch_at_one_batch_size_keeps_another_batch_sizes_measurements() -> None:
+    """Drafting at batch 16 measured 30% cheaper than the parametric form puts it (the shape correction
+    holds that); then 600 iterations at batch 1. With one ring of recent iterations for every batch size, the
+    batch-16 rows left the fit and its predictions there fell back to the parametric form (served on the
+    regime pair: auto drafted K = 2 where static K = 4 paid most, session 27)."""
+    rng = np.random.default_rng(8)
+    params = MIXTRAL.cost_params()
+    truth = CostModel(CostModelConfig(MIXTRAL.routing), params)
+    model = CostModel(CostModelConfig(MIXTRAL.routing), params)
+
+    def at_batch_16(ks: list[int], i: int) -> IterationStats:
+        stats = measured_iteration(truth, ks, rng, 0.01, i)
+        return msgspec.structs.replace(stats, verify_time_s=stats.verify_time_s * (0.7 if max(ks) else 1.0))
+
+    for i in range(96):
+        model.observe(at_batch_16([i % 5] * 16, i))
+    model.refit()
+    expected = 0.7 * float(truth.phase_times(16, 3, 48)[1]) + float(truth.phase_times(16, 3, 48)[2])
+    _, verify, other = model.phase_times(16, 3, 48)
+    assert float(verify + other) == pytest.approx(expected, rel=0.05)
+    for i in range(96, 696):
+        model.observe(measured_iteration(truth, [i % 3], rng, 0.01, i))
+    model.refit()
+    _, verify, other = model.phase_times(16, 3, 48)
+    assert float(verify + other) == pytest.approx(expected, rel=0.05)
 
 
 def test_draft_catch_ups_do_not_read_as_the_cost_of_k() -> None:
