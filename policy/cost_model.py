@@ -96,7 +96,7 @@ class CostModelConfig:
     # 1.04-1.13x plain decoding, where static K = 4 ran 1.41x vLLM without speculation; the same prediction
     # for K = 4 ranged 0.87-2.75x over the run's cell starts. Replayed with a ring per bucket: 1.54-1.91x.
     # Over the drafting-against-plain step groups of each cell (`bench.replay_record`), the prediction's
-    # error relative to plain's fell from 0.149 to 0.104 (demo pair) and 0.119 to 0.106 (regime pair).
+    # error relative to plain's fell from 0.136 to 0.103 (demo pair) and 0.119 to 0.106 (regime pair).
     max_samples_per_bucket: int = 256
     min_samples: int = 8  # the prior is used until this many iterations were measured
     refit_interval: int = 16  # refit after this many new iterations (sooner while there are few)
@@ -270,7 +270,7 @@ class CostModel:
         row = self._record(stats)
         if row is None:
             return
-        bucket, size = batch_bucket(stats.batch_size), self.config.max_samples_per_bucket
+        bucket, size = batch_bucket(int(row[0])), self.config.max_samples_per_bucket  # row[0]: its batch size
         samples = self._samples.get(bucket)
         if samples is None:
             samples = self._samples[bucket] = np.empty((size, ROW_SIZE))
