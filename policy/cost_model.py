@@ -97,7 +97,9 @@ class CostModelConfig:
     # for K = 4 ranged 0.87-2.75x over the run's cell starts. Replayed with a ring per bucket: 1.54-1.91x.
     # Over the drafting-against-plain step groups of each cell (`bench.replay_record`), the prediction's
     # error relative to plain's fell from 0.136 to 0.103 (demo pair) and 0.119 to 0.106 (regime pair).
-    max_samples_per_bucket: int = 256
+    # Measured served at 256 per bucket (session 28); 512, so that under 512 rows in all the fit is the single
+    # ring's: at 256, a closed-loop test (batch 1 then 4, seed 3) drafted mean K 0.11 at batch 4 (it needs 0.9).
+    max_samples_per_bucket: int = 512
     min_samples: int = 8  # the prior is used until this many iterations were measured
     refit_interval: int = 16  # refit after this many new iterations (sooner while there are few)
     prior_weight: float = 0.01  # pull toward the prior, relative to one iteration's relative residual
