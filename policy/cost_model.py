@@ -10,13 +10,24 @@ formula. On the regime pair's served record that shape was off by more than the 
 put a batch-1 step verifying one draft 5% under its measured time and one verifying four 6% over, and a plain
 batch-4 step at 20.1 ms against 23.4 measured; the chooser drafted K = 1 through prose at batch 1, where
 vLLM without speculation ran 1.11x faster. A routing correlation in N(t) fitted no better (mean relative
-error 0.073-0.091 against 0.073 independent). So after each refit the model keeps, per batch-size bucket and
-verification tokens per sequence (1 + K), the median ratio of measured to predicted verify-and-other time of
-its recent iterations, shrunk toward 1 by `correction_pseudo_count` iterations, and scales its predictions by
-it: interpolated between measured cells and held at the nearest one beyond them, so an unexplored K rests on
-the parametric form's ratio to the nearest measured K. (Held at 1 instead, a bucket that had measured only
-plain steps, 10-20% faster than the prior put them, saw every K as that much dearer relative to plain: served
-on the regime pair, auto never drafted at synthetic 1 / 4 / 16, where static K = 4 ran 1.3-1.5x off.)
+error 0.073-0.091 against 0.073 independent). So after each refit the model corrects each batch-size bucket's
+predictions by a factor per verification tokens per sequence (1 + K): interpolated between measured K and held
+at the nearest one beyond them, so an unexplored K rests on the parametric form's ratio to the nearest measured
+K. (Held at 1 instead, a bucket that had measured only plain steps, 10-20% faster than the prior put them, saw
+every K as that much dearer relative to plain: served on the regime pair, auto never drafted at synthetic 1 /
+4 / 16, where static K = 4 ran 1.3-1.5x off.)
+
+The factors are measured against time. This machine's speed drifts 10-60% from minute to minute, and the
+bucket's recent iterations span minutes: a median ratio per K (the correction until session 29) compared K = 0
+measured in one minute with K = 4 measured in another. Replayed on the regime pair's record (session 28), the
+model put a batch-1 step at K = 4 at 4.6x a plain one at one cell's start, where they ran 2.8x apart in that
+cell (2.5-2.9x in every batch-1 cell), and auto drafted in a fifth of synthetic's batch-1 steps while static
+K = 3 ran 1.26x off; with time blocks, 3.8x (the ring holds about one batch-1 cell, so most K = 4 rows had
+left it). So the bucket's iterations are cut into time blocks of
+`correction_block` and the log ratio is fitted as the block's level plus the K's shape, by least squares over
+the blocks' per-K medians: only blocks that measured two K at once inform the shape (pulled toward the
+parametric form by `correction_pseudo_count` iterations), and the level is the latest block's, so that the
+predictions follow the machine's speed now.
 
 New requests' prompts. An engine that schedules prompts into decode steps (vLLM) runs the drafter over them
 too when the step drafts: its first pass feeds every token of the step to the draft model, a prompt chunk
@@ -44,7 +55,7 @@ from policy.routing import ExpertCounts, RoutingConfig
 from policy.stats import IterationStats
 
 Array = NDArray[np.float64]
-ROW_SIZE = 8  # a measured iteration's row: see CostModel._record
+ROW_SIZE = 9  # a measured iteration's row: see CostModel._record
 
 
 def batch_bucket(batch_size: int) -> int:
@@ -110,6 +121,7 @@ class CostModelConfig:
     # for its median ratio to count half; the rest of the weight stays on the parametric form.
     correction_pseudo_count: float = 8.0
     prompt_window: int = 128  # iterations the prompt tokens per iteration are averaged over
+    correction_block: int = 32  # a bucket's rows per time block of the shape correction (module docstring)
 
     def __post_init__(self) -> None:
         if self.prompt_window < 1:
@@ -168,6 +180,7 @@ class CostModel:
         self._num_drafting: dict[int, int] = {}
         # The shape correction per batch-size bucket: (drafts per sequence measured, their factors).
         self._correction: dict[int, tuple[Array, Array]] = {}
+        self._num_rows = 0  # rows ever recorded: each row's number orders the shape correction's time blocks
         # Per batch-size bucket: (iterations seen, mean prompt tokens per iteration), as observed and as of the
         # last refit (predictions read the latter, so that they change only with `version`).
         self._prompt_tokens: dict[int, tuple[int, float]] = {}
@@ -321,24 +334,49 @@ class CostModel:
         _, verify, other = self._model_times(batch, steps, spec)
         predicted, measured = verify + other, rows[:, 6] + rows[:, 7]
         valid = (predicted > 0.0) & (measured > 0.0)
-        ratio = np.divide(measured, predicted, out=np.ones_like(measured), where=valid)
-        per_seq = np.rint(spec / batch).astype(np.int64)
-        buckets = np.frexp(batch - 1.0)[1]  # batch_bucket, elementwise: (b - 1).bit_length()
-        pseudo = self.config.correction_pseudo_count
+        log_ratio = np.log(measured[valid] / predicted[valid])
+        per_seq = np.rint(spec[valid] / batch[valid]).astype(np.int64)
+        buckets = np.frexp(batch[valid] - 1.0)[1]  # batch_bucket, elementwise: (b - 1).bit_length()
+        numbers = rows[valid, 8]
         correction: dict[int, tuple[Array, Array]] = {}
-        for bucket in np.unique(buckets[valid]):
-            in_bucket = valid & (buckets == bucket)
-            measured_js = np.unique(per_seq[in_bucket])
-            factors = np.empty(len(measured_js))
-            for i, j in enumerate(measured_js):
-                cell = ratio[in_bucket & (per_seq == j)]
-                factors[i] = (len(cell) * float(np.median(cell)) + pseudo) / (len(cell) + pseudo)
-            correction[int(bucket)] = (measured_js.astype(np.float64), factors)
+        for bucket in np.unique(buckets):
+            in_bucket = np.flatnonzero(buckets == bucket)
+            in_bucket = in_bucket[np.argsort(numbers[in_bucket], kind="stable")]  # oldest first
+            correction[int(bucket)] = self._bucket_correction(log_ratio[in_bucket], per_seq[in_bucket])
         self._correction = correction
 
+    def _bucket_correction(self, log_ratio: Array, per_seq: NDArray[np.int64]) -> tuple[Array, Array]:
+        """One bucket's (drafts per sequence measured, factors), from its rows oldest first: log ratio =
+        level of the row's time block + shape of its K, by least squares over the blocks' per-K medians
+        with the shape pulled toward 0 (the parametric form) by `correction_pseudo_count` iterations; the
+        factor of K is exp(the latest block's level + K's shape)."""
+        size = self.config.correction_block
+        block = np.arange(len(log_ratio))[::-1] // size  # 0: the latest (a full block when there are enough)
+        js, j_index = np.unique(per_seq, return_inverse=True)
+        num_blocks = int(block[0]) + 1
+        cell = block * len(js) + j_index
+        order = np.lexsort((log_ratio, cell))  # by cell, then by ratio: each cell's median from its middle
+        cells, starts, counts = np.unique(cell[order], return_index=True, return_counts=True)
+        ranked = log_ratio[order]
+        medians = 0.5 * (ranked[starts + (counts - 1) // 2] + ranked[starts + counts // 2])
+        # Least squares over the (block, K) cells, each weighted by its rows: sum w (median - level - shape)^2
+        # + pseudo * |shape|^2. Each block's level is its cells' weighted mean of median - shape, so the shape
+        # solves (sum_b D_b + pseudo I) shape = sum_b D_b medians_b, D_b = diag(w_b) - w_b w_b' / W_b: a block
+        # that measured one K alone (D_b = 0) fixes its level and says nothing of the shape.
+        weights = np.zeros((num_blocks, len(js)))
+        table = np.zeros((num_blocks, len(js)))
+        weights.flat[cells], table.flat[cells] = counts, medians
+        share = weights / weights.sum(axis=1, keepdims=True)
+        normal = np.diag(weights.sum(axis=0)) - share.T @ weights
+        normal += self.config.correction_pseudo_count * np.eye(len(js))
+        weighted = weights * table
+        shape = np.linalg.solve(normal, weighted.sum(axis=0) - share.T @ weighted.sum(axis=1))
+        level = float(share[0] @ (table[0] - shape))  # the latest block's
+        return js.astype(np.float64), np.exp(level + shape)
+
     def _record(self, stats: IterationStats) -> tuple[float, ...] | None:
-        """(batch, max K, sum K, mean experts or nan, draft prefill tokens, draft s, verify s, other s);
-        feeds the expert counts and the drafting iterations per bucket."""
+        """(batch, max K, sum K, mean experts or nan, draft prefill tokens, draft s, verify s, other s, the
+        number of rows recorded before it); feeds the expert counts and the drafting iterations per bucket."""
         if not stats.requests:
             return None
         ks = [r.num_spec_tokens for r in stats.requests]
@@ -362,12 +400,17 @@ class CostModel:
             stats.draft_time_s,
             stats.verify_time_s,
             stats.other_time_s,
+            self._next_row_number(),
         )
+
+    def _next_row_number(self) -> float:
+        self._num_rows += 1
+        return float(self._num_rows - 1)
 
     def _fit_rows(self, rows: Sequence[tuple[float, ...]] | Array) -> CostParams:
         """Fit each parameter group; a group without enough data keeps its current values."""
         table = np.array(rows, dtype=np.float64).reshape(-1, ROW_SIZE).T
-        batch, steps, spec, experts, prefill, draft, verify, other = table
+        batch, steps, spec, experts, prefill, draft, verify, other, _ = table
         tokens = batch + spec
         experts = np.where(np.isnan(experts), self.expert_counts.predict(tokens), experts)
         ones = np.ones_like(tokens)
