@@ -382,3 +382,31 @@ def test_a_bucket_measured_only_plain_keeps_the_parametric_ratio_of_drafting_to_
     for k in range(1, 5):
         draft, verify, other = (float(t) for t in model._model_times(1, k, k))
         assert model.spec_time(1, k) == pytest.approx(draft + factor * (verify + other), rel=1e-6)
+
+
+def test_the_shape_correction_reads_drift_between_ks_measured_apart_as_speed_not_shape() -> None:
+    """The machine's speed drifts from minute to minute: plain steps measured in a slow stretch (1.3x) and
+    drafting ones mostly in a fast one. Per-K medians over the bucket's iterations (one time block) put
+    drafting about 23% cheaper relative to plain than it is; fitted against time blocks, the shape comes from
+    the blocks that measured both, and the level is the latest block's speed."""
+    truth = CostModel(CostModelConfig(MIXTRAL.routing), MIXTRAL.cost_params())
+    errors = {}
+    for block in (32, 512):
+        rng = np.random.default_rng(11)
+        model = CostModel(CostModelConfig(MIXTRAL.routing, correction_block=block), MIXTRAL.cost_params())
+        for i in range(512):
+            is_slow = i < 256  # slow: mostly plain, one step in 8 drafts; fast: the other way round
+            k = 2 if (i % 8 == 0) == is_slow else 0
+            stats = measured_iteration(truth, [k] * 4, rng, noise=0.01, iteration=i)
+            speed = 1.3 if is_slow else 1.0
+            model.observe(
+                msgspec.structs.replace(
+                    stats, verify_time_s=speed * stats.verify_time_s, other_time_s=speed * stats.other_time_s
+                )
+            )
+        relative = model.spec_time(4, 2) / model.plain_time(4)
+        errors[block] = relative / (truth.spec_time(4, 2) / truth.plain_time(4)) - 1.0
+        if block == 32:
+            assert model.plain_time(4) == pytest.approx(truth.plain_time(4), rel=0.03)  # the speed now
+    assert errors[512] < -0.1  # the premise: one block reads the drift as shape
+    assert abs(errors[32]) < 0.03, errors
