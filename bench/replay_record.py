@@ -217,12 +217,12 @@ def replay(steps: list[dict[str, Any]], chooser: MeasuredGuard, cells: list[Cell
                 elif stats.is_near_drafting and kind == "plain":
                     kind = "near"
                 ks = [r.num_spec_tokens for r in requests]
-                current_prediction = inner.cost_model.iteration_time(ks)
-                current.predicted_s[kind] += current_prediction
+                predicted = inner.cost_model.iteration_time(ks)
+                current.predicted_s[kind] += predicted
                 current.measured_s[kind] += stats.iteration_time_s
                 if kind in ("drafting", "plain") and not stats.num_draft_prefill_tokens:
                     key = (batch_bucket(len(ks)), max(ks))
-                    current.ratios[key].append(current_prediction / stats.iteration_time_s)
+                    current.ratios[key].append(predicted / stats.iteration_time_s)
                 if kind == "drafting" and not stats.num_draft_prefill_tokens:  # the drafter's part alone
                     draft_s, _, _ = inner.cost_model.phase_times(len(ks), max(ks), sum(ks))
                     current.predicted_s["drafter"] += float(draft_s)

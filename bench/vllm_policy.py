@@ -241,7 +241,7 @@ def mode_server(
         raise ValueError(
             f"mode {mode_name}: -gainN applies to auto, N a whole percent (auto-gain0, auto-gain10)"
         )
-    base_checkout: Path | None = getattr(args, "base_checkout", None)
+    base_checkout: Path | None = args.base_checkout
     if is_base and not (policy and base_checkout):
         raise ValueError(
             f"mode {mode_name}: -base applies to our modes (auto, k0, oursN) with --base-checkout"

@@ -170,7 +170,7 @@ def _base_settings(tmp_path: Path) -> PolicySettings:
 
 
 def test_fetch_modes_run_our_scheduler_with_vllms_executor(tmp_path: Path) -> None:
-    base, args = _base_settings(tmp_path), argparse.Namespace(python="python")
+    base, args = _base_settings(tmp_path), argparse.Namespace(python="python", base_checkout=None)
     for mode, fetches in (("ours2-fetch", True), ("ours2", False)):
         server, record = vllm_policy.mode_server(args, base, mode, 8000)
         settings: Any = server.settings
@@ -185,7 +185,7 @@ def test_fetch_modes_run_our_scheduler_with_vllms_executor(tmp_path: Path) -> No
 
 
 def test_now_mode_runs_auto_choosing_between_steps(tmp_path: Path) -> None:
-    base, args = _base_settings(tmp_path), argparse.Namespace(python="python")
+    base, args = _base_settings(tmp_path), argparse.Namespace(python="python", base_checkout=None)
     for mode, ahead in (("auto-now", False), ("auto", True), ("auto-now-fetch", False)):
         server, record = vllm_policy.mode_server(args, base, mode, 8000)
         settings: Any = server.settings
@@ -200,7 +200,7 @@ def test_now_mode_runs_auto_choosing_between_steps(tmp_path: Path) -> None:
 
 
 def test_nooutlook_mode_runs_auto_weighing_one_iteration_alone(tmp_path: Path) -> None:
-    base, args = _base_settings(tmp_path), argparse.Namespace(python="python")
+    base, args = _base_settings(tmp_path), argparse.Namespace(python="python", base_checkout=None)
     for mode, weighs in (("auto-nooutlook", False), ("auto", True)):
         server, record = vllm_policy.mode_server(args, base, mode, 8000)
         bench_settings: Any = server.settings
@@ -214,7 +214,7 @@ def test_nooutlook_mode_runs_auto_weighing_one_iteration_alone(tmp_path: Path) -
 
 
 def test_gain_mode_sets_the_predicted_gain_auto_needs_to_leave_plain_decoding(tmp_path: Path) -> None:
-    base, args = _base_settings(tmp_path), argparse.Namespace(python="python")
+    base, args = _base_settings(tmp_path), argparse.Namespace(python="python", base_checkout=None)
     for mode, gain in (
         ("auto-gain0", 0.0),
         ("auto-gain12", 0.12),
@@ -245,13 +245,15 @@ def test_base_modes_serve_ours_from_the_base_checkout(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="2-base"):  # vLLM's own modes run none of our code
         vllm_policy.mode_server(args, base, "2-base", 8000)
     with pytest.raises(ValueError, match="--base-checkout"):
-        vllm_policy.mode_server(argparse.Namespace(python="python"), base, "auto-base", 8000)
+        vllm_policy.mode_server(
+            argparse.Namespace(python="python", base_checkout=None), base, "auto-base", 8000
+        )
 
 
 def test_off_ours_runs_our_scheduler_without_a_draft_model(tmp_path: Path) -> None:
     """off-ours: vLLM without speculation on our scheduler and worker, so that its step record shows what off's
     steps are (k0 against it: what the idle draft model costs)."""
-    base, args = _base_settings(tmp_path), argparse.Namespace(python="python")
+    base, args = _base_settings(tmp_path), argparse.Namespace(python="python", base_checkout=None)
     server, record = vllm_policy.mode_server(args, base, "off-ours", 8000)
     assert server.num_spec_tokens == 0 and record is not None and record.name.startswith("record-off-ours-")
     command = server.settings.command(Path("python"), 8000, server.num_spec_tokens)
