@@ -410,3 +410,32 @@ def test_the_shape_correction_reads_drift_between_ks_measured_apart_as_speed_not
             assert model.plain_time(4) == pytest.approx(truth.plain_time(4), rel=0.03)  # the speed now
     assert errors[512] < -0.1  # the premise: one block reads the drift as shape
     assert abs(errors[32]) < 0.03, errors
+
+
+def test_a_long_stretch_at_one_k_keeps_the_blocks_that_related_the_other_ks_to_it() -> None:
+    """Batch 1 drafted at K = 4 among plain steps (its verify at 0.7x the parametric form's), then ran 1024
+    plain steps, 1.2x slower (a plain cell at batch 1 is about 900 steps on the regime pair). The ring then
+    holds plain steps alone; the blocks that measured both K keep K = 4's shape, and the level is the
+    latest block's. Without them, K = 4 falls back to the parametric form's ratio to plain."""
+    truth = CostModel(CostModelConfig(MIXTRAL.routing), MIXTRAL.cost_params())
+    errors = {}
+    for archived in (16, 0):
+        rng = np.random.default_rng(12)
+        config = CostModelConfig(MIXTRAL.routing, max_archived_blocks=archived)
+        model = CostModel(config, MIXTRAL.cost_params())
+        for i in range(256 + 1024):
+            k = 4 if i < 256 and i % 2 else 0
+            factor = 0.7 if k else (1.0 if i < 256 else 1.2)
+            stats = measured_iteration(truth, [k], rng, noise=0.01, iteration=i)
+            model.observe(
+                msgspec.structs.replace(
+                    stats,
+                    verify_time_s=factor * stats.verify_time_s,
+                    other_time_s=factor * stats.other_time_s,
+                )
+            )
+        draft, verify, other = (float(t) for t in truth.phase_times(1, 4, 4))
+        expected = (draft + 0.7 * 1.2 * (verify + other)) / (1.2 * truth.plain_time(1))
+        errors[archived] = model.spec_time(1, 4) / model.plain_time(1) / expected - 1.0
+    assert errors[0] > 0.1  # the premise: the ring alone lost K = 4's shape
+    assert abs(errors[16]) < 0.05, errors
