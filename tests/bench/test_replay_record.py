@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bench.replay_record import Cell, cells_of, relative_error, replay, vllm_config
+from bench.replay_record import Cell, cells_of, level_error, relative_error, replay, vllm_config
 from cluster.vllm_backend.chooser import build_chooser, iteration_stats
 from cluster.vllm_backend.settings import DraftMeasurement, SchedulerSettings
 from policy.guard import MeasuredGuard
@@ -116,3 +116,13 @@ def test_the_cost_models_error_is_drafting_relative_to_plain_in_the_same_cell_an
     off.ratios.update({(4, 0): [1.0] * 5, (4, 2): [1.2] * 4, (4, 4): [3.0] * 3})
     error, num_groups = relative_error([slow, off])
     assert num_groups == 2 and error == pytest.approx(math.log(1.2) / 2)
+
+
+def test_the_cost_models_level_error_is_plain_decodings_time_in_each_cell_and_bucket() -> None:
+    """Plain iterations predicted 20% under in one cell and right in another: the mean |log| is half of
+    log 0.8's. Drafting groups and groups under `min_steps` iterations do not count."""
+    slow, right = Cell("code 16", "00:00:00", "00:01:00"), Cell("prose 16", "00:01:00", "00:02:00")
+    slow.ratios.update({(4, 0): [0.8] * 4, (4, 3): [1.5] * 4, (5, 0): [2.0] * 3})
+    right.ratios.update({(4, 0): [1.0, 0.9, 1.1, 1.0, 1.0]})
+    error, num_groups = level_error([slow, right])
+    assert num_groups == 2 and error == pytest.approx(-math.log(0.8) / 2)
