@@ -56,6 +56,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from policy.routing import ExpertCounts, RoutingConfig
+from policy.shape_correction import time_blocked_factors
 from policy.stats import IterationStats
 
 Array = NDArray[np.float64]
@@ -372,37 +373,13 @@ class CostModel:
         for bucket in np.unique(buckets):
             in_bucket = np.flatnonzero(buckets == bucket)
             in_bucket = in_bucket[np.argsort(numbers[in_bucket], kind="stable")]  # oldest first
-            correction[int(bucket)] = self._bucket_correction(log_ratio[in_bucket], per_seq[in_bucket])
+            correction[int(bucket)] = time_blocked_factors(
+                log_ratio[in_bucket],
+                per_seq[in_bucket],
+                self.config.correction_block,
+                self.config.correction_pseudo_count,
+            )
         self._correction = correction
-
-    def _bucket_correction(self, log_ratio: Array, per_seq: NDArray[np.int64]) -> tuple[Array, Array]:
-        """One bucket's (drafts per sequence measured, factors), from its rows oldest first: log ratio =
-        level of the row's time block + shape of its K, by least squares over the blocks' per-K medians
-        with the shape pulled toward 0 (the parametric form) by `correction_pseudo_count` iterations; the
-        factor of K is exp(the latest block's level + K's shape)."""
-        size = self.config.correction_block
-        block = np.arange(len(log_ratio))[::-1] // size  # 0: the latest (a full block when there are enough)
-        js, j_index = np.unique(per_seq, return_inverse=True)
-        num_blocks = int(block[0]) + 1
-        cell = block * len(js) + j_index
-        order = np.lexsort((log_ratio, cell))  # by cell, then by ratio: each cell's median from its middle
-        cells, starts, counts = np.unique(cell[order], return_index=True, return_counts=True)
-        ranked = log_ratio[order]
-        medians = 0.5 * (ranked[starts + (counts - 1) // 2] + ranked[starts + counts // 2])
-        # Least squares over the (block, K) cells, each weighted by its rows: sum w (median - level - shape)^2
-        # + pseudo * |shape|^2. Each block's level is its cells' weighted mean of median - shape, so the shape
-        # solves (sum_b D_b + pseudo I) shape = sum_b D_b medians_b, D_b = diag(w_b) - w_b w_b' / W_b: a block
-        # that measured one K alone (D_b = 0) fixes its level and says nothing of the shape.
-        weights = np.zeros((num_blocks, len(js)))
-        table = np.zeros((num_blocks, len(js)))
-        weights.flat[cells], table.flat[cells] = counts, medians
-        share = weights / weights.sum(axis=1, keepdims=True)
-        normal = np.diag(weights.sum(axis=0)) - share.T @ weights
-        normal += self.config.correction_pseudo_count * np.eye(len(js))
-        weighted = weights * table
-        shape = np.linalg.solve(normal, weighted.sum(axis=0) - share.T @ weighted.sum(axis=1))
-        level = float(share[0] @ (table[0] - shape))  # the latest block's
-        return js.astype(np.float64), np.exp(level + shape)
 
     def _record(self, stats: IterationStats) -> tuple[float, ...] | None:
         """(batch, max K, sum K, mean experts or nan, draft prefill tokens, draft s, verify s, other s, the
