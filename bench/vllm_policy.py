@@ -124,14 +124,21 @@ def client_argv(
     out: Path,
     num_prompts: int | None = None,
 ) -> list[str]:
-    """`vllm bench serve`'s arguments for one cell; its result is saved to `out`."""
+    """`vllm bench serve`'s arguments for one cell; its result is saved to `out`.
+
+    The cell starts with `--cell-warmups` unmeasured requests (`vllm bench serve --num-warmups`, its first
+    prompt). Side by side, a server sits idle while the others run their cells, and its first step after that
+    took about a second where the same step took 50-100 ms warm (served on the regime pair, session 29's
+    record: 21 of the 31 cells of auto found in it started with a step of 0.3-1.0 s; every mode's p99 TTFT at
+    concurrency 1 showed it in some rounds, off's too). In cells of 5-17 s that second fell on whichever
+    server it hit, 6-20% of its time, and is not what a serving engine under load spends."""
     num_prompts = num_prompts or max(args.min_prompts, args.requests_per_slot * concurrency)
     return [
         "--backend", "vllm", "--base-url", url, "--endpoint", "/v1/completions",
         "--model", args.served_name, "--tokenizer", str(args.target),
         "--dataset-name", "custom", "--dataset-path", str(PROMPTS / f"{workload}.jsonl"),
         "--custom-output-len", str(args.max_tokens), "--skip-chat-template",
-        "--num-prompts", str(num_prompts),
+        "--num-prompts", str(num_prompts), "--num-warmups", str(args.cell_warmups),
         "--max-concurrency", str(concurrency), "--request-rate", str(args.request_rate),
         "--temperature", "0", "--ignore-eos", "--seed", "0",
         "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99",
@@ -429,6 +436,13 @@ def main() -> None:
         type=int,
         default=2,
         help="each server's KV cache (VLLM_CPU_KVCACHE_SPACE); the demo pairs at 32 x 1024 tokens need 0.2",
+    )
+    parser.add_argument(
+        "--cell-warmups",
+        type=int,
+        default=1,
+        help="unmeasured requests at the start of every cell (vllm bench serve's --num-warmups): an idle "
+        "server's first step is slow (see client_argv)",
     )
     parser.add_argument(
         "--warmup-prompts",

@@ -285,9 +285,9 @@ def test_the_client_script_compiles() -> None:
     compile(CLIENT, "<client>", "exec")
 
 
-def _fake_completions_server() -> tuple[str, Any]:
+def _fake_completions_server() -> tuple[str, Any, list[int]]:
     """An OpenAI completions endpoint streaming `max_tokens` chunks of one character each, as `vllm bench
-    serve` reads them; (base URL, stop function)."""
+    serve` reads them; (base URL, stop function, each request's max_tokens as received)."""
     import asyncio
     import threading
 
@@ -295,6 +295,7 @@ def _fake_completions_server() -> tuple[str, Any]:
 
     async def completions(request: web.Request) -> web.StreamResponse:
         body = await request.json()
+        received.append(body["max_tokens"])
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for _ in range(body["max_tokens"]):
@@ -303,6 +304,7 @@ def _fake_completions_server() -> tuple[str, Any]:
         await response.write(f"data: {json.dumps({'usage': usage})}\n\ndata: [DONE]\n\n".encode())
         return response
 
+    received: list[int] = []
     loop = asyncio.new_event_loop()
     app = web.Application()
     app.router.add_post("/v1/completions", completions)
@@ -318,13 +320,14 @@ def _fake_completions_server() -> tuple[str, Any]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
 
-    return f"http://127.0.0.1:{port}", stop
+    return f"http://127.0.0.1:{port}", stop, received
 
 
 @pytest.mark.slow  # about 25-50 s: it imports vLLM
 def test_one_client_process_runs_every_cell_of_a_server(tmp_path: Path, monkeypatch: Any) -> None:
     """`vllm bench serve`'s main, twice in one process, against a fake server: each cell's own result (its
-    prompts, concurrency and request rate) and span come back, in order."""
+    prompts, concurrency and request rate) and span come back, in order; each cell's warm-up request reaches
+    the server and stays out of the cell's result."""
     pytest.importorskip("vllm")
     import bench.vllm_policy as vllm_policy
 
@@ -336,8 +339,9 @@ def test_one_client_process_runs_every_cell_of_a_server(tmp_path: Path, monkeypa
         min_prompts=2,
         requests_per_slot=1,
         request_rate=50.0,  # Poisson arrivals
+        cell_warmups=1,
     )
-    url, stop = _fake_completions_server()
+    url, stop, received = _fake_completions_server()
     try:
         outs = [tmp_path / "a.json", tmp_path / "b.json"]
         cells = [
@@ -351,6 +355,7 @@ def test_one_client_process_runs_every_cell_of_a_server(tmp_path: Path, monkeypa
         (3, 3, 9),
     ]
     assert [r["request_rate"] for r in results] == [50.0, 50.0]
+    assert len(received) == 2 + 3 + 2  # the cells' prompts and one warm-up each
     assert results[0]["span"]["ended"] <= results[1]["span"]["started"]
 
 
@@ -458,6 +463,7 @@ def test_side_by_side_runs_each_cell_on_every_server_in_rotated_order(
         launches=1,
         kv_cache_gib=1,
         warmup_prompts=-1,
+        cell_warmups=1,
         served_name="demo-moe",
         target=vllm_policy.REPO / "models" / "demo-moe",
         max_tokens=8,
