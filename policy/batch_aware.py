@@ -22,6 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from policy.cost_model import CostModel
+from policy.k_search import best_k_vector, expected_etr, max_of_others, with_hysteresis
 from policy.stats import IterationStats, RequestOutlook, SameBatchSkips
 from policy.test_budget import TestBudget
 from policy.utility import AcceptanceConfig, AcceptanceEstimator
@@ -288,7 +289,7 @@ class BatchAwareChooser:
     ) -> float:
         """Expected committed tokens per second of the batch at this K vector (one entry per request);
         `times` as in `best_spec_tokens` (None: the cost model's time, drafting not charged its bar)."""
-        etr = float(_expected_etr(rates, np.asarray(num_spec_tokens)).sum())
+        etr = float(expected_etr(rates, np.asarray(num_spec_tokens)).sum())
         if times is None:
             return etr / self.cost_model.iteration_time([int(k) for k in num_spec_tokens])
         return etr / float(times[max(num_spec_tokens), sum(num_spec_tokens)])
@@ -296,43 +297,11 @@ class BatchAwareChooser:
     def best_spec_tokens(
         self, rates: Array, forced: NDArray[np.int_], times: Array | None = None
     ) -> list[int]:
-        """Exact maximizer of tokens per second; `forced[r] >= 0` fixes K_r, -1 leaves it free.
-
-        The iteration time depends on the K vector only through m = max K_r and S = sum K_r. For a given
-        (m, S) the expected ETR is largest when the S free draft tokens go to the largest marginal gains
-        a_r^j with j <= m (the j-th token of request r adds a_r^j to E[ETR_r]). Scanning every (m, S) is exact.
-        `times` is `_time_table(len(rates))` if the caller has it.
-        """
-        max_k = self.config.max_spec_tokens
+        """The K vector of most expected tokens per second (`policy.k_search.best_k_vector`); `forced[r] >= 0`
+        fixes K_r, -1 leaves it free. `times` is `_time_table(len(rates))` if the caller has it."""
         if times is None:
             times = self._time_table(len(rates))
-        is_free = forced < 0
-        positions = np.arange(1, max_k + 1)
-        gains = rates[:, None] ** positions  # (R, max_k): gain of the j-th token
-        forced_k = np.where(is_free, 0, forced)
-        forced_total = int(forced_k.sum())
-        base_etr = len(rates) + float(gains[positions <= forced_k[:, None]].sum())
-        # Free gains in descending order; a gain of token j is available when m >= j.
-        free_gains = gains[is_free].ravel()
-        order = np.argsort(-free_gains, kind="stable")  # (L,) into the (F, max_k) block
-        m_values = np.arange(max_k + 1)[:, None]  # (M, 1)
-        available = (order % max_k) < m_values  # (M, L)
-        # Column 0 is S = 0 (no free tokens); column i + 1 takes the sorted free gains up to position i.
-        etr = np.empty((max_k + 1, len(order) + 1))
-        etr[:, 0] = base_etr
-        np.cumsum(np.where(available, free_gains[order], 0.0), axis=1, out=etr[:, 1:])
-        etr[:, 1:] += base_etr
-        total = np.empty(etr.shape, dtype=np.int64)
-        total[:, 0] = forced_total
-        np.cumsum(available, axis=1, out=total[:, 1:])
-        total[:, 1:] += forced_total
-        rate = etr / times[m_values, total]
-        rate[: int(forced_k.max(initial=0))] = -np.inf  # m must cover the forced K
-        best_m, best_pos = divmod(int(np.argmax(rate)), rate.shape[1])
-        chosen = order[:best_pos][available[best_m, :best_pos]]
-        result = forced_k.copy()
-        result[is_free] = np.bincount(chosen // max_k, minlength=int(is_free.sum()))
-        return [int(k) for k in result]
+        return best_k_vector(rates, forced, times, self.config.max_spec_tokens)
 
     def _optimum_with_hysteresis(self, states: list[_RequestState], rates: Array, times: Array) -> list[int]:
         best = np.array(self.best_spec_tokens(rates, np.full(len(rates), -1), times))
@@ -342,7 +311,7 @@ class BatchAwareChooser:
             np.int64,
             len(states),
         )
-        return self._with_hysteresis(rates, best, previous, times)
+        return with_hysteresis(rates, best, previous, times, self.config.hysteresis)
 
     def _time_table(self, batch_size: int) -> Array:
         """Predicted iteration seconds of this batch by (max K, sum K): shape (max_k + 1, R * max_k + 1), the
@@ -362,27 +331,6 @@ class BatchAwareChooser:
             )
             table[1:] *= 1.0 + self.config.min_predicted_gain
         return table
-
-    def _with_hysteresis(
-        self, rates: Array, best: NDArray[np.int_], previous: NDArray[np.int_], times: Array
-    ) -> list[int]:
-        """Keep the previous K vector if the best one gains no more than `hysteresis` over it (a flat optimum
-        must not flip the whole batch back and forth); otherwise keep K_r = previous_r unless moving r alone
-        from it to best_r gains more than `hysteresis` of r's share (1 / batch size) of the batch's tokens per
-        second."""
-        etr = _expected_etr(rates, best)
-        best_total, best_etr = int(best.sum()), float(etr.sum())
-        previous_rate = (
-            float(_expected_etr(rates, previous).sum()) / times[int(previous.max()), int(previous.sum())]
-        )
-        if best_etr / times[int(best.max()), best_total] <= (1.0 + self.config.hysteresis) * previous_rate:
-            return [int(k) for k in previous]
-        alt_etr = best_etr - etr + _expected_etr(rates, previous)  # (R,): r at previous, others at best
-        alt_time = times[np.maximum(_max_of_others(best), previous), best_total - best + previous]
-        best_rate = best_etr / times[int(best.max()), best_total]
-        gain = best_rate / (alt_etr / alt_time) - 1.0
-        keep = gain <= self.config.hysteresis / len(rates)
-        return [int(k) for k in np.where(keep, previous, best)]
 
     def _repaid(
         self, request_ids: Sequence[str], rates: Array, chosen: list[int], times: Array
@@ -404,17 +352,17 @@ class BatchAwareChooser:
         lagging = (k > 0) & (catch_up > 0)
         if per_token_s <= 0.0 or not lagging.any():
             return chosen, frozenset()
-        etr = _expected_etr(rates, k)
+        etr = expected_etr(rates, k)
         total_etr, time_s = float(etr.sum()), float(times[int(k.max()), int(k.sum())])
         steps = remaining / etr  # iterations a request drafts until it ends
         alt = np.array(self.best_spec_tokens(rates, np.where(lagging, 0, -1), times))
         alt_time_s = float(times[int(alt.max()), int(alt.sum())])
-        saving_s = alt_time_s * total_etr / float(_expected_etr(rates, alt).sum()) - time_s
+        saving_s = alt_time_s * total_etr / float(expected_etr(rates, alt).sum()) - time_s
         if saving_s * float(steps[lagging].mean()) < per_token_s * float(catch_up[lagging].sum()):
             self.num_unrepaid += 1
             return [int(v) for v in alt], frozenset(np.flatnonzero(lagging & (alt == 0)).tolist())
         # Each alone: r at K = 0, the others as chosen.
-        alone_time_s = times[_max_of_others(k), int(k.sum()) - k]
+        alone_time_s = times[max_of_others(k), int(k.sum()) - k]
         alone_saving_s = alone_time_s * total_etr / (total_etr - etr + 1.0) - time_s
         unrepaid = lagging & (alone_saving_s * steps < per_token_s * catch_up)
         if not unrepaid.any():
@@ -513,16 +461,3 @@ class BatchAwareChooser:
                 rate = max(rate, uninformed)
             state = self._states[request_id] = _RequestState(self.config, rate)
         return state
-
-
-def _expected_etr(rates: Array, num_spec_tokens: NDArray[np.int_]) -> Array:
-    """E[ETR] = (1 - a^(K+1)) / (1 - a), elementwise (`policy.utility.expected_etr`; rates are below 1)."""
-    return (1.0 - rates ** (num_spec_tokens + 1)) / (1.0 - rates)
-
-
-def _max_of_others(values: NDArray[np.int_]) -> NDArray[np.int_]:
-    """For each r, the max over the other entries (0 for a batch of one)."""
-    if len(values) == 1:
-        return np.zeros_like(values)
-    top_two = np.sort(values)[-2:]
-    return np.where(values == top_two[1], top_two[0], top_two[1])

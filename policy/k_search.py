@@ -1,0 +1,83 @@
+"""The batch's K vector search (`policy.batch_aware`): the exact maximizer of expected committed tokens per
+second, and the hysteresis that keeps a flat optimum from flipping. Pure functions of the requests' acceptance
+rates and a table of predicted iteration times by (max K, sum K).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+Array = NDArray[np.float64]
+
+
+def best_k_vector(rates: Array, forced: NDArray[np.int_], times: Array, max_k: int) -> list[int]:
+    """Exact maximizer of tokens per second; `forced[r] >= 0` fixes K_r, -1 leaves it free; `times[m, S]` is
+    the iteration's seconds at max K = m and sum K = S, shape (max_k + 1, R * max_k + 1).
+
+    The iteration time depends on the K vector only through m = max K_r and S = sum K_r. For a given
+    (m, S) the expected ETR is largest when the S free draft tokens go to the largest marginal gains
+    a_r^j with j <= m (the j-th token of request r adds a_r^j to E[ETR_r]). Scanning every (m, S) is exact.
+    """
+    is_free = forced < 0
+    positions = np.arange(1, max_k + 1)
+    gains = rates[:, None] ** positions  # (R, max_k): gain of the j-th token
+    forced_k = np.where(is_free, 0, forced)
+    forced_total = int(forced_k.sum())
+    base_etr = len(rates) + float(gains[positions <= forced_k[:, None]].sum())
+    # Free gains in descending order; a gain of token j is available when m >= j.
+    free_gains = gains[is_free].ravel()
+    order = np.argsort(-free_gains, kind="stable")  # (L,) into the (F, max_k) block
+    m_values = np.arange(max_k + 1)[:, None]  # (M, 1)
+    available = (order % max_k) < m_values  # (M, L)
+    # Column 0 is S = 0 (no free tokens); column i + 1 takes the sorted free gains up to position i.
+    etr = np.empty((max_k + 1, len(order) + 1))
+    etr[:, 0] = base_etr
+    np.cumsum(np.where(available, free_gains[order], 0.0), axis=1, out=etr[:, 1:])
+    etr[:, 1:] += base_etr
+    total = np.empty(etr.shape, dtype=np.int64)
+    total[:, 0] = forced_total
+    np.cumsum(available, axis=1, out=total[:, 1:])
+    total[:, 1:] += forced_total
+    rate = etr / times[m_values, total]
+    rate[: int(forced_k.max(initial=0))] = -np.inf  # m must cover the forced K
+    best_m, best_pos = divmod(int(np.argmax(rate)), rate.shape[1])
+    chosen = order[:best_pos][available[best_m, :best_pos]]
+    result = forced_k.copy()
+    result[is_free] = np.bincount(chosen // max_k, minlength=int(is_free.sum()))
+    return [int(k) for k in result]
+
+
+def with_hysteresis(
+    rates: Array, best: NDArray[np.int_], previous: NDArray[np.int_], times: Array, hysteresis: float
+) -> list[int]:
+    """Keep the previous K vector if the best one gains no more than `hysteresis` over it (a flat optimum
+    must not flip the whole batch back and forth); otherwise keep K_r = previous_r unless moving r alone
+    from it to best_r gains more than `hysteresis` of r's share (1 / batch size) of the batch's tokens per
+    second. `times` as in `best_k_vector`."""
+    etr = expected_etr(rates, best)
+    best_total, best_etr = int(best.sum()), float(etr.sum())
+    previous_rate = (
+        float(expected_etr(rates, previous).sum()) / times[int(previous.max()), int(previous.sum())]
+    )
+    if best_etr / times[int(best.max()), best_total] <= (1.0 + hysteresis) * previous_rate:
+        return [int(k) for k in previous]
+    alt_etr = best_etr - etr + expected_etr(rates, previous)  # (R,): r at previous, others at best
+    alt_time = times[np.maximum(max_of_others(best), previous), best_total - best + previous]
+    best_rate = best_etr / times[int(best.max()), best_total]
+    gain = best_rate / (alt_etr / alt_time) - 1.0
+    keep = gain <= hysteresis / len(rates)
+    return [int(k) for k in np.where(keep, previous, best)]
+
+
+def expected_etr(rates: Array, num_spec_tokens: NDArray[np.int_]) -> Array:
+    """E[ETR] = (1 - a^(K+1)) / (1 - a), elementwise (`policy.utility.expected_etr`; rates are below 1)."""
+    return (1.0 - rates ** (num_spec_tokens + 1)) / (1.0 - rates)
+
+
+def max_of_others(values: NDArray[np.int_]) -> NDArray[np.int_]:
+    """For each r, the max over the other entries (0 for a batch of one)."""
+    if len(values) == 1:
+        return np.zeros_like(values)
+    top_two = np.sort(values)[-2:]
+    return np.where(values == top_two[1], top_two[0], top_two[1])
