@@ -338,21 +338,22 @@ def plan_row(
 
 def cell_row(result: dict[str, Any], record: Path | None) -> dict[str, Any]:
     """One client run: throughput, TPOT, when and at what load (1-minute load average at start and end), and
-    with our scheduler, what it did meanwhile (its step record's steps that started within the run)."""
+    with our scheduler, what it did meanwhile (its step record's steps that started within the run). The run
+    is the measured one: it started `duration` seconds before the client's span ended, after the cell's
+    warm-up requests (`client_argv`)."""
     span = result["span"]
+    started = max(span["started"], span["ended"] - result["duration"])
     row: dict[str, Any] = {
         "output_throughput": result["output_throughput"],
         "tpot_p50_ms": result["median_tpot_ms"],
         "tpot_p99_ms": result["p99_tpot_ms"],
-        "started": time.strftime("%H:%M:%S", time.localtime(span["started"])),
+        "started": time.strftime("%H:%M:%S", time.localtime(started)),
         "ended": time.strftime("%H:%M:%S", time.localtime(span["ended"])),
         "load_1min": [round(load, 2) for load in span["load_1min"]],
     }
     if record is not None and record.exists():
         steps = [json.loads(line) for line in record.read_text().splitlines()]
-        row["scheduler"] = scheduler_summary(
-            [s for s in steps if span["started"] <= s["start_s"] <= span["ended"]]
-        )
+        row["scheduler"] = scheduler_summary([s for s in steps if started <= s["start_s"] <= span["ended"]])
     return row
 
 

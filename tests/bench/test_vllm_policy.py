@@ -264,19 +264,24 @@ def test_off_ours_runs_our_scheduler_without_a_draft_model(tmp_path: Path) -> No
     assert server.num_spec_tokens == vllm_policy.MAX_SPEC_TOKENS
 
 
-def test_a_cell_summarises_the_record_steps_that_started_within_its_client_run(tmp_path: Path) -> None:
+def test_a_cell_summarises_the_record_steps_that_started_within_its_measured_client_run(
+    tmp_path: Path,
+) -> None:
     """All cells of a server run in one client process; each cell's steps are those whose wall-clock start
-    falls in its span (the steps of the cell before and after are not its own)."""
+    falls in its measured run: not the steps of the cell before and after, nor its own warm-up's, which run
+    in the client's span before the `duration` that `vllm bench serve` measured."""
     record = tmp_path / "record.jsonl"
-    steps = [{**_step(i, {"a": k}, {"a": k}), "start_s": 100.0 + i} for i, k in enumerate((4, 1, 1, 2, 4))]
+    steps = [{**_step(i, {"a": k}, {"a": k}), "start_s": 100.0 + i} for i, k in enumerate((4, 3, 1, 2, 4))]
     record.write_text("".join(json.dumps(s) + "\n" for s in steps))
-    result = {"output_throughput": 10.0, "median_tpot_ms": 20.0, "p99_tpot_ms": 30.0}
-    span = {"started": 100.5, "ended": 103.5, "load_1min": [1.234, 2.0]}
+    result = {"output_throughput": 10.0, "median_tpot_ms": 20.0, "p99_tpot_ms": 30.0, "duration": 2.0}
+    span = {"started": 100.5, "ended": 103.5, "load_1min": [1.234, 2.0]}  # the warm-up: the step at 101
     row = cell_row({**result, "span": span}, record)
-    assert row["scheduler"]["num_steps"] == 3 and row["scheduler"]["num_spec_tokens_histogram"] == {
-        "1": 2,
+    assert row["scheduler"]["num_steps"] == 2 and row["scheduler"]["num_spec_tokens_histogram"] == {
+        "1": 1,
         "2": 1,
     }
+    whole_span = cell_row({**result, "duration": 5.0, "span": span}, record)  # no warm-up
+    assert whole_span["scheduler"]["num_steps"] == 3
     assert row["load_1min"] == [1.23, 2.0] and row["output_throughput"] == 10.0
     assert "scheduler" not in cell_row({**result, "span": span}, None)  # vLLM's own server: no record
 
@@ -449,7 +454,13 @@ def test_side_by_side_runs_each_cell_on_every_server_in_rotated_order(
             span = {"started": 0.0, "ended": 1.0, "load_1min": [0.0, 0.0]}
             port = int(url.rsplit(":", 1)[1])
             results.append(
-                {"output_throughput": float(port), "median_tpot_ms": 1.0, "p99_tpot_ms": 1.0, "span": span}
+                {
+                    "output_throughput": float(port),
+                    "median_tpot_ms": 1.0,
+                    "p99_tpot_ms": 1.0,
+                    "duration": 1.0,
+                    "span": span,
+                }
             )
         return results
 
