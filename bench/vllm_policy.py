@@ -126,8 +126,9 @@ def client_argv(
 ) -> list[str]:
     """`vllm bench serve`'s arguments for one cell; its result is saved to `out`.
 
-    The cell starts with `--cell-warmups` unmeasured requests (`vllm bench serve --num-warmups`, its first
-    prompt). Side by side, a server sits idle while the others run their cells, and its first step after that
+    The cell starts with `--cell-warmups` unmeasured requests (`vllm bench serve --num-warmups`: its first
+    prompt, a whole request of `--max-tokens`, so the first measured request finds its prompt in vLLM's
+    prefix cache, on every mode alike). Side by side, a server sits idle while the others run their cells, and its first step after that
     took about a second where the same step took 50-100 ms warm (served on the regime pair, session 29's
     record: 21 of the 31 cells of auto found in it started with a step of 0.3-1.0 s; every mode's p99 TTFT at
     concurrency 1 showed it in some rounds, off's too). In cells of 5-17 s that second fell on whichever
@@ -337,10 +338,12 @@ def plan_row(
 
 
 def cell_row(result: dict[str, Any], record: Path | None) -> dict[str, Any]:
-    """One client run: throughput, TPOT, when and at what load (1-minute load average at start and end), and
-    with our scheduler, what it did meanwhile (its step record's steps that started within the run). The run
-    is the measured one: it started `duration` seconds before the client's span ended, after the cell's
-    warm-up requests (`client_argv`)."""
+    """One client run: throughput, TPOT, when and at what load (1-minute load average at the client's start,
+    before the warm-up, and at its end), and with our scheduler, what it did meanwhile (its step record's
+    steps that started within the run). The run is the measured one, after the cell's warm-up requests
+    (`client_argv`): taken as the client's `duration` up to the end of its span. The span also holds the
+    client's work after the run (its metrics fetch, the result file), so the window may miss the run's first
+    steps by those few tens of milliseconds; it never takes in the warm-up's."""
     span = result["span"]
     started = max(span["started"], span["ended"] - result["duration"])
     row: dict[str, Any] = {

@@ -22,7 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from policy.cost_model import CostModel
-from policy.k_search import best_k_vector, expected_etr, max_of_others, with_hysteresis
+from policy.k_search import best_k_vector, expected_etrs, max_of_others, with_hysteresis
 from policy.stats import IterationStats, RequestOutlook, SameBatchSkips
 from policy.test_budget import TestBudget
 from policy.utility import AcceptanceConfig, AcceptanceEstimator
@@ -289,7 +289,7 @@ class BatchAwareChooser:
     ) -> float:
         """Expected committed tokens per second of the batch at this K vector (one entry per request);
         `times` as in `best_spec_tokens` (None: the cost model's time, drafting not charged its bar)."""
-        etr = float(expected_etr(rates, np.asarray(num_spec_tokens)).sum())
+        etr = float(expected_etrs(rates, np.asarray(num_spec_tokens)).sum())
         if times is None:
             return etr / self.cost_model.iteration_time([int(k) for k in num_spec_tokens])
         return etr / float(times[max(num_spec_tokens), sum(num_spec_tokens)])
@@ -352,12 +352,12 @@ class BatchAwareChooser:
         lagging = (k > 0) & (catch_up > 0)
         if per_token_s <= 0.0 or not lagging.any():
             return chosen, frozenset()
-        etr = expected_etr(rates, k)
+        etr = expected_etrs(rates, k)
         total_etr, time_s = float(etr.sum()), float(times[int(k.max()), int(k.sum())])
         steps = remaining / etr  # iterations a request drafts until it ends
         alt = np.array(self.best_spec_tokens(rates, np.where(lagging, 0, -1), times))
         alt_time_s = float(times[int(alt.max()), int(alt.sum())])
-        saving_s = alt_time_s * total_etr / float(expected_etr(rates, alt).sum()) - time_s
+        saving_s = alt_time_s * total_etr / float(expected_etrs(rates, alt).sum()) - time_s
         if saving_s * float(steps[lagging].mean()) < per_token_s * float(catch_up[lagging].sum()):
             self.num_unrepaid += 1
             return [int(v) for v in alt], frozenset(np.flatnonzero(lagging & (alt == 0)).tolist())

@@ -13,7 +13,7 @@ Array = NDArray[np.float64]
 
 def best_k_vector(rates: Array, forced: NDArray[np.int_], times: Array, max_k: int) -> list[int]:
     """Exact maximizer of tokens per second; `forced[r] >= 0` fixes K_r, -1 leaves it free; `times[m, S]` is
-    the iteration's seconds at max K = m and sum K = S, shape (max_k + 1, R * max_k + 1).
+    the iteration's predicted (or charged) seconds at max K = m and sum K = S, shape (max_k + 1, R * max_k + 1).
 
     The iteration time depends on the K vector only through m = max K_r and S = sum K_r. For a given
     (m, S) the expected ETR is largest when the S free draft tokens go to the largest marginal gains
@@ -55,14 +55,14 @@ def with_hysteresis(
     must not flip the whole batch back and forth); otherwise keep K_r = previous_r unless moving r alone
     from it to best_r gains more than `hysteresis` of r's share (1 / batch size) of the batch's tokens per
     second. `times` as in `best_k_vector`."""
-    etr = expected_etr(rates, best)
+    etr = expected_etrs(rates, best)
     best_total, best_etr = int(best.sum()), float(etr.sum())
     previous_rate = (
-        float(expected_etr(rates, previous).sum()) / times[int(previous.max()), int(previous.sum())]
+        float(expected_etrs(rates, previous).sum()) / times[int(previous.max()), int(previous.sum())]
     )
     if best_etr / times[int(best.max()), best_total] <= (1.0 + hysteresis) * previous_rate:
         return [int(k) for k in previous]
-    alt_etr = best_etr - etr + expected_etr(rates, previous)  # (R,): r at previous, others at best
+    alt_etr = best_etr - etr + expected_etrs(rates, previous)  # (R,): r at previous, others at best
     alt_time = times[np.maximum(max_of_others(best), previous), best_total - best + previous]
     best_rate = best_etr / times[int(best.max()), best_total]
     gain = best_rate / (alt_etr / alt_time) - 1.0
@@ -70,7 +70,7 @@ def with_hysteresis(
     return [int(k) for k in np.where(keep, previous, best)]
 
 
-def expected_etr(rates: Array, num_spec_tokens: NDArray[np.int_]) -> Array:
+def expected_etrs(rates: Array, num_spec_tokens: NDArray[np.int_]) -> Array:
     """E[ETR] = (1 - a^(K+1)) / (1 - a), elementwise (`policy.utility.expected_etr`; rates are below 1)."""
     return (1.0 - rates ** (num_spec_tokens + 1)) / (1.0 - rates)
 

@@ -280,7 +280,7 @@ def test_a_cell_summarises_the_record_steps_that_started_within_its_measured_cli
         "1": 1,
         "2": 1,
     }
-    whole_span = cell_row({**result, "duration": 5.0, "span": span}, record)  # no warm-up
+    whole_span = cell_row({**result, "duration": 5.0, "span": span}, record)  # clamped to the span
     assert whole_span["scheduler"]["num_steps"] == 3
     assert row["load_1min"] == [1.23, 2.0] and row["output_throughput"] == 10.0
     assert "scheduler" not in cell_row({**result, "span": span}, None)  # vLLM's own server: no record
