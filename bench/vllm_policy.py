@@ -128,11 +128,12 @@ def client_argv(
 
     The cell starts with `--cell-warmups` unmeasured requests (`vllm bench serve --num-warmups`: its first
     prompt, a whole request of `--max-tokens`, so the first measured request finds its prompt in vLLM's
-    prefix cache, on every mode alike). Side by side, a server sits idle while the others run their cells, and its first step after that
-    took about a second where the same step took 50-100 ms warm (served on the regime pair, session 29's
-    record: 21 of the 31 cells of auto found in it started with a step of 0.3-1.0 s; every mode's p99 TTFT at
-    concurrency 1 showed it in some rounds, off's too). In cells of 5-17 s that second fell on whichever
-    server it hit, 6-20% of its time, and is not what a serving engine under load spends."""
+    prefix cache, on every mode alike). Side by side, a server sits idle while the others run their cells,
+    and its first step after that took about a second where the same step took 50-100 ms warm (served on the
+    regime pair, session 29's record: 21 of the 31 cells of auto found in it started with a step of 0.3-1.0
+    s; every mode's p99 TTFT at concurrency 1 showed it in some rounds, off's too). In cells of 5-17 s that
+    second fell on whichever server it hit, 6-20% of its time, and is not what a serving engine under load
+    spends."""
     num_prompts = num_prompts or max(args.min_prompts, args.requests_per_slot * concurrency)
     return [
         "--backend", "vllm", "--base-url", url, "--endpoint", "/v1/completions",

@@ -13,7 +13,8 @@ Array = NDArray[np.float64]
 
 def best_k_vector(rates: Array, forced: NDArray[np.int_], times: Array, max_k: int) -> list[int]:
     """Exact maximizer of tokens per second; `forced[r] >= 0` fixes K_r, -1 leaves it free; `times[m, S]` is
-    the iteration's predicted (or charged) seconds at max K = m and sum K = S, shape (max_k + 1, R * max_k + 1).
+    the iteration's predicted (or charged) seconds at max K = m and sum K = S, shape
+    (max_k + 1, R * max_k + 1).
 
     The iteration time depends on the K vector only through m = max K_r and S = sum K_r. For a given
     (m, S) the expected ETR is largest when the S free draft tokens go to the largest marginal gains
