@@ -387,6 +387,33 @@ def test_the_test_budget_of_a_large_batch_is_not_spent_at_batch_1() -> None:
     assert first[-1] > 0, first
 
 
+def test_a_step_far_beyond_its_predicted_time_does_not_spend_the_test_budget() -> None:
+    """One step of a forced test at 20x its time (served on the regime pair: 459 ms where 26 ms was
+    predicted) counts at most `max_test_time_over_predicted` times the prediction. Charged whole, it spent
+    the budget at batch 1 for longer than a request lives, and the next retest never came."""
+
+    def retests(max_over: float, slow_at: int | None) -> list[int]:
+        chooser = chooser_for(
+            "mixtral-8x7b-h100", min_population_requests=0, max_test_time_over_predicted=max_over
+        )
+        drafting = []
+        for i in range(1000):  # one long request: its first test (forced, rejected), then retests
+            k = chooser.choose(["r"])["r"]
+            seconds = chooser.cost_model.iteration_time([k]) * (20.0 if i == slow_at else 1.0)
+            requests = [RequestIterationStats("r", k, 0, 1, 10)]
+            chooser.observe(IterationStats(i, 1, requests, 1 + k, 0.0, seconds, 0.0))
+            if k:
+                drafting.append(i)
+        assert drafting[:1] == [chooser.config.max_test_wait]  # the premise: the first test is forced
+        assert slow_at is None or slow_at in drafting
+        return drafting[chooser.config.test_iterations :]
+
+    slow_at = 10
+    assert retests(3.0, None)  # the premise: without the slow step, it is retested
+    assert retests(3.0, slow_at)
+    assert not retests(1e9, slow_at)
+
+
 def test_tests_the_optimum_covers_do_not_spend_the_test_budget() -> None:
     """The budget bounds forced tests (the optimum would not draft): over it, a new request the model puts at
     K = 0 starts untested. Counting every test, served on the regime pair, the tests of new requests at
