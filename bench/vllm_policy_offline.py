@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.peers import VllmSettings, log
-from bench.vllm_policy import MAX_SPEC_TOKENS, PROMPTS, RAW
+from bench.vllm_policy import MAX_SPEC_TOKENS
+from bench.vllm_policy_client import PROMPTS, RAW
 from bench.vllm_policy_report import scheduler_summary
 from cluster.vllm_backend.settings import SCHEDULER_CLS, WORKER_CLS, executor_backend
 

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from bench import vllm_policy
-from bench.vllm_policy import CLIENT, PolicySettings, cell_row
+from bench.vllm_policy import PolicySettings, cell_row
+from bench.vllm_policy_client import CLIENT
 from bench.vllm_policy_report import median_table, scheduler_summary
 from cluster.vllm_backend.settings import SchedulerSettings
 from policy.batch_aware import BatchAwareConfig
@@ -334,12 +335,12 @@ def test_one_client_process_runs_every_cell_of_a_server(tmp_path: Path, monkeypa
     prompts, concurrency and request rate) and span come back, in order; each cell's warm-up request reaches
     the server and stays out of the cell's result."""
     pytest.importorskip("vllm")
-    import bench.vllm_policy as vllm_policy
+    import bench.vllm_policy_client as client
 
-    monkeypatch.setattr(vllm_policy, "RAW", tmp_path)
+    monkeypatch.setattr(client, "RAW", tmp_path)
     args = argparse.Namespace(
         served_name="demo-moe",
-        target=vllm_policy.REPO / "models" / "demo-moe",
+        target=client.REPO / "models" / "demo-moe",
         max_tokens=3,
         min_prompts=2,
         requests_per_slot=1,
@@ -349,10 +350,8 @@ def test_one_client_process_runs_every_cell_of_a_server(tmp_path: Path, monkeypa
     url, stop, received = _fake_completions_server()
     try:
         outs = [tmp_path / "a.json", tmp_path / "b.json"]
-        cells = [
-            vllm_policy.client_argv(url, "code", c, args, out) for c, out in zip((1, 3), outs, strict=True)
-        ]
-        results = vllm_policy.run_clients(Path(sys.executable), cells, outs)
+        cells = [client.client_argv(url, "code", c, args, out) for c, out in zip((1, 3), outs, strict=True)]
+        results = client.run_clients(Path(sys.executable), cells, outs)
     finally:
         stop()
     assert [(r["completed"], r["max_concurrency"], r["total_output_tokens"]) for r in results] == [
