@@ -152,6 +152,11 @@ class PolicyScheduler(Scheduler):
         self._ahead: dict[str, int] | None = None
         self._ahead_s = self._ahead_cpu_s = 0.0
         self._is_chosen_ahead = False  # this step's K were chosen while the worker ran the step before
+        # The outlooks the chooser was given with the last choice, with the ahead choice, and with this step's
+        # (the step record keeps the last, so that `bench.replay_record` gives the chooser the same).
+        self._outlook_given: dict[str, RequestOutlook] = {}
+        self._ahead_outlook: dict[str, RequestOutlook] = {}
+        self._chosen_outlook: dict[str, RequestOutlook] = {}
         self._step_start = 0.0
         self._step_end = 0.0  # perf_counter() after the last update_from_output()
         self._choose_s = 0.0
@@ -196,9 +201,11 @@ class PolicyScheduler(Scheduler):
                 self._chosen = self._choose(self._drafting)
                 self._choose_s = time.perf_counter() - start
                 self._choose_cpu_s = time.thread_time() - start_cpu
+                self._chosen_outlook = self._outlook_given
             else:
                 self._chosen = {r: self._k(r, ahead.get(r, 0)) for r in self._drafting}  # joined: 0 or asked
                 self._choose_s, self._choose_cpu_s = self._ahead_s, self._ahead_cpu_s
+                self._chosen_outlook = self._ahead_outlook
             scheduler_output.num_spec_tokens_to_schedule = max(self._chosen.values(), default=0)
             drafting = frozenset(r for r, k in self._chosen.items() if k > 0)
             setattr(scheduler_output, DRAFTING_REQUESTS_ATTR, drafting)  # pickled with it to the worker
@@ -225,6 +232,7 @@ class PolicyScheduler(Scheduler):
         if self._chooses_ahead and self._drafting:
             start, start_cpu = time.perf_counter(), time.thread_time()
             self._ahead = self._choose(self._drafting)
+            self._ahead_outlook = self._outlook_given
             self._ahead_s = time.perf_counter() - start
             self._ahead_cpu_s = time.thread_time() - start_cpu
         self._cost_model.refit_if_due()
@@ -273,8 +281,10 @@ class PolicyScheduler(Scheduler):
 
     def _choose(self, request_ids: Sequence[str]) -> dict[str, int]:
         auto = [r for r in request_ids if self._requested.get(r) is None]
+        self._outlook_given = {}
         if auto and isinstance(self.chooser, OutlookAware):
-            self.chooser.set_outlook(self._outlook(auto))
+            self._outlook_given = self._outlook(auto)
+            self.chooser.set_outlook(self._outlook_given)
         chosen = self.chooser.choose(auto) if auto else {}
         return {r: self._k(r, chosen.get(r, 0)) for r in request_ids}
 
@@ -390,6 +400,10 @@ class PolicyScheduler(Scheduler):
                     choose_s=self._choose_s,
                     choose_cpu_s=self._choose_cpu_s,
                     is_chosen_ahead=self._is_chosen_ahead,
+                    outlook={
+                        r: [o.num_catch_up_tokens, o.num_remaining_tokens]
+                        for r, o in self._chosen_outlook.items()
+                    },
                     observe_s=observe_s,
                     gap_s=gap_s,
                     is_near_drafting=is_near,

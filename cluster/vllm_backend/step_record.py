@@ -36,6 +36,9 @@ class StepRecord:
     # this step's K were chosen while the worker ran the step before (`choose_ahead`), before its observation;
     # choose_s and choose_cpu_s are that call's, off the path between steps
     is_chosen_ahead: bool = False
+    # per request, the `RequestOutlook` the chooser was given with the choice of `chosen`: [catch-up tokens,
+    # tokens it may still generate] (`bench.replay_record` gives the chooser the same)
+    outlook: dict[str, list[int]] = field(default_factory=dict)
     observe_s: float = 0.0  # in the chooser's observe() (after the step: between it and the next)
     gap_s: float = 0.0  # from the end of the step before to this one's schedule(): the engine core outside
     is_near_drafting: bool = False  # IterationStats.is_near_drafting: the drafter ran at or next to this step

@@ -16,9 +16,13 @@ from bench.replay_record import Cell, cells_of, level_error, relative_error, rep
 from cluster.vllm_backend.chooser import build_chooser, iteration_stats
 from cluster.vllm_backend.settings import DraftMeasurement, SchedulerSettings
 from policy.guard import MeasuredGuard
-from policy.stats import RequestIterationStats
+from policy.stats import RequestIterationStats, RequestOutlook
 
 REPO = Path(__file__).resolve().parents[2]
+# Each request's prompt: the drafter's catch-up before its first draft, long enough that a 24-token request
+# does not always repay it (`BatchAwareChooser._repaid`), so that a replay without the recorded outlooks
+# chooses otherwise.
+PROMPT_TOKENS = 1000
 
 
 def _chooser() -> MeasuredGuard:
@@ -33,13 +37,18 @@ def _serve(
 ) -> list[dict[str, Any]]:
     """A served-like record: requests of 24 tokens at `concurrency`, accepting about 0.7, the K chosen at a step
     verified in the next (vLLM's lag), one step every 50 ms from `start_s`. `chooses_ahead`: each step's K
-    chosen while the step before ran (`PolicyScheduler.choose_ahead`), a new request's at 0."""
+    chosen while the step before ran (`PolicyScheduler.choose_ahead`), a new request's at 0. Each choice is
+    given the requests' outlooks (a drafter that has not drafted for a request lags by its prompt,
+    `PROMPT_TOKENS`, and what it generated), recorded with the step whose K it chose, as `PolicyScheduler`
+    records them."""
     chooser, rng = _chooser(), np.random.default_rng(seed)
     steps: list[dict[str, Any]] = []
     held: dict[str, int] = {}
     left: dict[str, int] = {}
     previous, next_id = DraftMeasurement(0.0, 0), 0
     ahead: dict[str, int] | None = None
+    ahead_outlook: dict[str, list[int]] = {}
+    seen: set[str] = set()  # requests the drafter has drafted for
     for step in range(num_steps):
         while len(left) < concurrency:
             left[f"r{next_id}"], next_id = 24, next_id + 1
@@ -47,14 +56,25 @@ def _serve(
         drafts = {r: held.get(r, 0) for r in ids}
         accepted = {r: int(np.sum(np.cumprod(rng.random(k) < 0.7))) for r, k in drafts.items()}
         is_chosen_ahead = ahead is not None
-        chosen = chooser.choose(ids) if ahead is None else {r: ahead.get(r, 0) for r in ids}
+        outlook = {r: [0 if r in seen else PROMPT_TOKENS + 24 - left[r], left[r]] for r in ids}
+        if ahead is None:
+            chooser.set_outlook({r: RequestOutlook(*v) for r, v in outlook.items()})
+            chosen = chooser.choose(ids)
+        else:
+            chosen, outlook = {r: ahead.get(r, 0) for r in ids}, ahead_outlook
+        catch_up = sum(outlook[r][0] for r, k in chosen.items() if k and r not in seen)
+        seen.update(r for r, k in chosen.items() if k)
+        if chooses_ahead:
+            ahead_outlook = {r: [0 if r in seen else PROMPT_TOKENS + 24 - left[r], left[r]] for r in ids}
+            chooser.set_outlook({r: RequestOutlook(*v) for r, v in ahead_outlook.items()})
         ahead = chooser.choose(ids) if chooses_ahead else None
         inner: Any = chooser.inner
         inner.cost_model.refit_if_due()  # as the scheduler does while the worker runs the step
-        draft_s = 0.004 * max(chosen.values()) if any(chosen.values()) else None
+        # The drafter's catch-up: 0.2 ms a token.
+        draft_s = 0.004 * max(chosen.values()) + 0.0002 * catch_up if any(chosen.values()) else None
         step_s = 0.012 + 0.003 * sum(drafts.values()) + (draft_s or 0.0)
         requests = [RequestIterationStats(r, drafts[r], accepted[r], accepted[r] + 1, 100) for r in ids]
-        draft = DraftMeasurement(draft_s or 0.0, 0)
+        draft = DraftMeasurement(draft_s or 0.0, catch_up)
         chooser.observe(iteration_stats(step, requests, step_s, draft, previous, is_near_drafting=False))
         previous, held = draft, dict(chosen)
         steps.append(
@@ -69,6 +89,7 @@ def _serve(
                 "is_near_drafting": False,
                 "start_s": start_s + 0.05 * step,
                 "is_chosen_ahead": is_chosen_ahead,
+                "outlook": outlook,
             }
         )
         for r in ids:

@@ -363,11 +363,12 @@ class _Outlooks(_Releases):
 def test_the_chooser_is_told_what_each_drafter_missed_and_what_is_left(engines: tuple[Any, Any]) -> None:
     """The outlook (`RequestOutlook`) an outlook-aware chooser gets before each choice: a request that
     drafted at the end of the last step has nothing to catch up; one at K = 0 so far, its whole history;
-    each, its max_tokens less what it generated."""
+    each, its max_tokens less what it generated. The step record keeps each outlook given."""
     _, ours = engines
     sched, engine = scheduler(ours), ours.llm_engine
     wrapper = _Outlooks(sched.chooser)
     sched.chooser = wrapper
+    sched.record.clear()
     try:
         engine.add_request("outlook-auto", PROMPTS[0], _params(["auto"], max_tokens=20)[0])  # the policy's 2
         engine.add_request("outlook-off", PROMPTS[1], _params(["off"], max_tokens=20)[0])
@@ -391,4 +392,9 @@ def test_the_chooser_is_told_what_each_drafter_missed_and_what_is_left(engines: 
     # Only the request the policy decides for is asked about; its first outlook, its whole prompt.
     assert wrapper.outlooks and all(list(o) == [auto] for o in wrapper.outlooks)
     assert wrapper.outlooks[0][auto].num_catch_up_tokens == prompt_len
+    # The step record keeps each, with the step whose K it was given for (`bench.replay_record` replays them).
+    given = [
+        {r: [o.num_catch_up_tokens, o.num_remaining_tokens] for r, o in g.items()} for g in wrapper.outlooks
+    ]
+    assert [step.outlook for step in sched.record if step.outlook] == given
     assert not sched._draft_seen  # forgotten with the requests
