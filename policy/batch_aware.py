@@ -3,14 +3,14 @@
 Objective: sum_r E[ETR_r(K_r)] / T(batch, K vector), with per-request acceptance estimates and the shared
 cost model. A new request's estimate starts from the acceptance of the traffic so far (not from an
 uninformed 0.5), pooled over recent request-iterations. Requests are probed in Cascade-style test phases
-(new ones at once, ones at K = 0 with back-off) so that every estimate stays fresh; a batch size at which
-no drafting was measured yet gets tests too, since its cost of drafting is only the prior's guess. A probe
-only guarantees K >= probe_num_spec_tokens on top of the optimum, and probes that would make a K = 0 batch
-draft wait to go together, so that testing costs little where speculation does not pay; such forced tests
-also spend at most a budget's share of the time (`BatchAwareConfig.test_budget`). Hysteresis keeps a
-request's K unless changing it clearly pays. A request whose drafter lags behind it (new, or back from
-K = 0) starts drafting only where the rest of its life repays the drafter's catch-up (`RequestOutlook`,
-`BatchAwareConfig.weighs_catch_up`).
+(`policy.test_phase`: new ones at once, ones at K = 0 with back-off) so that every estimate stays fresh; a
+batch size at which no drafting was measured yet gets tests too, since its cost of drafting is only the
+prior's guess. A probe only guarantees K >= probe_num_spec_tokens on top of the optimum, and probes that
+would make a K = 0 batch draft wait to go together, so that testing costs little where speculation does not
+pay; such forced tests also spend at most a budget's share of the time (`BatchAwareConfig.test_budget`).
+Hysteresis keeps a request's K unless changing it clearly pays. A request whose drafter lags behind it (new,
+or back from K = 0) starts drafting only where the rest of its life repays the drafter's catch-up
+(`RequestOutlook`, `BatchAwareConfig.weighs_catch_up`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from policy.cost_model import CostModel
 from policy.k_search import best_k_vector, expected_etrs, max_of_others, with_hysteresis
 from policy.stats import IterationStats, RequestOutlook, SameBatchSkips
 from policy.test_budget import TestBudget
+from policy.test_phase import RequestState, TestPhases
 from policy.utility import AcceptanceConfig, AcceptanceEstimator
 
 Array = NDArray[np.float64]
@@ -144,45 +145,17 @@ class BatchAwareConfig:
             )
 
 
-class _RequestState:
-    def __init__(self, config: BatchAwareConfig, prior_rate: float) -> None:
-        self.estimator = AcceptanceEstimator(config.acceptance, prior_rate)
-        self.test_remaining = config.test_iterations  # > 0: in a test phase (new requests start there)
-        # Its test has drafted (been chosen to probe): it continues back to back. Set at the choice, not at
-        # the verification: vLLM verifies a choice one step later, and a test counted from its verification
-        # left the batch plain in the step between, with a second catch-up after it.
-        self.test_started = False
-        # Its test started where the optimum put it below the probe (a forced test): the test budget counts
-        # those alone. A test the optimum covers is the model's own choice, and the guard answers for it.
-        self.is_forced_test = False
-        self.set_k: int | None = None  # the last set-phase choice; None right after a test
-        self.zero_iterations = 0  # iterations run at K = 0 since the last test
-        self.num_zero_verdicts = 0  # consecutive tests followed by K = 0: the back-off exponent
-        self.is_new = True  # not chosen for yet
-        self.test_wait = 0  # iterations a pending test has waited for a drafting iteration
-        self.num_drafting_iterations = 0  # its first test_iterations feed the population's acceptance
-
-    @property
-    def ends_forced_test(self) -> bool:
-        """Its forced test has run its iterations, and this choice is its verdict."""
-        return self.test_remaining == 0 and self.set_k is None and self.is_forced_test
-
-
 class BatchAwareChooser:
     """A `KChooser` for one batch (one router); the cost model may be shared between choosers."""
 
     def __init__(self, config: BatchAwareConfig, cost_model: CostModel) -> None:
         self.config = config
         self.cost_model = cost_model
-        self._states: dict[str, _RequestState] = {}
+        self._states: dict[str, RequestState] = {}
         # Acceptance of all requests together, updated once per iteration: new requests start from it.
         self._population = AcceptanceEstimator(POPULATION_ACCEPTANCE)
         self._num_population_requests = 0  # requests whose drafts fed it
-        self._num_plain_iterations = 0  # observed iterations since one drafted
-        self._last_test_drafted = False  # the last test's verdict was K > 0 (`_testers`)
-        self._test_budget = TestBudget(
-            config.test_budget, config.test_budget_iterations, config.test_budget_backoff
-        )
+        self._phases = TestPhases(config, cost_model)
         # The last choice, for `gauges`: its predicted tokens per second over plain decoding's.
         self._predicted_speedup = 1.0
         # A steady all-plain batch (`BatchAwareConfig.steady_iterations`): its choices before the next search.
@@ -214,7 +187,7 @@ class BatchAwareChooser:
         num = len(states)
         rates = np.fromiter((s.estimator.rate for s in states), np.float64, num)
         times = self._time_table(num)
-        key = (tuple(request_ids), self.cost_model.version, self._num_changes)
+        key = (tuple(request_ids), self.cost_model.version, self._num_changes + self._phases.num_changes)
         if key == self._optimum_key:
             self.num_reused_optima += 1
             chosen = list(self._optimum)
@@ -224,16 +197,9 @@ class BatchAwareChooser:
         unrepaid: frozenset[int] = frozenset()
         if self.config.weighs_catch_up and self._outlook:
             chosen, unrepaid = self._repaid(request_ids, rates, chosen, times)
-        for i in self._testers(states, chosen, unrepaid):
+        for i in self._phases.testers(states, chosen, unrepaid):
             chosen[i] = max(chosen[i], self.config.probe_num_spec_tokens)
-        # Forced tests that end now: their verdicts together set the test budget's back-off (one that drafts
-        # is enough to restore it).
-        forced_verdicts = [k > 0 for s, k in zip(states, chosen, strict=True) if s.ends_forced_test]
-        if forced_verdicts:
-            self._test_budget.verdict(num, any(forced_verdicts))
-        for state, k in zip(states, chosen, strict=True):
-            if state.test_remaining == 0:
-                self._set(state, k)
+        self._phases.settle(states, chosen)
         plain_rate = num / float(times[0, 0])
         bar = 1.0 + self.config.min_predicted_gain if max(chosen) else 1.0  # the gauge is the model's own
         self._predicted_speedup = bar * self.tokens_per_second(rates, chosen, times) / plain_rate
@@ -247,13 +213,10 @@ class BatchAwareChooser:
 
     def observe(self, stats: IterationStats) -> None:
         self.cost_model.observe(stats)
-        is_drafting = any(r.num_spec_tokens > 0 for r in stats.requests)
-        self._num_plain_iterations = 0 if is_drafting else self._num_plain_iterations + 1
-        if is_drafting:
+        if any(r.num_spec_tokens > 0 for r in stats.requests):
             self._steady.reset()
-        self._account_tests(stats)
-        for r in stats.requests:
-            state = self._state(r.request_id)
+        states = [self._state(r.request_id) for r in stats.requests]
+        for r, state in zip(stats.requests, states, strict=True):
             if r.num_spec_tokens > 0:
                 rejected = 1.0 if r.num_accepted_tokens < r.num_spec_tokens else 0.0
                 state.estimator.record_counts(r.num_accepted_tokens, rejected)
@@ -262,20 +225,8 @@ class BatchAwareChooser:
                     self._population.record_counts(r.num_accepted_tokens, rejected)
                 self._num_population_requests += state.num_drafting_iterations == 0
                 state.num_drafting_iterations += 1
-            if state.test_remaining > 0:
-                state.test_remaining -= r.num_spec_tokens > 0  # a test waiting for a probe is still pending
-            elif r.num_spec_tokens > 0:
-                state.zero_iterations = 0
-            else:
-                state.zero_iterations += 1
-                backoff = self.config.set_iterations * 2**state.num_zero_verdicts
-                if state.zero_iterations >= min(backoff, self.config.max_set_iterations):
-                    state.test_remaining = self.config.test_iterations  # retest from the next choice
-                    state.set_k = None
-                    self._num_changes += 1
-                    self._steady.reset()
-            if state.test_remaining == 0:
-                state.test_started = False
+        if self._phases.observe(stats, states):
+            self._steady.reset()
 
     def release(self, request_id: str) -> None:
         self._states.pop(request_id, None)
@@ -287,12 +238,12 @@ class BatchAwareChooser:
         return {
             "policy_acceptance": self._population.rate,
             "policy_predicted_speedup": self._predicted_speedup,
-            "policy_test_cost_share": self._test_budget.spent_share(),
+            "policy_test_cost_share": self._phases.budget.spent_share(),
         }
 
     @property
     def test_budget(self) -> TestBudget:
-        return self._test_budget
+        return self._phases.budget
 
     def tokens_per_second(
         self, rates: Array, num_spec_tokens: Sequence[int], times: Array | None = None
@@ -313,7 +264,7 @@ class BatchAwareChooser:
             times = self._time_table(len(rates))
         return best_k_vector(rates, forced, times, self.config.max_spec_tokens)
 
-    def _optimum_with_hysteresis(self, states: list[_RequestState], rates: Array, times: Array) -> list[int]:
+    def _optimum_with_hysteresis(self, states: list[RequestState], rates: Array, times: Array) -> list[int]:
         best = np.array(self.best_spec_tokens(rates, np.full(len(rates), -1), times))
         # Requests in or just out of a test phase have no previous choice (set_k is None).
         previous = np.fromiter(
@@ -346,7 +297,7 @@ class BatchAwareChooser:
         self, request_ids: Sequence[str], rates: Array, chosen: list[int], times: Array
     ) -> tuple[list[int], frozenset[int]]:
         """`chosen`, less the drafting of lagging requests that would not repay their drafter's catch-up, and
-        the indices of those (`_testers` lets them probe only as forced tests, under the test budget).
+        the indices of those (`TestPhases.testers` lets them probe only as forced tests, under the test budget).
 
         The catch-up costs `draft_prefill_per_token_s` per lagging token, once. Drafting saves, per
         iteration, the time the batch would take to commit the same tokens without it; it lasts about
@@ -380,93 +331,7 @@ class BatchAwareChooser:
         self.num_unrepaid += 1
         return [int(v) for v in np.where(unrepaid, 0, k)], frozenset(np.flatnonzero(unrepaid).tolist())
 
-    def _testers(self, states: list[_RequestState], chosen: list[int], unrepaid: frozenset[int]) -> list[int]:
-        """Indices of the requests that probe this iteration.
-
-        A test that the optimum already covers (K >= probe) costs nothing. Otherwise a probe makes the whole
-        batch run a draft step, so such tests wait (up to `max_test_wait` iterations) for an iteration that
-        drafts anyway, and then go together. A probe of a request whose catch-up its drafting would not repay
-        (`unrepaid`, from `_repaid`) is never free: it runs only where the waiting tests are forced, under
-        the test budget, which counts its catch-up in the forced tests' cost. A new request for which
-        speculation would not pay even at the traffic's acceptance starts at K = 0 and is first tested as if
-        `new_request_zero_verdicts` tests had said K = 0, since most short requests would never pay back a
-        test (and its catch-up prefill).
-        """
-        probe, num_test = self.config.probe_num_spec_tokens, self.config.test_iterations
-        # A started test runs its iterations back to back.
-        is_drafting = max(chosen) > 0 or any(s.test_started and s.test_remaining > 0 for s in states)
-        waiting = []
-        # Skipping a new request's test rests on measurement only if drafting's cost has been measured at this
-        # batch size, the traffic's acceptance is fresh (some request drafted within the longest back-off) and
-        # the last test did not end in drafting. The traffic's figure is fed by tests alone, so without the
-        # last condition a shift to a workload that accepts well was learned only through the occasional test:
-        # served on the regime pair, synthetic at batch 1 after prose (traffic figure about 0.55, break-even
-        # 0.63) ran 15 of 16 requests untested at K = 0, while the one tested drafted its life at 0.85, where
-        # static K = 4 paid 1.32x. Over the test budget, a new request starts untested too: kept pending, its
-        # test would wait for the budget, and the batch's tests would pile up and go all at once.
-        within_budget = self._test_budget.allows(len(states))
-        is_measured = not within_budget or (
-            self.cost_model.num_drafting_iterations(len(states)) >= num_test
-            and self._num_plain_iterations < self.config.max_set_iterations
-            and not self._last_test_drafted
-        )
-        for i, state in enumerate(states):
-            if state.is_new and state.test_remaining > 0 and chosen[i] == 0:
-                state.num_zero_verdicts = self.config.new_request_zero_verdicts  # as if tested
-                if is_measured:
-                    state.test_remaining, state.set_k, state.zero_iterations = 0, 0, 0
-                    self._num_changes += 1
-            state.is_new = False
-            if state.test_remaining > 0 and chosen[i] < probe:
-                waiting.append(i)
-        is_forcing = within_budget and any(states[i].test_wait >= self.config.max_test_wait for i in waiting)
-        is_drafting = is_drafting or is_forcing
-        for i in waiting:
-            states[i].test_wait = 0 if is_drafting else states[i].test_wait + 1
-        testers = [
-            i
-            for i, s in enumerate(states)
-            if s.test_remaining > 0
-            and (is_drafting or chosen[i] >= probe)
-            and (is_forcing or i not in unrepaid)
-        ]
-        for i in testers:
-            if not states[i].test_started:
-                states[i].is_forced_test = chosen[i] < probe
-            states[i].test_started = True
-        return testers
-
-    def _account_tests(self, stats: IterationStats) -> None:
-        """Add the iteration to the test budget's sums: its time, and if only forced tests drafted in it, its
-        net cost (its time, at most `max_test_time_over_predicted` times the cost model's, less plain
-        decoding's predicted time for the tokens it committed)."""
-        seconds = stats.iteration_time_s
-        if seconds <= 0.0:
-            return
-        drafting = [r for r in stats.requests if r.num_spec_tokens > 0]
-        net_cost_s = None
-        states = [self._state(r.request_id) for r in drafting]
-        is_decoding_only = not stats.num_prefill_tokens  # else its time is not the tests' to answer for
-        if drafting and is_decoding_only and all(s.test_started and s.is_forced_test for s in states):
-            model = self.cost_model
-            predicted_s = model.iteration_time([r.num_spec_tokens for r in stats.requests]) + (
-                model.params.draft_prefill_per_token_s * stats.num_draft_prefill_tokens
-            )
-            seconds = min(seconds, self.config.max_test_time_over_predicted * predicted_s)
-            committed = sum(r.num_committed_tokens for r in stats.requests)
-            net_cost_s = seconds - self.cost_model.plain_time(stats.batch_size) * committed / stats.batch_size
-        self._test_budget.add(stats.batch_size, seconds, net_cost_s)
-
-    def _set(self, state: _RequestState, num_spec_tokens: int) -> None:
-        """Record a set-phase choice; the first one after a test sets the back-off."""
-        if state.set_k is None:  # a test's verdict
-            self._last_test_drafted = num_spec_tokens > 0
-            state.num_zero_verdicts = state.num_zero_verdicts + 1 if num_spec_tokens == 0 else 0
-            state.zero_iterations = 0
-        self._num_changes += state.set_k != num_spec_tokens
-        state.set_k = num_spec_tokens
-
-    def _state(self, request_id: str) -> _RequestState:
+    def _state(self, request_id: str) -> RequestState:
         state = self._states.get(request_id)
         if state is None:
             rate = self._population.rate
@@ -475,5 +340,5 @@ class BatchAwareChooser:
                     self.config.acceptance.prior_accepted + self.config.acceptance.prior_rejected
                 )
                 rate = max(rate, uninformed)
-            state = self._states[request_id] = _RequestState(self.config, rate)
+            state = self._states[request_id] = RequestState(self.config, rate)
         return state

@@ -8,7 +8,7 @@ drafter catch-up), so with one figure the tests of large batches decided whether
 Served on the regime pair, synthetic at batch 1 followed prose at batch 32 on the same server and ran 0.71x
 of static K = 4, almost untested. That pointed here, but the per-bucket budget alone did not make it draft:
 batch 1's own budget was spent too, by tests the optimum covered, which the chooser counts no longer
-(`BatchAwareChooser._account_tests`).
+(`policy.test_phase.TestPhases`).
 
 The share backs off where forced tests keep finding nothing: it halves per consecutive forced test in the
 bucket whose verdict was K = 0, down to `share / 2**max_backoff`, and is whole again at a verdict of K > 0

@@ -1,0 +1,177 @@
+"""Cascade's test and set phases for `policy.batch_aware`: per request, a test phase of
+`test_iterations` drafting iterations, then set-phase choices; a request set at K = 0 is retested after a
+back-off. `TestPhases` decides which requests probe each iteration and keeps the forced tests within the
+test budget (`policy.test_budget`). Its rules and their reasons are `BatchAwareConfig`'s.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from policy.cost_model import CostModel
+from policy.stats import IterationStats
+from policy.test_budget import TestBudget
+from policy.utility import AcceptanceEstimator
+
+if TYPE_CHECKING:
+    from policy.batch_aware import BatchAwareConfig
+
+
+class RequestState:
+    def __init__(self, config: BatchAwareConfig, prior_rate: float) -> None:
+        self.estimator = AcceptanceEstimator(config.acceptance, prior_rate)
+        self.test_remaining = config.test_iterations  # > 0: in a test phase (new requests start there)
+        # Its test has drafted (been chosen to probe): it continues back to back. Set at the choice, not at
+        # the verification: vLLM verifies a choice one step later, and a test counted from its verification
+        # left the batch plain in the step between, with a second catch-up after it.
+        self.test_started = False
+        # Its test started where the optimum put it below the probe (a forced test): the test budget counts
+        # those alone. A test the optimum covers is the model's own choice, and the guard answers for it.
+        self.is_forced_test = False
+        self.set_k: int | None = None  # the last set-phase choice; None right after a test
+        self.zero_iterations = 0  # iterations run at K = 0 since the last test
+        self.num_zero_verdicts = 0  # consecutive tests followed by K = 0: the back-off exponent
+        self.is_new = True  # not chosen for yet
+        self.test_wait = 0  # iterations a pending test has waited for a drafting iteration
+        self.num_drafting_iterations = 0  # its first test_iterations feed the population's acceptance
+
+    @property
+    def ends_forced_test(self) -> bool:
+        """Its forced test has run its iterations, and this choice is its verdict."""
+        return self.test_remaining == 0 and self.set_k is None and self.is_forced_test
+
+
+class TestPhases:
+    """The batch's test and set phases. `num_changes` counts the changes it made to what the chooser's search
+    reads (a set-phase choice, a retest falling due), for the chooser's reuse of its last optimum."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, config: BatchAwareConfig, cost_model: CostModel) -> None:
+        self.config = config
+        self.cost_model = cost_model
+        self.budget = TestBudget(
+            config.test_budget, config.test_budget_iterations, config.test_budget_backoff
+        )
+        self.num_plain_iterations = 0  # observed iterations since one drafted
+        self.last_test_drafted = False  # the last test's verdict was K > 0 (`testers`)
+        self.num_changes = 0
+
+    def testers(self, states: list[RequestState], chosen: list[int], unrepaid: frozenset[int]) -> list[int]:
+        """Indices of the requests that probe this iteration.
+
+        A test that the optimum already covers (K >= probe) costs nothing. Otherwise a probe makes the whole
+        batch run a draft step, so such tests wait (up to `max_test_wait` iterations) for an iteration that
+        drafts anyway, and then go together. A probe of a request whose catch-up its drafting would not repay
+        (`unrepaid`, from `BatchAwareChooser._repaid`) is never free: it runs only where the waiting tests
+        are forced, under the test budget, which counts its catch-up in the forced tests' cost. A new request
+        for which speculation would not pay even at the traffic's acceptance starts at K = 0 and is first
+        tested as if `new_request_zero_verdicts` tests had said K = 0, since most short requests would never
+        pay back a test (and its catch-up prefill).
+        """
+        probe, num_test = self.config.probe_num_spec_tokens, self.config.test_iterations
+        # A started test runs its iterations back to back.
+        is_drafting = max(chosen) > 0 or any(s.test_started and s.test_remaining > 0 for s in states)
+        waiting = []
+        # Skipping a new request's test rests on measurement only if drafting's cost has been measured at this
+        # batch size, the traffic's acceptance is fresh (some request drafted within the longest back-off) and
+        # the last test did not end in drafting. The traffic's figure is fed by tests alone, so without the
+        # last condition a shift to a workload that accepts well was learned only through the occasional test:
+        # served on the regime pair, synthetic at batch 1 after prose (traffic figure about 0.55, break-even
+        # 0.63) ran 15 of 16 requests untested at K = 0, while the one tested drafted its life at 0.85, where
+        # static K = 4 paid 1.32x. Over the test budget, a new request starts untested too: kept pending, its
+        # test would wait for the budget, and the batch's tests would pile up and go all at once.
+        within_budget = self.budget.allows(len(states))
+        is_measured = not within_budget or (
+            self.cost_model.num_drafting_iterations(len(states)) >= num_test
+            and self.num_plain_iterations < self.config.max_set_iterations
+            and not self.last_test_drafted
+        )
+        for i, state in enumerate(states):
+            if state.is_new and state.test_remaining > 0 and chosen[i] == 0:
+                state.num_zero_verdicts = self.config.new_request_zero_verdicts  # as if tested
+                if is_measured:
+                    state.test_remaining, state.set_k, state.zero_iterations = 0, 0, 0
+                    self.num_changes += 1
+            state.is_new = False
+            if state.test_remaining > 0 and chosen[i] < probe:
+                waiting.append(i)
+        is_forcing = within_budget and any(states[i].test_wait >= self.config.max_test_wait for i in waiting)
+        is_drafting = is_drafting or is_forcing
+        for i in waiting:
+            states[i].test_wait = 0 if is_drafting else states[i].test_wait + 1
+        testers = [
+            i
+            for i, s in enumerate(states)
+            if s.test_remaining > 0
+            and (is_drafting or chosen[i] >= probe)
+            and (is_forcing or i not in unrepaid)
+        ]
+        for i in testers:
+            if not states[i].test_started:
+                states[i].is_forced_test = chosen[i] < probe
+            states[i].test_started = True
+        return testers
+
+    def settle(self, states: list[RequestState], chosen: list[int]) -> None:
+        """Record the choice: forced tests that end now give their verdicts together to the test budget's
+        back-off (one that drafts is enough to restore it), and requests out of their test phase are set."""
+        forced_verdicts = [k > 0 for s, k in zip(states, chosen, strict=True) if s.ends_forced_test]
+        if forced_verdicts:
+            self.budget.verdict(len(states), any(forced_verdicts))
+        for state, k in zip(states, chosen, strict=True):
+            if state.test_remaining == 0:
+                self._set(state, k)
+
+    def observe(self, stats: IterationStats, states: list[RequestState]) -> bool:
+        """Advance each request's phase by the iteration (`states`: its requests', in order) and count it in
+        the test budget; whether a retest fell due."""
+        is_drafting = any(r.num_spec_tokens > 0 for r in stats.requests)
+        self.num_plain_iterations = 0 if is_drafting else self.num_plain_iterations + 1
+        self._account(stats, states)
+        is_retest_due = False
+        for r, state in zip(stats.requests, states, strict=True):
+            if state.test_remaining > 0:
+                state.test_remaining -= r.num_spec_tokens > 0  # a test waiting for a probe is still pending
+            elif r.num_spec_tokens > 0:
+                state.zero_iterations = 0
+            else:
+                state.zero_iterations += 1
+                backoff = self.config.set_iterations * 2**state.num_zero_verdicts
+                if state.zero_iterations >= min(backoff, self.config.max_set_iterations):
+                    state.test_remaining = self.config.test_iterations  # retest from the next choice
+                    state.set_k = None
+                    self.num_changes += 1
+                    is_retest_due = True
+            if state.test_remaining == 0:
+                state.test_started = False
+        return is_retest_due
+
+    def _account(self, stats: IterationStats, states: list[RequestState]) -> None:
+        """Add the iteration to the test budget's sums: its time, and if only forced tests drafted in it, its
+        net cost (its time, at most `max_test_time_over_predicted` times the cost model's, less plain
+        decoding's predicted time for the tokens it committed)."""
+        seconds = stats.iteration_time_s
+        if seconds <= 0.0:
+            return
+        drafting = [s for r, s in zip(stats.requests, states, strict=True) if r.num_spec_tokens > 0]
+        net_cost_s = None
+        is_decoding_only = not stats.num_prefill_tokens  # else its time is not the tests' to answer for
+        if drafting and is_decoding_only and all(s.test_started and s.is_forced_test for s in drafting):
+            model = self.cost_model
+            predicted_s = model.iteration_time([r.num_spec_tokens for r in stats.requests]) + (
+                model.params.draft_prefill_per_token_s * stats.num_draft_prefill_tokens
+            )
+            seconds = min(seconds, self.config.max_test_time_over_predicted * predicted_s)
+            committed = sum(r.num_committed_tokens for r in stats.requests)
+            net_cost_s = seconds - model.plain_time(stats.batch_size) * committed / stats.batch_size
+        self.budget.add(stats.batch_size, seconds, net_cost_s)
+
+    def _set(self, state: RequestState, num_spec_tokens: int) -> None:
+        """Record a set-phase choice; the first one after a test sets the back-off."""
+        if state.set_k is None:  # a test's verdict
+            self.last_test_drafted = num_spec_tokens > 0
+            state.num_zero_verdicts = state.num_zero_verdicts + 1 if num_spec_tokens == 0 else 0
+            state.zero_iterations = 0
+        self.num_changes += state.set_k != num_spec_tokens
+        state.set_k = num_spec_tokens
