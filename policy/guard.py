@@ -159,6 +159,7 @@ class MeasuredGuard:
         self._num_verdicts: dict[int, int] = {}
         self._num_drafting = 0  # drafting iterations since the last plain one
         self._baseline_left = 0  # plain iterations of the current baseline still to choose
+        self._baseline_bucket = 0  # ... in this batch-size bucket: it ends where the batch leaves it
         # Per choice not yet observed: the requests the chooser decided for (None: a forced plain iteration),
         # and whether it is a baseline's.
         self._pending: deque[tuple[frozenset[str] | None, bool]] = deque(maxlen=_MAX_PENDING_CHOICES)
@@ -186,6 +187,14 @@ class MeasuredGuard:
             return self._plain_iteration(request_ids)
         self._held_skips.reset()
         chosen = self.inner.choose(request_ids)
+        if self._baseline_left > 0 and bucket != self._baseline_bucket:
+            # The batch left the bucket the baseline measures: its plain steps here would be another bucket's.
+            # Served on the regime pair (vLLM backend, synthetic at concurrency 16), a batch that passed
+            # through batch 2 or 5-8 between two waves of requests, or in the cell's tail, started there a
+            # baseline as long as the bucket's missing samples (10 steps), which then ran plain at batch 14-16
+            # or 3-4, buckets already known: 26 of the cell's 82 steps were plain, and auto ran 1.27x off where
+            # our path at static K = 4 ran 1.45x.
+            self._baseline_left = 0
         if self._baseline_left > 0:
             self._baseline_left -= 1
             self._num_drafting = 0
@@ -213,6 +222,7 @@ class MeasuredGuard:
             self._missed_bucket = None
             missing = 0 if is_known else self.config.min_samples - num_plain - 1
             self._baseline_left = self.config.baseline_length + missing - 1
+            self._baseline_bucket = bucket
             return self._plain_iteration(request_ids, is_baseline=True)
         self._pending.append((frozenset(request_ids), False))
         return chosen

@@ -477,3 +477,26 @@ def test_baselines_that_keep_meeting_prompts_run_again_a_bounded_number_of_times
     # Without retries a baseline has one step away from drafting; with them, each baseline lost to a prompt
     # is followed by two more at once (here contiguous, so all their steps are away from drafting), no more.
     assert lengths == [{1}, {1 + 2 * 3}]
+
+
+def test_a_baseline_ends_where_the_batch_leaves_its_bucket() -> None:
+    # Served at concurrency 16, the batch passed through batch 5-8 (too few plain samples there) between two
+    # waves of requests; the baseline that started there, as long as the missing samples, ran on plain at
+    # batch 16, where the plain figure was known and drafting paid 1.45x.
+    guard = MeasuredGuard(StaticChooser(2), GuardConfig(baseline_length=4, baseline_every=64))
+    batch_16 = [f"r{i}" for i in range(16)]
+    held: dict[str, int] = {}
+    for index in range(200):  # batch 16 learns its plain figure and drafts at 3 tokens per 0.2 s step
+        chosen = guard.choose(batch_16)
+        ks = {r: held.get(r, 0) for r in batch_16}
+        guard.observe(
+            _iteration(
+                index, ks, {r: 3 if k else 1 for r, k in ks.items()}, 0.2 if any(ks.values()) else 0.16
+            )
+        )
+        held = chosen
+    assert guard.figures(batch_bucket(16)) is not None and guard.num_holds == 0
+    batch_6 = batch_16[:6]
+    for _ in range(2):  # a new bucket: its first baseline, as long as its missing samples
+        assert guard.choose(batch_6) == dict.fromkeys(batch_6, 0)
+    assert guard.choose(batch_16) == dict.fromkeys(batch_16, 2)  # back at batch 16: the chooser's K again
