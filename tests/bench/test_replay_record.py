@@ -49,6 +49,10 @@ def _serve(
     ahead: dict[str, int] | None = None
     ahead_outlook: dict[str, list[int]] = {}
     seen: set[str] = set()  # requests the drafter has drafted for
+
+    def outlook_of(ids: list[str]) -> dict[str, list[int]]:
+        return {r: [0 if r in seen else PROMPT_TOKENS + 24 - left[r], left[r]] for r in ids}
+
     for step in range(num_steps):
         while len(left) < concurrency:
             left[f"r{next_id}"], next_id = 24, next_id + 1
@@ -56,7 +60,7 @@ def _serve(
         drafts = {r: held.get(r, 0) for r in ids}
         accepted = {r: int(np.sum(np.cumprod(rng.random(k) < 0.7))) for r, k in drafts.items()}
         is_chosen_ahead = ahead is not None
-        outlook = {r: [0 if r in seen else PROMPT_TOKENS + 24 - left[r], left[r]] for r in ids}
+        outlook = outlook_of(ids)
         if ahead is None:
             chooser.set_outlook({r: RequestOutlook(*v) for r, v in outlook.items()})
             chosen = chooser.choose(ids)
@@ -65,7 +69,7 @@ def _serve(
         catch_up = sum(outlook[r][0] for r, k in chosen.items() if k and r not in seen)
         seen.update(r for r, k in chosen.items() if k)
         if chooses_ahead:
-            ahead_outlook = {r: [0 if r in seen else PROMPT_TOKENS + 24 - left[r], left[r]] for r in ids}
+            ahead_outlook = outlook_of(ids)
             chooser.set_outlook({r: RequestOutlook(*v) for r, v in ahead_outlook.items()})
         ahead = chooser.choose(ids) if chooses_ahead else None
         inner: Any = chooser.inner
