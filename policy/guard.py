@@ -75,6 +75,15 @@ class GuardConfig:
     # baseline of a 145-step cell lost its sample so, the next was due 256 drafting steps later (wide-lead
     # spacing), and the bucket's plain figure got no new sample in that cell.
     baseline_retries: int = 2
+    # A bucket's first baseline, as long as its missing samples, ends where the batch leaves the bucket, at
+    # most this many times per bucket; after that it runs to its end wherever the batch goes, so that a bucket
+    # the batch keeps passing through briefly is learned all the same (a plain sample needs plain steps in a
+    # row: on vLLM a plain step next to a drafting one yields none). Served on the regime pair (vLLM
+    # backend, synthetic at concurrency 16), a batch that passed through batch 2 or 5-8 between two waves of
+    # requests, or in the cell's tail, started there a 10-step first baseline, which then ran plain at batch
+    # 14-16 or 3-4, buckets already known: 26 of the cell's 82 steps were plain, and auto ran 1.27x off where
+    # our path at static K = 4 ran 1.45x.
+    max_cut_baselines: int = 2
     hold_iterations: int = 64  # plain iterations after a verdict against drafting
     max_hold_iterations: int = 1024  # cap of the doubling hold
     held_ask_every: int = 8  # while held, the chooser is asked this often (and when the requests change)
@@ -91,8 +100,11 @@ class GuardConfig:
             raise ValueError(
                 f"wide_lead={self.wide_lead} must be >= 0, wide_lead_spacing={self.wide_lead_spacing} >= 1"
             )
-        if self.baseline_retries < 0:
-            raise ValueError(f"baseline_retries={self.baseline_retries} must be >= 0")
+        if self.baseline_retries < 0 or self.max_cut_baselines < 0:
+            raise ValueError(
+                f"baseline_retries={self.baseline_retries}, max_cut_baselines={self.max_cut_baselines} "
+                "must be >= 0"
+            )
         if self.held_ask_every < 1:
             raise ValueError(f"held_ask_every={self.held_ask_every} must be >= 1")
         if self.max_hold_iterations < self.hold_iterations:
@@ -159,7 +171,10 @@ class MeasuredGuard:
         self._num_verdicts: dict[int, int] = {}
         self._num_drafting = 0  # drafting iterations since the last plain one
         self._baseline_left = 0  # plain iterations of the current baseline still to choose
-        self._baseline_bucket = 0  # ... in this batch-size bucket: it ends where the batch leaves it
+        # The bucket of the current baseline if it is the bucket's first (None: a later one), and per bucket
+        # such baselines cut short where the batch left it (`max_cut_baselines`).
+        self._baseline_bucket: int | None = None
+        self._num_cuts: dict[int, int] = {}
         # Per choice not yet observed: the requests the chooser decided for (None: a forced plain iteration),
         # and whether it is a baseline's.
         self._pending: deque[tuple[frozenset[str] | None, bool]] = deque(maxlen=_MAX_PENDING_CHOICES)
@@ -187,14 +202,14 @@ class MeasuredGuard:
             return self._plain_iteration(request_ids)
         self._held_skips.reset()
         chosen = self.inner.choose(request_ids)
-        if self._baseline_left > 0 and bucket != self._baseline_bucket:
-            # The batch left the bucket the baseline measures: its plain steps here would be another bucket's.
-            # Served on the regime pair (vLLM backend, synthetic at concurrency 16), a batch that passed
-            # through batch 2 or 5-8 between two waves of requests, or in the cell's tail, started there a
-            # baseline as long as the bucket's missing samples (10 steps), which then ran plain at batch 14-16
-            # or 3-4, buckets already known: 26 of the cell's 82 steps were plain, and auto ran 1.27x off where
-            # our path at static K = 4 ran 1.45x.
-            self._baseline_left = 0
+        cut = self._baseline_bucket
+        if self._baseline_left > 0 and cut is not None and cut != bucket:
+            num_cuts = self._num_cuts.get(cut, 0)
+            if num_cuts < self.config.max_cut_baselines:
+                self._baseline_left = (
+                    0  # its plain steps here would be another bucket's (`max_cut_baselines`)
+                )
+                self._num_cuts[cut] = num_cuts + 1
         if self._baseline_left > 0:
             self._baseline_left -= 1
             self._num_drafting = 0
@@ -222,7 +237,7 @@ class MeasuredGuard:
             self._missed_bucket = None
             missing = 0 if is_known else self.config.min_samples - num_plain - 1
             self._baseline_left = self.config.baseline_length + missing - 1
-            self._baseline_bucket = bucket
+            self._baseline_bucket = None if is_known else bucket
             return self._plain_iteration(request_ids, is_baseline=True)
         self._pending.append((frozenset(request_ids), False))
         return chosen

@@ -57,6 +57,7 @@ def test_config_rejects_bad_values() -> None:
         {"wide_lead": -0.1},
         {"wide_lead_spacing": 0},
         {"baseline_retries": -1},
+        {"max_cut_baselines": -1},
     ):
         with pytest.raises(ValueError):
             GuardConfig(**bad)
@@ -479,24 +480,33 @@ def test_baselines_that_keep_meeting_prompts_run_again_a_bounded_number_of_times
     assert lengths == [{1}, {1 + 2 * 3}]
 
 
-def test_a_baseline_ends_where_the_batch_leaves_its_bucket() -> None:
+def test_a_new_buckets_baseline_ends_where_the_batch_leaves_it_a_bounded_number_of_times() -> None:
     # Served at concurrency 16, the batch passed through batch 5-8 (too few plain samples there) between two
     # waves of requests; the baseline that started there, as long as the missing samples, ran on plain at
-    # batch 16, where the plain figure was known and drafting paid 1.45x.
+    # batch 16, where the plain figure was known and drafting paid 1.45x. A bucket the batch keeps passing
+    # through must still be learned: after max_cut_baselines such baselines, one runs to its end.
     guard = MeasuredGuard(StaticChooser(2), GuardConfig(baseline_length=4, baseline_every=64))
-    batch_16 = [f"r{i}" for i in range(16)]
-    held: dict[str, int] = {}
-    for index in range(200):  # batch 16 learns its plain figure and drafts at 3 tokens per 0.2 s step
-        chosen = guard.choose(batch_16)
-        ks = {r: held.get(r, 0) for r in batch_16}
-        guard.observe(
-            _iteration(
-                index, ks, {r: 3 if k else 1 for r, k in ks.items()}, 0.2 if any(ks.values()) else 0.16
-            )
-        )
-        held = chosen
+    batch_16, batch_6 = [f"r{i}" for i in range(16)], [f"r{i}" for i in range(6)]
+    index = 0
+
+    def run(ids: list[str], num_steps: int) -> list[bool]:
+        """Each choice verified in its own step (3 tokens per 0.2 s drafting, 1 per 0.16 s plain): whether
+        each was plain."""
+        nonlocal index
+        plain = []
+        for _ in range(num_steps):
+            chosen = guard.choose(ids)
+            seconds = 0.2 if any(chosen.values()) else 0.16
+            guard.observe(_iteration(index, chosen, {r: 3 if k else 1 for r, k in chosen.items()}, seconds))
+            plain.append(not any(chosen.values()))
+            index += 1
+        return plain
+
+    run(batch_16, 200)  # batch 16 learns its plain figure
     assert guard.figures(batch_bucket(16)) is not None and guard.num_holds == 0
-    batch_6 = batch_16[:6]
-    for _ in range(2):  # a new bucket: its first baseline, as long as its missing samples
-        assert guard.choose(batch_6) == dict.fromkeys(batch_6, 0)
-    assert guard.choose(batch_16) == dict.fromkeys(batch_16, 2)  # back at batch 16: the chooser's K again
+    for _ in range(guard.config.max_cut_baselines):
+        assert run(batch_6, 2) == [True, True]  # a new bucket: its first baseline starts
+        assert run(batch_16, 8)[0] is False  # back at batch 16: the chooser's K at once
+    assert guard.figures(batch_bucket(6)) is None  # the bucket is still unknown
+    assert run(batch_6, 2) == [True, True]
+    assert run(batch_16, 8)[:2] == [True, True]  # this time the baseline runs on
