@@ -55,6 +55,7 @@ class TestPhases:
         )
         self.num_plain_iterations = 0  # observed iterations since one drafted
         self.last_test_drafted = False  # the last test's verdict was K > 0 (`testers`)
+        self.num_untested_new = 0  # new requests started untested since one was tested
         self.num_changes = 0
 
     def testers(self, states: list[RequestState], chosen: list[int], unrepaid: frozenset[int]) -> list[int]:
@@ -67,7 +68,8 @@ class TestPhases:
         are forced, under the test budget, which counts its catch-up in the forced tests' cost. A new request
         for which speculation would not pay even at the traffic's acceptance starts at K = 0 and is first
         tested as if `new_request_zero_verdicts` tests had said K = 0, since most short requests would never
-        pay back a test (and its catch-up prefill).
+        pay back a test (and its catch-up prefill); within the test budget, one in `new_request_test_every`
+        is tested all the same.
         """
         probe, num_test = self.config.probe_num_spec_tokens, self.config.test_iterations
         # A started test runs its iterations back to back.
@@ -90,9 +92,13 @@ class TestPhases:
         for i, state in enumerate(states):
             if state.is_new and state.test_remaining > 0 and chosen[i] == 0:
                 state.num_zero_verdicts = self.config.new_request_zero_verdicts  # as if tested
-                if is_measured:
+                is_sampled = within_budget and self.num_untested_new + 1 >= self.config.new_request_test_every
+                if is_measured and not is_sampled:
                     state.test_remaining, state.set_k, state.zero_iterations = 0, 0, 0
                     self.num_changes += 1
+                    self.num_untested_new += 1
+                else:
+                    self.num_untested_new = 0
             state.is_new = False
             if state.test_remaining > 0 and chosen[i] < probe:
                 waiting.append(i)

@@ -170,6 +170,8 @@ def test_config_rejects_bad_values() -> None:
         BatchAwareConfig(max_spec_tokens=4, probe_num_spec_tokens=5)
     with pytest.raises(ValueError, match="hysteresis=-0.1"):
         BatchAwareConfig(hysteresis=-0.1)
+    with pytest.raises(ValueError, match="new_request_test_every=0"):
+        BatchAwareConfig(new_request_test_every=0)
 
 
 def test_new_requests_start_uninformed_until_enough_requests_have_drafted() -> None:
@@ -264,6 +266,40 @@ def test_a_test_that_ends_in_drafting_gets_the_next_new_request_tested() -> None
     assert all(high[-16:]), high  # ... and drafts on
     assert chooser.best_spec_tokens(np.array([chooser.gauges()["policy_acceptance"]]), np.array([-1])) == [0]
     assert any(run("next", 32, accepts=True))  # the traffic's figure says K = 0, the last test said draft
+
+
+@pytest.mark.parametrize("test_every", [4, 1000])
+def test_one_in_new_request_test_every_new_requests_is_tested_where_the_traffic_says_k_zero(
+    test_every: int,
+) -> None:
+    """Served on the regime pair, synthetic at batch 4 after prose started its first 4 requests untested at
+    K = 0 (the traffic's figure, 0.54, under the break-even) and ran a third of the cell plain: the figure is
+    fed by tests alone. Within the test budget, every new_request_test_every-th new request is tested."""
+    chooser = chooser_for(
+        "mixtral-8x7b-h100", min_population_requests=0, test_budget=1.0, new_request_test_every=test_every
+    )
+    step = 0
+
+    def observe(request_id: str, k: int, accepted: int) -> None:  # drafting pays from about 0.7 at batch 1
+        nonlocal step
+        requests = [RequestIterationStats(request_id, k, accepted, accepted + 1, 10)]
+        chooser.observe(IterationStats(step, 1, requests, 1 + k, 0.01 * k, 0.02 + 0.004 * k, 0.0))
+        step += 1
+
+    for i in range(30):  # the traffic so far: tests of requests that accept 0.3 at K = 1
+        for j in range(8):
+            observe(f"low{i}", 1, int((j + 1) * 0.3) - int(j * 0.3))
+        chooser.release(f"low{i}")
+    drafted = []
+    for name in "bcde":  # short requests that accept everything, within 128 iterations: the figure is fresh
+        ks = []
+        for _ in range(24):
+            k = chooser.choose([name])[name]
+            ks.append(k)
+            observe(name, k, k)
+        chooser.release(name)
+        drafted.append(any(ks))
+    assert drafted == ([False, False, False, True] if test_every == 4 else [False] * 4)
 
 
 def test_the_traffic_acceptance_is_not_the_last_request_alone_at_batch_1() -> None:
