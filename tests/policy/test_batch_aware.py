@@ -233,39 +233,46 @@ def test_a_new_request_is_tested_where_drafting_was_never_measured_at_its_batch_
     assert run("b", 64, 32) == [0] * 64
 
 
+class _AfterLowTraffic:
+    """Requests one at a time at batch 1, where drafting pays from about 0.7, after traffic whose tests
+    accepted 0.3 at K = 1 (the traffic's figure under the break-even)."""
+
+    def __init__(self, chooser: BatchAwareChooser) -> None:
+        self.chooser, self.step = chooser, 0
+        for i in range(30):
+            for j in range(8):
+                self.observe(f"low{i}", 1, int((j + 1) * 0.3) - int(j * 0.3))
+            chooser.release(f"low{i}")
+
+    def observe(self, request_id: str, k: int, accepted: int) -> None:
+        requests = [RequestIterationStats(request_id, k, accepted, accepted + 1, 10)]
+        self.chooser.observe(IterationStats(self.step, 1, requests, 1 + k, 0.01 * k, 0.02 + 0.004 * k, 0.0))
+        self.step += 1
+
+    def run(self, request_id: str, num_iterations: int, accepts: bool) -> list[int]:
+        """A new request's K in each of its iterations; it accepts all drafts or none."""
+        ks = []
+        for _ in range(num_iterations):
+            k = self.chooser.choose([request_id])[request_id]
+            ks.append(k)
+            self.observe(request_id, k, k if accepts else 0)
+        self.chooser.release(request_id)
+        return ks
+
+
 def test_a_test_that_ends_in_drafting_gets_the_next_new_request_tested() -> None:
     """The traffic's acceptance is fed by tests alone. Served on the regime pair, synthetic at batch 1 after
     prose started 15 of 16 requests untested at K = 0 (the traffic's figure under the break-even), while the
     one that a stale figure got tested drafted its life at 0.85 and static K = 4 paid 1.32x. Once a test ends
     in drafting, the next new request is tested (the test budget is out of the way here)."""
     chooser = chooser_for("mixtral-8x7b-h100", min_population_requests=0, test_budget=1.0)
-    step = 0
-
-    def observe(request_id: str, k: int, accepted: int) -> None:  # drafting pays from about 0.7 at batch 1
-        nonlocal step
-        requests = [RequestIterationStats(request_id, k, accepted, accepted + 1, 10)]
-        chooser.observe(IterationStats(step, 1, requests, 1 + k, 0.01 * k, 0.02 + 0.004 * k, 0.0))
-        step += 1
-
-    def run(request_id: str, num_iterations: int, accepts: bool) -> list[int]:
-        ks = []
-        for _ in range(num_iterations):
-            k = chooser.choose([request_id])[request_id]
-            ks.append(k)
-            observe(request_id, k, k if accepts else 0)
-        chooser.release(request_id)
-        return ks
-
-    for i in range(30):  # the traffic so far: tests of requests that accept 0.3 at K = 1
-        for j in range(8):
-            observe(f"low{i}", 1, int((j + 1) * 0.3) - int(j * 0.3))
-        chooser.release(f"low{i}")
-    assert not any(run("b", 64, accepts=False)) and not any(run("c", 96, accepts=False))  # untested
+    traffic = _AfterLowTraffic(chooser)
+    assert not any(traffic.run("b", 64, accepts=False)) and not any(traffic.run("c", 96, accepts=False))
     # The traffic's figure is stale now (no drafting for 128 iterations): the next one is tested.
-    high = run("high", 64, accepts=True)
+    high = traffic.run("high", 64, accepts=True)
     assert all(high[-16:]), high  # ... and drafts on
     assert chooser.best_spec_tokens(np.array([chooser.gauges()["policy_acceptance"]]), np.array([-1])) == [0]
-    assert any(run("next", 32, accepts=True))  # the traffic's figure says K = 0, the last test said draft
+    assert any(traffic.run("next", 32, accepts=True))  # the traffic's figure says K = 0, the last test: draft
 
 
 @pytest.mark.parametrize("test_every", [4, 1000])
@@ -278,27 +285,9 @@ def test_one_in_new_request_test_every_new_requests_is_tested_where_the_traffic_
     chooser = chooser_for(
         "mixtral-8x7b-h100", min_population_requests=0, test_budget=1.0, new_request_test_every=test_every
     )
-    step = 0
-
-    def observe(request_id: str, k: int, accepted: int) -> None:  # drafting pays from about 0.7 at batch 1
-        nonlocal step
-        requests = [RequestIterationStats(request_id, k, accepted, accepted + 1, 10)]
-        chooser.observe(IterationStats(step, 1, requests, 1 + k, 0.01 * k, 0.02 + 0.004 * k, 0.0))
-        step += 1
-
-    for i in range(30):  # the traffic so far: tests of requests that accept 0.3 at K = 1
-        for j in range(8):
-            observe(f"low{i}", 1, int((j + 1) * 0.3) - int(j * 0.3))
-        chooser.release(f"low{i}")
-    drafted = []
-    for name in "bcde":  # short requests that accept everything, within 128 iterations: the figure is fresh
-        ks = []
-        for _ in range(24):
-            k = chooser.choose([name])[name]
-            ks.append(k)
-            observe(name, k, k)
-        chooser.release(name)
-        drafted.append(any(ks))
+    traffic = _AfterLowTraffic(chooser)
+    # Short requests that accept everything, within 128 iterations: the traffic's figure stays fresh.
+    drafted = [any(traffic.run(name, 24, accepts=True)) for name in "bcde"]
     assert drafted == ([False, False, False, True] if test_every == 4 else [False] * 4)
 
 
