@@ -280,7 +280,7 @@ def test_one_in_new_request_test_every_new_requests_is_tested_where_the_traffic_
     test_every: int,
 ) -> None:
     """Served on the regime pair, synthetic at batch 4 after prose started its first 4 requests untested at
-    K = 0 (the traffic's figure, 0.54, under the break-even) and ran a third of the cell plain: the figure is
+    K = 0 (the traffic's figure, 0.54, under the break-even) and ran about half its steps plain: the figure is
     fed by tests alone. Within the test budget, every new_request_test_every-th new request is tested."""
     chooser = chooser_for(
         "mixtral-8x7b-h100", min_population_requests=0, test_budget=1.0, new_request_test_every=test_every
