@@ -206,9 +206,8 @@ class MeasuredGuard:
         if self._baseline_left > 0 and cut is not None and cut != bucket:
             num_cuts = self._num_cuts.get(cut, 0)
             if num_cuts < self.config.max_cut_baselines:
-                self._baseline_left = (
-                    0  # its plain steps here would be another bucket's (`max_cut_baselines`)
-                )
+                # Its plain steps here would be another bucket's (`max_cut_baselines`).
+                self._baseline_left = 0
                 self._num_cuts[cut] = num_cuts + 1
         if self._baseline_left > 0:
             self._baseline_left -= 1
