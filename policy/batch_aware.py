@@ -88,8 +88,10 @@ class BatchAwareConfig:
     # steps untested at K = 0.
     max_test_time_over_predicted: float = 3.0
     # The budget halves per consecutive forced test in a bucket that ended at K = 0, at most this many times,
-    # and is whole again when one ends at K > 0 (`policy.test_budget`).
+    # and is whole again when one ends at K > 0, or once the batch has been out of the bucket for
+    # test_budget_backoff_away iterations (`policy.test_budget`).
     test_budget_backoff: int = 2
+    test_budget_backoff_away: int = 128
     # A batch where every request is set at K = 0, none testing, is searched again at most every this many
     # iterations (and at once when its requests change, a retest falls due or anything drafts): in between,
     # the choice is K = 0 again without the search. Nothing the search reads changes in such iterations but
@@ -146,8 +148,11 @@ class BatchAwareConfig:
             raise ValueError(f"steady_iterations={self.steady_iterations} must be >= 1")
         if self.max_test_time_over_predicted < 1.0:
             raise ValueError(f"max_test_time_over_predicted={self.max_test_time_over_predicted} must be >= 1")
-        if self.test_budget_backoff < 0:
-            raise ValueError(f"test_budget_backoff={self.test_budget_backoff} must be >= 0")
+        if self.test_budget_backoff < 0 or self.test_budget_backoff_away < 0:
+            raise ValueError(
+                f"test_budget_backoff={self.test_budget_backoff}, "
+                f"test_budget_backoff_away={self.test_budget_backoff_away} must be >= 0"
+            )
         if not 0.0 <= self.test_budget <= 1.0 or self.test_budget_iterations < 1:
             raise ValueError(
                 f"test_budget={self.test_budget} must be in [0, 1], "

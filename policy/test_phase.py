@@ -51,7 +51,10 @@ class TestPhases:
         self.config = config
         self.cost_model = cost_model
         self.budget = TestBudget(
-            config.test_budget, config.test_budget_iterations, config.test_budget_backoff
+            config.test_budget,
+            config.test_budget_iterations,
+            config.test_budget_backoff,
+            config.test_budget_backoff_away,
         )
         self.num_plain_iterations = 0  # observed iterations since one drafted
         self.last_test_drafted = False  # the last test's verdict was K > 0 (`testers`)

@@ -275,6 +275,34 @@ def test_a_test_that_ends_in_drafting_gets_the_next_new_request_tested() -> None
     assert any(traffic.run("next", 32, accepts=True))  # the traffic's figure says K = 0, the last test: draft
 
 
+@pytest.mark.parametrize("is_away", [False, True])
+def test_a_buckets_test_budget_back_off_is_forgotten_once_the_batch_has_been_away(is_away: bool) -> None:
+    """Served on the regime pair, synthetic at batch 1 after prose (at batch 1, then 4 to 32) ran 983 of its
+    1001 steps untested at K = 0, where static K = 3 paid 1.21x: batch 1's test budget read 0.6% spent,
+    over a share that prose's failing tests had backed off to 0.5%, and over the budget every new request
+    starts untested. A bucket the batch left for test_budget_backoff_away iterations has its whole share
+    back; where the load stays, the back-off stays."""
+    chooser = chooser_for("mixtral-8x7b-h100", min_population_requests=0)
+    traffic = _AfterLowTraffic(chooser)
+    budget = chooser.test_budget
+    budget.add(1, 20.0, 0.25)  # batch 1's forced tests cost 1.25% of its window ...
+    for _ in range(budget.max_backoff):
+        budget.verdict(1, is_drafting=False)  # ... and ended at K = 0: the share is backed off to 0.5%
+    assert not budget.allows(1)
+    if is_away:  # at batch 4, plain, for longer than test_budget_backoff_away
+        ids = [f"away{i}" for i in range(4)]
+        for _ in range(chooser.config.test_budget_backoff_away + 1):
+            chooser.choose(ids)
+            requests = [RequestIterationStats(r, 0, 0, 1, 10) for r in ids]
+            chooser.observe(IterationStats(traffic.step, 4, requests, 4, 0.0, 0.05, 0.0))
+            traffic.step += 1
+        for r in ids:
+            chooser.release(r)
+    assert budget.allows(1) == is_away
+    drafted = [any(traffic.run(name, 48, accepts=True)) for name in "bcde"]
+    assert any(drafted) == is_away, drafted
+
+
 @pytest.mark.parametrize("test_every", [4, 1000])
 def test_one_in_new_request_test_every_new_requests_is_tested_where_the_traffic_says_k_zero(
     test_every: int,
