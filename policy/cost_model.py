@@ -4,34 +4,9 @@ Fitted by non-negative least squares (`scipy.optimize.nnls`) on a calibration ru
 iterations arrive: early and often while the model still rests on its prior, every `refit_interval`
 iterations after that.
 
-The shape correction. The parametric form holds the target's time as a function of tokens through N(t), the
-distinct experts they touch, and with no measured expert counts (vLLM on CPU) N(t) is the uniform-routing
-formula. On the regime pair's served record that shape was off by more than the choices it decides: the fit
-put a batch-1 step verifying one draft 5% under its measured time and one verifying four 6% over, and a plain
-batch-4 step at 20.1 ms against 23.4 measured; the chooser drafted K = 1 through prose at batch 1, where
-vLLM without speculation ran 1.11x faster. A routing correlation in N(t) fitted no better (mean relative
-error 0.073-0.091 against 0.073 independent). So after each refit the model corrects each batch-size bucket's
-predictions by a factor per verification tokens per sequence (1 + K): interpolated between measured K and held
-at the nearest one beyond them, so an unexplored K rests on the parametric form's ratio to the nearest measured
-K. (Held at 1 instead, a bucket that had measured only plain steps, 10-20% faster than the prior put them, saw
-every K as that much dearer relative to plain: served on the regime pair, auto never drafted at synthetic 1 /
-4 / 16, where static K = 4 ran 1.3-1.5x off.)
-
-The factors are measured against time. This machine's speed drifts 10-60% from minute to minute, and the
-bucket's recent iterations span minutes: a median ratio per K (the correction until session 29) compared K = 0
-measured in one minute with K = 4 measured in another. Replayed on the regime pair's record (session 28), the
-model put a batch-1 step at K = 4 at 4.6x a plain one at one cell's start, where they ran 2.8x apart in that
-cell (2.5-2.9x in every batch-1 cell), and auto drafted in a fifth of synthetic's batch-1 steps while static
-K = 3 ran 1.26x off. So the bucket's iterations are cut into time blocks of `correction_block` and the log
-ratio is fitted as the block's level plus the K's shape, by least squares over the blocks' per-K medians: only
-blocks that measured two K at once inform the shape (pulled toward the parametric form by
-`correction_pseudo_count` iterations), and the level is the latest block's, so that the predictions follow
-the machine's speed now. A block that measured two K stays in the correction after it left the ring
-(`max_archived_blocks`): after a plain cell at batch 1 (about 900 iterations) the ring holds plain steps
-alone, and K = 4's shape fell back to the parametric form's. At the cell's start above: K = 4 at 3.8x a
-plain step with time blocks, 3.3x with the blocks kept (2.8x measured). Replayed over six served records,
-plain steps' predicted time per cell and bucket came closer to the measured one on every record
-(`bench.replay_record`'s `level_error`: 0.08-0.28 before, 0.06-0.23 after).
+The shape correction. The parametric form's shape of time against verification tokens was off by more than
+the choices it decides, so after each refit the model corrects each batch-size bucket's predictions by a
+factor per verification tokens per sequence, fitted against time (`policy.shape_correction`).
 
 New requests' prompts. An engine that schedules prompts into decode steps (vLLM) runs the drafter over them
 too when the step drafts: its first pass feeds every token of the step to the draft model, a prompt chunk
@@ -56,7 +31,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from policy.routing import ExpertCounts, RoutingConfig
-from policy.shape_correction import time_blocked_factors
+from policy.shape_correction import ShapeCorrection
 from policy.stats import IterationStats
 
 Array = NDArray[np.float64]
@@ -194,11 +169,10 @@ class CostModel:
         # Drafting iterations measured (anchors included) per batch-size bucket (`batch_bucket`): where there
         # are none, predictions of what drafting costs rest on the prior alone (`num_drafting_iterations`).
         self._num_drafting: dict[int, int] = {}
-        # The shape correction per batch-size bucket: (drafts per sequence measured, their factors).
-        self._correction: dict[int, tuple[Array, Array]] = {}
+        self._correction = ShapeCorrection(
+            config.correction_block, config.correction_pseudo_count, config.max_archived_blocks
+        )
         self._num_rows = 0  # rows ever recorded: each row's number orders the shape correction's time blocks
-        # Per bucket, the blocks that left its ring having measured two K (`max_archived_blocks`), oldest first.
-        self._archived: dict[int, list[Array]] = {}
         # Per batch-size bucket: (iterations seen, mean prompt tokens per iteration), as observed and as of the
         # last refit (predictions read the latter, so that they change only with `version`).
         self._prompt_tokens: dict[int, tuple[int, float]] = {}
@@ -219,10 +193,9 @@ class CostModel:
         if prompt_tokens:  # the drafter's prefill of arriving prompts (module docstring)
             steps = np.asarray(max_steps, dtype=np.float64)
             draft = draft + (steps > 0) * (self.params.draft_prefill_per_token_s * prompt_tokens)
-        correction = self._correction.get(batch_bucket(batch_size))
-        if correction is None:
+        scale = self._correction.factors(batch_bucket(batch_size), spec / batch_size)
+        if scale is None:
             return draft, verify, other
-        scale = np.interp(spec / batch_size, *correction)  # held at the end factors beyond them
         return draft, verify * scale, other * scale
 
     def _model_times(
@@ -311,7 +284,8 @@ class CostModel:
             samples = self._samples[bucket] = samples.copy()
         count = self._num_samples.get(bucket, 0)
         if count >= size and count % self.config.correction_block == 0:  # the oldest block starts leaving
-            self._archive(bucket, samples[count % size : count % size + self.config.correction_block])
+            block = samples[count % size : count % size + self.config.correction_block]
+            self._correction.archive(bucket, block, np.rint(block[:, 2] / block[:, 0]))
         samples[count % size] = row
         self._num_samples[bucket] = count + 1
         self._num_new_samples += 1
@@ -323,15 +297,6 @@ class CostModel:
                 self.is_refit_due = True
             else:
                 self.refit()
-
-    def _archive(self, bucket: int, block: Array) -> None:
-        """Keep a block that leaves the ring if it relates two K (each in 4 of its rows or more)."""
-        per_seq = np.rint(block[:, 2] / block[:, 0])
-        _, counts = np.unique(per_seq, return_counts=True)
-        if self.config.max_archived_blocks and np.count_nonzero(counts >= 4) >= 2:
-            blocks = self._archived.setdefault(bucket, [])
-            blocks.append(block.copy())
-            del blocks[: -self.config.max_archived_blocks]
 
     def refit_if_due(self) -> bool:
         """The refit that `observe` left (`defers_refits`), if any; whether there was one."""
@@ -352,13 +317,13 @@ class CostModel:
     def _fit_and_correct(self, rows: Array) -> CostParams:
         """New params and shape correction from these rows (a new `version`)."""
         self.params = self._fit_rows(rows)
-        self._correct(np.vstack([rows, *(block for blocks in self._archived.values() for block in blocks)]))
+        self._correct(np.vstack([rows, *self._correction.archived_blocks()]))
         self._fitted_prompt_tokens = {bucket: mean for bucket, (_, mean) in self._prompt_tokens.items()}
         self.version += 1
         return self.params
 
     def _correct(self, rows: Array) -> None:
-        """The shape correction (module docstring) from these rows, under the current params."""
+        """The shape correction (`policy.shape_correction`) from these rows, under the current params."""
         # Each row once (an archived block's rows may be in the ring still), in the order recorded.
         rows = rows[np.unique(rows[:, 8], return_index=True)[1]]
         batch, steps, spec = rows[:, 0], rows[:, 1], rows[:, 2]
@@ -368,16 +333,7 @@ class CostModel:
         log_ratio = np.log(measured[valid] / predicted[valid])
         per_seq = np.rint(spec[valid] / batch[valid]).astype(np.int64)
         buckets = np.frexp(batch[valid] - 1.0)[1]  # batch_bucket, elementwise: (b - 1).bit_length()
-        correction: dict[int, tuple[Array, Array]] = {}
-        for bucket in np.unique(buckets):
-            in_bucket = np.flatnonzero(buckets == bucket)  # oldest first: the rows are in the order recorded
-            correction[int(bucket)] = time_blocked_factors(
-                log_ratio[in_bucket],
-                per_seq[in_bucket],
-                self.config.correction_block,
-                self.config.correction_pseudo_count,
-            )
-        self._correction = correction
+        self._correction.fit(buckets, per_seq, log_ratio)
 
     def _record(self, stats: IterationStats) -> tuple[float, ...] | None:
         """(batch, max K, sum K, mean experts or nan, draft prefill tokens, draft s, verify s, other s, the

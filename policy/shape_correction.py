@@ -1,8 +1,34 @@
-"""The cost model's shape correction, fitted against time (`policy.cost_model`'s module docstring has why).
+"""The cost model's shape correction (`policy.cost_model`): per batch-size bucket, a factor on the parametric
+form's verify and other times per verification tokens per sequence, fitted against time.
 
-A batch-size bucket's iterations, oldest first, are cut into time blocks of `block_size`; log(measured /
-predicted) is fitted as the block's level plus the K's shape. Only blocks that measured two K at once inform
-the shape, so the machine's drift between K measured minutes apart reads as level, not shape.
+Why. The parametric form holds the target's time as a function of tokens through N(t), the distinct experts
+they touch, and with no measured expert counts (vLLM on CPU) N(t) is the uniform-routing formula. On the
+regime pair's served record that shape was off by more than the choices it decides: the fit put a batch-1 step
+verifying one draft 5% under its measured time and one verifying four 6% over, and a plain batch-4 step at
+20.1 ms against 23.4 measured; the chooser drafted K = 1 through prose at batch 1, where vLLM without
+speculation ran 1.11x faster. A routing correlation in N(t) fitted no better (mean relative error 0.073-0.091
+against 0.073 independent). So after each refit the model corrects each batch-size bucket's predictions by a
+factor per verification tokens per sequence (1 + K): interpolated between measured K and held at the nearest
+one beyond them, so an unexplored K rests on the parametric form's ratio to the nearest measured K. (Held at 1
+instead, a bucket that had measured only plain steps, 10-20% faster than the prior put them, saw every K as
+that much dearer relative to plain: served on the regime pair, auto never drafted at synthetic 1 / 4 / 16,
+where static K = 4 ran 1.3-1.5x off.)
+
+The factors are measured against time. This machine's speed drifts 10-60% from minute to minute, and the
+bucket's recent iterations span minutes: a median ratio per K (the correction until session 29) compared K = 0
+measured in one minute with K = 4 measured in another. Replayed on the regime pair's record (session 28), the
+model put a batch-1 step at K = 4 at 4.6x a plain one at one cell's start, where they ran 2.8x apart in that
+cell (2.5-2.9x in every batch-1 cell), and auto drafted in a fifth of synthetic's batch-1 steps while static
+K = 3 ran 1.26x off. So the bucket's iterations are cut into time blocks of `CostModelConfig.correction_block`
+and the log ratio is fitted as the block's level plus the K's shape, by least squares over the blocks' per-K
+medians: only blocks that measured two K at once inform the shape (pulled toward the parametric form by
+`CostModelConfig.correction_pseudo_count` iterations), and the level is the latest block's, so that the
+predictions follow the machine's speed now. A block that measured two K stays in the correction after it left
+the ring (`CostModelConfig.max_archived_blocks`): after a plain cell at batch 1 (about 900 iterations) the
+ring holds plain steps alone, and K = 4's shape fell back to the parametric form's. At the cell's start above:
+K = 4 at 3.8x a plain step with time blocks, 3.3x with the blocks kept (2.8x measured). Replayed over six
+served records, plain steps' predicted time per cell and bucket came closer to the measured one on every
+record (`bench.replay_record`'s `level_error`: 0.08-0.28 before, 0.06-0.23 after).
 """
 
 from __future__ import annotations
@@ -44,3 +70,46 @@ def time_blocked_factors(
     shape = np.linalg.solve(normal, weighted.sum(axis=0) - share.T @ weighted.sum(axis=1))
     level = float(share[0] @ (table[0] - shape))  # the latest block's
     return js.astype(np.float64), np.exp(level + shape)
+
+
+class ShapeCorrection:
+    """The factors per batch-size bucket, refitted from the cost model's rows (`fit`), and the time blocks kept
+    after they left the cost model's rings (`archive`, at most `max_archived_blocks` per bucket)."""
+
+    def __init__(self, block_size: int, pseudo_count: float, max_archived_blocks: int) -> None:
+        self.block_size = block_size
+        self.pseudo_count = pseudo_count
+        self.max_archived_blocks = max_archived_blocks
+        self._factors: dict[
+            int, tuple[Array, Array]
+        ] = {}  # by bucket: (drafts per sequence measured, factors)
+        self._archived: dict[int, list[Array]] = {}  # by bucket: blocks that measured two K, oldest first
+
+    def factors(self, bucket: int, per_seq: Array) -> Array | None:
+        """The factors at these drafts per sequence (interpolated, held at the end ones beyond the measured);
+        None where the bucket has none."""
+        factors = self._factors.get(bucket)
+        return None if factors is None else np.interp(per_seq, *factors)
+
+    def fit(self, buckets: NDArray[np.int64], per_seq: NDArray[np.int64], log_ratio: Array) -> None:
+        """New factors from rows in the order recorded: each one's bucket, drafts per sequence and
+        log(measured / predicted)."""
+        factors: dict[int, tuple[Array, Array]] = {}
+        for bucket in np.unique(buckets):
+            in_bucket = np.flatnonzero(buckets == bucket)  # oldest first
+            factors[int(bucket)] = time_blocked_factors(
+                log_ratio[in_bucket], per_seq[in_bucket], self.block_size, self.pseudo_count
+            )
+        self._factors = factors
+
+    def archive(self, bucket: int, block: Array, per_seq: Array) -> None:
+        """Keep a block of rows leaving the cost model's ring if it relates two K (each in 4 of its rows or
+        more; `per_seq`: its rows' drafts per sequence)."""
+        _, counts = np.unique(per_seq, return_counts=True)
+        if self.max_archived_blocks and np.count_nonzero(counts >= 4) >= 2:
+            blocks = self._archived.setdefault(bucket, [])
+            blocks.append(block.copy())
+            del blocks[: -self.max_archived_blocks]
+
+    def archived_blocks(self) -> list[Array]:
+        return [block for blocks in self._archived.values() for block in blocks]
