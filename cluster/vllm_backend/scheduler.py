@@ -40,13 +40,10 @@ What the scheduler alone cannot change (see the README's vllm section):
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import vllm
@@ -54,6 +51,7 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from cluster.vllm_backend.chooser import NearDrafting, build_chooser, iteration_stats
+from cluster.vllm_backend.counters import SchedulerCounters
 from cluster.vllm_backend.settings import (
     DRAFT_MEASUREMENT_ATTR,
     DRAFTING_REQUESTS_ATTR,
@@ -93,25 +91,6 @@ def check_vllm(version: str | None = None) -> None:
     missing += [f"SchedulerOutput.{name}" for name in _OUTPUT_FIELDS if name not in fields]
     if missing:
         raise RuntimeError(f"vLLM {version} lacks what PolicyScheduler needs: {', '.join(missing)}")
-
-
-@dataclass
-class SchedulerCounters:
-    """Totals since start; the Serve replica exports them as gauges (vLLM's own counters sit beside them)."""
-
-    num_steps: int = 0
-    num_drafting_steps: int = 0  # steps with max K > 0 (the others run no drafter on our worker)
-    num_request_steps: int = 0  # (request, decode step) pairs
-    num_drafts: int = 0  # (request, decode step) pairs with K > 0
-    num_draft_tokens: int = 0
-    num_accepted_tokens: int = 0
-    mean_num_spec_tokens: float = 0.0  # over the last step's decoding requests
-    batch_size: int = 0
-    step_time_s: float = 0.0
-    draft_time_s: float = 0.0  # total in the drafter, as our worker measured it (0 without it)
-    guard_holds: int = 0
-    central_decisions: int = 0
-    policy_actor_failures: int = 0
 
 
 class PolicyScheduler(Scheduler):
@@ -420,23 +399,11 @@ class PolicyScheduler(Scheduler):
             self._record_file.keep(record)
 
     def _write_metrics(self) -> None:
-        """Every `metrics_interval_s`, the counters as JSON for the Serve replica (written atomically)."""
+        """Every `metrics_interval_s`, the counters for the Serve replica (`cluster.vllm_backend.counters`)."""
         path = self.settings.metrics_path
         now = time.monotonic()
         if path is None or now - self._last_metrics_write < self.settings.metrics_interval_s:
             return
         self._last_metrics_write = now
-        self.counters.guard_holds, self.counters.central_decisions, self.counters.policy_actor_failures = (
-            _chooser_gauges(self.chooser)
-        )
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as out:
-            json.dump(self.counters.__dict__, out)
-        os.replace(tmp, path)
-
-
-def _chooser_gauges(chooser: Any) -> tuple[int, int, int]:
-    """(guard holds, central decisions, policy actor failures) of a guard around a PolicyClient, if any."""
-    holds = getattr(chooser, "num_holds", 0)
-    inner = getattr(chooser, "inner", chooser)
-    return holds, getattr(inner, "num_central_decisions", 0), getattr(inner, "num_failures", 0)
+        self.counters.take_chooser_gauges(self.chooser)
+        self.counters.write(path)

@@ -15,13 +15,11 @@ replica's scheduler reports to the one central SpecPolicy actor (see chooser.py 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
@@ -30,6 +28,7 @@ from starlette.responses import PlainTextResponse, Response
 from cluster.config import AppConfig, resolve_model_path
 from cluster.metrics import Metrics
 from cluster.router import Router
+from cluster.vllm_backend.counters import read_scheduler_counters
 from cluster.vllm_backend.settings import (
     NUM_SPEC_TOKENS_ARG,
     SCHEDULER_CLS,
@@ -314,13 +313,6 @@ def scheduler_settings(config: AppConfig, metrics_path: str) -> SchedulerSetting
         source=f"vllm-{os.getpid()}-{int(time.time()) % 100000}",
         metrics_path=metrics_path,
     )
-
-
-def read_scheduler_counters(path: str | None) -> dict[str, float]:
-    """The scheduler's latest counters ({} before its first write)."""
-    if path is None or not Path(path).is_file():
-        return {}
-    return {k: float(v) for k, v in json.loads(Path(path).read_text()).items()}
 
 
 def _start_engine(config: AppConfig, settings: SchedulerSettings) -> Any:

@@ -1,0 +1,51 @@
+"""The scheduler's counters: totals since start that `PolicyScheduler` writes as JSON every
+`SchedulerSettings.metrics_interval_s` (atomically) and the Serve replica reads for `/metrics`, beside vLLM's
+own. Free of vLLM: the replica's process imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class SchedulerCounters:
+    num_steps: int = 0
+    num_drafting_steps: int = 0  # steps with max K > 0 (the others run no drafter on our worker)
+    num_request_steps: int = 0  # (request, decode step) pairs
+    num_drafts: int = 0  # (request, decode step) pairs with K > 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    mean_num_spec_tokens: float = 0.0  # over the last step's decoding requests
+    batch_size: int = 0
+    step_time_s: float = 0.0
+    draft_time_s: float = 0.0  # total in the drafter, as our worker measured it (0 without it)
+    guard_holds: int = 0
+    central_decisions: int = 0
+    policy_actor_failures: int = 0
+
+    def take_chooser_gauges(self, chooser: Any) -> None:
+        """Guard holds, central decisions and policy actor failures of a guard around a `PolicyClient`, if
+        the chooser is one (0 where it is not)."""
+        inner = getattr(chooser, "inner", chooser)
+        self.guard_holds = getattr(chooser, "num_holds", 0)
+        self.central_decisions = getattr(inner, "num_central_decisions", 0)
+        self.policy_actor_failures = getattr(inner, "num_failures", 0)
+
+    def write(self, path: str) -> None:
+        """As JSON, atomically: a reader sees the last write or the one before."""
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as out:
+            json.dump(self.__dict__, out)
+        os.replace(tmp, path)
+
+
+def read_scheduler_counters(path: str | None) -> dict[str, float]:
+    """The scheduler's latest counters ({} before its first write)."""
+    if path is None or not Path(path).is_file():
+        return {}
+    return {k: float(v) for k, v in json.loads(Path(path).read_text()).items()}
