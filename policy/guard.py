@@ -183,7 +183,6 @@ class MeasuredGuard:
         self._missed_bucket: int | None = None
         self._num_retries = 0
         self.num_holds = 0
-        self._seen: set[str] = set()  # requests chosen for since they arrived (a baseline waits out a wave)
         # While held: the choices until the chooser is asked again.
         self._held_skips = SameBatchSkips()
 
@@ -203,8 +202,6 @@ class MeasuredGuard:
             return self._plain_iteration(request_ids)
         self._held_skips.reset()
         chosen = self.inner.choose(request_ids)
-        num_new = sum(r not in self._seen for r in request_ids)
-        self._seen.update(request_ids)
         cut = self._baseline_bucket
         if self._baseline_left > 0 and cut is not None and cut != bucket:
             num_cuts = self._num_cuts.get(cut, 0)
@@ -230,13 +227,7 @@ class MeasuredGuard:
             every *= self.config.wide_lead_spacing
         is_due = self._num_drafting >= every - self.config.baseline_length
         is_retry = self._missed_bucket == bucket and self._num_retries < self.config.baseline_retries
-        # Not in a wave of new requests (most of the batch): on vLLM their prompts complete in this step, which
-        # is then no plain sample, and at K = 0 the drafter misses the prompts, to catch up on later. Served at
-        # synthetic 32 on the regime pair, a baseline that began with a cell's first requests ran plain through
-        # the prefill of all 32 prompts, and the drafter caught up on 2240 tokens in one 507 ms step, where
-        # decode steps took 124 ms: about 4% of the cell.
-        is_wave = 2 * num_new > len(request_ids)
-        if any(chosen.values()) and (is_due or is_retry) and not is_wave:
+        if any(chosen.values()) and (is_due or is_retry):
             # A baseline. The count restarts now, not when it is observed: an engine that verifies each choice
             # a step later (vLLM) would otherwise be asked again before the baseline is observed, and ran two
             # plain iterations per baseline (1 in 9 at baseline_every 16, the vLLM backend's replay).
@@ -285,7 +276,6 @@ class MeasuredGuard:
             self._judge(bucket)
 
     def release(self, request_id: str) -> None:
-        self._seen.discard(request_id)
         self.inner.release(request_id)
 
     def gauges(self) -> dict[str, float]:

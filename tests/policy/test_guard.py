@@ -510,29 +510,3 @@ def test_a_new_buckets_baseline_ends_where_the_batch_leaves_it_a_bounded_number_
     assert guard.figures(batch_bucket(6)) is None  # the bucket is still unknown
     assert run(batch_6, 2) == [True, True]
     assert run(batch_16, 8)[:2] == [True, True]  # this time the baseline runs on
-
-
-def test_a_baseline_waits_out_a_wave_of_new_requests() -> None:
-    # Served at synthetic 32, a baseline that began with a cell's first requests ran plain through the
-    # prefill of all 32 prompts: the drafter then caught up on them in a 507 ms step (decode steps: 124 ms).
-    guard = MeasuredGuard(StaticChooser(2), GuardConfig(baseline_length=3))
-    step = 0
-
-    def run(batches: list[list[str]]) -> list[bool]:
-        """Each choice verified in its own step: whether each was plain."""
-        nonlocal step
-        plain = []
-        for ids in batches:
-            chosen = guard.choose(ids)
-            plain.append(not any(chosen.values()))
-            guard.observe(_iteration(step, chosen, {r: 3 if k else 1 for r, k in chosen.items()}, 0.2))
-            step += 1
-        return plain
-
-    previous = [f"p{i}" for i in range(32)]
-    assert run([previous] * 3) == [False] * 3  # the bucket's first baseline is due after these
-    for r in previous:
-        guard.release(r)
-    first, wave = [f"r{i}" for i in range(9)], [f"r{i}" for i in range(32)]
-    # The next cell's first requests (9 of 9 new, then 23 of 32): the baseline starts after them.
-    assert run([first, wave, wave, wave, wave]) == [False, False, True, True, True]
