@@ -68,7 +68,8 @@ class TestBudget:
     def add(self, batch_size: int, seconds: float, net_cost_s: float | None) -> None:
         """Count an iteration of `seconds`; `net_cost_s` if it was a test iteration."""
         bucket = batch_bucket(batch_size)
-        self._num_halvings[bucket] = self._halvings(bucket)
+        if self._is_away(bucket):
+            self._num_halvings.pop(bucket, None)  # forgotten now that the batch is back
         self._num_added += 1
         self._last_added[bucket] = self._num_added
         self._elapsed_s[bucket] = self._keep * self._elapsed_s.get(bucket, 0.0) + seconds
@@ -76,8 +77,10 @@ class TestBudget:
 
     def _halvings(self, bucket: int) -> int:
         """The bucket's back-off: none once the batch has been out of it for `forget_after` iterations."""
-        is_away = self._num_added - self._last_added.get(bucket, self._num_added) > self.forget_after
-        return 0 if is_away else self._num_halvings.get(bucket, 0)
+        return 0 if self._is_away(bucket) else self._num_halvings.get(bucket, 0)
+
+    def _is_away(self, bucket: int) -> bool:
+        return self._num_added - self._last_added.get(bucket, self._num_added) > self.forget_after
 
     def spent_share(self) -> float:
         """Net cost of tests over the time observed, all buckets together."""
