@@ -1,0 +1,139 @@
+"""The yardstick for issue #15's per-cell target: in how many cells a policy that is, in truth, exactly as
+fast as the best of off and vLLM's static K would meet "auto at 0.95 of max(off, best static K)" on this
+benchmark, given how much a server's throughput moves from run to run.
+
+The target is read from medians over rounds of each mode's throughput over off's in the same run
+(`bench.vllm_policy_report.paired_ratios`), and compared with the largest of five such medians (off's is 1).
+Both sides are noisy, and the largest of five noisy figures is biased upward, so even a perfect policy
+misses some cells. This measures the noise and the bias instead of guessing them:
+- the noise, from twins: one run holding two servers of the same configuration (`--modes off,off-sync` on
+  the CPU build, where vLLM never schedules asynchronously, so the two are the same server; and
+  `auto,auto-base` with `--base-checkout` at the same commit). Each run's twin ratio carries both servers'
+  noise, so a server's own noise per run is its standard deviation (of the log) over sqrt(2);
+- the twins' own verdicts: in how many cells one twin's median falls below 0.95 of the other's, with no
+  model at all;
+- the oracle: per cell, the full matrix's medians are taken as the truth for off and K = 1..4, and an
+  oracle as fast as the best of them is drawn with every mode, round by round, with independent normal
+  noise of that size on the log throughput; the share of draws in which its median ratio reaches 0.95 of
+  the largest of the static modes' and 1 is its chance in that cell. The truth is itself a noisy estimate
+  (it makes modes look further apart than they are where noise separated them, which flatters the oracle).
+
+    python -m bench.target_yardstick bench/results/vllm_policy_s33_regime_full_side_by_side.json \\
+        --twins bench/results/vllm_policy_s34_regime_twins_side_by_side.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+from pathlib import Path
+from typing import Any
+
+from bench.vllm_policy_report import paired_ratios
+
+TARGET = 0.95  # auto at this share of max(off, best static K)
+Cell = tuple[str, int]  # (workload, concurrency)
+
+
+def twin_log_ratios(rows: list[dict[str, Any]], twin: str, original: str) -> dict[Cell, list[float]]:
+    """Per cell, log(twin / original) in each run (launch and round) that holds one row of each."""
+    runs: dict[tuple[str, int, int, int], dict[str, list[float]]] = {}
+    for r in rows:
+        run = (r["workload"], r["concurrency"], r.get("launch", 0), r.get("round", 0))
+        runs.setdefault(run, {}).setdefault(r["mode"], []).append(r["output_throughput"])
+    logs: dict[Cell, list[float]] = {}
+    for (workload, concurrency, _, _), modes in sorted(runs.items()):
+        a, b = modes.get(twin, []), modes.get(original, [])
+        if len(a) == 1 and len(b) == 1:
+            logs.setdefault((workload, concurrency), []).append(math.log(a[0] / b[0]))
+    return logs
+
+
+def server_sd(logs: dict[Cell, list[float]]) -> float:
+    """One server's noise per run (sd of its log throughput), from twin ratios pooled over cells, about 0
+    (twins are the same server in truth). It takes a lasting difference between two launches as run-to-run
+    noise, which the median over rounds then shrinks: that flatters the oracle, never the other way."""
+    values = [x for xs in logs.values() for x in xs]
+    if len(values) < 2:
+        raise ValueError("the twins need at least two runs")
+    return math.sqrt(sum(x * x for x in values) / len(values) / 2.0)
+
+
+def twin_misses(logs: dict[Cell, list[float]]) -> list[Cell]:
+    """The cells where either twin's median ratio to the other is below the target (no model)."""
+    return [cell for cell, xs in logs.items() if abs(statistics.median(xs)) > -math.log(TARGET)]
+
+
+def truth(rows: list[dict[str, Any]]) -> dict[Cell, dict[str, float]]:
+    """Per cell: off and vLLM's static modes (named by a number), the log of their median paired ratio to off."""
+    out: dict[Cell, dict[str, float]] = {}
+    for (workload, concurrency, mode), ratios in paired_ratios(rows).items():
+        if mode == "off" or mode.isdigit():
+            out.setdefault((workload, concurrency), {})[mode] = math.log(statistics.median(ratios))
+    return {cell: modes for cell, modes in out.items() if len(modes) > 1}
+
+
+def oracle_chance(
+    modes: dict[str, float], sd: float, num_rounds: int, num_draws: int, rng: random.Random
+) -> float:
+    """The share of draws in which an oracle as fast as the best of `modes` (log ratios to off, off's 0)
+    measures at the target's share of the largest measured median or above."""
+    best = max(modes.values())
+    statics = [mu for mode, mu in modes.items() if mode != "off"]
+    hits = 0
+    for _ in range(num_draws):
+        off = [rng.gauss(0.0, sd) for _ in range(num_rounds)]
+
+        def measured(mu: float, off: list[float] = off) -> float:
+            return statistics.median(mu + rng.gauss(0.0, sd) - o for o in off)
+
+        largest = max([0.0, *(measured(mu) for mu in statics)])
+        hits += measured(best) >= math.log(TARGET) + largest
+    return hits / num_draws
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("full", type=Path, help="a bench.vllm_policy result with off and static K 1..4")
+    parser.add_argument("--twins", type=Path, required=True, help="a result with twin modes (off,off-sync)")
+    parser.add_argument("--twin", default="off-sync", help="the twin mode of --original in --twins")
+    parser.add_argument("--original", default="off")
+    parser.add_argument("--rounds", type=int, default=0, help="rounds per cell (default: as in the full run)")
+    parser.add_argument("--draws", type=int, default=4000)
+    args = parser.parse_args()
+    full = json.loads(args.full.read_text())["rows"]
+    twins = json.loads(args.twins.read_text())["rows"]
+    logs = twin_log_ratios(twins, args.twin, args.original)
+    if not logs:
+        raise SystemExit(f"{args.twins} has no run with one row of {args.twin} and one of {args.original}")
+    sd = server_sd(logs)
+    misses = twin_misses(logs)
+    print(f"{args.twin} / {args.original}: {sum(map(len, logs.values()))} runs in {len(logs)} cells")
+    for cell, xs in sorted(logs.items()):
+        ratios = " ".join(f"{math.exp(x):.2f}" for x in xs)
+        print(f"  {cell[0]} {cell[1]}: median {math.exp(statistics.median(xs)):.2f} ({ratios})")
+    print(f"one server's noise per run: sd of log throughput {sd:.3f}")
+    print(f"cells where one twin's median is below {TARGET} of the other's: {len(misses)} of {len(logs)}")
+    num_rounds = args.rounds or len({r.get("round", 0) for r in full})
+    rng = random.Random(0)
+    expected, all_met = 0.0, 1.0
+    for cell, modes in sorted(truth(full).items()):
+        chance = oracle_chance(modes, sd, num_rounds, args.draws, rng)
+        expected, all_met = expected + chance, all_met * chance
+        best = max(modes, key=modes.__getitem__)
+        print(
+            f"  {cell[0]} {cell[1]}: best {best} ({math.exp(modes[best]):.2f}x off), oracle meets {chance:.2f}"
+        )
+    print(
+        f"an oracle, {num_rounds} rounds: expected cells met {expected:.1f} of {len(truth(full))}, "
+        f"chance of all {all_met:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

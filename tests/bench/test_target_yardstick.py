@@ -1,0 +1,66 @@
+"""The per-cell target's yardstick (`bench.target_yardstick`): twins' noise, the truth, an oracle's chance."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import pytest
+
+from bench.target_yardstick import oracle_chance, server_sd, truth, twin_log_ratios, twin_misses
+
+
+def row(mode: str, tput: float, round_: int, workload: str = "code", concurrency: int = 4) -> dict[str, Any]:
+    return {
+        "mode": mode,
+        "workload": workload,
+        "concurrency": concurrency,
+        "round": round_,
+        "output_throughput": tput,
+    }
+
+
+def test_twins_are_paired_run_by_run_and_their_noise_is_split_between_the_two_servers() -> None:
+    rows = [
+        row("off", 100.0, 0),
+        row("off-sync", 110.0, 0),
+        row("off", 100.0, 1),
+        row("off-sync", 100.0 / 1.1, 1),
+    ]
+    rows += [row("off", 50.0, 2)]  # no twin in that round: not a pair
+    logs = twin_log_ratios(rows, "off-sync", "off")
+    assert list(logs) == [("code", 4)]
+    assert logs[("code", 4)] == pytest.approx([math.log(1.1), -math.log(1.1)])
+    assert server_sd(logs) == pytest.approx(math.log(1.1) / math.sqrt(2.0))
+    assert twin_misses(logs) == []  # the median of +-log 1.1 is 1.0
+    assert twin_misses({("prose", 1): [math.log(0.9), math.log(0.93), math.log(1.0)]}) == [("prose", 1)]
+
+
+def test_the_truth_is_off_and_vllms_static_modes_as_median_paired_ratios_to_off() -> None:
+    rows = []
+    for round_, (off, k2, auto) in enumerate(
+        [(100.0, 120.0, 90.0), (200.0, 220.0, 150.0), (100.0, 130.0, 99.0)]
+    ):
+        rows += [
+            row("off", off, round_),
+            row("2", k2, round_),
+            row("auto", auto, round_),
+            row("ours2", k2, round_),
+        ]
+    modes = truth(rows)[("code", 4)]
+    assert set(modes) == {"off", "2"}  # not auto, not our own path
+    assert modes["off"] == 0.0 and modes["2"] == pytest.approx(math.log(1.2))
+
+
+def test_an_oracle_always_meets_the_target_without_noise_and_misses_some_cells_with_it() -> None:
+    rng = random.Random(0)
+    equal = {"off": 0.0, "1": 0.0, "2": 0.0, "3": 0.0, "4": 0.0}
+    assert oracle_chance(equal, 1e-9, 3, 200, rng) == 1.0
+    noisy = oracle_chance(equal, 0.08, 3, 2000, rng)
+    assert 0.3 < noisy < 0.9  # the largest of five equal noisy figures is biased upward
+    # The same noise where every static K is far below off: the oracle (off) meets it about as often as one
+    # noisy figure is within 5% of another, and more often than among equals.
+    apart = {"off": 0.0, "1": -0.5, "2": -0.5, "3": -0.5, "4": -0.5}
+    assert noisy < oracle_chance(apart, 0.08, 3, 2000, rng) < 1.0
+    assert oracle_chance(equal, 0.08, 9, 2000, rng) > noisy  # more rounds, less noise in each median
