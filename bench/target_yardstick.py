@@ -62,6 +62,17 @@ def server_sd(logs: dict[Cell, list[float]]) -> float:
     return math.sqrt(sum(x * x for x in values) / len(values) / 2.0)
 
 
+def sd_by_concurrency(logs: dict[Cell, list[float]], min_runs: int = 6) -> dict[int, float]:
+    """`server_sd` per concurrency, where the twins ran it at least `min_runs` times (a lone request's steps
+    and a full batch's need not be equally noisy); the pooled figure elsewhere."""
+    pooled = server_sd(logs)
+    out = {}
+    for concurrency in sorted({c for _, c in logs}):
+        runs = {cell: xs for cell, xs in logs.items() if cell[1] == concurrency}
+        out[concurrency] = server_sd(runs) if sum(map(len, runs.values())) >= min_runs else pooled
+    return out
+
+
 def twin_misses(logs: dict[Cell, list[float]]) -> list[Cell]:
     """The cells where either twin's median ratio to the other is below the target (no model)."""
     return [cell for cell, xs in logs.items() if abs(statistics.median(xs)) > -math.log(TARGET)]
@@ -112,18 +123,20 @@ def main() -> None:
     if not logs:
         raise SystemExit(f"{args.twins} has no run with one row of {args.twin} and one of {args.original}")
     sd = server_sd(logs)
+    sds = sd_by_concurrency(logs)
     misses = twin_misses(logs)
     print(f"{args.twin} / {args.original}: {sum(map(len, logs.values()))} runs in {len(logs)} cells")
     for cell, xs in sorted(logs.items()):
         ratios = " ".join(f"{math.exp(x):.2f}" for x in xs)
         print(f"  {cell[0]} {cell[1]}: median {math.exp(statistics.median(xs)):.2f} ({ratios})")
-    print(f"one server's noise per run: sd of log throughput {sd:.3f}")
+    by_concurrency = ", ".join(f"{c}: {v:.3f}" for c, v in sds.items())
+    print(f"one server's noise per run: sd of log throughput {sd:.3f} (by concurrency: {by_concurrency})")
     print(f"cells where one twin's median is below {TARGET} of the other's: {len(misses)} of {len(logs)}")
     num_rounds = args.rounds or len({r.get("round", 0) for r in full})
     rng = random.Random(0)
     expected, all_met = 0.0, 1.0
     for cell, modes in sorted(truth(full).items()):
-        chance = oracle_chance(modes, sd, num_rounds, args.draws, rng)
+        chance = oracle_chance(modes, sds.get(cell[1], sd), num_rounds, args.draws, rng)
         expected, all_met = expected + chance, all_met * chance
         best = max(modes, key=modes.__getitem__)
         print(

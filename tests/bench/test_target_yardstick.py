@@ -8,7 +8,14 @@ from typing import Any
 
 import pytest
 
-from bench.target_yardstick import oracle_chance, server_sd, truth, twin_log_ratios, twin_misses
+from bench.target_yardstick import (
+    oracle_chance,
+    sd_by_concurrency,
+    server_sd,
+    truth,
+    twin_log_ratios,
+    twin_misses,
+)
 
 
 def row(mode: str, tput: float, round_: int, workload: str = "code", concurrency: int = 4) -> dict[str, Any]:
@@ -64,3 +71,15 @@ def test_an_oracle_always_meets_the_target_without_noise_and_misses_some_cells_w
     apart = {"off": 0.0, "1": -0.5, "2": -0.5, "3": -0.5, "4": -0.5}
     assert noisy < oracle_chance(apart, 0.08, 3, 2000, rng) < 1.0
     assert oracle_chance(equal, 0.08, 9, 2000, rng) > noisy  # more rounds, less noise in each median
+
+
+def test_the_noise_is_taken_per_concurrency_where_the_twins_ran_it_often_enough() -> None:
+    quiet, loud = math.log(1.02), math.log(1.2)
+    logs = {
+        ("code", 1): [loud, -loud, loud],
+        ("prose", 1): [-loud, loud, -loud],
+        ("code", 32): [quiet, -quiet],
+    }
+    sds = sd_by_concurrency(logs, min_runs=6)
+    assert sds[1] == pytest.approx(loud / math.sqrt(2.0))
+    assert sds[32] == pytest.approx(server_sd(logs))  # two runs: the pooled figure
