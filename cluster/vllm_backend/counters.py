@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from policy.stats import RequestIterationStats
+
 
 @dataclass
 class SchedulerCounters:
@@ -27,6 +29,18 @@ class SchedulerCounters:
     guard_holds: int = 0
     central_decisions: int = 0
     policy_actor_failures: int = 0
+
+    def count_step(self, requests: list[RequestIterationStats], step_time_s: float) -> None:
+        """A step's decoding requests (none: a step of prompts alone, which leaves the per-step gauges)."""
+        if not requests:
+            return
+        self.num_request_steps += len(requests)
+        self.num_drafts += sum(r.num_spec_tokens > 0 for r in requests)
+        self.num_draft_tokens += sum(r.num_spec_tokens for r in requests)
+        self.num_accepted_tokens += sum(r.num_accepted_tokens for r in requests)
+        self.mean_num_spec_tokens = sum(r.num_spec_tokens for r in requests) / len(requests)
+        self.batch_size = len(requests)
+        self.step_time_s = step_time_s
 
     def take_chooser_gauges(self, chooser: Any) -> None:
         """Guard holds, central decisions and policy actor failures of a guard around a `PolicyClient`, if

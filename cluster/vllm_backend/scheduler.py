@@ -353,44 +353,63 @@ class PolicyScheduler(Scheduler):
                 gap_s=gap_s,
             )
             self.chooser.observe(stats)
-            counters.num_request_steps += len(requests)
-            counters.num_drafts += sum(r.num_spec_tokens > 0 for r in requests)
-            counters.num_draft_tokens += sum(r.num_spec_tokens for r in requests)
-            counters.num_accepted_tokens += sum(r.num_accepted_tokens for r in requests)
-            counters.mean_num_spec_tokens = sum(r.num_spec_tokens for r in requests) / len(requests)
-            counters.batch_size = len(requests)
-            counters.step_time_s = step_time_s
-        observe_s = time.perf_counter() - now
+        counters.count_step(requests, step_time_s)
         if self.settings.is_recording or self._record_file is not None:
             self._keep(
-                StepRecord(
-                    step=counters.num_steps,
-                    num_drafts={r.request_id: r.num_spec_tokens for r in requests},
-                    num_accepted={r.request_id: r.num_accepted_tokens for r in requests},
-                    chosen=dict(self._chosen),
-                    num_draft_steps=scheduler_output.num_spec_tokens_to_schedule,
+                self._step_record(
+                    scheduler_output,
+                    requests,
+                    draft,
                     step_time_s=step_time_s,
-                    draft_time_s=None if draft is None else draft.time_s,
-                    guard_holds=getattr(self.chooser, "num_holds", 0),
-                    num_scheduled=len(scheduled),
-                    num_tokens=num_tokens,
                     num_prefill_tokens=num_prefill_tokens,
-                    draft_prefill_tokens=None if draft is None else draft.num_prefill_tokens,
-                    choose_s=self._choose_s,
-                    choose_cpu_s=self._choose_cpu_s,
-                    is_chosen_ahead=self._is_chosen_ahead,
-                    outlook={
-                        r: [o.num_catch_up_tokens, o.num_remaining_tokens]
-                        for r, o in self._chosen_outlook.items()
-                    },
-                    observe_s=observe_s,
+                    observe_s=time.perf_counter() - now,
                     gap_s=gap_s,
-                    is_near_drafting=is_near,
+                    is_near=is_near,
                     start_s=time.time() - (now - self._step_start),
                 )
             )
         self._write_metrics()
         self._step_end = time.perf_counter()
+
+    def _step_record(
+        self,
+        scheduler_output: SchedulerOutput,
+        requests: list[RequestIterationStats],
+        draft: DraftMeasurement | None,
+        *,
+        step_time_s: float,
+        num_prefill_tokens: int,
+        observe_s: float,
+        gap_s: float,
+        is_near: bool,
+        start_s: float,
+    ) -> StepRecord:
+        """The step as the record keeps it (`bench.vllm_policy`, `bench.replay_record`)."""
+        scheduled = scheduler_output.num_scheduled_tokens
+        return StepRecord(
+            step=self.counters.num_steps,
+            num_drafts={r.request_id: r.num_spec_tokens for r in requests},
+            num_accepted={r.request_id: r.num_accepted_tokens for r in requests},
+            chosen=dict(self._chosen),
+            num_draft_steps=scheduler_output.num_spec_tokens_to_schedule,
+            step_time_s=step_time_s,
+            draft_time_s=None if draft is None else draft.time_s,
+            guard_holds=getattr(self.chooser, "num_holds", 0),
+            num_scheduled=len(scheduled),
+            num_tokens=sum(scheduled.values()),
+            num_prefill_tokens=num_prefill_tokens,
+            draft_prefill_tokens=None if draft is None else draft.num_prefill_tokens,
+            choose_s=self._choose_s,
+            choose_cpu_s=self._choose_cpu_s,
+            is_chosen_ahead=self._is_chosen_ahead,
+            outlook={
+                r: [o.num_catch_up_tokens, o.num_remaining_tokens] for r, o in self._chosen_outlook.items()
+            },
+            observe_s=observe_s,
+            gap_s=gap_s,
+            is_near_drafting=is_near,
+            start_s=start_s,
+        )
 
     def _keep(self, record: StepRecord) -> None:
         if self.settings.is_recording:

@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from cluster.vllm_backend.counters import SchedulerCounters, read_scheduler_counters
+from policy.stats import RequestIterationStats
 
 
 def test_the_replica_reads_what_the_scheduler_wrote_and_nothing_before(tmp_path: Path) -> None:
@@ -25,3 +26,22 @@ def test_the_replica_reads_what_the_scheduler_wrote_and_nothing_before(tmp_path:
     counters.write(path)
     assert read_scheduler_counters(path)["num_steps"] == 8.0
     assert read_scheduler_counters(path)["guard_holds"] == 0.0
+
+
+def test_a_step_adds_its_requests_to_the_totals_and_sets_the_last_steps_gauges() -> None:
+    counters = SchedulerCounters()
+    step = [
+        RequestIterationStats(
+            "a", num_spec_tokens=3, num_accepted_tokens=2, num_committed_tokens=3, context_len=9
+        ),
+        RequestIterationStats(
+            "b", num_spec_tokens=0, num_accepted_tokens=0, num_committed_tokens=1, context_len=5
+        ),
+    ]
+    counters.count_step(step, 0.1)
+    counters.count_step(step[:1], 0.2)
+    assert (counters.num_request_steps, counters.num_drafts) == (3, 2)
+    assert (counters.num_draft_tokens, counters.num_accepted_tokens) == (6, 4)
+    assert (counters.mean_num_spec_tokens, counters.batch_size, counters.step_time_s) == (3.0, 1, 0.2)
+    counters.count_step([], 0.5)  # prompts alone: no decoding request, the last step's gauges stay
+    assert (counters.num_request_steps, counters.batch_size, counters.step_time_s) == (3, 1, 0.2)
