@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,51 @@ def target_info(vllm_config: Any) -> TargetInfo:
         max_seqs=vllm_config.scheduler_config.max_num_seqs,
         max_seq_len=model.max_model_len,
     )
+
+
+class DrafterLag:
+    """The scheduler's copy of our worker's `CatchUpWorker.lag_from`: per request, the first position whose
+    draft KV is missing, so that the chooser's outlook names the catch-up a request would pay if it drafted
+    next (`RequestOutlook.num_catch_up_tokens`).
+
+    A step with no draft steps (our worker skips the drafter) leaves every request in it lagging from its
+    position before the step; a step that drafts catches up the requests at K > 0, and vLLM's own pass over
+    the step's tokens keeps every request that did not lag whole, a new request's prompt included. Counted
+    from the last step a request drafted at instead (session 33 and before), the outlook charged the whole
+    prompt to a request whose prompt had come in with a drafting step, and charged again, to the choice made
+    ahead while the worker ran that step, the catch-up the step had just paid. In the step records of a
+    served run on the regime pair (session 34, 16 cells, two rounds), 3,964 outlooks named a catch-up for a
+    request whose draft KV was whole, 1,645 of them for a request then chosen K = 0 in a step that drafted
+    (1,283 at batch 17-32), where `BatchAwareChooser._repaid` weighs the catch-up against what drafting saves.
+    `skips_drafter`: False under vLLM's runner, which runs its pass every step: no request ever lags."""
+
+    def __init__(self, *, skips_drafter: bool) -> None:
+        self._skips_drafter = skips_drafter
+        self._lag_from: dict[str, int] = {}
+
+    def skipped(self, computed: Mapping[str, int]) -> None:
+        """A step without the drafter; `computed`: each request's positions computed before it."""
+        if self._skips_drafter:
+            for request_id, start in computed.items():
+                self._lag_from[request_id] = min(self._lag_from.get(request_id, start), start)
+
+    def drafted(self, chosen: Mapping[str, int]) -> None:
+        """A step whose drafter runs at its end with these K: the worker catches up those above 0."""
+        for request_id, k in chosen.items():
+            if k > 0:
+                self._lag_from.pop(request_id, None)
+
+    def catch_up_tokens(self, request_id: str, num_tokens: int) -> int:
+        lag_from = self._lag_from.get(request_id)
+        return 0 if lag_from is None else max(0, num_tokens - lag_from)
+
+    def forget(self, request_id: str) -> None:
+        self._lag_from.pop(request_id, None)
+
+    @property
+    def lag_from(self) -> dict[str, int]:
+        """Per lagging request, its first position whose draft KV is missing (a copy)."""
+        return dict(self._lag_from)
 
 
 class NearDrafting:

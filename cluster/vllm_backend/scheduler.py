@@ -50,7 +50,13 @@ import vllm
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from cluster.vllm_backend.chooser import NearDrafting, build_chooser, iteration_stats
+from cluster.vllm_backend.chooser import (
+    DrafterLag,
+    NearDrafting,
+    build_chooser,
+    iteration_stats,
+    measures_draft_time,
+)
 from cluster.vllm_backend.counters import SchedulerCounters
 from cluster.vllm_backend.settings import (
     DRAFT_MEASUREMENT_ATTR,
@@ -118,9 +124,9 @@ class PolicyScheduler(Scheduler):
         self.counters = SchedulerCounters()
         self._requested: dict[str, int | None] = {}  # the per-request setting (None: the policy decides)
         self._chosen: dict[str, int] = {}  # K decided at the last schedule() for the drafts now held
-        # Per request, its length (`num_tokens`) after the last step it drafted at the end of: the drafter has
-        # seen it up to there (our worker catches up the rest when it drafts again). For `_outlook`.
-        self._draft_seen: dict[str, int] = {}
+        # Where each request's draft KV is missing (our worker catches it up when the request drafts). For
+        # `_outlook`.
+        self._lag = DrafterLag(skips_drafter=measures_draft_time(self.vllm_config))
         # Choosing ahead (`get_grammar_bitmask`): the requests that draft at the end of the step in flight, and
         # the K chosen for them for the next step while the worker runs it.
         self._chooses_ahead = self.settings.choose_ahead and self.settings.policy.kind not in (
@@ -186,6 +192,11 @@ class PolicyScheduler(Scheduler):
                 self._choose_s, self._choose_cpu_s = self._ahead_s, self._ahead_cpu_s
                 self._chosen_outlook = self._ahead_outlook
             scheduler_output.num_spec_tokens_to_schedule = max(self._chosen.values(), default=0)
+            if scheduler_output.num_spec_tokens_to_schedule:
+                self._lag.drafted(self._chosen)
+            else:  # before vLLM advances num_computed_tokens for this step
+                scheduled = scheduler_output.num_scheduled_tokens
+                self._lag.skipped({r: self.requests[r].num_computed_tokens for r in scheduled})
             drafting = frozenset(r for r, k in self._chosen.items() if k > 0)
             setattr(scheduler_output, DRAFTING_REQUESTS_ATTR, drafting)  # pickled with it to the worker
         super()._update_after_schedule(scheduler_output)
@@ -222,10 +233,6 @@ class PolicyScheduler(Scheduler):
     def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: Any) -> Any:
         requests = self._step_requests(scheduler_output, model_runner_output)
         outputs = super().update_from_output(scheduler_output, model_runner_output)
-        for request_id, k in self._chosen.items():
-            request = self.requests.get(request_id)
-            if k > 0 and request is not None:
-                self._draft_seen[request_id] = request.num_tokens
         self._observe(scheduler_output, requests, getattr(model_runner_output, DRAFT_MEASUREMENT_ATTR, None))
         if self._record_file is not None and not self.has_unfinished_requests():
             self._record_file.write()  # idle next: nothing waits for it
@@ -243,7 +250,7 @@ class PolicyScheduler(Scheduler):
         # A request at a fixed K is observed too (the policy learns the traffic from it): its state goes.
         self.chooser.release(request_id)
         self._chosen.pop(request_id, None)
-        self._draft_seen.pop(request_id, None)
+        self._lag.forget(request_id)
         return super()._free_request(request, *args, **kwargs)
 
     # -- the policy ------------------------------------------------------------------------------------------
@@ -268,14 +275,14 @@ class PolicyScheduler(Scheduler):
         return {r: self._k(r, chosen.get(r, 0)) for r in request_ids}
 
     def _outlook(self, request_ids: Sequence[str]) -> dict[str, RequestOutlook]:
-        """Each request's drafter catch-up if it drafted next (what it has not seen: `_draft_seen`) and the
-        tokens it may still generate (its max_tokens less those generated)."""
+        """Each request's drafter catch-up if it drafted next (`DrafterLag`) and the tokens it may still
+        generate (its max_tokens less those generated)."""
         outlook = {}
         for request_id in request_ids:
             request = self.requests.get(request_id)
             if request is not None:
                 outlook[request_id] = RequestOutlook(
-                    num_catch_up_tokens=max(0, request.num_tokens - self._draft_seen.get(request_id, 0)),
+                    num_catch_up_tokens=self._lag.catch_up_tokens(request_id, request.num_tokens),
                     num_remaining_tokens=max(0, request.max_tokens - request.num_output_tokens),
                 )
         return outlook

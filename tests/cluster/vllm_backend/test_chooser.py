@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from cluster.config import AppConfig, PolicySettings
-from cluster.vllm_backend.chooser import NearDrafting, build_chooser, iteration_stats, step_prior
+from cluster.vllm_backend.chooser import DrafterLag, NearDrafting, build_chooser, iteration_stats, step_prior
 from cluster.vllm_backend.settings import WORKER_CLS, DraftMeasurement, SchedulerSettings
 from policy.routing import expected_experts
 from policy.stats import RequestIterationStats
@@ -224,3 +224,20 @@ def test_the_vllm_cost_model_charges_max_k_drafts_for_every_request() -> None:
     (ragged,) = model.phase_times(4, 4, 4)[:1]  # one request at K = 4, three at K = 0
     (uniform,) = model.phase_times(4, 4, 16)[:1]  # all four at K = 4
     assert float(ragged) == pytest.approx(float(uniform)) and float(ragged) > 0.0
+
+
+def test_the_drafter_lags_from_the_first_step_it_skipped_until_the_request_drafts() -> None:
+    """`DrafterLag`, the outlook's catch-up: what our worker would catch up if the request drafted next."""
+    lag = DrafterLag(skips_drafter=True)
+    lag.drafted({"a": 2, "new": 0})  # the step drafts: vLLM's pass keeps both whole (new's prompt too)
+    assert lag.catch_up_tokens("a", 40) == lag.catch_up_tokens("new", 12) == 0
+    lag.skipped({"a": 40, "new": 12})  # no drafter: from these positions on, the draft KV is missing
+    lag.skipped({"a": 41, "new": 13})
+    assert (lag.catch_up_tokens("a", 43), lag.catch_up_tokens("new", 14)) == (3, 2)
+    lag.drafted({"a": 0, "new": 1})  # the worker catches up new; a stays behind at K = 0
+    assert lag.lag_from == {"a": 40}
+    lag.forget("a")
+    assert lag.lag_from == {}
+    under_vllms_runner = DrafterLag(skips_drafter=False)  # its pass runs every step
+    under_vllms_runner.skipped({"a": 40})
+    assert under_vllms_runner.catch_up_tokens("a", 50) == 0
