@@ -43,8 +43,8 @@ def measure_side_by_side(
                 outs.append(warmup_out)
         num_warmups = len(cells)
         keys: list[tuple[str, tuple[int, str, int]]] = []
-        for index, (r, w, c) in enumerate(plan):
-            shift = (index + launch) % len(args.modes)
+        for r, w, c in plan:
+            shift = rotation_shift(args, r, w, c, launch)
             for mode in args.modes[shift:] + args.modes[:shift]:
                 out = served.RAW / f"{mode}-{w}-c{c}-r{r}-{int(time.time())}.json"
                 cells.append(served.client_argv(urls[mode], w, c, args, out))
@@ -64,6 +64,19 @@ def measure_side_by_side(
 
 # What one vLLM CPU server held here beside its KV cache (`--kv-cache-gib`): the API server, the engine core
 # and the worker, about 0.7 + 0.7 + 0.8 GiB on the demo pairs.
+def rotation_shift(
+    args: argparse.Namespace, round_index: int, workload: str, concurrency: int, launch: int
+) -> int:
+    """Where a cell's rotation of the modes starts: one further per round, per workload and per concurrency,
+    so that each mode runs first (and second, ...) as often as the others in every cell over as many rounds
+    as there are modes, and in every concurrency over as many workloads. Counted along the plan instead
+    (sessions 19-33), the rotation was the same in every round and workload wherever the number of modes
+    divides the number of concurrencies: with 4 modes (the session 34 twins: off, off-sync, auto, auto-base)
+    or 2, a mode held the same place at one concurrency in every cell of the run."""
+    position = round_index + args.workloads.index(workload) + args.concurrency.index(concurrency) + launch
+    return position % len(args.modes)
+
+
 SERVER_GIB = 2.5
 
 

@@ -4,6 +4,7 @@ the scheduler's record counts what it did."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -494,8 +495,16 @@ def test_side_by_side_runs_each_cell_on_every_server_in_rotated_order(
     for row in rows:
         assert row["output_throughput"] == ports[row["mode"]]
     assert len(rows) == 6 * 3 - 1
-    # The cell the client did not reach: the last mode of the last cell's rotation (cell 5: auto, off, k0).
-    assert missing == ["k0 prose c32 launch 0 round 0"]
+    # The cell the client did not reach: the last mode of the last cell's rotation (prose 32: off, k0, auto).
+    assert missing == ["auto prose c32 launch 0 round 0"]
+    # Over as many rounds as modes, each mode runs first in every cell once (and in every concurrency over as
+    # many workloads): with 3 concurrencies and 3 modes, counting along the plan started every round alike.
+    for w, c in itertools.product(args.workloads, args.concurrency):
+        shifts = [side_by_side.rotation_shift(args, r, w, c, 0) for r in range(len(ports))]
+        assert sorted(shifts) == [0, 1, 2]
+    for r, c in itertools.product(range(3), args.concurrency):
+        args.workloads = ["code", "prose", "synthetic"]
+        assert sorted(side_by_side.rotation_shift(args, r, w, c, 0) for w in args.workloads) == [0, 1, 2]
 
 
 def test_side_by_side_refuses_servers_that_do_not_fit_in_memory(monkeypatch: Any) -> None:
