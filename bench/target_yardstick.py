@@ -40,16 +40,11 @@ Cell = tuple[str, int]  # (workload, concurrency)
 
 def twin_log_ratios(rows: list[dict[str, Any]], twin: str, original: str) -> dict[Cell, list[float]]:
     """Per cell, log(twin / original) in each run (launch and round) that holds one row of each."""
-    runs: dict[tuple[str, int, int, int], dict[str, list[float]]] = {}
-    for r in rows:
-        run = (r["workload"], r["concurrency"], r.get("launch", 0), r.get("round", 0))
-        runs.setdefault(run, {}).setdefault(r["mode"], []).append(r["output_throughput"])
-    logs: dict[Cell, list[float]] = {}
-    for (workload, concurrency, _, _), modes in sorted(runs.items()):
-        a, b = modes.get(twin, []), modes.get(original, [])
-        if len(a) == 1 and len(b) == 1:
-            logs.setdefault((workload, concurrency), []).append(math.log(a[0] / b[0]))
-    return logs
+    return {
+        (workload, concurrency): [math.log(x) for x in ratios]
+        for (workload, concurrency, mode), ratios in paired_ratios(rows, reference=original).items()
+        if mode == twin
+    }
 
 
 def server_sd(logs: dict[Cell, list[float]]) -> float:
@@ -135,7 +130,8 @@ def main() -> None:
     num_rounds = args.rounds or len({r.get("round", 0) for r in full})
     rng = random.Random(0)
     expected, all_met = 0.0, 1.0
-    for cell, modes in sorted(truth(full).items()):
+    cells = truth(full)
+    for cell, modes in sorted(cells.items()):
         chance = oracle_chance(modes, sds.get(cell[1], sd), num_rounds, args.draws, rng)
         expected, all_met = expected + chance, all_met * chance
         best = max(modes, key=modes.__getitem__)
@@ -143,7 +139,7 @@ def main() -> None:
             f"  {cell[0]} {cell[1]}: best {best} ({math.exp(modes[best]):.2f}x off), oracle meets {chance:.2f}"
         )
     print(
-        f"an oracle, {num_rounds} rounds: expected cells met {expected:.1f} of {len(truth(full))}, "
+        f"an oracle, {num_rounds} rounds: expected cells met {expected:.1f} of {len(cells)}, "
         f"chance of all {all_met:.3f}"
     )
 

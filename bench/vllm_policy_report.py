@@ -271,19 +271,21 @@ def median_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def paired_ratios(rows: list[dict[str, Any]]) -> dict[tuple[str, int, str], list[float]]:
-    """Per (workload, concurrency, mode): its throughput over off's of the same run (launch, round), for the
-    runs with exactly one row of the mode and one of off."""
+def paired_ratios(
+    rows: list[dict[str, Any]], reference: str = "off"
+) -> dict[tuple[str, int, str], list[float]]:
+    """Per (workload, concurrency, mode): its throughput over `reference`'s of the same run (launch, round),
+    for the runs with exactly one row of the mode and one of the reference."""
     runs: dict[tuple[str, int, int, int], dict[str, list[float]]] = {}
     for r in rows:
         run = (r["workload"], r["concurrency"], r.get("launch", 0), r.get("round", 0))
         runs.setdefault(run, {}).setdefault(r["mode"], []).append(r["output_throughput"])
     ratios: dict[tuple[str, int, str], list[float]] = {}
     for (workload, concurrency, _, _), modes in runs.items():
-        off = modes.get("off", [])
-        if len(off) != 1:
+        base = modes.get(reference, [])
+        if len(base) != 1:
             continue
         for mode, values in modes.items():
             if len(values) == 1:
-                ratios.setdefault((workload, concurrency, mode), []).append(values[0] / off[0])
+                ratios.setdefault((workload, concurrency, mode), []).append(values[0] / base[0])
     return ratios
