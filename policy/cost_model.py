@@ -1,6 +1,6 @@
 """MoESD iteration-time model: predicts plain and speculative iteration times for any batch and K vector.
 
-Fitted by non-negative least squares (`scipy.optimize.nnls`) on a calibration run, then refitted online as
+Fitted by non-negative least squares (`policy.cost_fit`) on a calibration run, then refitted online as
 iterations arrive: early and often while the model still rests on its prior, every `refit_interval`
 iterations after that.
 
@@ -30,12 +30,12 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from policy.cost_fit import ROW_SIZE, CostFit
 from policy.routing import ExpertCounts, RoutingConfig
 from policy.shape_correction import ShapeCorrection
 from policy.stats import IterationStats
 
 Array = NDArray[np.float64]
-ROW_SIZE = 9  # a measured iteration's row: see CostModel._record
 
 
 def batch_bucket(batch_size: int) -> int:
@@ -177,11 +177,11 @@ class CostModel:
         # last refit (predictions read the latter, so that they change only with `version`).
         self._prompt_tokens: dict[int, tuple[int, float]] = {}
         self._fitted_prompt_tokens: dict[int, float] = {}
-        # Imported here, not at module level (`workers` imports `policy` and scipy.optimize takes a while to
-        # import), and not at the first refit, which would stall a serving iteration.
-        from scipy.optimize import nnls
-
-        self._nnls = nnls
+        self._fit = CostFit(
+            is_draft_padded=config.is_draft_padded,
+            min_samples=config.min_samples,
+            prior_weight=config.prior_weight,
+        )
 
     # -- predictions ----------------------------------------------------------------------------------------
 
@@ -316,7 +316,7 @@ class CostModel:
 
     def _fit_and_correct(self, rows: Array) -> CostParams:
         """New params and shape correction from these rows (a new `version`)."""
-        self.params = self._fit_rows(rows)
+        self.params = CostParams(**self._fit.fit(rows, self.params, self.prior, self.expert_counts.predict))
         self._correct(np.vstack([rows, *self._correction.archived_blocks()]))
         self._fitted_prompt_tokens = {bucket: mean for bucket, (_, mean) in self._prompt_tokens.items()}
         self.version += 1
@@ -367,69 +367,3 @@ class CostModel:
     def _next_row_number(self) -> float:
         self._num_rows += 1
         return float(self._num_rows - 1)
-
-    def _fit_rows(self, rows: Sequence[tuple[float, ...]] | Array) -> CostParams:
-        """Fit each parameter group; a group without enough data keeps its current values."""
-        table = np.array(rows, dtype=np.float64).reshape(-1, ROW_SIZE).T
-        batch, steps, spec, experts, prefill, draft, verify, other, _ = table
-        tokens = batch + spec
-        experts = np.where(np.isnan(experts), self.expert_counts.predict(tokens), experts)
-        ones = np.ones_like(tokens)
-        has_draft = steps > 0
-        # An engine that times only the drafter apart (vLLM: verify = the step less the drafter) reports no
-        # other time, and its verify times carry what an iteration that verifies drafts costs beyond its
-        # tokens (the rejection sampler, the drafts' bookkeeping): the drafter-call term is fitted there.
-        # Without it, on a served demo-pair record, the fit put a batch-1 step verifying one draft at 4.8 ms
-        # (measured: 5.35 ms, plain 4.6 ms), and drafting looked cheaper than it is.
-        verify_terms: tuple[str, ...] = ("fixed_s", "per_seq_s", "per_expert_s", "per_token_s")
-        other_terms: tuple[str, ...] = ("other_s", "other_per_token_s", "draft_call_s")
-        verify_columns: list[Array] = [ones, batch, experts, tokens]
-        other_columns: list[Array] = [ones, tokens, has_draft.astype(np.float64)]
-        if not np.any(other > 0.0):
-            verify_terms, verify_columns = (
-                (*verify_terms, "draft_call_s"),
-                [*verify_columns, other_columns[2]],
-            )
-            other_terms, other_columns = other_terms[:2], other_columns[:2]
-        groups = [  # (design, measured times, parameter names)
-            (np.column_stack(verify_columns), verify, verify_terms),
-            (
-                np.column_stack([steps, steps * batch if self.config.is_draft_padded else spec, prefill])[
-                    has_draft
-                ],
-                draft[has_draft],
-                ("draft_fixed_s", "draft_per_token_s", "draft_prefill_per_token_s"),
-            ),
-            (np.column_stack(other_columns), other, other_terms),
-        ]
-        fitted: dict[str, float] = {}
-        for design, times, names in groups:
-            start = tuple(getattr(self.params, n) for n in names)
-            prior = tuple(getattr(self.prior, n) for n in names)
-            fitted.update(zip(names, self._fit(design, times, start, prior), strict=True))
-        return CostParams(**fitted)
-
-    def _fit(
-        self, design: Array, times: Array, start: tuple[float, ...], prior: tuple[float, ...]
-    ) -> tuple[float, ...]:
-        """Non-negative least squares on relative residuals, pulled weakly toward `prior`.
-
-        Columns that are zero in every row (no experts on a dense target) keep their start value. The
-        residuals are linear in the params, so the bounded problem is solved exactly, in scaled units.
-        """
-        keep = times > 0.0
-        design, times = design[keep], times[keep]
-        x = np.array(start, dtype=np.float64)
-        active = np.any(design != 0.0, axis=0)
-        if len(times) < max(self.config.min_samples, design.shape[1]) or not active.any():
-            return start
-        design, target = design[:, active], np.array(prior)[active]
-        # Scale of each parameter: its prior, or 1% of what would explain the mean time alone.
-        scale = np.where(target > 0.0, target, 1e-2 * float(times.mean()) / np.abs(design).mean(axis=0))
-        weight = self.config.prior_weight
-        # Unknowns q = params / scale: rows (design / times) q = 1, and weight * q = weight * target / scale.
-        matrix = np.vstack([design * (scale / times[:, None]), weight * np.eye(len(scale))])
-        rhs = np.concatenate([np.ones(len(times)), weight * target / scale])
-        solution, _ = self._nnls(matrix, rhs)
-        x[active] = solution * scale
-        return tuple(float(v) for v in x)
