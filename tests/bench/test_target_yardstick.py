@@ -10,6 +10,8 @@ import pytest
 
 from bench.target_yardstick import (
     oracle_chance,
+    pooled,
+    pooled_verdicts,
     sd_by_concurrency,
     server_sd,
     truth,
@@ -83,3 +85,22 @@ def test_the_noise_is_taken_per_concurrency_where_the_twins_ran_it_often_enough(
     sds = sd_by_concurrency(logs, min_runs=6)
     assert sds[1] == pytest.approx(loud / math.sqrt(2.0))
     assert sds[32] == pytest.approx(server_sd(logs))  # two runs: the pooled figure
+
+
+def test_pooling_pairs_each_run_with_its_own_off_across_files_and_judges_auto_against_the_best_mode() -> None:
+    first = [row("off", 100.0, 0), row("4", 130.0, 0), row("auto", 120.0, 0), row("ours4", 200.0, 0)]
+    first += [row("off", 100.0, 0, "prose"), row("4", 80.0, 0, "prose"), row("auto", 97.0, 0, "prose")]
+    # a second session on a machine half as fast, the same round number
+    second = [row("off", 50.0, 0), row("4", 70.0, 0), row("auto", 62.0, 0)]
+    second += [row("off", 50.0, 0, "prose"), row("4", 40.0, 0, "prose"), row("auto", 47.0, 0, "prose")]
+    cells = pooled([first, second])
+    code = cells[("code", 4)]
+    assert set(code) == {"4", "auto"}  # off is the reference; our own path is not a peer
+    assert code["4"].num_runs == 2 and code["4"].mean == pytest.approx(math.log(math.sqrt(1.3 * 1.4)))
+    assert code["auto"].se == pytest.approx(abs(math.log(1.2) - math.log(1.24)) / 2.0)
+    verdicts = {cell: (best, ratio) for cell, best, ratio, _ in pooled_verdicts(cells)}
+    best, ratio = verdicts[("code", 4)]
+    assert best == "4" and ratio == pytest.approx(math.sqrt(1.2 * 1.24) / math.sqrt(1.3 * 1.4))
+    assert ratio < 0.95  # a miss: 0.90
+    best, ratio = verdicts[("prose", 4)]  # K = 4 loses: auto is judged against off
+    assert best == "off" and ratio == pytest.approx(math.sqrt(0.97 * 0.94))
