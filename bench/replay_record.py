@@ -20,7 +20,10 @@ Records from session 15 on carry each step's prompt tokens of other requests and
 tokens, as the served chooser saw them; in older ones the catch-up reads as 0. Records from session 31 on
 carry the outlook each choice was given (`RequestOutlook`: its catch-up and remaining tokens per request),
 and the replay gives the chooser the same; without it, `BatchAwareChooser._repaid` did not run in a replay,
-and replays of the same code chose as served in 40-98% of the steps at batch 4 and above. The replay is
+and replays of the same code chose as served in 40-98% of the steps at batch 4 and above. Each request is
+released after its last step in the record, as the scheduler releases it after observing the step that
+finished it (from session 35 on; before, it released it first, and that observation made its state again, so
+older records replay differently from where a request finished while drafting). The replay is
 faithful while the choices agree (the same code replays its own record exactly); after a different choice,
 the record's accepted counts are those of the served choice, not the replayed one, so the state is the
 served run's as this code would read it, not a counterfactual run. It found in seconds what a benchmark
@@ -200,6 +203,13 @@ def replay(steps: list[dict[str, Any]], chooser: MeasuredGuard, cells: list[Cell
     pending = list(cells)
     current: Cell | None = None
     ahead: dict[str, int] | None = None  # the choice made for this step while the step before ran
+    last_step: dict[str, int] = {}  # each request's last step in the record: vLLM freed it there
+    for index, step in enumerate(steps):
+        for request_id in (*step["chosen"], *step["num_drafts"]):
+            last_step[request_id] = index
+    finished: dict[int, list[str]] = {}
+    for request_id, index in last_step.items():
+        finished.setdefault(index, []).append(request_id)
     for index, step in enumerate(steps):
         clock = time.strftime("%H:%M:%S", time.localtime(step["start_s"]))
         if current is not None and clock > current.ended:
@@ -256,6 +266,8 @@ def replay(steps: list[dict[str, Any]], chooser: MeasuredGuard, cells: list[Cell
                     current.predicted_s["drafter"] += float(draft_s)
                     current.measured_s["drafter"] += stats.draft_time_s
             chooser.observe(stats)
+        for request_id in finished.pop(index, []):  # after its last step's observation, as the scheduler does
+            chooser.release(request_id)
         previous = draft
         if current is not None and ids:
             current.steps += 1

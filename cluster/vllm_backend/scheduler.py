@@ -147,6 +147,8 @@ class PolicyScheduler(Scheduler):
         self._choose_s = 0.0
         self._choose_cpu_s = 0.0
         self._last_metrics_write = 0.0
+        # The requests that vLLM freed in the step being observed (None between steps: released at once).
+        self._finishing: list[str] | None = None
         # What the drafter did at the end of the last step: its drafts are verified in this step.
         self._last_draft = DraftMeasurement(0.0, 0)
         self._near_drafting = NearDrafting()
@@ -232,8 +234,14 @@ class PolicyScheduler(Scheduler):
 
     def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: Any) -> Any:
         requests = self._step_requests(scheduler_output, model_runner_output)
-        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        self._finishing = []  # vLLM frees the requests that finish in this step: released after `_observe`
+        try:
+            outputs = super().update_from_output(scheduler_output, model_runner_output)
+        finally:
+            finishing, self._finishing = self._finishing, None
         self._observe(scheduler_output, requests, getattr(model_runner_output, DRAFT_MEASUREMENT_ATTR, None))
+        for request_id in finishing:
+            self.chooser.release(request_id)
         if self._record_file is not None and not self.has_unfinished_requests():
             self._record_file.write()  # idle next: nothing waits for it
         return outputs
@@ -247,8 +255,14 @@ class PolicyScheduler(Scheduler):
     def _free_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
         request_id = request.request_id
         self._requested.pop(request_id, None)
-        # A request at a fixed K is observed too (the policy learns the traffic from it): its state goes.
-        self.chooser.release(request_id)
+        # A request at a fixed K is observed too (the policy learns the traffic from it): its state goes, after
+        # its last step is observed where that step finishes it (`_finishing`). Released before, its state was
+        # made again by that observation and kept for good: one `RequestState` per request served, and every
+        # finished request's last step counted again as a new request's first in the traffic's acceptance.
+        if self._finishing is None:
+            self.chooser.release(request_id)
+        else:
+            self._finishing.append(request_id)
         self._chosen.pop(request_id, None)
         self._lag.forget(request_id)
         return super()._free_request(request, *args, **kwargs)

@@ -325,14 +325,21 @@ def test_record_file_has_every_step(engines: tuple[Any, Any], tmp_path: Any) -> 
 
 
 class _Releases:
-    """A chooser wrapper that keeps the ids it is asked to release."""
+    """A chooser wrapper that keeps the ids it is asked to release, and the steps after each release that
+    still named a released request."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.released: list[str] = []
+        self.observed_after_release: list[str] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+    def observe(self, stats: Any) -> None:
+        gone = set(self.released)
+        self.observed_after_release += [r.request_id for r in stats.requests if r.request_id in gone]
+        self.inner.observe(stats)
 
     def release(self, request_id: str) -> None:
         self.released.append(request_id)
@@ -341,7 +348,9 @@ class _Releases:
 
 def test_every_finished_request_is_released_from_the_chooser(engines: tuple[Any, Any]) -> None:
     """Requests at a fixed K are observed too (the chooser learns the traffic from them), so their state is
-    released as well: before, only requests the policy decided for were, and the others' states stayed."""
+    released as well: before, only requests the policy decided for were, and the others' states stayed. And
+    a request is released after its last step is observed: released as vLLM freed it, in the step that
+    finished it, that step's observation made its state again (`BatchAwareChooser._state`), for good."""
     _, ours = engines
     sched = scheduler(ours)
     wrapper = _Releases(sched.chooser)
@@ -351,6 +360,7 @@ def test_every_finished_request_is_released_from_the_chooser(engines: tuple[Any,
     finally:
         sched.chooser = wrapper.inner
     assert {r.rsplit("-", 1)[0] for r in wrapper.released} == {o.request_id for o in outputs}
+    assert wrapper.observed_after_release == []
 
 
 class _Outlooks(_Releases):
