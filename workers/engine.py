@@ -143,15 +143,20 @@ class SpecEngine:
         # cache bookkeeping must not advance for tokens it never fed.
         num_drafted = [len(p.draft_ids) for p in proposals]
         outputs += self._commit(batch, num_drafted, committed, verified.logprobs)
-        self._observe(
-            batch,
-            proposals,
-            committed,
-            experts_touched,
-            draft_time=self.proposer.compute_s,
-            verify_time=verified.compute_time_s,
-            total_time=time.perf_counter() - start,
-        )
+        # Finished requests are released after the observation: the chooser keeps state per request, and an
+        # observation after the release made a finished request's state again, for good.
+        try:
+            self._observe(
+                batch,
+                proposals,
+                committed,
+                experts_touched,
+                draft_time=self.proposer.compute_s,
+                verify_time=verified.compute_time_s,
+                total_time=time.perf_counter() - start,
+            )
+        finally:
+            self._reap()
         return outputs
 
     def generate(
@@ -255,7 +260,6 @@ class SpecEngine:
                 seq.num_draft_cached = min(seq.num_draft_cached + proposed - 1, seq.num_tokens + num_accepted)
             new_ids = seq.append(tokens)
             outputs.append(self._output(seq, new_ids, logprobs[i][: len(new_ids)] if logprobs else []))
-        self._reap()
         return outputs
 
     def _observe(

@@ -192,6 +192,37 @@ def test_the_chooser_is_told_each_catch_up_before_it_happens(
     assert {o.num_remaining_tokens for o in first} == {GREEDY.max_tokens - 5}  # 5 generated
 
 
+class ReleaseRecorder(ScriptedChooser):
+    """A scripted chooser that keeps the requests released, and those observed after their release."""
+
+    def __init__(self, pattern: Sequence[Sequence[int]]) -> None:
+        super().__init__(pattern)
+        self.released: list[str] = []
+        self.observed_after_release: list[str] = []
+
+    def observe(self, stats: IterationStats) -> None:
+        gone = set(self.released)
+        self.observed_after_release += [r.request_id for r in stats.requests if r.request_id in gone]
+        super().observe(stats)
+
+    def release(self, request_id: str) -> None:
+        self.released.append(request_id)
+
+
+def test_a_finished_request_is_released_after_its_last_iteration_is_observed(
+    target_path: Path, good_draft_path: Path
+) -> None:
+    """The chooser keeps state per request (`BatchAwareChooser._state` makes it for any request it observes):
+    released before the iteration that finished it was observed, a request's state was made again there and
+    kept for good."""
+    chooser = ReleaseRecorder([[1, 2, 0, 3, 1]] * 4)
+    engine = _engine(target_path, good_draft_path, chooser)
+    params = [SamplingParams(temperature=0.0, max_tokens=n) for n in (3, 9, 14, 20, 6, 11)]
+    engine.generate(_prompts(6), params)
+    assert len(set(chooser.released)) == 6 and not engine.running
+    assert chooser.observed_after_release == []
+
+
 class FlakyDrafter(Drafter):
     """Fails every third call, and once forgets everything (as a restarted replica would)."""
 
