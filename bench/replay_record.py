@@ -18,16 +18,20 @@ itself (`level_error`), which the machine's drift is in.
 
 Records from session 15 on carry each step's prompt tokens of other requests and the drafter's catch-up
 tokens, as the served chooser saw them; in older ones the catch-up reads as 0. Records from session 31 on
-carry the outlook each choice was given (`RequestOutlook`: its catch-up and remaining tokens per request),
-and the replay gives the chooser the same; without it, `BatchAwareChooser._repaid` did not run in a replay,
-and replays of the same code chose as served in 40-98% of the steps at batch 4 and above. Each request is
-released after its last step in the record, as the scheduler releases it after observing the step that
-finished it (from session 35 on; before, it released it first, and that observation made its state again, so
-older records replay differently from where a request finished while drafting). The replay is
-faithful while the choices agree (the same code replays its own record exactly); after a different choice,
-the record's accepted counts are those of the served choice, not the replayed one, so the state is the
-served run's as this code would read it, not a counterfactual run. It found in seconds what a benchmark
-rerun took minutes to show (session 14: the test budget spent by unforced tests at batch 1).
+carry the outlook each choice was given (`RequestOutlook`: its catch-up and remaining tokens per request), and
+the replay gives the chooser the same; without it, `BatchAwareChooser._repaid` did not run in a replay, and
+replays of the same code chose as served in 40-98% of the steps at batch 4 and above. The outlook also names
+the requests each choice was asked about, which the step's `chosen` does not (it lacks the requests that
+finished in the step, freed before the record was made): replayed without them, a choice was made for a
+smaller batch, and the same code chose as served in 60-100% of the steps per cell of session 35's release A/B
+record (18 cells); with them, in 100% of every cell. Each request is released after its last step in the
+record, as the scheduler releases it after observing the step that finished it (from session 35 on; before, it
+released it first, and that observation made its state again, so older records replay differently from where a
+request finished while drafting). The replay is faithful while the choices agree (the same code replays its
+own record exactly); after a different choice, the record's accepted counts are those of the served choice,
+not the replayed one, so the state is the served run's as this code would read it, not a counterfactual run.
+It found in seconds what a benchmark rerun took minutes to show (session 14: the test budget spent by unforced
+tests at batch 1).
 
     python -m bench.replay_record bench/results/raw/vllm_policy/record-auto-1764600000.jsonl \\
         --result bench/results/vllm_policy.json --mode auto --target models/demo-moe-wide
@@ -217,7 +221,10 @@ def replay(steps: list[dict[str, Any]], chooser: MeasuredGuard, cells: list[Cell
         while pending and clock >= pending[0].started:
             current = pending.pop(0)
             current.state = state_line(chooser)
-        ids = list(step["chosen"])
+        # The requests the chooser was asked about: those its outlook names (records from session 31 on). The
+        # step's `chosen` lacks the requests that finished in the step (freed before the record was made),
+        # and a choice made without them was made for a smaller batch.
+        ids = list(step.get("outlook") or step["chosen"])
         # Chosen ahead (`PolicyScheduler.choose_ahead`): for this step's drafting requests, before the step
         # before was observed; the requests that joined meanwhile were not the chooser's.
         if step.get("is_chosen_ahead"):
@@ -225,12 +232,16 @@ def replay(steps: list[dict[str, Any]], chooser: MeasuredGuard, cells: list[Cell
         else:
             give_outlook(chooser, step)
             chosen = chooser.choose(ids) if ids else {}
-        if ids and chosen.items() <= step["chosen"].items() and current is not None:
+        recorded = {r: k for r, k in chosen.items() if r in step["chosen"]}
+        if ids and recorded.items() <= step["chosen"].items() and current is not None:
             current.matched += 1
         is_next_ahead = index + 1 < len(steps) and steps[index + 1].get("is_chosen_ahead", False)
-        if is_next_ahead:
-            give_outlook(chooser, steps[index + 1])  # the next step's record has its ahead choice's outlook
-        ahead = chooser.choose(ids) if ids and is_next_ahead else None  # while the worker runs this step
+        ahead = None
+        if is_next_ahead:  # while the worker runs this step
+            after = steps[index + 1]
+            give_outlook(chooser, after)  # the next step's record has its ahead choice's outlook
+            ahead_ids = list(after.get("outlook") or step["chosen"])
+            ahead = chooser.choose(ahead_ids) if ahead_ids else None
         inner.cost_model.refit_if_due()  # as the scheduler does while the worker runs the step
         requests = [
             RequestIterationStats(r, k, step["num_accepted"][r], step["num_accepted"][r] + 1, 100)

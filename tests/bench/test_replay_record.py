@@ -81,12 +81,14 @@ def _serve(
         draft = DraftMeasurement(draft_s or 0.0, catch_up)
         chooser.observe(iteration_stats(step, requests, step_s, draft, previous, is_near_drafting=False))
         previous, held = draft, dict(chosen)
+        finishing = [r for r in ids if left[r] <= accepted[r] + 1]
         steps.append(
             {
                 "step": step,
                 "num_drafts": drafts,
                 "num_accepted": accepted,
-                "chosen": chosen,
+                # as `PolicyScheduler` records it: without the requests that finish in the step (freed first)
+                "chosen": {r: k for r, k in chosen.items() if r not in finishing},
                 "num_draft_steps": max(chosen.values()),
                 "step_time_s": step_s,
                 "draft_time_s": draft_s,
