@@ -249,8 +249,9 @@ class BatchAwareChooser:
 
     def gauges(self) -> dict[str, float]:
         """Why it drafts or not: the traffic's acceptance and what the cost model predicts the last choice
-        gains over plain decoding."""
+        gains over plain decoding; and the requests it keeps state for (finished ones are released)."""
         return {
+            "policy_tracked_requests": float(len(self._states)),
             "policy_acceptance": self._population.rate,
             "policy_predicted_speedup": self._predicted_speedup,
             "policy_test_cost_share": self._phases.budget.spent_share(),

@@ -29,6 +29,7 @@ class SchedulerCounters:
     guard_holds: int = 0
     central_decisions: int = 0
     policy_actor_failures: int = 0
+    tracked_requests: int = 0  # requests the chooser keeps state for (`policy_tracked_requests`)
 
     def count_step(self, requests: list[RequestIterationStats], step_time_s: float) -> None:
         """A step's decoding requests (none: a step of prompts alone, which leaves the per-step gauges)."""
@@ -44,11 +45,13 @@ class SchedulerCounters:
 
     def take_chooser_gauges(self, chooser: Any) -> None:
         """Guard holds, central decisions and policy actor failures of a guard around a `PolicyClient`, if
-        the chooser is one (0 where it is not)."""
+        the chooser is one (0 where it is not); the requests the chooser keeps state for, if it says."""
         inner = getattr(chooser, "inner", chooser)
         self.guard_holds = getattr(chooser, "num_holds", 0)
         self.central_decisions = getattr(inner, "num_central_decisions", 0)
         self.policy_actor_failures = getattr(inner, "num_failures", 0)
+        gauges = getattr(chooser, "gauges", None)
+        self.tracked_requests = int(gauges().get("policy_tracked_requests", 0)) if gauges else 0
 
     def write(self, path: str) -> None:
         """As JSON, atomically: a reader sees the last write or the one before."""

@@ -57,6 +57,7 @@ _GAUGES = {
     "guard_holds": "policy_guard_holds",
     "central_decisions": "policy_central_decisions",
     "policy_actor_failures": "policy_actor_failures",
+    "tracked_requests": "policy_tracked_requests",
 }
 
 

@@ -10,6 +10,9 @@ import pytest
 import torch
 
 from policy.baselines import OffChooser, StaticChooser
+from policy.batch_aware import BatchAwareChooser, BatchAwareConfig
+from policy.cost_model import CostModel, CostModelConfig
+from policy.presets import PRESETS
 from policy.stats import IterationStats, RequestOutlook
 from tests.workers.checkpoints import make_checkpoint
 from workers.drafter import PROPOSALS, Drafter, DraftRequest
@@ -221,6 +224,19 @@ def test_a_finished_request_is_released_after_its_last_iteration_is_observed(
     engine.generate(_prompts(6), params)
     assert len(set(chooser.released)) == 6 and not engine.running
     assert chooser.observed_after_release == []
+
+
+def test_our_chooser_keeps_no_state_for_finished_requests(target_path: Path, good_draft_path: Path) -> None:
+    """The batch-aware chooser, served: once every request finished, it tracks none (its gauge for /metrics);
+    with the release before the last observation it kept one state per request."""
+    preset = PRESETS["mixtral-8x7b-h100"]  # any prior: what it chooses does not matter here
+    chooser = BatchAwareChooser(
+        BatchAwareConfig(max_spec_tokens=4), CostModel(CostModelConfig(preset.routing), preset.cost_params())
+    )
+    engine = _engine(target_path, good_draft_path, chooser)
+    params = [SamplingParams(temperature=0.0, max_tokens=n) for n in (3, 9, 14, 20, 6, 11)]
+    engine.generate(_prompts(6), params)
+    assert chooser.gauges()["policy_tracked_requests"] == 0.0
 
 
 class FlakyDrafter(Drafter):
