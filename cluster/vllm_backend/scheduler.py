@@ -237,11 +237,12 @@ class PolicyScheduler(Scheduler):
         self._finishing = []  # vLLM frees the requests that finish in this step: released after `_observe`
         try:
             outputs = super().update_from_output(scheduler_output, model_runner_output)
+            draft = getattr(model_runner_output, DRAFT_MEASUREMENT_ATTR, None)
+            self._observe(scheduler_output, requests, draft)
         finally:
             finishing, self._finishing = self._finishing, None
-        self._observe(scheduler_output, requests, getattr(model_runner_output, DRAFT_MEASUREMENT_ATTR, None))
-        for request_id in finishing:
-            self.chooser.release(request_id)
+            for request_id in finishing:
+                self.chooser.release(request_id)
         if self._record_file is not None and not self.has_unfinished_requests():
             self._record_file.write()  # idle next: nothing waits for it
         return outputs
