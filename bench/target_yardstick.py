@@ -121,7 +121,8 @@ class Pooled:
 
 
 def pooled(results: list[list[dict[str, Any]]]) -> dict[Cell, dict[str, Pooled]]:
-    """Per cell and mode (off, the static modes and auto), its paired log ratios to off over every file's runs."""
+    """Per cell and mode (the static modes and auto; off is the reference), its log ratios to off in the same
+    run, over every file's runs."""
     logs: dict[tuple[str, int, str], list[float]] = {}
     for rows in results:
         for key, ratios in paired_ratios(rows).items():
