@@ -101,12 +101,13 @@ class CostModelConfig:
     # iterations (a K measured beside another in this many iterations counts half).
     correction_pseudo_count: float = 8.0
     prompt_window: int = 128  # iterations the prompt tokens per iteration are averaged over
-    # A bucket's rows per time block of the shape correction (`policy.shape_correction`). The machine's speed
-    # moves within seconds too, and 32 rows at batch 16-32 are 3-6 s here: replayed over five served records
-    # on the regime pair (sessions 34-35, vLLM backend), drafting's error relative to plain decoding per cell
-    # and bucket (`bench.replay_record`'s `relative_error`) was 0.089 at 32 rows, 0.078 at 16, 0.069 at 8 and
-    # 0.083 at 4, and plain decoding's error (`level_error`) fell on four of the five records at 8.
-    correction_block: int = 8
+    # A bucket's rows per time block of the shape correction (`policy.shape_correction`). Shorter blocks
+    # predict better and served no better (session 36): replayed over five served records on the regime pair
+    # (sessions 34-35, vLLM backend), drafting's error relative to plain decoding per cell and bucket
+    # (`bench.replay_record`'s `relative_error`) was 0.089 at 32 rows, 0.078 at 16, 0.069 at 8 and 0.083 at 4;
+    # served side by side, auto with blocks of 8 over auto with 32 ran 1.03 on synthetic (9 runs) and 0.95 /
+    # 0.97 on prose (9 and 12 runs; prose at batch 1 0.93 / 0.95), 0.98 paired over 30 runs.
+    correction_block: int = 32
     # Blocks that measured two K at once, kept per bucket for the shape correction after they left the ring
     # (module docstring): a stretch at one K (a plain cell at batch 1 is about 900 iterations) would otherwise
     # take every block that related the other K to it out of the fit.
