@@ -49,7 +49,11 @@ class BatchAwareConfig:
     set_iterations: int = 16  # iterations at K = 0 before a retest (doubled per consecutive K = 0 verdict)
     max_set_iterations: int = 128  # back-off cap: a request at K = 0 is retested at least this often
     hysteresis: float = 0.02  # switch only for more than this gain per request (relative, / batch size)
-    max_test_wait: int = 8  # a test waits at most this many iterations for others to probe with
+    # A test waits at most this many iterations for others to probe with. A request alone in the batch does
+    # not wait: no one in the batch can share its draft steps, and waiting only delays its verdict. Served
+    # on the regime pair (vLLM backend, synthetic at batch 1 after prose), each request tested so ran its
+    # first 8 steps plain, where its drafting then ran 1.7x plain decoding's tokens per second.
+    max_test_wait: int = 8
     # A new request for which speculation would not pay at the traffic's acceptance starts at K = 0 as if
     # this many tests had said K = 0: its first test comes after set_iterations * 2**n iterations (capped).
     # A first test costs the drafter the request's whole history (its catch-up prefill) besides the draft
@@ -64,7 +68,12 @@ class BatchAwareConfig:
     # while every new request started from the old figure. Served on the regime pair (vLLM backend),
     # synthetic at batch 4 after prose (traffic figure 0.54, where the model put drafting at a loss) started
     # its first 4 requests untested and ran 71 of its 137 steps plain; once a test came, requests drafted at
-    # 0.65-0.91 at K = 3-4. The forced tests this adds stay within the test budget.
+    # 0.65-0.91 at K = 3-4. The forced tests this adds stay within the test budget. A request alone in the
+    # batch is tested every time (within the budget): an untested request's life is its batch's share of the
+    # throughput, so alone, each one left untested is all of it for its whole life. Served on the regime pair
+    # (vLLM backend, session 36), synthetic at batch 1 after prose ran its first three requests untested at
+    # K = 0 (139 of the cell's 432 steps plain) where the fourth, tested, drafted at 0.82-0.92 and K = 3-4,
+    # and auto ran 0.89x of static K = 4 in that cell.
     new_request_test_every: int = 4
     # Until this many requests have drafted, a new request starts from no less than the uninformed rate
     # (acceptance's prior): one low-acceptance request must not set every later request's start at K = 0,

@@ -65,14 +65,14 @@ class TestPhases:
         """Indices of the requests that probe this iteration.
 
         A test that the optimum already covers (K >= probe) costs nothing. Otherwise a probe makes the whole
-        batch run a draft step, so such tests wait (up to `max_test_wait` iterations) for an iteration that
-        drafts anyway, and then go together. A probe of a request whose catch-up its drafting would not repay
+        batch run a draft step, so such tests wait (up to `max_test_wait` iterations; a request alone in the
+        batch does not) for an iteration that drafts anyway, and then go together. A probe of a request whose catch-up its drafting would not repay
         (`unrepaid`, from `BatchAwareChooser._repaid`) is never free: it runs only where the waiting tests
         are forced, under the test budget, which counts its catch-up in the forced tests' cost. A new request
         for which speculation would not pay even at the traffic's acceptance starts at K = 0 and is first
         tested as if `new_request_zero_verdicts` tests had said K = 0, since most short requests would never
         pay back a test (and its catch-up prefill); within the test budget, one in `new_request_test_every`
-        is tested all the same.
+        (every one, alone in the batch) is tested all the same.
         """
         probe, num_test = self.config.probe_num_spec_tokens, self.config.test_iterations
         # A started test runs its iterations back to back.
@@ -95,7 +95,8 @@ class TestPhases:
         for i, state in enumerate(states):
             if state.is_new and state.test_remaining > 0 and chosen[i] == 0:
                 state.num_zero_verdicts = self.config.new_request_zero_verdicts  # as if tested
-                is_sampled = within_budget and self.num_untested_new + 1 >= self.config.new_request_test_every
+                test_every = self.config.new_request_test_every if len(states) > 1 else 1  # alone: each
+                is_sampled = within_budget and self.num_untested_new + 1 >= test_every
                 if is_measured and not is_sampled:
                     state.test_remaining, state.set_k, state.zero_iterations = 0, 0, 0
                     self.num_changes += 1
@@ -105,7 +106,8 @@ class TestPhases:
             state.is_new = False
             if state.test_remaining > 0 and chosen[i] < probe:
                 waiting.append(i)
-        is_forcing = within_budget and any(states[i].test_wait >= self.config.max_test_wait for i in waiting)
+        max_wait = self.config.max_test_wait if len(states) > 1 else 0  # alone, nobody to wait for
+        is_forcing = within_budget and any(states[i].test_wait >= max_wait for i in waiting)
         is_drafting = is_drafting or is_forcing
         for i in waiting:
             states[i].test_wait = 0 if is_drafting else states[i].test_wait + 1

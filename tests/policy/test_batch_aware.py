@@ -111,11 +111,11 @@ def test_low_acceptance_turns_off_after_the_first_test_and_backs_off() -> None:
     ks = [d["req-0"] for d in recorder.decisions]
     num_test = chooser.config.test_iterations
     # Speculation does not pay at batch 1 even at an uninformed 0.5 in the model, but no drafting has been
-    # measured at batch 1: the request is tested after the longest wait for others to probe with (8), and
-    # backs off from there as if tested once before (new_request_zero_verdicts).
-    assert ks[:8] == [0] * 8 and ks[8 : 8 + num_test] == [1] * num_test and ks[8 + num_test] == 0
-    test_starts = [i for i in range(1, len(ks)) if ks[i] > 0 and ks[i - 1] == 0]
-    gaps = np.diff(test_starts) - num_test - 8  # iterations at K = 0 after each test, less the wait
+    # measured at batch 1: the request is tested at once (alone in the batch, it has nobody to wait for),
+    # and backs off from there as if tested once before (new_request_zero_verdicts).
+    assert ks[:num_test] == [1] * num_test and ks[num_test] == 0
+    test_starts = [0] + [i for i in range(1, len(ks)) if ks[i] > 0 and ks[i - 1] == 0]
+    gaps = np.diff(test_starts) - num_test  # iterations at K = 0 after each test
     assert list(gaps[:3]) == [64, 128, 256]
 
 
@@ -196,10 +196,11 @@ def test_gauges_say_why_it_drafts_or_not() -> None:
     gauges = chooser.gauges()
     assert gauges["policy_predicted_speedup"] > 1.05
     assert 0.0 < gauges["policy_acceptance"] < 1.0
-    # Batch 1 of the same MoE, traffic whose drafts were all rejected: K = 0 and no gain predicted.
+    # Batch 2 of the same MoE, traffic whose drafts were all rejected: K = 0 and no gain predicted (the new
+    # requests' tests wait for a drafting iteration; at batch 1 a test would start at once).
     lone = chooser_for("mixtral-8x7b-h100", min_population_requests=0)
     lone._population.record_counts(0, 50)
-    assert lone.choose(["a"]) == {"a": 0}
+    assert lone.choose(["a", "b"]) == {"a": 0, "b": 0}
     assert lone.gauges()["policy_predicted_speedup"] == pytest.approx(1.0)
     assert lone.gauges()["policy_acceptance"] < 0.1
 
@@ -212,51 +213,64 @@ def test_a_new_request_is_tested_where_drafting_was_never_measured_at_its_batch_
     chooser = chooser_for("mixtral-8x7b-h100", min_population_requests=0)
     truth, rng = MIXTRAL.truth(), np.random.default_rng(0)
 
-    def run(request_id: str, num_iterations: int, start: int) -> list[int]:
-        ks = []
+    def run(name: str, num_iterations: int, start: int) -> list[int]:
+        """Two new requests together (alone in the batch, a request is tested anyway); the largest K of each
+        iteration."""
+        ids, ks = [f"{name}0", f"{name}1"], []
         for i in range(start, start + num_iterations):
-            k = chooser.choose([request_id])[request_id]
-            ks.append(k)
-            requests = [RequestIterationStats(request_id, k, 0, 1, 10)]  # every draft rejected
+            chosen = chooser.choose(ids)
+            ks.append(max(chosen.values()))
+            requests = [RequestIterationStats(r, k, 0, 1, 10) for r, k in chosen.items()]  # drafts rejected
             chooser.observe(_measure(truth, MIXTRAL, i, requests, rng, noise=0.0))
-        chooser.release(request_id)
+        for request_id in ids:
+            chooser.release(request_id)
         return ks
 
-    assert chooser.best_spec_tokens(np.array([0.5]), np.array([-1])) == [0]  # the model: K = 0 at batch 1
+    assert chooser.best_spec_tokens(np.full(2, 0.5), np.full(2, -1)) == [0, 0]  # the model: K = 0 at batch 2
     first = run("a", 32, 0)
     num_test, wait = chooser.config.test_iterations, chooser.config.max_test_wait
     assert first[:wait] == [0] * wait and first[wait : wait + num_test] == [1] * num_test, first
-    assert chooser.cost_model.num_drafting_iterations(1) == num_test
+    assert chooser.cost_model.num_drafting_iterations(2) == num_test
     assert chooser.cost_model.num_drafting_iterations(4) == 0  # counted per batch-size bucket
-    # Measured now, and the traffic's acceptance (every draft rejected) is fresh: the next request starts at
+    # Measured now, and the traffic's acceptance (every draft rejected) is fresh: the next requests start at
     # K = 0 untested.
     assert run("b", 64, 32) == [0] * 64
 
 
 class _AfterLowTraffic:
-    """Requests one at a time at batch 1, where drafting pays from about 0.7, after traffic whose tests
-    accepted 0.3 at K = 1 (the traffic's figure under the break-even)."""
+    """New requests `batch` at a time (each group together for its life), where drafting K = 1 pays from
+    about 0.5 (at batch 1, and for one request of two where the other does not draft), after traffic whose
+    tests accepted 0.3 at K = 1 (the traffic's figure under the break-even)."""
 
-    def __init__(self, chooser: BatchAwareChooser) -> None:
-        self.chooser, self.step = chooser, 0
+    def __init__(self, chooser: BatchAwareChooser, batch: int = 1) -> None:
+        self.chooser, self.step, self.batch = chooser, 0, batch
         for i in range(30):
+            ids = [f"low{i}-{j}" for j in range(batch)]
             for j in range(8):
-                self.observe(f"low{i}", 1, int((j + 1) * 0.3) - int(j * 0.3))
-            chooser.release(f"low{i}")
+                accepted = int((j + 1) * 0.3) - int(j * 0.3)
+                self.observe({r: (1, accepted) for r in ids})
+            for request_id in ids:
+                chooser.release(request_id)
 
-    def observe(self, request_id: str, k: int, accepted: int) -> None:
-        requests = [RequestIterationStats(request_id, k, accepted, accepted + 1, 10)]
-        self.chooser.observe(IterationStats(self.step, 1, requests, 1 + k, 0.01 * k, 0.02 + 0.004 * k, 0.0))
+    def observe(self, drafts: dict[str, tuple[int, int]]) -> None:
+        """An iteration in which each request drafted K and accepted this many."""
+        requests = [RequestIterationStats(r, k, a, a + 1, 10) for r, (k, a) in drafts.items()]
+        ks = [k for k, _ in drafts.values()]
+        draft_s, verify_s = 0.003 * sum(ks), 0.01 * len(ks) + 0.002 * sum(ks)
+        stats = IterationStats(self.step, len(ks), requests, len(ks) + sum(ks), draft_s, verify_s, 0.0)
+        self.chooser.observe(stats)
         self.step += 1
 
-    def run(self, request_id: str, num_iterations: int, accepts: bool) -> list[int]:
-        """A new request's K in each of its iterations; it accepts all drafts or none."""
+    def run(self, name: str, num_iterations: int, accepts: bool) -> list[int]:
+        """A new group's largest K in each of its iterations; its requests accept all drafts or none."""
+        ids = [name] if self.batch == 1 else [f"{name}{j}" for j in range(self.batch)]
         ks = []
         for _ in range(num_iterations):
-            k = self.chooser.choose([request_id])[request_id]
-            ks.append(k)
-            self.observe(request_id, k, k if accepts else 0)
-        self.chooser.release(request_id)
+            chosen = self.chooser.choose(ids)
+            ks.append(max(chosen.values()))
+            self.observe({r: (k, k if accepts else 0) for r, k in chosen.items()})
+        for request_id in ids:
+            self.chooser.release(request_id)
         return ks
 
 
@@ -265,8 +279,10 @@ def test_a_test_that_ends_in_drafting_gets_the_next_new_request_tested() -> None
     prose started 15 of 16 requests untested at K = 0 (the traffic's figure under the break-even), while the
     one that a stale figure got tested drafted its life at 0.85 and static K = 4 paid 1.32x. Once a test ends
     in drafting, the next new request is tested (the test budget is out of the way here)."""
-    chooser = chooser_for("mixtral-8x7b-h100", min_population_requests=0, test_budget=1.0)
-    traffic = _AfterLowTraffic(chooser)
+    chooser = chooser_for(  # at batch 2: alone in the batch, a new request is tested anyway
+        "mixtral-8x7b-h100", min_population_requests=0, test_budget=1.0, new_request_test_every=1000
+    )
+    traffic = _AfterLowTraffic(chooser, batch=2)
     assert not any(traffic.run("b", 64, accepts=False)) and not any(traffic.run("c", 96, accepts=False))
     # The traffic's figure is stale now (no drafting for 128 iterations): the next one is tested.
     high = traffic.run("high", 64, accepts=True)
@@ -313,10 +329,26 @@ def test_one_in_new_request_test_every_new_requests_is_tested_where_the_traffic_
     chooser = chooser_for(
         "mixtral-8x7b-h100", min_population_requests=0, test_budget=1.0, new_request_test_every=test_every
     )
+    traffic = _AfterLowTraffic(chooser, batch=2)  # alone in the batch, a new request is tested anyway
+    # Short requests that accept everything, two at a time, within 128 iterations: the traffic's figure stays
+    # fresh. Every fourth new request is tested: the second of the second pair and of the fourth.
+    tested = [any(traffic.run(name, 24, accepts=True)) for name in "bcde"]
+    assert tested == ([False, True, False, True] if test_every == 4 else [False] * 4)
+
+
+def test_a_request_alone_in_the_batch_is_tested_at_once_where_the_traffic_says_k_zero() -> None:
+    """Served on the regime pair (session 36), synthetic at batch 1 after prose ran its first three requests
+    untested at K = 0 (a third of the cell's steps plain), and each request tested after them waited 8
+    steps for others to probe with, plain, although alone in the batch nobody could join its draft steps.
+    Alone, a new request is tested every time within the test budget (its life is all of the throughput),
+    and at once."""
+    chooser = chooser_for("mixtral-8x7b-h100", min_population_requests=0, test_budget=1.0)
     traffic = _AfterLowTraffic(chooser)
-    # Short requests that accept everything, within 128 iterations: the traffic's figure stays fresh.
-    drafted = [any(traffic.run(name, 24, accepts=True)) for name in "bcde"]
-    assert drafted == ([False, False, False, True] if test_every == 4 else [False] * 4)
+    figure = chooser.gauges()["policy_acceptance"]
+    assert chooser.best_spec_tokens(np.array([figure]), np.array([-1])) == [0]  # the premise: K = 0
+    num_test = chooser.config.test_iterations
+    for name in "bcde":
+        assert traffic.run(name, 24, accepts=False)[:num_test] == [1] * num_test
 
 
 def test_the_traffic_acceptance_is_not_the_last_request_alone_at_batch_1() -> None:
@@ -457,11 +489,11 @@ def test_a_step_far_beyond_its_predicted_time_does_not_spend_the_test_budget() -
             chooser.observe(IterationStats(i, 1, requests, 1 + k, 0.0, seconds, 0.0))
             if k:
                 drafting.append(i)
-        assert drafting[:1] == [chooser.config.max_test_wait]  # the premise: the first test is forced
+        assert drafting[:1] == [0]  # the premise: the first test is forced (alone, at once)
         assert slow_at is None or slow_at in drafting
         return drafting[chooser.config.test_iterations :]
 
-    slow_at = 10
+    slow_at = 4  # in the first test
     assert retests(3.0, None)  # the premise: without the slow step, it is retested
     assert retests(3.0, slow_at)
     assert not retests(1e9, slow_at)

@@ -156,7 +156,7 @@ def test_the_chooser_drafts_at_batch_4_after_a_batch_1_phase() -> None:
     # five static runs of 12 requests is a noisy, upward-biased figure (each K draws its own acceptances), and
     # over seeds 0-19 the chooser's ratio spread 0.91-1.11 around a mean of 1.02-1.03.
     phases = ((1, 8), (4, 12))
-    ratios = []
+    ratios, mean_ks = [], []
     for seed in range(6):
         (_, batch_1), (mean_k, batch_4) = _serve(seed, phases)
         static = _static(seed, phases)
@@ -166,11 +166,16 @@ def test_the_chooser_drafts_at_batch_4_after_a_batch_1_phase() -> None:
             batch_1 >= 0.95 * off_batch_1
         )  # drafting does not pay at batch 1 here: the chooser must not lose
         # It drafts there. (With the test budget's back-off, seed 3 ran mean K 0.98, not 1.21, at 1.10x off and
-        # 1.05x the best static K; over seeds 0-19 the ratio's mean was 1.021 with it and 1.023 without.)
-        assert mean_k >= 0.9, f"seed {seed}: mean K {mean_k:.2f} at batch 4"
+        # 1.05x the best static K; over seeds 0-19 the ratio's mean was 1.021 with it and 1.023 without. Since
+        # a request alone in the batch is tested at once and every time, seed 3 runs mean K 0.33 at 1.02x off
+        # and 0.97x the best static K, where static K = 1-3 ran 1.04-1.05x off: per seed, mean K is the
+        # traffic's, and the seeds' mean is 1.6.)
+        assert mean_k > 0.0, f"seed {seed}: mean K {mean_k:.2f} at batch 4"
         assert batch_4 > off_batch_4, f"seed {seed}: {batch_4 / off_batch_4:.2f}x off at batch 4"
         ratios.append(batch_4 / best_batch_4)
+        mean_ks.append(mean_k)
     assert min(ratios) >= 0.9 and float(np.mean(ratios)) >= 0.98, [round(r, 3) for r in ratios]
+    assert float(np.mean(mean_ks)) >= 0.9, [round(k, 2) for k in mean_ks]
 
 
 def test_step_stats_pair_each_verification_with_the_drafting_before_it() -> None:
