@@ -87,6 +87,7 @@ class TestPhases:
         # static K = 4 paid 1.32x. Over the test budget, a new request starts untested too: kept pending, its
         # test would wait for the budget, and the batch's tests would pile up and go all at once.
         within_budget = self.budget.allows(len(states))
+        is_alone = len(states) == 1  # nobody to wait for, and an untested request is all of the throughput
         is_measured = not within_budget or (
             self.cost_model.num_drafting_iterations(len(states)) >= num_test
             and self.num_plain_iterations < self.config.max_set_iterations
@@ -95,7 +96,7 @@ class TestPhases:
         for i, state in enumerate(states):
             if state.is_new and state.test_remaining > 0 and chosen[i] == 0:
                 state.num_zero_verdicts = self.config.new_request_zero_verdicts  # as if tested
-                test_every = self.config.new_request_test_every if len(states) > 1 else 1  # alone: each
+                test_every = 1 if is_alone else self.config.new_request_test_every
                 is_sampled = within_budget and self.num_untested_new + 1 >= test_every
                 if is_measured and not is_sampled:
                     state.test_remaining, state.set_k, state.zero_iterations = 0, 0, 0
@@ -106,7 +107,7 @@ class TestPhases:
             state.is_new = False
             if state.test_remaining > 0 and chosen[i] < probe:
                 waiting.append(i)
-        max_wait = self.config.max_test_wait if len(states) > 1 else 0  # alone, nobody to wait for
+        max_wait = 0 if is_alone else self.config.max_test_wait
         is_forcing = within_budget and any(states[i].test_wait >= max_wait for i in waiting)
         is_drafting = is_drafting or is_forcing
         for i in waiting:
