@@ -50,9 +50,8 @@ class CostProbe:
         self._last_probes: dict[tuple[int, int], int] = {}  # by (bucket, level): its count of choices then
 
     def apply(self, chosen: list[int], optimum: list[int], rates: Array, times: Array) -> list[int]:
-        """The choice, or the probe's (every drafting request one K higher) while one is under way or due. A
-        probe falls due on the optimum (the choice before tests), never on a test's forced drafting: where the
-        model does not draft, it has no level to probe above. `times` as in `BatchAwareChooser.best_spec_tokens`."""
+        """The choice, or the probe's while one is under way or due on the optimum (the choice before tests);
+        `times` as in `BatchAwareChooser.best_spec_tokens`."""
         bucket = batch_bucket(len(chosen))
         self._num_choices[bucket] = self._num_choices.get(bucket, 0) + 1
         if not self._remaining:
