@@ -673,7 +673,8 @@ def test_a_request_that_joins_a_drafting_batch_near_its_end_waits_at_k_zero() ->
 
 def _after_cold_start(chooser: BatchAwareChooser, seed: int, num_iterations: int = 2000) -> float:
     """A closed loop at batch 8 (acceptance 0.85, requests of 64 tokens): the server's first 40 steps run K = 0
-    to 3 in turn, those verifying 2 or more drafts per sequence 2.5x slower (cold), then the chooser decides.
+    to 3 in turn, those verifying 2 or more drafts per sequence with a verification about 2x slower (cold),
+    then the chooser decides.
     Its tokens per second over the second half, over plain decoding's."""
     rng, batch = np.random.default_rng(seed), 8
     remaining = {f"r{i}": 64 for i in range(batch)}
