@@ -74,6 +74,11 @@ def test_no_probe_far_below_the_choice_above_the_top_k_from_unmeasured_ground_or
     assert probe.apply([1] * BATCH, [0] * BATCH, rates, times(0.02)) == [1] * BATCH  # a test's drafting
     assert probe.apply([1] * BATCH, [1] * BATCH, rates, times(0.02)) == [2] * BATCH
     assert probe.num_probes == 1
+    alone = CostModel(CostModelConfig(MIXTRAL.routing), MIXTRAL.cost_params())
+    requests = [RequestIterationStats("r0", 1, 0, 1, 10)]
+    alone.observe(IterationStats(0, 1, requests, 2, 0.0, 0.012, 0.0))  # K = 1 measured at batch 1
+    # Alone in the batch: no probe.
+    assert CostProbe(config, alone).apply([1], [1], rates[:1], times(0.02)[:, :5]) == [1]
     observe(model, 4, 1)
     assert (
         CostProbe(config, model).apply([4] * BATCH, [4] * BATCH, rates, times(0.002)) == [4] * BATCH
