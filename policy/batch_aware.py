@@ -24,7 +24,7 @@ from numpy.typing import NDArray
 
 from policy.cost_model import CostModel
 from policy.cost_probe import CostProbe
-from policy.k_search import best_k_vector, expected_etrs, max_of_others, with_hysteresis
+from policy.k_search import best_k_vector, expected_etrs, max_of_others, tokens_per_second, with_hysteresis
 from policy.stats import IterationStats, RequestOutlook, SameBatchSkips
 from policy.test_budget import TestBudget
 from policy.test_phase import RequestState, TestPhases
@@ -299,10 +299,10 @@ class BatchAwareChooser:
     ) -> float:
         """Expected committed tokens per second of the batch at this K vector (one entry per request);
         `times` as in `best_spec_tokens` (None: the cost model's time, drafting not charged its bar)."""
+        if times is not None:
+            return tokens_per_second(rates, num_spec_tokens, times)
         etr = float(expected_etrs(rates, np.asarray(num_spec_tokens)).sum())
-        if times is None:
-            return etr / self.cost_model.iteration_time([int(k) for k in num_spec_tokens])
-        return etr / float(times[max(num_spec_tokens), sum(num_spec_tokens)])
+        return etr / self.cost_model.iteration_time([int(k) for k in num_spec_tokens])
 
     def best_spec_tokens(
         self, rates: Array, forced: NDArray[np.int_], times: Array | None = None

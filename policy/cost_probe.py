@@ -32,7 +32,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from policy.cost_model import CostModel, batch_bucket
-from policy.k_search import expected_etrs
+from policy.k_search import tokens_per_second
 
 if TYPE_CHECKING:
     from policy.batch_aware import BatchAwareConfig
@@ -81,14 +81,12 @@ class CostProbe:
         level_age, above_age = self.cost_model.level_age(num, level), self.cost_model.level_age(num, above)
         if level_age is None or (above_age is not None and above_age < spacing):
             return None
-        last = self._last_probes.get((batch_bucket(num), above))
-        if last is not None and self._num_choices[batch_bucket(num)] - last < spacing:
+        bucket = batch_bucket(num)
+        last = self._last_probes.get((bucket, above))
+        if last is not None and self._num_choices[bucket] - last < spacing:
             return None
-
-        def tokens_per_second(ks: list[int]) -> float:
-            return float(expected_etrs(rates, np.asarray(ks)).sum()) / float(times[max(ks), sum(ks)])
-
-        is_close = tokens_per_second(raised) >= (1.0 - self.config.probe_tolerance) * tokens_per_second(
-            optimum
+        optimum_rate = tokens_per_second(rates, optimum, times)
+        is_close = (
+            tokens_per_second(rates, raised, times) >= (1.0 - self.config.probe_tolerance) * optimum_rate
         )
         return above if is_close else None
