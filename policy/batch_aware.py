@@ -8,10 +8,9 @@ batch size at which no drafting was measured yet gets tests too, since its cost 
 prior's guess. A probe only guarantees K >= probe_num_spec_tokens on top of the optimum, and probes that
 would make a K = 0 batch draft wait to go together, so that testing costs little where speculation does not
 pay; such forced tests also spend at most a budget's share of the time (`BatchAwareConfig.test_budget`).
-Hysteresis keeps a request's K unless changing it clearly pays. Where the level of drafting above the choice
-went unmeasured for a while and might pay, a few iterations probe it (`policy.cost_probe`). A request whose
-drafter lags behind it (new, or back from K = 0) starts drafting only where the rest of its life repays the
-drafter's catch-up (`RequestOutlook`, `BatchAwareConfig.weighs_catch_up`).
+Hysteresis keeps a request's K unless changing it clearly pays. A request whose drafter lags behind it (new,
+or back from K = 0) starts drafting only where the rest of its life repays the drafter's catch-up
+(`RequestOutlook`, `BatchAwareConfig.weighs_catch_up`).
 """
 
 from __future__ import annotations
@@ -23,8 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from policy.cost_model import CostModel
-from policy.cost_probe import CostProbe
-from policy.k_search import best_k_vector, expected_etrs, max_of_others, tokens_per_second, with_hysteresis
+from policy.k_search import best_k_vector, expected_etrs, max_of_others, with_hysteresis
 from policy.stats import IterationStats, RequestOutlook, SameBatchSkips
 from policy.test_budget import TestBudget
 from policy.test_phase import RequestState, TestPhases
@@ -51,16 +49,6 @@ class BatchAwareConfig:
     set_iterations: int = 16  # iterations at K = 0 before a retest (doubled per consecutive K = 0 verdict)
     max_set_iterations: int = 128  # back-off cap: a request at K = 0 is retested at least this often
     hysteresis: float = 0.02  # switch only for more than this gain per request (relative, / batch size)
-    # The cost probe (`policy.cost_probe`): this many iterations one K above the choice where the level above
-    # went unmeasured for `probe_spacing` of the bucket's iterations and its predicted tokens per second are
-    # within `probe_tolerance` of the choice's (0 iterations: no probe). 4: the shape correction relates two
-    # levels in a time block where each has 4 of its rows (`ShapeCorrection.archive`). The tolerance is the
-    # model's error where it stopped measuring: served on the regime pair, it priced a step at 3 drafts per
-    # sequence at batch 32 at 3.3-3.5x a plain one, from the server's first steps, where static K = 3 ran at
-    # about 2.75x. At most 4 / 256 of a bucket's iterations per level, each at a predicted loss under 30%.
-    probe_iterations: int = 4
-    probe_spacing: int = 256
-    probe_tolerance: float = 0.3
     # A test waits at most this many iterations for others to probe with. A request alone in the batch does
     # not wait: no one in the batch can share its draft steps, and waiting only delays its verdict. Served
     # on the regime pair (vLLM backend, synthetic at batch 1 after prose), each request tested so ran its
@@ -152,11 +140,6 @@ class BatchAwareConfig:
             raise ValueError(f"test_iterations={self.test_iterations}, set_iterations must be >= 1")
         if self.max_set_iterations < self.set_iterations:
             raise ValueError(f"max_set_iterations={self.max_set_iterations} must be >= set_iterations")
-        if self.probe_iterations < 0 or self.probe_spacing < 1 or not 0.0 <= self.probe_tolerance < 1.0:
-            raise ValueError(
-                f"probe_iterations={self.probe_iterations} must be >= 0, probe_spacing={self.probe_spacing} "
-                f">= 1, probe_tolerance={self.probe_tolerance} in [0, 1)"
-            )
         if self.hysteresis < 0.0:
             raise ValueError(f"hysteresis={self.hysteresis} must be >= 0")
         if self.max_test_wait < 0:
@@ -197,7 +180,6 @@ class BatchAwareChooser:
         self._population = AcceptanceEstimator(POPULATION_ACCEPTANCE)
         self._num_population_requests = 0  # requests whose drafts fed it
         self._phases = TestPhases(config, cost_model)
-        self._probe = CostProbe(config, cost_model)
         # The last choice, for `gauges`: its predicted tokens per second over plain decoding's.
         self._predicted_speedup = 1.0
         # A steady all-plain batch (`BatchAwareConfig.steady_iterations`): its choices before the next search.
@@ -239,11 +221,9 @@ class BatchAwareChooser:
         unrepaid: frozenset[int] = frozenset()
         if self.config.weighs_catch_up and self._outlook:
             chosen, unrepaid = self._repaid(request_ids, rates, chosen, times)
-        optimum = list(chosen)
         for i in self._phases.testers(states, chosen, unrepaid):
             chosen[i] = max(chosen[i], self.config.probe_num_spec_tokens)
         self._phases.settle(states, chosen)
-        chosen = self._probe.apply(chosen, optimum, rates, times)
         plain_rate = num / float(times[0, 0])
         bar = 1.0 + self.config.min_predicted_gain if max(chosen) else 1.0  # the gauge is the model's own
         self._predicted_speedup = bar * self.tokens_per_second(rates, chosen, times) / plain_rate
@@ -287,10 +267,6 @@ class BatchAwareChooser:
         }
 
     @property
-    def num_cost_probes(self) -> int:
-        return self._probe.num_probes
-
-    @property
     def test_budget(self) -> TestBudget:
         return self._phases.budget
 
@@ -299,10 +275,10 @@ class BatchAwareChooser:
     ) -> float:
         """Expected committed tokens per second of the batch at this K vector (one entry per request);
         `times` as in `best_spec_tokens` (None: the cost model's time, drafting not charged its bar)."""
-        if times is not None:
-            return tokens_per_second(rates, num_spec_tokens, times)
         etr = float(expected_etrs(rates, np.asarray(num_spec_tokens)).sum())
-        return etr / self.cost_model.iteration_time([int(k) for k in num_spec_tokens])
+        if times is None:
+            return etr / self.cost_model.iteration_time([int(k) for k in num_spec_tokens])
+        return etr / float(times[max(num_spec_tokens), sum(num_spec_tokens)])
 
     def best_spec_tokens(
         self, rates: Array, forced: NDArray[np.int_], times: Array | None = None

@@ -112,11 +112,6 @@ class CostModelConfig:
     # (module docstring): a stretch at one K (a plain cell at batch 1 is about 900 iterations) would otherwise
     # take every block that related the other K to it out of the fit.
     max_archived_blocks: int = 16
-    # A K's rows in a time block of the shape correction count half per this many of its rows in newer blocks
-    # that relate two K, scaled back to its rows in all (`policy.shape_correction`). In a closed loop whose
-    # first steps priced K = 2-3 cold (`tests/policy/test_batch_aware.py`), 16 with the cost probe ran 0.97x
-    # of the best static K, 32 ran 0.89-0.91x, as weighing every block alike did.
-    correction_superseded_rows: float = 16.0
 
     def __post_init__(self) -> None:
         if self.prompt_window < 1:
@@ -128,8 +123,6 @@ class CostModelConfig:
             )
         if self.max_archived_blocks < 0:
             raise ValueError(f"max_archived_blocks={self.max_archived_blocks} must be >= 0")
-        if not self.correction_superseded_rows > 0.0:
-            raise ValueError(f"correction_superseded_rows={self.correction_superseded_rows} must be > 0")
         if not self.correction_pseudo_count > 0.0:
             raise ValueError(f"correction_pseudo_count={self.correction_pseudo_count} must be > 0")
         if self.min_samples < 3:
@@ -169,9 +162,6 @@ class CostModel:
         # read them without converting rows), and how many each has ever recorded (row i at i % the ring).
         self._samples: dict[int, Array] = {}
         self._num_samples: dict[int, int] = {}
-        # By (bucket, drafts per sequence of the row, rounded): the bucket's count of rows when its last such
-        # row was recorded (`level_age`).
-        self._last_level_rows: dict[tuple[int, int], int] = {}
         self._num_new_samples = 0
         self.num_refits = 0
         # Set by an owner that calls `refit_if_due` where a refit delays nothing (vLLM's scheduler: while the
@@ -186,10 +176,7 @@ class CostModel:
         # are none, predictions of what drafting costs rest on the prior alone (`num_drafting_iterations`).
         self._num_drafting: dict[int, int] = {}
         self._correction = ShapeCorrection(
-            config.correction_block,
-            config.correction_pseudo_count,
-            config.max_archived_blocks,
-            config.correction_superseded_rows,
+            config.correction_block, config.correction_pseudo_count, config.max_archived_blocks
         )
         self._num_rows = 0  # rows ever recorded: each row's number orders the shape correction's time blocks
         # Per batch-size bucket: (iterations seen, mean prompt tokens per iteration), as observed and as of the
@@ -255,13 +242,6 @@ class CostModel:
         K = 1 paid 1.28x)."""
         return self._num_drafting.get(batch_bucket(batch_size), 0)
 
-    def level_age(self, batch_size: int, num_spec_per_seq: int) -> int | None:
-        """Iterations recorded in this batch size's bucket since its last one that verified this many drafts
-        per sequence (sum K / batch, rounded, as the shape correction counts them); None if none did."""
-        bucket = batch_bucket(batch_size)
-        last = self._last_level_rows.get((bucket, num_spec_per_seq))
-        return None if last is None else self._num_samples[bucket] - 1 - last
-
     def prompt_tokens_per_iteration(self, batch_size: int) -> float:
         """Prompt tokens the engine scheduled per iteration at this batch size's bucket, as of the last refit
         (the drafter prefills them while the traffic drafts)."""
@@ -314,7 +294,6 @@ class CostModel:
             self._correction.archive(bucket, block, np.rint(block[:, 2] / block[:, 0]))
         samples[count % size] = row
         self._num_samples[bucket] = count + 1
-        self._last_level_rows[bucket, int(np.rint(row[2] / row[0]))] = count
         self._num_new_samples += 1
         num_rows = len(self._anchors) + sum(min(n, size) for n in self._num_samples.values())
         num_fitted = num_rows - self._num_new_samples

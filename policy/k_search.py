@@ -5,8 +5,6 @@ rates and a table of predicted iteration times by (max K, sum K).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 from numpy.typing import NDArray
 
@@ -71,12 +69,6 @@ def with_hysteresis(
     gain = best_rate / (alt_etr / alt_time) - 1.0
     keep = gain <= hysteresis / len(rates)
     return [int(k) for k in np.where(keep, previous, best)]
-
-
-def tokens_per_second(rates: Array, num_spec_tokens: Sequence[int], times: Array) -> float:
-    """Expected committed tokens per second of a batch at this K vector, `times[m, S]` as in `best_k_vector`."""
-    etr = float(expected_etrs(rates, np.asarray(num_spec_tokens)).sum())
-    return etr / float(times[max(num_spec_tokens), sum(num_spec_tokens)])
 
 
 def expected_etrs(rates: Array, num_spec_tokens: NDArray[np.int_]) -> Array:

@@ -29,17 +29,6 @@ ring holds plain steps alone, and K = 4's shape fell back to the parametric form
 K = 4 at 3.8x a plain step with time blocks, 3.3x with the blocks kept (2.8x measured). Replayed over six
 served records, plain steps' predicted time per cell and bucket came closer to the measured one on every
 record (`bench.replay_record`'s `level_error`: 0.08-0.28 before, 0.06-0.23 after).
-
-A K measured again outweighs its old relation to the others. Within each K, blocks weigh toward the newer ones
-that relate it to another K (its rows in a block count half per `CostModelConfig.correction_superseded_rows`
-of its rows in such newer blocks), and each K's weights are scaled back to its rows in all, so that its
-evidence against the pull toward the parametric form stays what it was. Served on the regime pair (session
-37), the ring of batch 17-32 held the server's first steps at that size, a step at 3 drafts per sequence at
-3.3-3.5x a plain one (about 2.75x implied by static K = 3's 1.21x over off): the blocks since related plain to
-K = 1 alone, and with every block weighed alike, that first block's ratio stood for two of the run's three
-rounds. Weighed toward the newer, plain and K = 1 measured since take the first block's tie of them to K = 3
-away, and the cost probe (`policy.cost_probe`) measures K = 3 again. A stretch at one K alone supersedes
-nothing: a block that measured one K says nothing of the shape.
 """
 
 from __future__ import annotations
@@ -51,11 +40,7 @@ Array = NDArray[np.float64]
 
 
 def time_blocked_factors(
-    log_ratio: Array,
-    per_seq: NDArray[np.int64],
-    block_size: int,
-    pseudo_count: float,
-    superseded_rows: float,
+    log_ratio: Array, per_seq: NDArray[np.int64], block_size: int, pseudo_count: float
 ) -> tuple[Array, Array]:
     """One bucket's (drafts per sequence measured, factors), from its rows oldest first: log ratio =
     level of the row's time block + shape of its K, by least squares over the blocks' per-K medians
@@ -78,12 +63,6 @@ def time_blocked_factors(
     weights = np.zeros((num_blocks, len(js)))
     table = np.zeros((num_blocks, len(js)))
     weights.flat[cells], table.flat[cells] = counts, medians
-    # A block's rows of a K count half per `superseded_rows` rows of that K in newer blocks that relate two K,
-    # and each K's rows are scaled back to their count in all: its measurements weigh toward the newer ones,
-    # and weigh as much against the pull toward the parametric form as before.
-    relating = weights * (np.count_nonzero(weights, axis=1) >= 2)[:, None]
-    recency = 0.5 ** np.minimum((np.cumsum(relating, axis=0) - relating) / superseded_rows, 60.0)
-    weights = weights * recency * (weights.sum(axis=0) / (weights * recency).sum(axis=0))
     share = weights / weights.sum(axis=1, keepdims=True)
     normal = np.diag(weights.sum(axis=0)) - share.T @ weights
     normal += pseudo_count * np.eye(len(js))
@@ -97,12 +76,9 @@ class ShapeCorrection:
     """The factors per batch-size bucket, refitted from the cost model's rows (`fit`), and the time blocks kept
     after they left the cost model's rings (`archive`, at most `max_archived_blocks` per bucket)."""
 
-    def __init__(
-        self, block_size: int, pseudo_count: float, max_archived_blocks: int, superseded_rows: float
-    ) -> None:
+    def __init__(self, block_size: int, pseudo_count: float, max_archived_blocks: int) -> None:
         self.block_size = block_size
         self.pseudo_count = pseudo_count
-        self.superseded_rows = superseded_rows
         self.max_archived_blocks = max_archived_blocks
         self._factors: dict[
             int, tuple[Array, Array]
@@ -122,11 +98,7 @@ class ShapeCorrection:
         for bucket in np.unique(buckets):
             in_bucket = np.flatnonzero(buckets == bucket)  # oldest first
             factors[int(bucket)] = time_blocked_factors(
-                log_ratio[in_bucket],
-                per_seq[in_bucket],
-                self.block_size,
-                self.pseudo_count,
-                self.superseded_rows,
+                log_ratio[in_bucket], per_seq[in_bucket], self.block_size, self.pseudo_count
             )
         self._factors = factors
 
