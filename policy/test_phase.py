@@ -69,10 +69,10 @@ class TestPhases:
         batch does not) for an iteration that drafts anyway, and then go together. A probe of a request whose
         catch-up its drafting would not repay (`unrepaid`, from `BatchAwareChooser._repaid`) is never free:
         it runs only where the waiting tests are forced, under the test budget, which counts its catch-up in
-        the forced tests' cost. A new request for which speculation would not pay even at the traffic's acceptance starts at K = 0 and is first
-        tested as if `new_request_zero_verdicts` tests had said K = 0, since most short requests would never
-        pay back a test (and its catch-up prefill); within the test budget, one in `new_request_test_every`
-        (every one, alone in the batch) is tested all the same.
+        the forced tests' cost. A new request for which speculation would not pay even at the traffic's
+        acceptance starts at K = 0 and is first tested as if `new_request_zero_verdicts` tests had said K = 0,
+        since most short requests would never pay back a test (and its catch-up prefill); within the test
+        budget, one in `new_request_test_every` (every one, alone in the batch) is tested all the same.
         """
         probe, num_test = self.config.probe_num_spec_tokens, self.config.test_iterations
         # A started test runs its iterations back to back.
