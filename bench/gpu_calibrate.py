@@ -120,10 +120,11 @@ def build_stacks(
     torch.manual_seed(0)
     ours = []
     for _ in range(num_layers):
-        block = MoEBlock(shape.model_config())
+        with torch.device(device):  # built and filled where it runs: billions of parameters at real shapes
+            block = MoEBlock(shape.model_config()).to(dtype)
         for param in block.parameters():
             nn.init.normal_(param, std=0.02)
-        ours.append(block.to(device=device, dtype=dtype))
+        ours.append(block)
     if shape.architecture == "MixtralForCausalLM":
         config: Any = MixtralConfig(
             hidden_size=shape.hidden_size,
@@ -202,20 +203,53 @@ def measure(args: argparse.Namespace, name: str) -> dict[str, Any]:
                     f"transformers {reference_s * 1e3:8.3f} ms ({ours_s / reference_s:.2f}x)",
                     flush=True,
                 )
-    fit = fit_and_check(points, args.batch_sizes)
-    return {"shape": asdict(shape), "transformers_experts": impl, "max_relative_output_diff": diff,
-            "points": points, "fit": fit}  # fmt: skip
+    result = {"shape": asdict(shape), "transformers_experts": impl, "max_relative_output_diff": diff,
+              "points": points}  # fmt: skip
+    analyse(result, args.num_layers, args.batch_sizes)
+    return result
 
 
-def fit_and_check(points: list[dict[str, Any]], batch_sizes: list[int]) -> dict[str, Any]:
-    """time = fixed + per_expert * N + per_token * t, fitted (NNLS, relative residuals) on the points of
-    even batch-size index, checked on the rest."""
+def truth_times(shape: Shape, num_layers: int, points: list[dict[str, Any]]) -> list[float]:
+    """The simulator's truth (`policy.truth.ServerTruth`, H200 and the engine constants fitted on MoESD's
+    Table 1) for this stack at each point's tokens: the router and the shared expert as its dense weights,
+    no attention, no context."""
+    from policy.presets import H200, VLLM_ENGINE
+    from policy.truth import ModelSpec, ServerTruth
+
+    dense = num_layers * (
+        shape.hidden_size * shape.num_experts + 3 * shape.hidden_size * shape.shared_expert_intermediate_size
+    )
+    stack = ModelSpec(
+        f"{shape.architecture} x{num_layers}",
+        dense_params=float(dense),
+        num_layers=num_layers,
+        expert_params=float(shape.expert_params),
+        num_experts=shape.num_experts,
+        top_k=shape.top_k,
+        hidden_size=shape.hidden_size,
+    )
+    truth = ServerTruth(stack, stack, H200, 1, VLLM_ENGINE)
+    return [truth.target_forward(p["num_tokens"], []) for p in points]
+
+
+def analyse(result: dict[str, Any], num_layers: int, batch_sizes: list[int]) -> None:
+    """Fits of ours and transformers' times, and the truth's time at every point, added to a shape's result."""
+    shape, points = Shape(**result["shape"]), result["points"]
+    for point, truth_s in zip(points, truth_times(shape, num_layers, points), strict=True):
+        point["truth_s"] = truth_s
+    result["fit"] = fit_and_check(points, batch_sizes, "ours_s")
+    result["fit_transformers"] = fit_and_check(points, batch_sizes, "transformers_s")
+
+
+def fit_and_check(points: list[dict[str, Any]], batch_sizes: list[int], key: str) -> dict[str, Any]:
+    """time = fixed + per_expert * N + per_token * t, fitted (NNLS, relative residuals) to the points' `key`
+    times on the points of even batch-size index, checked on the rest."""
     from scipy.optimize import nnls
 
     fit_batches = set(batch_sizes[::2])
     is_fit = np.array([p["batch_size"] in fit_batches for p in points])
     design = np.array([[1.0, p["experts_touched"], p["num_tokens"]] for p in points])
-    times = np.array([p["ours_s"] for p in points])
+    times = np.array([p[key] for p in points])
     scaled = design / times[:, None]  # relative residuals
     params, _ = nnls(scaled[is_fit], np.ones(int(is_fit.sum())))
     predicted = design @ params
@@ -230,6 +264,34 @@ def fit_and_check(points: list[dict[str, Any]], batch_sizes: list[int]) -> dict[
         "check_median_abs_error": float(np.median(np.abs(held_out))),
         "check_max_abs_error": float(np.max(np.abs(held_out))),
     }
+
+
+def report(name: str, result: dict[str, Any]) -> None:
+    """The fits, and per batch size a verification forward's time at K = 1.. over a plain one's (ours |
+    transformers' | the simulator's truth): what drafting K tokens costs the target, the quantity MoESD's
+    target efficiency is built on; and measured (transformers') time over the truth's at K = 0."""
+    for key in ("fit", "fit_transformers"):
+        fit = result[key]
+        print(
+            f"{name} {key}: fixed {fit['fixed_s'] * 1e3:.3f} ms, per expert {fit['per_expert_s'] * 1e6:.1f} us, "
+            f"per token {fit['per_token_s'] * 1e6:.2f} us; held-out error median "
+            f"{fit['check_median_abs_error']:.1%}, max {fit['check_max_abs_error']:.1%}",
+            flush=True,
+        )
+    points = result["points"]
+    by_shape = {(p["batch_size"], p["num_spec_tokens"]): p for p in points}
+    for batch in sorted({p["batch_size"] for p in points}):
+        plain = by_shape[(batch, 0)]
+        ks = sorted(k for b, k in by_shape if b == batch and k > 0)
+        ratios = [
+            " ".join(f"{by_shape[(batch, k)][key] / plain[key]:.2f}" for k in ks)
+            for key in ("ours_s", "transformers_s", "truth_s")
+        ]
+        print(
+            f"{name} B={batch:>3} time(K={ks[0]}..{ks[-1]}) / time(K=0): ours {ratios[0]} | transformers "
+            f"{ratios[1]} | truth {ratios[2]}; transformers / truth at K=0 "
+            f"{plain['transformers_s'] / plain['truth_s']:.2f}"
+        )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -247,6 +309,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--refit", type=Path, help="measure nothing: redo the fits and the truth's times of this result file"
+    )
     args = parser.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     unknown = set(args.shapes.split(",")) - set(SHAPES)
@@ -257,19 +322,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.refit:
+        results = json.loads(args.refit.read_text())
+        num_layers = results.setdefault("num_layers", args.num_layers)
+        for name, result in results["shapes"].items():
+            analyse(result, num_layers, sorted({p["batch_size"] for p in result["points"]}))
+            report(name, result)
+        args.refit.write_text(json.dumps(results, indent=1))
+        print(f"rewrote {args.refit}")
+        return results
     if args.threads:
         torch.set_num_threads(args.threads)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    results: dict[str, Any] = {"device": device_name, "torch": torch.__version__, "shapes": {}}
+    results = {"device": device_name, "torch": torch.__version__, "num_layers": args.num_layers, "shapes": {}}
     for name in args.shapes.split(","):
         results["shapes"][name] = measure(args, name)
-        fit = results["shapes"][name]["fit"]
-        print(
-            f"{name}: fixed {fit['fixed_s'] * 1e3:.3f} ms, per expert {fit['per_expert_s'] * 1e6:.1f} us, "
-            f"per token {fit['per_token_s'] * 1e6:.2f} us; held-out error median "
-            f"{fit['check_median_abs_error']:.1%}, max {fit['check_max_abs_error']:.1%}",
-            flush=True,
-        )
+        report(name, results["shapes"][name])
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))  # after each shape: a timeout keeps what ran
     print(f"wrote {args.out}")

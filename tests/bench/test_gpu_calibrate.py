@@ -20,7 +20,13 @@ def test_calibration_runs_end_to_end_on_a_tiny_shape(tmp_path: Path) -> None:
     for point in tiny["points"]:
         assert point["num_tokens"] == point["batch_size"] * (point["num_spec_tokens"] + 1)
         assert 1.0 <= point["experts_touched"] <= 8.0 and point["ours_s"] > 0 and point["transformers_s"] > 0
-    fit = tiny["fit"]
-    assert fit["fit_batch_sizes"] == [1, 4]
-    assert min(fit["fixed_s"], fit["per_expert_s"], fit["per_token_s"]) >= 0.0
-    assert fit["check_max_abs_error"] >= fit["check_median_abs_error"] >= 0.0
+    for fit in (tiny["fit"], tiny["fit_transformers"]):
+        assert fit["fit_batch_sizes"] == [1, 4]
+        assert min(fit["fixed_s"], fit["per_expert_s"], fit["per_token_s"]) >= 0.0
+        assert fit["check_max_abs_error"] >= fit["check_median_abs_error"] >= 0.0
+    # The simulator's truth beside each point: more tokens touch more experts and cost more.
+    truth = [point["truth_s"] for point in tiny["points"]]
+    assert all(t > 0.0 for t in truth) and truth == sorted(truth)
+    # --refit reproduces the analysis from the file alone.
+    assert main(["--refit", str(out)]) == results
+    assert json.loads(out.read_text()) == results
