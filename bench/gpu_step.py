@@ -113,10 +113,11 @@ def static_step(model: Any, batch: int, num_spec_tokens: int, context: int, devi
     positions = torch.arange(context, context + width, device=device)[None].expand(batch, -1)
     kv_index = torch.arange(context + width, device=device)
     allowed = (kv_index[None, :] <= positions[0][:, None])[None, None].expand(batch, 1, -1, -1)
-    masks = {"full_attention": allowed, "sliding_attention": allowed}
+    # A 4D mask is taken as given (transformers' mask functions return it untouched): built here, where
+    # building it in the forward would wait on the GPU, which capture does not allow.
 
     def step() -> torch.Tensor:
-        logits = model(input_ids=tokens, past_key_values=cache, position_ids=positions, attention_mask=masks,
+        logits = model(input_ids=tokens, past_key_values=cache, position_ids=positions, attention_mask=allowed,
                        use_cache=True, logits_to_keep=0).logits  # fmt: skip
         for layer in cache.layers:
             length = getattr(layer, "cumulative_length", None)
