@@ -17,21 +17,29 @@ Writes bench/results/gpu_step.json (or --out). Needs torch and transformers only
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import gc
 import json
+import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
 import torch
 
 from bench.gpu_calibrate import time_forward
 from policy.presets import H200, MIXTRAL_8X7B, QWEN2_0_5B, QWEN2_57B_A14B, VLLM_ENGINE
+from policy.routing import expected_experts
 from policy.truth import ModelSpec, ServerTruth
+from workers.config import ModelConfig
+
+if TYPE_CHECKING:
+    from cluster.choosers import Hardware
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_step.json"
 
@@ -221,6 +229,64 @@ def measure_draft(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     ]
 
 
+ARCHITECTURES = {
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
+
+def model_config(name: str) -> ModelConfig:
+    """Our `ModelConfig` of one of `CONFIGS` (what `cluster.choosers.analytic_prior` reads)."""
+    values = dict(CONFIGS[name])
+    values["architectures"] = [ARCHITECTURES[values.pop("model_type")]]
+    values.setdefault("head_dim", values["hidden_size"] // values["num_attention_heads"])
+    return ModelConfig.from_hf_dict(values)
+
+
+def fit_prior(results: dict[str, Any]) -> tuple[Hardware, dict[str, float]]:
+    """The `cluster.choosers.Hardware` figures (bandwidth, FLOP/s, per-layer and per-sequence overheads) whose
+    `analytic_prior` best explains a `--graphs` run: the targets' steps (verify terms: fixed + per sequence +
+    per expert * N(t) + per token * t) and the draft's (draft_fixed + draft_per_token * B), by least squares on
+    log errors; and the fit's errors."""
+    from scipy.optimize import least_squares
+
+    from cluster.choosers import Hardware, analytic_prior  # here: the GPU machine has no Ray, pydantic, ...
+
+    draft = model_config(results["draft"]["name"])
+    targets = {name: model_config(name) for name in results["models"]}
+
+    def hardware(x: Any) -> Hardware:
+        bandwidth, flops, layer, sequence = np.exp(x)
+        return Hardware(
+            bandwidth_bytes_s=bandwidth, flops=flops, layer_overhead_s=layer, sequence_overhead_s=sequence
+        )
+
+    def residuals(x: Any) -> list[float]:
+        errors = []
+        for name, target in targets.items():
+            prior = analytic_prior(target, draft, 2, hardware(x))
+            for p in results["models"][name]["points"]:
+                experts = float(expected_experts(p["num_tokens"], target.num_experts, target.top_k))
+                predicted = (prior.fixed_s + prior.per_seq_s * p["batch_size"] + prior.per_expert_s * experts
+                             + prior.per_token_s * p["num_tokens"])  # fmt: skip
+                errors.append(math.log(predicted / p["graph_s"]))
+        for step in results["draft"]["steps"]:  # the draft's terms: the same in every target's prior
+            predicted = prior.draft_fixed_s + prior.draft_per_token_s * step["batch_size"]
+            errors.append(math.log(predicted / step["graph_s"]))
+        return errors
+
+    start = np.log([2e12, 3e14, 2e-5, 1e-6])
+    fit = least_squares(residuals, start)
+    errors = np.abs(np.array(fit.fun))
+    num_steps = len(errors) - len(results["draft"]["steps"])
+    return hardware(fit.x), {
+        "target_rms_error": float(np.sqrt(np.mean(errors[:num_steps] ** 2))),
+        "target_max_error": float(errors[:num_steps].max()),
+        "draft_max_error": float(errors[num_steps:].max()),
+    }
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -237,6 +303,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument(
+        "--fit-prior", type=Path, help="measure nothing: fit the prior's GPU figures to this --graphs result"
+    )
+    parser.add_argument(
         "--graphs", action="store_true", help="also time each step replayed from a CUDA graph (a GPU)"
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -252,6 +321,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.fit_prior:
+        hardware, errors = fit_prior(json.loads(args.fit_prior.read_text()))
+        print(f"{hardware}\n" + ", ".join(f"{k} {v:.3f}" for k, v in errors.items()))
+        return {"hardware": dataclasses.asdict(hardware), **errors}
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     results: dict[str, Any] = {"device": device_name, "torch": torch.__version__, "context": args.context,
                                "models": {}}  # fmt: skip

@@ -46,6 +46,19 @@ class Hardware:
     call_overhead_s: float = 2e-3  # per iteration outside the forwards: actor calls, bookkeeping
 
 
+# A GPU's figures, fitted (`python -m bench.gpu_step --fit-prior bench/results/gpu_step.json`) on one H200's
+# steps replayed from CUDA graphs: full Mixtral-8x7B and Qwen2-57B-A14B verifying B * (K + 1) tokens at
+# B = 1-64 (rms error 7% over the 50 steps) and Qwen2-0.5B's draft step (within 6%), through transformers'
+# kernels (vLLM's fused ones read weights faster; the online fit takes over either way). What they fix is the
+# shape: with the CPU's figures, a GPU's step verifying 4 drafts per sequence at batch 32 was predicted at
+# 2.8x a plain one (measured 1.08x: at medium batch every expert is read anyway, MoESD's regime), so the
+# chooser would start a GPU server believing drafting a loss where it pays most. These put it at 1.2x.
+# The call overhead is the CPU's: not measured on a GPU here.
+GPU_HARDWARE = Hardware(
+    bandwidth_bytes_s=2.4e12, flops=3.5e14, layer_overhead_s=1.0e-4, sequence_overhead_s=3.0e-6
+)
+
+
 def analytic_prior(
     target: ModelConfig, draft: ModelConfig | None, bytes_per_param: int, hardware: Hardware | None = None
 ) -> CostParams:

@@ -20,6 +20,8 @@ from typing import Any
 
 from cluster.choosers import (
     DEFAULT_PRIOR,
+    GPU_HARDWARE,
+    Hardware,
     analytic_prior,
     make_chooser,
     new_cost_model,
@@ -205,6 +207,13 @@ def measures_draft_time(vllm_config: Any) -> bool:
     return str(getattr(vllm_config.parallel_config, "worker_cls", "")) == WORKER_CLS
 
 
+def prior_hardware(vllm_config: Any) -> Hardware:
+    """The machine figures the prior starts from: a GPU's where vLLM runs on one (`GPU_HARDWARE`), else the
+    CPU's (`Hardware`'s defaults)."""
+    device_type = getattr(getattr(vllm_config, "device_config", None), "device_type", "cpu")
+    return GPU_HARDWARE if device_type == "cuda" else Hardware()
+
+
 def step_prior(vllm_config: Any) -> CostParams:
     """The cost model's starting point for a vLLM step, in the terms the scheduler measures.
 
@@ -227,7 +236,7 @@ def step_prior(vllm_config: Any) -> CostParams:
         prior = DEFAULT_PRIOR
     else:
         bytes_per_param = 2 if "16" in str(vllm_config.model_config.dtype) else 4
-        prior = analytic_prior(target, draft, bytes_per_param)
+        prior = analytic_prior(target, draft, bytes_per_param, prior_hardware(vllm_config))
     verify = dataclasses.replace(
         prior,
         fixed_s=prior.fixed_s + prior.other_s,

@@ -24,8 +24,16 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cluster.choosers import GPU_HARDWARE, Hardware
 from cluster.config import AppConfig, PolicySettings
-from cluster.vllm_backend.chooser import DrafterLag, NearDrafting, build_chooser, iteration_stats, step_prior
+from cluster.vllm_backend.chooser import (
+    DrafterLag,
+    NearDrafting,
+    build_chooser,
+    iteration_stats,
+    prior_hardware,
+    step_prior,
+)
 from cluster.vllm_backend.settings import WORKER_CLS, DraftMeasurement, SchedulerSettings
 from policy.routing import expected_experts
 from policy.stats import RequestIterationStats
@@ -202,6 +210,19 @@ def test_step_prior_keeps_the_draft_terms_apart_when_our_worker_measures_them() 
     folded = step_prior(_vllm_config("auto"))  # vLLM's runner: its drafter pass runs every step
     assert folded.draft_fixed_s == folded.draft_per_token_s == folded.other_s == folded.draft_call_s == 0.0
     assert folded.fixed_s == pytest.approx(measured.fixed_s + measured.draft_fixed_s)
+
+
+def test_step_prior_starts_from_a_gpus_figures_where_vllm_runs_on_one() -> None:
+    cpu = _vllm_config(WORKER_CLS)
+    gpu = _Fake(**{**vars(cpu), "device_config": _Fake(device_type="cuda")})
+    assert prior_hardware(cpu) == Hardware() and prior_hardware(gpu) is GPU_HARDWARE
+    on_cpu, on_gpu = step_prior(cpu), step_prior(gpu)
+    # Weight reads, GEMMs and attention per sequence each at the GPU's rate (the call overhead in fixed_s stays
+    # the CPU's: not measured on a GPU).
+    cpu_hw = Hardware()
+    assert on_gpu.per_expert_s == pytest.approx(on_cpu.per_expert_s * cpu_hw.bandwidth_bytes_s / 2.4e12)
+    assert on_gpu.per_token_s == pytest.approx(on_cpu.per_token_s * cpu_hw.flops / 3.5e14)
+    assert on_gpu.per_seq_s == pytest.approx(on_cpu.per_seq_s * 3e-6 / cpu_hw.sequence_overhead_s)
 
 
 @pytest.mark.parametrize("seed", range(3))
