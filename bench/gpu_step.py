@@ -287,6 +287,28 @@ def fit_prior(results: dict[str, Any]) -> tuple[Hardware, dict[str, float]]:
     }
 
 
+def fit_cost_params(results: dict[str, Any], name: str) -> tuple[dict[str, float], float]:
+    """One target's measured step in the policy's own model form (`policy.cost_model.CostParams`): verify =
+    fixed + per sequence * B + per expert * N(t) + per token * t over its replayed steps, draft = fixed + per
+    sequence * B over the draft's, each by non-negative least squares on relative residuals; and the
+    verify fit's largest relative error. (`policy.presets`' H200-measured presets hold the result.)"""
+    from scipy.optimize import nnls
+
+    target = model_config(name)
+    points = results["models"][name]["points"]
+    design = np.array([[1.0, p["batch_size"], float(expected_experts(p["num_tokens"], target.num_experts,
+                        target.top_k)), p["num_tokens"]] for p in points])  # fmt: skip
+    times = np.array([p["graph_s"] for p in points])
+    verify, _ = nnls(design / times[:, None], np.ones(len(times)))
+    steps = results["draft"]["steps"]
+    draft_design = np.array([[1.0, s["batch_size"]] for s in steps])
+    draft_times = np.array([s["graph_s"] for s in steps])
+    draft, _ = nnls(draft_design / draft_times[:, None], np.ones(len(draft_times)))
+    params = dict(zip(("fixed_s", "per_seq_s", "per_expert_s", "per_token_s"), verify.tolist(), strict=True))
+    params.update(draft_fixed_s=float(draft[0]), draft_per_token_s=float(draft[1]))
+    return params, float(np.max(np.abs(design @ verify / times - 1.0)))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -303,7 +325,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument(
-        "--fit-prior", type=Path, help="measure nothing: fit the prior's GPU figures to this --graphs result"
+        "--fit-prior",
+        type=Path,
+        help="measure nothing: fit the prior's GPU figures, and each target's cost in the policy's terms, to "
+        "this --graphs result",
     )
     parser.add_argument(
         "--graphs", action="store_true", help="also time each step replayed from a CUDA graph (a GPU)"
@@ -322,9 +347,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.fit_prior:
-        hardware, errors = fit_prior(json.loads(args.fit_prior.read_text()))
+        run = json.loads(args.fit_prior.read_text())
+        hardware, errors = fit_prior(run)
         print(f"{hardware}\n" + ", ".join(f"{k} {v:.3f}" for k, v in errors.items()))
-        return {"hardware": dataclasses.asdict(hardware), **errors}
+        fits = {name: fit_cost_params(run, name) for name in run["models"]}
+        for name, (params, max_error) in fits.items():
+            print(f"{name} in CostParams' terms (largest error {max_error:.1%}): "
+                  + ", ".join(f"{k}={v:.4g}" for k, v in params.items()))  # fmt: skip
+        return {"hardware": dataclasses.asdict(hardware), **errors, "cost_params": fits}
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     results: dict[str, Any] = {"device": device_name, "torch": torch.__version__, "context": args.context,
                                "models": {}}  # fmt: skip

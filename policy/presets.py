@@ -217,6 +217,40 @@ DEMO_CPU_PARAMS = CostParams(
     other_per_token_s=5e-6,
     per_seq_s=7.7e-4,
 )
+# One H200, measured (session 39, `python -m bench.gpu_step --graphs`, `bench/results/gpu_step.json`): the full
+# targets (random bf16 weights, transformers' grouped-GEMM experts and SDPA attention, a 512-token KV cache per
+# sequence) verifying B * (K + 1) tokens at B = 1-64, K = 0-4, and Qwen2-0.5B's one-token step, each replayed
+# from a CUDA graph; fitted in the cost model's form by `python -m bench.gpu_step --fit-prior` (largest error
+# 5.8% for Mixtral, 3.3% for Qwen2, over 25 steps each). Qwen2-0.5B drafts for both (MoESD's Mixtral draft
+# is an EAGLE head, not measured). Not measured, so left out: the engine's work outside the forwards (vLLM's
+# scheduling and sampling: a cost per step, which only makes each drafted token cheaper relative to it), and
+# the drafter's catch-up prefill, priced at Qwen2-0.5B's FLOPs at the prior's GPU rate (`GPU_HARDWARE` in
+# cluster.choosers: 2 * 0.49e9 / 3.5e14 s per token).
+H200_DRAFT_PREFILL_PER_TOKEN_S = 2 * QWEN2_0_5B.dense_params / 3.5e14
+H200_MIXTRAL_PARAMS = CostParams(
+    fixed_s=8.215e-3,
+    per_seq_s=3.111e-4,
+    per_expert_s=4.161e-3,
+    per_token_s=3.648e-5,
+    draft_fixed_s=2.896e-3,
+    draft_per_token_s=6.757e-5,
+    draft_prefill_per_token_s=H200_DRAFT_PREFILL_PER_TOKEN_S,
+)
+H200_QWEN2_PARAMS = CostParams(
+    fixed_s=1.111e-2,
+    per_seq_s=2.355e-4,
+    per_expert_s=5.378e-4,
+    per_token_s=4.241e-5,
+    draft_fixed_s=2.896e-3,
+    draft_per_token_s=6.757e-5,
+    draft_prefill_per_token_s=H200_DRAFT_PREFILL_PER_TOKEN_S,
+)
 MEASURED_PRESETS: dict[str, MeasuredPreset] = {
     "demo-moe-cpu": MeasuredPreset("demo-moe-cpu", DEMO_MOE, DEMO_DRAFT, DEMO_CPU, measured=DEMO_CPU_PARAMS),
+    "mixtral-8x7b-h200-measured": MeasuredPreset(
+        "mixtral-8x7b-h200-measured", MIXTRAL_8X7B, QWEN2_0_5B, H200, measured=H200_MIXTRAL_PARAMS
+    ),
+    "qwen2-57b-a14b-h200-measured": MeasuredPreset(
+        "qwen2-57b-a14b-h200-measured", QWEN2_57B_A14B, QWEN2_0_5B, H200, measured=H200_QWEN2_PARAMS
+    ),
 }

@@ -10,8 +10,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from bench.gpu_step import RESULTS, build, fit_prior, main, model_config, static_step, verify
+from bench.gpu_step import RESULTS, build, fit_cost_params, fit_prior, main, model_config, static_step, verify
 from cluster.choosers import GPU_HARDWARE, Hardware, analytic_prior
+from policy.cost_model import CostParams
+from policy.presets import H200_MIXTRAL_PARAMS, H200_QWEN2_PARAMS
 from policy.routing import expected_experts
 
 
@@ -78,3 +80,13 @@ def test_the_gpu_prior_is_the_fit_of_the_h200_run_and_has_its_shape() -> None:
         return time[1] / time[0]
 
     assert abs(ratio(GPU_HARDWARE) - measured) < 0.15 and ratio(Hardware()) > 2.0
+
+
+@pytest.mark.parametrize(
+    ("name", "params"), [("mixtral-8x7b", H200_MIXTRAL_PARAMS), ("qwen2-57b-a14b", H200_QWEN2_PARAMS)]
+)
+def test_the_h200_measured_presets_hold_the_fit_of_the_stored_run(name: str, params: CostParams) -> None:
+    fitted, max_error = fit_cost_params(json.loads(RESULTS.read_text()), name)
+    assert max_error < 0.06  # the cost model's form explains every replayed step within 6%
+    for field, value in fitted.items():
+        assert getattr(params, field) == pytest.approx(value, rel=1e-3, abs=1e-9), field
