@@ -208,10 +208,19 @@ def measures_draft_time(vllm_config: Any) -> bool:
 
 
 def prior_hardware(vllm_config: Any) -> Hardware:
-    """The machine figures the prior starts from: a GPU's where vLLM runs on one (`GPU_HARDWARE`), else the
-    CPU's (`Hardware`'s defaults)."""
+    """The machine figures the prior starts from: a GPU's where vLLM runs on GPUs (`GPU_HARDWARE`, its
+    bandwidth and FLOP/s times the tensor-parallel GPUs that share each forward's weights), else the CPU's
+    (`Hardware`'s defaults). The per-layer overheads stay one GPU's, and the all-reduces between the GPUs are
+    not in the prior's form: the online fit learns them."""
     device_type = getattr(getattr(vllm_config, "device_config", None), "device_type", "cpu")
-    return GPU_HARDWARE if device_type == "cuda" else Hardware()
+    if device_type != "cuda":
+        return Hardware()
+    num_gpus = int(getattr(vllm_config.parallel_config, "tensor_parallel_size", 1) or 1)
+    return dataclasses.replace(
+        GPU_HARDWARE,
+        bandwidth_bytes_s=GPU_HARDWARE.bandwidth_bytes_s * num_gpus,
+        flops=GPU_HARDWARE.flops * num_gpus,
+    )
 
 
 def step_prior(vllm_config: Any) -> CostParams:

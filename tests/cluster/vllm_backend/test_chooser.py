@@ -215,7 +215,12 @@ def test_step_prior_keeps_the_draft_terms_apart_when_our_worker_measures_them() 
 def test_step_prior_starts_from_a_gpus_figures_where_vllm_runs_on_one() -> None:
     cpu = _vllm_config(WORKER_CLS)
     gpu = _Fake(**{**vars(cpu), "device_config": _Fake(device_type="cuda")})
-    assert prior_hardware(cpu) == Hardware() and prior_hardware(gpu) is GPU_HARDWARE
+    assert prior_hardware(cpu) == Hardware() and prior_hardware(gpu) == GPU_HARDWARE
+    # Tensor parallel over 2 GPUs (cluster/configs/gpu.yaml): each reads half the weights.
+    parallel = _Fake(worker_cls=WORKER_CLS, tensor_parallel_size=2)
+    two = prior_hardware(_Fake(**{**vars(gpu), "parallel_config": parallel}))
+    assert two.bandwidth_bytes_s == 2 * GPU_HARDWARE.bandwidth_bytes_s and two.flops == 2 * GPU_HARDWARE.flops
+    assert two.layer_overhead_s == GPU_HARDWARE.layer_overhead_s
     on_cpu, on_gpu = step_prior(cpu), step_prior(gpu)
     # Weight reads, GEMMs and attention per sequence each at the GPU's rate (the call overhead in fixed_s stays
     # the CPU's: not measured on a GPU).
