@@ -23,8 +23,9 @@ import gc
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -106,11 +107,16 @@ def verify(model: Any, cache: Any, tokens: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def static_step(model: Any, batch: int, num_spec_tokens: int, context: int, device: str) -> Any:
+class StaticStep(NamedTuple):
+    run: Callable[[], torch.Tensor]  # the step: its logits [B, K + 1, vocab]
+    prompt_ids: torch.Tensor  # [B, context]: in the cache
+    token_ids: torch.Tensor  # [B, K + 1]: the tokens it verifies
+
+
+def static_step(model: Any, batch: int, num_spec_tokens: int, context: int, device: str) -> StaticStep:
     """A verification step of B sequences at K drafts over a static KV cache of `context` random tokens, its
-    causal mask built ahead: a function that runs it and returns its logits, the same step at every call
-    (the cache's write position is set back in place), with nothing in it that waits on the GPU, so that a
-    CUDA graph can capture it (`captured`)."""
+    causal mask built ahead: the same step at every run (the cache's write position is set back in place),
+    with nothing in it that waits on the GPU, so that a CUDA graph can capture it (`captured`)."""
     from transformers import StaticCache
 
     vocab, width = model.config.vocab_size, num_spec_tokens + 1
@@ -135,8 +141,7 @@ def static_step(model: Any, batch: int, num_spec_tokens: int, context: int, devi
                 setattr(layer, "cumulative_length", context)  # noqa: B010 (a cache layer of another kind)
         return logits
 
-    step.prompt, step.tokens = prompt, tokens  # type: ignore[attr-defined]
-    return step
+    return StaticStep(step, prompt, tokens)
 
 
 def captured(step: Any) -> Any:
@@ -190,7 +195,7 @@ def measure_model(name: str, args: argparse.Namespace, truth_of: Any) -> list[di
                 truth_s = truth_of(batch * (k + 1), [args.context] * batch)
                 graph_s = None
                 if args.graphs:
-                    replay = captured(static_step(model, batch, k, args.context, args.device))
+                    replay = captured(static_step(model, batch, k, args.context, args.device).run)
                     if replay is None:
                         raise SystemExit(
                             f"{name}: --graphs asked for CUDA graphs, and capture failed (above)"

@@ -38,9 +38,9 @@ def test_the_static_step_for_cuda_graphs_matches_a_full_forward_at_every_call() 
     with torch.inference_mode():
         for k in (0, 2, 4):
             step = static_step(model, 2, k, 16, "cpu")
-            reference = model(input_ids=torch.cat([step.prompt, step.tokens], dim=1)).logits[:, 16:]
+            reference = model(input_ids=torch.cat([step.prompt_ids, step.token_ids], dim=1)).logits[:, 16:]
             for _ in range(2):
-                torch.testing.assert_close(step(), reference, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(step.run(), reference, rtol=1e-4, atol=1e-5)
 
 
 def test_the_run_writes_every_point_with_the_truth_beside_it(tmp_path: Path) -> None:
