@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 from bench.gpu_calibrate import time_forward
+from policy.cost_model import CostModel, CostModelConfig, CostParams
 from policy.presets import H200, MIXTRAL_8X7B, QWEN2_0_5B, QWEN2_57B_A14B, VLLM_ENGINE
-from policy.routing import expected_experts
+from policy.routing import RoutingConfig, expected_experts
 from policy.truth import ModelSpec, ServerTruth
 from workers.config import ModelConfig
 
@@ -249,6 +250,17 @@ def model_config(name: str) -> ModelConfig:
     return ModelConfig.from_hf_dict(values)
 
 
+def predicted_s(
+    params: CostParams, target: ModelConfig, batch: int, num_spec_tokens: int
+) -> tuple[float, float]:
+    """The cost model's (`policy.cost_model.CostModel`) verify time of a batch verifying `num_spec_tokens`
+    drafts in all, and its time for one draft step over the batch."""
+    model = CostModel(CostModelConfig(RoutingConfig(target.num_experts, target.top_k)), params)
+    _, verify_s, _ = model.phase_times(batch, 0, num_spec_tokens)
+    draft_s, _, _ = model.phase_times(batch, 1, batch)
+    return float(verify_s), float(draft_s)
+
+
 def fit_prior(results: dict[str, Any]) -> tuple[Hardware, dict[str, float]]:
     """The `cluster.choosers.Hardware` figures (bandwidth, FLOP/s, per-layer and per-sequence overheads) whose
     `analytic_prior` best explains a `--graphs` run: the targets' steps (verify terms: fixed + per sequence +
@@ -272,13 +284,11 @@ def fit_prior(results: dict[str, Any]) -> tuple[Hardware, dict[str, float]]:
         for name, target in targets.items():
             prior = analytic_prior(target, draft, 2, hardware(x))
             for p in results["models"][name]["points"]:
-                experts = float(expected_experts(p["num_tokens"], target.num_experts, target.top_k))
-                predicted = (prior.fixed_s + prior.per_seq_s * p["batch_size"] + prior.per_expert_s * experts
-                             + prior.per_token_s * p["num_tokens"])  # fmt: skip
-                errors.append(math.log(predicted / p["graph_s"]))
+                verify_s = predicted_s(prior, target, p["batch_size"], p["num_tokens"] - p["batch_size"])[0]
+                errors.append(math.log(verify_s / p["graph_s"]))
         for step in results["draft"]["steps"]:  # the draft's terms: the same in every target's prior
-            predicted = prior.draft_fixed_s + prior.draft_per_token_s * step["batch_size"]
-            errors.append(math.log(predicted / step["graph_s"]))
+            draft_s = predicted_s(prior, target, step["batch_size"], 0)[1]
+            errors.append(math.log(draft_s / step["graph_s"]))
         return errors
 
     start = np.log([2e12, 3e14, 2e-5, 1e-6])

@@ -10,11 +10,20 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from bench.gpu_step import RESULTS, build, fit_cost_params, fit_prior, main, model_config, static_step, verify
+from bench.gpu_step import (
+    RESULTS,
+    build,
+    fit_cost_params,
+    fit_prior,
+    main,
+    model_config,
+    predicted_s,
+    static_step,
+    verify,
+)
 from cluster.choosers import GPU_HARDWARE, Hardware, analytic_prior
 from policy.cost_model import CostParams
 from policy.presets import H200_MIXTRAL_PARAMS, H200_QWEN2_PARAMS
-from policy.routing import expected_experts
 
 
 def test_verification_over_the_cache_matches_a_full_forward_and_leaves_the_cache_as_it_was() -> None:
@@ -75,9 +84,7 @@ def test_the_gpu_prior_is_the_fit_of_the_h200_run_and_has_its_shape() -> None:
 
     def ratio(hardware: Hardware) -> float:
         prior = analytic_prior(mixtral, draft, 2, hardware)
-        time = [prior.fixed_s + prior.per_seq_s * 32 + prior.per_expert_s * float(expected_experts(t, 8, 2))
-                + prior.per_token_s * t for t in (32, 160)]  # fmt: skip
-        return time[1] / time[0]
+        return predicted_s(prior, mixtral, 32, 4 * 32)[0] / predicted_s(prior, mixtral, 32, 0)[0]
 
     assert abs(ratio(GPU_HARDWARE) - measured) < 0.15 and ratio(Hardware()) > 2.0
 
