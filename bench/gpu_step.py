@@ -11,17 +11,16 @@ KV reads, the embeddings and the LM head: what a served verification step costs 
 engine's own overhead. Beside each point: `policy.truth.ServerTruth`'s target forward for the same model on
 one `H200` with `VLLM_ENGINE` (the simulator's truth), and with `--draft` the draft model's one-token step at
 B (MoESD's draft for Qwen2, Qwen2-0.5B), the draft-to-target cost ratio the policy's payoff rests on.
-Writes bench/results/gpu_step.json (or --out). Needs torch and transformers only.
+Writes bench/results/gpu_step.json (or --out). Needs torch and transformers only. `bench.gpu_fit` fits
+the policy's GPU figures to a `--graphs` result.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import gc
 import json
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -30,18 +29,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
 import torch
 
 from bench.gpu_calibrate import time_forward
-from policy.cost_model import CostModel, CostModelConfig, CostParams
 from policy.presets import H200, MIXTRAL_8X7B, QWEN2_0_5B, QWEN2_57B_A14B, VLLM_ENGINE
-from policy.routing import RoutingConfig, expected_experts
 from policy.truth import ModelSpec, ServerTruth
-from workers.config import ModelConfig
 
 if TYPE_CHECKING:
-    from cluster.choosers import Hardware
+    pass
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_step.json"
 
@@ -235,95 +230,6 @@ def measure_draft(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     ]
 
 
-ARCHITECTURES = {
-    "mixtral": "MixtralForCausalLM",
-    "qwen2_moe": "Qwen2MoeForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-}
-
-
-def model_config(name: str) -> ModelConfig:
-    """Our `ModelConfig` of one of `CONFIGS` (what `cluster.choosers.analytic_prior` reads)."""
-    values = dict(CONFIGS[name])
-    values["architectures"] = [ARCHITECTURES[values.pop("model_type")]]
-    values.setdefault("head_dim", values["hidden_size"] // values["num_attention_heads"])
-    return ModelConfig.from_hf_dict(values)
-
-
-def predicted_s(
-    params: CostParams, target: ModelConfig, batch: int, num_spec_tokens: int
-) -> tuple[float, float]:
-    """The cost model's (`policy.cost_model.CostModel`) verify time of a batch verifying `num_spec_tokens`
-    drafts in all, and its time for one draft step over the batch."""
-    model = CostModel(CostModelConfig(RoutingConfig(target.num_experts, target.top_k)), params)
-    _, verify_s, _ = model.phase_times(batch, 0, num_spec_tokens)
-    draft_s, _, _ = model.phase_times(batch, 1, batch)
-    return float(verify_s), float(draft_s)
-
-
-def fit_prior(results: dict[str, Any]) -> tuple[Hardware, dict[str, float]]:
-    """The `cluster.choosers.Hardware` figures (bandwidth, FLOP/s, per-layer and per-sequence overheads) whose
-    `analytic_prior` best explains a `--graphs` run: the targets' steps (verify terms: fixed + per sequence +
-    per expert * N(t) + per token * t) and the draft's (draft_fixed + draft_per_token * B), by least squares on
-    log errors; and the fit's errors."""
-    from scipy.optimize import least_squares
-
-    from cluster.choosers import Hardware, analytic_prior  # here: the GPU machine has no Ray, pydantic, ...
-
-    draft = model_config(results["draft"]["name"])
-    targets = {name: model_config(name) for name in results["models"]}
-
-    def hardware(x: Any) -> Hardware:
-        bandwidth, flops, layer, sequence = np.exp(x)
-        return Hardware(
-            bandwidth_bytes_s=bandwidth, flops=flops, layer_overhead_s=layer, sequence_overhead_s=sequence
-        )
-
-    def residuals(x: Any) -> list[float]:
-        errors = []
-        for name, target in targets.items():
-            prior = analytic_prior(target, draft, 2, hardware(x))
-            for p in results["models"][name]["points"]:
-                verify_s = predicted_s(prior, target, p["batch_size"], p["num_tokens"] - p["batch_size"])[0]
-                errors.append(math.log(verify_s / p["graph_s"]))
-        for step in results["draft"]["steps"]:  # the draft's terms: the same in every target's prior
-            draft_s = predicted_s(prior, target, step["batch_size"], 0)[1]
-            errors.append(math.log(draft_s / step["graph_s"]))
-        return errors
-
-    start = np.log([2e12, 3e14, 2e-5, 1e-6])
-    fit = least_squares(residuals, start)
-    errors = np.abs(np.array(fit.fun))
-    num_steps = len(errors) - len(results["draft"]["steps"])
-    return hardware(fit.x), {
-        "target_rms_error": float(np.sqrt(np.mean(errors[:num_steps] ** 2))),
-        "target_max_error": float(errors[:num_steps].max()),
-        "draft_max_error": float(errors[num_steps:].max()),
-    }
-
-
-def fit_cost_params(results: dict[str, Any], name: str) -> tuple[dict[str, float], float]:
-    """One target's measured step in the policy's own model form (`policy.cost_model.CostParams`): verify =
-    fixed + per sequence * B + per expert * N(t) + per token * t over its replayed steps, draft = fixed + per
-    sequence * B over the draft's, each by non-negative least squares on relative residuals; and the
-    verify fit's largest relative error. (`policy.presets`' H200-measured presets hold the result.)"""
-    from scipy.optimize import nnls
-
-    target = model_config(name)
-    points = results["models"][name]["points"]
-    design = np.array([[1.0, p["batch_size"], float(expected_experts(p["num_tokens"], target.num_experts,
-                        target.top_k)), p["num_tokens"]] for p in points])  # fmt: skip
-    times = np.array([p["graph_s"] for p in points])
-    verify, _ = nnls(design / times[:, None], np.ones(len(times)))
-    steps = results["draft"]["steps"]
-    draft_design = np.array([[1.0, s["batch_size"]] for s in steps])
-    draft_times = np.array([s["graph_s"] for s in steps])
-    draft, _ = nnls(draft_design / draft_times[:, None], np.ones(len(draft_times)))
-    params = dict(zip(("fixed_s", "per_seq_s", "per_expert_s", "per_token_s"), verify.tolist(), strict=True))
-    params.update(draft_fixed_s=float(draft[0]), draft_per_token_s=float(draft[1]))
-    return params, float(np.max(np.abs(design @ verify / times - 1.0)))
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -340,12 +246,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument(
-        "--fit-prior",
-        type=Path,
-        help="measure nothing: fit the prior's GPU figures, and each target's cost in the policy's terms, to "
-        "this --graphs result",
-    )
-    parser.add_argument(
         "--graphs", action="store_true", help="also time each step replayed from a CUDA graph (a GPU)"
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -361,15 +261,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.fit_prior:
-        run = json.loads(args.fit_prior.read_text())
-        hardware, errors = fit_prior(run)
-        print(f"{hardware}\n" + ", ".join(f"{k} {v:.3f}" for k, v in errors.items()))
-        fits = {name: fit_cost_params(run, name) for name in run["models"]}
-        for name, (params, max_error) in fits.items():
-            print(f"{name} in CostParams' terms (largest error {max_error:.1%}): "
-                  + ", ".join(f"{k}={v:.4g}" for k, v in params.items()))  # fmt: skip
-        return {"hardware": dataclasses.asdict(hardware), **errors, "cost_params": fits}
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     results: dict[str, Any] = {"device": device_name, "torch": torch.__version__, "context": args.context,
                                "models": {}}  # fmt: skip
@@ -384,9 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         save()
     for name in args.models.split(","):
         spec = SPECS.get(name)
-        if (
-            spec is None
-        ):  # derived from the model, which measure_model builds: build it once here for the spec
+        if spec is None:  # tiny's: derived from the model, built once more here on the CPU
             spec = spec_of(name, build(name, "cpu", torch.float32))
         truth = ServerTruth(spec, QWEN2_0_5B, H200, 1, VLLM_ENGINE)
         points = measure_model(name, args, truth.target_forward)

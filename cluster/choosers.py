@@ -46,7 +46,7 @@ class Hardware:
     call_overhead_s: float = 2e-3  # per iteration outside the forwards: actor calls, bookkeeping
 
 
-# A GPU's figures, fitted (`python -m bench.gpu_step --fit-prior bench/results/gpu_step.json`) on one H200's
+# A GPU's figures, fitted (`python -m bench.gpu_fit bench/results/gpu_step.json`) on one H200's
 # steps replayed from CUDA graphs: full Mixtral-8x7B and Qwen2-57B-A14B verifying B * (K + 1) tokens at
 # B = 1-64 (rms error 7% over the 50 steps) and Qwen2-0.5B's draft step (within 6%), through transformers'
 # kernels (vLLM's fused ones read weights faster; the online fit takes over either way). What they fix is the

@@ -220,7 +220,7 @@ DEMO_CPU_PARAMS = CostParams(
 # One H200, measured (session 39, `python -m bench.gpu_step --graphs`, `bench/results/gpu_step.json`): the full
 # targets (random bf16 weights, transformers' grouped-GEMM experts and SDPA attention, a 512-token KV cache per
 # sequence) verifying B * (K + 1) tokens at B = 1-64, K = 0-4, and Qwen2-0.5B's one-token step, each replayed
-# from a CUDA graph; fitted in the cost model's form by `python -m bench.gpu_step --fit-prior` (largest error
+# from a CUDA graph; fitted in the cost model's form by `python -m bench.gpu_fit` (largest error
 # 5.8% for Mixtral, 3.3% for Qwen2, over 25 steps each). Qwen2-0.5B drafts for both (MoESD's Mixtral draft
 # is an EAGLE head, not measured). Not measured, so left out: the engine's work outside the forwards (vLLM's
 # scheduling and sampling: a cost per step, which only makes each drafted token cheaper relative to it), and
