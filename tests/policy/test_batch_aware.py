@@ -13,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policy.batch_aware import BatchAwareChooser, BatchAwareConfig
-from policy.cost_model import CostModel, CostModelConfig
+from policy.cost_model import CostModel, CostModelConfig, CostParams
 from policy.presets import MEASURED_PRESETS, PRESETS
+from policy.routing import RoutingConfig
 from policy.simulator import _measure, simulate
 from policy.stats import IterationStats, KChooser, RequestIterationStats, RequestOutlook
 from policy.workload import WorkloadConfig
@@ -319,6 +320,76 @@ def test_a_buckets_test_budget_back_off_is_forgotten_once_the_batch_has_been_awa
     assert any(drafted) == is_away, drafted
 
 
+@pytest.mark.parametrize("counts_alike", [False, True])
+def test_a_test_whose_request_would_pay_in_a_batch_like_it_restores_the_test_budget(
+    counts_alike: bool,
+) -> None:
+    """Served on the regime pair (vLLM backend), synthetic at batch 16 after prose: the one request tested in
+    the first wave accepted 0.91 and was set at K = 0, since among 15 requests at the traffic's 0.5 it alone
+    could not repay the batch's draft step. Read as a failed test, it kept the test budget backed off, and the
+    cell's 47 later requests started untested at K = 0 (auto 0.95x off where static K = 4 ran 1.28x). Its
+    verdict for the traffic is that a batch of requests like it would draft: the budget is whole again and the
+    next wave is tested. (`counts_alike` False: the verdict as it was, K > 0 alone.)"""
+    # A dense target at batch 16: a plain step 24.8 ms; one request drafting K = 1 adds 23% (5% more tokens),
+    # all of them at K = 1 add 59% (86% more tokens at acceptance 0.86).
+    params = CostParams(
+        fixed_s=0.02, per_expert_s=0.0, per_token_s=0.0003, draft_fixed_s=0.005, draft_per_token_s=0.0003
+    )
+    truth = CostModel(CostModelConfig(RoutingConfig(0, 0)), params)
+    chooser = BatchAwareChooser(
+        BatchAwareConfig(min_population_requests=0, new_request_test_every=16),
+        CostModel(CostModelConfig(RoutingConfig(0, 0)), params),
+    )
+    if not counts_alike:
+        chooser._pays_alike = lambda rate, times: False  # type: ignore[method-assign]
+    step = 0
+
+    def observe(ks: dict[str, int], accepts: set[str], num_low: int) -> None:
+        nonlocal step
+        requests = []
+        for r, k in ks.items():  # accepting requests take every draft, the others 3 in 10
+            accepted = k if r in accepts else int((num_low + 1) * 0.3) - int(num_low * 0.3) if k else 0
+            requests.append(RequestIterationStats(r, k, accepted, accepted + 1, 10))
+        draft_s, verify_s, other_s = truth.phase_times(len(ks), max(ks.values()), sum(ks.values()))
+        chooser.observe(
+            IterationStats(step, len(ks), requests, len(ks) + sum(ks.values()), draft_s, verify_s, other_s)
+        )
+        step += 1
+
+    for wave in range(
+        8
+    ):  # traffic at 0.3, drafting K = 1 (not through tests): the figure new requests start from
+        ids = [f"low{wave}-{j}" for j in range(16)]
+        for i in range(8):
+            observe(dict.fromkeys(ids, 1), set(), i)
+        for request_id in ids:
+            chooser.release(request_id)
+    budget = chooser.test_budget
+    budget.add(16, 10.0, 0.08)  # earlier forced tests spent 0.8% of the time ...
+    budget.verdict(16, is_drafting=False)  # ... and one ended at K = 0: the share is backed off to 1%
+    assert budget.allows(16)
+
+    def wave(name: str, accepts: set[str]) -> dict[str, int]:
+        """A wave's drafting iterations per request."""
+        ids = [f"{name}{j}" for j in range(16)]
+        drafted = dict.fromkeys(ids, 0)
+        for i in range(40):
+            chosen = chooser.choose(ids)
+            observe(chosen, {f"{name}{j}" for j in accepts}, i)
+            for r, k in chosen.items():
+                drafted[r] += k > 0
+        for request_id in ids:
+            chooser.release(request_id)
+        return drafted
+
+    first = wave("a", accepts=set(range(16)))
+    assert [r for r, n in first.items() if n] == ["a15"]  # the one sampled, tested and set at K = 0 ...
+    assert first["a15"] == chooser.config.test_iterations
+    assert budget.allows(16) == counts_alike  # ... restores the budget only as a batch like it would draft
+    second = wave("b", accepts=set(range(16)))
+    assert sum(n > 0 for n in second.values()) == (16 if counts_alike else 0)
+
+
 @pytest.mark.parametrize("test_every", [4, 1000])
 def test_one_in_new_request_test_every_new_requests_is_tested_where_the_traffic_says_k_zero(
     test_every: int,
@@ -330,9 +401,11 @@ def test_one_in_new_request_test_every_new_requests_is_tested_where_the_traffic_
         "mixtral-8x7b-h100", min_population_requests=0, test_budget=1.0, new_request_test_every=test_every
     )
     traffic = _AfterLowTraffic(chooser, batch=2)  # alone in the batch, a new request is tested anyway
-    # Short requests that accept everything, two at a time, within 128 iterations: the traffic's figure stays
-    # fresh. Every fourth new request is tested: the second of the second pair and of the fourth.
-    tested = [any(traffic.run(name, 24, accepts=True)) for name in "bcde"]
+    # Short requests that accept nothing, two at a time, within 128 iterations: the traffic's figure stays
+    # fresh. Every fourth new request is tested: the second of the second pair and of the fourth. (Had a
+    # tested one accepted everything, the next new request would be tested too: a batch of requests like it
+    # would draft, `test_a_test_whose_request_would_pay_in_a_batch_like_it_restores_the_test_budget`.)
+    tested = [any(traffic.run(name, 24, accepts=False)) for name in "bcde"]
     assert tested == ([False, True, False, True] if test_every == 4 else [False] * 4)
 
 
