@@ -123,6 +123,11 @@ class AcceptanceEstimator:
         rate = slow_accepted / (slow_accepted + slow_rejected)
         self.rate = min(max(rate, 1.0 - config.max_rate), config.max_rate)
 
+    @property
+    def standard_error(self) -> float:
+        """Of `rate`, as a share of the slow estimate's (decayed, prior included) counts."""
+        return (self.rate * (1.0 - self.rate) / (self._slow_accepted + self._slow_rejected)) ** 0.5
+
     def _clipped(self, accepted: float, rejected: float) -> float:
         """The estimate accepted / (accepted + rejected), clipped to [1 - max_rate, max_rate]."""
         max_rate = self.config.max_rate
