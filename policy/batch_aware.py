@@ -223,7 +223,7 @@ class BatchAwareChooser:
             chosen, unrepaid = self._repaid(request_ids, rates, chosen, times)
         for i in self._phases.testers(states, chosen, unrepaid):
             chosen[i] = max(chosen[i], self.config.probe_num_spec_tokens)
-        self._phases.settle(states, chosen, lambda estimator: self._pays_alike(estimator, times))
+        self._phases.settle(states, chosen, lambda estimator: self._pays_alike(estimator, num, times))
         plain_rate = num / float(times[0, 0])
         bar = 1.0 + self.config.min_predicted_gain if max(chosen) else 1.0  # the gauge is the model's own
         self._predicted_speedup = bar * self.tokens_per_second(rates, chosen, times) / plain_rate
@@ -299,15 +299,13 @@ class BatchAwareChooser:
         )
         return with_hysteresis(rates, best, previous, times, self.config.hysteresis)
 
-    def _pays_alike(self, estimator: AcceptanceEstimator, times: Array) -> bool:
-        """Whether a batch of `times`' size (`_time_table`) whose every request accepts at the estimate less
-        one standard error would draft: some uniform K >= 1 commits more tokens per second than plain
-        decoding, drafting charged its bar (`TestPhases.settle`)."""
+    def _pays_alike(self, estimator: AcceptanceEstimator, batch_size: int, times: Array) -> bool:
+        """Whether a batch of this size whose every request accepts at the estimate less one standard error
+        would draft: some uniform K >= 1 commits more tokens per second than plain decoding in `times` (its
+        `_time_table`), drafting charged its bar (`TestPhases.settle`)."""
         rate = max(estimator.rate - estimator.standard_error, 0.0)
-        max_k = times.shape[0] - 1
-        batch_size = (times.shape[1] - 1) // max_k
-        ks = np.arange(max_k + 1)
-        per_second = expected_etrs(np.full(max_k + 1, rate), ks) / times[ks, batch_size * ks]
+        ks = np.arange(self.config.max_spec_tokens + 1)
+        per_second = expected_etrs(np.full(len(ks), rate), ks) / times[ks, batch_size * ks]
         return bool(per_second[1:].max() > per_second[0])
 
     def _time_table(self, batch_size: int) -> Array:

@@ -146,16 +146,18 @@ class TestPhases:
         about 0.15, and at the estimate itself prose's requests (0.4-0.8 at batch 16) passed often enough to
         keep later prose requests tested (served at the estimate, prose at batch 16 ran 0.98 of the version
         before over 7 runs, unresolved; synthetic 1.06 over 7)."""
-        forced_verdicts = [
-            k > 0 or pays_alike(s.estimator)
-            for s, k in zip(states, chosen, strict=True)
-            if s.ends_forced_test
-        ]
+        # The traffic's verdict of each test that ends now (forced ones among them).
+        verdicts = {
+            i: k > 0 or pays_alike(s.estimator)
+            for i, (s, k) in enumerate(zip(states, chosen, strict=True))
+            if s.test_remaining == 0 and s.set_k is None
+        }
+        forced_verdicts = [verdicts[i] for i, s in enumerate(states) if s.ends_forced_test]
         if forced_verdicts:
             self.budget.verdict(len(states), any(forced_verdicts))
-        for state, k in zip(states, chosen, strict=True):
+        for i, (state, k) in enumerate(zip(states, chosen, strict=True)):
             if state.test_remaining == 0:
-                self._set(state, k, pays_alike)
+                self._set(state, k, verdicts.get(i, False))
 
     def observe(self, stats: IterationStats, states: list[RequestState]) -> bool:
         """Advance each request's phase by the iteration (`states`: its requests', in order) and count it in
@@ -201,12 +203,11 @@ class TestPhases:
             net_cost_s = seconds - model.plain_time(stats.batch_size) * committed / stats.batch_size
         self.budget.add(stats.batch_size, seconds, net_cost_s)
 
-    def _set(
-        self, state: RequestState, num_spec_tokens: int, pays_alike: Callable[[AcceptanceEstimator], bool]
-    ) -> None:
-        """Record a set-phase choice; the first one after a test sets the back-off."""
+    def _set(self, state: RequestState, num_spec_tokens: int, is_traffic_drafting: bool) -> None:
+        """Record a set-phase choice; the first one after a test sets the back-off (`is_traffic_drafting`: that
+        test's verdict for the traffic, `settle`)."""
         if state.set_k is None:  # a test's verdict
-            self.last_test_drafted = num_spec_tokens > 0 or pays_alike(state.estimator)
+            self.last_test_drafted = is_traffic_drafting
             state.num_zero_verdicts = state.num_zero_verdicts + 1 if num_spec_tokens == 0 else 0
             state.zero_iterations = 0
         self.num_changes += state.set_k != num_spec_tokens

@@ -125,7 +125,7 @@ class AcceptanceEstimator:
 
     @property
     def standard_error(self) -> float:
-        """Of `rate`, as a share of the slow estimate's (decayed, prior included) counts."""
+        """Of `rate`: sqrt(rate (1 - rate) / n), n the slow estimate's counts (decayed, prior included)."""
         return (self.rate * (1.0 - self.rate) / (self._slow_accepted + self._slow_rejected)) ** 0.5
 
     def _clipped(self, accepted: float, rejected: float) -> float:

@@ -346,7 +346,7 @@ def test_a_test_whose_request_would_pay_in_a_batch_like_it_restores_the_test_bud
         CostModel(CostModelConfig(RoutingConfig(0, 0)), params),
     )
     if not counts_alike:
-        chooser._pays_alike = lambda estimator, times: False  # type: ignore[method-assign]
+        chooser._pays_alike = lambda estimator, batch_size, times: False  # type: ignore[method-assign]
     step = 0
     num_drafted: dict[str, int] = {}
 
