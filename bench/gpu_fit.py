@@ -77,13 +77,15 @@ def fit_prior(results: dict[str, Any]) -> tuple[Hardware, dict[str, float]]:
 
     def residuals(x: Any) -> list[float]:
         errors = []
+        priors = {name: analytic_prior(target, draft, 2, hardware(x)) for name, target in targets.items()}
         for name, target in targets.items():
-            prior = analytic_prior(target, draft, 2, hardware(x))
             for p in results["models"][name]["points"]:
-                verify_s = predicted_s(prior, target, p["batch_size"], p["num_tokens"] - p["batch_size"])[0]
+                tokens = p["num_tokens"] - p["batch_size"]
+                verify_s = predicted_s(priors[name], target, p["batch_size"], tokens)[0]
                 errors.append(math.log(verify_s / p["graph_s"]))
-        for step in results["draft"]["steps"]:  # the draft's terms: the same in every target's prior
-            draft_s = predicted_s(prior, target, step["batch_size"], 0)[1]
+        name, target = next(iter(targets.items()))  # the draft's terms: the same in every target's prior
+        for step in results["draft"]["steps"]:
+            draft_s = predicted_s(priors[name], target, step["batch_size"], 0)[1]
             errors.append(math.log(draft_s / step["graph_s"]))
         return errors
 
