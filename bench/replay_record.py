@@ -53,7 +53,7 @@ from cluster.vllm_backend.chooser import build_chooser, iteration_stats
 from cluster.vllm_backend.settings import WORKER_CLS, DraftMeasurement, SchedulerSettings
 from policy.cost_model import batch_bucket
 from policy.guard import MeasuredGuard
-from policy.stats import RequestIterationStats, RequestOutlook
+from policy.stats import JoinAware, RequestIterationStats, RequestOutlook
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_SPEC_TOKENS = 4  # bench.vllm_policy serves auto at K_max = 4
@@ -229,6 +229,10 @@ def replay(steps: list[dict[str, Any]], chooser: MeasuredGuard, cells: list[Cell
         # before was observed; the requests that joined meanwhile were not the chooser's.
         if step.get("is_chosen_ahead"):
             chosen = {r: k for r, k in (ahead or {}).items() if r in step["chosen"]}
+            # The requests whose prompts completed in the step, given their K then (`choose_joined`).
+            joined = [r for r in step["chosen"] if r not in (ahead or {})]
+            if joined and isinstance(chooser, JoinAware):
+                chosen |= chooser.choose_joined(joined, chosen)
         else:
             give_outlook(chooser, step)
             chosen = chooser.choose(ids) if ids else {}

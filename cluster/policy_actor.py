@@ -21,7 +21,7 @@ import msgspec
 import ray
 
 from policy.aggregator import AggregatorConfig, PolicyAggregator
-from policy.stats import Decision, IterationStats, KChooser, OutlookAware, RequestOutlook
+from policy.stats import Decision, IterationStats, JoinAware, KChooser, OutlookAware, RequestOutlook
 
 logger = logging.getLogger(__name__)
 _stats_encoder = msgspec.msgpack.Encoder()
@@ -131,6 +131,13 @@ class PolicyClient:
         from reports, and do not weigh it."""
         if isinstance(self.local, OutlookAware):
             self.local.set_outlook(outlook)
+
+    def choose_joined(self, joined: Sequence[str], chosen: Mapping[str, int]) -> dict[str, int]:
+        """(`JoinAware`) The local chooser's: no central decision names a request that just joined."""
+        if not isinstance(self.local, JoinAware):
+            return dict.fromkeys(joined, 0)
+        self.num_local_choices += 1
+        return self.local.choose_joined(joined, chosen)
 
     def observe(self, stats: IterationStats) -> None:
         self.local.observe(stats)

@@ -5,7 +5,7 @@ None of them observes anything; each returns the same K for every request of a b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from policy.stats import IterationStats
@@ -21,6 +21,10 @@ class StaticChooser:
 
     def choose(self, request_ids: Sequence[str]) -> dict[str, int]:
         return {request_id: self.num_spec_tokens for request_id in request_ids}
+
+    def choose_joined(self, joined: Sequence[str], chosen: Mapping[str, int]) -> dict[str, int]:
+        """(`JoinAware`) As `choose` for the whole batch, the joined requests' part."""
+        return {r: k for r, k in self.choose([*chosen, *joined]).items() if r not in chosen}
 
     def observe(self, stats: IterationStats) -> None:
         pass

@@ -47,7 +47,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from policy.cost_model import batch_bucket
-from policy.stats import IterationStats, KChooser, OutlookAware, RequestOutlook, SameBatchSkips
+from policy.stats import (
+    IterationStats,
+    JoinAware,
+    KChooser,
+    OutlookAware,
+    RequestOutlook,
+    SameBatchSkips,
+)
 
 
 @dataclass(frozen=True)
@@ -240,6 +247,16 @@ class MeasuredGuard:
             return self._plain_iteration(request_ids, is_baseline=True)
         self._pending.append((frozenset(request_ids), False))
         return chosen
+
+    def choose_joined(self, joined: Sequence[str], chosen: Mapping[str, int]) -> dict[str, int]:
+        """(`JoinAware`) The chooser's K for requests that joined the batch of the last choice, unless that
+        choice was the guard's plain iteration (a baseline, a hold): then 0. The iteration counts as the
+        chooser's with them."""
+        asked, is_baseline = self._pending[-1] if self._pending else (None, False)
+        if asked is None or not isinstance(self.inner, JoinAware):
+            return dict.fromkeys(joined, 0)
+        self._pending[-1] = (asked | frozenset(joined), is_baseline)
+        return self.inner.choose_joined(joined, chosen)
 
     def observe(self, stats: IterationStats) -> None:
         self.inner.observe(stats)

@@ -110,6 +110,17 @@ class OutlookAware(Protocol):
         ...
 
 
+@runtime_checkable
+class JoinAware(Protocol):
+    """A chooser that also chooses for requests that joined a batch after its K were chosen, the others' K
+    kept: an engine that chooses the next step's K while the step before runs (vLLM's scheduler, choosing
+    ahead) learns of a request whose prompt completes in the next step only when it schedules that step."""
+
+    def choose_joined(self, joined: Sequence[str], chosen: Mapping[str, int]) -> dict[str, int]:
+        """K for each request of `joined` in a batch whose other requests run at `chosen` (decided before)."""
+        ...
+
+
 class KChooser(Protocol):
     """Chooses num_spec_tokens (K) per request. Implemented by every policy, including off and static."""
 

@@ -67,7 +67,7 @@ from cluster.vllm_backend.settings import (
     parse_num_spec_tokens,
 )
 from cluster.vllm_backend.step_record import RecordFile, StepRecord
-from policy.stats import OutlookAware, RequestIterationStats, RequestOutlook
+from policy.stats import JoinAware, OutlookAware, RequestIterationStats, RequestOutlook
 
 logger = logging.getLogger(__name__)
 SUPPORTED_VERSIONS = ("0.32.", "0.33.")
@@ -190,9 +190,10 @@ class PolicyScheduler(Scheduler):
                 self._choose_cpu_s = time.thread_time() - start_cpu
                 self._chosen_outlook = self._outlook_given
             else:
-                self._chosen = {r: self._k(r, ahead.get(r, 0)) for r in self._drafting}  # joined: 0 or asked
+                self._chosen = {r: self._k(r, ahead.get(r, 0)) for r in self._drafting}
                 self._choose_s, self._choose_cpu_s = self._ahead_s, self._ahead_cpu_s
                 self._chosen_outlook = self._ahead_outlook
+                self._choose_joined(ahead)
             scheduler_output.num_spec_tokens_to_schedule = max(self._chosen.values(), default=0)
             if scheduler_output.num_spec_tokens_to_schedule:
                 self._lag.drafted(self._chosen)
@@ -218,8 +219,8 @@ class PolicyScheduler(Scheduler):
         steps, `choose` took 1.3-2.8 ms of wall time for 0.4-0.6 ms of CPU on the regime pair (vLLM's CPU
         build, 2 cores: the engine core shares its core with the API server streaming the step just done), 2-4%
         of a step. The cost: the choice misses this step's outcome (vLLM's asynchronous scheduling misses it
-        too), and a request whose prompt completes in the next step gets no K from the chooser there: the
-        K it asked for through the API, else 0 (it drafts from the step after, its drafter catch-up then)."""
+        too), and a request whose prompt completes in the next step is not in it: the chooser gives it its K
+        when that step is scheduled, the others' kept (`_choose_joined`)."""
         bitmask = super().get_grammar_bitmask(scheduler_output)
         if self._chooses_ahead and self._drafting:
             start, start_cpu = time.perf_counter(), time.thread_time()
@@ -288,6 +289,20 @@ class PolicyScheduler(Scheduler):
             self.chooser.set_outlook(self._outlook_given)
         chosen = self.chooser.choose(auto) if auto else {}
         return {r: self._k(r, chosen.get(r, 0)) for r in request_ids}
+
+    def _choose_joined(self, ahead: dict[str, int]) -> None:
+        """K for the requests whose prompts complete in this step, which the choice made ahead did not know
+        (`JoinAware.choose_joined`, the others' K kept); without a chooser that takes them, the K they asked
+        for through the API, else 0."""
+        joined = [r for r in self._drafting if r not in ahead and self._requested.get(r) is None]
+        if not joined or not isinstance(self.chooser, JoinAware):
+            return
+        start, start_cpu = time.perf_counter(), time.thread_time()
+        others = {r: k for r, k in self._chosen.items() if r in ahead and self._requested.get(r) is None}
+        for request_id, k in self.chooser.choose_joined(joined, others).items():
+            self._chosen[request_id] = self._k(request_id, k)
+        self._choose_s += time.perf_counter() - start
+        self._choose_cpu_s += time.thread_time() - start_cpu
 
     def _outlook(self, request_ids: Sequence[str]) -> dict[str, RequestOutlook]:
         """Each request's drafter catch-up if it drafted next (`DrafterLag`) and the tokens it may still

@@ -752,3 +752,21 @@ def test_a_request_that_joins_a_drafting_batch_near_its_end_waits_at_k_zero() ->
     ks = chooser.choose(ids)
     assert ks["r15"] == 0 and min(ks[r] for r in ids[:15]) > 0
     assert chooser.num_unrepaid == 1
+
+
+def test_a_request_that_joins_after_the_choice_gets_the_optimum_with_the_others_kept() -> None:
+    # vLLM's scheduler chooses a step's K while the step before runs; a request whose prompt completes in the
+    # step joins after that choice and drafts at its end (`choose_joined`).
+    chooser = chooser_for("mixtral-8x7b-h100")
+    ids = [f"r{i}" for i in range(16)]
+    chosen = chooser.choose(ids[:15])
+    assert set(chosen.values()) == {3}  # batch 16 on an MoE target at the traffic's starting acceptance
+    # The K it would have had in the choice of the whole batch.
+    assert chooser.choose_joined(["r15"], chosen) == {"r15": 3}
+    assert chooser_for("mixtral-8x7b-h100").choose(ids)["r15"] == 3
+    # In a batch chosen plain, its drafts alone would make all 16 requests wait for the draft steps.
+    assert chooser.choose_joined(["r16"], dict.fromkeys(ids[:15], 0)) == {"r16": 0}
+    # The others' K are kept, not searched again: two joining a batch whose others were chosen K = 1 get
+    # what pays beside them (each draft step is paid for the others already).
+    beside_k1 = chooser.choose_joined(["r17", "r18"], dict.fromkeys(ids[:14], 1))
+    assert set(beside_k1) == {"r17", "r18"} and min(beside_k1.values()) >= 1

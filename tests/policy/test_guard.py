@@ -510,3 +510,22 @@ def test_a_new_buckets_baseline_ends_where_the_batch_leaves_it_a_bounded_number_
     assert guard.figures(batch_bucket(6)) is None  # the bucket is still unknown
     assert run(batch_6, 2) == [True, True]
     assert run(batch_16, 8)[:2] == [True, True]  # this time the baseline runs on
+
+
+def test_requests_that_join_after_a_choice_get_the_choosers_k_unless_the_guard_ran_it_plain() -> None:
+    # vLLM's scheduler chooses ahead; a request whose prompt completes in the next step joins after the
+    # choice (`JoinAware.choose_joined`). In the guard's plain iterations (baselines) it stays plain; in the
+    # chooser's, it gets the chooser's K, and the iteration counts as the chooser's.
+    guard = MeasuredGuard(StaticChooser(2), GuardConfig(min_samples=4))
+    others = ["a", "b", "c"]
+    joined_ks = []
+    for index in range(200):
+        chosen = guard.choose(others)
+        joined = guard.choose_joined([f"j{index}"], chosen)
+        joined_ks.append((max(chosen.values()), joined[f"j{index}"]))
+        ks = {**chosen, **joined}
+        seconds = 0.012 if any(ks.values()) else 0.010
+        guard.observe(_iteration(index, ks, {r: 3 if k else 1 for r, k in ks.items()}, seconds))
+    assert (0, 0) in joined_ks and (2, 2) in joined_ks and set(joined_ks) == {(0, 0), (2, 2)}
+    # Every iteration had a request the choice did not name: counted as the chooser's only with the joined.
+    assert guard.figures(batch_bucket(4)) is not None and guard.num_holds == 0
