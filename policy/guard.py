@@ -82,15 +82,18 @@ class GuardConfig:
     # baseline of a 145-step cell lost its sample so, the next was due 256 drafting steps later (wide-lead
     # spacing), and the bucket's plain figure got no new sample in that cell.
     baseline_retries: int = 2
-    # A bucket's first baseline, as long as its missing samples, ends where the batch leaves the bucket, at
-    # most this many times per bucket; after that it runs to its end wherever the batch goes, so that a bucket
-    # the batch keeps passing through briefly is learned all the same (a plain sample needs plain steps in a
-    # row: on vLLM a plain step next to a drafting one yields none). Served on the regime pair (vLLM
-    # backend, synthetic at concurrency 16), a batch that passed through batch 2 or 5-8 between two waves of
-    # requests, or in the cell's tail, started there a 10-step first baseline, which then ran plain at batch
-    # 14-16 or 3-4, buckets already known: 26 of the cell's 82 steps were plain, and auto ran 1.27x off where
-    # our path at static K = 4 ran 1.45x.
-    max_cut_baselines: int = 2
+    # A bucket's first baseline (as long as its missing samples) runs only while the batch is in the bucket,
+    # and starts only after the batch drafted this many iterations there (since the bucket's last first
+    # baseline started): a bucket the batch only passes through costs plain steps in proportion to its time
+    # there. Served on the regime pair (vLLM backend, synthetic at concurrency 16), a batch that passed
+    # through batch 2 or 5-8 between two waves of requests, or in the cell's tail, started there a 10-step
+    # first baseline, which then ran plain at batch 14-16 or 3-4, buckets already known: 26 of the cell's 82
+    # steps were plain, and auto ran 1.27x off where our path at static K = 4 ran 1.45x. Cut where the batch
+    # left, up to twice per bucket and run to its end after that (sessions 32 to 40), the first baseline of
+    # batch 5-8 started in every cell's tail (3-4 steps there) and ran on at batch 1-4, where its samples were
+    # other buckets': batch 5-8 stayed unknown, and 9-10 of each synthetic cell's last steps ran plain, where
+    # drafting pays most (session 41's records, concurrency 16).
+    first_baseline_after: int = 32
     hold_iterations: int = 64  # plain iterations after a verdict against drafting
     max_hold_iterations: int = 1024  # cap of the doubling hold
     held_ask_every: int = 8  # while held, the chooser is asked this often (and when the requests change)
@@ -107,9 +110,9 @@ class GuardConfig:
             raise ValueError(
                 f"wide_lead={self.wide_lead} must be >= 0, wide_lead_spacing={self.wide_lead_spacing} >= 1"
             )
-        if self.baseline_retries < 0 or self.max_cut_baselines < 0:
+        if self.baseline_retries < 0 or self.first_baseline_after < 0:
             raise ValueError(
-                f"baseline_retries={self.baseline_retries}, max_cut_baselines={self.max_cut_baselines} "
+                f"baseline_retries={self.baseline_retries}, first_baseline_after={self.first_baseline_after} "
                 "must be >= 0"
             )
         if self.held_ask_every < 1:
@@ -179,9 +182,9 @@ class MeasuredGuard:
         self._num_drafting = 0  # drafting iterations since the last plain one
         self._baseline_left = 0  # plain iterations of the current baseline still to choose
         # The bucket of the current baseline if it is the bucket's first (None: a later one), and per bucket
-        # such baselines cut short where the batch left it (`max_cut_baselines`).
+        # the drafting iterations since its last first baseline started (`first_baseline_after`).
         self._baseline_bucket: int | None = None
-        self._num_cuts: dict[int, int] = {}
+        self._drafting_in: dict[int, int] = {}
         # Per choice not yet observed: the requests the chooser decided for (None: a forced plain iteration),
         # and whether it is a baseline's.
         self._pending: deque[tuple[frozenset[str] | None, bool]] = deque(maxlen=_MAX_PENDING_CHOICES)
@@ -209,13 +212,8 @@ class MeasuredGuard:
             return self._plain_iteration(request_ids)
         self._held_skips.reset()
         chosen = self.inner.choose(request_ids)
-        cut = self._baseline_bucket
-        if self._baseline_left > 0 and cut is not None and cut != bucket:
-            num_cuts = self._num_cuts.get(cut, 0)
-            if num_cuts < self.config.max_cut_baselines:
-                # Its plain steps here would be another bucket's (`max_cut_baselines`).
-                self._baseline_left = 0
-                self._num_cuts[cut] = num_cuts + 1
+        if self._baseline_left > 0 and self._baseline_bucket not in (None, bucket):
+            self._baseline_left = 0  # a first baseline's plain steps here would be another bucket's
         if self._baseline_left > 0:
             self._baseline_left -= 1
             self._num_drafting = 0
@@ -232,7 +230,9 @@ class MeasuredGuard:
         every = self.config.baseline_every if is_known else max(4, 2 * self.config.baseline_length)
         if is_known and self._leads_widely(bucket):
             every *= self.config.wide_lead_spacing
-        is_due = self._num_drafting >= every - self.config.baseline_length
+        is_due = self._num_drafting >= every - self.config.baseline_length and (
+            is_known or self._drafting_in.get(bucket, 0) >= self.config.first_baseline_after
+        )
         is_retry = self._missed_bucket == bucket and self._num_retries < self.config.baseline_retries
         if any(chosen.values()) and (is_due or is_retry):
             # A baseline. The count restarts now, not when it is observed: an engine that verifies each choice
@@ -244,6 +244,8 @@ class MeasuredGuard:
             missing = 0 if is_known else self.config.min_samples - num_plain - 1
             self._baseline_left = self.config.baseline_length + missing - 1
             self._baseline_bucket = None if is_known else bucket
+            if not is_known:
+                self._drafting_in[bucket] = 0
             return self._plain_iteration(request_ids, is_baseline=True)
         self._pending.append((frozenset(request_ids), False))
         return chosen
@@ -273,6 +275,8 @@ class MeasuredGuard:
         per_request = sum(r.num_committed_tokens for r in stats.requests) / stats.batch_size
         is_drafting = any(r.num_spec_tokens > 0 for r in stats.requests)
         self._num_drafting = self._num_drafting + 1 if is_drafting else 0
+        if is_drafting:
+            self._drafting_in[bucket] = self._drafting_in.get(bucket, 0) + 1
         is_plain_decoding = not is_drafting and not stats.is_near_drafting
         if stats.num_prefill_tokens:
             # Other requests' prompts in the forward: neither plain decoding's time nor the chooser's.

@@ -57,7 +57,7 @@ def test_config_rejects_bad_values() -> None:
         {"wide_lead": -0.1},
         {"wide_lead_spacing": 0},
         {"baseline_retries": -1},
-        {"max_cut_baselines": -1},
+        {"first_baseline_after": -1},
     ):
         with pytest.raises(ValueError):
             GuardConfig(**bad)
@@ -317,7 +317,8 @@ def test_a_new_buckets_plain_figure_comes_from_one_baseline_long_enough_for_its_
     guard = MeasuredGuard(StaticChooser(1), config)
     verified = _lagged_engine(guard, 600, reports_near_drafting=True)
     first_plain = verified.index(0, 1)  # step 0 verifies nothing: no drafts yet
-    assert first_plain == 5  # after 4 drafting steps
+    # After `first_baseline_after` drafting steps (steps 1-32), chosen at step 33 and verified a step later.
+    assert first_plain == config.first_baseline_after + 2
     assert verified[first_plain:].index(1) == 10  # one baseline of 3 + 8 - 1 steps
     # Its middle steps are steady plain decoding, so even an engine that does not say which steps are next
     # to drafting gets a true plain figure from it, and the guard holds there too.
@@ -480,11 +481,10 @@ def test_baselines_that_keep_meeting_prompts_run_again_a_bounded_number_of_times
     assert lengths == [{1}, {1 + 2 * 3}]
 
 
-def test_a_new_buckets_baseline_ends_where_the_batch_leaves_it_a_bounded_number_of_times() -> None:
+def test_a_new_buckets_first_baseline_runs_only_in_its_bucket_after_enough_drafting_there() -> None:
     # Served at concurrency 16, the batch passed through batch 5-8 (too few plain samples there) between two
-    # waves of requests; the baseline that started there, as long as the missing samples, ran on plain at
-    # batch 16, where the plain figure was known and drafting paid 1.45x. A bucket the batch keeps passing
-    # through must still be learned: after max_cut_baselines such baselines, one runs to its end.
+    # waves of requests and in each cell's tail; a first baseline started there, as long as the missing
+    # samples, ran on plain at batch 16 or 1-4, whose samples were other buckets' (`first_baseline_after`).
     guard = MeasuredGuard(StaticChooser(2), GuardConfig(baseline_length=4, baseline_every=64))
     batch_16, batch_6 = [f"r{i}" for i in range(16)], [f"r{i}" for i in range(6)]
     index = 0
@@ -504,12 +504,14 @@ def test_a_new_buckets_baseline_ends_where_the_batch_leaves_it_a_bounded_number_
 
     run(batch_16, 200)  # batch 16 learns its plain figure
     assert guard.figures(batch_bucket(16)) is not None and guard.num_holds == 0
-    for _ in range(guard.config.max_cut_baselines):
-        assert run(batch_6, 2) == [True, True]  # a new bucket: its first baseline starts
-        assert run(batch_16, 8)[0] is False  # back at batch 16: the chooser's K at once
-    assert guard.figures(batch_bucket(6)) is None  # the bucket is still unknown
-    assert run(batch_6, 2) == [True, True]
-    assert run(batch_16, 8)[:2] == [True, True]  # this time the baseline runs on
+    visits = []  # two steps at batch 6 between stretches at batch 16
+    for _ in range(40):
+        visits.append(run(batch_6, 2))
+        assert run(batch_16, 8)[:2] == [False, False]  # back at batch 16: the chooser's K at once
+    plain_visits = [i for i, plain in enumerate(visits) if any(plain)]
+    # A first baseline after 32 drafting steps at batch 6 (16 visits), its plain steps there alone.
+    assert plain_visits == [16, 33] and visits[16] == [True, True]
+    assert guard.figures(batch_bucket(6)) is None  # still unknown: too few plain samples
 
 
 def test_requests_that_join_after_a_choice_get_the_choosers_k_unless_the_guard_ran_it_plain() -> None:
