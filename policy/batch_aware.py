@@ -100,6 +100,16 @@ class BatchAwareConfig:
     # and is whole again when one ends at K > 0, or once the batch has been out of the bucket for
     # test_budget_backoff_away iterations (`policy.test_budget`).
     test_budget_backoff: int = 2
+    # Over the test budget's backed-off share, a test still starts (new requests are tested as within it)
+    # once nothing has drafted for this many iterations, within the budget's whole share: the traffic's
+    # acceptance is learned through tests alone, and a budget backed off and spent by tests that found nothing
+    # left a shift to traffic that accepts well unseen. Served on the
+    # regime pair (session 40), synthetic at batch 32 after prose ran a whole cell plain, prose's tests having
+    # spent the backed-off budget; simulated on the demo pair's measured costs (prose-like then
+    # synthetic-like cells of 64-token requests, one chooser throughout), synthetic at batch 16 / 32 ran
+    # 0.82 / 0.86 of the best static K without the floor and 0.94 / 0.89 with it at 128, for 0.975-0.983
+    # against 0.991-0.993 on prose; on the H200's measured presets it changed nothing.
+    test_floor_iterations: int = 128
     test_budget_backoff_away: int = 128
     # A batch where every request is set at K = 0, none testing, is searched again at most every this many
     # iterations (and at once when its requests change, a retest falls due or anything drafts): in between,
@@ -157,6 +167,8 @@ class BatchAwareConfig:
             raise ValueError(f"steady_iterations={self.steady_iterations} must be >= 1")
         if self.max_test_time_over_predicted < 1.0:
             raise ValueError(f"max_test_time_over_predicted={self.max_test_time_over_predicted} must be >= 1")
+        if self.test_floor_iterations < 1:
+            raise ValueError(f"test_floor_iterations={self.test_floor_iterations} must be >= 1")
         if self.test_budget_backoff < 0 or self.test_budget_backoff_away < 0:
             raise ValueError(
                 f"test_budget_backoff={self.test_budget_backoff}, "

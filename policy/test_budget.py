@@ -49,10 +49,12 @@ class TestBudget:
         self._last_added: dict[int, int] = {}  # ... and its last iteration (`_num_added` then)
         self._num_added = 0  # iterations counted, all buckets
 
-    def allows(self, batch_size: int) -> bool:
-        """Whether a forced test may start in a batch of this size."""
+    def allows(self, batch_size: int, *, is_backed_off: bool = True) -> bool:
+        """Whether a forced test may start in a batch of this size (`is_backed_off` False: against the whole
+        share, its back-off waived)."""
         bucket = batch_bucket(batch_size)
-        return self._cost_s.get(bucket, 0.0) <= self.share_of(batch_size) * self._elapsed_s.get(bucket, 0.0)
+        share = self.share_of(batch_size) if is_backed_off else self.share
+        return self._cost_s.get(bucket, 0.0) <= share * self._elapsed_s.get(bucket, 0.0)
 
     def share_of(self, batch_size: int) -> float:
         """The share forced tests may spend in a batch of this size, after the back-off."""

@@ -86,8 +86,12 @@ class TestPhases:
         # served on the regime pair, synthetic at batch 1 after prose (traffic figure about 0.55, break-even
         # 0.63) ran 15 of 16 requests untested at K = 0, while the one tested drafted its life at 0.85, where
         # static K = 4 paid 1.32x. Over the test budget, a new request starts untested too: kept pending, its
-        # test would wait for the budget, and the batch's tests would pile up and go all at once.
-        within_budget = self.budget.allows(len(states))
+        # test would wait for the budget, and the batch's tests would pile up and go all at once. Once nothing
+        # has drafted for `test_floor_iterations`, the budget's back-off is waived until a test starts.
+        within_budget = self.budget.allows(len(states)) or (
+            self.num_plain_iterations >= self.config.test_floor_iterations
+            and self.budget.allows(len(states), is_backed_off=False)
+        )
         is_alone = len(states) == 1  # nobody to wait for, and an untested request is all of the throughput
         is_measured = not within_budget or (
             self.cost_model.num_drafting_iterations(len(states)) >= num_test

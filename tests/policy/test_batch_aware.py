@@ -21,6 +21,8 @@ from policy.stats import IterationStats, KChooser, RequestIterationStats, Reques
 from policy.workload import WorkloadConfig
 
 MIXTRAL = PRESETS["mixtral-8x7b-h100"]
+# The test budget's back-off alone: not waived however long the batch runs plain (the floor has its own test).
+NO_FLOOR = 10**9
 
 
 def chooser_for(preset_name: str, **overrides: Any) -> BatchAwareChooser:
@@ -299,7 +301,7 @@ def test_a_buckets_test_budget_back_off_is_forgotten_once_the_batch_has_been_awa
     over a share that prose's failing tests had backed off to 0.5%, and over the budget every new request
     starts untested. A bucket the batch left for test_budget_backoff_away iterations has its whole share
     back; where the load stays, the back-off stays."""
-    chooser = chooser_for("mixtral-8x7b-h100", min_population_requests=0)
+    chooser = chooser_for("mixtral-8x7b-h100", min_population_requests=0, test_floor_iterations=NO_FLOOR)
     traffic = _AfterLowTraffic(chooser)
     budget = chooser.test_budget
     budget.add(1, 20.0, 0.25)  # batch 1's forced tests cost 1.25% of its window ...
@@ -526,6 +528,7 @@ def test_the_test_budget_backs_off_while_forced_tests_find_nothing_and_recovers_
             test_budget_iterations=window,
             test_budget_backoff=backoff,
             min_population_requests=0,
+            test_floor_iterations=NO_FLOOR,
         )
         _, times = _closed_loop(chooser, 4000, batch=32, lifetime=64, lag=True)
         settled = times[2 * window :]
@@ -770,3 +773,33 @@ def test_a_request_that_joins_after_the_choice_gets_the_optimum_with_the_others_
     # what pays beside them (each draft step is paid for the others already).
     beside_k1 = chooser.choose_joined(["r17", "r18"], dict.fromkeys(ids[:14], 1))
     assert set(beside_k1) == {"r17", "r18"} and min(beside_k1.values()) >= 1
+
+
+@pytest.mark.parametrize("floor", [32, 10_000])
+def test_over_the_test_budget_a_test_starts_once_nothing_drafted_for_the_floor(floor: int) -> None:
+    # Over a backed-off budget, once the traffic's acceptance says K = 0, every new request starts untested at
+    # K = 0, and the traffic is measured again only as the budget's window forgets; the floor tests a new
+    # request once the batch has run plain for `test_floor_iterations`, within the budget's whole share.
+    chooser = chooser_for("mixtral-8x7b-h100", test_floor_iterations=floor)
+    budget = chooser.test_budget
+    budget.add(1, 20.0, 0.25)  # batch 1's forced tests cost 1.25% of its window ...
+    for _ in range(budget.max_backoff):
+        budget.verdict(1, is_drafting=False)  # ... and ended at K = 0: the share is backed off to 0.5%
+    assert not budget.allows(1) and budget.allows(1, is_backed_off=False)
+    truth, rng = MIXTRAL.truth(), np.random.default_rng(0)
+    drafted = []
+    for i in range(400):
+        request_id = f"r{i // 8}"  # a new request every 8 iterations, alone in the batch
+        ks = chooser.choose([request_id])
+        requests = [RequestIterationStats(r, k, 0, 1, 10) for r, k in ks.items()]  # accepts nothing
+        chooser.observe(_measure(truth, MIXTRAL, i, requests, rng, noise=0.0))
+        if i % 8 == 7:
+            chooser.release(request_id)
+        drafted.append(ks[request_id] > 0)
+    starts = [i for i, d in enumerate(drafted) if d and (i == 0 or not drafted[i - 1])]
+    if floor > len(drafted):
+        assert not starts
+    else:  # tests of new requests (alone: at once), each after `floor` plain iterations
+        assert starts[:4] == [floor + i * (floor + 8) for i in range(4)], starts
+        # The budget's whole share bounds them (the last test started within it may overrun it a little).
+        assert budget.spent_by_bucket()[0] < 1.1 * chooser.config.test_budget
