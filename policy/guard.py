@@ -6,8 +6,9 @@ it keeps the committed tokens per second per request of every iteration the choo
 ones and its test probes included) and of every plain iteration (EWMAs; not those next to drafting ones
 where the engine says they carry the drafter's costs, `IterationStats.is_near_drafting`). While the chooser
 speculates, a baseline of `baseline_length` plain iterations runs every `baseline_every` iterations to keep
-the plain figure fresh (more often until a bucket has `min_samples`; `wide_lead_spacing` times less often
-while the chooser measures far above plain). When the chooser's iterations measure worse than plain ones by
+the plain figure fresh (a bucket's first, once the batch drafted `first_baseline_after` iterations there, as
+long as its missing samples and only while the batch is in it; `wide_lead_spacing` times less often while
+the chooser measures far above plain). When the chooser's iterations measure worse than plain ones by
 more than `margin`, the guard runs that bucket plain for `hold_iterations` (doubled per consecutive verdict
 there, capped), then lets the chooser try again. A verdict holds only its own bucket: drafting that loses at
 batch 1 says nothing about batch 4, where verification costs far less relative to a plain step (the vLLM
