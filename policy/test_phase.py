@@ -7,15 +7,12 @@ test budget (`policy.test_budget`). Its rules and their reasons are `BatchAwareC
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
+from policy.batch_aware_config import BatchAwareConfig
 from policy.cost_model import CostModel
 from policy.stats import IterationStats
 from policy.test_budget import TestBudget
 from policy.utility import AcceptanceEstimator
-
-if TYPE_CHECKING:
-    from policy.batch_aware import BatchAwareConfig
 
 
 class RequestState:
