@@ -6,7 +6,10 @@ iterations after that.
 
 The shape correction. The parametric form's shape of time against verification tokens was off by more than
 the choices it decides, so after each refit the model corrects each batch-size bucket's predictions by a
-factor per verification tokens per sequence, fitted against time (`policy.shape_correction`).
+factor per verification tokens per sequence, fitted against time (`policy.shape_correction`). The factor
+covers the whole iteration, the drafter's time included (less a catch-up's, which the fitted prefill cost
+charges): vLLM's draft model feeds its first pass every token of the step, the drafts just verified
+included, and each later pass one token a sequence, which draft steps times a cost per step cannot follow.
 
 New requests' prompts. An engine that schedules prompts into decode steps (vLLM) runs the drafter over them
 too when the step drafts: its first pass feeds every token of the step to the draft model, a prompt chunk
@@ -36,6 +39,20 @@ from policy.shape_correction import ShapeCorrection
 from policy.stats import IterationStats
 
 Array = NDArray[np.float64]
+
+
+def drafts_per_sequence(max_steps: Array, total_spec: Array, batch_size: ArrayLike) -> Array:
+    """What the shape correction's factors are indexed by: verified drafts per sequence, at least 1 where the
+    batch drafts at all (0 for plain decoding alone). A batch where a few requests draft runs the drafter
+    over every sequence all the same (vLLM's draft model: its first pass feeds the whole step), so its factor
+    is a drafting one; rounded to 0 it was plain decoding's (`correction_keys`)."""
+    per_seq = total_spec / np.asarray(batch_size, dtype=np.float64)
+    return np.where(max_steps > 0, np.maximum(per_seq, 1.0), 0.0)
+
+
+def correction_keys(rows: Array) -> NDArray[np.int64]:
+    """Each row's `drafts_per_sequence`, rounded: the shape correction's K (`policy.shape_correction`)."""
+    return np.rint(drafts_per_sequence(rows[:, 1], rows[:, 2], rows[:, 0])).astype(np.int64)
 
 
 def batch_bucket(batch_size: int) -> int:
@@ -194,15 +211,15 @@ class CostModel:
     def phase_times(self, batch_size: int, max_steps: ArrayLike, total_spec: ArrayLike) -> tuple[Array, ...]:
         """(draft, verify, other) seconds for a batch whose K vector has this max and this sum."""
         spec = np.asarray(total_spec, dtype=np.float64)
-        draft, verify, other = self._model_times(batch_size, max_steps, spec)
+        steps = np.asarray(max_steps, dtype=np.float64)
+        draft, verify, other = self._model_times(batch_size, steps, spec)
+        scale = self._correction.factors(batch_bucket(batch_size), drafts_per_sequence(steps, spec, batch_size))
+        if scale is not None:
+            draft, verify, other = draft * scale, verify * scale, other * scale
         prompt_tokens = self._fitted_prompt_tokens.get(batch_bucket(batch_size), 0.0)
         if prompt_tokens:  # the drafter's prefill of arriving prompts (module docstring)
-            steps = np.asarray(max_steps, dtype=np.float64)
             draft = draft + (steps > 0) * (self.params.draft_prefill_per_token_s * prompt_tokens)
-        scale = self._correction.factors(batch_bucket(batch_size), spec / batch_size)
-        if scale is None:
-            return draft, verify, other
-        return draft, verify * scale, other * scale
+        return draft, verify, other
 
     def _model_times(
         self, batch_size: ArrayLike, max_steps: ArrayLike, total_spec: ArrayLike
@@ -291,7 +308,7 @@ class CostModel:
         count = self._num_samples.get(bucket, 0)
         if count >= size and count % self.config.correction_block == 0:  # the oldest block starts leaving
             block = samples[count % size : count % size + self.config.correction_block]
-            self._correction.archive(bucket, block, np.rint(block[:, 2] / block[:, 0]))
+            self._correction.archive(bucket, block, correction_keys(block))
         samples[count % size] = row
         self._num_samples[bucket] = count + 1
         self._num_new_samples += 1
@@ -333,13 +350,13 @@ class CostModel:
         # Each row once (an archived block's rows may be in the ring still), in the order recorded.
         rows = rows[np.unique(rows[:, 8], return_index=True)[1]]
         batch, steps, spec = rows[:, 0], rows[:, 1], rows[:, 2]
-        _, verify, other = self._model_times(batch, steps, spec)
-        predicted, measured = verify + other, rows[:, 6] + rows[:, 7]
+        draft, verify, other = self._model_times(batch, steps, spec)
+        catch_up = rows[:, 4] * self.params.draft_prefill_per_token_s  # the row's own, not corrected
+        predicted, measured = draft + verify + other, rows[:, 5] + rows[:, 6] + rows[:, 7] - catch_up
         valid = (predicted > 0.0) & (measured > 0.0)
         log_ratio = np.log(measured[valid] / predicted[valid])
-        per_seq = np.rint(spec[valid] / batch[valid]).astype(np.int64)
         buckets = np.frexp(batch[valid] - 1.0)[1]  # batch_bucket, elementwise: (b - 1).bit_length()
-        self._correction.fit(buckets, per_seq, log_ratio)
+        self._correction.fit(buckets, correction_keys(rows[valid]), log_ratio)
 
     def _record(self, stats: IterationStats) -> tuple[float, ...] | None:
         """(batch, max K, sum K, mean experts or nan, draft prefill tokens, draft s, verify s, other s, the

@@ -1,5 +1,6 @@
 """The cost model's shape correction (`policy.cost_model`): per batch-size bucket, a factor on the parametric
-form's verify and other times per verification tokens per sequence, fitted against time.
+form's time per verification tokens per sequence (at least 1 where the batch drafts at all,
+`policy.cost_model.drafts_per_sequence`), fitted against time.
 
 Why. The parametric form holds the target's time as a function of tokens through N(t), the distinct experts
 they touch, and with no measured expert counts (vLLM on CPU) N(t) is the uniform-routing formula. On the
