@@ -68,9 +68,9 @@ class CostFit:
         groups = [  # (design, measured times, parameter names)
             (np.column_stack(verify_columns), verify, verify_terms),
             (
-                np.column_stack([steps, drafted, prefill])[has_draft],
+                np.column_stack([steps, drafted, prefill, ones])[has_draft],
                 draft[has_draft],
-                ("draft_fixed_s", "draft_per_token_s", "draft_prefill_per_token_s"),
+                ("draft_fixed_s", "draft_per_token_s", "draft_prefill_per_token_s", "draft_first_pass_s"),
             ),
             (np.column_stack(other_columns), other, other_terms),
         ]
