@@ -219,7 +219,9 @@ class CostModel:
         spec = np.asarray(total_spec, dtype=np.float64)
         steps = np.asarray(max_steps, dtype=np.float64)
         draft, verify, other = self._model_times(batch_size, steps, spec)
-        scale = self._correction.factors(batch_bucket(batch_size), drafts_per_sequence(steps, spec, batch_size))
+        scale = self._correction.factors(
+            batch_bucket(batch_size), drafts_per_sequence(steps, spec, batch_size)
+        )
         if scale is not None:
             draft, verify, other = draft * scale, verify * scale, other * scale
         prompt_tokens = self._fitted_prompt_tokens.get(batch_bucket(batch_size), 0.0)

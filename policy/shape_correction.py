@@ -103,7 +103,7 @@ class ShapeCorrection:
             )
         self._factors = factors
 
-    def archive(self, bucket: int, block: Array, per_seq: Array) -> None:
+    def archive(self, bucket: int, block: Array, per_seq: NDArray[np.int64]) -> None:
         """Keep a block of rows leaving the cost model's ring if it relates two K (each in 4 of its rows or
         more; `per_seq`: its rows' drafts per sequence)."""
         _, counts = np.unique(per_seq, return_counts=True)
