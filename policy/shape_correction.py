@@ -15,6 +15,20 @@ instead, a bucket that had measured only plain steps, 10-20% faster than the pri
 that much dearer relative to plain: served on the regime pair, auto never drafted at synthetic 1 / 4 / 16,
 where static K = 4 ran 1.3-1.5x off.)
 
+The drafter's time is in the factor, and a step where any request drafts takes a drafting factor (session
+42). vLLM's draft model feeds its first pass every token of the step, so the drafter of a step that drafts one
+token costs far more than a quarter of one that drafts four: served on the regime pair at batch 16, 14.8 ms
+against 23.9 ms, where the form's draft steps times a cost per step put K = 1's drafter at 0.56x its measured
+time and K = 4's at 1.26x (`CostParams.draft_first_pass_s` now lets the form follow that). Corrected in the
+verify and other times alone, that error stayed in every prediction, and a step where 4 of 16 requests drafted
+was rounded to K = 0, plain decoding's factor. The model put a batch-16 step at K = 1 at 1.45x a plain one where
+it ran 1.61x, and auto drafted K = 1 through prose at 0.55 acceptance (64 of a cell's 186 steps) at a loss.
+Replayed over session 41's records, drafting's error relative to plain decoding (`bench.replay_record`'s
+`relative_error`) went from 0.047 / 0.029 / 0.054 to 0.040 / 0.023 / 0.048; served side by side
+(`bench/results/vllm_policy_s42_regime_drafter_shape_ab_side_by_side.json`), auto over the version before ran
+1.039 paired over 12 runs (standard error 0.007; every run above 1), prose 16's drafting steps 64 to 20 in its
+first round, synthetic 16's request-steps at K = 4 from 338-398 to 505-622 per cell.
+
 The factors are measured against time. This machine's speed drifts 10-60% from minute to minute, and the
 bucket's recent iterations span minutes: a median ratio per K (the correction until session 29) compared K = 0
 measured in one minute with K = 4 measured in another. Replayed on the regime pair's record (session 28), the
