@@ -35,24 +35,10 @@ from numpy.typing import ArrayLike, NDArray
 
 from policy.cost_fit import ROW_SIZE, CostFit
 from policy.routing import ExpertCounts, RoutingConfig
-from policy.shape_correction import ShapeCorrection
+from policy.shape_correction import ShapeCorrection, correction_keys, drafts_per_sequence
 from policy.stats import IterationStats
 
 Array = NDArray[np.float64]
-
-
-def drafts_per_sequence(max_steps: Array, total_spec: Array, batch_size: ArrayLike) -> Array:
-    """What the shape correction's factors are indexed by: verified drafts per sequence, at least 1 where the
-    batch drafts at all (0 for plain decoding alone). A batch where a few requests draft runs the drafter
-    over every sequence all the same (vLLM's draft model: its first pass feeds the whole step), so its factor
-    is a drafting one; rounded to 0 it was plain decoding's (`correction_keys`)."""
-    per_seq = total_spec / np.asarray(batch_size, dtype=np.float64)
-    return np.where(max_steps > 0, np.maximum(per_seq, 1.0), 0.0)
-
-
-def correction_keys(rows: Array) -> NDArray[np.int64]:
-    """Each row's `drafts_per_sequence`, rounded: the shape correction's K (`policy.shape_correction`)."""
-    return np.rint(drafts_per_sequence(rows[:, 1], rows[:, 2], rows[:, 0])).astype(np.int64)
 
 
 def batch_bucket(batch_size: int) -> int:

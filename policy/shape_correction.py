@@ -1,6 +1,6 @@
 """The cost model's shape correction (`policy.cost_model`): per batch-size bucket, a factor on the parametric
 form's time per verification tokens per sequence (at least 1 where the batch drafts at all,
-`policy.cost_model.drafts_per_sequence`), fitted against time.
+`drafts_per_sequence`), fitted against time.
 
 Why. The parametric form holds the target's time as a function of tokens through N(t), the distinct experts
 they touch, and with no measured expert counts (vLLM on CPU) N(t) is the uniform-routing formula. On the
@@ -49,7 +49,7 @@ record (`bench.replay_record`'s `level_error`: 0.08-0.28 before, 0.06-0.23 after
 from __future__ import annotations
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 
 Array = NDArray[np.float64]
 
@@ -85,6 +85,20 @@ def time_blocked_factors(
     shape = np.linalg.solve(normal, weighted.sum(axis=0) - share.T @ weighted.sum(axis=1))
     level = float(share[0] @ (table[0] - shape))  # the latest block's
     return js.astype(np.float64), np.exp(level + shape)
+
+
+def drafts_per_sequence(max_steps: Array, total_spec: Array, batch_size: ArrayLike) -> Array:
+    """What the shape correction's factors are indexed by: verified drafts per sequence, at least 1 where the
+    batch drafts at all (0 for plain decoding alone). A batch where a few requests draft runs the drafter
+    over every sequence all the same (vLLM's draft model: its first pass feeds the whole step), so its factor
+    is a drafting one; rounded to 0 it was plain decoding's (`correction_keys`)."""
+    per_seq = total_spec / np.asarray(batch_size, dtype=np.float64)
+    return np.where(max_steps > 0, np.maximum(per_seq, 1.0), 0.0)
+
+
+def correction_keys(rows: Array) -> NDArray[np.int64]:
+    """Each cost-model row's `drafts_per_sequence`, rounded: the K its factor is fitted for."""
+    return np.rint(drafts_per_sequence(rows[:, 1], rows[:, 2], rows[:, 0])).astype(np.int64)
 
 
 class ShapeCorrection:
