@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import msgspec
 import numpy as np
@@ -325,6 +326,33 @@ def test_an_engine_that_reports_no_other_time_has_the_drafter_call_fitted_from_v
         assert model.spec_time(batch, 2) == pytest.approx(truth.spec_time(batch, 2), rel=0.03)
 
 
+def _correction_errors(
+    truth: CostModel,
+    batches: tuple[int, int],
+    seed: int,
+    distorted: Callable[[IterationStats, int, int], IterationStats],
+    measured_time: Callable[[int, int], float],
+) -> list[float]:
+    """Each model's largest relative error against `measured_time` over the batches at K = 0-4, after 400
+    iterations timed by `truth` (the batches in turn, K at random) and `distorted` (the iteration, its batch,
+    its K): with the shape correction, then with the parametric form alone (a pseudo count no measurement
+    outweighs)."""
+    errors = []
+    for pseudo in (8.0, 1e12):
+        rng = np.random.default_rng(seed)
+        model = CostModel(
+            CostModelConfig(MIXTRAL.routing, correction_pseudo_count=pseudo), MIXTRAL.cost_params()
+        )
+        for i in range(400):
+            batch, k = batches[i % 2], int(rng.integers(0, 5))
+            stats = measured_iteration(truth, [k] * batch, rng, noise=0.01, iteration=i)
+            model.observe(distorted(stats, batch, k))
+        errors.append(
+            max(abs(model.spec_time(b, k) / measured_time(b, k) - 1.0) for b in batches for k in range(5))
+        )
+    return errors
+
+
 def test_the_shape_correction_follows_verify_times_the_parametric_form_cannot() -> None:
     """The regime pair's served record: N(t) from uniform routing put a batch-1 step verifying one draft 5% under
     its measured time and one verifying four 6% over, and plain batch 4 14% under. A truth distorted that way
@@ -337,25 +365,13 @@ def test_the_shape_correction_follows_verify_times_the_parametric_form_cannot() 
         draft, verify, other = truth.phase_times(batch, k, batch * k)
         return float(draft + shape[batch][k] * (verify + other))
 
-    errors = []
-    for pseudo in (8.0, 1e12):
-        rng = np.random.default_rng(9)
-        config = CostModelConfig(MIXTRAL.routing, correction_pseudo_count=pseudo)
-        model = CostModel(config, MIXTRAL.cost_params())
-        for i in range(400):
-            batch, k = (1, 4)[i % 2], int(rng.integers(0, 5))
-            stats = measured_iteration(truth, [k] * batch, rng, noise=0.01, iteration=i)
-            factor = shape[batch][k]
-            model.observe(
-                msgspec.structs.replace(
-                    stats,
-                    verify_time_s=factor * stats.verify_time_s,
-                    other_time_s=factor * stats.other_time_s,
-                )
-            )
-        errors.append(
-            max(abs(model.spec_time(b, k) / measured_time(b, k) - 1.0) for b in shape for k in range(5))
+    def distorted(stats: IterationStats, batch: int, k: int) -> IterationStats:
+        factor = shape[batch][k]
+        return msgspec.structs.replace(
+            stats, verify_time_s=factor * stats.verify_time_s, other_time_s=factor * stats.other_time_s
         )
+
+    errors = _correction_errors(truth, (1, 4), 9, distorted, measured_time)
     assert errors[1] > 0.04  # the premise: the parametric form cannot follow this shape
     assert errors[0] < 0.02
 
@@ -394,19 +410,10 @@ def test_the_shape_correction_covers_the_drafters_time() -> None:
         draft, verify, other = truth.phase_times(batch, k, batch * k)
         return float(shape[k] * draft + verify + other)
 
-    errors = []
-    for pseudo in (8.0, 1e12):
-        rng = np.random.default_rng(11)
-        model = CostModel(
-            CostModelConfig(MIXTRAL.routing, correction_pseudo_count=pseudo), MIXTRAL.cost_params()
-        )
-        for i in range(400):
-            batch, k = (4, 16)[i % 2], int(rng.integers(0, 5))
-            stats = measured_iteration(truth, [k] * batch, rng, noise=0.01, iteration=i)
-            model.observe(msgspec.structs.replace(stats, draft_time_s=shape[k] * stats.draft_time_s))
-        errors.append(
-            max(abs(model.spec_time(b, k) / measured_time(b, k) - 1.0) for b in (4, 16) for k in range(5))
-        )
+    def distorted(stats: IterationStats, batch: int, k: int) -> IterationStats:
+        return msgspec.structs.replace(stats, draft_time_s=shape[k] * stats.draft_time_s)
+
+    errors = _correction_errors(truth, (4, 16), 11, distorted, measured_time)
     assert errors[1] > 0.04  # the premise: the parametric form cannot follow this shape
     assert errors[0] < 0.02
 
