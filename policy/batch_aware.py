@@ -26,6 +26,7 @@ from policy.k_search import best_k_vector, expected_etrs, max_of_others, with_hy
 from policy.stats import IterationStats, RequestOutlook, SameBatchSkips
 from policy.test_budget import TestBudget
 from policy.test_phase import RequestState, TestPhases
+from policy.traffic_prior import TrafficSpread
 from policy.utility import AcceptanceConfig, AcceptanceEstimator
 
 Array = NDArray[np.float64]
@@ -52,6 +53,20 @@ class BatchAwareChooser:
         self._population = AcceptanceEstimator(POPULATION_ACCEPTANCE)
         self._num_population_requests = 0  # requests whose drafts fed it
         self._phases = TestPhases(config, cost_model)
+        # How alike the traffic's requests accept (`policy.traffic_prior`), and the prior strength it implies
+        # (None: not known yet, or the traffic's prior is off; each request's estimator alone then).
+        acceptance = config.acceptance
+        self._spread = (
+            TrafficSpread(
+                config.traffic_prior_requests,
+                min(8, config.traffic_prior_requests),
+                acceptance.prior_accepted + acceptance.prior_rejected,
+                config.traffic_prior_max_strength,
+            )
+            if config.traffic_prior_requests >= 2
+            else None
+        )
+        self._prior_strength: float | None = None
         # The last choice, for `gauges`: its predicted tokens per second over plain decoding's.
         self._predicted_speedup = 1.0
         # A steady all-plain batch (`BatchAwareConfig.steady_iterations`): its choices before the next search.
@@ -81,7 +96,7 @@ class BatchAwareChooser:
         self.num_searches += 1
         states = [self._state(r) for r in request_ids]
         num = len(states)
-        rates = np.fromiter((s.estimator.rate for s in states), np.float64, num)
+        rates = np.fromiter((self._rate(s) for s in states), np.float64, num)
         times = self._time_table(num)
         key = (tuple(request_ids), self.cost_model.version, self._num_changes + self._phases.num_changes)
         if key == self._optimum_key:
@@ -117,7 +132,7 @@ class BatchAwareChooser:
         stays new for the next `choose`: its test phase and the test budget's rules apply from there."""
         ids = [*chosen, *joined]
         states = [self._state(r) for r in ids]
-        rates = np.fromiter((s.estimator.rate for s in states), np.float64, len(ids))
+        rates = np.fromiter((self._rate(s) for s in states), np.float64, len(ids))
         forced = np.array([*chosen.values(), *[-1] * len(joined)], dtype=np.int64)
         best = self.best_spec_tokens(rates, forced, self._time_table(len(ids)))
         self._num_changes += 1  # new states (the next search is not the last one again)
@@ -141,6 +156,7 @@ class BatchAwareChooser:
                     self._population.record_counts(r.num_accepted_tokens, rejected)
                 self._num_population_requests += state.num_drafting_iterations == 0
                 state.num_drafting_iterations += 1
+                self._count_for_prior(state, r.num_accepted_tokens, rejected)
         if self._phases.observe(stats, states):
             self._steady.reset()
 
@@ -256,6 +272,39 @@ class BatchAwareChooser:
             return chosen, frozenset()
         self.num_unrepaid += 1
         return [int(v) for v in np.where(unrepaid, 0, k)], frozenset(np.flatnonzero(unrepaid).tolist())
+
+    def _rate(self, state: RequestState) -> float:
+        """A request's acceptance for choosing its K: its counts under the traffic's prior, at the strength the
+        traffic's spread implies (`policy.traffic_prior`); its estimator's where that is not known or the
+        request proved unlike the traffic."""
+        strength = self._prior_strength
+        if strength is None or state.is_unlike_traffic:
+            return state.estimator.rate
+        accepted, total = state.own_accepted, state.own_accepted + state.own_rejected
+        rate = (strength * state.prior_rate + accepted) / (strength + total)
+        max_rate = self.config.acceptance.max_rate
+        return min(max(rate, 1.0 - max_rate), max_rate)
+
+    def _count_for_prior(self, state: RequestState, accepted: int, rejected: float) -> None:
+        """Add a drafting iteration to the request's counts for `_rate` and, within its first test, to the
+        traffic's spread; mark it unlike the traffic where its counts disagree with its prior by more than
+        `change_z` standard errors (binomial at the prior's rate, over 4 counts at least)."""
+        if self._spread is None:
+            return
+        acceptance = self.config.acceptance
+        state.own_accepted = acceptance.decay * state.own_accepted + accepted
+        state.own_rejected = acceptance.decay * state.own_rejected + rejected
+        if state.num_drafting_iterations <= self.config.test_iterations:
+            state.first_accepted += accepted
+            state.first_rejected += rejected
+            if state.num_drafting_iterations == self.config.test_iterations:
+                self._spread.record(state.first_accepted, state.first_rejected)
+                self._prior_strength = self._spread.strength()
+        total = state.own_accepted + state.own_rejected
+        prior = state.prior_rate
+        if total >= 4.0 and not state.is_unlike_traffic:
+            error = abs(state.own_accepted / total - prior)
+            state.is_unlike_traffic = error > acceptance.change_z * (prior * (1.0 - prior) / total) ** 0.5
 
     def _state(self, request_id: str) -> RequestState:
         state = self._states.get(request_id)

@@ -18,6 +18,12 @@ from policy.utility import AcceptanceEstimator
 class RequestState:
     def __init__(self, config: BatchAwareConfig, prior_rate: float) -> None:
         self.estimator = AcceptanceEstimator(config.acceptance, prior_rate)
+        # For the traffic's prior (`policy.traffic_prior`): the rate it started from, its own counts (decayed as
+        # the estimator's), those of its first test, and whether it proved unlike the traffic.
+        self.prior_rate = self.estimator.rate
+        self.own_accepted = self.own_rejected = 0.0
+        self.first_accepted = self.first_rejected = 0.0
+        self.is_unlike_traffic = False
         self.test_remaining = config.test_iterations  # > 0: in a test phase (new requests start there)
         # Its test has drafted (been chosen to probe): it continues back to back. Set at the choice, not at
         # the verification: vLLM verifies a choice one step later, and a test counted from its verification
