@@ -110,6 +110,9 @@ class BatchAwareConfig:
     # workload and 4-6 on mixed; the estimator's own prior is 2.
     traffic_prior_requests: int = 32
     traffic_prior_max_strength: float = 64.0
+    # The prior's mean: the traffic's acceptance when the request came, worth this many counts beside the
+    # batch's own counts now (`BatchAwareChooser._prior_means`).
+    traffic_prior_weight: float = 16.0
     acceptance: AcceptanceConfig = field(default_factory=AcceptanceConfig)
 
     def __post_init__(self) -> None:
@@ -134,10 +137,14 @@ class BatchAwareConfig:
             )
         if self.min_population_requests < 0:
             raise ValueError(f"min_population_requests={self.min_population_requests} must be >= 0")
-        if self.traffic_prior_requests < 0 or self.traffic_prior_max_strength <= 0.0:
+        if (
+            self.traffic_prior_requests < 0
+            or min(self.traffic_prior_max_strength, self.traffic_prior_weight) <= 0
+        ):
             raise ValueError(
                 f"traffic_prior_requests={self.traffic_prior_requests} must be >= 0, "
-                f"traffic_prior_max_strength={self.traffic_prior_max_strength} > 0"
+                f"traffic_prior_max_strength={self.traffic_prior_max_strength}, "
+                f"traffic_prior_weight={self.traffic_prior_weight} > 0"
             )
         if self.min_predicted_gain < 0.0:
             raise ValueError(f"min_predicted_gain={self.min_predicted_gain} must be >= 0")
