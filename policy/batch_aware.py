@@ -158,7 +158,8 @@ class BatchAwareChooser:
                 self._num_population_requests += state.num_drafting_iterations == 0
                 state.num_drafting_iterations += 1
                 self._count_for_prior(state, r.num_accepted_tokens, rejected, float(prior_mean))
-        if self._phases.observe(stats, states):
+        remaining = [self._remaining_tokens(r.request_id, r.num_committed_tokens) for r in stats.requests]
+        if self._phases.observe(stats, states, remaining):
             self._steady.reset()
 
     def release(self, request_id: str) -> None:
@@ -321,6 +322,12 @@ class BatchAwareChooser:
             error = abs(state.own_accepted / total - prior_mean)
             bound = acceptance.change_z * (prior_mean * (1.0 - prior_mean) / total) ** 0.5
             state.is_unlike_traffic = error > bound
+
+    def _remaining_tokens(self, request_id: str, num_committed: int) -> int | None:
+        """Tokens the request may still generate after an iteration that committed `num_committed`, from the
+        last outlook given (None without one)."""
+        outlook = self._outlook.get(request_id)
+        return None if outlook is None else max(0, outlook.num_remaining_tokens - num_committed)
 
     def _state(self, request_id: str) -> RequestState:
         state = self._states.get(request_id)

@@ -6,13 +6,13 @@ test budget (`policy.test_budget`). Its rules and their reasons are `BatchAwareC
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from policy.batch_aware_config import BatchAwareConfig
 from policy.cost_model import CostModel
 from policy.stats import IterationStats
 from policy.test_budget import TestBudget
-from policy.utility import AcceptanceEstimator
+from policy.utility import AcceptanceEstimator, expected_etr
 
 
 class RequestState:
@@ -166,14 +166,25 @@ class TestPhases:
             if state.test_remaining == 0:
                 self._set(state, k, verdicts.get(i, False))
 
-    def observe(self, stats: IterationStats, states: list[RequestState]) -> bool:
+    def observe(
+        self, stats: IterationStats, states: list[RequestState], remaining: Sequence[int | None] = ()
+    ) -> bool:
         """Advance each request's phase by the iteration (`states`: its requests', in order) and count it in
-        the test budget; whether a retest fell due."""
+        the test budget; whether a retest fell due.
+
+        `remaining`: each request's tokens left to generate where known (`RequestOutlook`). A retest falls due
+        only where they are at least twice what the test itself would commit (`test_iterations` at the
+        probe's K, at the request's acceptance): a retest informs only its own request (the traffic's
+        acceptance is fed by first tests), so one that takes half its request's remaining life has little
+        left to pay back. Served on the regime pair (prose at concurrency 16 after synthetic, 64-token
+        requests), a wave set at K = 0 was retested for its last 5-6 tokens, and the batch drafted those
+        iterations for nothing."""
         is_drafting = any(r.num_spec_tokens > 0 for r in stats.requests)
         self.num_plain_iterations = 0 if is_drafting else self.num_plain_iterations + 1
         self._account(stats, states)
         is_retest_due = False
-        for r, state in zip(stats.requests, states, strict=True):
+        left = list(remaining) or [None] * len(states)
+        for r, state, num_left in zip(stats.requests, states, left, strict=True):
             if state.test_remaining > 0:
                 state.test_remaining -= r.num_spec_tokens > 0  # a test waiting for a probe is still pending
             elif r.num_spec_tokens > 0:
@@ -181,7 +192,10 @@ class TestPhases:
             else:
                 state.zero_iterations += 1
                 backoff = self.config.set_iterations * 2**state.num_zero_verdicts
-                if state.zero_iterations >= min(backoff, self.config.max_set_iterations):
+                is_due = state.zero_iterations >= min(backoff, self.config.max_set_iterations)
+                if is_due and num_left is not None and num_left < 2 * self._test_tokens(state):
+                    state.zero_iterations = 0  # too late to pay back: wait another back-off
+                elif is_due:
                     state.test_remaining = self.config.test_iterations  # retest from the next choice
                     state.set_k = None
                     self.num_changes += 1
@@ -189,6 +203,12 @@ class TestPhases:
             if state.test_remaining == 0:
                 state.test_started = False
         return is_retest_due
+
+    def _test_tokens(self, state: RequestState) -> float:
+        """Tokens a test of this request commits: `test_iterations` at the probe's K, at its acceptance."""
+        return self.config.test_iterations * expected_etr(
+            state.estimator.rate, self.config.probe_num_spec_tokens
+        )
 
     def _account(self, stats: IterationStats, states: list[RequestState]) -> None:
         """Add the iteration to the test budget's sums: its time, and if only forced tests drafted in it, its

@@ -803,3 +803,29 @@ def test_over_the_test_budget_a_test_starts_once_nothing_drafted_for_the_floor(f
         assert starts[:4] == [floor + i * (floor + 8) for i in range(4)], starts
         # The budget's whole share bounds them (the last test started within it may overrun it a little).
         assert budget.spent_by_bucket()[0] < 1.1 * chooser.config.test_budget
+
+
+def test_a_retest_falls_due_only_where_the_request_has_the_life_left_to_use_it() -> None:
+    """A retest informs only its own request. Served on the regime pair (prose at concurrency 16 after
+    synthetic, 64-token requests), a wave set at K = 0 was retested for its last 5-6 tokens, and the batch
+    drafted those iterations for nothing. Here a request that rejects every draft is retested after its
+    back-off where it has tokens left for more than two tests, and not where it has fewer."""
+
+    def test_starts(max_tokens: int) -> list[int]:
+        chooser = chooser_for(
+            "mixtral-8x7b-h100", set_iterations=16, new_request_zero_verdicts=0, test_budget=1.0
+        )
+        ks = []
+        for i in range(max_tokens):  # one token committed an iteration (every draft rejected)
+            chooser.set_outlook({"r": RequestOutlook(0, max_tokens - i)})
+            k = chooser.choose(["r"])["r"]
+            ks.append(k)
+            seconds = chooser.cost_model.iteration_time([k])  # the model's own: it learns nothing new
+            requests = [RequestIterationStats("r", k, 0, 1, 10)]
+            chooser.observe(IterationStats(i, 1, requests, 1 + k, 0.0, seconds, 0.0))
+        return [i for i in range(len(ks)) if ks[i] > 0 and (i == 0 or ks[i - 1] == 0)]
+
+    # Tested at once (8 iterations), then K = 0 for its back-off after one K = 0 verdict: retested at 40.
+    assert test_starts(400)[:2] == [0, 40]
+    # With 56 tokens, 16 are left there: fewer than two tests commit (8 iterations at about 1.1 tokens each).
+    assert test_starts(56) == [0]
