@@ -103,6 +103,11 @@ class BatchAwareConfig:
     # best static K at batch 4 / 32, and to 1.08x plain at batch 1 where speculation paid 1.1-1.2x
     # (tests/policy); 0.05 kept those. The gauge of the predicted gain stays the model's own.
     min_predicted_gain: float = 0.05
+    # Where the batch drafts at a K whose next one up the shape correction has measured in fewer than this
+    # many iterations of the batch's bucket, the batch drafts one K higher if the model puts that within
+    # `shape_probe_margin` of its choice (`BatchAwareChooser._shape_probe`; 0: never).
+    shape_probe_rows: int = 8
+    shape_probe_margin: float = 0.05
     # A request's estimate for choosing its K leans on the traffic's acceptance as much as the traffic's
     # requests accept alike (`policy.traffic_prior`): the prior's strength is read from the first tests of
     # the last this many requests (0: the estimator's own prior alone), between the estimator's prior counts
@@ -145,6 +150,11 @@ class BatchAwareConfig:
                 f"traffic_prior_requests={self.traffic_prior_requests} must be >= 0, "
                 f"traffic_prior_max_strength={self.traffic_prior_max_strength}, "
                 f"traffic_prior_weight={self.traffic_prior_weight} > 0"
+            )
+        if self.shape_probe_rows < 0 or not 0.0 <= self.shape_probe_margin < 1.0:
+            raise ValueError(
+                f"shape_probe_rows={self.shape_probe_rows} must be >= 0, "
+                f"shape_probe_margin={self.shape_probe_margin} in [0, 1)"
             )
         if self.min_predicted_gain < 0.0:
             raise ValueError(f"min_predicted_gain={self.min_predicted_gain} must be >= 0")

@@ -257,6 +257,11 @@ class CostModel:
         K = 1 paid 1.28x)."""
         return self._num_drafting.get(batch_bucket(batch_size), 0)
 
+    def num_shape_rows(self, batch_size: int, per_seq: int) -> int:
+        """Iterations the shape correction measured at this batch size's bucket and drafts per sequence
+        (`policy.shape_correction.drafts_per_sequence`, rounded), as of the last refit."""
+        return self._correction.num_rows(batch_bucket(batch_size), per_seq)
+
     def prompt_tokens_per_iteration(self, batch_size: int) -> float:
         """Prompt tokens the engine scheduled per iteration at this batch size's bucket, as of the last refit
         (the drafter prefills them while the traffic drafts)."""

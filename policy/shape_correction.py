@@ -56,8 +56,8 @@ Array = NDArray[np.float64]
 
 def time_blocked_factors(
     log_ratio: Array, per_seq: NDArray[np.int64], block_size: int, pseudo_count: float
-) -> tuple[Array, Array]:
-    """One bucket's (drafts per sequence measured, factors), from its rows oldest first: log ratio =
+) -> tuple[Array, Array, Array]:
+    """One bucket's (drafts per sequence measured, factors, rows at each), from its rows oldest first: log ratio =
     level of the row's time block + shape of its K, by least squares over the blocks' per-K medians
     with the shape pulled toward 0 (the parametric form) by `pseudo_count` iterations; the
     factor of K is exp(the latest block's level + K's shape)."""
@@ -84,7 +84,7 @@ def time_blocked_factors(
     weighted = weights * table
     shape = np.linalg.solve(normal, weighted.sum(axis=0) - share.T @ weighted.sum(axis=1))
     level = float(share[0] @ (table[0] - shape))  # the latest block's
-    return js.astype(np.float64), np.exp(level + shape)
+    return js.astype(np.float64), np.exp(level + shape), weights.sum(axis=0)
 
 
 def drafts_per_sequence(max_steps: Array, total_spec: Array, batch_size: ArrayLike) -> Array:
@@ -109,21 +109,28 @@ class ShapeCorrection:
         self.block_size = block_size
         self.pseudo_count = pseudo_count
         self.max_archived_blocks = max_archived_blocks
-        self._factors: dict[
-            int, tuple[Array, Array]
-        ] = {}  # by bucket: (drafts per sequence measured, factors)
+        # By bucket: (drafts per sequence measured, factors, rows at each).
+        self._factors: dict[int, tuple[Array, Array, Array]] = {}
         self._archived: dict[int, list[Array]] = {}  # by bucket: blocks that measured two K, oldest first
 
     def factors(self, bucket: int, per_seq: Array) -> Array | None:
         """The factors at these drafts per sequence (interpolated, held at the end ones beyond the measured);
         None where the bucket has none."""
         factors = self._factors.get(bucket)
-        return None if factors is None else np.interp(per_seq, *factors)
+        return None if factors is None else np.interp(per_seq, *factors[:2])
+
+    def num_rows(self, bucket: int, per_seq: int) -> int:
+        """Rows of the last fit in this bucket at these drafts per sequence (its shape rests on them)."""
+        factors = self._factors.get(bucket)
+        if factors is None:
+            return 0
+        found = np.flatnonzero(factors[0] == per_seq)
+        return int(factors[2][found[0]]) if len(found) else 0
 
     def fit(self, buckets: NDArray[np.int64], per_seq: NDArray[np.int64], log_ratio: Array) -> None:
         """New factors from rows in the order recorded: each one's bucket, drafts per sequence and
         log(measured / predicted)."""
-        factors: dict[int, tuple[Array, Array]] = {}
+        factors: dict[int, tuple[Array, Array, Array]] = {}
         for bucket in np.unique(buckets):
             in_bucket = np.flatnonzero(buckets == bucket)  # oldest first
             factors[int(bucket)] = time_blocked_factors(

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pytest
 
-from policy.batch_aware import BatchAwareChooser, BatchAwareConfig
-from policy.cost_model import CostModel, CostModelConfig, CostParams
-from policy.routing import RoutingConfig
-from policy.stats import IterationStats, RequestIterationStats
+from policy.batch_aware import BatchAwareConfig
 from policy.traffic_prior import TrafficSpread
+from tests.policy.regime_loop import regime_chooser, step, waves
 
 
 def _spread_of(rates: list[float], seed: int, trials: int = 16) -> float | None:
@@ -42,52 +38,6 @@ def test_a_spread_rejects_bad_settings() -> None:
         BatchAwareConfig(traffic_prior_requests=-1)
 
 
-# Costs like the regime pair's at batch 32 (vLLM backend): a plain step 71 ms, each verified draft 0.8 ms, a
-# draft step over the batch 7 ms. At acceptance 0.85 the batch's best K is 3; a request at 0.6 drops to 1-2.
-REGIME = CostParams(
-    fixed_s=0.045, per_expert_s=0.0, per_token_s=0.0008, draft_fixed_s=0.002, draft_per_token_s=0.00015
-)
-
-
-def _chooser(**overrides: Any) -> BatchAwareChooser:
-    model = CostModel(CostModelConfig(RoutingConfig(0, 0), is_draft_padded=True), REGIME)
-    config = BatchAwareConfig(max_spec_tokens=4, min_population_requests=0, **overrides)
-    return BatchAwareChooser(config, model)
-
-
-def _step(chooser: BatchAwareChooser, step: int, chosen: dict[str, int], accepted: dict[str, int]) -> None:
-    """Observe an iteration of the regime's costs at these K and accepted counts."""
-    requests = [RequestIterationStats(r, k, accepted[r], accepted[r] + 1, 100) for r, k in chosen.items()]
-    num_tokens = len(chosen) + sum(chosen.values())
-    draft_s = max(chosen.values()) * (REGIME.draft_fixed_s + len(chosen) * REGIME.draft_per_token_s)
-    verify_s = REGIME.fixed_s + REGIME.per_token_s * num_tokens
-    chooser.observe(IterationStats(step, len(chosen), requests, num_tokens, draft_s, verify_s, 0.0))
-
-
-def _waves(
-    chooser: BatchAwareChooser, rates: list[float], num_waves: int, seed: int, first_wave: int = 0
-) -> list[list[int]]:
-    """Waves of 32 requests, each 20 iterations long (the i-th request of a wave accepts at
-    rates[i % len(rates)]), every verification's accepted count drawn at its request's rate. Returns the K
-    of each iteration's requests."""
-    rng = np.random.default_rng(seed)
-    ks: list[list[int]] = []
-    for wave in range(first_wave, first_wave + num_waves):
-        ids = [f"w{wave}r{i}" for i in range(32)]
-        for _ in range(20):
-            chosen = chooser.choose(ids)
-            ks.append([chosen[r] for r in ids])
-            accepted = {}
-            for i, request_id in enumerate(ids):
-                accepted[request_id] = 0
-                while accepted[request_id] < chosen[request_id] and rng.random() < rates[i % len(rates)]:
-                    accepted[request_id] += 1
-            _step(chooser, len(ks), chosen, accepted)
-        for request_id in ids:
-            chooser.release(request_id)
-    return ks
-
-
 @pytest.mark.parametrize("seed", range(3))
 def test_requests_that_accept_alike_keep_one_k_through_their_first_drafts(seed: int) -> None:
     """Served on the regime pair at synthetic 32, a wave's requests drafted at K 1-4 during their tests,
@@ -98,8 +48,8 @@ def test_requests_that_accept_alike_keep_one_k_through_their_first_drafts(seed: 
         later = ks[20:]  # after the first wave
         return sum(sum(k < max(row) for k in row) for row in later) / (32 * len(later))
 
-    with_prior = off_the_max(_waves(_chooser(), [0.85], 4, seed))
-    without = off_the_max(_waves(_chooser(traffic_prior_requests=0), [0.85], 4, seed))
+    with_prior = off_the_max(waves(regime_chooser(), [0.85], 4, seed))
+    without = off_the_max(waves(regime_chooser(traffic_prior_requests=0), [0.85], 4, seed))
     assert without > 0.05, without  # the premise: noise moves K apart without the prior
     assert with_prior < without / 3, (with_prior, without)
 
@@ -108,8 +58,8 @@ def test_requests_that_accept_alike_keep_one_k_through_their_first_drafts(seed: 
 def test_requests_that_accept_unlike_still_get_their_own_k(seed: int) -> None:
     """Mixed traffic (half the requests at 0.95, half at 0.3): the prior stays weak, and the two halves
     draft apart."""
-    chooser = _chooser()
-    ks = np.array(_waves(chooser, [0.95, 0.3], 4, seed)[40:])
+    chooser = regime_chooser()
+    ks = np.array(waves(chooser, [0.95, 0.3], 4, seed)[40:])
     assert chooser._prior_strength is not None and chooser._prior_strength < 6.0
     assert ks[:, 0::2].mean() > ks[:, 1::2].mean() + 1.5, (ks[:, 0::2].mean(), ks[:, 1::2].mean())
 
@@ -117,13 +67,13 @@ def test_requests_that_accept_unlike_still_get_their_own_k(seed: int) -> None:
 def test_a_request_unlike_the_traffic_is_estimated_from_its_own_counts() -> None:
     """After traffic that accepts alike at 0.85, one request that accepts nothing: the strong prior would
     hold it near the traffic's figure for its life; its counts disagree, and it is estimated from them."""
-    chooser = _chooser()
-    _waves(chooser, [0.85], 2, seed=0)
+    chooser = regime_chooser()
+    waves(chooser, [0.85], 2, seed=0)
     assert chooser._prior_strength == 64.0
     ids = [f"late{i}" for i in range(32)]
-    for step in range(10):
+    for i in range(10):
         chosen = chooser.choose(ids)
-        _step(chooser, 100 + step, chosen, {r: 0 if r == "late0" else k for r, k in chosen.items()})
+        step(chooser, 100 + i, chosen, {r: 0 if r == "late0" else k for r, k in chosen.items()})
     chosen = chooser.choose(ids)
     assert chosen["late0"] < min(k for r, k in chosen.items() if r != "late0"), chosen
 
@@ -140,8 +90,8 @@ def test_after_a_shift_a_wave_leaves_the_old_traffics_figure_within_a_few_iterat
     ks_with: list[list[int]] = []
     ks_without: list[list[int]] = []
     for overrides, out in (({}, ks_with), ({"traffic_prior_requests": 0}, ks_without)):
-        chooser = _chooser(**overrides)
-        _waves(chooser, [0.65], 3, seed)
-        out.extend(_waves(chooser, [0.9], 1, seed, first_wave=3))
+        chooser = regime_chooser(**overrides)
+        waves(chooser, [0.65], 3, seed)
+        out.extend(waves(chooser, [0.9], 1, seed, first_wave=3))
     assert mean_k(ks_with) >= mean_k(ks_without) - 0.25, (mean_k(ks_with), mean_k(ks_without))
     assert mean_k(ks_with) >= 2.0, mean_k(ks_with)  # held to the old mean (no batch's counts): 1.0
