@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from bench.target_yardstick import (
+    is_closed_loop,
     oracle_chance,
     pooled,
     pooled_verdicts,
@@ -104,3 +105,9 @@ def test_pooling_pairs_each_run_with_its_own_off_across_files_and_judges_auto_ag
     assert ratio < 0.95  # a miss: 0.90
     best, ratio = verdicts[("prose", 4)]  # K = 4 loses: auto is judged against off
     assert best == "off" and ratio == pytest.approx(math.sqrt(0.97 * 0.94))
+
+
+def test_results_at_a_finite_request_rate_are_not_the_closed_loops_target() -> None:
+    assert is_closed_loop({"args": {"request_rate": "inf"}})
+    assert is_closed_loop({"args": {}})  # results from before the option
+    assert not is_closed_loop({"args": {"request_rate": "4.0"}})
