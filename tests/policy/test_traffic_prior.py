@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -95,3 +97,24 @@ def test_after_a_shift_a_wave_leaves_the_old_traffics_figure_within_a_few_iterat
         out.extend(waves(chooser, [0.9], 1, seed, first_wave=3))
     assert mean_k(ks_with) >= mean_k(ks_without) - 0.25, (mean_k(ks_with), mean_k(ks_without))
     assert mean_k(ks_with) >= 2.0, mean_k(ks_with)  # held to the old mean (no batch's counts): 1.0
+
+
+def test_a_request_alone_in_the_batch_is_estimated_as_without_the_prior() -> None:
+    """Alone, a request's prior mean is the traffic's figure alone, which a shift leaves stale: served on the
+    regime pair at synthetic 1 after prose, requests held to prose's figure tested at K = 1 for 9-10
+    iterations before drafting at K = 4. Alone after traffic that accepted alike at 0.5, a request that
+    accepts every draft climbs as fast as without the prior."""
+
+    def climb(**overrides: Any) -> list[int]:
+        chooser = regime_chooser(**overrides)
+        waves(chooser, [0.5], 2, seed=0)
+        ks = []
+        for i in range(6):
+            k = chooser.choose(["alone"])["alone"]
+            ks.append(k)
+            step(chooser, 100 + i, {"alone": k}, {"alone": k})
+        return ks
+
+    with_prior = climb()
+    assert with_prior == climb(traffic_prior_requests=0), with_prior
+    assert max(with_prior) == 4, with_prior
