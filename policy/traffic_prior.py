@@ -9,7 +9,10 @@ beside prose), they are the request's own.
 reads from them, by the method of moments for a beta prior over requests, the strength of that prior in
 pseudo-counts: m = mu (1 - mu) / tau^2 - 1, where mu is the pooled acceptance and tau^2 the spread of the
 requests' own rates beyond what their counts' sampling noise explains. A request's estimate for choosing
-its K is then (m mu_0 + accepted) / (m + accepted + rejected), mu_0 the traffic's acceptance when it came.
+its K is then (m' mu' + accepted) / (m' + accepted + rejected): mu' the traffic's acceptance when it came,
+moved by the batch's other requests' counts (the traffic now), and m' = m times the share of mu' those counts
+make (`BatchAwareChooser._prior`), so that a mean from the traffic's past alone, which a shift leaves stale,
+does not hold a request (alone in the batch, it is estimated as without this prior).
 
 Measured on served records of the regime pair (vLLM backend, session 42; 8 drafting iterations per request):
 within a cell of one workload the requests' rates spread no more than their noise, or a little more (m of
