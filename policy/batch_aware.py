@@ -40,6 +40,8 @@ Array = NDArray[np.float64]
 # Served on the demo pair's prose at batch 1 (requests at 0.2-0.6), every new request drafted its first
 # iterations at K = 2 on the few that kept drafting, where the pair only pays at 0.8 and above.
 POPULATION_ACCEPTANCE = AcceptanceConfig(decay=0.995, fast_decay=0.995)
+# Requests whose first tests the traffic's spread needs before its prior strength is read (`policy.traffic_prior`).
+SPREAD_MIN_REQUESTS = 8
 
 
 class BatchAwareChooser:
@@ -59,7 +61,7 @@ class BatchAwareChooser:
         self._spread = (
             TrafficSpread(
                 config.traffic_prior_requests,
-                min(8, config.traffic_prior_requests),
+                min(SPREAD_MIN_REQUESTS, config.traffic_prior_requests),
                 acceptance.prior_accepted + acceptance.prior_rejected,
                 config.traffic_prior_max_strength,
             )
@@ -145,10 +147,13 @@ class BatchAwareChooser:
 
     def observe(self, stats: IterationStats) -> None:
         self.cost_model.observe(stats)
-        if any(r.num_spec_tokens > 0 for r in stats.requests):
+        is_drafting = any(r.num_spec_tokens > 0 for r in stats.requests)
+        if is_drafting:
             self._steady.reset()
         states = [self._state(r.request_id) for r in stats.requests]
-        prior_means = self._prior(states)[0] if states else np.zeros(0)
+        # Read by the drafting requests alone: a plain iteration (most of them where drafting does not pay)
+        # skips it.
+        prior_means = self._prior(states)[0] if is_drafting else np.zeros(len(states))
         for r, state, prior_mean in zip(stats.requests, states, prior_means, strict=True):
             if r.num_spec_tokens > 0:
                 rejected = 1.0 if r.num_accepted_tokens < r.num_spec_tokens else 0.0
