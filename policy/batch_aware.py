@@ -153,7 +153,9 @@ class BatchAwareChooser:
         states = [self._state(r.request_id) for r in stats.requests]
         # Read by the drafting requests alone: a plain iteration (most of them where drafting does not pay)
         # skips it.
-        prior_means = self._prior(states)[0] if is_drafting else np.zeros(len(states))
+        prior_means = (
+            self._prior(states, *self._own_counts(states))[0] if is_drafting else np.zeros(len(states))
+        )
         for r, state, prior_mean in zip(stats.requests, states, prior_means, strict=True):
             if r.num_spec_tokens > 0:
                 rejected = 1.0 if r.num_accepted_tokens < r.num_spec_tokens else 0.0
@@ -313,9 +315,8 @@ class BatchAwareChooser:
         rates = np.fromiter((s.estimator.rate for s in states), np.float64, len(states))
         if self._prior_strength is None:
             return rates
-        means, strengths = self._prior(states)
-        accepted = np.fromiter((s.own_accepted for s in states), np.float64, len(states))
-        total = accepted + np.fromiter((s.own_rejected for s in states), np.float64, len(states))
+        accepted, total = self._own_counts(states)
+        means, strengths = self._prior(states, accepted, total)
         leaning = (strengths * means + accepted) / (strengths + total)
         acceptance = self.config.acceptance
         unlike = np.fromiter((s.is_unlike_traffic for s in states), np.bool_, len(states))
@@ -323,8 +324,14 @@ class BatchAwareChooser:
         max_rate = acceptance.max_rate
         return np.where(unlike | weak, rates, np.clip(leaning, 1.0 - max_rate, max_rate))
 
-    def _prior(self, states: Sequence[RequestState]) -> tuple[Array, Array]:
-        """Each request's prior: its mean and its strength in pseudo-counts.
+    @staticmethod
+    def _own_counts(states: Sequence[RequestState]) -> tuple[Array, Array]:
+        """Each request's own accepted counts and all its counts (decayed), for `_prior`."""
+        accepted = np.fromiter((s.own_accepted for s in states), np.float64, len(states))
+        return accepted, accepted + np.fromiter((s.own_rejected for s in states), np.float64, len(states))
+
+    def _prior(self, states: Sequence[RequestState], accepted: Array, total: Array) -> tuple[Array, Array]:
+        """Each request's prior: its mean and its strength in pseudo-counts (`accepted`, `total`: `_own_counts`).
 
         The mean is the traffic's acceptance when the request came, moved by the other requests of the
         batch's own counts, the traffic now (`traffic_prior_weight` pseudo-counts for the former). Without
@@ -337,8 +344,6 @@ class BatchAwareChooser:
         on the regime pair at synthetic 1 after prose, requests tested at K = 1 for 9-10 iterations before
         drafting at K = 4 (3-4 with the estimator's prior), two of 17 ended their tests at K = 0, and the cell
         ran 0.92-0.98x the version before."""
-        accepted = np.fromiter((s.own_accepted for s in states), np.float64, len(states))
-        total = accepted + np.fromiter((s.own_rejected for s in states), np.float64, len(states))
         priors = np.fromiter((s.prior_rate for s in states), np.float64, len(states))
         weight = self.config.traffic_prior_weight
         others_accepted, others = accepted.sum() - accepted, total.sum() - total
