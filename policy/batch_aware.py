@@ -317,7 +317,10 @@ class BatchAwareChooser:
             return rates
         accepted, total = self._own_counts(states)
         means, strengths = self._prior(states, accepted, total)
-        leaning = (strengths * means + accepted) / (strengths + total)
+        pseudo = strengths + total  # 0 where neither prior nor counts (weak: the estimator's rate is used)
+        leaning = np.divide(
+            strengths * means + accepted, pseudo, out=np.zeros(len(states)), where=pseudo > 0.0
+        )
         acceptance = self.config.acceptance
         unlike = np.fromiter((s.is_unlike_traffic for s in states), np.bool_, len(states))
         weak = strengths < acceptance.prior_accepted + acceptance.prior_rejected

@@ -2,7 +2,7 @@
 
 Fitted by non-negative least squares (`policy.cost_fit`) on a calibration run, then refitted online as
 iterations arrive: early and often while the model still rests on its prior, every `refit_interval`
-iterations after that.
+iterations after that (and `refit_min_seconds` of them).
 
 The shape correction. The parametric form's shape of time against verification tokens was off by more than
 the choices it decides, so after each refit the model corrects each batch-size bucket's predictions by a
@@ -105,6 +105,14 @@ class CostModelConfig:
     max_samples_per_bucket: int = 512
     min_samples: int = 8  # the prior is used until this many iterations were measured
     refit_interval: int = 16  # refit after this many new iterations (sooner while there are few)
+    # ... and once those iterations took this many seconds between them. A refit took 1.7 ms of CPU on a
+    # served record of the demo pair replayed (6 batch-size buckets, 4200 rows with the archived blocks) and
+    # 2-3x that served; every 16 iterations of 5-15 ms that is 1-2% of the engine core's time, on a CPU the
+    # worker shares (vLLM's CPU build here: a side process busy 0.3 ms in every 10 slowed 2-thread matmuls by
+    # 1.1-1.8x its busy time), and on a GPU the engine core's time is the scheduler's. A floor in seconds bounds
+    # the refits' share of the time at a few per second, however short the iterations; where they take
+    # 50 ms or more (the regime pair), every 16 still refits.
+    refit_min_seconds: float = 0.25
     prior_weight: float = 0.01  # pull toward the prior, relative to one iteration's relative residual
     # The drafter drafts max K for every sequence of the batch, whatever its own K (vLLM's draft model: the
     # engine verifies K_r of them): its per-sequence term counts batch * max K drafts instead of sum K_r.
@@ -137,6 +145,8 @@ class CostModelConfig:
             raise ValueError(f"max_archived_blocks={self.max_archived_blocks} must be >= 0")
         if not self.correction_pseudo_count > 0.0:
             raise ValueError(f"correction_pseudo_count={self.correction_pseudo_count} must be > 0")
+        if self.refit_min_seconds < 0.0:
+            raise ValueError(f"refit_min_seconds={self.refit_min_seconds} must be >= 0")
         if self.min_samples < 3:
             raise ValueError(f"min_samples={self.min_samples} must be >= 3 (three parameters per fit)")
         if self.max_samples_per_bucket < self.min_samples:
@@ -176,6 +186,7 @@ class CostModel:
         self._samples: dict[int, Array] = {}
         self._num_samples: dict[int, int] = {}
         self._num_new_samples = 0
+        self._new_seconds = 0.0  # the new iterations' measured time
         self.num_refits = 0
         # Set by an owner that calls `refit_if_due` where a refit delays nothing (vLLM's scheduler: while the
         # worker runs a step): `observe` then leaves a due refit to it. A refit took 0.7-1 ms of CPU at batch
@@ -315,9 +326,13 @@ class CostModel:
         samples[count % size] = row
         self._num_samples[bucket] = count + 1
         self._num_new_samples += 1
+        self._new_seconds += stats.iteration_time_s
         num_rows = len(self._anchors) + sum(min(n, size) for n in self._num_samples.values())
         num_fitted = num_rows - self._num_new_samples
-        is_due = self._num_new_samples >= min(self.config.refit_interval, max(num_fitted, 1))
+        is_due = self._num_new_samples >= max(num_fitted, 1) or (
+            self._num_new_samples >= self.config.refit_interval
+            and self._new_seconds >= self.config.refit_min_seconds
+        )
         if is_due and num_rows >= self.config.min_samples:
             if self.defers_refits:
                 self.is_refit_due = True
@@ -333,7 +348,7 @@ class CostModel:
 
     def refit(self) -> CostParams:
         """Fit on the anchors and the recent iterations, pulled weakly toward the prior."""
-        self._num_new_samples = 0
+        self._num_new_samples, self._new_seconds = 0, 0.0
         self.is_refit_due = False
         self.num_refits += 1
         size = self.config.max_samples_per_bucket

@@ -12,6 +12,7 @@ import pytest
 from policy.cost_model import CostModel, CostModelConfig, CostParams
 from policy.presets import PRESETS
 from policy.routing import RoutingConfig
+from policy.shape_correction import ShapeCorrection
 from policy.stats import IterationStats, RequestIterationStats
 
 MIXTRAL = PRESETS["mixtral-8x7b-h100"]
@@ -144,6 +145,28 @@ def test_refits_come_early_while_the_prior_dominates_then_every_interval() -> No
         if model.num_refits > len(refits_at):
             refits_at.append(i + 1)
     assert refits_at == [8, 16, 32, 48, 64, 80]  # doubling up to the interval
+
+
+@pytest.mark.parametrize(
+    ("step_s", "early", "spacing"), [(0.02, [8, 16, 32], 16), (0.004, [8, 16, 32, 64], 63)]
+)
+def test_refits_of_short_iterations_wait_for_their_seconds(
+    step_s: float, early: list[int], spacing: int
+) -> None:
+    # After the early doubling, a refit needs refit_interval new iterations and refit_min_seconds of them:
+    # iterations of 20 ms refit every 16, of 4 ms every 0.25 s / 4 ms (63).
+    model = CostModel(
+        CostModelConfig(MIXTRAL.routing, min_samples=8, refit_interval=16), MIXTRAL.cost_params()
+    )
+    refits_at: list[int] = []
+    for i in range(400):
+        requests = [RequestIterationStats("r0", 0, 0, 1, 10)]
+        model.observe(IterationStats(i, 1, requests, 1, 0.0, step_s, 0.0))
+        if model.num_refits > len(refits_at):
+            refits_at.append(i + 1)
+    assert refits_at[: len(early)] == early  # doubling while the prior dominates, however short
+    later = np.diff(refits_at[len(early) - 1 :]).tolist()
+    assert len(later) >= 5 and later == [spacing] * len(later)
 
 
 def test_the_drafter_call_is_charged_to_iterations_that_draft() -> None:
@@ -501,3 +524,24 @@ def test_a_long_stretch_at_one_k_keeps_the_blocks_that_related_the_other_ks_to_i
         errors[archived] = model.spec_time(1, 4) / model.plain_time(1) / expected - 1.0
     assert errors[0] > 0.1  # the premise: the ring alone lost K = 4's shape
     assert abs(errors[16]) < 0.05, errors
+
+
+def test_buckets_fitted_together_get_each_its_own_fits_factors() -> None:
+    # The shape correction fits every bucket at once (`time_blocked_factors`); each bucket's factors must be
+    # those of its rows fitted alone: buckets of different lengths (so different numbers of time blocks), Ks
+    # that only some measured, rows interleaved in the order recorded.
+    rng = np.random.default_rng(13)
+    buckets = rng.choice([0, 2, 5], size=700, p=[0.2, 0.5, 0.3])
+    per_seq = np.where(buckets == 0, rng.integers(0, 2, 700), rng.integers(0, 5, 700))
+    per_seq[buckets == 5] = np.minimum(per_seq[buckets == 5], 2)
+    log_ratio = 0.1 * per_seq + 0.05 * rng.standard_normal(700) + 0.01 * np.arange(700) / 700
+    together = ShapeCorrection(32, 8.0, 16)
+    together.fit(buckets, per_seq, log_ratio)
+    for bucket in (0, 2, 5):
+        alone = ShapeCorrection(32, 8.0, 16)
+        rows = buckets == bucket
+        alone.fit(buckets[rows], per_seq[rows], log_ratio[rows])
+        ks = np.unique(per_seq[rows]).astype(np.float64)
+        np.testing.assert_allclose(together.factors(bucket, ks), alone.factors(bucket, ks), rtol=1e-12)
+        for k in range(5):
+            assert together.num_rows(bucket, k) == alone.num_rows(bucket, k) == np.sum(rows & (per_seq == k))
