@@ -44,7 +44,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import vllm
 from vllm.v1.core.sched.output import SchedulerOutput
@@ -67,7 +67,7 @@ from cluster.vllm_backend.settings import (
     parse_num_spec_tokens,
 )
 from cluster.vllm_backend.step_record import RecordFile, StepRecord
-from policy.stats import JoinAware, OutlookAware, RequestIterationStats, RequestOutlook
+from policy.stats import JoinAware, KChooser, OutlookAware, RequestIterationStats, RequestOutlook
 
 logger = logging.getLogger(__name__)
 SUPPORTED_VERSIONS = ("0.32.", "0.33.")
@@ -158,6 +158,17 @@ class PolicyScheduler(Scheduler):
         self._record_file = None if path is None else RecordFile(path)
 
     # -- vLLM's hooks ----------------------------------------------------------------------------------------
+
+    @property
+    def chooser(self) -> KChooser:
+        return self._chooser
+
+    @chooser.setter
+    def chooser(self, chooser: KChooser) -> None:
+        # What it takes, read once: a check against a runtime Protocol took 5-15 us, asked every step.
+        self._chooser = chooser
+        self._takes_outlook = isinstance(chooser, OutlookAware)
+        self._takes_joined = isinstance(chooser, JoinAware)
 
     def add_request(self, request: Any) -> None:
         extra = request.sampling_params.extra_args if request.sampling_params is not None else None
@@ -284,9 +295,9 @@ class PolicyScheduler(Scheduler):
     def _choose(self, request_ids: Sequence[str]) -> dict[str, int]:
         auto = [r for r in request_ids if self._requested.get(r) is None]
         self._outlook_given = {}
-        if auto and isinstance(self.chooser, OutlookAware):
+        if auto and self._takes_outlook:
             self._outlook_given = self._outlook(auto)
-            self.chooser.set_outlook(self._outlook_given)
+            cast(OutlookAware, self.chooser).set_outlook(self._outlook_given)
         chosen = self.chooser.choose(auto) if auto else {}
         return {r: self._k(r, chosen.get(r, 0)) for r in request_ids}
 
@@ -295,11 +306,11 @@ class PolicyScheduler(Scheduler):
         (`JoinAware.choose_joined`, the others' K kept); without a chooser that takes them, the K they asked
         for through the API, else 0."""
         joined = [r for r in self._drafting if r not in ahead and self._requested.get(r) is None]
-        if not joined or not isinstance(self.chooser, JoinAware):
+        if not joined or not self._takes_joined:
             return
         start, start_cpu = time.perf_counter(), time.thread_time()
         others = {r: k for r, k in self._chosen.items() if r in ahead and self._requested.get(r) is None}
-        for request_id, k in self.chooser.choose_joined(joined, others).items():
+        for request_id, k in cast(JoinAware, self.chooser).choose_joined(joined, others).items():
             self._chosen[request_id] = self._k(request_id, k)
         self._choose_s += time.perf_counter() - start
         self._choose_cpu_s += time.thread_time() - start_cpu
