@@ -55,34 +55,18 @@ Array = NDArray[np.float64]
 
 
 def time_blocked_factors(
-    buckets: NDArray[np.int64],
-    per_seq: NDArray[np.int64],
-    log_ratio: Array,
-    block_size: int,
-    pseudo_count: float,
-) -> dict[int, tuple[Array, Array, Array]]:
-    """Each bucket's (drafts per sequence measured, factors, rows at each), from rows in the order recorded:
-    log ratio = level of the row's time block + shape of its K, by least squares over the blocks' per-K
-    medians with the shape pulled toward 0 (the parametric form) by `pseudo_count` iterations; the factor of K
-    is exp(the latest block's level + K's shape).
-
-    Every bucket at once, in arrays indexed (bucket, block, K): a refit runs every 16 or so iterations, and
-    fitted bucket by bucket its shape correction took about 1.1 ms of a refit's 2.2 ms of CPU (a served record
-    of the demo pair replayed, profiled), mostly numpy's per-call overhead on a few hundred rows at a time. A K
-    a bucket did not measure has no weight there: its equations reduce to pseudo_count * shape = 0, apart
-    from the others, so each bucket's factors are those of its own fit."""
-    bucket_ids, bucket_index = np.unique(buckets, return_inverse=True)
+    log_ratio: Array, per_seq: NDArray[np.int64], block_size: int, pseudo_count: float
+) -> tuple[Array, Array, Array]:
+    """One bucket's (drafts per sequence measured, factors, rows at each), from its rows oldest first: log ratio =
+    level of the row's time block + shape of its K, by least squares over the blocks' per-K medians
+    with the shape pulled toward 0 (the parametric form) by `pseudo_count` iterations; the
+    factor of K is exp(the latest block's level + K's shape)."""
+    block = (
+        np.arange(len(log_ratio))[::-1] // block_size
+    )  # 0: the latest (a full block when there are enough)
     js, j_index = np.unique(per_seq, return_inverse=True)
-    num_buckets, num_js = len(bucket_ids), len(js)
-    # Each row's time block in its bucket, counted from the bucket's latest row (0: a full block when there
-    # are enough).
-    rows_in = np.bincount(bucket_index, minlength=num_buckets)
-    by_bucket = np.argsort(bucket_index, kind="stable")
-    position = np.empty(len(log_ratio), dtype=np.int64)
-    position[by_bucket] = np.arange(len(log_ratio)) - np.repeat(np.cumsum(rows_in) - rows_in, rows_in)
-    block = (rows_in[bucket_index] - 1 - position) // block_size
-    num_blocks = int(block.max()) + 1
-    cell = (bucket_index * num_blocks + block) * num_js + j_index
+    num_blocks = int(block[0]) + 1
+    cell = block * len(js) + j_index
     order = np.lexsort((log_ratio, cell))  # by cell, then by ratio: each cell's median from its middle
     cells, starts, counts = np.unique(cell[order], return_index=True, return_counts=True)
     ranked = log_ratio[order]
@@ -90,26 +74,17 @@ def time_blocked_factors(
     # Least squares over the (block, K) cells, each weighted by its rows: sum w (median - level - shape)^2
     # + pseudo * |shape|^2. Each block's level is its cells' weighted mean of median - shape, so the shape
     # solves (sum_b D_b + pseudo I) shape = sum_b D_b medians_b, D_b = diag(w_b) - w_b w_b' / W_b: a block
-    # that measured one K alone (D_b = 0) fixes its level and says nothing of the shape. A bucket with fewer
-    # blocks than the most has empty ones (W_b = 0), which add nothing.
-    weights = np.zeros((num_buckets, num_blocks, num_js))
-    table = np.zeros((num_buckets, num_blocks, num_js))
+    # that measured one K alone (D_b = 0) fixes its level and says nothing of the shape.
+    weights = np.zeros((num_blocks, len(js)))
+    table = np.zeros((num_blocks, len(js)))
     weights.flat[cells], table.flat[cells] = counts, medians
-    totals = weights.sum(axis=2, keepdims=True)
-    share = np.divide(weights, totals, out=np.zeros_like(weights), where=totals > 0.0)
-    rows_at = weights.sum(axis=1)  # (bucket, K)
-    normal = np.einsum("bj,jk->bjk", rows_at, np.eye(num_js)) - np.einsum("bnj,bnk->bjk", share, weights)
-    normal += pseudo_count * np.eye(num_js)
+    share = weights / weights.sum(axis=1, keepdims=True)
+    normal = np.diag(weights.sum(axis=0)) - share.T @ weights
+    normal += pseudo_count * np.eye(len(js))
     weighted = weights * table
-    rhs = weighted.sum(axis=1) - np.einsum("bnj,bn->bj", share, weighted.sum(axis=2))
-    shape = np.linalg.solve(normal, rhs[..., None])[..., 0]
-    level = np.einsum("bj,bj->b", share[:, 0], table[:, 0] - shape)  # each bucket's latest block's
-    factors = np.exp(level[:, None] + shape)
-    fitted = {}
-    for b, bucket in enumerate(bucket_ids.tolist()):
-        measured = rows_at[b] > 0.0
-        fitted[int(bucket)] = (js[measured].astype(np.float64), factors[b, measured], rows_at[b, measured])
-    return fitted
+    shape = np.linalg.solve(normal, weighted.sum(axis=0) - share.T @ weighted.sum(axis=1))
+    level = float(share[0] @ (table[0] - shape))  # the latest block's
+    return js.astype(np.float64), np.exp(level + shape), weights.sum(axis=0)
 
 
 def drafts_per_sequence(max_steps: Array, total_spec: Array, batch_size: ArrayLike) -> Array:
@@ -155,11 +130,13 @@ class ShapeCorrection:
     def fit(self, buckets: NDArray[np.int64], per_seq: NDArray[np.int64], log_ratio: Array) -> None:
         """New factors from rows in the order recorded: each one's bucket, drafts per sequence and
         log(measured / predicted)."""
-        self._factors = (
-            time_blocked_factors(buckets, per_seq, log_ratio, self.block_size, self.pseudo_count)
-            if len(log_ratio)
-            else {}
-        )
+        factors: dict[int, tuple[Array, Array, Array]] = {}
+        for bucket in np.unique(buckets):
+            in_bucket = np.flatnonzero(buckets == bucket)  # oldest first
+            factors[int(bucket)] = time_blocked_factors(
+                log_ratio[in_bucket], per_seq[in_bucket], self.block_size, self.pseudo_count
+            )
+        self._factors = factors
 
     def archive(self, bucket: int, block: Array, per_seq: NDArray[np.int64]) -> None:
         """Keep a block of rows leaving the cost model's ring if it relates two K (each in 4 of its rows or

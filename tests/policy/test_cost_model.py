@@ -527,9 +527,8 @@ def test_a_long_stretch_at_one_k_keeps_the_blocks_that_related_the_other_ks_to_i
 
 
 def test_buckets_fitted_together_get_each_its_own_fits_factors() -> None:
-    # The shape correction fits every bucket at once (`time_blocked_factors`); each bucket's factors must be
-    # those of its rows fitted alone: buckets of different lengths (so different numbers of time blocks), Ks
-    # that only some measured, rows interleaved in the order recorded.
+    # Each bucket's factors are those of its rows fitted alone: buckets of different lengths (so different
+    # numbers of time blocks), Ks that only some measured, rows interleaved in the order recorded.
     rng = np.random.default_rng(13)
     buckets = rng.choice([0, 2, 5], size=700, p=[0.2, 0.5, 0.3])
     per_seq = np.where(buckets == 0, rng.integers(0, 2, 700), rng.integers(0, 5, 700))
