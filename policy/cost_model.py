@@ -108,7 +108,7 @@ class CostModelConfig:
     # ... and once those iterations took this many seconds between them. A refit took 1.7 ms of CPU on a
     # served record of the demo pair replayed (6 batch-size buckets, 4200 rows with the archived blocks) and
     # 2-3x that served; every 16 iterations of 5-15 ms that is 1-2% of the engine core's time, on a CPU the
-    # worker shares (vLLM's CPU build here: a side process busy 0.3 ms in every 10 slowed 2-thread matmuls by
+    # worker shares (on these 2 cores a side process busy 0.1-0.6 ms in every 10 slowed 2-thread matmuls by
     # 1.1-1.8x its busy time), and on a GPU the engine core's time is the scheduler's. A floor in seconds bounds
     # the refits' share of the time at a few per second, however short the iterations; where they take
     # 50 ms or more (the regime pair), every 16 still refits.
