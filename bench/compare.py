@@ -135,7 +135,8 @@ def measure_iterations(target: Path, draft: Path, dtype: str, config: RunConfig)
 def cost_model_check(target: Path, draft: Path, dtype: str, config: RunConfig) -> dict[str, Any]:
     """Fit the MoESD-form model (from the server's analytic prior) on some batch sizes; predict the rest."""
     from cluster.choosers import analytic_prior
-    from policy.cost_model import CostModel, CostModelConfig
+    from policy.cost_model import CostModel
+    from policy.cost_model_config import CostModelConfig
     from policy.routing import RoutingConfig
     from workers.config import ModelConfig
 

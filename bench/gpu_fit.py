@@ -24,7 +24,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import numpy as np
 
 from bench.gpu_step import CONFIGS, RESULTS
-from policy.cost_model import CostModel, CostModelConfig, CostParams
+from policy.cost_model import CostModel, CostParams
+from policy.cost_model_config import CostModelConfig
 from policy.routing import RoutingConfig, expected_experts
 from workers.config import ModelConfig
 

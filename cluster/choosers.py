@@ -25,7 +25,8 @@ from cluster.config import AppConfig, PolicySettings, resolve_model_path
 from policy.baselines import OffChooser, StaticChooser
 from policy.batch_aware import BatchAwareChooser, BatchAwareConfig
 from policy.cascade import CascadeChooser, CascadeConfig
-from policy.cost_model import CostModel, CostModelConfig, CostParams
+from policy.cost_model import CostModel, CostParams
+from policy.cost_model_config import CostModelConfig
 from policy.guard import MeasuredGuard
 from policy.routing import RoutingConfig
 from policy.stats import KChooser

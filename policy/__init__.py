@@ -7,7 +7,8 @@ from policy.aggregator import AggregatorConfig, PolicyAggregator
 from policy.baselines import BatchSizeTableChooser, BatchSizeTableConfig, OffChooser, StaticChooser
 from policy.batch_aware import BatchAwareChooser, BatchAwareConfig
 from policy.cascade import CascadeChooser, CascadeConfig
-from policy.cost_model import CostModel, CostModelConfig, CostParams
+from policy.cost_model import CostModel, CostParams
+from policy.cost_model_config import CostModelConfig
 from policy.guard import GuardConfig, MeasuredGuard
 from policy.presets import PRESETS, Preset
 from policy.routing import RoutingConfig

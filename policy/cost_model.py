@@ -34,7 +34,8 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from policy.cost_fit import ROW_SIZE, CostFit
-from policy.routing import ExpertCounts, RoutingConfig
+from policy.cost_model_config import CostModelConfig
+from policy.routing import ExpertCounts
 from policy.shape_correction import ShapeCorrection, correction_keys, drafts_per_sequence
 from policy.stats import IterationStats
 
@@ -87,76 +88,6 @@ class CostParams:
 
     def as_array(self) -> Array:
         return np.array(dataclasses.astuple(self), dtype=np.float64)
-
-
-@dataclass(frozen=True)
-class CostModelConfig:
-    routing: RoutingConfig
-    # Most recent measured iterations kept for the fit, per batch-size bucket (`batch_bucket`). One ring for
-    # every batch size (512 iterations) forgot a batch size during a stretch at another: served on the regime
-    # pair (vLLM backend, session 27), after cells at batch 1 and 4 (about 500 iterations) the fit held almost
-    # no batch-16 rows, and at the next cell's start it put drafting at batch 16 (acceptance 0.84) at
-    # 1.04-1.13x plain decoding, where static K = 4 ran 1.41x vLLM without speculation; the same prediction
-    # for K = 4 ranged 0.87-2.75x over the run's cell starts. Replayed with a ring per bucket: 1.54-1.91x.
-    # Over the drafting-against-plain step groups of each cell (`bench.replay_record`), the prediction's
-    # error relative to plain's fell from 0.136 to 0.103 (demo pair) and 0.119 to 0.106 (regime pair).
-    # Measured served at 256 per bucket (session 28); 512, so that under 512 rows in all the fit is the single
-    # ring's: at 256, a closed-loop test (batch 1 then 4, seed 3) drafted mean K 0.11 at batch 4 (it needs 0.9).
-    max_samples_per_bucket: int = 512
-    min_samples: int = 8  # the prior is used until this many iterations were measured
-    refit_interval: int = 16  # refit after this many new iterations (sooner while there are few)
-    # ... and once those iterations took this many seconds between them. A refit took 1.7 ms of CPU on a
-    # served record of the demo pair replayed (6 batch-size buckets, 4200 rows with the archived blocks) and
-    # 2-3x that served; every 16 iterations of 5-15 ms that is 1-2% of the engine core's time, on a CPU the
-    # worker shares (on these 2 cores a side process busy 0.1-0.6 ms in every 10 slowed 2-thread matmuls by
-    # 1.1-1.8x its busy time), and on a GPU the engine core's time is the scheduler's. A floor in seconds bounds
-    # the refits' share of the time at a few per second, however short the iterations; where they take
-    # 50 ms or more (the regime pair), every 16 still refits.
-    refit_min_seconds: float = 0.25
-    prior_weight: float = 0.01  # pull toward the prior, relative to one iteration's relative residual
-    # The drafter drafts max K for every sequence of the batch, whatever its own K (vLLM's draft model: the
-    # engine verifies K_r of them): its per-sequence term counts batch * max K drafts instead of sum K_r.
-    is_draft_padded: bool = False
-    # The shape correction (module docstring): the pull of each K's shape toward the parametric form's, in
-    # iterations (a K measured beside another in this many iterations counts half).
-    correction_pseudo_count: float = 8.0
-    prompt_window: int = 128  # iterations the prompt tokens per iteration are averaged over
-    # A bucket's rows per time block of the shape correction (`policy.shape_correction`). Shorter blocks
-    # predict better and served no better (session 36): replayed over five served records on the regime pair
-    # (sessions 34-35, vLLM backend), drafting's error relative to plain decoding per cell and bucket
-    # (`bench.replay_record`'s `relative_error`) was 0.089 at 32 rows, 0.078 at 16, 0.069 at 8 and 0.083 at 4;
-    # served side by side, auto with blocks of 8 over auto with 32 ran 1.03 on synthetic (9 runs) and 0.95 /
-    # 0.97 on prose (9 and 12 runs; prose at batch 1 0.93 / 0.95), 0.98 paired over 30 runs.
-    correction_block: int = 32
-    # Blocks that measured two K at once, kept per bucket for the shape correction after they left the ring
-    # (module docstring): a stretch at one K (a plain cell at batch 1 is about 900 iterations) would otherwise
-    # take every block that related the other K to it out of the fit.
-    max_archived_blocks: int = 16
-
-    def __post_init__(self) -> None:
-        if self.prompt_window < 1:
-            raise ValueError(f"prompt_window={self.prompt_window} must be >= 1")
-        if self.correction_block < 1 or self.max_samples_per_bucket % self.correction_block:
-            raise ValueError(
-                f"correction_block={self.correction_block} must be >= 1 and divide "
-                f"max_samples_per_bucket={self.max_samples_per_bucket}"
-            )
-        if self.max_archived_blocks < 0:
-            raise ValueError(f"max_archived_blocks={self.max_archived_blocks} must be >= 0")
-        if not self.correction_pseudo_count > 0.0:
-            raise ValueError(f"correction_pseudo_count={self.correction_pseudo_count} must be > 0")
-        if self.refit_min_seconds < 0.0:
-            raise ValueError(f"refit_min_seconds={self.refit_min_seconds} must be >= 0")
-        if self.min_samples < 3:
-            raise ValueError(f"min_samples={self.min_samples} must be >= 3 (three parameters per fit)")
-        if self.max_samples_per_bucket < self.min_samples:
-            raise ValueError(
-                f"max_samples_per_bucket={self.max_samples_per_bucket} must be >= min_samples={self.min_samples}"
-            )
-        if self.refit_interval < 1:
-            raise ValueError(f"refit_interval={self.refit_interval} must be >= 1")
-        if self.prior_weight < 0.0:
-            raise ValueError(f"prior_weight={self.prior_weight} must be >= 0")
 
 
 class CostModel:

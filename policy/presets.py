@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from policy.cost_model import CostModel, CostModelConfig, CostParams
+from policy.cost_model import CostModel, CostParams
+from policy.cost_model_config import CostModelConfig
 from policy.routing import RoutingConfig
 from policy.truth import EngineSpec, HardwareSpec, IterationShape, ModelSpec, ServerTruth
 

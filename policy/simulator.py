@@ -15,7 +15,8 @@ import numpy as np
 from policy.baselines import BatchSizeTableChooser, BatchSizeTableConfig, OffChooser, StaticChooser
 from policy.batch_aware import BatchAwareChooser, BatchAwareConfig
 from policy.cascade import CascadeChooser, CascadeConfig
-from policy.cost_model import CostModel, CostModelConfig
+from policy.cost_model import CostModel
+from policy.cost_model_config import CostModelConfig
 from policy.guard import MeasuredGuard
 from policy.presets import MeasuredTruth, Preset
 from policy.stats import IterationStats, KChooser, RequestIterationStats

@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 
 from policy.batch_aware import BatchAwareChooser, BatchAwareConfig
-from policy.cost_model import CostModel, CostModelConfig, CostParams
+from policy.cost_model import CostModel, CostParams
+from policy.cost_model_config import CostModelConfig
 from policy.routing import RoutingConfig
 from policy.stats import IterationStats, RequestIterationStats
 

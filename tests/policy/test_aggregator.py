@@ -7,7 +7,8 @@ import pytest
 from policy.aggregator import AggregatorConfig, PolicyAggregator
 from policy.batch_aware import BatchAwareChooser, BatchAwareConfig
 from policy.cascade import CascadeChooser, CascadeConfig
-from policy.cost_model import CostModel, CostModelConfig
+from policy.cost_model import CostModel
+from policy.cost_model_config import CostModelConfig
 from policy.presets import PRESETS
 from policy.stats import IterationStats, RequestIterationStats
 

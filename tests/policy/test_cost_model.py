@@ -9,7 +9,8 @@ import msgspec
 import numpy as np
 import pytest
 
-from policy.cost_model import CostModel, CostModelConfig, CostParams
+from policy.cost_model import CostModel, CostParams
+from policy.cost_model_config import CostModelConfig
 from policy.presets import PRESETS
 from policy.routing import RoutingConfig
 from policy.shape_correction import ShapeCorrection

@@ -9,7 +9,8 @@ import pytest
 
 from policy.baselines import OffChooser, StaticChooser
 from policy.batch_aware import BatchAwareChooser, BatchAwareConfig
-from policy.cost_model import CostModel, CostModelConfig, CostParams
+from policy.cost_model import CostModel, CostParams
+from policy.cost_model_config import CostModelConfig
 from policy.presets import MEASURED_PRESETS, MeasuredTruth
 from policy.simulator import _measure, simulate
 from policy.stats import RequestIterationStats

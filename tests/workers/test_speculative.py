@@ -11,7 +11,8 @@ import torch
 
 from policy.baselines import OffChooser, StaticChooser
 from policy.batch_aware import BatchAwareChooser, BatchAwareConfig
-from policy.cost_model import CostModel, CostModelConfig
+from policy.cost_model import CostModel
+from policy.cost_model_config import CostModelConfig
 from policy.presets import PRESETS
 from policy.stats import IterationStats, RequestOutlook
 from tests.workers.checkpoints import make_checkpoint
