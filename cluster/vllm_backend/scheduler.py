@@ -43,8 +43,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -59,16 +58,16 @@ from cluster.vllm_backend.chooser import (
 )
 from cluster.vllm_backend.compat import check_vllm
 from cluster.vllm_backend.counters import SchedulerCounters
+from cluster.vllm_backend.k_plan import KPlan
 from cluster.vllm_backend.settings import (
     DRAFT_MEASUREMENT_ATTR,
     DRAFTING_REQUESTS_ATTR,
     NUM_SPEC_TOKENS_ARG,
     DraftMeasurement,
     SchedulerSettings,
-    parse_num_spec_tokens,
 )
-from cluster.vllm_backend.step_record import RecordFile, StepRecord
-from policy.stats import JoinAware, KChooser, OutlookAware, RequestIterationStats, RequestOutlook
+from cluster.vllm_backend.step_record import StepLog, StepRecord
+from policy.stats import KChooser, RequestIterationStats
 
 logger = logging.getLogger(__name__)
 
@@ -87,40 +86,22 @@ class PolicyScheduler(Scheduler):
         if self.max_spec_tokens == 0:
             logger.warning("PolicyScheduler without --speculative-config: every request runs plain")
         source = self.settings.source or f"vllm-{uuid.uuid4().hex[:8]}"
-        self.chooser, self._cost_model = build_chooser(
+        chooser, self._cost_model = build_chooser(
             self.settings, self.vllm_config, self.max_spec_tokens, source
         )
+        # Where each request's draft KV is missing (our worker catches it up when the request drafts).
+        self._lag = DrafterLag(skips_drafter=measures_draft_time(self.vllm_config))
+        # Choosing ahead (`get_grammar_bitmask`) for the choosers that learn.
+        chooses_ahead = self.settings.choose_ahead and self.settings.policy.kind not in ("off", "static")
+        self.k_plan = KPlan(chooser, self.max_spec_tokens, self._lag, chooses_ahead)
         # vLLM pads a resumed single-token decode with K_max placeholder drafts unless a dynamic-K table is
         # set; a table (K_max everywhere, overridden every step below) turns that padding off.
         if self.max_spec_tokens:
             self.dynamic_sd_lookup = [self.max_spec_tokens] * (self.max_num_running_reqs + 1)
-        self.record: list[StepRecord] = []
+        self.log = StepLog(self.settings)
         self.counters = SchedulerCounters()
-        self._requested: dict[str, int | None] = {}  # the per-request setting (None: the policy decides)
-        self._chosen: dict[str, int] = {}  # K decided at the last schedule() for the drafts now held
-        # Where each request's draft KV is missing (our worker catches it up when the request drafts). For
-        # `_outlook`.
-        self._lag = DrafterLag(skips_drafter=measures_draft_time(self.vllm_config))
-        # Choosing ahead (`get_grammar_bitmask`): the requests that draft at the end of the step in flight, and
-        # the K chosen for them for the next step while the worker runs it.
-        self._chooses_ahead = self.settings.choose_ahead and self.settings.policy.kind not in (
-            "off",
-            "static",
-        )
-        self._drafting: list[str] = []
-        self._ahead: dict[str, int] | None = None
-        self._ahead_s = self._ahead_cpu_s = 0.0
-        self._is_chosen_ahead = False  # this step's K were chosen while the worker ran the step before
-        # The outlooks the chooser was given with the last choice, with the ahead choice, and with this step's
-        # (the step record keeps the last, so that `bench.replay_record` gives the chooser the same).
-        self._outlook_given: dict[str, RequestOutlook] = {}
-        self._ahead_outlook: dict[str, RequestOutlook] = {}
-        self._chosen_outlook: dict[str, RequestOutlook] = {}
         self._step_start = 0.0
         self._step_end = 0.0  # perf_counter() after the last update_from_output()
-        self._choose_s = 0.0
-        self._choose_cpu_s = 0.0
-        self._last_metrics_write = 0.0
         # The requests that vLLM freed in the step being observed (None between steps: released at once).
         self._finishing: list[str] | None = None
         # What the drafter did at the end of the last step: its drafts are verified in this step.
@@ -128,64 +109,46 @@ class PolicyScheduler(Scheduler):
         self._near_drafting = NearDrafting()
         self._measures_draft = False  # a measurement has arrived (logged once)
         self._refits_between_steps = False  # a refit ran in `_observe` (logged once)
-        path = self.settings.record_path
-        self._record_file = None if path is None else RecordFile(path)
 
     # -- vLLM's hooks ----------------------------------------------------------------------------------------
 
     @property
+    def record(self) -> list[StepRecord]:
+        """Every step's record, kept when `is_recording` (tests)."""
+        return self.log.steps
+
+    @property
     def chooser(self) -> KChooser:
-        return self._chooser
+        return self.k_plan.chooser
 
     @chooser.setter
     def chooser(self, chooser: KChooser) -> None:
-        # What it takes, read once: a check against a runtime Protocol took 5-15 us, asked every step.
-        self._chooser = chooser
-        self._takes_outlook = isinstance(chooser, OutlookAware)
-        self._takes_joined = isinstance(chooser, JoinAware)
+        self.k_plan.chooser = chooser
 
     def add_request(self, request: Any) -> None:
         extra = request.sampling_params.extra_args if request.sampling_params is not None else None
-        value = (extra or {}).get(NUM_SPEC_TOKENS_ARG)
-        try:
-            self._requested[request.request_id] = parse_num_spec_tokens(value, self.max_spec_tokens)
-        except ValueError as error:  # the API layer validates; a direct engine user gets the policy's choice
-            logger.warning("request %s: %s; the policy decides its K", request.request_id, error)
-            self._requested[request.request_id] = None
+        self.k_plan.add(request.request_id, (extra or {}).get(NUM_SPEC_TOKENS_ARG))
         super().add_request(request)
 
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
         self._step_start = time.perf_counter()
-        self._choose_s = self._choose_cpu_s = 0.0
+        chosen = self.k_plan.chosen
         for request in self.running:  # cut each request's held drafts to its K
-            limit = self._chosen.get(request.request_id, 0)
+            limit = chosen.get(request.request_id, 0)
             if len(request.spec_token_ids) > limit:
                 request.spec_token_ids = request.spec_token_ids[:limit]
         return super().schedule(*args, **kwargs)
 
     def _update_after_schedule(self, scheduler_output: SchedulerOutput) -> None:
         if self.max_spec_tokens:
-            self._drafting = self._drafting_ids(scheduler_output)
-            ahead, self._ahead = self._ahead, None
-            self._is_chosen_ahead = ahead is not None
-            if ahead is None:
-                start, start_cpu = time.perf_counter(), time.thread_time()
-                self._chosen = self._choose(self._drafting)
-                self._choose_s = time.perf_counter() - start
-                self._choose_cpu_s = time.thread_time() - start_cpu
-                self._chosen_outlook = self._outlook_given
-            else:
-                self._chosen = {r: self._k(r, ahead.get(r, 0)) for r in self._drafting}
-                self._choose_s, self._choose_cpu_s = self._ahead_s, self._ahead_cpu_s
-                self._chosen_outlook = self._ahead_outlook
-                self._choose_joined(ahead)
-            scheduler_output.num_spec_tokens_to_schedule = max(self._chosen.values(), default=0)
+            chosen = self.k_plan.decide(self._drafting_ids(scheduler_output), self.requests)
+            scheduler_output.num_spec_tokens_to_schedule = max(chosen.values(), default=0)
             if scheduler_output.num_spec_tokens_to_schedule:
-                self._lag.drafted(self._chosen)
+                self._lag.drafted(chosen)
             else:  # before vLLM advances num_computed_tokens for this step
                 scheduled = scheduler_output.num_scheduled_tokens
                 self._lag.skipped({r: self.requests[r].num_computed_tokens for r in scheduled})
-            drafting = frozenset(r for r, k in self._chosen.items() if k > 0)
+            drafting = frozenset(r for r, k in chosen.items() if k > 0)
             setattr(scheduler_output, DRAFTING_REQUESTS_ATTR, drafting)  # pickled with it to the worker
         super()._update_after_schedule(scheduler_output)
 
@@ -205,17 +168,11 @@ class PolicyScheduler(Scheduler):
         build, 2 cores: the engine core shares its core with the API server streaming the step just done), 2-4%
         of a step. The cost: the choice misses this step's outcome (vLLM's asynchronous scheduling misses it
         too), and a request whose prompt completes in the next step is not in it: the chooser gives it its K
-        when that step is scheduled, the others' kept (`_choose_joined`)."""
+        when that step is scheduled, the others' kept (`KPlan.decide`)."""
         bitmask = super().get_grammar_bitmask(scheduler_output)
-        if self._chooses_ahead and self._drafting:
-            start, start_cpu = time.perf_counter(), time.thread_time()
-            self._ahead = self._choose(self._drafting)
-            self._ahead_outlook = self._outlook_given
-            self._ahead_s = time.perf_counter() - start
-            self._ahead_cpu_s = time.thread_time() - start_cpu
+        self.k_plan.choose_ahead(self.requests)
         self._cost_model.refit_if_due()
-        if self._record_file is not None:
-            self._record_file.write()
+        self.log.write()
         return bitmask
 
     def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: Any) -> Any:
@@ -229,19 +186,16 @@ class PolicyScheduler(Scheduler):
             finishing, self._finishing = self._finishing, None
             for request_id in finishing:
                 self.chooser.release(request_id)
-        if self._record_file is not None and not self.has_unfinished_requests():
-            self._record_file.write()  # idle next: nothing waits for it
+        if not self.has_unfinished_requests():
+            self.log.write()  # idle next: nothing waits for it
         return outputs
 
     def shutdown(self) -> None:
-        if self._record_file is not None:
-            self._record_file.close()
-            self._record_file = None
+        self.log.close()
         super().shutdown()
 
     def _free_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
         request_id = request.request_id
-        self._requested.pop(request_id, None)
         # A request at a fixed K is observed too (the policy learns the traffic from it): its state goes, after
         # its last step is observed where that step finishes it (`_finishing`). Released before, its state was
         # made again by that observation and kept for good: one `RequestState` per request served, and every
@@ -250,8 +204,7 @@ class PolicyScheduler(Scheduler):
             self.chooser.release(request_id)
         else:
             self._finishing.append(request_id)
-        self._chosen.pop(request_id, None)
-        self._lag.forget(request_id)
+        self.k_plan.forget(request_id)
         return super()._free_request(request, *args, **kwargs)
 
     # -- the policy ------------------------------------------------------------------------------------------
@@ -265,47 +218,6 @@ class PolicyScheduler(Scheduler):
             if request.num_computed_tokens + num_tokens >= request.num_tokens:
                 ids.append(request_id)
         return ids
-
-    def _choose(self, request_ids: Sequence[str]) -> dict[str, int]:
-        auto = [r for r in request_ids if self._requested.get(r) is None]
-        self._outlook_given = {}
-        if auto and self._takes_outlook:
-            self._outlook_given = self._outlook(auto)
-            cast(OutlookAware, self.chooser).set_outlook(self._outlook_given)
-        chosen = self.chooser.choose(auto) if auto else {}
-        return {r: self._k(r, chosen.get(r, 0)) for r in request_ids}
-
-    def _choose_joined(self, ahead: dict[str, int]) -> None:
-        """K for the requests whose prompts complete in this step, which the choice made ahead did not know
-        (`JoinAware.choose_joined`, the others' K kept); without a chooser that takes them, the K they asked
-        for through the API, else 0."""
-        joined = [r for r in self._drafting if r not in ahead and self._requested.get(r) is None]
-        if not joined or not self._takes_joined:
-            return
-        start, start_cpu = time.perf_counter(), time.thread_time()
-        others = {r: k for r, k in self._chosen.items() if r in ahead and self._requested.get(r) is None}
-        for request_id, k in cast(JoinAware, self.chooser).choose_joined(joined, others).items():
-            self._chosen[request_id] = self._k(request_id, k)
-        self._choose_s += time.perf_counter() - start
-        self._choose_cpu_s += time.thread_time() - start_cpu
-
-    def _outlook(self, request_ids: Sequence[str]) -> dict[str, RequestOutlook]:
-        """Each request's drafter catch-up if it drafted next (`DrafterLag`) and the tokens it may still
-        generate (its max_tokens less those generated)."""
-        outlook = {}
-        for request_id in request_ids:
-            request = self.requests.get(request_id)
-            if request is not None:
-                outlook[request_id] = RequestOutlook(
-                    num_catch_up_tokens=self._lag.catch_up_tokens(request_id, request.num_tokens),
-                    num_remaining_tokens=max(0, request.max_tokens - request.num_output_tokens),
-                )
-        return outlook
-
-    def _k(self, request_id: str, policy_k: int) -> int:
-        """A request's K: the K it asked for through the API, else the policy's, within [0, K_max]."""
-        wanted = self._requested.get(request_id)
-        return max(0, min(policy_k if wanted is None else wanted, self.max_spec_tokens))
 
     def _observe(
         self,
@@ -350,8 +262,8 @@ class PolicyScheduler(Scheduler):
             )
             self.chooser.observe(stats)
         counters.count_step(requests, step_time_s)
-        if self.settings.is_recording or self._record_file is not None:
-            self._keep(
+        if self.log.takes_steps:
+            self.log.keep(
                 self._step_record(
                     scheduler_output,
                     requests,
@@ -364,7 +276,7 @@ class PolicyScheduler(Scheduler):
                     start_s=time.time() - (now - self._step_start),
                 )
             )
-        self._write_metrics()
+        self.log.write_metrics(self.counters, self.chooser)
         self._step_end = time.perf_counter()
 
     def _step_record(
@@ -386,7 +298,7 @@ class PolicyScheduler(Scheduler):
             step=self.counters.num_steps,
             num_drafts={r.request_id: r.num_spec_tokens for r in requests},
             num_accepted={r.request_id: r.num_accepted_tokens for r in requests},
-            chosen=dict(self._chosen),
+            chosen=dict(self.k_plan.chosen),
             num_draft_steps=scheduler_output.num_spec_tokens_to_schedule,
             step_time_s=step_time_s,
             draft_time_s=None if draft is None else draft.time_s,
@@ -395,30 +307,15 @@ class PolicyScheduler(Scheduler):
             num_tokens=sum(scheduled.values()),
             num_prefill_tokens=num_prefill_tokens,
             draft_prefill_tokens=None if draft is None else draft.num_prefill_tokens,
-            choose_s=self._choose_s,
-            choose_cpu_s=self._choose_cpu_s,
-            is_chosen_ahead=self._is_chosen_ahead,
+            choose_s=self.k_plan.choose_s,
+            choose_cpu_s=self.k_plan.choose_cpu_s,
+            is_chosen_ahead=self.k_plan.is_chosen_ahead,
             outlook={
-                r: [o.num_catch_up_tokens, o.num_remaining_tokens] for r, o in self._chosen_outlook.items()
+                r: [o.num_catch_up_tokens, o.num_remaining_tokens]
+                for r, o in self.k_plan.chosen_outlook.items()
             },
             observe_s=observe_s,
             gap_s=gap_s,
             is_near_drafting=is_near,
             start_s=start_s,
         )
-
-    def _keep(self, record: StepRecord) -> None:
-        if self.settings.is_recording:
-            self.record.append(record)
-        if self._record_file is not None:
-            self._record_file.keep(record)
-
-    def _write_metrics(self) -> None:
-        """Every `metrics_interval_s`, the counters for the Serve replica (`cluster.vllm_backend.counters`)."""
-        path = self.settings.metrics_path
-        now = time.monotonic()
-        if path is None or now - self._last_metrics_write < self.settings.metrics_interval_s:
-            return
-        self._last_metrics_write = now
-        self.counters.take_chooser_gauges(self.chooser)
-        self.counters.write(path)

@@ -1,13 +1,19 @@
 """The scheduler's step record: what each step did, as `PolicyScheduler` saw it, kept in memory for tests
 (`SchedulerSettings.is_recording`) and appended to a file as JSON lines for diagnostics (`record_path`: the
 benchmarks keep one for every server that runs our scheduler; `bench.replay_record` and the report read it).
+`StepLog` is where the scheduler's steps and counters go: that record, its file and the metrics file.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from cluster.vllm_backend.counters import SchedulerCounters
+from cluster.vllm_backend.settings import SchedulerSettings
 
 MAX_UNWRITTEN_STEPS = 64  # a record file's lines are written at most this many steps late
 
@@ -70,3 +76,47 @@ class RecordFile:
     def close(self) -> None:
         self.write()
         self._file.close()
+
+
+class StepLog:
+    """Where `PolicyScheduler`'s steps and counters go: the steps kept in memory (`is_recording`), the record
+    file (`record_path`) and, every `metrics_interval_s`, the counters for the Serve replica (`metrics_path`).
+    `write` and `close` write what is held; the scheduler calls `write` where it delays no step."""
+
+    def __init__(self, settings: SchedulerSettings) -> None:
+        self.steps: list[StepRecord] = []
+        self._is_recording = settings.is_recording
+        path = settings.record_path
+        self.file = None if path is None else RecordFile(path)
+        self._metrics_path = settings.metrics_path
+        self._metrics_interval_s = settings.metrics_interval_s
+        self._last_metrics_write = 0.0
+
+    @property
+    def takes_steps(self) -> bool:
+        """Whether `keep` keeps anything (the scheduler builds a step's record only then)."""
+        return self._is_recording or self.file is not None
+
+    def keep(self, record: StepRecord) -> None:
+        if self._is_recording:
+            self.steps.append(record)
+        if self.file is not None:
+            self.file.keep(record)
+
+    def write(self) -> None:
+        if self.file is not None:
+            self.file.write()
+
+    def write_metrics(self, counters: SchedulerCounters, chooser: Any) -> None:
+        """The counters, with the chooser's gauges, if `metrics_interval_s` has passed since the last write."""
+        now = time.monotonic()
+        if self._metrics_path is None or now - self._last_metrics_write < self._metrics_interval_s:
+            return
+        self._last_metrics_write = now
+        counters.take_chooser_gauges(chooser)
+        counters.write(self._metrics_path)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None

@@ -139,7 +139,7 @@ def test_choosing_ahead_keeps_the_output_and_new_requests_get_their_k_at_once(
     ]
     sched, engine = scheduler(ours), ours.llm_engine
     sched.record.clear()
-    sched._chooses_ahead = True
+    sched.k_plan.chooses_ahead = True
     outputs: list[Any] = []
     try:
         for i in range(4):
@@ -150,7 +150,7 @@ def test_choosing_ahead_keeps_the_output_and_new_requests_get_their_k_at_once(
         while engine.has_unfinished_requests():
             outputs += [o for o in engine.step() if o.finished]
     finally:
-        sched._chooses_ahead = False
+        sched.k_plan.chooses_ahead = False
     record = list(sched.record)
     assert [o.outputs[0].token_ids for o in sorted(outputs, key=lambda o: o.request_id)] == expected
     assert all(after.is_chosen_ahead == bool(before.chosen) for before, after in itertools.pairwise(record))
@@ -258,8 +258,8 @@ def _accepted_after_skipping(
             if step in (num_plain_steps, num_plain_steps + num_half_steps):
                 catch_up_tokens.append(worker.num_catch_up_tokens)
                 first_half = step == num_plain_steps
-                for request_id in sorted(sched._requested)[: 2 if first_half else 4]:
-                    sched._requested[request_id] = 3
+                for request_id in sorted(sched.k_plan.requested)[: 2 if first_half else 4]:
+                    sched.k_plan.requested[request_id] = 3
     finally:
         worker.skips_drafter = True
     record = list(sched.record)
@@ -315,12 +315,11 @@ def test_record_file_has_every_step(engines: tuple[Any, Any], tmp_path: Any) -> 
     _, ours = engines
     sched = scheduler(ours)
     path = tmp_path / "record.jsonl"
-    sched._record_file = RecordFile(path)
+    sched.log.file = RecordFile(path)
     try:
         _, record = _generate(ours, ["off", 2])
     finally:
-        sched._record_file.close()
-        sched._record_file = None
+        sched.log.close()
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [line["step"] for line in lines] == [r.step for r in record]
     assert [line["num_draft_steps"] for line in lines] == [r.num_draft_steps for r in record]
@@ -396,7 +395,7 @@ def test_the_chooser_is_told_what_each_drafter_missed_and_what_is_left(engines: 
         auto = next(r for r in sched.requests if r.startswith("outlook-auto"))
         off = next(r for r in sched.requests if r.startswith("outlook-off"))
         prompt_len = len(sched.requests[auto].prompt_token_ids)
-        outlook = sched._outlook([auto, off])
+        outlook = sched.k_plan.outlook([auto, off], sched.requests)
         assert outlook[auto].num_catch_up_tokens == 0  # drafted at the end of the last step
         assert all(step.num_draft_steps > 0 for step in sched.record)  # for auto, at K = 2
         assert (
