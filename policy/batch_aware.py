@@ -26,7 +26,7 @@ from policy.k_search import best_k_vector, expected_etrs, max_of_others, with_hy
 from policy.stats import IterationStats, RequestOutlook, SameBatchSkips
 from policy.test_budget import TestBudget
 from policy.test_phase import RequestState, TestPhases
-from policy.traffic_prior import TrafficSpread
+from policy.traffic_prior import TrafficPrior
 from policy.utility import AcceptanceConfig, AcceptanceEstimator
 
 Array = NDArray[np.float64]
@@ -40,8 +40,6 @@ Array = NDArray[np.float64]
 # Served on the demo pair's prose at batch 1 (requests at 0.2-0.6), every new request drafted its first
 # iterations at K = 2 on the few that kept drafting, where the pair only pays at 0.8 and above.
 POPULATION_ACCEPTANCE = AcceptanceConfig(decay=0.995, fast_decay=0.995)
-# Requests whose first tests the traffic's spread needs before its prior strength is read (`policy.traffic_prior`).
-SPREAD_MIN_REQUESTS = 8
 
 
 class BatchAwareChooser:
@@ -55,20 +53,8 @@ class BatchAwareChooser:
         self._population = AcceptanceEstimator(POPULATION_ACCEPTANCE)
         self._num_population_requests = 0  # requests whose drafts fed it
         self._phases = TestPhases(config, cost_model)
-        # How alike the traffic's requests accept (`policy.traffic_prior`), and the prior strength it implies
-        # (None: not known yet, or the traffic's prior is off; each request's estimator alone then).
-        acceptance = config.acceptance
-        self._spread = (
-            TrafficSpread(
-                config.traffic_prior_requests,
-                min(SPREAD_MIN_REQUESTS, config.traffic_prior_requests),
-                acceptance.prior_accepted + acceptance.prior_rejected,
-                config.traffic_prior_max_strength,
-            )
-            if config.traffic_prior_requests >= 2
-            else None
-        )
-        self._prior_strength: float | None = None
+        # Each request's acceptance for choosing its K, leaning on the traffic's (`policy.traffic_prior`).
+        self._traffic_prior = TrafficPrior(config)
         # The last choice, for `gauges`: its predicted tokens per second over plain decoding's.
         self._predicted_speedup = 1.0
         # A steady all-plain batch (`BatchAwareConfig.steady_iterations`): its choices before the next search.
@@ -98,7 +84,7 @@ class BatchAwareChooser:
         self.num_searches += 1
         states = [self._state(r) for r in request_ids]
         num = len(states)
-        rates = self._rates(states)
+        rates = self._traffic_prior.rates(states)
         times = self._time_table(num)
         key = (tuple(request_ids), self.cost_model.version, self._num_changes + self._phases.num_changes)
         if key == self._optimum_key:
@@ -135,7 +121,7 @@ class BatchAwareChooser:
         stays new for the next `choose`: its test phase and the test budget's rules apply from there."""
         ids = [*chosen, *joined]
         states = [self._state(r) for r in ids]
-        rates = self._rates(states)
+        rates = self._traffic_prior.rates(states)
         forced = np.array([*chosen.values(), *[-1] * len(joined)], dtype=np.int64)
         best = self.best_spec_tokens(rates, forced, self._time_table(len(ids)))
         self._num_changes += 1  # new states (the next search is not the last one again)
@@ -153,9 +139,7 @@ class BatchAwareChooser:
         states = [self._state(r.request_id) for r in stats.requests]
         # Read by the drafting requests alone: a plain iteration (most of them where drafting does not pay)
         # skips it.
-        prior_means = (
-            self._prior(states, *self._own_counts(states))[0] if is_drafting else np.zeros(len(states))
-        )
+        prior_means = self._traffic_prior.means(states) if is_drafting else np.zeros(len(states))
         for r, state, prior_mean in zip(stats.requests, states, prior_means, strict=True):
             if r.num_spec_tokens > 0:
                 rejected = 1.0 if r.num_accepted_tokens < r.num_spec_tokens else 0.0
@@ -165,7 +149,7 @@ class BatchAwareChooser:
                     self._population.record_counts(r.num_accepted_tokens, rejected)
                 self._num_population_requests += state.num_drafting_iterations == 0
                 state.num_drafting_iterations += 1
-                self._count_for_prior(state, r.num_accepted_tokens, rejected, float(prior_mean))
+                self._traffic_prior.count(state, r.num_accepted_tokens, rejected, float(prior_mean))
         remaining = [self._remaining_tokens(r.request_id, r.num_committed_tokens) for r in stats.requests]
         if self._phases.observe(stats, states, remaining):
             self._steady.reset()
@@ -307,72 +291,6 @@ class BatchAwareChooser:
             return chosen  # the K chosen not measured yet (one K up at a time), or the next one measured
         ratio = self.tokens_per_second(rates, probe, times) / self.tokens_per_second(rates, chosen, times)
         return probe if ratio >= 1.0 - self.config.shape_probe_margin else chosen
-
-    def _rates(self, states: Sequence[RequestState]) -> Array:
-        """Each request's acceptance for choosing its K: its counts under the traffic's prior (`_prior`); its
-        estimator's where the prior's strength is not known, falls below the estimator's own prior, or the
-        request proved unlike the traffic."""
-        rates = np.fromiter((s.estimator.rate for s in states), np.float64, len(states))
-        if self._prior_strength is None:
-            return rates
-        accepted, total = self._own_counts(states)
-        means, strengths = self._prior(states, accepted, total)
-        pseudo = strengths + total  # 0 where neither prior nor counts (weak: the estimator's rate is used)
-        leaning = np.divide(
-            strengths * means + accepted, pseudo, out=np.zeros(len(states)), where=pseudo > 0.0
-        )
-        acceptance = self.config.acceptance
-        unlike = np.fromiter((s.is_unlike_traffic for s in states), np.bool_, len(states))
-        weak = strengths < acceptance.prior_accepted + acceptance.prior_rejected
-        max_rate = acceptance.max_rate
-        return np.where(unlike | weak, rates, np.clip(leaning, 1.0 - max_rate, max_rate))
-
-    @staticmethod
-    def _own_counts(states: Sequence[RequestState]) -> tuple[Array, Array]:
-        """Each request's own accepted counts and all its counts (decayed), for `_prior`."""
-        accepted = np.fromiter((s.own_accepted for s in states), np.float64, len(states))
-        return accepted, accepted + np.fromiter((s.own_rejected for s in states), np.float64, len(states))
-
-    def _prior(self, states: Sequence[RequestState], accepted: Array, total: Array) -> tuple[Array, Array]:
-        """Each request's prior: its mean and its strength in pseudo-counts (`accepted`, `total`: `_own_counts`).
-
-        The mean is the traffic's acceptance when the request came, moved by the other requests of the
-        batch's own counts, the traffic now (`traffic_prior_weight` pseudo-counts for the former). Without
-        the batch's, after a shift a strong prior held a wave to the old traffic's figure: served on the regime
-        pair, synthetic at batch 16 after prose drafted its first wave at K = 1 for 10 iterations and reached
-        K = 4 after 20, where its requests accepted 0.9 from the first.
-
-        The strength is the traffic's spread's (`policy.traffic_prior`) times the share of the mean that the
-        batch's counts make: a mean from the traffic's figure alone may be stale. Alone in the batch, served
-        on the regime pair at synthetic 1 after prose, requests tested at K = 1 for 9-10 iterations before
-        drafting at K = 4 (3-4 with the estimator's prior), two of 17 ended their tests at K = 0, and the cell
-        ran 0.92-0.98x the version before."""
-        priors = np.fromiter((s.prior_rate for s in states), np.float64, len(states))
-        weight = self.config.traffic_prior_weight
-        others_accepted, others = accepted.sum() - accepted, total.sum() - total
-        means = (weight * priors + others_accepted) / (weight + others)
-        return means, (self._prior_strength or 0.0) * others / (weight + others)
-
-    def _count_for_prior(
-        self, state: RequestState, accepted: int, rejected: float, prior_mean: float
-    ) -> None:
-        """Add a drafting iteration to the request's counts for `_rates` and, within its first test, to the
-        traffic's spread; mark it unlike the traffic where its counts disagree with its prior mean by more
-        than `change_z` standard errors (binomial at that mean, over 4 counts at least)."""
-        acceptance = self.config.acceptance
-        state.own_accepted = acceptance.decay * state.own_accepted + accepted
-        state.own_rejected = acceptance.decay * state.own_rejected + rejected
-        if state.num_drafting_iterations <= self.config.test_iterations and self._spread is not None:
-            state.first_accepted += accepted
-            state.first_rejected += rejected
-            if state.num_drafting_iterations == self.config.test_iterations:
-                self._spread.record(state.first_accepted, state.first_rejected)
-                self._prior_strength = self._spread.strength()
-        total = state.own_accepted + state.own_rejected
-        if total >= 4.0 and not state.is_unlike_traffic:
-            error = abs(state.own_accepted / total - prior_mean)
-            bound = acceptance.change_z * (prior_mean * (1.0 - prior_mean) / total) ** 0.5
-            state.is_unlike_traffic = error > bound
 
     def _remaining_tokens(self, request_id: str, num_committed: int) -> int | None:
         """Tokens the request may still generate after an iteration that committed `num_committed`, from the

@@ -116,7 +116,7 @@ class BatchAwareConfig:
     traffic_prior_requests: int = 32
     traffic_prior_max_strength: float = 64.0
     # The prior's mean: the traffic's acceptance when the request came, worth this many counts beside the
-    # batch's own counts now (`BatchAwareChooser._prior`).
+    # batch's own counts now (`TrafficPrior._prior`).
     traffic_prior_weight: float = 16.0
     acceptance: AcceptanceConfig = field(default_factory=AcceptanceConfig)
 

@@ -62,7 +62,7 @@ def test_requests_that_accept_unlike_still_get_their_own_k(seed: int) -> None:
     draft apart."""
     chooser = regime_chooser()
     ks = np.array(waves(chooser, [0.95, 0.3], 4, seed)[40:])
-    assert chooser._prior_strength is not None and chooser._prior_strength < 6.0
+    assert chooser._traffic_prior.strength is not None and chooser._traffic_prior.strength < 6.0
     assert ks[:, 0::2].mean() > ks[:, 1::2].mean() + 1.5, (ks[:, 0::2].mean(), ks[:, 1::2].mean())
 
 
@@ -71,7 +71,7 @@ def test_a_request_unlike_the_traffic_is_estimated_from_its_own_counts() -> None
     hold it near the traffic's figure for its life; its counts disagree, and it is estimated from them."""
     chooser = regime_chooser()
     waves(chooser, [0.85], 2, seed=0)
-    assert chooser._prior_strength == 64.0
+    assert chooser._traffic_prior.strength == 64.0
     ids = [f"late{i}" for i in range(32)]
     for i in range(10):
         chosen = chooser.choose(ids)
