@@ -20,6 +20,13 @@ class BatchAwareConfig:
     # on the regime pair (vLLM backend, synthetic at batch 1 after prose), each request tested so ran its
     # first 8 steps plain, where its drafting then ran 1.7x plain decoding's tokens per second.
     max_test_wait: int = 8
+    # ... and up to twice that while the last iteration's prompt tokens would cost the drafter more than this
+    # share of a plain iteration: a step that drafts feeds the drafter every token in it (vLLM's first pass),
+    # prompts included, and a closed loop's wave of prompts arrives over several steps. Served on the regime
+    # pair (prose at concurrency 32, session 45), each wave's new requests were force-tested while the
+    # wave's last prompts prefilled: those steps took 390-580 ms against 150-170 ms for the same prefill
+    # without drafting, 6-8% of the cell, and auto ran 0.95x off where our scheduler at K = 0 ran 0.99x.
+    max_test_prompt_share: float = 0.25
     # A new request for which speculation would not pay at the traffic's acceptance starts at K = 0 as if
     # this many tests had said K = 0: its first test comes after set_iterations * 2**n iterations (capped).
     # A first test costs the drafter the request's whole history (its catch-up prefill) besides the draft
@@ -135,6 +142,8 @@ class BatchAwareConfig:
             raise ValueError(f"hysteresis={self.hysteresis} must be >= 0")
         if self.max_test_wait < 0:
             raise ValueError(f"max_test_wait={self.max_test_wait} must be >= 0")
+        if self.max_test_prompt_share < 0.0:
+            raise ValueError(f"max_test_prompt_share={self.max_test_prompt_share} must be >= 0")
         if self.new_request_zero_verdicts < 0 or self.new_request_test_every < 1:
             raise ValueError(
                 f"new_request_zero_verdicts={self.new_request_zero_verdicts} must be >= 0, "

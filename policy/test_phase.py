@@ -64,6 +64,7 @@ class TestPhases:
         self.last_test_drafted = False  # the last test's verdict was K > 0 (`testers`)
         self.num_untested_new = 0  # new requests started untested since one was tested
         self.num_changes = 0
+        self.num_prompt_tokens = 0  # prompt tokens the engine scheduled in the last observed iteration
 
     def testers(self, states: list[RequestState], chosen: list[int], unrepaid: frozenset[int]) -> list[int]:
         """Indices of the requests that probe this iteration.
@@ -116,6 +117,8 @@ class TestPhases:
             if state.test_remaining > 0 and chosen[i] < probe:
                 waiting.append(i)
         max_wait = 0 if is_alone else self.config.max_test_wait
+        if max_wait and self._is_prompt_burst(len(states)):
+            max_wait *= 2  # (`BatchAwareConfig.max_test_prompt_share`)
         is_forcing = within_budget and any(states[i].test_wait >= max_wait for i in waiting)
         is_drafting = is_drafting or is_forcing
         for i in waiting:
@@ -181,6 +184,7 @@ class TestPhases:
         iterations for nothing."""
         is_drafting = any(r.num_spec_tokens > 0 for r in stats.requests)
         self.num_plain_iterations = 0 if is_drafting else self.num_plain_iterations + 1
+        self.num_prompt_tokens = stats.num_prefill_tokens
         self._account(stats, states)
         is_retest_due = False
         left = list(remaining) or [None] * len(states)
@@ -203,6 +207,13 @@ class TestPhases:
             if state.test_remaining == 0:
                 state.test_started = False
         return is_retest_due
+
+    def _is_prompt_burst(self, batch_size: int) -> bool:
+        """Whether the last iteration's prompt tokens would cost the drafter more than
+        `max_test_prompt_share` of a plain iteration, were it to draft (vLLM's drafter feeds them all)."""
+        model = self.cost_model
+        drafter_s = model.params.draft_prefill_per_token_s * self.num_prompt_tokens
+        return drafter_s > self.config.max_test_prompt_share * model.plain_time(batch_size)
 
     def _test_tokens(self, state: RequestState) -> float:
         """Tokens a test of this request commits: `test_iterations` at the probe's K, at its acceptance."""

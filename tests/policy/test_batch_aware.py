@@ -241,6 +241,32 @@ def test_a_new_request_is_tested_where_drafting_was_never_measured_at_its_batch_
     assert run("b", 64, 32) == [0] * 64
 
 
+def test_a_forced_test_waits_out_a_burst_of_prompts_for_up_to_twice_its_wait() -> None:
+    """A pending forced test waits `max_test_wait` iterations for a drafting one, and up to twice that while the
+    last iteration's prompt tokens would cost the drafter more than `max_test_prompt_share` of a plain
+    iteration (a drafting step feeds the drafter every prompt token in it)."""
+    truth, rng = MIXTRAL.truth(), np.random.default_rng(0)
+
+    def first_drafting(prompt_tokens: list[int]) -> int:
+        """Two new requests at K = 0 on the model's prior; iteration i's stats report prompt_tokens[i]."""
+        chooser = chooser_for("mixtral-8x7b-h100", min_population_requests=0)
+        assert chooser.best_spec_tokens(np.full(2, 0.5), np.full(2, -1)) == [0, 0]  # tests are forced
+        for i, num_prompt_tokens in enumerate(prompt_tokens):
+            chosen = chooser.choose(["a", "b"])
+            if max(chosen.values()):
+                return i
+            requests = [RequestIterationStats(r, 0, 0, 1, 10) for r in chosen]
+            stats = _measure(truth, MIXTRAL, i, requests, rng, noise=0.0)
+            chooser.observe(msgspec.structs.replace(stats, num_prefill_tokens=num_prompt_tokens))
+        return len(prompt_tokens)
+
+    wait, burst = BatchAwareConfig().max_test_wait, 20_000  # 31 ms of drafter at 1.5 us a token
+    assert first_drafting([0] * 40) == wait
+    assert first_drafting([burst] * 12 + [0] * 28) == 13  # once the burst is over
+    assert first_drafting([burst] * 40) == 2 * wait
+    assert first_drafting([100] * 40) == wait  # a few prompt tokens are no burst
+
+
 class _AfterLowTraffic:
     """New requests `batch` at a time (each group together for its life), where drafting K = 1 pays from
     about 0.5 (at batch 1, and for one request of two where the other does not draft), after traffic whose
