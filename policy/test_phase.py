@@ -117,7 +117,7 @@ class TestPhases:
             if state.test_remaining > 0 and chosen[i] < probe:
                 waiting.append(i)
         max_wait = 0 if is_alone else self.config.max_test_wait
-        if max_wait and self._is_prompt_burst(len(states)):
+        if max_wait and waiting and self._is_prompt_burst(len(states)):
             max_wait *= 2  # (`BatchAwareConfig.max_test_prompt_share`)
         is_forcing = within_budget and any(states[i].test_wait >= max_wait for i in waiting)
         is_drafting = is_drafting or is_forcing
@@ -211,6 +211,8 @@ class TestPhases:
     def _is_prompt_burst(self, batch_size: int) -> bool:
         """Whether the last iteration's prompt tokens would cost the drafter more than
         `max_test_prompt_share` of a plain iteration, were it to draft (vLLM's drafter feeds them all)."""
+        if not self.num_prompt_tokens:
+            return False
         model = self.cost_model
         drafter_s = model.params.draft_prefill_per_token_s * self.num_prompt_tokens
         return drafter_s > self.config.max_test_prompt_share * model.plain_time(batch_size)
