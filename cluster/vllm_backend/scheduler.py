@@ -113,11 +113,6 @@ class PolicyScheduler(Scheduler):
     # -- vLLM's hooks ----------------------------------------------------------------------------------------
 
     @property
-    def record(self) -> list[StepRecord]:
-        """Every step's record, kept when `is_recording` (tests)."""
-        return self.log.steps
-
-    @property
     def chooser(self) -> KChooser:
         return self.k_plan.chooser
 
@@ -186,7 +181,7 @@ class PolicyScheduler(Scheduler):
             finishing, self._finishing = self._finishing, None
             for request_id in finishing:
                 self.chooser.release(request_id)
-        if not self.has_unfinished_requests():
+        if self.log.file is not None and not self.has_unfinished_requests():
             self.log.write()  # idle next: nothing waits for it
         return outputs
 

@@ -65,7 +65,8 @@ class SchedulerSettings:
     source: str = ""  # this engine's name in its reports to the central actor (default: a random one)
     metrics_path: str | None = None  # the scheduler writes its gauges here (JSON) for the Serve replica
     metrics_interval_s: float = 1.0
-    is_recording: bool = False  # keep every step's K and accepted counts in `PolicyScheduler.record` (tests)
+    # Keep every step's K and accepted counts in `PolicyScheduler.log.steps` (tests).
+    is_recording: bool = False
     # Append every step's record to this file as a JSON line (a served engine's record, for diagnostics).
     record_path: str | None = None
     # Choose the next step's K while the worker runs this one (`PolicyScheduler.get_grammar_bitmask`),

@@ -73,12 +73,12 @@ def _generate(llm: Any, settings: list[Any]) -> tuple[list[Any], list[Any]]:
     """Outputs, and the scheduler's record with request ids as the outputs name them (vLLM's engine adds a
     suffix to each)."""
     sched = scheduler(llm)
-    sched.record.clear()
+    sched.log.steps.clear()
     outputs = llm.generate(PROMPTS[: len(settings)], _params(settings), use_tqdm=False)
-    for step in sched.record:
+    for step in sched.log.steps:
         step.num_drafts = {k.rsplit("-", 1)[0]: v for k, v in step.num_drafts.items()}
         step.num_accepted = {k.rsplit("-", 1)[0]: v for k, v in step.num_accepted.items()}
-    return outputs, list(sched.record)
+    return outputs, list(sched.log.steps)
 
 
 def test_greedy_output_unchanged_with_mixed_k(engines: tuple[Any, Any]) -> None:
@@ -138,7 +138,7 @@ def test_choosing_ahead_keeps_the_output_and_new_requests_get_their_k_at_once(
         o.outputs[0].token_ids for o in plain.generate(PROMPTS[:4], _params([None] * 4), use_tqdm=False)
     ]
     sched, engine = scheduler(ours), ours.llm_engine
-    sched.record.clear()
+    sched.log.steps.clear()
     sched.k_plan.chooses_ahead = True
     outputs: list[Any] = []
     try:
@@ -151,7 +151,7 @@ def test_choosing_ahead_keeps_the_output_and_new_requests_get_their_k_at_once(
             outputs += [o for o in engine.step() if o.finished]
     finally:
         sched.k_plan.chooses_ahead = False
-    record = list(sched.record)
+    record = list(sched.log.steps)
     assert [o.outputs[0].token_ids for o in sorted(outputs, key=lambda o: o.request_id)] == expected
     assert all(after.is_chosen_ahead == bool(before.chosen) for before, after in itertools.pairwise(record))
     assert sum(r.is_chosen_ahead for r in record) > len(record) // 2
@@ -243,7 +243,7 @@ def _accepted_after_skipping(
     sched, worker = scheduler(llm), runner(llm)
     worker.skips_drafter = skips
     engine = llm.llm_engine
-    sched.record.clear()
+    sched.log.steps.clear()
     for i, (prompt, params) in enumerate(zip(FRESH_PROMPTS, _params(["off"] * 4), strict=True)):
         engine.add_request(f"skip{int(skips)}-{i}", prompt, params)
     outputs, step, catch_up_tokens = [], 0, []
@@ -262,7 +262,7 @@ def _accepted_after_skipping(
                     sched.k_plan.requested[request_id] = 3
     finally:
         worker.skips_drafter = True
-    record = list(sched.record)
+    record = list(sched.log.steps)
     assert any(r.num_draft_steps == 0 for r in record[:num_plain_steps])
     return (
         sorted((o.request_id, o.outputs[0].token_ids) for o in outputs),
@@ -386,7 +386,7 @@ def test_the_chooser_is_told_what_each_drafter_missed_and_what_is_left(engines: 
     sched, engine = scheduler(ours), ours.llm_engine
     wrapper = _Outlooks(sched.chooser)
     sched.chooser = wrapper
-    sched.record.clear()
+    sched.log.steps.clear()
     try:
         engine.add_request("outlook-auto", PROMPTS[0], _params(["auto"], max_tokens=20)[0])  # the policy's 2
         engine.add_request("outlook-off", PROMPTS[1], _params(["off"], max_tokens=20)[0])
@@ -397,7 +397,7 @@ def test_the_chooser_is_told_what_each_drafter_missed_and_what_is_left(engines: 
         prompt_len = len(sched.requests[auto].prompt_token_ids)
         outlook = sched.k_plan.outlook([auto, off], sched.requests)
         assert outlook[auto].num_catch_up_tokens == 0  # drafted at the end of the last step
-        assert all(step.num_draft_steps > 0 for step in sched.record)  # for auto, at K = 2
+        assert all(step.num_draft_steps > 0 for step in sched.log.steps)  # for auto, at K = 2
         assert (
             outlook[off].num_catch_up_tokens == 0 and not runner(ours).lag_from
         )  # never drafted, never lagged
@@ -418,5 +418,5 @@ def test_the_chooser_is_told_what_each_drafter_missed_and_what_is_left(engines: 
     given = [
         {r: [o.num_catch_up_tokens, o.num_remaining_tokens] for r, o in g.items()} for g in wrapper.outlooks
     ]
-    assert [step.outlook for step in sched.record if step.outlook] == given
+    assert [step.outlook for step in sched.log.steps if step.outlook] == given
     assert not sched._lag.lag_from  # forgotten with the requests
