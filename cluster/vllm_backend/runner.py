@@ -14,12 +14,15 @@ request's own KV blocks): the draft KV is then what it would have been without t
 drafts from it. Spans longer than the drafter's token buffers are split into several passes.
 
 Only the requests whose K is above 0 at that step are caught up (our scheduler names them on its output,
-`settings.DRAFTING_REQUESTS_ATTR`; without the name, all are). vLLM's pass still drafts for every request of
-the batch, so a lagging request at K = 0 gets drafts from its incomplete draft KV, and they are cut before
-verification; it stays lagging from the same position, and the catch-up of the step it drafts at rewrites
-everything from there. Catching the whole batch up for one request's test was most of what a test cost at
-large batches: served on the regime pair at concurrency 32 (prose), a step that started drafting after plain
-ones spent 70-100 ms in the drafter, against 7-8 ms when drafting went on, and 54-58 ms for a plain step.
+`settings.DRAFTING_REQUESTS_ATTR`; without the name, all are), and vLLM's pass drafts for them alone
+(`drafter_rows`, where `settings.drafts_alone`): a request at K = 0 in a drafting step lags from that step on,
+as in a step without the drafter, and the catch-up of the step it drafts at writes everything from there.
+Catching the whole batch up for one request's test was most of what a test cost at large batches: served on
+the regime pair at concurrency 32 (prose), a step that started drafting after plain ones spent 70-100 ms in
+the drafter, against 7-8 ms when drafting went on, and 54-58 ms for a plain step. Drafting the whole batch for
+it was most of the rest (10.9 ms in the drafter at batch 17-32 against 3.4 ms at batch 1). Where vLLM's pass
+still runs over the whole batch (probabilistic drafts), a lagging request at K = 0 gets drafts from its
+incomplete draft KV, cut before verification, and stays lagging from the same position.
 
 Drafts never change the output (verification is exact), so the catch-up is about acceptance: the tests check
 that drafts after skipped steps are accepted exactly as often as without skipping.
@@ -47,14 +50,16 @@ Scope: vLLM's V1 model runner (`GPUModelRunner`, which the CPU runner extends) w
 (`method: draft_model`) and the padded drafter batch (vLLM's default). Anything else (EAGLE, whose catch-up
 would need the target's hidden states of the missed tokens; the V2 runner) runs vLLM's runner unchanged,
 with a warning. With prefix caching, a request that finishes while lagging leaves up to its lag of draft KV
-unwritten in its last blocks; a later prompt that contains those generated tokens (a multi-turn chat) would
-draft from them: lower acceptance there, output unchanged.
+unwritten in its blocks (a request that never drafted: its prompt's too); a later prompt that shares those
+blocks (a multi-turn chat, a common system prompt) hits the cache for the target but drafts from missing draft
+KV: lower acceptance there, output unchanged. Per-block tracking of the draft KV written would close that.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -67,11 +72,13 @@ from vllm.v1.spec_decode.draft_model import DraftModelProposer
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
+from cluster.vllm_backend.drafter_rows import drafting_rows_alone
 from cluster.vllm_backend.settings import (
     DRAFT_MEASUREMENT_ATTR,
     DRAFT_TOKEN_IDS_ATTR,
     DRAFTING_REQUESTS_ATTR,
     DraftMeasurement,
+    drafts_alone,
 )
 
 logger = logging.getLogger(__name__)
@@ -102,6 +109,9 @@ class CatchUpRunnerMixin:
     def _init_catch_up(self) -> None:
         # False: vLLM's path at K = 0 (the drafter's pass every step, the rejection sampler); tests flip it
         self.skips_drafter = True
+        # True: a step that drafts runs the drafter for the requests at K > 0 alone (`drafter_rows`); False:
+        # for the whole batch, as vLLM does. Set where the worker starts (`settings.drafts_alone`).
+        self.drafts_alone = False
         self.lag_from: dict[str, int] = {}  # request -> first position whose draft KV is missing
         self.num_skipped_steps = 0
         self.num_catch_up_passes = 0
@@ -192,12 +202,23 @@ class CatchUpRunnerMixin:
             return self._skip(rows, sampled_token_ids)
         self._synchronize()  # the target's forward and sampling are not the drafter's time
         start, tokens = time.perf_counter(), self.num_catch_up_tokens
-        self._catch_up(rows, common_attn_metadata, getattr(scheduler_output, DRAFTING_REQUESTS_ATTR, None))
-        num_prefill = self.num_catch_up_tokens - tokens + _prompt_tokens(scheduler_output)
-        drafts = parent.propose_draft_token_ids(
-            scheduler_output, sampled_token_ids, sampling_metadata, hidden_states, sample_hidden_states,
-            aux_hidden_states, spec_decode_metadata, common_attn_metadata, slot_mappings,
-        )  # fmt: skip
+        drafting = getattr(scheduler_output, DRAFTING_REQUESTS_ATTR, None)
+        self._catch_up(rows, common_attn_metadata, drafting)
+        kept = rows
+        if self.skips_drafter and self.drafts_alone and drafting is not None:
+            kept = [row for row in rows if row[1] in drafting]
+            for _, request_id, start_position in rows:  # left out: lagging from this step on
+                if request_id not in drafting:
+                    self._lag(request_id, start_position)
+        num_prefill = self.num_catch_up_tokens - tokens + _prompt_tokens(scheduler_output, kept)
+        alone = (
+            drafting_rows_alone(self.drafter, [r for r, _, _ in kept]) if 0 < len(kept) < len(rows) else None
+        )
+        with alone or nullcontext():
+            drafts = parent.propose_draft_token_ids(
+                scheduler_output, sampled_token_ids, sampling_metadata, hidden_states, sample_hidden_states,
+                aux_hidden_states, spec_decode_metadata, common_attn_metadata, slot_mappings,
+            )  # fmt: skip
         self._synchronize()
         self._draft_measurement = DraftMeasurement(time.perf_counter() - start, num_prefill)
         self._drafted = True
@@ -236,10 +257,14 @@ class CatchUpRunnerMixin:
             copy: Any = getattr(self, "_copy_valid_sampled_token_count")  # noqa: B009 (vLLM's private hook)
             copy(next_token_ids, valid_counts)
         for _, request_id, start in rows:
-            # Positions from `start` on are (re)computed by the target now; the draft KV is valid below.
-            self.lag_from[request_id] = min(self.lag_from.get(request_id, start), start)
+            self._lag(request_id, start)
         self.num_skipped_steps += 1
         return torch.empty(len(rows), 0, dtype=torch.int64, device=self.device)
+
+    def _lag(self, request_id: str, start: int) -> None:
+        """The request's draft KV misses this step: positions from `start` on are (re)computed by the target
+        now, and the draft KV is valid below it (or below an earlier lag)."""
+        self.lag_from[request_id] = min(self.lag_from.get(request_id, start), start)
 
     def _catch_up(
         self, rows: list[tuple[int, str, int]], cad: CommonAttentionMetadata, drafting: Any = None
@@ -318,16 +343,16 @@ class CatchUpRunnerMixin:
         self.num_catch_up_tokens += num_tokens + len(spans)
 
 
-def _prompt_tokens(scheduler_output: Any) -> int:
-    """Tokens of the step's prompt chunks beyond one per request: vLLM's first pass feeds every token of the
-    step to the drafter, a new request's prompt included. They count as the drafter's prefill with the
-    catch-up's (`DraftMeasurement.num_prefill_tokens`): read as what drafting costs, the regime pair's steps
-    that took a prompt in (22-25 ms in the drafter at concurrency 32, against 8-9 ms at a decode step) made
-    the next iteration's drafting look dear; the cost model charges arriving prompts on their own."""
+def _prompt_tokens(scheduler_output: Any, rows: list[tuple[int, str, int]]) -> int:
+    """Tokens of the step's prompt chunks beyond one per request, for these rows of the batch (those the
+    drafter's first pass feeds): vLLM's first pass feeds every token of the step to the drafter, a new
+    request's prompt included. They count as the drafter's prefill with the catch-up's
+    (`DraftMeasurement.num_prefill_tokens`): read as what drafting costs, the regime pair's steps that took a
+    prompt in (22-25 ms in the drafter at concurrency 32, against 8-9 ms at a decode step) made the next
+    iteration's drafting look dear."""
     drafts = scheduler_output.scheduled_spec_decode_tokens
-    return sum(
-        max(0, n - 1 - len(drafts.get(r, ()))) for r, n in scheduler_output.num_scheduled_tokens.items()
-    )
+    scheduled = scheduler_output.num_scheduled_tokens
+    return sum(max(0, scheduled.get(r, 0) - 1 - len(drafts.get(r, ()))) for _, r, _ in rows)
 
 
 def _enable(runner: Any) -> None:
@@ -352,6 +377,7 @@ def _enable(runner: Any) -> None:
     runner.__class__ = type(f"CatchUp{cls.__name__}", (CatchUpRunnerMixin, cls), {})
     enabled: Any = runner
     enabled._init_catch_up()
+    enabled.drafts_alone = drafts_alone(runner.speculative_config)
 
 
 def _base_worker() -> type[Any]:

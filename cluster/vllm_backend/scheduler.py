@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from vllm.v1.core.sched.output import SchedulerOutput
@@ -53,6 +54,7 @@ from cluster.vllm_backend.chooser import (
     NearDrafting,
     build_chooser,
     decoding_requests,
+    drafts_requests_alone,
     iteration_stats,
     measures_draft_time,
 )
@@ -67,7 +69,7 @@ from cluster.vllm_backend.settings import (
     SchedulerSettings,
 )
 from cluster.vllm_backend.step_record import StepLog, StepRecord
-from policy.stats import KChooser, RequestIterationStats
+from policy.stats import KChooser, RequestIterationStats, RequestOutlook
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +92,10 @@ class PolicyScheduler(Scheduler):
             self.settings, self.vllm_config, self.max_spec_tokens, source
         )
         # Where each request's draft KV is missing (our worker catches it up when the request drafts).
-        self._lag = DrafterLag(skips_drafter=measures_draft_time(self.vllm_config))
+        self._lag = DrafterLag(
+            skips_drafter=measures_draft_time(self.vllm_config),
+            drafts_alone=drafts_requests_alone(self.vllm_config),
+        )
         # Choosing ahead (`get_grammar_bitmask`) for the choosers that learn.
         chooses_ahead = self.settings.choose_ahead and self.settings.policy.kind not in ("off", "static")
         self.k_plan = KPlan(chooser, self.max_spec_tokens, self._lag, chooses_ahead)
@@ -138,12 +143,9 @@ class PolicyScheduler(Scheduler):
         if self.max_spec_tokens:
             chosen = self.k_plan.decide(self._drafting_ids(scheduler_output), self.requests)
             scheduler_output.num_spec_tokens_to_schedule = max(chosen.values(), default=0)
-            if scheduler_output.num_spec_tokens_to_schedule:
-                self._lag.drafted(chosen)
-            else:  # before vLLM advances num_computed_tokens for this step
-                scheduled = scheduler_output.num_scheduled_tokens
-                self._lag.skipped({r: self.requests[r].num_computed_tokens for r in scheduled})
             drafting = frozenset(r for r, k in chosen.items() if k > 0)
+            scheduled = scheduler_output.num_scheduled_tokens  # (before vLLM advances num_computed_tokens)
+            self._lag.step({r: self.requests[r].num_computed_tokens for r in scheduled}, drafting)
             setattr(scheduler_output, DRAFTING_REQUESTS_ATTR, drafting)  # pickled with it to the worker
         super()._update_after_schedule(scheduler_output)
 
@@ -305,12 +307,15 @@ class PolicyScheduler(Scheduler):
             choose_s=self.k_plan.choose_s,
             choose_cpu_s=self.k_plan.choose_cpu_s,
             is_chosen_ahead=self.k_plan.is_chosen_ahead,
-            outlook={
-                r: [o.num_catch_up_tokens, o.num_remaining_tokens]
-                for r, o in self.k_plan.chosen_outlook.items()
-            },
+            outlook=_outlook_lists(self.k_plan.chosen_outlook),
+            joined_outlook=_outlook_lists(self.k_plan.joined_outlook),
             observe_s=observe_s,
             gap_s=gap_s,
             is_near_drafting=is_near,
             start_s=start_s,
         )
+
+
+def _outlook_lists(outlook: Mapping[str, RequestOutlook]) -> dict[str, list[int]]:
+    """Outlooks as the step record keeps them: [catch-up tokens, tokens it may still generate]."""
+    return {r: [o.num_catch_up_tokens, o.num_remaining_tokens] for r, o in outlook.items()}

@@ -46,6 +46,19 @@ def executor_backend(*, is_cpu: bool, world_size: int = 1) -> str:
     return MULTIPROC_EXECUTOR if uses_processes else UNIPROC_EXECUTOR
 
 
+def drafts_alone(speculative_config: Any) -> bool:
+    """Whether our worker runs the draft model of a drafting step for the requests at K > 0 alone
+    (drafter_rows.py), leaving the others lagging: a draft model in vLLM's padded drafter batch, drafting
+    greedily (vLLM's default; probabilistic drafts keep per-request draft probabilities for the whole batch,
+    which are not cut). The scheduler's copy of the worker's lag (`chooser.DrafterLag`) reads the same."""
+    return (
+        speculative_config is not None
+        and getattr(speculative_config, "method", None) == "draft_model"
+        and not getattr(speculative_config, "disable_padded_drafter_batch", False)
+        and getattr(speculative_config, "draft_sample_method", "greedy") == "greedy"
+    )
+
+
 @dataclass(frozen=True)
 class DraftMeasurement:
     """What the drafter did at the end of one step (our worker measures it, runner.py): it drafted for the next

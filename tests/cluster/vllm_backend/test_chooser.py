@@ -48,7 +48,7 @@ class _Fake:
         self.__dict__.update(values)
 
 
-def _vllm_config(worker_cls: str) -> Any:
+def _vllm_config(worker_cls: str, draft_sample_method: str = "greedy") -> Any:
     """What the chooser reads of vLLM's config: the regime-pair-shaped demo checkpoints' shapes, our worker."""
     config = AppConfig.from_args(None)
     hf = _Fake(num_local_experts=8, num_experts_per_tok=2, eos_token_id=None)
@@ -61,7 +61,12 @@ def _vllm_config(worker_cls: str) -> Any:
             get_vocab_size=lambda: 4096,
         ),
         scheduler_config=_Fake(max_num_seqs=32),
-        speculative_config=_Fake(draft_model_config=_Fake(model=config.model.draft)),
+        speculative_config=_Fake(
+            method="draft_model",
+            draft_model_config=_Fake(model=config.model.draft),
+            disable_padded_drafter_batch=False,
+            draft_sample_method=draft_sample_method,
+        ),
         parallel_config=_Fake(worker_cls=worker_cls),
     )
 
@@ -252,29 +257,54 @@ def test_the_chooser_drafts_at_batch_1_where_a_per_step_overhead_makes_it_pay(se
     assert batch_1 >= 0.95 * max(static), f"seed {seed}: {batch_1 / max(static):.2f}x the best static K"
 
 
-def test_the_vllm_cost_model_charges_max_k_drafts_for_every_request() -> None:
+def test_the_vllm_cost_model_charges_max_k_drafts_for_every_request_that_the_drafter_drafts() -> None:
     """vLLM drafts the batch's max K for every request; the scheduler only cuts what is verified. Charged as
     sum K (before), the chooser mixed K = 0-4 in one batch at concurrency 16, where 45% of the drafts vLLM
     computed were cut (the served record); in the batch-1-then-4 replay, batch 4 rose from 1.09-1.22x to
-    1.16-1.46x off on the 6 seeds with this charge."""
-    _, model = build_chooser(SchedulerSettings(), _vllm_config(WORKER_CLS), MAX_SPEC_TOKENS, "test")
-    (ragged,) = model.phase_times(4, 4, 4)[:1]  # one request at K = 4, three at K = 0
-    (uniform,) = model.phase_times(4, 4, 16)[:1]  # all four at K = 4
-    assert float(ragged) == pytest.approx(float(uniform)) and float(ragged) > 0.0
+    1.16-1.46x off on the 6 seeds with this charge. Our worker drafts for the requests at K > 0 alone (a draft
+    model drafting greedily): there a request at K = 0 costs the drafter nothing, nor does another's prompt."""
+    whole = _vllm_config(WORKER_CLS, draft_sample_method="probabilistic")
+    for config, is_padded in ((whole, True), (_vllm_config(WORKER_CLS), False)):
+        _, model = build_chooser(SchedulerSettings(), config, MAX_SPEC_TOKENS, "test")
+        (ragged,) = model.phase_times(4, 4, 4)[:1]  # one request at K = 4, three at K = 0
+        (uniform,) = model.phase_times(4, 4, 16)[:1]  # all four at K = 4
+        assert (float(ragged) == pytest.approx(float(uniform))) is is_padded and float(ragged) > 0.0
 
 
 def test_the_drafter_lags_from_the_first_step_it_skipped_until_the_request_drafts() -> None:
-    """`DrafterLag`, the outlook's catch-up: what our worker would catch up if the request drafted next."""
+    """`DrafterLag`, the outlook's catch-up: what our worker would catch up if the request drafted next, where
+    vLLM's pass over a drafting step covers the whole batch."""
     lag = DrafterLag(skips_drafter=True)
-    lag.drafted({"a": 2, "new": 0})  # the step drafts: vLLM's pass keeps both whole (new's prompt too)
+    lag.step({"a": 39, "new": 0}, frozenset({"a"}))  # vLLM's pass keeps both whole (new's prompt too)
     assert lag.catch_up_tokens("a", 40) == lag.catch_up_tokens("new", 12) == 0
-    lag.skipped({"a": 40, "new": 12})  # no drafter: from these positions on, the draft KV is missing
-    lag.skipped({"a": 41, "new": 13})
+    lag.step(
+        {"a": 40, "new": 12}, frozenset()
+    )  # no drafter: from these positions on, the draft KV is missing
+    lag.step({"a": 41, "new": 13}, frozenset())
     assert (lag.catch_up_tokens("a", 43), lag.catch_up_tokens("new", 14)) == (3, 2)
-    lag.drafted({"a": 0, "new": 1})  # the worker catches up new; a stays behind at K = 0
+    lag.step({"a": 42, "new": 14}, frozenset({"new"}))  # the worker catches up new; a stays behind at K = 0
     assert lag.lag_from == {"a": 40}
     lag.forget("a")
     assert lag.lag_from == {}
-    under_vllms_runner = DrafterLag(skips_drafter=False)  # its pass runs every step
-    under_vllms_runner.skipped({"a": 40})
-    assert under_vllms_runner.catch_up_tokens("a", 50) == 0
+    under_vllms_runner = DrafterLag(skips_drafter=False, drafts_alone=True)  # its pass runs every step
+    under_vllms_runner.step({"a": 40}, frozenset())
+    assert under_vllms_runner.catch_up_tokens("a", 50) == under_vllms_runner.catch_up_tokens("b", 9) == 0
+
+
+def test_where_the_drafter_drafts_alone_every_request_out_of_it_lags() -> None:
+    """Where our worker drafts for the requests at K > 0 alone (`settings.drafts_alone`), a request at K = 0
+    in a drafting step lags from it on, and one that never drafted lags from its first position: its prompt
+    goes through the drafter when it drafts (its outlook names it as its catch-up)."""
+    lag = DrafterLag(skips_drafter=True, drafts_alone=True)
+    assert lag.catch_up_tokens("new", 12) == 12  # its prompt completes in this step: all of it
+    lag.step({"a": 0, "b": 0}, frozenset({"a"}))  # both prompts in; a drafts at its end, b does not
+    assert lag.lag_from == {"b": 0}
+    assert (lag.catch_up_tokens("a", 13), lag.catch_up_tokens("b", 13)) == (0, 13)
+    lag.step({"a": 13, "b": 13}, frozenset({"b"}))  # now b drafts (caught up) and a does not
+    assert lag.lag_from == {"a": 13}
+    assert (lag.catch_up_tokens("a", 16), lag.catch_up_tokens("b", 16)) == (3, 0)
+    lag.step({"a": 14, "b": 14}, frozenset())  # no drafter: b lags from here, a from before
+    assert lag.lag_from == {"a": 13, "b": 14}
+    lag.forget("b")
+    assert lag.catch_up_tokens("b", 20) == 20  # forgotten: as a request never seen
+    assert DrafterLag(skips_drafter=True).catch_up_tokens("new", 12) == 0  # vLLM's pass feeds it the prompt
