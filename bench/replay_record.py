@@ -193,14 +193,11 @@ def guard_line(guard: MeasuredGuard) -> str:
     return f"chooser over plain by bucket {{{', '.join(figures)}}}"
 
 
-def give_outlook(chooser: MeasuredGuard, step: dict[str, Any]) -> dict[str, RequestOutlook]:
+def give_outlook(chooser: MeasuredGuard, step: dict[str, Any]) -> None:
     """The outlook the served chooser was given with the choice recorded at `step` (records from session 31
-    on; in older ones there is none, and `BatchAwareChooser._repaid` stays out of the replay); it is returned."""
-    if "outlook" not in step:
-        return {}
-    outlook = {r: RequestOutlook(*v) for r, v in step["outlook"].items()}
-    chooser.set_outlook(outlook)
-    return outlook
+    on; in older ones there is none, and `BatchAwareChooser._repaid` stays out of the replay)."""
+    if "outlook" in step:
+        chooser.set_outlook({r: RequestOutlook(*v) for r, v in step["outlook"].items()})
 
 
 def replay(steps: list[dict[str, Any]], chooser: MeasuredGuard, cells: list[Cell]) -> list[Cell]:
@@ -210,7 +207,6 @@ def replay(steps: list[dict[str, Any]], chooser: MeasuredGuard, cells: list[Cell
     pending = list(cells)
     current: Cell | None = None
     ahead: dict[str, int] | None = None  # the choice made for this step while the step before ran
-    given: dict[str, RequestOutlook] = {}  # the outlook last given
     last_step: dict[str, int] = {}  # each request's last step in the record: vLLM freed it there
     for index, step in enumerate(steps):
         for request_id in (*step["chosen"], *step["num_drafts"]):
@@ -236,12 +232,9 @@ def replay(steps: list[dict[str, Any]], chooser: MeasuredGuard, cells: list[Cell
             # The requests whose prompts completed in the step, given their K then (`choose_joined`).
             joined = [r for r in step["chosen"] if r not in (ahead or {})]
             if joined and isinstance(chooser, JoinAware):
-                if step.get("joined_outlook"):  # given with the ahead choice's (records from session 46 on)
-                    given = {**given, **{r: RequestOutlook(*v) for r, v in step["joined_outlook"].items()}}
-                    chooser.set_outlook(given)
                 chosen |= chooser.choose_joined(joined, chosen)
         else:
-            given = give_outlook(chooser, step)
+            give_outlook(chooser, step)
             chosen = chooser.choose(ids) if ids else {}
         recorded = {r: k for r, k in chosen.items() if r in step["chosen"]}
         if ids and recorded.items() <= step["chosen"].items() and current is not None:
@@ -250,7 +243,7 @@ def replay(steps: list[dict[str, Any]], chooser: MeasuredGuard, cells: list[Cell
         ahead = None
         if is_next_ahead:  # while the worker runs this step
             after = steps[index + 1]
-            given = give_outlook(chooser, after)  # the next step's record has its ahead choice's outlook
+            give_outlook(chooser, after)  # the next step's record has its ahead choice's outlook
             ahead_ids = list(after.get("outlook") or step["chosen"])
             ahead = chooser.choose(ahead_ids) if ahead_ids else None
         inner.cost_model.refit_if_due()  # as the scheduler does while the worker runs the step

@@ -117,18 +117,13 @@ class BatchAwareChooser:
         steps at K = 4), our scheduler at static K = 4 ran 0.99-1.05x vLLM's K = 4, and auto 0.93-0.95x with
         each request's first step at K = 0. Where the step drafts anyway, the joined request's drafts cost
         only their verification (its prompt goes through the drafter's pass in the step, no catch-up after);
-        where it does not, the search charges the whole batch's draft steps, as it does a test. Where the
-        drafter drafts for the requests at K > 0 alone, the joined request's prompt goes through it only if it
-        drafts: its outlook names the prompt as its catch-up, which `_repaid` weighs (the others' K kept). The
-        request stays new for the next `choose`: its test phase and the test budget's rules apply from there."""
+        where it does not, the search charges the whole batch's draft steps, as it does a test. The request
+        stays new for the next `choose`: its test phase and the test budget's rules apply from there."""
         ids = [*chosen, *joined]
         states = [self._state(r) for r in ids]
         rates = self._traffic_prior.rates(states)
         forced = np.array([*chosen.values(), *[-1] * len(joined)], dtype=np.int64)
-        times = self._time_table(len(ids))
-        best = self.best_spec_tokens(rates, forced, times)
-        if self.config.weighs_catch_up and self._outlook:
-            best, _ = self._repaid(ids, rates, best, times, forced)
+        best = self.best_spec_tokens(rates, forced, self._time_table(len(ids)))
         self._num_changes += 1  # new states (the next search is not the last one again)
         return dict(zip(joined, best[len(chosen) :], strict=True))
 
@@ -235,16 +230,10 @@ class BatchAwareChooser:
         return table
 
     def _repaid(
-        self,
-        request_ids: Sequence[str],
-        rates: Array,
-        chosen: list[int],
-        times: Array,
-        forced: NDArray[np.int_] | None = None,
+        self, request_ids: Sequence[str], rates: Array, chosen: list[int], times: Array
     ) -> tuple[list[int], frozenset[int]]:
         """`chosen`, less the drafting of lagging requests that would not repay their drafter's catch-up, and
         the indices of those (`TestPhases.testers` lets them probe only as forced tests, under the test budget).
-        `forced` as in `best_spec_tokens`: a request whose K is fixed there keeps it.
 
         The catch-up costs `draft_prefill_per_token_s` per lagging token, once. Drafting saves, per
         iteration, the time the batch would take to commit the same tokens without it; it lasts about
@@ -257,14 +246,13 @@ class BatchAwareChooser:
         catch_up = np.array([0 if o is None else o.num_catch_up_tokens for o in outlook], np.float64)
         remaining = np.array([0 if o is None else o.num_remaining_tokens for o in outlook], np.float64)
         k = np.array(chosen)
-        free = np.full(len(k), -1) if forced is None else forced
-        lagging = (k > 0) & (catch_up > 0) & (free < 0)
+        lagging = (k > 0) & (catch_up > 0)
         if per_token_s <= 0.0 or not lagging.any():
             return chosen, frozenset()
         etr = expected_etrs(rates, k)
         total_etr, time_s = float(etr.sum()), float(times[int(k.max()), int(k.sum())])
         steps = remaining / etr  # iterations a request drafts until it ends
-        alt = np.array(self.best_spec_tokens(rates, np.where(lagging, 0, free), times))
+        alt = np.array(self.best_spec_tokens(rates, np.where(lagging, 0, -1), times))
         alt_time_s = float(times[int(alt.max()), int(alt.sum())])
         saving_s = alt_time_s * total_etr / float(expected_etrs(rates, alt).sum()) - time_s
         if saving_s * float(steps[lagging].mean()) < per_token_s * float(catch_up[lagging].sum()):

@@ -14,9 +14,7 @@ included, and each later pass one token a sequence, which draft steps times a co
 New requests' prompts. An engine that schedules prompts into decode steps (vLLM) runs the drafter over them
 too when the step drafts: its first pass feeds every token of the step to the draft model, a prompt chunk
 included, and a request that starts drafting later is caught up over its whole history instead. So while the
-traffic drafts, the drafter prefills every prompt that arrives (where the drafter drafts for the requests at
-K > 0 alone, `CostModelConfig.is_draft_padded` False, a prompt goes through it when its request drafts, as
-that request's catch-up: the chooser weighs it). The model keeps, per batch-size bucket, the
+traffic drafts, the drafter prefills every prompt that arrives. The model keeps, per batch-size bucket, the
 prompt tokens the engine reports per iteration (`IterationStats.num_prefill_tokens`, a mean over about the
 last `prompt_window` iterations) and charges a drafting iteration that many tokens at the drafter's fitted
 prefill cost. Without it, served on the regime pair (prose at concurrency 4-32: 14-36 prompt tokens an
@@ -159,7 +157,7 @@ class CostModel:
         if scale is not None:
             draft, verify, other = draft * scale, verify * scale, other * scale
         prompt_tokens = self._fitted_prompt_tokens.get(batch_bucket(batch_size), 0.0)
-        if prompt_tokens and self.config.is_draft_padded:  # the drafter's prefill of arriving prompts
+        if prompt_tokens:  # the drafter's prefill of arriving prompts (module docstring)
             draft = draft + (steps > 0) * (self.params.draft_prefill_per_token_s * prompt_tokens)
         return draft, verify, other
 

@@ -33,10 +33,7 @@ class CostModelConfig:
     refit_min_seconds: float = 0.25
     prior_weight: float = 0.01  # pull toward the prior, relative to one iteration's relative residual
     # The drafter drafts max K for every sequence of the batch, whatever its own K (vLLM's draft model: the
-    # engine verifies K_r of them): its per-sequence term counts batch * max K drafts instead of sum K_r, and
-    # a drafting iteration feeds it every prompt token in the step (`CostModel.phase_times`). False where
-    # only the requests at K > 0 draft (the native engine; vLLM under our worker, which leaves the others
-    # out of the draft model and catches each up when it drafts: its prompt is its catch-up).
+    # engine verifies K_r of them): its per-sequence term counts batch * max K drafts instead of sum K_r.
     is_draft_padded: bool = False
     # The shape correction (module docstring): the pull of each K's shape toward the parametric form's, in
     # iterations (a K measured beside another in this many iterations counts half).

@@ -54,10 +54,10 @@ def build_chooser(
     policy = settings.policy
     info = target_info(vllm_config)
     prior = step_prior(vllm_config)
-    # vLLM drafts the batch's max K for every request (the scheduler cuts what is verified); our worker, for
-    # the requests at K > 0 alone.
-    is_draft_padded = not drafts_requests_alone(vllm_config)
-    cost_model = new_cost_model(info, prior, is_draft_padded)
+    # vLLM drafts the batch's max K for every request (the scheduler cuts what is verified). Our worker drafts
+    # for the requests at K > 0 alone, max K for each of them: charged as the whole batch's, as before (a
+    # charge per drafting request needs their number, which the search's (max K, sum K) does not hold).
+    cost_model = new_cost_model(info, prior, is_draft_padded=True)
     cost_model.defers_refits = True
     local = make_chooser(policy, info, max_spec_tokens, cost_model, prior)
     if policy.kind in ("off", "static"):
@@ -75,7 +75,7 @@ def build_chooser(
             log_to_driver=False,
             configure_logging=False,
         )
-    factory = shared_chooser_factory(policy, info, max_spec_tokens, prior, is_draft_padded)
+    factory = shared_chooser_factory(policy, info, max_spec_tokens, prior, is_draft_padded=True)
     client = PolicyClient(
         source, local, lambda: policy_actor_handle(policy.actor_name, policy.window_iterations, factory)
     )
@@ -111,46 +111,38 @@ class DrafterLag:
     next (`RequestOutlook.num_catch_up_tokens`).
 
     A step with no draft steps (our worker skips the drafter) leaves every request in it lagging from its
-    position before the step; a step that drafts catches up the requests at K > 0. The others: where the
-    worker drafts for the requests at K > 0 alone (`drafts_alone`, drafter_rows.py), they lag from the step on
-    too, and a request that never drafted lags from its first position (its prompt goes through the drafter
-    when it drafts, whenever that is); where vLLM's pass runs over the whole batch, it keeps every request that
-    did not lag whole, a new request's prompt included. Counted from the last step a request drafted at
-    instead (session 33 and before), the outlook charged the whole prompt to a request whose prompt had come in
-    with a drafting step, and charged again, to the choice made ahead while the worker ran that step, the
-    catch-up the step had just paid. `skips_drafter`: False under vLLM's runner, which runs its pass every
-    step: no request ever lags."""
+    position before the step; a step that drafts catches up the requests at K > 0, and the others lag from it
+    on too where the worker drafts for the requests at K > 0 alone (`drafts_alone`, drafter_rows.py); where
+    vLLM's pass runs over the whole batch, it keeps every request that did not lag whole. A request not seen
+    yet has nothing to catch up: its prompt completes in the step being chosen, and goes through the drafter
+    with it if it drafts (the cost model charges arriving prompts to drafting iterations). Counted from the last
+    step a request drafted at instead (session 33 and before), the outlook charged the whole prompt to a
+    request whose prompt had come in with a drafting step, and charged again, to the choice made ahead while
+    the worker ran that step, the catch-up the step had just paid. `skips_drafter`: False under vLLM's runner,
+    which runs its pass every step: no request ever lags."""
 
     def __init__(self, *, skips_drafter: bool, drafts_alone: bool = False) -> None:
         self._skips_drafter = skips_drafter
-        self._drafts_alone = skips_drafter and drafts_alone
+        self._drafts_alone = drafts_alone
         self._lag_from: dict[str, int] = {}
-        self._whole: set[str] = (
-            set()
-        )  # (drafts alone) requests whose draft KV was whole after their last step
 
     def step(self, computed: Mapping[str, int], drafting: frozenset[str]) -> None:
         """A step: `computed`, each scheduled request's positions computed before it; `drafting`, the requests
         the drafter drafts for at its end (K > 0; empty: the drafter is skipped)."""
         for request_id in drafting:  # caught up, and drafted from whole draft KV
             self._lag_from.pop(request_id, None)
-            self._whole.add(request_id)
         if not self._skips_drafter or (drafting and not self._drafts_alone):
             return
         for request_id, start in computed.items():
             if request_id not in drafting:
                 self._lag_from[request_id] = min(self._lag_from.get(request_id, start), start)
-                self._whole.discard(request_id)
 
     def catch_up_tokens(self, request_id: str, num_tokens: int) -> int:
         lag_from = self._lag_from.get(request_id)
-        if lag_from is None and self._drafts_alone and request_id not in self._whole:
-            lag_from = 0  # not seen yet: its prompt completes in this step, and the drafter has none of it
         return 0 if lag_from is None else max(0, num_tokens - lag_from)
 
     def forget(self, request_id: str) -> None:
         self._lag_from.pop(request_id, None)
-        self._whole.discard(request_id)
 
     @property
     def lag_from(self) -> dict[str, int]:

@@ -64,7 +64,7 @@ def drafting_rows_alone(drafter: Any, rows: list[int]) -> Iterator[None]:
         if cut is None:
             return propose(**kwargs)  # metadata this cannot cut: the whole batch
         drafts = propose(**cut)  # [len(rows), num_spec_tokens]
-        full = drafts.new_zeros((cad.num_reqs, drafts.shape[1]))
+        full = drafts.new_zeros((cad.batch_size(), drafts.shape[1]))  # the shape vLLM's pass returns
         full[torch.tensor(rows, device=drafts.device)] = drafts
         return full
 

@@ -36,8 +36,6 @@ class KPlan:
         # `bench.replay_record` gives the chooser the same), with the last choice, and with the ahead choice.
         self.chosen_outlook: dict[str, RequestOutlook] = {}
         self._outlook_given: dict[str, RequestOutlook] = {}
-        # ... and the joined requests' (`_choose_joined`), given with the ahead choice's to `choose_joined`.
-        self.joined_outlook: dict[str, RequestOutlook] = {}
         self._ahead_outlook: dict[str, RequestOutlook] = {}
         self._drafting: list[str] = []  # the requests that draft at the end of the step in flight
         self._ahead: dict[str, int] | None = None  # K chosen for them, for the next step
@@ -71,7 +69,6 @@ class KPlan:
         """K for the requests that draft at the end of the step being scheduled (`chosen`): chosen ahead where
         it was, else now."""
         self._drafting = drafting
-        self.joined_outlook = {}
         ahead, self._ahead = self._ahead, None
         self.is_chosen_ahead = ahead is not None
         if ahead is None:
@@ -84,7 +81,7 @@ class KPlan:
             self.chosen = {r: self._k(r, ahead.get(r, 0)) for r in drafting}
             self.choose_s, self.choose_cpu_s = self._ahead_s, self._ahead_cpu_s
             self.chosen_outlook = self._ahead_outlook
-            self._choose_joined(ahead, requests)
+            self._choose_joined(ahead)
         return self.chosen
 
     def choose_ahead(self, requests: Mapping[str, Any]) -> None:
@@ -120,7 +117,7 @@ class KPlan:
         chosen = self.chooser.choose(auto) if auto else {}
         return {r: self._k(r, chosen.get(r, 0)) for r in request_ids}
 
-    def _choose_joined(self, ahead: dict[str, int], requests: Mapping[str, Any]) -> None:
+    def _choose_joined(self, ahead: dict[str, int]) -> None:
         """K for the requests whose prompts complete in this step, which the choice made ahead did not know
         (`JoinAware.choose_joined`, the others' K kept); without a chooser that takes them, the K they asked
         for through the API, else 0."""
@@ -129,10 +126,6 @@ class KPlan:
             return
         start, start_cpu = time.perf_counter(), time.thread_time()
         others = {r: k for r, k in self.chosen.items() if r in ahead and self.requested.get(r) is None}
-        if self._takes_outlook:  # with the joined requests' catch-up (their prompts, where the drafter drafts
-            # for the requests at K > 0 alone)
-            self.joined_outlook = self.outlook(joined, requests)
-            cast(OutlookAware, self.chooser).set_outlook({**self._ahead_outlook, **self.joined_outlook})
         for request_id, k in cast(JoinAware, self.chooser).choose_joined(joined, others).items():
             self.chosen[request_id] = self._k(request_id, k)
         self.choose_s += time.perf_counter() - start

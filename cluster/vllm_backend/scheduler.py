@@ -43,7 +43,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Mapping
 from typing import Any
 
 from vllm.v1.core.sched.output import SchedulerOutput
@@ -69,7 +68,7 @@ from cluster.vllm_backend.settings import (
     SchedulerSettings,
 )
 from cluster.vllm_backend.step_record import StepLog, StepRecord
-from policy.stats import KChooser, RequestIterationStats, RequestOutlook
+from policy.stats import KChooser, RequestIterationStats
 
 logger = logging.getLogger(__name__)
 
@@ -307,15 +306,12 @@ class PolicyScheduler(Scheduler):
             choose_s=self.k_plan.choose_s,
             choose_cpu_s=self.k_plan.choose_cpu_s,
             is_chosen_ahead=self.k_plan.is_chosen_ahead,
-            outlook=_outlook_lists(self.k_plan.chosen_outlook),
-            joined_outlook=_outlook_lists(self.k_plan.joined_outlook),
+            outlook={
+                r: [o.num_catch_up_tokens, o.num_remaining_tokens]
+                for r, o in self.k_plan.chosen_outlook.items()
+            },
             observe_s=observe_s,
             gap_s=gap_s,
             is_near_drafting=is_near,
             start_s=start_s,
         )
-
-
-def _outlook_lists(outlook: Mapping[str, RequestOutlook]) -> dict[str, list[int]]:
-    """Outlooks as the step record keeps them: [catch-up tokens, tokens it may still generate]."""
-    return {r: [o.num_catch_up_tokens, o.num_remaining_tokens] for r, o in outlook.items()}

@@ -45,8 +45,6 @@ class StepRecord:
     # per request, the `RequestOutlook` the chooser was given with the choice of `chosen`: [catch-up tokens,
     # tokens it may still generate] (`bench.replay_record` gives the chooser the same)
     outlook: dict[str, list[int]] = field(default_factory=dict)
-    # ... and, where this step's K were chosen ahead, the requests that joined in it (`KPlan.joined_outlook`)
-    joined_outlook: dict[str, list[int]] = field(default_factory=dict)
     observe_s: float = 0.0  # in the chooser's observe() (after the step: between it and the next)
     gap_s: float = 0.0  # from the end of the step before to this one's schedule(): the engine core outside
     is_near_drafting: bool = False  # IterationStats.is_near_drafting: the drafter ran at or next to this step

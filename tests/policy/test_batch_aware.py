@@ -802,26 +802,6 @@ def test_a_request_that_joins_after_the_choice_gets_the_optimum_with_the_others_
     assert set(beside_k1) == {"r17", "r18"} and min(beside_k1.values()) >= 1
 
 
-def test_a_joined_request_whose_prompt_would_not_be_repaid_joins_at_k_zero() -> None:
-    # Where the drafter drafts for the requests at K > 0 alone (our vLLM worker), a joined request's prompt
-    # goes through it only if it drafts: its outlook names the prompt as its catch-up, weighed as any other's.
-    ids = [f"r{i}" for i in range(15)]
-
-    def joined_k(prompt: int, remaining: int) -> tuple[dict[str, int], dict[str, int]]:
-        chooser = chooser_for("mixtral-8x7b-h100")
-        chooser.set_outlook({r: RequestOutlook(0, 1000) for r in ids})
-        chosen = chooser.choose(ids)
-        chooser.set_outlook(
-            {**{r: RequestOutlook(0, 1000) for r in ids}, "j": RequestOutlook(prompt, remaining)}
-        )
-        return chosen, chooser.choose_joined(["j"], chosen)
-
-    chosen, joined = joined_k(0, 4)  # its prompt went through the drafter already: K as beside the others
-    assert set(chosen.values()) == {3} and joined == {"j": 3}
-    assert joined_k(1000, 100_000)[1] == {"j": 3}  # a long life repays a 1000-token prompt
-    assert joined_k(1000, 4)[1] == {"j": 0}  # 4 tokens do not; the others' K stay as chosen
-
-
 @pytest.mark.parametrize("floor", [32, 10_000])
 def test_over_the_test_budget_a_test_starts_once_nothing_drafted_for_the_floor(floor: int) -> None:
     # Over a backed-off budget, once the traffic's acceptance says K = 0, every new request starts untested at

@@ -297,18 +297,14 @@ def test_iterations_that_carry_other_requests_prompts_are_left_out_of_the_fit() 
     assert fits[1] == pytest.approx(1.0, rel=0.03)
 
 
-@pytest.mark.parametrize("is_draft_padded", [True, False])
-def test_drafting_is_charged_the_drafters_prefill_of_the_prompts_that_arrive(is_draft_padded: bool) -> None:
-    """An engine that feeds the prompts scheduled into a step to the drafter when the step drafts (vLLM's
-    drafter over the whole batch): a drafting iteration is charged the prompt tokens arriving per iteration at
-    its batch size, at the drafter's prefill cost; plain decoding and other batch sizes are not. Where the
-    drafter drafts for the requests at K > 0 alone (not padded), a prompt is its own request's catch-up, and
-    no iteration is charged another's."""
+def test_drafting_is_charged_the_drafters_prefill_of_the_prompts_that_arrive() -> None:
+    """An engine that feeds the prompts scheduled into a step to the drafter when the step drafts (vLLM): a
+    drafting iteration is charged the prompt tokens arriving per iteration at its batch size, at the drafter's
+    prefill cost; plain decoding and other batch sizes are not."""
     rng = np.random.default_rng(5)
     params = dataclasses.replace(MIXTRAL.cost_params(), draft_prefill_per_token_s=2e-5)
     truth = CostModel(CostModelConfig(MIXTRAL.routing), params)
-    config = CostModelConfig(MIXTRAL.routing, is_draft_padded=is_draft_padded)
-    without, with_prompts = (CostModel(config, params) for _ in range(2))
+    without, with_prompts = (CostModel(CostModelConfig(MIXTRAL.routing), params) for _ in range(2))
     for i in range(64):
         stats = measured_iteration(truth, list(rng.integers(0, 4, 8)), rng, noise=0.0, iteration=i)
         without.observe(stats)
@@ -320,7 +316,7 @@ def test_drafting_is_charged_the_drafters_prefill_of_the_prompts_that_arrive(is_
     assert with_prompts.prompt_tokens_per_iteration(8) == pytest.approx(100 * 16 / 80)
     assert with_prompts.plain_time(8) == pytest.approx(without.plain_time(8))
     charged = with_prompts.spec_time(8, 2) - without.spec_time(8, 2)
-    assert charged == pytest.approx(2e-5 * 100 * 16 / 80 if is_draft_padded else 0.0, abs=1e-12)
+    assert charged == pytest.approx(2e-5 * 100 * 16 / 80)
     assert with_prompts.spec_time(1, 2) == pytest.approx(without.spec_time(1, 2))
 
 

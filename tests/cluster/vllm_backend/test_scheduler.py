@@ -386,8 +386,8 @@ def test_the_chooser_is_told_what_each_drafter_missed_and_what_is_left(engines: 
     """The outlook (`RequestOutlook`) an outlook-aware chooser gets before each choice: a request that
     drafted at the end of the last step has nothing to catch up; one at K = 0 in a batch that drafted at every
     step has its whole history (our worker drafts for the requests at K > 0 alone, so the drafter has none of
-    it; `_accepted_after_skipping` checks the catch-up itself), and so has a new request its prompt; each, its
-    max_tokens less what it generated. The step record keeps each outlook given."""
+    it; `_accepted_after_skipping` checks the catch-up itself); each, its max_tokens less what it generated.
+    The step record keeps each outlook given."""
     _, ours = engines
     sched, engine = scheduler(ours), ours.llm_engine
     wrapper = _Outlooks(sched.chooser)
@@ -416,10 +416,10 @@ def test_the_chooser_is_told_what_each_drafter_missed_and_what_is_left(engines: 
             engine.step()
     finally:
         sched.chooser = wrapper.inner
-    # Only the request the policy decides for is asked about; its first outlook names its prompt (which the
-    # drafter is fed only if it drafts).
+    # Only the request the policy decides for is asked about; its first outlook (its prompt in the step, which
+    # the drafter is fed if it drafts: the cost model's prompt term charges that), nothing.
     assert wrapper.outlooks and all(list(o) == [auto] for o in wrapper.outlooks)
-    assert wrapper.outlooks[0][auto].num_catch_up_tokens == prompt_len > 0
+    assert wrapper.outlooks[0][auto].num_catch_up_tokens == 0 < prompt_len
     # The step record keeps each, with the step whose K it was given for (`bench.replay_record` replays them).
     given = [
         {r: [o.num_catch_up_tokens, o.num_remaining_tokens] for r, o in g.items()} for g in wrapper.outlooks
