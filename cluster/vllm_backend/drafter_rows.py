@@ -49,7 +49,7 @@ _REBUILT = frozenset(
         "max_seq_len",
     }
 )
-_KEPT = frozenset({"causal"})
+_KEPT = frozenset({"causal"})  # a bool (a tensor of them is not cut here)
 _DROPPED = frozenset({"_num_computed_tokens_cache", "_token_to_req_indices_cache"})  # caches, rebuilt on use
 
 
@@ -79,7 +79,7 @@ def _cut(kwargs: dict[str, Any], rows: list[int]) -> dict[str, Any] | None:
     """`propose`'s arguments for these rows alone; None where some input cannot be cut."""
     cad: CommonAttentionMetadata = kwargs["common_attn_metadata"]
     positions: torch.Tensor = kwargs["target_positions"]
-    if kwargs.get("mm_embed_inputs") is not None or positions.dim() != 1:
+    if kwargs.get("mm_embed_inputs") is not None or positions.dim() != 1 or not isinstance(cad.causal, bool):
         return None
     starts_cpu = cad.query_start_loc_cpu
     row_ids = torch.tensor(rows, dtype=torch.long)

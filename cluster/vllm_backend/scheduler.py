@@ -28,7 +28,8 @@ What the scheduler alone cannot change (see the README's vllm section):
 - After every step, vLLM's engine core fetches the step's drafts from the worker, a round trip to the
   worker process when workers run in processes, even when the step drafted nothing. Our executor
   (`executor.py`, `--distributed-executor-backend`) skips it on steps where this scheduler sets 0 draft steps.
-- Every request gets the batch's max K drafts; we only cut what is verified. K never exceeds the
+- Every request that drafts (K_r > 0) gets the batch's max K drafts (our worker drafts for those alone; vLLM's
+  runner, for every request); we only cut what is verified. K never exceeds the
   `num_speculative_tokens` given at launch (K_max: KV slots are reserved for it).
 - The scheduler times each step (schedule() to update_from_output()); our worker measures the drafter's
   part and sends it with the step's output (`runner.DraftMeasurement`). An iteration of the policy is a
