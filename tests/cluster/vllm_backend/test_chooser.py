@@ -48,7 +48,7 @@ class _Fake:
         self.__dict__.update(values)
 
 
-def _vllm_config(worker_cls: str, draft_sample_method: str = "greedy") -> Any:
+def _vllm_config(worker_cls: str) -> Any:
     """What the chooser reads of vLLM's config: the regime-pair-shaped demo checkpoints' shapes, our worker."""
     config = AppConfig.from_args(None)
     hf = _Fake(num_local_experts=8, num_experts_per_tok=2, eos_token_id=None)
@@ -61,12 +61,7 @@ def _vllm_config(worker_cls: str, draft_sample_method: str = "greedy") -> Any:
             get_vocab_size=lambda: 4096,
         ),
         scheduler_config=_Fake(max_num_seqs=32),
-        speculative_config=_Fake(
-            method="draft_model",
-            draft_model_config=_Fake(model=config.model.draft),
-            disable_padded_drafter_batch=False,
-            draft_sample_method=draft_sample_method,
-        ),
+        speculative_config=_Fake(draft_model_config=_Fake(model=config.model.draft)),
         parallel_config=_Fake(worker_cls=worker_cls),
     )
 
@@ -276,9 +271,8 @@ def test_the_drafter_lags_from_the_first_step_it_skipped_until_the_request_draft
     lag = DrafterLag(skips_drafter=True)
     lag.step({"a": 39, "new": 0}, frozenset({"a"}))  # vLLM's pass keeps both whole (new's prompt too)
     assert lag.catch_up_tokens("a", 40) == lag.catch_up_tokens("new", 12) == 0
-    lag.step(
-        {"a": 40, "new": 12}, frozenset()
-    )  # no drafter: from these positions on, the draft KV is missing
+    # No drafter: from these positions on, the draft KV is missing.
+    lag.step({"a": 40, "new": 12}, frozenset())
     lag.step({"a": 41, "new": 13}, frozenset())
     assert (lag.catch_up_tokens("a", 43), lag.catch_up_tokens("new", 14)) == (3, 2)
     lag.step({"a": 42, "new": 14}, frozenset({"new"}))  # the worker catches up new; a stays behind at K = 0
