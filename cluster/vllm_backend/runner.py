@@ -110,8 +110,8 @@ class CatchUpRunnerMixin:
         # False: vLLM's path at K = 0 (the drafter's pass every step, the rejection sampler); tests flip it
         self.skips_drafter = True
         # True: a step that drafts runs the drafter for the requests at K > 0 alone (`drafter_rows`); False:
-        # for the whole batch, as vLLM does. Set where the worker starts (`settings.drafts_alone`).
-        self.drafts_alone = False
+        # for the whole batch, as vLLM does (`settings.drafts_alone`).
+        self.drafts_alone = drafts_alone(self.speculative_config)
         self.lag_from: dict[str, int] = {}  # request -> first position whose draft KV is missing
         self.num_skipped_steps = 0
         self.num_catch_up_passes = 0
@@ -377,7 +377,6 @@ def _enable(runner: Any) -> None:
     runner.__class__ = type(f"CatchUp{cls.__name__}", (CatchUpRunnerMixin, cls), {})
     enabled: Any = runner
     enabled._init_catch_up()
-    enabled.drafts_alone = drafts_alone(runner.speculative_config)
 
 
 def _base_worker() -> type[Any]:
