@@ -155,11 +155,16 @@ def make_chooser(
 
 
 def new_cost_model(
-    info: TargetInfo, prior: CostParams = DEFAULT_PRIOR, is_draft_padded: bool = False
+    info: TargetInfo,
+    prior: CostParams = DEFAULT_PRIOR,
+    is_draft_padded: bool = False,
+    drafts_alone: bool = False,
 ) -> CostModel:
-    """`is_draft_padded`: the engine drafts the batch's max K for every sequence (vLLM), see CostModelConfig."""
+    """`is_draft_padded`: the engine drafts the batch's max K for every sequence (vLLM); `drafts_alone`: for
+    every sequence at K > 0 (our vLLM worker); see CostModelConfig."""
     routing = RoutingConfig(num_experts=info.num_experts, top_k=info.top_k if info.num_experts else 0)
-    return CostModel(CostModelConfig(routing=routing, is_draft_padded=is_draft_padded), prior)
+    config = CostModelConfig(routing=routing, is_draft_padded=is_draft_padded, drafts_alone=drafts_alone)
+    return CostModel(config, prior)
 
 
 def shared_chooser_factory(
@@ -168,6 +173,7 @@ def shared_chooser_factory(
     max_spec_tokens: int,
     prior: CostParams = DEFAULT_PRIOR,
     is_draft_padded: bool = False,
+    drafts_alone: bool = False,
 ) -> Callable[[], KChooser]:
     """For the central actor: one chooser per router, all sharing one cost model (one target hardware).
 
@@ -177,7 +183,7 @@ def shared_chooser_factory(
 
     def make() -> KChooser:
         if not shared:
-            shared.append(new_cost_model(info, prior, is_draft_padded))
+            shared.append(new_cost_model(info, prior, is_draft_padded, drafts_alone))
         return make_chooser(settings, info, max_spec_tokens, shared[0])
 
     return make
