@@ -66,15 +66,8 @@ class _Config:
         self.__dict__.update(values)
 
 
-def vllm_config(
-    target: Path,
-    draft: Path,
-    max_num_seqs: int = 32,
-    worker_cls: str = WORKER_CLS,
-    drafts_alone: bool = True,
-) -> Any:
-    """What the chooser reads of vLLM's config, for a served target and draft checkpoint (`drafts_alone`: our
-    worker drafts for the requests at K > 0 alone, as served from session 46 on; before, for the whole batch)."""
+def vllm_config(target: Path, draft: Path, max_num_seqs: int = 32, worker_cls: str = WORKER_CLS) -> Any:
+    """What the chooser reads of vLLM's config, for a served target and draft checkpoint."""
     hf = json.loads((target / "config.json").read_text())
     return _Config(
         model_config=_Config(
@@ -89,9 +82,7 @@ def vllm_config(
             get_vocab_size=lambda: int(hf["vocab_size"]),
         ),
         scheduler_config=_Config(max_num_seqs=max_num_seqs),
-        speculative_config=_Config(
-            method="draft_model" if drafts_alone else None, draft_model_config=_Config(model=str(draft))
-        ),
+        speculative_config=_Config(draft_model_config=_Config(model=str(draft))),
         parallel_config=_Config(worker_cls=worker_cls),
     )
 
@@ -286,8 +277,7 @@ def replay(steps: list[dict[str, Any]], chooser: MeasuredGuard, cells: list[Cell
                     key = (batch_bucket(len(ks)), max(ks))
                     current.ratios[key].append(predicted / stats.iteration_time_s)
                 if kind == "drafting" and not stats.num_draft_prefill_tokens:  # the drafter's part alone
-                    model = inner.cost_model
-                    draft_s, _, _ = model.phase_times(len(ks), max(ks), sum(ks), model.num_drafted_for(ks))
+                    draft_s, _, _ = inner.cost_model.phase_times(len(ks), max(ks), sum(ks))
                     current.predicted_s["drafter"] += float(draft_s)
                     current.measured_s["drafter"] += stats.draft_time_s
             chooser.observe(stats)
@@ -315,21 +305,13 @@ def main() -> None:
     parser.add_argument("--launch", type=int, default=0, help="the record's launch in the result file")
     parser.add_argument("--target", type=Path, default=REPO / "models" / "demo-moe")
     parser.add_argument("--draft", type=Path, default=REPO / "models" / "demo-draft")
-    parser.add_argument(
-        "--whole-batch-drafter",
-        action="store_true",
-        help="a record from before session 46, whose worker drafted for every request of a drafting step",
-    )
     args = parser.parse_args()
     steps = [json.loads(line) for line in args.record.read_text().splitlines() if line.strip()]
     cells = cells_of(args.result, args.mode, args.launch)
     if not cells:
         parser.error(f"{args.result} has no cells of mode {args.mode!r} at launch {args.launch}")
     chooser, _ = build_chooser(
-        SchedulerSettings(),
-        vllm_config(args.target, args.draft, drafts_alone=not args.whole_batch_drafter),
-        MAX_SPEC_TOKENS,
-        "replay",
+        SchedulerSettings(), vllm_config(args.target, args.draft), MAX_SPEC_TOKENS, "replay"
     )
     if not isinstance(chooser, MeasuredGuard):
         raise TypeError(f"expected the measured guard around the chooser, got {type(chooser).__name__}")

@@ -155,16 +155,11 @@ def make_chooser(
 
 
 def new_cost_model(
-    info: TargetInfo,
-    prior: CostParams = DEFAULT_PRIOR,
-    is_draft_padded: bool = False,
-    drafts_alone: bool = False,
+    info: TargetInfo, prior: CostParams = DEFAULT_PRIOR, is_draft_padded: bool = False
 ) -> CostModel:
-    """`is_draft_padded`: the engine drafts the batch's max K for every sequence (vLLM); `drafts_alone`: for
-    every sequence at K > 0 (our vLLM worker); see CostModelConfig."""
+    """`is_draft_padded`: the engine drafts the batch's max K for every sequence (vLLM), see CostModelConfig."""
     routing = RoutingConfig(num_experts=info.num_experts, top_k=info.top_k if info.num_experts else 0)
-    config = CostModelConfig(routing=routing, is_draft_padded=is_draft_padded, drafts_alone=drafts_alone)
-    return CostModel(config, prior)
+    return CostModel(CostModelConfig(routing=routing, is_draft_padded=is_draft_padded), prior)
 
 
 def shared_chooser_factory(
@@ -173,7 +168,6 @@ def shared_chooser_factory(
     max_spec_tokens: int,
     prior: CostParams = DEFAULT_PRIOR,
     is_draft_padded: bool = False,
-    drafts_alone: bool = False,
 ) -> Callable[[], KChooser]:
     """For the central actor: one chooser per router, all sharing one cost model (one target hardware).
 
@@ -183,7 +177,7 @@ def shared_chooser_factory(
 
     def make() -> KChooser:
         if not shared:
-            shared.append(new_cost_model(info, prior, is_draft_padded, drafts_alone))
+            shared.append(new_cost_model(info, prior, is_draft_padded))
         return make_chooser(settings, info, max_spec_tokens, shared[0])
 
     return make

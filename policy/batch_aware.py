@@ -22,7 +22,7 @@ from numpy.typing import NDArray
 
 from policy.batch_aware_config import BatchAwareConfig
 from policy.cost_model import CostModel
-from policy.k_search import best_k_vector, charge, charge_of, expected_etrs, max_of_others, with_hysteresis
+from policy.k_search import best_k_vector, expected_etrs, max_of_others, with_hysteresis
 from policy.stats import IterationStats, RequestOutlook, SameBatchSkips
 from policy.test_budget import TestBudget
 from policy.test_phase import RequestState, TestPhases
@@ -100,7 +100,7 @@ class BatchAwareChooser:
         for i in self._phases.testers(states, chosen, unrepaid):
             chosen[i] = max(chosen[i], self.config.probe_num_spec_tokens)
         self._phases.settle(states, chosen, lambda estimator: self._pays_alike(estimator, num, times))
-        plain_rate = num / float(times[0, 0, 0])
+        plain_rate = num / float(times[0, 0])
         bar = 1.0 + self.config.min_predicted_gain if max(chosen) else 1.0  # the gauge is the model's own
         self._predicted_speedup = bar * self.tokens_per_second(rates, chosen, times) / plain_rate
         is_steady = not any(chosen) and all(s.test_remaining == 0 and s.set_k == 0 for s in states)
@@ -180,7 +180,7 @@ class BatchAwareChooser:
         etr = float(expected_etrs(rates, np.asarray(num_spec_tokens)).sum())
         if times is None:
             return etr / self.cost_model.iteration_time([int(k) for k in num_spec_tokens])
-        return etr / charge_of(times, np.asarray(num_spec_tokens))
+        return etr / float(times[max(num_spec_tokens), sum(num_spec_tokens)])
 
     def best_spec_tokens(
         self, rates: Array, forced: NDArray[np.int_], times: Array | None = None
@@ -207,14 +207,11 @@ class BatchAwareChooser:
         `_time_table`), drafting charged its bar (`TestPhases.settle`)."""
         rate = max(estimator.rate - estimator.standard_error, 0.0)
         ks = np.arange(self.config.max_spec_tokens + 1)
-        per_second = expected_etrs(np.full(len(ks), rate), ks) / charge(
-            times, ks, batch_size * ks, np.where(ks > 0, batch_size, 0)
-        )
+        per_second = expected_etrs(np.full(len(ks), rate), ks) / times[ks, batch_size * ks]
         return bool(per_second[1:].max() > per_second[0])
 
     def _time_table(self, batch_size: int) -> Array:
-        """Predicted iteration seconds of this batch by (max K, sum K, requests at K > 0), as
-        `policy.k_search.charge` reads it (one column along n where the drafter drafts for every request), the
+        """Predicted iteration seconds of this batch by (max K, sum K): shape (max_k + 1, R * max_k + 1), the
         drafting rows (max K >= 1) charged `min_predicted_gain` above the cost model's time.
 
         Kept until the cost model's predictions change (`CostModel.version`; a refit every 16 iterations on the
@@ -226,13 +223,8 @@ class BatchAwareChooser:
         table = self._time_tables.get(batch_size)
         if table is None:
             max_k = self.config.max_spec_tokens
-            is_charged_by_drafting = self.cost_model.config.drafts_alone
-            drafting = np.arange(batch_size + 1) if is_charged_by_drafting else np.array([batch_size])
             table = self._time_tables[batch_size] = self.cost_model.time_grid(
-                batch_size,
-                np.arange(max_k + 1)[:, None, None],
-                np.arange(batch_size * max_k + 1)[None, :, None],
-                drafting[None, None, :],
+                batch_size, np.arange(max_k + 1)[:, None], np.arange(batch_size * max_k + 1)[None, :]
             )
             table[1:] *= 1.0 + self.config.min_predicted_gain
         return table
@@ -258,16 +250,16 @@ class BatchAwareChooser:
         if per_token_s <= 0.0 or not lagging.any():
             return chosen, frozenset()
         etr = expected_etrs(rates, k)
-        total_etr, time_s = float(etr.sum()), charge_of(times, k)
+        total_etr, time_s = float(etr.sum()), float(times[int(k.max()), int(k.sum())])
         steps = remaining / etr  # iterations a request drafts until it ends
         alt = np.array(self.best_spec_tokens(rates, np.where(lagging, 0, -1), times))
-        alt_time_s = charge_of(times, alt)
+        alt_time_s = float(times[int(alt.max()), int(alt.sum())])
         saving_s = alt_time_s * total_etr / float(expected_etrs(rates, alt).sum()) - time_s
         if saving_s * float(steps[lagging].mean()) < per_token_s * float(catch_up[lagging].sum()):
             self.num_unrepaid += 1
             return [int(v) for v in alt], frozenset(np.flatnonzero(lagging & (alt == 0)).tolist())
         # Each alone: r at K = 0, the others as chosen.
-        alone_time_s = charge(times, max_of_others(k), int(k.sum()) - k, np.count_nonzero(k) - (k > 0))
+        alone_time_s = times[max_of_others(k), int(k.sum()) - k]
         alone_saving_s = alone_time_s * total_etr / (total_etr - etr + 1.0) - time_s
         unrepaid = lagging & (alone_saving_s * steps < per_token_s * catch_up)
         if not unrepaid.any():

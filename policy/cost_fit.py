@@ -16,9 +16,8 @@ if TYPE_CHECKING:
 
 Array = NDArray[np.float64]
 # A measured iteration's row: (batch, max K, sum K, mean experts touched or nan, drafter prefill tokens,
-# draft s, verify s, other s, the number of rows recorded before it, the sequences a padded drafter drafted
-# for). `CostModel._record` makes them.
-ROW_SIZE = 10
+# draft s, verify s, other s, the number of rows recorded before it). `CostModel._record` makes them.
+ROW_SIZE = 9
 Nnls = Callable[[Array, Array], tuple[Array, float]]
 
 
@@ -45,7 +44,7 @@ class CostFit:
     ) -> dict[str, float]:
         """Every param's fitted value, starting from `current` and pulled toward `prior`."""
         table = np.array(rows, dtype=np.float64).reshape(-1, ROW_SIZE).T
-        batch, steps, spec, experts, prefill, draft, verify, other, _, drafted_for = table
+        batch, steps, spec, experts, prefill, draft, verify, other, _ = table
         tokens = batch + spec
         experts = np.where(np.isnan(experts), predict_experts(tokens), experts)
         ones = np.ones_like(tokens)
@@ -65,7 +64,7 @@ class CostFit:
                 [*verify_columns, other_columns[2]],
             )
             other_terms, other_columns = other_terms[:2], other_columns[:2]
-        drafted = steps * drafted_for if self.is_draft_padded else spec
+        drafted = steps * batch if self.is_draft_padded else spec
         groups = [  # (design, measured times, parameter names)
             (np.column_stack(verify_columns), verify, verify_terms),
             (

@@ -96,8 +96,7 @@ class CostModel:
     T = draft + verify + other, with t = batch + sum K_r verification tokens and m = max K_r draft steps:
       draft  = m * draft_fixed + draft_per_token * sum K_r + draft_first_pass * [m > 0]
                                       (step j drafts the requests with K_r >= j; with is_draft_padded,
-                                      every request: batch * m instead of sum K_r, and with
-                                      drafts_alone every request at K_r > 0: n * m)
+                                      every request: batch * m instead of sum K_r)
       verify = fixed + per_seq * batch + per_expert * N(t) + per_token * t
                                       (weights read, per-sequence attention, distinct experts, compute)
       other  = other + draft_call * [m > 0] + other_per_token * t
@@ -147,19 +146,11 @@ class CostModel:
 
     # -- predictions ----------------------------------------------------------------------------------------
 
-    def phase_times(
-        self,
-        batch_size: int,
-        max_steps: ArrayLike,
-        total_spec: ArrayLike,
-        num_drafting: ArrayLike | None = None,
-    ) -> tuple[Array, ...]:
-        """(draft, verify, other) seconds for a batch whose K vector has this max and this sum, and this many
-        requests at K > 0 (None: every request; read where the drafter drafts for those alone,
-        `CostModelConfig.drafts_alone`)."""
+    def phase_times(self, batch_size: int, max_steps: ArrayLike, total_spec: ArrayLike) -> tuple[Array, ...]:
+        """(draft, verify, other) seconds for a batch whose K vector has this max and this sum."""
         spec = np.asarray(total_spec, dtype=np.float64)
         steps = np.asarray(max_steps, dtype=np.float64)
-        draft, verify, other = self._model_times(batch_size, steps, spec, num_drafting)
+        draft, verify, other = self._model_times(batch_size, steps, spec)
         scale = self._correction.factors(
             batch_bucket(batch_size), drafts_per_sequence(steps, spec, batch_size)
         )
@@ -171,11 +162,7 @@ class CostModel:
         return draft, verify, other
 
     def _model_times(
-        self,
-        batch_size: ArrayLike,
-        max_steps: ArrayLike,
-        total_spec: ArrayLike,
-        num_drafting: ArrayLike | None = None,
+        self, batch_size: ArrayLike, max_steps: ArrayLike, total_spec: ArrayLike
     ) -> tuple[Array, ...]:
         """`phase_times` of the parametric form alone, elementwise (batch sizes may be an array too)."""
         p = self.params
@@ -183,10 +170,7 @@ class CostModel:
         steps = np.asarray(max_steps, dtype=np.float64)
         spec = np.asarray(total_spec, dtype=np.float64)
         tokens = batch + spec
-        drafted_for = (
-            batch if num_drafting is None or not self.config.drafts_alone else np.asarray(num_drafting)
-        )
-        drafted = steps * drafted_for if self.config.is_draft_padded else spec
+        drafted = steps * batch if self.config.is_draft_padded else spec
         draft = steps * p.draft_fixed_s + drafted * p.draft_per_token_s + (steps > 0) * p.draft_first_pass_s
         verify = (
             p.fixed_s
@@ -197,29 +181,15 @@ class CostModel:
         other = p.other_s + p.draft_call_s * (steps > 0) + p.other_per_token_s * tokens
         return draft, verify, other
 
-    def time_grid(
-        self,
-        batch_size: int,
-        max_steps: ArrayLike,
-        total_spec: ArrayLike,
-        num_drafting: ArrayLike | None = None,
-    ) -> Array:
-        draft, verify, other = self.phase_times(batch_size, max_steps, total_spec, num_drafting)
+    def time_grid(self, batch_size: int, max_steps: ArrayLike, total_spec: ArrayLike) -> Array:
+        draft, verify, other = self.phase_times(batch_size, max_steps, total_spec)
         return draft + verify + other
 
     def iteration_time(self, num_spec_tokens: Sequence[int]) -> float:
         """Seconds for one iteration of a batch with these K_r (one entry per request)."""
         if not num_spec_tokens:
             return 0.0
-        ks = num_spec_tokens
-        return float(self.time_grid(len(ks), max(ks), sum(ks), self.num_drafted_for(ks)))
-
-    def num_drafted_for(self, num_spec_tokens: Sequence[int]) -> int:
-        """The sequences a padded drafter drafts max K for in an iteration with these K_r: the requests at
-        K > 0 where it drafts for those alone (`CostModelConfig.drafts_alone`), else every request."""
-        if self.config.drafts_alone:
-            return sum(k > 0 for k in num_spec_tokens)
-        return len(num_spec_tokens)
+        return float(self.time_grid(len(num_spec_tokens), max(num_spec_tokens), sum(num_spec_tokens)))
 
     def num_drafting_iterations(self, batch_size: int) -> int:
         """Drafting iterations measured at this batch size's bucket (`batch_bucket`). Plain iterations alone
@@ -329,7 +299,7 @@ class CostModel:
         # Each row once (an archived block's rows may be in the ring still), in the order recorded.
         rows = rows[np.unique(rows[:, 8], return_index=True)[1]]
         batch, steps, spec = rows[:, 0], rows[:, 1], rows[:, 2]
-        draft, verify, other = self._model_times(batch, steps, spec, rows[:, 9])
+        draft, verify, other = self._model_times(batch, steps, spec)
         catch_up = rows[:, 4] * self.params.draft_prefill_per_token_s  # the row's own, not corrected
         predicted, measured = draft + verify + other, rows[:, 5] + rows[:, 6] + rows[:, 7] - catch_up
         valid = (predicted > 0.0) & (measured > 0.0)
@@ -339,8 +309,7 @@ class CostModel:
 
     def _record(self, stats: IterationStats) -> tuple[float, ...] | None:
         """(batch, max K, sum K, mean experts or nan, draft prefill tokens, draft s, verify s, other s, the
-        number of rows recorded before it, the sequences drafted for: `num_drafted_for`); feeds the expert
-        counts and the drafting iterations per bucket."""
+        number of rows recorded before it); feeds the expert counts and the drafting iterations per bucket."""
         if not stats.requests:
             return None
         ks = [r.num_spec_tokens for r in stats.requests]
@@ -365,7 +334,6 @@ class CostModel:
             stats.verify_time_s,
             stats.other_time_s,
             self._next_row_number(),
-            self.num_drafted_for(ks),
         )
 
     def _next_row_number(self) -> float:

@@ -35,13 +35,6 @@ class CostModelConfig:
     # The drafter drafts max K for every sequence of the batch, whatever its own K (vLLM's draft model: the
     # engine verifies K_r of them): its per-sequence term counts batch * max K drafts instead of sum K_r.
     is_draft_padded: bool = False
-    # With is_draft_padded: the drafter drafts for the requests at K > 0 alone, max K each (our vLLM worker,
-    # `cluster/vllm_backend/drafter_rows.py`), not for every request of the batch, so its per-sequence term
-    # counts max K times the drafting requests. Served on the regime pair (session 46), a batch-9-16 step where
-    # one request drafted spent 4.6 ms in the drafter drafting for it alone, 8.3 ms drafting for every request;
-    # one where every request drafted, 23.6 ms. Charged as the whole batch's, a test of one request, and a
-    # batch that drafts for a few, were priced at every request's drafting.
-    drafts_alone: bool = False
     # The shape correction (module docstring): the pull of each K's shape toward the parametric form's, in
     # iterations (a K measured beside another in this many iterations counts half).
     correction_pseudo_count: float = 8.0
@@ -59,10 +52,6 @@ class CostModelConfig:
     max_archived_blocks: int = 16
 
     def __post_init__(self) -> None:
-        if self.drafts_alone and not self.is_draft_padded:
-            raise ValueError(
-                "drafts_alone=True needs is_draft_padded=True (a drafter that drafts max K per request)"
-            )
         if self.prompt_window < 1:
             raise ValueError(f"prompt_window={self.prompt_window} must be >= 1")
         if self.correction_block < 1 or self.max_samples_per_bucket % self.correction_block:

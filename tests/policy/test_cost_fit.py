@@ -24,16 +24,11 @@ def experts(tokens: np.ndarray) -> np.ndarray:
     return 64.0 * (1.0 - (1.0 - 2.0 / 64.0) ** tokens)  # uniform routing, top-2 of 64, one layer
 
 
-def rows_of(
-    params: CostParams, shapes: list[tuple[int, int, int]], drafted_for: list[int] | None = None
-) -> np.ndarray:
-    """Rows as `CostModel._record` makes them, timed exactly by the parametric form: every request at K = steps,
-    or where `drafted_for` is given, that many of each batch at K = steps and the others at 0, drafted by a
-    padded drafter for those alone."""
+def rows_of(params: CostParams, shapes: list[tuple[int, int, int]]) -> np.ndarray:
+    """Rows as `CostModel._record` makes them, timed exactly by the parametric form."""
     rows = []
     for n, (batch, steps, prefill) in enumerate(shapes):
-        drafting = batch if drafted_for is None else drafted_for[n]
-        spec = drafting * steps
+        spec = batch * steps
         tokens = batch + spec
         draft = steps * params.draft_fixed_s + spec * params.draft_per_token_s
         draft += params.draft_prefill_per_token_s * prefill if steps else 0.0
@@ -44,7 +39,7 @@ def rows_of(
             + params.per_token_s * tokens
         )
         other = params.other_s + params.draft_call_s * (steps > 0) + params.other_per_token_s * tokens
-        rows.append((batch, steps, spec, np.nan, prefill, draft, verify, other, n, drafting))
+        rows.append((batch, steps, spec, np.nan, prefill, draft, verify, other, n))
     return np.array(rows, dtype=np.float64)
 
 
@@ -57,25 +52,6 @@ def test_fit_recovers_the_params_that_timed_the_rows() -> None:
     fitted = fit.fit(rows_of(TRUTH, shapes), start, start, experts)
     for name, value in fitted.items():
         assert value == pytest.approx(getattr(TRUTH, name), rel=0.03), name
-
-
-def test_a_padded_fit_counts_the_sequences_drafted_for() -> None:
-    """Where a padded drafter drafts max K for the requests at K > 0 alone, the rows' drafted-for count tells
-    the per-sequence term from the per-step one; counted as the whole batch's, the fit misses both."""
-    shapes, drafted_for = [], []
-    for b in (4, 8, 16, 32):
-        for k in range(1, 5):
-            for n in sorted({1, b // 4, b}):
-                shapes.append((b, k, 0))
-                drafted_for.append(n)
-    rows = rows_of(TRUTH, shapes, drafted_for)
-    fit = CostFit(is_draft_padded=True, min_samples=8, prior_weight=1e-4)
-    fitted = fit.fit(rows, TRUTH, TRUTH, experts)
-    assert fitted["draft_fixed_s"] == pytest.approx(TRUTH.draft_fixed_s, rel=0.03)
-    assert fitted["draft_per_token_s"] == pytest.approx(TRUTH.draft_per_token_s, rel=0.03)
-    rows[:, 9] = rows[:, 0]  # the same times, read as drafted for every request
-    whole = fit.fit(rows, TRUTH, TRUTH, experts)
-    assert whole["draft_per_token_s"] < 0.5 * TRUTH.draft_per_token_s
 
 
 def test_a_group_without_enough_rows_keeps_its_current_values() -> None:

@@ -252,29 +252,17 @@ def test_the_chooser_drafts_at_batch_1_where_a_per_step_overhead_makes_it_pay(se
     assert batch_1 >= 0.95 * max(static), f"seed {seed}: {batch_1 / max(static):.2f}x the best static K"
 
 
-def test_the_vllm_cost_model_charges_max_k_drafts_for_every_request_the_drafter_drafts_for() -> None:
+def test_the_vllm_cost_model_charges_max_k_drafts_for_every_request() -> None:
     """vLLM drafts the batch's max K for every request; the scheduler only cuts what is verified. Charged as
     sum K (before), the chooser mixed K = 0-4 in one batch at concurrency 16, where 45% of the drafts vLLM
     computed were cut (the served record); in the batch-1-then-4 replay, batch 4 rose from 1.09-1.22x to
     1.16-1.46x off on the 6 seeds with this charge. Our worker drafts for the requests at K > 0 alone, max K
-    for each (a draft model drafting greedily, `settings.drafts_alone`): charged as sum K, the chooser mixed
-    K = 1-4 among them at synthetic 16 (served, session 46), and ran 0.94x the whole batch's charge there; so
-    it is charged max K for each of them."""
-    vllm_config = _vllm_config(WORKER_CLS)
-    _, model = build_chooser(SchedulerSettings(), vllm_config, MAX_SPEC_TOKENS, "test")
-    (ragged,) = model.phase_times(4, 4, 4, 1)[:1]  # one request at K = 4, three at K = 0
-    (uniform,) = model.phase_times(4, 4, 16, 4)[:1]  # all four at K = 4
-    assert (
-        float(ragged) == pytest.approx(float(uniform)) and float(ragged) > 0.0
-    )  # vLLM's drafter: every request
-    vllm_config.speculative_config.method = "draft_model"  # our worker drafts for the one alone
-    _, model = build_chooser(SchedulerSettings(), vllm_config, MAX_SPEC_TOKENS, "test")
-    (ragged,) = model.phase_times(4, 4, 4, 1)[:1]
-    (uniform,) = model.phase_times(4, 4, 16, 4)[:1]
-    per_sequence = model.params.draft_per_token_s
-    assert float(uniform) - float(ragged) == pytest.approx(3 * 4 * per_sequence) and per_sequence > 0.0
-    assert model.iteration_time([4, 0, 0, 0]) == pytest.approx(float(model.time_grid(4, 4, 4, 1)))
-    assert model.iteration_time([4, 0, 0, 0]) < float(model.time_grid(4, 4, 4, 4))
+    for each: charged as sum K, the chooser mixed K = 1-4 among them at synthetic 16 (served, session 46), and
+    ran 0.94x the whole batch's charge there; the charge stays the whole batch's."""
+    _, model = build_chooser(SchedulerSettings(), _vllm_config(WORKER_CLS), MAX_SPEC_TOKENS, "test")
+    (ragged,) = model.phase_times(4, 4, 4)[:1]  # one request at K = 4, three at K = 0
+    (uniform,) = model.phase_times(4, 4, 16)[:1]  # all four at K = 4
+    assert float(ragged) == pytest.approx(float(uniform)) and float(ragged) > 0.0
 
 
 def test_the_drafter_lags_from_the_first_step_it_skipped_until_the_request_drafts() -> None:
