@@ -49,10 +49,19 @@ with it, so that the cost model fits the drafter's terms instead of folding them
 Scope: vLLM's V1 model runner (`GPUModelRunner`, which the CPU runner extends) with a draft model
 (`method: draft_model`) and the padded drafter batch (vLLM's default). Anything else (EAGLE, whose catch-up
 would need the target's hidden states of the missed tokens; the V2 runner) runs vLLM's runner unchanged,
-with a warning. With prefix caching, a request that finishes while lagging leaves up to its lag of draft KV
-unwritten in its blocks (a request that never drafted: its prompt's too); a later prompt that shares those
-blocks (a multi-turn chat, a common system prompt) hits the cache for the target but drafts from missing draft
-KV: lower acceptance there, output unchanged. Per-block tracking of the draft KV written would close that.
+with a warning.
+
+Prefix caching. A request that finishes while lagging leaves up to its lag of draft KV unwritten in its blocks
+(a request that never drafted: its prompt's too), and a later prompt that shares those blocks (a multi-turn
+chat, a common system prompt, a benchmark's prompts sent again) reads them from the cache. So the runner keeps
+the blocks whose draft KV is written for every position they hold (`draft_written_blocks`: a request's blocks
+wholly below its first position without draft KV; a block loses its place when the target writes into it,
+as when it is freed and given to another request), and a request whose first step starts from cached blocks
+lags from the first of them not in it: the catch-up writes the rest when it drafts. Without that it drafted
+from KV never written (or a block's earlier content): acceptance lower, output unchanged
+(`test_a_prefix_cache_hit_drafts_from_draft_kv_written_for_it`). The scheduler's copy of the lag
+(`chooser.DrafterLag`) does not see these blocks: its outlook leaves such a request's prefix out of the
+catch-up it names.
 """
 
 from __future__ import annotations
@@ -113,6 +122,10 @@ class CatchUpRunnerMixin:
         # for the whole batch, as vLLM does (`settings.drafts_alone`).
         self.drafts_alone = drafts_alone(self.speculative_config)
         self.lag_from: dict[str, int] = {}  # request -> first position whose draft KV is missing
+        # Prefix caching: the drafter's KV cache blocks whose draft KV is written for every position they hold
+        # (`_note_cached_prefix`, `_track_blocks`), and per request how many of its first blocks were added.
+        self.draft_written_blocks: set[int] = set()
+        self._num_written_blocks: dict[str, int] = {}
         self.num_skipped_steps = 0
         self.num_catch_up_passes = 0
         self.num_catch_up_tokens = 0
@@ -197,9 +210,12 @@ class CatchUpRunnerMixin:
                 scheduler_output, sampled_token_ids, sampling_metadata, hidden_states, sample_hidden_states,
                 aux_hidden_states, spec_decode_metadata, common_attn_metadata, slot_mappings,
             )  # fmt: skip
+        self._note_cached_prefix(rows)
         if scheduler_output.num_spec_tokens_to_schedule == 0 and self.skips_drafter:
             self._draft_measurement = DraftMeasurement(0.0, 0)
-            return self._skip(rows, sampled_token_ids)
+            skipped = self._skip(rows, sampled_token_ids)
+            self._track_blocks(rows, scheduler_output)
+            return skipped
         self._synchronize()  # the target's forward and sampling are not the drafter's time
         start, tokens = time.perf_counter(), self.num_catch_up_tokens
         drafting = getattr(scheduler_output, DRAFTING_REQUESTS_ATTR, None)
@@ -222,6 +238,7 @@ class CatchUpRunnerMixin:
         self._synchronize()
         self._draft_measurement = DraftMeasurement(time.perf_counter() - start, num_prefill)
         self._drafted = True
+        self._track_blocks(rows, scheduler_output)
         return drafts
 
     def _synchronize(self) -> None:
@@ -243,6 +260,8 @@ class CatchUpRunnerMixin:
         rows = [(i, r, int(computed[i])) for i, r in enumerate(self.input_batch.req_ids) if r is not None]
         for request_id in [r for r in self.lag_from if r not in self.requests]:  # finished or preempted
             del self.lag_from[request_id]
+        for request_id in [r for r in self._num_written_blocks if r not in self.requests]:
+            del self._num_written_blocks[request_id]
         return rows
 
     def _skip(self, rows: list[tuple[int, str, int]], sampled_token_ids: torch.Tensor) -> torch.Tensor:
@@ -265,6 +284,45 @@ class CatchUpRunnerMixin:
         """The request's draft KV misses this step: positions from `start` on are (re)computed by the target
         now, and the draft KV is valid below it (or below an earlier lag)."""
         self.lag_from[request_id] = min(self.lag_from.get(request_id, start), start)
+
+    def _note_cached_prefix(self, rows: list[tuple[int, str, int]]) -> None:
+        """A request seen for the first time with positions already computed (a prefix-cache hit) lags from its
+        first block whose draft KV was never written: the request that computed that block did not draft over
+        it, so the catch-up writes it when this one drafts."""
+        for _, request_id, start in rows:
+            if request_id in self._num_written_blocks:
+                continue
+            block_ids, block_size = self._draft_blocks(request_id)
+            num_cached = start // block_size
+            written = next(
+                (b for b in range(num_cached) if block_ids[b] not in self.draft_written_blocks), num_cached
+            )
+            if written < num_cached or start % block_size:
+                self._lag(request_id, written * block_size)
+            self._num_written_blocks[request_id] = written
+
+    def _track_blocks(self, rows: list[tuple[int, str, int]], scheduler_output: Any) -> None:
+        """After a step: the blocks the target wrote in it lose their draft KV (a block freed and given to
+        another request holds what the target writes now, and the drafter may not follow); each request's
+        blocks wholly below its first position without draft KV (its lag, else this step's start) have it."""
+        scheduled = scheduler_output.num_scheduled_tokens
+        for _, request_id, start in rows:
+            block_ids, block_size = self._draft_blocks(request_id)
+            end = start + scheduled.get(request_id, 0)
+            self.draft_written_blocks.difference_update(
+                block_ids[start // block_size : -(-end // block_size)]
+            )
+            num_written = min(self.lag_from.get(request_id, start), start) // block_size
+            done = self._num_written_blocks.get(request_id, 0)
+            if num_written > done:
+                self.draft_written_blocks.update(block_ids[done:num_written])
+                self._num_written_blocks[request_id] = num_written
+
+    def _draft_blocks(self, request_id: str) -> tuple[list[int], int]:
+        """The request's block ids in the drafter's KV cache group, and that group's block size."""
+        group = max(int(getattr(self.drafter, "kv_cache_gid", 0)), 0)
+        spec = self.kv_cache_config.kv_cache_groups[group].kv_cache_spec
+        return self.requests[request_id].block_ids[group], int(spec.block_size)
 
     def _catch_up(
         self, rows: list[tuple[int, str, int]], cad: CommonAttentionMetadata, drafting: Any = None

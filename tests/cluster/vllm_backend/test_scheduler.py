@@ -303,6 +303,56 @@ def test_drafts_after_skipped_steps_are_as_good_as_without_skipping(engines: tup
     assert calls.count(2) >= reference_calls.count(2) + half
 
 
+def _after_a_cached_prefix(llm: Any, skips: bool, tracks_blocks: bool = True) -> tuple[list[int], list[int]]:
+    """A request at "off" computes a prompt of up to three blocks and more (its KV cached for the target, never
+    drafted over where the runner skips the drafter), then a request sharing those blocks drafts at K = 3 from
+    the prefix cache: the second request's output and accepted counts per step. `tracks_blocks`: False forgets
+    which blocks hold draft KV (as before the runner kept them)."""
+    sched, worker = scheduler(llm), runner(llm)
+    group = max(int(getattr(worker.drafter, "kv_cache_gid", 0)), 0)
+    block_size = int(worker.kv_cache_config.kv_cache_groups[group].kv_cache_spec.block_size)
+    num_blocks = min(3, (llm.llm_engine.model_config.max_model_len - 64) // block_size)
+    assert num_blocks >= 1
+    tokenizer = llm.get_tokenizer()
+    prefix = ""
+    for i in itertools.count():  # unlike any prompt of the other tests: its blocks are not cached already
+        prefix += f"def step_{i}(state):\n    state.count += {i}\n    return state\n\n"
+        if len(tokenizer(prefix)["input_ids"]) > num_blocks * block_size + 4:
+            break
+    assert llm.reset_prefix_cache()
+    worker.skips_drafter = skips
+    if not tracks_blocks:
+        worker.draft_written_blocks.clear()
+    try:
+        llm.generate([prefix], _params(["off"], max_tokens=2), use_tqdm=False)
+        if not tracks_blocks:
+            worker.draft_written_blocks.update(range(worker.kv_cache_config.num_blocks))  # every one written
+        sched.log.steps.clear()
+        (output,) = llm.generate([prefix + "def main():\n"], _params([3], max_tokens=24), use_tqdm=False)
+    finally:
+        worker.skips_drafter = True
+        if not tracks_blocks:
+            worker.draft_written_blocks.clear()
+    assert output.num_cached_tokens >= num_blocks * block_size  # the second request read the first's blocks
+    accepted = [n for step in sched.log.steps for n in step.num_accepted.values()]
+    return list(output.outputs[0].token_ids), accepted
+
+
+def test_a_prefix_cache_hit_drafts_from_draft_kv_written_for_it(engines: tuple[Any, Any]) -> None:
+    """With prefix caching, a request that reads cached blocks drafts from their draft KV. Where the request
+    that computed them never drafted (our runner skipped the drafter), that KV was never written; the runner
+    keeps which blocks hold it, and the second request catches up from the first block without it. Its drafts
+    are then accepted exactly as often, step by step, as where vLLM's drafter ran over the first prompt;
+    taking every cached block as written (before), they were not."""
+    _, ours = engines
+    out, accepted = _after_a_cached_prefix(ours, skips=True)
+    reference_out, reference = _after_a_cached_prefix(ours, skips=False)
+    assert out == reference_out  # drafts never change greedy output
+    assert accepted == reference and sum(accepted) > 0
+    _, untracked = _after_a_cached_prefix(ours, skips=True, tracks_blocks=False)
+    assert untracked != reference
+
+
 def test_our_counts_equal_vllm_per_request_metrics(engines: tuple[Any, Any]) -> None:
     _, ours = engines
     outputs, record = _generate(ours, [1, 2, MAX_SPEC_TOKENS, "auto"])
