@@ -126,6 +126,7 @@ class CatchUpRunnerMixin:
         # (`_note_cached_prefix`, `_track_blocks`), and per request how many of its first blocks were added.
         self.draft_written_blocks: set[int] = set()
         self._num_written_blocks: dict[str, int] = {}
+        self._draft_group: tuple[int, int] | None = None  # `_draft_blocks`: (the drafter's group, block size)
         self.num_skipped_steps = 0
         self.num_catch_up_passes = 0
         self.num_catch_up_tokens = 0
@@ -297,7 +298,7 @@ class CatchUpRunnerMixin:
             written = next(
                 (b for b in range(num_cached) if block_ids[b] not in self.draft_written_blocks), num_cached
             )
-            if written < num_cached or start % block_size:
+            if written < num_cached or start % block_size:  # (or its computed positions end inside a block)
                 self._lag(request_id, written * block_size)
             self._num_written_blocks[request_id] = written
 
@@ -320,9 +321,12 @@ class CatchUpRunnerMixin:
 
     def _draft_blocks(self, request_id: str) -> tuple[list[int], int]:
         """The request's block ids in the drafter's KV cache group, and that group's block size."""
-        group = max(int(getattr(self.drafter, "kv_cache_gid", 0)), 0)
-        spec = self.kv_cache_config.kv_cache_groups[group].kv_cache_spec
-        return self.requests[request_id].block_ids[group], int(spec.block_size)
+        if self._draft_group is None:  # once the KV cache exists
+            group = max(int(getattr(self.drafter, "kv_cache_gid", 0)), 0)
+            spec = self.kv_cache_config.kv_cache_groups[group].kv_cache_spec
+            self._draft_group = group, int(spec.block_size)
+        group, block_size = self._draft_group
+        return self.requests[request_id].block_ids[group], block_size
 
     def _catch_up(
         self, rows: list[tuple[int, str, int]], cad: CommonAttentionMetadata, drafting: Any = None
