@@ -54,10 +54,8 @@ with a warning.
 Prefix caching. A request that finishes while lagging leaves up to its lag of draft KV unwritten in its blocks
 (a request that never drafted: its prompt's too), and a later prompt that shares those blocks (a multi-turn
 chat, a common system prompt, a benchmark's prompts sent again) reads them from the cache. So the runner keeps
-the blocks whose draft KV is written for every position they hold (`draft_written_blocks`: a request's blocks
-wholly below its first position without draft KV; a block loses its place when the target writes into it,
-as when it is freed and given to another request), and a request whose first step starts from cached blocks
-lags from the first of them not in it: the catch-up writes the rest when it drafts. Without that it drafted
+the blocks whose draft KV is written for every position they hold (`draft_blocks.DraftBlocks`), and a request
+whose first step starts from cached blocks lags from the first of them not written: the catch-up writes the rest when it drafts. Without that it drafted
 from KV never written (or a block's earlier content): acceptance lower, output unchanged
 (`test_a_prefix_cache_hit_drafts_from_draft_kv_written_for_it`). The scheduler's copy of the lag
 (`chooser.DrafterLag`) does not see these blocks: its outlook leaves such a request's prefix out of the
@@ -81,6 +79,7 @@ from vllm.v1.spec_decode.draft_model import DraftModelProposer
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
+from cluster.vllm_backend.draft_blocks import DraftBlocks
 from cluster.vllm_backend.drafter_rows import drafting_rows_alone
 from cluster.vllm_backend.settings import (
     DRAFT_MEASUREMENT_ATTR,
@@ -122,10 +121,7 @@ class CatchUpRunnerMixin:
         # for the whole batch, as vLLM does (`settings.drafts_alone`).
         self.drafts_alone = drafts_alone(self.speculative_config)
         self.lag_from: dict[str, int] = {}  # request -> first position whose draft KV is missing
-        # Prefix caching: the drafter's KV cache blocks whose draft KV is written for every position they hold
-        # (`_note_cached_prefix`, `_track_blocks`), and per request how many of its first blocks were added.
-        self.draft_written_blocks: set[int] = set()
-        self._num_written_blocks: dict[str, int] = {}
+        self.draft_blocks = DraftBlocks()  # prefix caching: the blocks holding draft KV (module docstring)
         self._draft_group: tuple[int, int] | None = None  # `_draft_blocks`: (the drafter's group, block size)
         self.num_skipped_steps = 0
         self.num_catch_up_passes = 0
@@ -261,8 +257,7 @@ class CatchUpRunnerMixin:
         rows = [(i, r, int(computed[i])) for i, r in enumerate(self.input_batch.req_ids) if r is not None]
         for request_id in [r for r in self.lag_from if r not in self.requests]:  # finished or preempted
             del self.lag_from[request_id]
-        for request_id in [r for r in self._num_written_blocks if r not in self.requests]:
-            del self._num_written_blocks[request_id]
+        self.draft_blocks.forget(self.requests)
         return rows
 
     def _skip(self, rows: list[tuple[int, str, int]], sampled_token_ids: torch.Tensor) -> torch.Tensor:
@@ -291,33 +286,17 @@ class CatchUpRunnerMixin:
         first block whose draft KV was never written: the request that computed that block did not draft over
         it, so the catch-up writes it when this one drafts."""
         for _, request_id, start in rows:
-            if request_id in self._num_written_blocks:
-                continue
-            block_ids, block_size = self._draft_blocks(request_id)
-            num_cached = start // block_size
-            written = next(
-                (b for b in range(num_cached) if block_ids[b] not in self.draft_written_blocks), num_cached
-            )
-            if written < num_cached or start % block_size:  # (or its computed positions end inside a block)
-                self._lag(request_id, written * block_size)
-            self._num_written_blocks[request_id] = written
+            missing = self.draft_blocks.first_missing(request_id, *self._draft_blocks(request_id), start)
+            if missing is not None:
+                self._lag(request_id, missing)
 
     def _track_blocks(self, rows: list[tuple[int, str, int]], scheduler_output: Any) -> None:
-        """After a step: the blocks the target wrote in it lose their draft KV (a block freed and given to
-        another request holds what the target writes now, and the drafter may not follow); each request's
-        blocks wholly below its first position without draft KV (its lag, else this step's start) have it."""
+        """After a step: what the target wrote in it, and where each request's draft KV is written to."""
         scheduled = scheduler_output.num_scheduled_tokens
         for _, request_id, start in rows:
-            block_ids, block_size = self._draft_blocks(request_id)
             end = start + scheduled.get(request_id, 0)
-            self.draft_written_blocks.difference_update(
-                block_ids[start // block_size : -(-end // block_size)]
-            )
-            num_written = min(self.lag_from.get(request_id, start), start) // block_size
-            done = self._num_written_blocks.get(request_id, 0)
-            if num_written > done:
-                self.draft_written_blocks.update(block_ids[done:num_written])
-                self._num_written_blocks[request_id] = num_written
+            valid_to = min(self.lag_from.get(request_id, start), start)
+            self.draft_blocks.after_step(request_id, *self._draft_blocks(request_id), start, end, valid_to)
 
     def _draft_blocks(self, request_id: str) -> tuple[list[int], int]:
         """The request's block ids in the drafter's KV cache group, and that group's block size."""

@@ -324,13 +324,13 @@ def _after_a_cached_prefix(llm: Any, skips: bool, tracks_blocks: bool = True) ->
     try:
         llm.generate([prefix], _params(["off"], max_tokens=2), use_tqdm=False)
         if not tracks_blocks:
-            worker.draft_written_blocks.update(range(worker.kv_cache_config.num_blocks))  # every one written
+            worker.draft_blocks.written.update(range(worker.kv_cache_config.num_blocks))  # every one written
         sched.log.steps.clear()
         (output,) = llm.generate([prefix + "def main():\n"], _params([3], max_tokens=24), use_tqdm=False)
     finally:
         worker.skips_drafter = True
         if not tracks_blocks:
-            worker.draft_written_blocks.clear()
+            worker.draft_blocks.written.clear()
     assert output.num_cached_tokens >= num_blocks * block_size  # the second request read the first's blocks
     accepted = [n for step in sched.log.steps for n in step.num_accepted.values()]
     return list(output.outputs[0].token_ids), accepted
