@@ -63,6 +63,7 @@ class BatchAwareChooser:
         # `_time_table`s of the cost model's current version, by batch size.
         self._time_tables: dict[int, Array] = {}
         self._time_tables_version = -1
+        self._could_pay_by_size: dict[int, bool] = {}  # `_could_pay`, of the same version, by batch size
         # The last optimum with hysteresis, and what it was computed from: the batch, the cost model's version
         # and `_num_changes`, a count of changes to what else it reads (a rate, a previous choice). Reused,
         # exactly, while none of them changes: while tests wait for a drafting iteration (up to
@@ -97,7 +98,7 @@ class BatchAwareChooser:
         if self.config.weighs_catch_up and self._outlook:
             chosen, unrepaid = self._repaid(request_ids, rates, chosen, times)
         chosen = self._shape_probe(rates, chosen, times)
-        for i in self._phases.testers(states, chosen, unrepaid):
+        for i in self._phases.testers(states, chosen, unrepaid, self._could_pay(num, times)):
             chosen[i] = max(chosen[i], self.config.probe_num_spec_tokens)
         self._phases.settle(states, chosen, lambda estimator: self._pays_alike(estimator, num, times))
         plain_rate = num / float(times[0, 0])
@@ -210,6 +211,19 @@ class BatchAwareChooser:
         per_second = expected_etrs(np.full(len(ks), rate), ks) / times[ks, batch_size * ks]
         return bool(per_second[1:].max() > per_second[0])
 
+    def _could_pay(self, batch_size: int, times: Array) -> bool:
+        """Whether drafting could beat plain decoding in a batch of this size were every draft accepted: some
+        max K = m >= 1 and sum K = S (m <= S <= batch size * m, at most batch size + S tokens committed) above
+        plain decoding's tokens per second in `times` (its `_time_table`, drafting charged its bar). Where it
+        could not, no acceptance a test might measure makes the batch draft (`TestPhases.testers`)."""
+        could = self._could_pay_by_size.get(batch_size)
+        if could is None:
+            m = np.arange(times.shape[0])[:, None]
+            s = np.arange(times.shape[1])[None, :]
+            per_second = np.where((m >= 1) & (s >= m) & (s <= batch_size * m), (batch_size + s) / times, 0.0)
+            could = self._could_pay_by_size[batch_size] = bool(per_second.max() > batch_size / times[0, 0])
+        return could
+
     def _time_table(self, batch_size: int) -> Array:
         """Predicted iteration seconds of this batch by (max K, sum K): shape (max_k + 1, R * max_k + 1), the
         drafting rows (max K >= 1) charged `min_predicted_gain` above the cost model's time.
@@ -219,6 +233,7 @@ class BatchAwareChooser:
         step served at batch 1 on the demo pair."""
         if self._time_tables_version != self.cost_model.version:
             self._time_tables.clear()
+            self._could_pay_by_size.clear()
             self._time_tables_version = self.cost_model.version
         table = self._time_tables.get(batch_size)
         if table is None:

@@ -66,7 +66,9 @@ class TestPhases:
         self.num_changes = 0
         self.num_prompt_tokens = 0  # prompt tokens the engine scheduled in the last observed iteration
 
-    def testers(self, states: list[RequestState], chosen: list[int], unrepaid: frozenset[int]) -> list[int]:
+    def testers(
+        self, states: list[RequestState], chosen: list[int], unrepaid: frozenset[int], could_pay: bool = True
+    ) -> list[int]:
         """Indices of the requests that probe this iteration.
 
         A test that the optimum already covers (K >= probe) costs nothing. Otherwise a probe makes the whole
@@ -78,6 +80,10 @@ class TestPhases:
         acceptance starts at K = 0 and is first tested as if `new_request_zero_verdicts` tests had said K = 0,
         since most short requests would never pay back a test (and its catch-up prefill); within the test
         budget, one in `new_request_test_every` (every one, alone in the batch) is tested all the same.
+        `could_pay` (`BatchAwareChooser._could_pay`): whether drafting could pay at this batch size were every
+        draft accepted. Where it could not, and drafting's cost is measured at this size, no forced test starts
+        and new requests start untested, as over the budget: no acceptance a test measures makes the batch
+        draft.
         """
         probe, num_test = self.config.probe_num_spec_tokens, self.config.test_iterations
         # A started test runs its iterations back to back.
@@ -92,13 +98,17 @@ class TestPhases:
         # static K = 4 paid 1.32x. Over the test budget, a new request starts untested too: kept pending, its
         # test would wait for the budget, and the batch's tests would pile up and go all at once. Once nothing
         # has drafted for `test_floor_iterations`, the budget's back-off is waived until a test starts.
-        within_budget = self.budget.allows(len(states)) or (
-            self.num_plain_iterations >= self.config.test_floor_iterations
-            and self.budget.allows(len(states), is_backed_off=False)
+        is_drafting_measured = self.cost_model.num_drafting_iterations(len(states)) >= num_test
+        within_budget = (could_pay or not is_drafting_measured) and (
+            self.budget.allows(len(states))
+            or (
+                self.num_plain_iterations >= self.config.test_floor_iterations
+                and self.budget.allows(len(states), is_backed_off=False)
+            )
         )
         is_alone = len(states) == 1  # nobody to wait for, and an untested request is all of the throughput
         is_measured = not within_budget or (
-            self.cost_model.num_drafting_iterations(len(states)) >= num_test
+            is_drafting_measured
             and self.num_plain_iterations < self.config.max_set_iterations
             and not self.last_test_drafted
         )

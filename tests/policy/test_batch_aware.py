@@ -498,11 +498,13 @@ def _closed_loop(
     lifetime: int,
     lag: bool,
     accepts: bool = False,
+    draft_s: float = 0.2,
 ) -> tuple[list[dict[str, int]], list[float]]:
     """A closed loop of `batch` requests of `lifetime` iterations each, every draft rejected (or with
-    `accepts`, every draft accepted), where a drafting iteration costs 3x a plain one (the vLLM backend at
-    concurrency 32: the drafter over the padded batch and its catch-up). With `lag`, each choice is verified
-    an iteration later, as vLLM does. Returns the verified K of every iteration and its seconds."""
+    `accepts`, every draft accepted), where a drafting iteration costs 3x a plain one (`draft_s` beyond its
+    0.1 s: the vLLM backend at concurrency 32, the drafter over the padded batch and its catch-up). With
+    `lag`, each choice is verified an iteration later, as vLLM does. Returns the verified K of every
+    iteration and its seconds."""
     ages = dict.fromkeys((f"r{i}" for i in range(batch)), 0)
     next_id, held = batch, dict.fromkeys(ages, 0)
     verified_ks: list[dict[str, int]] = []
@@ -512,14 +514,14 @@ def _closed_loop(
         ks = {r: held.get(r, 0) for r in ages} if lag else chosen
         held = chosen
         verified_ks.append(ks)
-        draft_s = 0.2 if any(ks.values()) else 0.0
-        times.append(0.1 + draft_s)
+        seconds = draft_s if any(ks.values()) else 0.0
+        times.append(0.1 + seconds)
         accepted = dict.fromkeys(ks, 0) if not accepts else ks
         requests = [
             RequestIterationStats(r, k, accepted[r], accepted[r] + 1, 100 + ages[r]) for r, k in ks.items()
         ]
         num_tokens = batch + sum(ks.values())
-        chooser.observe(IterationStats(i, batch, requests, num_tokens, draft_s, 0.1, 0.0))
+        chooser.observe(IterationStats(i, batch, requests, num_tokens, seconds, 0.1, 0.0))
         for r in list(ages):
             ages[r] += 1
             if ages[r] == lifetime:  # finished: a new request takes its slot
@@ -580,6 +582,47 @@ def test_the_test_budget_backs_off_while_forced_tests_find_nothing_and_recovers_
     drafting = [i for i, ks in enumerate(verified) if sum(k > 0 for k in ks.values()) > 16]
     assert drafting and drafting[0] < 500, drafting[:1]
     assert choosers[2].test_budget.share_of(32) > budget / 4  # restored (a later verdict may halve it once)
+
+
+@pytest.mark.parametrize("draft_scale", [1.0, 30.0, 300.0])
+@pytest.mark.parametrize("preset", ["mixtral-8x7b-h100", "qwen2-57b-a14b-h100"])
+def test_drafting_could_pay_where_the_search_drafts_a_batch_that_accepts_every_draft(
+    preset: str, draft_scale: float
+) -> None:
+    """`_could_pay` reads the time table as `best_k_vector` does (itself checked against brute force): at
+    acceptance just below 1, the search drafts exactly where drafting could pay."""
+    verdicts = set()
+    for batch in (1, 2, 4, 8, 16, 32):
+        for bar in (0.0, 0.05, 0.5):
+            chooser = chooser_for(preset, draft_scale=draft_scale, min_predicted_gain=bar)
+            times = chooser._time_table(batch)
+            best = chooser.best_spec_tokens(np.full(batch, 1.0 - 1e-9), np.full(batch, -1), times)
+            could_pay = chooser._could_pay(batch, times)
+            assert could_pay == (max(best) > 0), (batch, bar, best)
+            verdicts.add(could_pay)
+    if draft_scale == 300.0:
+        assert verdicts == {True, False}  # the premise: both verdicts occur
+
+
+def test_no_forced_test_starts_where_drafting_would_not_pay_even_were_every_draft_accepted() -> None:
+    """Where a drafting iteration costs 6x a plain one (the demo pair at batch 16 / 32, where the draft costs
+    half a target step: no static K paid there even at synthetic's acceptance), once drafting's cost is
+    measured at the batch size no acceptance a test could find makes the batch draft at K_max = 4 (the
+    served one), and tests stop. At 3x, where K = 4 at full acceptance would pay, forced tests go on within
+    the test budget."""
+    window = 1000
+    drafting = {}
+    for draft_s in (0.2, 0.5):
+        chooser = chooser_for(
+            "mixtral-8x7b-h100", max_spec_tokens=4, min_population_requests=0, test_budget_iterations=window
+        )
+        verified, _ = _closed_loop(chooser, 3000, batch=32, lifetime=64, lag=True, draft_s=draft_s)
+        assert sum(any(ks.values()) for ks in verified[:window]) >= chooser.config.test_iterations  # measured
+        drafting[draft_s] = sum(any(ks.values()) for ks in verified[window:])
+        times = chooser._time_table(32)
+        assert chooser._could_pay(32, times) == (draft_s == 0.2)  # the premise: the model learned the cost
+    assert drafting[0.5] == 0, drafting
+    assert drafting[0.2] > 0, drafting
 
 
 def test_the_test_budget_of_a_large_batch_is_not_spent_at_batch_1() -> None:
