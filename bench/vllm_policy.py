@@ -312,6 +312,13 @@ def main() -> None:
     )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument(
+        "--output-len-spread",
+        type=float,
+        default=0.0,
+        help="each prompt's output length drawn uniformly from max-tokens * (1 -+ this), the same on every "
+        "server (`bench.vllm_policy_client.spread_dataset`); 0 (default): every request max-tokens",
+    )
+    parser.add_argument(
         "--request-rate",
         type=float,
         default=float("inf"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import time
 from pathlib import Path
@@ -57,17 +58,45 @@ def client_argv(
     second fell on whichever server it hit, 6-20% of its time, and is not what a serving engine under load
     spends."""
     num_prompts = num_prompts or max(args.min_prompts, args.requests_per_slot * concurrency)
+    spread = getattr(args, "output_len_spread", 0.0)
+    dataset, output_len = PROMPTS / f"{workload}.jsonl", args.max_tokens
+    if spread:
+        dataset, output_len = spread_dataset(workload, args.max_tokens, spread), -1  # (its output_tokens)
     return [
         "--backend", "vllm", "--base-url", url, "--endpoint", "/v1/completions",
         "--model", args.served_name, "--tokenizer", str(args.target),
-        "--dataset-name", "custom", "--dataset-path", str(PROMPTS / f"{workload}.jsonl"),
-        "--custom-output-len", str(args.max_tokens), "--skip-chat-template",
+        "--dataset-name", "custom", "--dataset-path", str(dataset),
+        "--custom-output-len", str(output_len), "--skip-chat-template",
         "--num-prompts", str(num_prompts), "--num-warmups", str(args.cell_warmups),
         "--max-concurrency", str(concurrency), "--request-rate", str(args.request_rate),
         "--temperature", "0", "--ignore-eos", "--seed", "0",
         "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99",
         "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name,
     ]  # fmt: skip
+
+
+def spread_dataset(workload: str, max_tokens: int, spread: float) -> Path:
+    """The workload's prompts, each with its own output length (`output_tokens`, which `vllm bench serve` reads
+    with `--custom-output-len -1`), drawn uniformly from max_tokens * (1 -+ spread), seeded by the prompt's
+    line: the same lengths for every server and round. (`--output-len-spread`.)
+
+    With every request at max_tokens, a closed loop's requests finish together without speculation and each
+    wave's prompts are prefilled at once; a few drafts break that lock step, and the next wave's prompts come
+    in pieces (served on the regime pair, session 47: prose 16's prompts took 11-12 prefill steps under auto
+    against 6 at K = 0). Traffic whose lengths vary has no such waves, with or without speculation."""
+    if not 0.0 < spread < 1.0:
+        raise ValueError(f"--output-len-spread {spread} must be in (0, 1)")
+    low, high = max(1, round(max_tokens * (1 - spread))), round(max_tokens * (1 + spread))
+    lines = (PROMPTS / f"{workload}.jsonl").read_text().splitlines()
+    path = RAW / f"{workload}-{low}-{high}-tokens.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {**json.loads(line), "output_tokens": random.Random(index).randint(low, high)}
+        for index, line in enumerate(lines)
+        if line.strip()
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
 
 
 def run_clients(python: Path, cells: list[list[str]], outs: list[Path]) -> list[dict[str, Any]]:

@@ -364,6 +364,43 @@ def test_one_client_process_runs_every_cell_of_a_server(tmp_path: Path, monkeypa
     assert results[0]["span"]["ended"] <= results[1]["span"]["started"]
 
 
+def test_a_spread_gives_each_prompt_its_own_output_length_the_same_on_every_server(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """`--output-len-spread`: the client reads each prompt's `output_tokens` (`--custom-output-len -1`), drawn
+    within max_tokens * (1 -+ spread), the same on every call; without it every request is max_tokens."""
+    import bench.vllm_policy_client as client
+
+    monkeypatch.setattr(client, "RAW", tmp_path)
+    args = argparse.Namespace(
+        served_name="demo-moe",
+        target=client.REPO / "models" / "demo-moe",
+        max_tokens=64,
+        min_prompts=2,
+        requests_per_slot=1,
+        request_rate=float("inf"),
+        cell_warmups=1,
+        output_len_spread=0.5,
+    )
+    argv = client.client_argv("http://x", "prose", 4, args, tmp_path / "a.json")
+    dataset = Path(argv[argv.index("--dataset-path") + 1])
+    assert argv[argv.index("--custom-output-len") + 1] == "-1"
+    rows = [json.loads(line) for line in dataset.read_text().splitlines()]
+    prompts = [json.loads(line) for line in (client.PROMPTS / "prose.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [p["prompt"] for p in prompts]
+    lengths = [r["output_tokens"] for r in rows]
+    assert min(lengths) >= 32 and max(lengths) <= 96 and len(set(lengths)) > len(lengths) // 4
+    again = client.client_argv("http://x", "prose", 16, args, tmp_path / "b.json")
+    assert Path(again[again.index("--dataset-path") + 1]).read_text() == dataset.read_text()
+    args.output_len_spread = 0.0
+    plain = client.client_argv("http://x", "prose", 4, args, tmp_path / "c.json")
+    assert plain[plain.index("--custom-output-len") + 1] == "64"
+    assert plain[plain.index("--dataset-path") + 1] == str(client.PROMPTS / "prose.jsonl")
+    args.output_len_spread = 1.5
+    with pytest.raises(ValueError, match="--output-len-spread 1.5"):
+        client.client_argv("http://x", "prose", 4, args, tmp_path / "d.json")
+
+
 def test_a_sync_mode_runs_vllm_without_async_scheduling_as_our_scheduler_does(tmp_path: Path) -> None:
     """Our scheduler runs with --no-async-scheduling; vLLM's own modes get it only as `N-sync`."""
     assert "--no-async-scheduling" not in _command(tmp_path)
