@@ -330,6 +330,14 @@ def _fake_completions_server() -> tuple[str, Any, list[int]]:
     return f"http://127.0.0.1:{port}", stop, received
 
 
+def _client_args(**values: Any) -> argparse.Namespace:
+    """`bench.vllm_policy`'s arguments as `client_argv` reads them, for the demo target's tokenizer."""
+    from bench.vllm_policy_client import REPO
+
+    defaults = {"served_name": "demo-moe", "target": REPO / "models" / "demo-moe", "min_prompts": 2}
+    return argparse.Namespace(**defaults, requests_per_slot=1, cell_warmups=1, **values)
+
+
 @pytest.mark.slow  # about 25-50 s: it imports vLLM
 def test_one_client_process_runs_every_cell_of_a_server(tmp_path: Path, monkeypatch: Any) -> None:
     """`vllm bench serve`'s main, twice in one process, against a fake server: each cell's own result (its
@@ -339,15 +347,7 @@ def test_one_client_process_runs_every_cell_of_a_server(tmp_path: Path, monkeypa
     import bench.vllm_policy_client as client
 
     monkeypatch.setattr(client, "RAW", tmp_path)
-    args = argparse.Namespace(
-        served_name="demo-moe",
-        target=client.REPO / "models" / "demo-moe",
-        max_tokens=3,
-        min_prompts=2,
-        requests_per_slot=1,
-        request_rate=50.0,  # Poisson arrivals
-        cell_warmups=1,
-    )
+    args = _client_args(max_tokens=3, request_rate=50.0)  # Poisson arrivals
     url, stop, received = _fake_completions_server()
     try:
         outs = [tmp_path / "a.json", tmp_path / "b.json"]
@@ -372,16 +372,7 @@ def test_a_spread_gives_each_prompt_its_own_output_length_the_same_on_every_serv
     import bench.vllm_policy_client as client
 
     monkeypatch.setattr(client, "RAW", tmp_path)
-    args = argparse.Namespace(
-        served_name="demo-moe",
-        target=client.REPO / "models" / "demo-moe",
-        max_tokens=64,
-        min_prompts=2,
-        requests_per_slot=1,
-        request_rate=float("inf"),
-        cell_warmups=1,
-        output_len_spread=0.5,
-    )
+    args = _client_args(max_tokens=64, request_rate=float("inf"), output_len_spread=0.5)
     argv = client.client_argv("http://x", "prose", 4, args, tmp_path / "a.json")
     dataset = Path(argv[argv.index("--dataset-path") + 1])
     assert argv[argv.index("--custom-output-len") + 1] == "-1"
