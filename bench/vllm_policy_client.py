@@ -58,10 +58,9 @@ def client_argv(
     second fell on whichever server it hit, 6-20% of its time, and is not what a serving engine under load
     spends."""
     num_prompts = num_prompts or max(args.min_prompts, args.requests_per_slot * concurrency)
-    spread = getattr(args, "output_len_spread", 0.0)
     dataset, output_len = PROMPTS / f"{workload}.jsonl", args.max_tokens
-    if spread:
-        dataset, output_len = spread_dataset(workload, args.max_tokens, spread), -1  # (its output_tokens)
+    if args.output_len_spread:  # (each prompt's output_tokens)
+        dataset, output_len = spread_dataset(workload, args.max_tokens, args.output_len_spread), -1
     return [
         "--backend", "vllm", "--base-url", url, "--endpoint", "/v1/completions",
         "--model", args.served_name, "--tokenizer", str(args.target),

@@ -55,11 +55,11 @@ Prefix caching. A request that finishes while lagging leaves up to its lag of dr
 (a request that never drafted: its prompt's too), and a later prompt that shares those blocks (a multi-turn
 chat, a common system prompt, a benchmark's prompts sent again) reads them from the cache. So the runner keeps
 the blocks whose draft KV is written for every position they hold (`draft_blocks.DraftBlocks`), and a request
-whose first step starts from cached blocks lags from the first of them not written: the catch-up writes the rest when it drafts. Without that it drafted
-from KV never written (or a block's earlier content): acceptance lower, output unchanged
-(`test_a_prefix_cache_hit_drafts_from_draft_kv_written_for_it`). The scheduler's copy of the lag
-(`chooser.DrafterLag`) does not see these blocks: its outlook leaves such a request's prefix out of the
-catch-up it names.
+whose first step starts from cached blocks lags from the first of them not written: the catch-up writes the
+rest when it drafts. Without that it drafted from KV never written (or a block's earlier content): acceptance
+lower, output unchanged (`test_a_prefix_cache_hit_drafts_from_draft_kv_written_for_it`). The scheduler's copy
+of the lag (`chooser.DrafterLag`) does not see these blocks: its outlook leaves such a request's prefix out of
+the catch-up it names.
 """
 
 from __future__ import annotations

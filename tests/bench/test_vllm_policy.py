@@ -334,8 +334,8 @@ def _client_args(**values: Any) -> argparse.Namespace:
     """`bench.vllm_policy`'s arguments as `client_argv` reads them, for the demo target's tokenizer."""
     from bench.vllm_policy_client import REPO
 
-    defaults = {"served_name": "demo-moe", "target": REPO / "models" / "demo-moe", "min_prompts": 2}
-    return argparse.Namespace(**defaults, requests_per_slot=1, cell_warmups=1, **values)
+    defaults = {"served_name": "demo-moe", "target": REPO / "models" / "demo-moe", "output_len_spread": 0.0}
+    return argparse.Namespace(**{**defaults, **values}, min_prompts=2, requests_per_slot=1, cell_warmups=1)
 
 
 @pytest.mark.slow  # about 25-50 s: it imports vLLM
@@ -506,6 +506,7 @@ def test_side_by_side_runs_each_cell_on_every_server_in_rotated_order(
         served_name="demo-moe",
         target=vllm_policy.REPO / "models" / "demo-moe",
         max_tokens=8,
+        output_len_spread=0.0,
         min_prompts=4,
         requests_per_slot=1,
         request_rate=float("inf"),
