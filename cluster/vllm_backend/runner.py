@@ -122,7 +122,7 @@ class CatchUpRunnerMixin:
         self.drafts_alone = drafts_alone(self.speculative_config)
         self.lag_from: dict[str, int] = {}  # request -> first position whose draft KV is missing
         self.draft_blocks = DraftBlocks()  # prefix caching: the blocks holding draft KV (module docstring)
-        self._draft_group: tuple[int, int] | None = None  # `_draft_blocks`: (the drafter's group, block size)
+        self._draft_group: tuple[int, int] | None = None  # `draft_cache_group`
         self.num_skipped_steps = 0
         self.num_catch_up_passes = 0
         self.num_catch_up_tokens = 0
@@ -298,13 +298,17 @@ class CatchUpRunnerMixin:
             valid_to = min(self.lag_from.get(request_id, start), start)
             self.draft_blocks.after_step(request_id, *self._draft_blocks(request_id), start, end, valid_to)
 
-    def _draft_blocks(self, request_id: str) -> tuple[list[int], int]:
-        """The request's block ids in the drafter's KV cache group, and that group's block size."""
-        if self._draft_group is None:  # once the KV cache exists
+    def draft_cache_group(self) -> tuple[int, int]:
+        """The drafter's KV cache group and that group's block size (read once the KV cache exists)."""
+        if self._draft_group is None:
             group = max(int(getattr(self.drafter, "kv_cache_gid", 0)), 0)
             spec = self.kv_cache_config.kv_cache_groups[group].kv_cache_spec
             self._draft_group = group, int(spec.block_size)
-        group, block_size = self._draft_group
+        return self._draft_group
+
+    def _draft_blocks(self, request_id: str) -> tuple[list[int], int]:
+        """The request's block ids in the drafter's KV cache group, and that group's block size."""
+        group, block_size = self.draft_cache_group()
         return self.requests[request_id].block_ids[group], block_size
 
     def _catch_up(

@@ -309,8 +309,7 @@ def _after_a_cached_prefix(llm: Any, skips: bool, tracks_blocks: bool = True) ->
     the prefix cache: the second request's output and accepted counts per step. `tracks_blocks`: False forgets
     which blocks hold draft KV (as before the runner kept them)."""
     sched, worker = scheduler(llm), runner(llm)
-    group = max(int(getattr(worker.drafter, "kv_cache_gid", 0)), 0)
-    block_size = int(worker.kv_cache_config.kv_cache_groups[group].kv_cache_spec.block_size)
+    _, block_size = worker.draft_cache_group()
     num_blocks = min(3, (llm.llm_engine.model_config.max_model_len - 64) // block_size)
     assert num_blocks >= 1
     tokenizer = llm.get_tokenizer()
