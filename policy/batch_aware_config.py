@@ -27,15 +27,6 @@ class BatchAwareConfig:
     # wave's last prompts prefilled: those steps took 390-580 ms against 150-170 ms for the same prefill
     # without drafting, 6-8% of the cell, and auto ran 0.95x off where our scheduler at K = 0 ran 0.99x.
     max_test_prompt_share: float = 0.25
-    # A batch that drafts only for its forced tests starts at most this many of them at once (with those
-    # already running; 0: no limit), the requests that came last (the least catch-up and the most tokens left
-    # to repay it); the other pending tests are dropped, as if they had said K = 0 (a new request starts
-    # untested, a retest waits another back-off). Each forced test pays its request's drafter catch-up and
-    # its drafter rows, so a wave of them costs in proportion to its size, while its verdict for the traffic
-    # (`TestPhases.settle`, the acceptance new requests start from) needs only a few requests. Served on the
-    # demo pair at prose 32 (session 48), the new requests' tests went as one wave of 31 that caught up 2 311
-    # prompt tokens in a 204 ms step (a plain step: 16 ms), 2.5% of the cell for the traffic's verdict.
-    max_forced_tests: int = 8
     # A new request for which speculation would not pay at the traffic's acceptance starts at K = 0 as if
     # this many tests had said K = 0: its first test comes after set_iterations * 2**n iterations (capped).
     # A first test costs the drafter the request's whole history (its catch-up prefill) besides the draft
@@ -151,11 +142,8 @@ class BatchAwareConfig:
             raise ValueError(f"hysteresis={self.hysteresis} must be >= 0")
         if self.max_test_wait < 0:
             raise ValueError(f"max_test_wait={self.max_test_wait} must be >= 0")
-        if self.max_test_prompt_share < 0.0 or self.max_forced_tests < 0:
-            raise ValueError(
-                f"max_test_prompt_share={self.max_test_prompt_share}, "
-                f"max_forced_tests={self.max_forced_tests} must be >= 0"
-            )
+        if self.max_test_prompt_share < 0.0:
+            raise ValueError(f"max_test_prompt_share={self.max_test_prompt_share} must be >= 0")
         if self.new_request_zero_verdicts < 0 or self.new_request_test_every < 1:
             raise ValueError(
                 f"new_request_zero_verdicts={self.new_request_zero_verdicts} must be >= 0, "

@@ -73,8 +73,7 @@ class TestPhases:
 
         A test that the optimum already covers (K >= probe) costs nothing. Otherwise a probe makes the whole
         batch run a draft step, so such tests wait (up to `max_test_wait` iterations; a request alone in the
-        batch does not) for an iteration that drafts anyway, and then go together, at most `max_forced_tests`
-        of them where the batch drafts for its tests alone (the rest are dropped). A probe of a request whose
+        batch does not) for an iteration that drafts anyway, and then go together. A probe of a request whose
         catch-up its drafting would not repay (`unrepaid`, from `BatchAwareChooser._repaid`) is never free:
         it runs only where the waiting tests are forced, under the test budget, which counts its catch-up in
         the forced tests' cost. A new request for which speculation would not pay even at the traffic's
@@ -141,29 +140,11 @@ class TestPhases:
             and (is_drafting or chosen[i] >= probe)
             and (is_forcing or i not in unrepaid)
         ]
-        if not max(chosen) and self.config.max_forced_tests:
-            testers = self._within_forced_limit(states, testers)
         for i in testers:
             if not states[i].test_started:
                 states[i].is_forced_test = chosen[i] < probe
             states[i].test_started = True
         return testers
-
-    def _within_forced_limit(self, states: list[RequestState], testers: list[int]) -> list[int]:
-        """`testers` of a batch that drafts only for its tests, less those that would start beyond
-        `max_forced_tests` tests running at once: those are dropped as if they had said K = 0 (the requests
-        that came last, at the end of the batch, keep theirs; `BatchAwareConfig.max_forced_tests`)."""
-        running = [i for i in testers if states[i].test_started]
-        starting = [i for i in testers if not states[i].test_started]
-        room = max(0, self.config.max_forced_tests - len(running))
-        if len(starting) <= room:
-            return testers
-        kept = starting[len(starting) - room :] if room else []
-        for i in starting[: len(starting) - room]:
-            state = states[i]
-            state.test_remaining, state.set_k, state.zero_iterations, state.test_wait = 0, 0, 0, 0
-        self.num_changes += 1
-        return sorted(running + kept)
 
     def settle(
         self,
@@ -171,13 +152,8 @@ class TestPhases:
         chosen: list[int],
         pays_alike: Callable[[AcceptanceEstimator], bool],
     ) -> None:
-        """Record the choice: forced tests that end now give one verdict together, to the test budget's
-        back-off (one that drafts is enough to restore it) and as each one's, and requests out of their test
-        phase are set. The group's verdict is also `pays_alike` of their counts pooled: each request's estimate
-        after a test is too uncertain to pass one standard error low where the group's is not. Closed loop at
-        batch 32 (`max_forced_tests` 8), traffic turning to accept every draft: the 8 tests each accepted 8 of
-        8, none passed alone and the 24 others kept the batch from drafting them, and the budget stayed backed
-        off while the batch went on to draft everyone.
+        """Record the choice: forced tests that end now give their verdicts together to the test budget's
+        back-off (one that drafts is enough to restore it), and requests out of their test phase are set.
 
         A test's verdict for the traffic (the budget's back-off, `last_test_drafted`) is that its request
         drafts, or that a batch of this size whose every request accepted as it did would draft
@@ -196,13 +172,9 @@ class TestPhases:
             for i, (s, k) in enumerate(zip(states, chosen, strict=True))
             if s.test_remaining == 0 and s.set_k is None
         }
-        forced = [i for i, s in enumerate(states) if s.ends_forced_test]
-        if forced:
-            is_drafting = any(verdicts[i] for i in forced) or pays_alike(
-                AcceptanceEstimator.pooled([states[i].estimator for i in forced])
-            )
-            verdicts.update(dict.fromkeys(forced, is_drafting))
-            self.budget.verdict(len(states), is_drafting)
+        forced_verdicts = [verdicts[i] for i, s in enumerate(states) if s.ends_forced_test]
+        if forced_verdicts:
+            self.budget.verdict(len(states), any(forced_verdicts))
         for i, (state, k) in enumerate(zip(states, chosen, strict=True)):
             if state.test_remaining == 0:
                 self._set(state, k, verdicts.get(i, False))

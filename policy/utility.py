@@ -7,7 +7,6 @@ utility U = ETR / cost, the speedup over plain decoding (U < 1: speculation slow
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -100,16 +99,6 @@ class AcceptanceEstimator:
         self.num_observations = 0
         self.num_changes = 0  # phase changes detected
         self.rate = self._clipped(self._slow_accepted, self._slow_rejected)
-
-    @classmethod
-    def pooled(cls, estimators: Sequence[AcceptanceEstimator]) -> AcceptanceEstimator:
-        """One estimate from several requests' counts together (their slow estimates', priors included)."""
-        pooled = cls(estimators[0].config)
-        pooled._slow_accepted = pooled._fast_accepted = sum(e._slow_accepted for e in estimators)
-        pooled._slow_rejected = pooled._fast_rejected = sum(e._slow_rejected for e in estimators)
-        pooled.num_observations = sum(e.num_observations for e in estimators)
-        pooled.rate = pooled._clipped(pooled._slow_accepted, pooled._slow_rejected)
-        return pooled
 
     def record(self, num_spec_tokens: int, num_accepted_tokens: int) -> None:
         if num_spec_tokens > 0:

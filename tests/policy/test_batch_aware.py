@@ -625,26 +625,6 @@ def test_no_forced_test_starts_where_drafting_would_not_pay_even_were_every_draf
     assert drafting[0.2] > 0, drafting
 
 
-def test_a_batch_that_drafts_only_for_its_tests_starts_at_most_max_forced_tests_of_them() -> None:
-    """Where drafting does not pay, a closed loop's new requests come pending tests in waves; each forced test
-    pays its own catch-up, so at most `max_forced_tests` run at once and the others are dropped (K = 0, as
-    untested). Without the limit, a forced wave at batch 32 tested 20-31 requests at once."""
-    window, most = 1000, {}
-    for limit in (8, 0):
-        chooser = chooser_for(
-            "mixtral-8x7b-h100",
-            min_population_requests=0,
-            test_budget_iterations=window,
-            max_forced_tests=limit,
-        )
-        verified, _ = _closed_loop(chooser, 3000, batch=32, lifetime=64, lag=True)
-        drafting = [sum(k > 0 for k in ks.values()) for ks in verified[window:]]
-        assert sum(n > 0 for n in drafting) >= chooser.config.test_iterations  # the premise: forced tests ran
-        most[limit] = max(drafting)
-    assert most[8] <= 8, most
-    assert most[0] > 16, most
-
-
 def test_the_test_budget_of_a_large_batch_is_not_spent_at_batch_1() -> None:
     """Each test at batch 32 pays the whole batch's catch-up; with one budget for the server, served on the
     regime pair, prose at 32 spent it and synthetic at batch 1 after it ran untested at K = 0 (no request

@@ -71,9 +71,7 @@ def test_a_request_unlike_the_traffic_is_estimated_from_its_own_counts() -> None
     hold it near the traffic's figure for its life; its counts disagree, and it is estimated from them."""
     chooser = regime_chooser()
     waves(chooser, [0.85], 2, seed=0)
-    # The premise: a strong prior (the first wave's forced tests, `max_forced_tests` of them, put it at 46;
-    # all 32 at the cap, 64).
-    assert chooser._traffic_prior.strength is not None and chooser._traffic_prior.strength > 32.0
+    assert chooser._traffic_prior.strength == 64.0
     ids = [f"late{i}" for i in range(32)]
     for i in range(10):
         chosen = chooser.choose(ids)
