@@ -96,6 +96,11 @@ def scheduler_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
             mean_ms([s["choose_cpu_s"] for s in steps[1:]]) if steps and "choose_cpu_s" in steps[0] else None
         ),
         "observe_ms_mean": mean_ms([s["observe_s"] for s in steps[1:]]) if has_detail else None,
+        # The cost model's refits, a step's share (records from session 49 on): beside choose and observe, the
+        # policy's CPU on the engine core, which on 2 cores takes it from the worker's step.
+        "refit_cpu_ms_mean": (
+            mean_ms([s["refit_cpu_s"] for s in steps[1:]]) if steps and "refit_cpu_s" in steps[0] else None
+        ),
         "gap_ms_p50": detail("gap_s"),
         "decode_speedup": decode_speedup(pure, line) if has_detail else None,
         "drafting_net_cost_share": drafting_net_cost_share(pure, line, total_s(steps))

@@ -114,6 +114,7 @@ class PolicyScheduler(Scheduler):
         self._near_drafting = NearDrafting()
         self._measures_draft = False  # a measurement has arrived (logged once)
         self._refits_between_steps = False  # a refit ran in `_observe` (logged once)
+        self._refit_cpu_s = 0.0  # CPU in refits since the last step's record (`StepRecord.refit_cpu_s`)
 
     # -- vLLM's hooks ----------------------------------------------------------------------------------------
 
@@ -168,7 +169,7 @@ class PolicyScheduler(Scheduler):
         when that step is scheduled, the others' kept (`KPlan.decide`)."""
         bitmask = super().get_grammar_bitmask(scheduler_output)
         self.k_plan.choose_ahead(self.requests)
-        self._cost_model.refit_if_due()
+        self._refit_if_due()
         self.log.write()
         return bitmask
 
@@ -243,7 +244,7 @@ class PolicyScheduler(Scheduler):
         num_tokens = sum(scheduled.values())
         num_prefill_tokens = num_tokens - sum(scheduled.get(r.request_id, 0) for r in requests)
         # Still due from the last step: this vLLM did not call get_grammar_bitmask in between.
-        if self._cost_model.refit_if_due() and not self._refits_between_steps:
+        if self._refit_if_due() and not self._refits_between_steps:
             self._refits_between_steps = True
             logger.warning("PolicyScheduler: vLLM did not call get_grammar_bitmask; refits run between steps")
         if requests:
@@ -273,8 +274,17 @@ class PolicyScheduler(Scheduler):
                     start_s=time.time() - (now - self._step_start),
                 )
             )
+        self._refit_cpu_s = 0.0
         self.log.write_metrics(self.counters, self.chooser)
         self._step_end = time.perf_counter()
+
+    def _refit_if_due(self) -> bool:
+        """The cost model's refit, if due (`CostModel.refit_if_due`); its CPU goes in the step's record."""
+        start = time.thread_time()
+        is_refit = self._cost_model.refit_if_due()
+        if is_refit:
+            self._refit_cpu_s += time.thread_time() - start
+        return is_refit
 
     def _step_record(
         self,
@@ -312,6 +322,7 @@ class PolicyScheduler(Scheduler):
                 for r, o in self.k_plan.chosen_outlook.items()
             },
             observe_s=observe_s,
+            refit_cpu_s=self._refit_cpu_s,
             gap_s=gap_s,
             is_near_drafting=is_near,
             start_s=start_s,

@@ -50,7 +50,7 @@ def test_summary_counts_drafting_acceptance_and_holds() -> None:
     assert summary["step_ms_p50_verifying"] == 50.0 and summary["step_ms_p50_not_verifying"] == 20.0
     assert summary["prefill_steps"] is None and summary["choose_ms_p50"] is None  # an older record
     assert summary["draft_prefill_tokens"] is None
-    assert summary["choose_cpu_ms_mean"] is None
+    assert summary["choose_cpu_ms_mean"] is None and summary["refit_cpu_ms_mean"] is None
 
 
 def test_summary_splits_steps_by_what_the_target_verified_and_prefilled() -> None:
@@ -61,6 +61,7 @@ def test_summary_splits_steps_by_what_the_target_verified_and_prefilled() -> Non
         "choose_s": 0.001,
         "choose_cpu_s": 0.0005,
         "observe_s": 0.002,
+        "refit_cpu_s": 0.0001,
         "gap_s": 0.004,
     }
     steps = [
@@ -87,7 +88,7 @@ def test_summary_splits_steps_by_what_the_target_verified_and_prefilled() -> Non
     assert summary["mean_batch"] == 2.0
     assert (summary["choose_ms_p50"], summary["observe_ms_p50"], summary["gap_ms_p50"]) == (1.0, 2.0, 4.0)
     assert (summary["choose_ms_mean"], summary["observe_ms_mean"]) == (1.0, 2.0)
-    assert summary["choose_cpu_ms_mean"] == 0.5
+    assert summary["choose_cpu_ms_mean"] == 0.5 and summary["refit_cpu_ms_mean"] == 0.1
     steps[2]["choose_s"] = 0.009  # one search among quick steps: the p50 hides it, the mean does not
     assert (scheduler_summary(steps)["choose_ms_p50"], scheduler_summary(steps)["choose_ms_mean"]) == (
         1.0,

@@ -474,3 +474,32 @@ def test_the_chooser_is_told_what_each_drafter_missed_and_what_is_left(engines: 
     ]
     assert [step.outlook for step in sched.log.steps if step.outlook] == given
     assert not sched._lag.lag_from  # forgotten with the requests
+
+
+def test_the_cost_models_refits_are_timed_into_the_steps_record() -> None:
+    """The refit the cost model leaves to the scheduler (`defers_refits`) runs while the worker runs a step,
+    and its CPU goes in that step's record (`StepRecord.refit_cpu_s`); a call with no refit due adds none."""
+    from types import SimpleNamespace
+
+    from cluster.vllm_backend.scheduler import PolicyScheduler
+    from tests.policy.regime_loop import regime_chooser
+
+    model = regime_chooser().cost_model
+    model.defers_refits = True
+    holder = SimpleNamespace(_cost_model=model, _refit_cpu_s=0.0)
+    for iteration in range(1, 100):  # plain iterations until the model has enough for a refit
+        model.observe(_plain_stats(iteration))
+        if model.is_refit_due:
+            break
+    assert PolicyScheduler._refit_if_due(holder)  # type: ignore[arg-type]
+    assert holder._refit_cpu_s > 0.0 and not model.is_refit_due
+    spent = holder._refit_cpu_s
+    assert not PolicyScheduler._refit_if_due(holder)  # type: ignore[arg-type]
+    assert holder._refit_cpu_s == spent
+
+
+def _plain_stats(iteration: int) -> Any:
+    from policy.stats import IterationStats, RequestIterationStats
+
+    requests = [RequestIterationStats("a", 0, 0, 1, 100)]
+    return IterationStats(iteration, 1, requests, 1, 0.0, 0.05, 0.0)
