@@ -9,12 +9,13 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Iterator, Mapping
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from cluster.vllm_backend.step_record import RecordFile
-from policy.stats import RequestOutlook
+from policy.stats import IterationStats, RequestIterationStats, RequestOutlook
 from tests.cluster.vllm_backend.conftest import needs_vllm
 from tests.cluster.vllm_backend.engines import (
     MAX_SPEC_TOKENS,
@@ -26,6 +27,7 @@ from tests.cluster.vllm_backend.engines import (
     runner,
     scheduler,
 )
+from tests.policy.regime_loop import regime_chooser
 
 pytestmark = [needs_vllm, pytest.mark.timeout(900)]  # the first test starts two engines
 
@@ -479,10 +481,7 @@ def test_the_chooser_is_told_what_each_drafter_missed_and_what_is_left(engines: 
 def test_the_cost_models_refits_are_timed_into_the_steps_record() -> None:
     """The refit the cost model leaves to the scheduler (`defers_refits`) runs while the worker runs a step,
     and its CPU goes in that step's record (`StepRecord.refit_cpu_s`); a call with no refit due adds none."""
-    from types import SimpleNamespace
-
-    from cluster.vllm_backend.scheduler import PolicyScheduler
-    from tests.policy.regime_loop import regime_chooser
+    from cluster.vllm_backend.scheduler import PolicyScheduler  # (imports vLLM)
 
     model = regime_chooser().cost_model
     model.defers_refits = True
@@ -498,8 +497,6 @@ def test_the_cost_models_refits_are_timed_into_the_steps_record() -> None:
     assert holder._refit_cpu_s == spent
 
 
-def _plain_stats(iteration: int) -> Any:
-    from policy.stats import IterationStats, RequestIterationStats
-
+def _plain_stats(iteration: int) -> IterationStats:
     requests = [RequestIterationStats("a", 0, 0, 1, 100)]
     return IterationStats(iteration, 1, requests, 1, 0.0, 0.05, 0.0)
