@@ -138,6 +138,9 @@ def mode_server(
     mode = mode.removesuffix("-base")
     # "-fetch": our scheduler with vLLM's executor (it fetches every step's drafts from the worker)
     fetches, mode = mode.endswith("-fetch"), mode.removesuffix("-fetch")
+    # "-norecord": one of our modes without its step record, as served outside the benchmarks (the record's
+    # lines are built between steps and written while the worker runs one: CPU that vLLM's own modes skip)
+    no_record, mode = mode.endswith("-norecord"), mode.removesuffix("-norecord")
     # "-now": auto choosing each step's K between steps, not ahead
     chooses_now, mode = mode.endswith("-now"), mode.removesuffix("-now")
     # "-nooutlook": auto weighing one iteration alone, not each lagging request's catch-up against its life
@@ -165,8 +168,10 @@ def mode_server(
         raise ValueError(
             f"mode {mode_name}: -base applies to our modes (auto, k0, oursN) with --base-checkout"
         )
+    if no_record and not policy:
+        raise ValueError(f"mode {mode_name}: -norecord applies to our modes (auto, k0, oursN)")
     ours_k = int(mode.removeprefix("ours")) if policy == "static" else None
-    record = RAW / f"record-{mode_name}-{int(time.time())}.jsonl" if policy else None
+    record = RAW / f"record-{mode_name}-{int(time.time())}.jsonl" if policy and not no_record else None
     vllm_mode, is_sync = mode.removesuffix("-sync"), mode.endswith("-sync") and not policy
     settings = dataclasses.replace(
         base,
@@ -298,7 +303,7 @@ def main() -> None:
         help="off, N (vLLM's static K), auto, k0, oursN (our modes with -fetch: vLLM's executor, which fetches "
         "every step's drafts from the worker), off-ours (no draft model, on our scheduler and worker, with its "
         "step record), auto-now (choosing each step's K between steps), auto-nooutlook (not weighing lagging "
-        "requests' catch-ups), auto-gainN (leaving plain decoding for a predicted gain above N percent), "
+        "requests' catch-ups), k0-norecord / auto-norecord (without the step record), auto-gainN (leaving plain decoding for a predicted gain above N percent), "
         "any of ours with -base (auto-base: served from --base-checkout's code); "
         "vLLM's own modes with -sync (off-sync, 2-sync) run with --no-async-scheduling, "
         "as our scheduler does",

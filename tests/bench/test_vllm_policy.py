@@ -216,6 +216,24 @@ def test_nooutlook_mode_runs_auto_weighing_one_iteration_alone(tmp_path: Path) -
         vllm_policy.mode_server(args, base, "k0-nooutlook", 8000)
 
 
+def test_norecord_modes_serve_ours_without_a_step_record(tmp_path: Path) -> None:
+    """k0-norecord / auto-norecord: our modes as served outside the benchmarks, no record path given to the
+    scheduler (its record's CPU is what they measure against k0 / auto)."""
+    base, args = _base_settings(tmp_path), argparse.Namespace(python="python", base_checkout=tmp_path)
+    for mode, policy in (("auto-norecord", "auto"), ("k0-norecord", "off"), ("auto-norecord-base", "auto")):
+        server, record = vllm_policy.mode_server(args, base, mode, 8000)
+        assert record is None and server.settings.policy == policy
+        command = server.settings.command(Path("python"), 8000, 4)
+        section = json.loads(command[command.index("--additional-config") + 1])["moespec"]
+        assert "record_path" not in section
+        assert SchedulerSettings.from_additional_config({"moespec": section}).record_path is None
+        assert server.log_path.name == f"server-{mode}.log"
+    _, record = vllm_policy.mode_server(args, base, "auto", 8000)
+    assert record is not None
+    with pytest.raises(ValueError, match="off-norecord"):  # vLLM's own modes keep none
+        vllm_policy.mode_server(args, base, "off-norecord", 8000)
+
+
 def test_gain_mode_sets_the_predicted_gain_auto_needs_to_leave_plain_decoding(tmp_path: Path) -> None:
     base, args = _base_settings(tmp_path), argparse.Namespace(python="python", base_checkout=None)
     for mode, gain in (
