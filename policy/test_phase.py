@@ -6,11 +6,11 @@ test budget (`policy.test_budget`). Its rules and their reasons are `BatchAwareC
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 
 from policy.batch_aware_config import BatchAwareConfig
 from policy.cost_model import CostModel
-from policy.stats import IterationStats
+from policy.stats import IterationStats, RequestIterationStats, RequestOutlook
 from policy.test_budget import TestBudget
 from policy.utility import AcceptanceEstimator, expected_etr
 
@@ -176,17 +176,21 @@ class TestPhases:
         if forced_verdicts:
             self.budget.verdict(len(states), any(forced_verdicts))
         for i, (state, k) in enumerate(zip(states, chosen, strict=True)):
-            if state.test_remaining == 0:
+            if state.test_remaining == 0 and state.set_k != k:  # (the same set-phase choice again: no change)
                 self._set(state, k, verdicts.get(i, False))
 
     def observe(
-        self, stats: IterationStats, states: list[RequestState], remaining: Sequence[int | None] = ()
+        self,
+        stats: IterationStats,
+        states: list[RequestState],
+        outlook: Mapping[str, RequestOutlook] | None = None,
     ) -> bool:
         """Advance each request's phase by the iteration (`states`: its requests', in order) and count it in
         the test budget; whether a retest fell due.
 
-        `remaining`: each request's tokens left to generate where known (`RequestOutlook`). A retest falls due
-        only where they are at least twice what the test itself would commit (`test_iterations` at the
+        `outlook`: the last outlooks the chooser was given (`RequestOutlook`), where known: a request's tokens
+        left to generate are its outlook's less what this iteration committed. A retest falls due only where
+        they are at least twice what the test itself would commit (`test_iterations` at the
         probe's K, at the request's acceptance): a retest informs only its own request (the traffic's
         acceptance is fed by first tests), so one that takes half its request's remaining life has little
         left to pay back. Served on the regime pair (prose at concurrency 16 after synthetic, 64-token
@@ -197,8 +201,7 @@ class TestPhases:
         self.num_prompt_tokens = stats.num_prefill_tokens
         self._account(stats, states)
         is_retest_due = False
-        left = list(remaining) or [None] * len(states)
-        for r, state, num_left in zip(stats.requests, states, left, strict=True):
+        for r, state in zip(stats.requests, states, strict=True):
             if state.test_remaining > 0:
                 state.test_remaining -= r.num_spec_tokens > 0  # a test waiting for a probe is still pending
             elif r.num_spec_tokens > 0:
@@ -207,6 +210,7 @@ class TestPhases:
                 state.zero_iterations += 1
                 backoff = self.config.set_iterations * 2**state.num_zero_verdicts
                 is_due = state.zero_iterations >= min(backoff, self.config.max_set_iterations)
+                num_left = self._remaining_tokens(r, outlook) if is_due else None
                 if is_due and num_left is not None and num_left < 2 * self._test_tokens(state):
                     state.zero_iterations = 0  # too late to pay back: wait another back-off
                 elif is_due:
@@ -226,6 +230,14 @@ class TestPhases:
         model = self.cost_model
         drafter_s = model.params.draft_prefill_per_token_s * self.num_prompt_tokens
         return drafter_s > self.config.max_test_prompt_share * model.plain_time(batch_size)
+
+    @staticmethod
+    def _remaining_tokens(
+        request: RequestIterationStats, outlook: Mapping[str, RequestOutlook] | None
+    ) -> int | None:
+        """Tokens the request may still generate after this iteration, from its outlook (None without one)."""
+        found = None if outlook is None else outlook.get(request.request_id)
+        return None if found is None else max(0, found.num_remaining_tokens - request.num_committed_tokens)
 
     def _test_tokens(self, state: RequestState) -> float:
         """Tokens a test of this request commits: `test_iterations` at the probe's K, at its acceptance."""

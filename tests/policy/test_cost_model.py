@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 import numpy as np
 import pytest
 
+from policy import shape_correction
 from policy.cost_model import CostModel, CostParams
 from policy.cost_model_config import CostModelConfig
 from policy.presets import PRESETS
@@ -525,6 +527,38 @@ def test_a_long_stretch_at_one_k_keeps_the_blocks_that_related_the_other_ks_to_i
         errors[archived] = model.spec_time(1, 4) / model.plain_time(1) / expected - 1.0
     assert errors[0] > 0.1  # the premise: the ring alone lost K = 4's shape
     assert abs(errors[16]) < 0.05, errors
+
+
+def test_a_buckets_factors_are_fitted_at_its_first_use_from_the_last_fits_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A refit fits no bucket's factors; a bucket's first use after it fits that bucket's alone, once, from that
+    # refit's rows (not an earlier one's); a bucket without rows in it has none.
+    calls: list[int] = []
+    fitted = shape_correction.time_blocked_factors
+
+    def counted(*args: Any) -> Any:
+        calls.append(len(args[0]))
+        return fitted(*args)
+
+    monkeypatch.setattr(shape_correction, "time_blocked_factors", counted)
+    rng = np.random.default_rng(5)
+    buckets, per_seq = rng.choice([0, 2], size=300), rng.integers(0, 3, 300)
+    first, second = 0.1 * per_seq, 0.3 * per_seq + 0.02 * rng.standard_normal(300)
+    correction = ShapeCorrection(32, 8.0, 16)
+    correction.fit(buckets, per_seq, first)
+    assert correction.factors(2, np.array([1.0])) is not None and len(calls) == 1
+    correction.fit(buckets[buckets == 2], per_seq[buckets == 2], second)
+    assert calls == [np.sum(buckets == 2)]  # the refit itself fitted nothing
+    ks = np.array([0.0, 1.0, 2.0])
+    factors = correction.factors(2, ks)
+    alone = ShapeCorrection(32, 8.0, 16)
+    alone.fit(buckets[buckets == 2], per_seq[buckets == 2], second)
+    np.testing.assert_array_equal(factors, alone.factors(2, ks))
+    assert correction.factors(0, ks) is None and correction.num_rows(0, 1) == 0  # none in the last fit
+    num_calls = len(calls)
+    correction.factors(2, ks), correction.num_rows(2, 1)
+    assert len(calls) == num_calls  # fitted once per fit
 
 
 def test_buckets_fitted_together_get_each_its_own_fits_factors() -> None:
