@@ -6,11 +6,12 @@ benchmarks keep one for every server that runs our scheduler; `bench.replay_reco
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from cluster.vllm_backend.counters import SchedulerCounters
 from cluster.vllm_backend.settings import SchedulerSettings
@@ -57,11 +58,14 @@ class StepRecord:
 class RecordFile:
     """A step record file. `keep` holds a step; `write` writes the steps held, where writing delays no
     step (the scheduler calls it while the worker runs one, and when the engine has nothing left to run).
-    A step's line took 0.2 ms of CPU at batch 32, on the engine core's path between steps before."""
+    A step's line took 0.2 ms of CPU at batch 32, on the engine core's path between steps before. The lines
+    are msgspec's JSON: a batch-32 line took 37 us with `json.dumps`, 4 us so (the record is the benchmarks',
+    and served on the demo pair, auto without it ran 1.029x auto with it, paired over 16 runs)."""
 
     def __init__(self, path: str | Path) -> None:
-        self._file = open(path, "a")  # noqa: SIM115 (open for the engine's life)
+        self._file = open(path, "ab")  # noqa: SIM115 (open for the engine's life)
         self._unwritten: list[StepRecord] = []
+        self._encoder = msgspec.json.Encoder()
 
     def keep(self, record: StepRecord) -> None:
         self._unwritten.append(record)
@@ -71,7 +75,7 @@ class RecordFile:
     def write(self) -> None:
         if not self._unwritten:
             return
-        lines = "".join(json.dumps(vars(record)) + "\n" for record in self._unwritten)
+        lines = b"".join(self._encoder.encode(record) + b"\n" for record in self._unwritten)
         self._unwritten.clear()
         self._file.write(lines)
         self._file.flush()  # a served engine's record survives its kill, less the steps since

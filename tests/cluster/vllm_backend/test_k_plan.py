@@ -3,21 +3,21 @@ without vLLM: a chooser that answers from a table and keeps what it was asked.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.vllm_backend.chooser import DrafterLag
 from cluster.vllm_backend.counters import SchedulerCounters
 from cluster.vllm_backend.k_plan import KPlan
 from cluster.vllm_backend.settings import SchedulerSettings
-from cluster.vllm_backend.step_record import StepLog, StepRecord
+from cluster.vllm_backend.step_record import RecordFile, StepLog, StepRecord
 from policy.stats import IterationStats, RequestOutlook
 
 MAX_SPEC_TOKENS = 4
 
 
-@dataclass
+@dataclasses.dataclass
 class _Request:  # what KPlan reads of a vLLM request
     num_tokens: int
     max_tokens: int
@@ -100,6 +100,37 @@ def test_without_choosing_ahead_every_step_asks_the_chooser_and_outlooks_go_with
     # 54 tokens still to generate; the drafter never lagged: nothing to catch up
     assert plan.chosen_outlook == {"a": RequestOutlook(num_catch_up_tokens=0, num_remaining_tokens=54)}
     assert chooser.outlooks[-1] == plan.chosen_outlook
+
+
+def test_a_record_files_lines_read_back_as_the_steps_every_field(tmp_path: Path) -> None:
+    # What `bench.replay_record` and the report read: each field as kept (floats exact, None, the per-request
+    # dicts, the outlook's lists), one JSON line per step, appended to an existing file.
+    path = tmp_path / "record.jsonl"
+    path.write_text('{"step": 0}\n')  # an earlier engine's line
+    steps = [
+        StepRecord(
+            step=1,
+            num_drafts={"r-1": 2, "r-2": 0},
+            num_accepted={"r-1": 1, "r-2": 0},
+            chosen={"r-1": 3},
+            num_draft_steps=3,
+            step_time_s=0.1 + 0.2,
+            draft_time_s=None,
+            draft_prefill_tokens=17,
+            choose_cpu_s=1.5e-05,
+            is_chosen_ahead=True,
+            outlook={"r-1": [0, 54]},
+            refit_cpu_s=7e-4,
+            start_s=1796491627.123456,
+        ),  # fmt: skip
+        StepRecord(step=2, num_drafts={}, num_accepted={}),
+    ]
+    record = RecordFile(path)
+    for step in steps:
+        record.keep(step)
+    record.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines == [{"step": 0}, *(dataclasses.asdict(step) for step in steps)]
 
 
 def test_the_step_log_keeps_steps_where_asked_and_writes_its_file_and_metrics(tmp_path: Path) -> None:
