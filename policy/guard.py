@@ -271,7 +271,8 @@ class MeasuredGuard:
         if not stats.requests:
             return
         # A hold lasts engine iterations, asked or not, at any batch size.
-        self._hold_left = {b: left - 1 for b, left in self._hold_left.items() if left > 1}
+        if self._hold_left:
+            self._hold_left = {b: left - 1 for b, left in self._hold_left.items() if left > 1}
         # asked None: nobody asked the chooser.
         asked, is_baseline = self._pending.popleft() if self._pending else (None, False)
         is_chosen = asked is not None and all(r.request_id in asked for r in stats.requests)
