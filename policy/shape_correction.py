@@ -110,21 +110,26 @@ class ShapeCorrection:
         self.pseudo_count = pseudo_count
         self.max_archived_blocks = max_archived_blocks
         # The last fit's rows (each one's bucket, drafts per sequence, log ratio), and by bucket its factors
-        # from them: (drafts per sequence measured, factors, rows at each), None where it has no rows. A
-        # bucket's are fitted at its first use after a fit: a refit took 1.5 ms of CPU, over a third of it
-        # fitting every bucket's, on a served record of the demo pair (vLLM backend) whose cells use one or two.
+        # from them: (drafts per sequence measured, factors, rows at each), None where it has no rows. A fit
+        # fits the buckets used since the fit before (where a refit delays nothing: the vLLM scheduler's, while
+        # the worker runs a step), and any other at its first use: a refit took 1.5 ms of CPU, over a third of
+        # it fitting every bucket's, on a served record of the demo pair (vLLM backend) whose cells use one or
+        # two.
         self._rows: tuple[NDArray[np.int64], NDArray[np.int64], Array] | None = None
         self._factors: dict[int, tuple[Array, Array, Array] | None] = {}
+        self._used: set[int] = set()  # the buckets asked for since the last fit
         self._archived: dict[int, list[Array]] = {}  # by bucket: blocks that measured two K, oldest first
 
     def factors(self, bucket: int, per_seq: Array) -> Array | None:
         """The factors at these drafts per sequence (interpolated, held at the end ones beyond the measured);
         None where the bucket has none."""
+        self._used.add(bucket)
         factors = self._bucket_factors(bucket)
         return None if factors is None else np.interp(per_seq, *factors[:2])
 
     def num_rows(self, bucket: int, per_seq: int) -> int:
         """Rows of the last fit in this bucket at these drafts per sequence (its shape rests on them)."""
+        self._used.add(bucket)
         factors = self._bucket_factors(bucket)
         if factors is None:
             return 0
@@ -134,8 +139,11 @@ class ShapeCorrection:
     def fit(self, buckets: NDArray[np.int64], per_seq: NDArray[np.int64], log_ratio: Array) -> None:
         """New factors from rows in the order recorded: each one's bucket, drafts per sequence and
         log(measured / predicted)."""
+        used, self._used = self._used, set()
         self._rows = (buckets, per_seq, log_ratio)
         self._factors = {}
+        for bucket in sorted(used):
+            self._bucket_factors(bucket)
 
     def _bucket_factors(self, bucket: int) -> tuple[Array, Array, Array] | None:
         """The bucket's factors from the last fit's rows (None where it had none), fitted at first use."""

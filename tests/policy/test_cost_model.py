@@ -529,11 +529,12 @@ def test_a_long_stretch_at_one_k_keeps_the_blocks_that_related_the_other_ks_to_i
     assert abs(errors[16]) < 0.05, errors
 
 
-def test_a_buckets_factors_are_fitted_at_its_first_use_from_the_last_fits_rows(
+def test_a_refit_fits_the_buckets_in_use_and_any_other_at_its_first_use(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # A refit fits no bucket's factors; a bucket's first use after it fits that bucket's alone, once, from that
-    # refit's rows (not an earlier one's); a bucket without rows in it has none.
+    # A refit fits the buckets used since the refit before (2 here, not 0); any other bucket's first use after
+    # it fits that bucket's alone, once, from that refit's rows (not an earlier one's); a bucket without rows
+    # in it has none.
     calls: list[int] = []
     fitted = shape_correction.time_blocked_factors
 
@@ -547,14 +548,19 @@ def test_a_buckets_factors_are_fitted_at_its_first_use_from_the_last_fits_rows(
     first, second = 0.1 * per_seq, 0.3 * per_seq + 0.02 * rng.standard_normal(300)
     correction = ShapeCorrection(32, 8.0, 16)
     correction.fit(buckets, per_seq, first)
+    assert not calls  # none used yet
     assert correction.factors(2, np.array([1.0])) is not None and len(calls) == 1
-    correction.fit(buckets[buckets == 2], per_seq[buckets == 2], second)
-    assert calls == [np.sum(buckets == 2)]  # the refit itself fitted nothing
+    correction.fit(buckets, per_seq, second)
+    assert calls == [np.sum(buckets == 2)] * 2  # the refit fitted bucket 2, used since the first, alone
     ks = np.array([0.0, 1.0, 2.0])
     factors = correction.factors(2, ks)
+    assert len(calls) == 2
+    assert correction.factors(0, ks) is not None and calls[-1] == np.sum(buckets == 0)  # at its first use
+    correction.fit(buckets[buckets == 2], per_seq[buckets == 2], second[buckets == 2])
     alone = ShapeCorrection(32, 8.0, 16)
-    alone.fit(buckets[buckets == 2], per_seq[buckets == 2], second)
+    alone.fit(buckets[buckets == 2], per_seq[buckets == 2], second[buckets == 2])
     np.testing.assert_array_equal(factors, alone.factors(2, ks))
+    np.testing.assert_array_equal(correction.factors(2, ks), factors)
     assert correction.factors(0, ks) is None and correction.num_rows(0, 1) == 0  # none in the last fit
     num_calls = len(calls)
     correction.factors(2, ks), correction.num_rows(2, 1)
