@@ -553,6 +553,14 @@ def test_side_by_side_runs_each_cell_on_every_server_in_rotated_order(
     for r, c in itertools.product(range(3), args.concurrency):
         args.workloads = ["code", "prose", "synthetic"]
         assert sorted(side_by_side.rotation_shift(args, r, w, c, 0) for w in args.workloads) == [0, 1, 2]
+    # An odd launch starts the servers in reverse (a server's start order is its own), each on its port.
+    events.clear()
+    order.clear()
+    args.workloads = ["code", "prose"]
+    args.launches = 2
+    rows, _ = side_by_side.measure_side_by_side(args, None, launch=1)  # type: ignore[arg-type]
+    assert events[:3] == ["start auto", "start k0", "start off"]
+    assert all(row["output_throughput"] == ports[row["mode"]] and row["launch"] == 1 for row in rows)
 
 
 def test_side_by_side_refuses_servers_that_do_not_fit_in_memory(monkeypatch: Any) -> None:
