@@ -116,7 +116,6 @@ class CostModel:
         # read them without converting rows), and how many each has ever recorded (row i at i % the ring).
         self._samples: dict[int, Array] = {}
         self._num_samples: dict[int, int] = {}
-        self._num_ring_rows = 0  # rows in the rings now: the sum over buckets of min(recorded, ring size)
         self._num_new_samples = 0
         self._new_seconds = 0.0  # the new iterations' measured time
         self.num_refits = 0
@@ -257,10 +256,9 @@ class CostModel:
             self._correction.archive(bucket, block, correction_keys(block))
         samples[count % size] = row
         self._num_samples[bucket] = count + 1
-        self._num_ring_rows += count < size
         self._num_new_samples += 1
         self._new_seconds += stats.iteration_time_s
-        num_rows = len(self._anchors) + self._num_ring_rows
+        num_rows = len(self._anchors) + sum(min(n, size) for n in self._num_samples.values())
         num_fitted = num_rows - self._num_new_samples
         is_due = self._num_new_samples >= max(num_fitted, 1) or (
             self._num_new_samples >= self.config.refit_interval
