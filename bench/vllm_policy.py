@@ -303,7 +303,8 @@ def main() -> None:
         help="off, N (vLLM's static K), auto, k0, oursN (our modes with -fetch: vLLM's executor, which fetches "
         "every step's drafts from the worker), off-ours (no draft model, on our scheduler and worker, with its "
         "step record), auto-now (choosing each step's K between steps), auto-nooutlook (not weighing lagging "
-        "requests' catch-ups), k0-norecord / auto-norecord (without the step record), auto-gainN (leaving plain decoding for a predicted gain above N percent), "
+        "requests' catch-ups), k0-norecord / auto-norecord (without the step record), auto-gainN (leaving "
+        "plain decoding for a predicted gain above N percent), "
         "any of ours with -base (auto-base: served from --base-checkout's code); "
         "vLLM's own modes with -sync (off-sync, 2-sync) run with --no-async-scheduling, "
         "as our scheduler does",

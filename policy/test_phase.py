@@ -192,9 +192,9 @@ class TestPhases:
         left to generate are its outlook's less what this iteration committed. A retest falls due only where
         they are at least twice what the test itself would commit (`test_iterations` at the probe's K, at the
         request's acceptance): a retest informs only its own request (the traffic's acceptance is fed by first
-        tests), so one that takes half its request's remaining life has little left to pay back. Served on the regime pair (prose at concurrency 16 after synthetic, 64-token
-        requests), a wave set at K = 0 was retested for its last 5-6 tokens, and the batch drafted those
-        iterations for nothing."""
+        tests), so one that takes half its request's remaining life has little left to pay back. Served on the
+        regime pair (prose at concurrency 16 after synthetic, 64-token requests), a wave set at K = 0 was
+        retested for its last 5-6 tokens, and the batch drafted those iterations for nothing."""
         is_drafting = any(r.num_spec_tokens > 0 for r in stats.requests)
         self.num_plain_iterations = 0 if is_drafting else self.num_plain_iterations + 1
         self.num_prompt_tokens = stats.num_prefill_tokens
