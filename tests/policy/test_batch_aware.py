@@ -856,6 +856,20 @@ def test_a_request_that_joins_after_the_choice_gets_the_optimum_with_the_others_
     assert set(beside_k1) == {"r17", "r18"} and min(beside_k1.values()) >= 1
 
 
+def test_a_request_joins_drafting_only_where_the_whole_batch_would_draft_it() -> None:
+    # On the demo pair's measured costs (the draft half a target step), a batch of 16 at the traffic's starting
+    # acceptance decodes plain. Beside two others kept at K = 1 (tests the next choice ends), the draft steps
+    # look paid and the joined requests' drafts pay for themselves; the next choice, the whole batch's, would
+    # put them back at K = 0 after their prompts went through the drafter.
+    demo = MEASURED_PRESETS["demo-moe-cpu"]
+    chooser = BatchAwareChooser(BatchAwareConfig(), CostModel(CostModelConfig(demo.routing), demo.measured))
+    ids = [f"r{i}" for i in range(16)]
+    rates = np.full(16, 0.5)  # where a new request starts before any traffic (the acceptance prior's 1 : 1)
+    assert set(chooser.best_spec_tokens(rates, np.full(16, -1))) == {0}
+    assert min(chooser.best_spec_tokens(rates, np.array([1, 1] + [-1] * 14))[2:]) >= 1  # the search alone
+    assert chooser.choose_joined(ids[2:], {"r0": 1, "r1": 1}) == dict.fromkeys(ids[2:], 0)
+
+
 @pytest.mark.parametrize("floor", [32, 10_000])
 def test_over_the_test_budget_a_test_starts_once_nothing_drafted_for_the_floor(floor: int) -> None:
     # Over a backed-off budget, once the traffic's acceptance says K = 0, every new request starts untested at
