@@ -127,19 +127,20 @@ class BatchAwareChooser:
         K_max: served on the regime pair (synthetic at concurrency 16 / 32, 64-token requests of about 17
         steps at K = 4), our scheduler at static K = 4 ran 0.99-1.05x vLLM's K = 4, and auto 0.93-0.95x with
         each request's first step at K = 0. Where the step drafts anyway, the joined request's drafts cost
-        only their verification (its prompt goes through the drafter's pass in the step, no catch-up after);
-        where it does not, the search charges the whole batch's draft steps, as it does a test. The request
-        stays new for the next `choose`: its test phase and the test budget's rules apply from there.
+        their verification and its prompt's pass through the drafter in the step (paid later as a catch-up
+        were it to draft then); where it does not, the search charges the whole batch's draft steps, as it
+        does a test. The request stays new for the next `choose`: its test phase and the test budget's rules
+        apply from there.
 
         It drafts only where the optimum of the whole batch, every K free, drafts it too: the next `choose`
-        searches the whole batch, and a request that joined drafting where that search puts it at K = 0 fed its
-        prompt through the drafter for one step's drafts. Beside others kept at K > 0, drafting looks cheap (the
-        draft steps are paid), and those others are often tests that the next choice ends or a batch smaller
-        than the one the joined requests make. Served on the demo pair (vLLM backend, the draft half a target
-        step) at synthetic 16, two requests tested at batch 2 and the 14 prompts of the wave that came next
-        all joined at K = 4, the drafter fed their 936 prompt tokens in a 171 ms step (a plain one: 10 ms),
-        and the next choice put all 14 at K = 0; over that run's 4 cells at 16 / 32, 130 of the 272 requests
-        that drafted in their prompt's step were at K = 0 in the step after."""
+        searches the whole batch, and a request that joined drafting where that search puts it at K = 0 fed
+        its prompt through the drafter for one step's drafts. Beside others kept at K > 0, drafting looks
+        cheap (the draft steps are paid), and those others are often tests, or were chosen for the smaller
+        batch before the joined requests came. Served on the demo pair (vLLM backend, the draft half a target step)
+        at synthetic 16, two requests tested at batch 2 and the 14 prompts of the wave that came next all
+        joined at K = 4, the drafter fed their 936 prompt tokens in a 171 ms step (a plain one: 10 ms), and
+        the next choice put all 14 at K = 0; over that run's 4 cells at 16 / 32, 130 of the 272 requests that
+        drafted in their prompt's step were at K = 0 in the step after."""
         ids = [*chosen, *joined]
         states = [self._state(r) for r in ids]
         rates = self._traffic_prior.rates(states)

@@ -857,10 +857,10 @@ def test_a_request_that_joins_after_the_choice_gets_the_optimum_with_the_others_
 
 
 def test_a_request_joins_drafting_only_where_the_whole_batch_would_draft_it() -> None:
-    # On the demo pair's measured costs (the draft half a target step), a batch of 16 at the traffic's starting
-    # acceptance decodes plain. Beside two others kept at K = 1 (tests the next choice ends), the draft steps
-    # look paid and the joined requests' drafts pay for themselves; the next choice, the whole batch's, would
-    # put them back at K = 0 after their prompts went through the drafter.
+    # On the demo pair's measured costs (the draft half a target step), a batch of 16 at the traffic's
+    # starting acceptance decodes plain. Beside two others kept at K = 1 (chosen for a batch of 2, or tests),
+    # the draft steps look paid and the joined requests' drafts pay for themselves; the next choice, the whole
+    # batch's, would put them back at K = 0 after their prompts went through the drafter.
     demo = MEASURED_PRESETS["demo-moe-cpu"]
     chooser = BatchAwareChooser(BatchAwareConfig(), CostModel(CostModelConfig(demo.routing), demo.measured))
     ids = [f"r{i}" for i in range(16)]
