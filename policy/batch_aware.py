@@ -136,11 +136,11 @@ class BatchAwareChooser:
         searches the whole batch, and a request that joined drafting where that search puts it at K = 0 fed
         its prompt through the drafter for one step's drafts. Beside others kept at K > 0, drafting looks
         cheap (the draft steps are paid), and those others are often tests, or were chosen for the smaller
-        batch before the joined requests came. Served on the demo pair (vLLM backend, the draft half a target step)
-        at synthetic 16, two requests tested at batch 2 and the 14 prompts of the wave that came next all
-        joined at K = 4, the drafter fed their 936 prompt tokens in a 171 ms step (a plain one: 10 ms), and
-        the next choice put all 14 at K = 0; over that run's 4 cells at 16 / 32, 130 of the 272 requests that
-        drafted in their prompt's step were at K = 0 in the step after."""
+        batch before the joined requests came. Served on the demo pair (vLLM backend, the draft half a target
+        step) at synthetic 16, two requests tested at batch 2 and the 14 prompts of the wave that came next
+        all joined at K = 4, the drafter fed their 936 prompt tokens in a 171 ms step (a plain one: 10 ms),
+        and the next choice put all 14 at K = 0; over that run's 4 cells at 16 / 32, 130 of the 272 requests
+        that drafted in their prompt's step were at K = 0 in the step after."""
         ids = [*chosen, *joined]
         states = [self._state(r) for r in ids]
         rates = self._traffic_prior.rates(states)
