@@ -83,7 +83,7 @@ class TestPhases:
         `could_pay` (`BatchAwareChooser._could_pay`): whether drafting could pay at this batch size were every
         draft accepted. Where it could not, and drafting's cost is measured at this size, no forced test starts
         and new requests start untested, as over the budget: no acceptance a test measures makes the batch
-        draft.
+        draft. That verdict holds until nothing has drafted for `could_not_pay_expiry_iterations`.
         """
         probe, num_test = self.config.probe_num_spec_tokens, self.config.test_iterations
         # A started test runs its iterations back to back.
@@ -99,7 +99,9 @@ class TestPhases:
         # test would wait for the budget, and the batch's tests would pile up and go all at once. Once nothing
         # has drafted for `test_floor_iterations`, the budget's back-off is waived until a test starts.
         is_drafting_measured = self.cost_model.num_drafting_iterations(len(states)) >= num_test
-        within_budget = (could_pay or not is_drafting_measured) and (
+        # (`BatchAwareConfig.could_not_pay_expiry_iterations`)
+        is_verdict_stale = self.num_plain_iterations >= self.config.could_not_pay_expiry_iterations
+        within_budget = (could_pay or not is_drafting_measured or is_verdict_stale) and (
             self.budget.allows(len(states))
             or (
                 self.num_plain_iterations >= self.config.test_floor_iterations

@@ -625,6 +625,31 @@ def test_no_forced_test_starts_where_drafting_would_not_pay_even_were_every_draf
     assert drafting[0.2] > 0, drafting
 
 
+@pytest.mark.parametrize("expiry", [512, 10**9])
+def test_a_verdict_that_drafting_could_not_pay_expires(expiry: int) -> None:
+    """Drafting measured at 21x a plain step at batch 1 (a contended stretch) leaves the model sure that no
+    acceptance makes drafting pay there, and no test starts (`_could_pay`); with nothing drafting, nothing
+    corrects the model. Once nothing has drafted for `could_not_pay_expiry_iterations`, a test runs again,
+    measures drafting at 1.2x with every draft accepted, and the batch drafts; a verdict that never expires
+    keeps it plain for good (served on the demo pair: batch 1 plain for a server's life, synthetic
+    included)."""
+    chooser = chooser_for(
+        "mixtral-8x7b-h100",
+        max_spec_tokens=4,
+        min_population_requests=0,
+        could_not_pay_expiry_iterations=expiry,
+    )
+    contended, _ = _closed_loop(chooser, 300, batch=1, lifetime=64, lag=True, draft_s=2.0)
+    assert sum(any(ks.values()) for ks in contended) >= chooser.config.test_iterations  # measured
+    assert not chooser._could_pay(1, chooser._time_table(1))  # the premise: the verdict
+    verified, _ = _closed_loop(chooser, 4000, batch=1, lifetime=64, lag=True, draft_s=0.02, accepts=True)
+    drafting = sum(any(ks.values()) for ks in verified)
+    if expiry == 512:
+        assert drafting > 1000 and chooser._could_pay(1, chooser._time_table(1)), drafting
+    else:
+        assert drafting == 0
+
+
 def test_the_test_budget_of_a_large_batch_is_not_spent_at_batch_1() -> None:
     """Each test at batch 32 pays the whole batch's catch-up; with one budget for the server, served on the
     regime pair, prose at 32 spent it and synthetic at batch 1 after it ran untested at K = 0 (no request
