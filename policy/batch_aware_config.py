@@ -85,16 +85,17 @@ class BatchAwareConfig:
     test_floor_iterations: int = 128
     test_budget_backoff_away: int = 128
     # A measured verdict that drafting could not pay at a batch size even at full acceptance
-    # (`BatchAwareChooser._could_pay`) stops forced tests there only until nothing has drafted, at any batch
-    # size, for this many iterations; then a test may start again, within the test budget, and its drafting
-    # iterations measure the cost anew. Kept for good, the verdict was a ratchet: without tests nothing drafts, so nothing corrects
-    # the model. Served on the demo pair (vLLM backend, 2 cores), three drafting steps at batch 1 slowed
-    # tenfold in one contended second put a K = 1 step at 4x a plain one in the model, and batch 1 ran plain
-    # for the server's life, synthetic included (1.00x off; 1.12x in the next launch, which drafted). Where
-    # drafting truly cannot pay, each expiry costs a test: at batch 32 on the demo pair, the whole batch at
-    # about 6x a plain step for a test's 9 iterations, about 1% of 4096. In a closed loop at batch 1 on the
-    # policy's tests (drafting measured at 21x, then at 1.2x with every draft accepted), the second test
-    # after the verdict turned it (`tests/policy/test_batch_aware.py`). Not measured served.
+    # (`BatchAwareChooser._could_pay`) stops forced tests there only until nothing has drafted in this many
+    # iterations at that size (its bucket; drafting at other sizes does not refresh it); then a test may start
+    # again, within the test budget, and its drafting iterations measure the cost anew. Kept for good, the
+    # verdict was a ratchet: without tests nothing drafts, so nothing corrects the model. Served on the demo
+    # pair (vLLM backend, 2 cores), three drafting steps at batch 1 slowed tenfold in one contended second put
+    # a K = 1 step at 4x a plain one in the model, and batch 1 ran plain for the server's life, synthetic
+    # included (1.00x off; 1.12x in the next launch, which drafted). Where drafting truly cannot pay, each
+    # expiry costs a test: at batch 32 on the demo pair, the whole batch at about 6x a plain step for a test's
+    # 9 iterations, about 1% of 4096. In a closed loop at batch 1 on the policy's tests (drafting measured at
+    # 21x, then at 1.2x with every draft accepted), the second test after the verdict turned it
+    # (`tests/policy/test_batch_aware.py`). Not measured served.
     could_not_pay_expiry_iterations: int = 4096
     # A batch where every request is set at K = 0, none testing, is searched again at most every this many
     # iterations (and at once when its requests change, a retest falls due or anything drafts): in between,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from policy.batch_aware_config import BatchAwareConfig
-from policy.cost_model import CostModel
+from policy.cost_model import CostModel, batch_bucket
 from policy.stats import IterationStats, RequestIterationStats, RequestOutlook
 from policy.test_budget import TestBudget
 from policy.utility import AcceptanceEstimator, expected_etr
@@ -61,6 +61,8 @@ class TestPhases:
             config.test_budget_backoff_away,
         )
         self.num_plain_iterations = 0  # observed iterations since one drafted
+        # Per batch-size bucket, its observed iterations since one drafted there (`testers`' verdict expiry).
+        self.num_plain_in: dict[int, int] = {}
         self.last_test_drafted = False  # the last test's verdict was K > 0 (`testers`)
         self.num_untested_new = 0  # new requests started untested since one was tested
         self.num_changes = 0
@@ -83,7 +85,8 @@ class TestPhases:
         `could_pay` (`BatchAwareChooser._could_pay`): whether drafting could pay at this batch size were every
         draft accepted. Where it could not, and drafting's cost is measured at this size, no forced test starts
         and new requests start untested, as over the budget: no acceptance a test measures makes the batch
-        draft. That verdict holds until nothing has drafted for `could_not_pay_expiry_iterations`.
+        draft. That verdict holds until nothing has drafted in `could_not_pay_expiry_iterations` iterations
+        at this size (its batch-size bucket).
         """
         probe, num_test = self.config.probe_num_spec_tokens, self.config.test_iterations
         # A started test runs its iterations back to back.
@@ -100,7 +103,8 @@ class TestPhases:
         # has drafted for `test_floor_iterations`, the budget's back-off is waived until a test starts.
         is_drafting_measured = self.cost_model.num_drafting_iterations(len(states)) >= num_test
         # (`BatchAwareConfig.could_not_pay_expiry_iterations`)
-        is_verdict_stale = self.num_plain_iterations >= self.config.could_not_pay_expiry_iterations
+        num_plain_here = self.num_plain_in.get(batch_bucket(len(states)), 0)
+        is_verdict_stale = num_plain_here >= self.config.could_not_pay_expiry_iterations
         within_budget = (could_pay or not is_drafting_measured or is_verdict_stale) and (
             self.budget.allows(len(states))
             or (
@@ -199,6 +203,8 @@ class TestPhases:
         retested for its last 5-6 tokens, and the batch drafted those iterations for nothing."""
         is_drafting = any(r.num_spec_tokens > 0 for r in stats.requests)
         self.num_plain_iterations = 0 if is_drafting else self.num_plain_iterations + 1
+        bucket = batch_bucket(stats.batch_size)
+        self.num_plain_in[bucket] = 0 if is_drafting else self.num_plain_in.get(bucket, 0) + 1
         self.num_prompt_tokens = stats.num_prefill_tokens
         self._account(stats, states)
         is_retest_due = False
