@@ -11,7 +11,9 @@ from policy.utility import AcceptanceConfig
 class BatchAwareConfig:
     max_spec_tokens: int = 8  # every K_r is in [0, max_spec_tokens]
     probe_num_spec_tokens: int = 1  # the least K during a test phase (the optimum if it is larger)
-    test_iterations: int = 8  # iterations per test phase (4 misjudged requests at K = 1: few samples)
+    # Acceptance trials per test phase (`TestPhases._trials`): iterations at the probe's K = 1. 4 misjudged
+    # requests at K = 1: few samples.
+    test_iterations: int = 8
     set_iterations: int = 16  # iterations at K = 0 before a retest (doubled per consecutive K = 0 verdict)
     max_set_iterations: int = 128  # back-off cap: a request at K = 0 is retested at least this often
     hysteresis: float = 0.02  # switch only for more than this gain per request (relative, / batch size)

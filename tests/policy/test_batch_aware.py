@@ -20,6 +20,7 @@ from policy.presets import MEASURED_PRESETS, PRESETS
 from policy.routing import RoutingConfig
 from policy.simulator import _measure, simulate
 from policy.stats import IterationStats, KChooser, RequestIterationStats, RequestOutlook
+from policy.test_phase import RequestState, TestPhases
 from policy.workload import WorkloadConfig
 
 MIXTRAL = PRESETS["mixtral-8x7b-h100"]
@@ -949,3 +950,32 @@ def test_a_retest_falls_due_only_where_the_request_has_the_life_left_to_use_it()
     assert test_starts(400)[:2] == [0, 40]
     # With 56 tokens, 16 are left there: fewer than two tests commit (8 iterations at about 1.1 tokens each).
     assert test_starts(56) == [0]
+
+
+@pytest.mark.parametrize(
+    ("num_spec_tokens", "num_accepted", "num_iterations"),
+    [(1, 1, 8), (1, 0, 8), (4, 0, 8), (4, 3, 2), (4, 4, 2), (2, 1, 4)],
+)
+def test_a_test_phase_lasts_its_acceptance_trials_not_its_iterations(
+    num_spec_tokens: int, num_accepted: int, num_iterations: int
+) -> None:
+    """A test judges `test_iterations` acceptance trials: each accepted draft and the rejection that ends
+    them. At the probe's K = 1 that is one an iteration; a test the optimum covers at K = 4 judges as much
+    in fewer. Counted in iterations, such a test went on alone at K = 1 once the optimum let its batch go
+    plain (served on the demo pair at mixed 4: 5-7 steps a wave at nearly twice a plain step's time)."""
+    config = BatchAwareConfig()
+    assert config.test_iterations == 8
+    phases = TestPhases(config, chooser_for("mixtral-8x7b-h100").cost_model)
+    state = RequestState(config, 0.5)
+    ends = []
+    for i in range(12):
+        request = RequestIterationStats("r", num_spec_tokens, num_accepted, num_accepted + 1, 100 + i)
+        phases.observe(IterationStats(i, 1, [request], 1 + num_spec_tokens, 0.01, 0.02, 0.0), [state])
+        ends.append(state.test_remaining == 0)
+    assert ends.index(True) + 1 == num_iterations
+    # A pending test (its request not drafting yet) judges nothing.
+    waiting = RequestState(config, 0.5)
+    phases.observe(
+        IterationStats(12, 1, [RequestIterationStats("w", 0, 0, 1, 100)], 1, 0.0, 0.02, 0.0), [waiting]
+    )
+    assert waiting.test_remaining == config.test_iterations
