@@ -27,7 +27,7 @@ from policy.stats import IterationStats, RequestOutlook, SameBatchSkips
 from policy.test_budget import TestBudget
 from policy.test_phase import RequestState, TestPhases
 from policy.traffic_prior import TrafficPrior
-from policy.utility import AcceptanceConfig, AcceptanceEstimator
+from policy.utility import AcceptanceConfig, AcceptanceEstimator, rejections
 
 Array = NDArray[np.float64]
 # Per drafting request-iteration (each request's counts apart): remembers about 200 of them, a few requests'
@@ -168,7 +168,7 @@ class BatchAwareChooser:
         prior_means = self._traffic_prior.means(states) if is_drafting else np.zeros(len(states))
         for r, state, prior_mean in zip(stats.requests, states, prior_means, strict=True):
             if r.num_spec_tokens > 0:
-                rejected = 1.0 if r.num_accepted_tokens < r.num_spec_tokens else 0.0
+                rejected = rejections(r.num_spec_tokens, r.num_accepted_tokens)
                 state.estimator.record_counts(r.num_accepted_tokens, rejected)
                 self._num_changes += 1
                 if state.num_drafting_iterations < self.config.test_iterations:

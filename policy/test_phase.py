@@ -12,7 +12,7 @@ from policy.batch_aware_config import BatchAwareConfig
 from policy.cost_model import CostModel, batch_bucket
 from policy.stats import IterationStats, RequestIterationStats, RequestOutlook
 from policy.test_budget import TestBudget
-from policy.utility import AcceptanceEstimator, expected_etr
+from policy.utility import AcceptanceEstimator, expected_etr, rejections
 
 
 class RequestState:
@@ -245,8 +245,9 @@ class TestPhases:
         one more token: about 30 ms a wave, 1.5-3.4% of the cell's time in two launches."""
         if request.num_spec_tokens <= 0:
             return 0
-        accepted = request.num_accepted_tokens
-        return accepted + (accepted < request.num_spec_tokens)
+        return request.num_accepted_tokens + int(
+            rejections(request.num_spec_tokens, request.num_accepted_tokens)
+        )
 
     def _is_prompt_burst(self, batch_size: int) -> bool:
         """Whether the last iteration's prompt tokens would cost the drafter more than

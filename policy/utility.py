@@ -73,6 +73,12 @@ class AcceptanceConfig:
             raise ValueError(f"max_rate={self.max_rate} must be in (0.5, 1)")
 
 
+def rejections(num_spec_tokens: int, num_accepted_tokens: int) -> float:
+    """The failures an iteration's drafts give `AcceptanceEstimator`: one where a draft was rejected (fewer
+    accepted than drafted), none where all were accepted."""
+    return 1.0 if num_accepted_tokens < num_spec_tokens else 0.0
+
+
 class AcceptanceEstimator:
     """Per-token acceptance rate a of one request, from its accepted counts at any K.
 
@@ -102,7 +108,7 @@ class AcceptanceEstimator:
 
     def record(self, num_spec_tokens: int, num_accepted_tokens: int) -> None:
         if num_spec_tokens > 0:
-            self.record_counts(num_accepted_tokens, 1.0 if num_accepted_tokens < num_spec_tokens else 0.0)
+            self.record_counts(num_accepted_tokens, rejections(num_spec_tokens, num_accepted_tokens))
 
     def record_counts(self, accepted: float, rejected: float) -> None:
         """One observation of `accepted` successes and `rejected` failures (summed over requests, say)."""
