@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policy.batch_aware import BatchAwareChooser, BatchAwareConfig
-from policy.cost_model import CostModel, CostParams
+from policy.cost_model import CostModel, CostParams, batch_bucket
 from policy.cost_model_config import CostModelConfig
 from policy.presets import MEASURED_PRESETS, PRESETS
 from policy.routing import RoutingConfig
@@ -979,3 +979,49 @@ def test_a_test_phase_lasts_its_acceptance_trials_not_its_iterations(
         IterationStats(12, 1, [RequestIterationStats("w", 0, 0, 1, 100)], 1, 0.0, 0.02, 0.0), [waiting]
     )
     assert waiting.test_remaining == config.test_iterations
+
+
+@pytest.mark.parametrize("has_prompts", [False, True])
+@pytest.mark.parametrize("measured_over_model", [1.5, 4.0])
+def test_the_test_budget_charges_a_tests_catch_up_and_its_steps_beside_prompts(
+    has_prompts: bool, measured_over_model: float
+) -> None:
+    """vLLM's drafter catches a test's request up at the end of the step before its drafts are verified, where
+    no request verifies drafts; and a step that carries other requests' prompts takes a time no model of
+    decoding answers for. The budget charged neither: served on the demo pair at concurrency 16 / 32, the
+    catch-up of tests of whole waves (2 000-3 000 tokens, steps of 130-500 ms against 16.5 ms plain) went
+    uncharged. Now a starting test's catch-up counts, and beside prompts the cost model's time stands for the
+    step's, whatever the step took; a test the optimum covers is still the guard's to answer for."""
+    config = BatchAwareConfig()
+    model = chooser_for("mixtral-8x7b-h100").cost_model
+    plain_s = model.plain_time(2)
+    for k, catch_up in [(0, 2000), (1, 0)]:  # a test's catch-up step, then its first drafts verified
+        predicted_s = model.iteration_time([k, 0]) + model.params.draft_prefill_per_token_s * catch_up
+        measured_s = measured_over_model * predicted_s
+        requests = [RequestIterationStats("t", k, 0, 1, 100), RequestIterationStats("o", 0, 0, 1, 100)]
+        stats = IterationStats(
+            0,
+            2,
+            requests,
+            2 + k,
+            0.0,
+            measured_s,
+            0.0,
+            num_draft_prefill_tokens=catch_up,
+            num_prefill_tokens=300 if has_prompts else 0,
+        )
+        for is_forced in (True, False):
+            phases = TestPhases(config, model)
+            tester, other = RequestState(config, 0.5), RequestState(config, 0.5)
+            tester.test_started, tester.is_forced_test = True, is_forced  # chosen to probe
+            other.test_remaining, other.set_k = 0, 0
+            phases.observe(stats, [tester, other])
+            # (a fresh budget: its cost over its time is this iteration's charge over its counted seconds)
+            counted_s = measured_s if has_prompts else min(measured_s, 3.0 * predicted_s)
+            charged_s = phases.budget.spent_by_bucket()[batch_bucket(2)] * counted_s
+            if not is_forced:
+                assert charged_s == 0.0
+            elif has_prompts:
+                assert charged_s == pytest.approx(predicted_s - plain_s)
+            else:  # at most max_test_time_over_predicted (3) times the model's
+                assert charged_s == pytest.approx(min(measured_s, 3.0 * predicted_s) - plain_s)
