@@ -45,7 +45,7 @@ from typing import Any
 
 from bench.peers import VllmServer, VllmSettings, log
 from bench.vllm_policy_client import RAW, REPO, client_argv, run_clients
-from bench.vllm_policy_report import median_table, scheduler_summary, table
+from bench.vllm_policy_report import base_table, median_table, scheduler_summary, table
 from cluster.vllm_backend.settings import SCHEDULER_CLS, WORKER_CLS, executor_backend
 
 MAX_SPEC_TOKENS = 4
@@ -398,6 +398,8 @@ def main() -> None:
     args.out.write_text(json.dumps(result | ({"missing": missing} if missing else {}), indent=1))
     print(table(rows))
     print(median_table(rows))
+    if comparison := base_table(rows):
+        print(comparison)
     if missing:
         sys.exit(f"cells not measured (the client failed; see {RAW / 'client.log'}): {', '.join(missing)}")
 

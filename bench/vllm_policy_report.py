@@ -4,6 +4,7 @@ and vLLM's static K)."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from typing import Any
@@ -294,3 +295,33 @@ def paired_ratios(
             if len(values) == 1:
                 ratios.setdefault((workload, concurrency, mode), []).append(values[0] / base[0])
     return ratios
+
+
+def base_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: each mode served from `--base-checkout` (`<mode>-base`) against its twin from this checkout,
+    paired by run (launch and round): per cell the geometric mean of twin / base over its runs, and over all
+    cells that mean with the standard error of the runs' log ratios (about the ratio's relative error). Empty
+    without -base modes. An A/B of a change to the policy reads here (earlier sessions counted it with scratch
+    scripts); on this 2-core machine its standard error over 12-24 runs was 0.006-0.017 (sessions 52, 53)."""
+    lines: list[str] = []
+    for base in sorted({r["mode"] for r in rows if r["mode"].endswith("-base")}):
+        twin = base.removesuffix("-base")
+        logs = {
+            cell[:2]: [math.log(ratio) for ratio in ratios]
+            for cell, ratios in paired_ratios(rows, reference=base).items()
+            if cell[2] == twin
+        }
+        if not logs:
+            continue
+        lines += [f"| workload | conc | runs | {twin} / {base} | each run |", "|---|---:|---:|---:|---|"]
+        for (workload, concurrency), values in sorted(logs.items()):
+            each = ", ".join(f"{math.exp(v):.3f}" for v in values)
+            lines.append(
+                f"| {workload} | {concurrency} | {len(values)} | {math.exp(statistics.mean(values)):.3f} | {each} |"
+            )
+        pooled = [v for values in logs.values() for v in values]
+        error = statistics.stdev(pooled) / math.sqrt(len(pooled)) if len(pooled) > 1 else float("nan")
+        lines.append(
+            f"| all | | {len(pooled)} | {math.exp(statistics.mean(pooled)):.3f} | standard error {error:.3f} |"
+        )
+    return "\n".join(lines)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import pytest
 from bench import vllm_policy
 from bench.vllm_policy import PolicySettings, cell_row
 from bench.vllm_policy_client import CLIENT
-from bench.vllm_policy_report import median_table, scheduler_summary
+from bench.vllm_policy_report import base_table, median_table, scheduler_summary
 from cluster.vllm_backend.settings import SchedulerSettings
 from policy.batch_aware import BatchAwareConfig
 
@@ -586,3 +588,32 @@ def test_the_median_table_pairs_each_mode_with_off_of_the_same_run() -> None:
     assert lines["k0"] == "| code | 4 | k0 | 3 | 150.0 | 2.00 | 1.00 | 0.90 |  |  |  |  |"
     assert lines["auto"].startswith("| code | 4 | auto | 1 | 50.0 | 1.00 | 0.33 | 0.50 |")
     assert lines["off"].startswith("| code | 4 | off | 3 | 150.0 | 2.00 | 1.00 |  |")
+
+
+def test_the_base_table_pairs_each_mode_with_its_base_twin_of_the_same_run() -> None:
+    """auto over auto-base per run (1.1 and 0.9 at code 4; 1.0 at prose 4), the geometric mean per cell and
+    over all three runs with the standard error of their logs; off has no twin, and a run without auto-base
+    pairs nothing."""
+    measured = {
+        ("code", 0): {"off": 100.0, "auto": 110.0, "auto-base": 100.0},
+        ("code", 1): {"off": 100.0, "auto": 90.0, "auto-base": 100.0},
+        ("prose", 0): {"off": 50.0, "auto": 60.0, "auto-base": 60.0},
+        ("prose", 1): {"off": 50.0, "auto": 70.0},
+    }
+    rows = [
+        {"mode": mode, "workload": workload, "concurrency": 4, "launch": launch, "output_throughput": value}
+        for (workload, launch), modes in measured.items()
+        for mode, value in modes.items()
+    ]
+    lines = base_table(rows).splitlines()
+    assert lines[:2] == [
+        "| workload | conc | runs | auto / auto-base | each run |",
+        "|---|---:|---:|---:|---|",
+    ]
+    assert lines[2] == f"| code | 4 | 2 | {math.sqrt(0.99):.3f} | 1.100, 0.900 |"
+    assert lines[3] == "| prose | 4 | 1 | 1.000 | 1.000 |"
+    logs = [math.log(1.1), math.log(0.9), 0.0]
+    error = statistics.stdev(logs) / math.sqrt(3)
+    assert lines[4] == f"| all | | 3 | {math.exp(statistics.mean(logs)):.3f} | standard error {error:.3f} |"
+    assert len(lines) == 5
+    assert base_table([r for r in rows if r["mode"] != "auto-base"]) == ""
