@@ -290,9 +290,12 @@ class TestPhases:
         drafting = [
             s for r, s in zip(stats.requests, states, strict=True) if r.num_spec_tokens > 0 or s.test_started
         ]
-        is_drafting = stats.num_draft_prefill_tokens > 0 or any(r.num_spec_tokens > 0 for r in stats.requests)
         net_cost_s = None
-        if is_drafting and drafting and all(s.test_started and s.is_forced_test for s in drafting):
+        if (
+            drafting
+            and all(s.test_started and s.is_forced_test for s in drafting)
+            and (stats.num_draft_prefill_tokens > 0 or any(r.num_spec_tokens > 0 for r in stats.requests))
+        ):
             model = self.cost_model
             predicted_s = model.iteration_time([r.num_spec_tokens for r in stats.requests]) + (
                 model.params.draft_prefill_per_token_s * stats.num_draft_prefill_tokens
