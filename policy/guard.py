@@ -1,21 +1,22 @@
 """A measured guard around any K chooser: speculation must beat plain decoding by measurement, not only in
 the chooser's model.
 
-It judges the chooser's decisions as a whole, not its drafting iterations one by one: per batch-size bucket
-it keeps the committed tokens per second per request of every iteration the chooser decided (its plain
-ones and its test probes included) and of every plain iteration (EWMAs; not those next to drafting ones
-where the engine says they carry the drafter's costs, `IterationStats.is_near_drafting`). While the chooser
-speculates, a baseline of `baseline_length` plain iterations runs every `baseline_every` iterations to keep
-the plain figure fresh (a bucket's first, once the batch drafted `first_baseline_after` iterations there, as
-long as its missing samples and only while the batch is in it; `wide_lead_spacing` times less often while
-the chooser measures far above plain). When the chooser's iterations measure worse than plain ones by
-more than `margin`, the guard runs that bucket plain for `hold_iterations` (doubled per consecutive verdict
-there, capped), then lets the chooser try again. A verdict holds only its own bucket: drafting that loses at
-batch 1 says nothing about batch 4, where verification costs far less relative to a plain step (the vLLM
-backend's replay of a batch-1 phase followed by a batch-4 one: a global hold kept batch 4 plain on one seed).
-A baseline whose plain iteration carried another request's prompt (`IterationStats.num_prefill_tokens`,
-which neither figure counts) yields no sample, so it runs again at the chooser's next drafting iteration in
-its bucket, up to `baseline_retries` times in a row.
+It judges the chooser's decisions as a whole, not its drafting iterations one by one: per batch-size bucket it
+keeps the committed tokens per second per request of every iteration the chooser decided (its plain ones and
+its test probes included) and of every plain iteration (EWMAs; not those next to drafting ones where the
+engine says they carry the drafter's costs, `IterationStats.is_near_drafting`). While the chooser speculates,
+a baseline of `baseline_length` plain iterations runs every `baseline_every` iterations to keep the plain
+figure fresh (a bucket's first, once the batch drafted `first_baseline_after` iterations there, as long as its
+missing samples and only while the batch is in it; `wide_lead_spacing` times less often while the chooser
+measures far above plain, once a later baseline agreed with the plain figure). A plain sample far faster than
+the figure restarts it (`_add_plain`: a figure learned in a slow spell). When the chooser's iterations measure
+worse than plain ones by more than `margin`, the guard runs that bucket plain for `hold_iterations` (doubled
+per consecutive verdict there, capped), then lets the chooser try again. A verdict holds only its own bucket:
+drafting that loses at batch 1 says nothing about batch 4, where verification costs far less relative to a
+plain step (the vLLM backend's replay of a batch-1 phase followed by a batch-4 one: a global hold kept batch 4
+plain on one seed). A baseline whose plain iteration carried another request's prompt
+(`IterationStats.num_prefill_tokens`, which neither figure counts) yields no sample, so it runs again at the
+chooser's next drafting iteration in its bucket, up to `baseline_retries` times in a row.
 
 Why the decisions as a whole: the guard controls one thing, the chooser's decisions against plain decoding,
 so that is what it measures; a chooser that runs plain and tests one request in a batch now and then is
@@ -74,6 +75,10 @@ class GuardConfig:
     # off, one 4-step baseline in 68 steps was about 2% of the cell's tokens.
     wide_lead: float = 0.25
     wide_lead_spacing: int = 4
+    # A plain sample whose rate is more than this many times the bucket's plain figure restarts the figure
+    # (learned again as a new bucket's, in one baseline); and a lead counts as wide only once a plain sample
+    # taken after the chooser drafted in the bucket agreed with the figure (`MeasuredGuard._add_plain`).
+    stale_plain_factor: float = 1.5
     # Plain iterations per baseline. An engine whose plain iterations next to drafting ones are not plain
     # decoding's cost (`IterationStats.is_near_drafting`, vLLM) needs 3 for one that is: with vLLM's one-step
     # lag the first follows a verification and the last drafts at its end.
@@ -108,6 +113,8 @@ class GuardConfig:
             )
         if min(self.min_samples, self.baseline_every, self.hold_iterations, self.baseline_length) < 1:
             raise ValueError("min_samples, baseline_every, baseline_length and hold_iterations must be >= 1")
+        if self.stale_plain_factor <= 1.0:
+            raise ValueError(f"stale_plain_factor={self.stale_plain_factor} must be > 1")
         if self.wide_lead < 0.0 or self.wide_lead_spacing < 1:
             raise ValueError(
                 f"wide_lead={self.wide_lead} must be >= 0, wide_lead_spacing={self.wide_lead_spacing} >= 1"
@@ -180,6 +187,11 @@ class MeasuredGuard:
         self._takes_joined = isinstance(inner, JoinAware)
         self.config = config or GuardConfig()
         self._plain: dict[int, _Rate] = {}
+        # Per bucket whose plain figure is known: whether the chooser drafted there since (False: not yet);
+        # and the buckets whose figure a later plain sample agreed with (`_leads_widely`).
+        self._drafted_since_known: dict[int, bool] = {}
+        self._confirmed: set[int] = set()
+        self.num_stale_plain = 0  # plain figures restarted (`GuardConfig.stale_plain_factor`)
         self._chosen: dict[int, _Rate] = {}  # iterations that ran what the chooser decided
         # Per batch-size bucket, as the figures: plain iterations still to run after a verdict there, and
         # consecutive verdicts there (the hold doubles).
@@ -284,6 +296,8 @@ class MeasuredGuard:
         self._num_drafting = self._num_drafting + 1 if is_drafting else 0
         if is_drafting:
             self._drafting_in[bucket] = self._drafting_in.get(bucket, 0) + 1
+            if bucket in self._drafted_since_known:
+                self._drafted_since_known[bucket] = True
         is_plain_decoding = not is_drafting and not stats.is_near_drafting
         if stats.num_prefill_tokens:
             # Other requests' prompts in the forward: neither plain decoding's time nor the chooser's.
@@ -291,9 +305,7 @@ class MeasuredGuard:
                 self._missed_bucket = bucket  # the baseline's sample is lost: it runs again
             return
         if is_plain_decoding:
-            self._plain.setdefault(bucket, _Rate()).add(
-                per_request, stats.iteration_time_s, self.config.smoothing
-            )
+            self._add_plain(bucket, per_request, stats.iteration_time_s)
             if self._missed_bucket == bucket:
                 self._missed_bucket = None
         if is_chosen:
@@ -322,7 +334,42 @@ class MeasuredGuard:
         noise = self.config.confidence * math.hypot(chosen.standard_error, plain.standard_error)
         return chosen.value, plain.value, noise
 
+    def _add_plain(self, bucket: int, tokens: float, seconds: float) -> None:
+        """A plain decoding sample. A bucket's plain figure is learned from its first `min_samples` plain
+        iterations, evenly averaged, and refreshed by one sample per baseline after that; so a figure learned
+        while the machine was briefly slowed stayed wrong for as long as the chooser drafted there, and its
+        false lead put the baselines that could correct it `wide_lead_spacing` times further apart.
+
+        Served on the demo pair (vLLM backend, 2 cores, the benchmark's servers side by side), the first 8
+        plain steps at batch 4 of a cell took 19-35 ms where that batch's plain steps take 6-8 ms (such spells
+        of 2-4x slower steps came in 1-5% of plain steps at any time); the cost model and the guard both
+        learned batch 4's plain time from them. The chooser then drafted 330 of the cell's 417 steps, at 0.88x
+        vLLM without speculation, while the guard read drafting at 3.6x plain decoding (its 21 ms steps for
+        2.6 tokens a request against 25 ms for 1).
+
+        A slow spell makes steps slower, never faster: a plain sample more than `stale_plain_factor` times
+        faster than the figure says the figure is stale, and it is learned again from that sample, as a new
+        bucket's (in one baseline long enough for its samples). A lead counts as wide only once a plain sample
+        taken after the chooser drafted in the bucket, one from a later baseline, agreed with the figure."""
+        plain = self._plain.get(bucket)
+        if plain is not None and plain.count >= self.config.min_samples:
+            if tokens / seconds > self.config.stale_plain_factor * plain.value:
+                plain = self._plain[bucket] = _Rate()
+                self._drafted_since_known.pop(bucket, None)
+                self._confirmed.discard(bucket)
+                self._drafting_in[bucket] = self.config.first_baseline_after  # learned again at once
+                self.num_stale_plain += 1
+            elif self._drafted_since_known.get(bucket, False):
+                self._confirmed.add(bucket)
+        if plain is None:
+            plain = self._plain[bucket] = _Rate()
+        plain.add(tokens, seconds, self.config.smoothing)
+        if plain.count == self.config.min_samples:
+            self._drafted_since_known[bucket] = False
+
     def _leads_widely(self, bucket: int) -> bool:
+        if bucket not in self._confirmed:
+            return False
         figures = self.figures(bucket)
         if figures is None:
             return False

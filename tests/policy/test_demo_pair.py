@@ -4,6 +4,9 @@ of off and static K, speculating where that pays and not where it does not."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import numpy as np
 import pytest
 
@@ -11,9 +14,12 @@ from policy.baselines import OffChooser, StaticChooser
 from policy.batch_aware import BatchAwareChooser, BatchAwareConfig
 from policy.cost_model import CostModel, CostParams
 from policy.cost_model_config import CostModelConfig
-from policy.presets import MEASURED_PRESETS, MeasuredTruth
+from policy.guard import GuardConfig, MeasuredGuard
+from policy.presets import MEASURED_PRESETS, MeasuredPreset, MeasuredTruth
+from policy.routing import RoutingConfig
 from policy.simulator import _measure, simulate
 from policy.stats import RequestIterationStats
+from policy.truth import IterationShape
 from policy.workload import WorkloadConfig
 
 DEMO = MEASURED_PRESETS["demo-moe-cpu"]
@@ -88,3 +94,65 @@ def test_cost_model_learns_large_batch_speculation_from_plain_and_small_batch_it
     for batch in (16, 32):
         for k in (1, 2, 3):
             assert model.spec_time(batch, k) == pytest.approx(truth.model.spec_time(batch, k), rel=0.1)
+
+
+class _SpellTruth(MeasuredTruth):
+    """The demo pair's costs, every phase 3x slower over the first `num_slow` iterations (a slow spell:
+    another process on the cores)."""
+
+    def __init__(self, routing: RoutingConfig, params: CostParams, num_slow: int) -> None:
+        super().__init__(routing, params)
+        self.num_slow = num_slow
+        self.num_iterations = 0
+
+    def phase_times(self, shape: IterationShape) -> tuple[float, float, float]:
+        self.num_iterations += 1
+        draft, verify, other = super().phase_times(shape)
+        factor = 3.0 if self.num_iterations <= self.num_slow else 1.0
+        return factor * draft, factor * verify, factor * other
+
+
+@dataclasses.dataclass(frozen=True)
+class _SpellPreset(MeasuredPreset):
+    num_slow: int = 0
+
+    def truth(self) -> MeasuredTruth:
+        return _SpellTruth(self.routing, self.measured, self.num_slow)
+
+
+def test_a_slow_spell_at_the_start_does_not_keep_auto_drafting_at_a_loss() -> None:
+    """Served on the demo pair (vLLM backend), the first plain steps at batch 4 of a cell ran 3x slow, and the
+    cost model and the guard both learned batch 4's plain time from them: the chooser drafted 330 of the
+    cell's 417 steps at 0.88x vLLM without speculation. Here: prose-like acceptance (0.5), where K = 1 loses,
+    and the first 10 iterations in a slow spell. A guard whose plain figure keeps the spell's time drafts in
+    a third to four fifths of the request-iterations in most seeds; one that learns the figure again from the
+    first faster sample (`GuardConfig.stale_plain_factor`) holds, and drafts about as much as its tests."""
+    fields = {field.name: getattr(DEMO, field.name) for field in dataclasses.fields(DEMO)}
+    config = GuardConfig(baseline_length=4, baseline_every=64)  # the vLLM backend's guard
+    stale_config = dataclasses.replace(config, stale_plain_factor=math.inf)
+
+    def run(num_slow: int, guard_config: GuardConfig, seed: int) -> tuple[float, float, MeasuredGuard]:
+        """(auto over off, auto's share of request-iterations at K > 0, its guard)."""
+        preset = _SpellPreset(**fields, num_slow=num_slow)
+        workload = WorkloadConfig(4, (0.5,), mean_output_tokens=48, num_iterations=1500, seed=seed)
+        guard = MeasuredGuard(new_chooser(), guard_config)
+        auto = simulate(preset, guard, workload)
+        off = simulate(preset, OffChooser(), workload).tokens_per_s
+        drafting = 1.0 - auto.num_spec_tokens_counts[0] / sum(auto.num_spec_tokens_counts)
+        return auto.tokens_per_s / off, drafting, guard
+
+    workload = WorkloadConfig(4, (0.5,), mean_output_tokens=48, num_iterations=1500)
+    assert (
+        simulate(DEMO, StaticChooser(1), workload).tokens_per_s
+        < simulate(DEMO, OffChooser(), workload).tokens_per_s
+    )
+    stale = [run(10, stale_config, seed) for seed in range(4)]
+    assert sum(drafting > 0.15 for _, drafting, _ in stale) >= 3  # the premise: the spell's figure stays
+    for seed, (stale_speed, _, _) in enumerate(stale):
+        speed, drafting, guard = run(10, config, seed)
+        assert guard.num_stale_plain == 1 and guard.num_holds >= 1
+        assert drafting <= 0.15 and speed >= stale_speed
+        assert speed >= 0.94
+    # Without a spell no figure is learned again, and the two guards choose alike.
+    steady = run(0, config, 0)
+    assert steady[2].num_stale_plain == 0 and steady[:2] == run(0, stale_config, 0)[:2]

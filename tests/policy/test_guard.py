@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import pytest
 
@@ -327,6 +329,45 @@ def test_a_new_buckets_plain_figure_comes_from_one_baseline_long_enough_for_its_
     assert blind.num_holds >= 1
 
 
+def _spell_then_drafting(guard: MeasuredGuard, inner: _Scripted, num_steps: int) -> list[int]:
+    """A vLLM-like engine at batch 1 (each choice verified a step later; plain steps next to drafting
+    reported) whose first 10 steps run in a slow spell, 3x their time, while the chooser inside runs plain;
+    from step 10 on the chooser drafts K = 1 throughout. Steady plain: 6 ms a token; K = 1: 13 ms for 1.75
+    tokens, 19% worse; in the spell a plain step takes 18 ms. Returns the K verified in each step."""
+    held, verified = 0, []
+    for step in range(num_steps):
+        inner.is_drafting = step >= 10
+        chosen = guard.choose(["a"])["a"]
+        accepted = int(held > 0 and step % 4 != 0)  # 3 of 4 drafts accepted
+        seconds = (0.013 if held else 0.006) * (3 if step < 10 else 1)
+        requests = [RequestIterationStats("a", held, accepted, accepted + 1, 100)]
+        near = bool(held or chosen or (verified and verified[-1]))
+        guard.observe(IterationStats(step, 1, requests, held + 1, 0.0, seconds, 0.0, is_near_drafting=near))
+        verified.append(held)
+        held = chosen
+    return verified
+
+
+def test_a_plain_figure_learned_in_a_slow_spell_is_learned_again() -> None:
+    """Served on the demo pair (vLLM backend), the first 8 plain steps at batch 4 of a cell ran 3x slow; the
+    guard's plain figure came from them alone, read drafting at 3.6x plain decoding where it ran 0.88x, and
+    spaced its baselines out for that lead: the chooser drafted 330 of the cell's 417 steps. The next
+    baseline's faster sample now restarts the figure, and the guard holds."""
+    config = GuardConfig(baseline_length=4, baseline_every=64)  # the vLLM backend's guard
+    stale = MeasuredGuard(_Scripted(), dataclasses.replace(config, stale_plain_factor=math.inf))
+    verified = _spell_then_drafting(stale, cast(_Scripted, stale.inner), 600)
+    assert stale.num_holds == 0  # the premise: the spell's figure hides the loss
+    assert sum(k > 0 for k in verified[300:]) > 0.9 * 300
+    guard = MeasuredGuard(_Scripted(), config)
+    verified = _spell_then_drafting(guard, cast(_Scripted, guard.inner), 600)
+    assert guard.num_stale_plain == 1 and guard.num_holds >= 1
+    assert sum(k > 0 for k in verified[300:]) < 0.5 * 300
+    # A figure that later samples agree with is never restarted (no spell: the same engine held as before).
+    steady = MeasuredGuard(StaticChooser(1), config)
+    _lagged_engine(steady, 600, reports_near_drafting=True)
+    assert steady.num_stale_plain == 0 and steady.num_holds >= 1
+
+
 def test_a_baseline_runs_baseline_length_plain_iterations() -> None:
     config = GuardConfig(baseline_length=3, baseline_every=32, wide_lead_spacing=1)
     guard = MeasuredGuard(StaticChooser(2), config)
@@ -400,7 +441,9 @@ def test_steps_that_carry_other_requests_prompts_do_not_set_the_figures() -> Non
     set the guard's plain figure below the chooser's, while drafting ran at half plain decoding's speed, and
     the guard never held. Left out, the figures are decoding's alone."""
     config = GuardConfig(baseline_length=4, baseline_every=64)  # the vLLM backend's guard
-    blind = MeasuredGuard(StaticChooser(2), config)
+    # (A figure that a later, faster plain sample restarts would recover from the ramp's steps too: the next
+    # test. Without that the premise shows what the prompts' time alone does.)
+    blind = MeasuredGuard(StaticChooser(2), dataclasses.replace(config, stale_plain_factor=math.inf))
     _batch_with_prompts(blind, 300, reports_prefill=False)
     assert blind.num_holds == 0  # the premise: the prompts' time hides the loss
     guard = MeasuredGuard(StaticChooser(2), config)
@@ -485,7 +528,10 @@ def test_a_new_buckets_first_baseline_runs_only_in_its_bucket_after_enough_draft
     # Served at concurrency 16, the batch passed through batch 5-8 (too few plain samples there) between two
     # waves of requests and in each cell's tail; a first baseline started there, as long as the missing
     # samples, ran on plain at batch 16 or 1-4, whose samples were other buckets' (`first_baseline_after`).
-    guard = MeasuredGuard(StaticChooser(2), GuardConfig(baseline_length=4, baseline_every=64))
+    # (Batch 16's regular baselines 512 drafting steps apart once its lead is wide, after step 106: none
+    # falls in the visits below to run plain where they would be looked at.)
+    config = GuardConfig(baseline_length=4, baseline_every=64, wide_lead_spacing=8)
+    guard = MeasuredGuard(StaticChooser(2), config)
     batch_16, batch_6 = [f"r{i}" for i in range(16)], [f"r{i}" for i in range(6)]
     index = 0
 
