@@ -187,8 +187,8 @@ class MeasuredGuard:
         self._takes_joined = isinstance(inner, JoinAware)
         self.config = config or GuardConfig()
         self._plain: dict[int, _Rate] = {}
-        # Per bucket whose plain figure is known: whether the chooser drafted there since (False: not yet);
-        # and the buckets whose figure a later plain sample agreed with (`_leads_widely`).
+        # Per bucket whose plain figure is known but not yet confirmed: whether the chooser drafted there since
+        # it was; and the buckets whose figure a later plain sample agreed with (`_leads_widely`).
         self._drafted_since_known: dict[int, bool] = {}
         self._confirmed: set[int] = set()
         self.num_stale_plain = 0  # plain figures restarted (`GuardConfig.stale_plain_factor`)
@@ -361,6 +361,7 @@ class MeasuredGuard:
                 self.num_stale_plain += 1
             elif self._drafted_since_known.get(bucket, False):
                 self._confirmed.add(bucket)
+                del self._drafted_since_known[bucket]
         if plain is None:
             plain = self._plain[bucket] = _Rate()
         plain.add(tokens, seconds, self.config.smoothing)

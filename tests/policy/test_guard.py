@@ -7,7 +7,6 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from typing import cast
 
 import pytest
 
@@ -270,18 +269,21 @@ def test_a_full_batch_that_shrinks_by_one_keeps_its_plain_figure() -> None:
     assert sum(plain[64:]) <= len(plain[64:]) / 12  # one baseline in about 16 once the plain rate is known
 
 
-def _lagged_engine(guard: MeasuredGuard, num_steps: int, *, reports_near_drafting: bool) -> list[int]:
+def _lagged_engine(
+    guard: MeasuredGuard, num_steps: int, *, reports_near_drafting: bool, num_slow: int = 0
+) -> list[int]:
     """A vLLM-like engine at batch 1 whose plain steps next to drafting pay a switching cost: it verifies at
     step t + 1 what was chosen at step t, and a step after one that drafted or verified pays 2 ms (the
     demo pair's first plain step after drafting measured 1.5-3 ms slower than later ones). Steady plain: 6 ms a
     token; drafting at K = 1: 4 ms drafter + 7 ms verify + 2 ms = 13 ms for 1.75 tokens, 19% worse. A single
     plain step between drafting ones costs 8 ms for its token, so it makes drafting look 7% better than plain.
-    Returns the K verified in each step."""
+    Its first `num_slow` steps run in a slow spell, 3x their time. Returns the K verified in each step."""
     held, last_drafted, last_draft_s, verified = 0, False, 0.0, []
     for step in range(num_steps):
         chosen = guard.choose(["a"])["a"]
-        draft_s = 0.004 if chosen else 0.0
-        verify_s = (0.007 if held else 0.006) + (0.002 if last_drafted else 0.0)
+        factor = 3.0 if step < num_slow else 1.0
+        draft_s = factor * 0.004 if chosen else 0.0
+        verify_s = factor * ((0.007 if held else 0.006) + (0.002 if last_drafted else 0.0))
         accepted = int(held > 0 and step % 4 != 0)  # 3 of 4 drafts accepted
         near = last_drafted or chosen > 0
         requests = [RequestIterationStats("a", held, accepted, accepted + 1, 100)]
@@ -329,23 +331,20 @@ def test_a_new_buckets_plain_figure_comes_from_one_baseline_long_enough_for_its_
     assert blind.num_holds >= 1
 
 
-def _spell_then_drafting(guard: MeasuredGuard, inner: _Scripted, num_steps: int) -> list[int]:
-    """A vLLM-like engine at batch 1 (each choice verified a step later; plain steps next to drafting
-    reported) whose first 10 steps run in a slow spell, 3x their time, while the chooser inside runs plain;
-    from step 10 on the chooser drafts K = 1 throughout. Steady plain: 6 ms a token; K = 1: 13 ms for 1.75
-    tokens, 19% worse; in the spell a plain step takes 18 ms. Returns the K verified in each step."""
-    held, verified = 0, []
-    for step in range(num_steps):
-        inner.is_drafting = step >= 10
-        chosen = guard.choose(["a"])["a"]
-        accepted = int(held > 0 and step % 4 != 0)  # 3 of 4 drafts accepted
-        seconds = (0.013 if held else 0.006) * (3 if step < 10 else 1)
-        requests = [RequestIterationStats("a", held, accepted, accepted + 1, 100)]
-        near = bool(held or chosen or (verified and verified[-1]))
-        guard.observe(IterationStats(step, 1, requests, held + 1, 0.0, seconds, 0.0, is_near_drafting=near))
-        verified.append(held)
-        held = chosen
-    return verified
+class _DraftsAfter(StaticChooser):
+    """Plain over the engine's first `num_plain` steps, K = 1 after them (a chooser that believes drafting
+    pays)."""
+
+    def __init__(self, num_plain: int) -> None:
+        super().__init__(1)
+        self.num_plain = num_plain
+        self.num_observed = 0
+
+    def choose(self, request_ids: Sequence[str]) -> dict[str, int]:
+        return dict.fromkeys(request_ids, int(self.num_observed >= self.num_plain))
+
+    def observe(self, stats: IterationStats) -> None:
+        self.num_observed += 1
 
 
 def test_a_plain_figure_learned_in_a_slow_spell_is_learned_again() -> None:
@@ -354,12 +353,12 @@ def test_a_plain_figure_learned_in_a_slow_spell_is_learned_again() -> None:
     spaced its baselines out for that lead: the chooser drafted 330 of the cell's 417 steps. The next
     baseline's faster sample now restarts the figure, and the guard holds."""
     config = GuardConfig(baseline_length=4, baseline_every=64)  # the vLLM backend's guard
-    stale = MeasuredGuard(_Scripted(), dataclasses.replace(config, stale_plain_factor=math.inf))
-    verified = _spell_then_drafting(stale, cast(_Scripted, stale.inner), 600)
+    stale = MeasuredGuard(_DraftsAfter(10), dataclasses.replace(config, stale_plain_factor=math.inf))
+    verified = _lagged_engine(stale, 600, reports_near_drafting=True, num_slow=10)
     assert stale.num_holds == 0  # the premise: the spell's figure hides the loss
     assert sum(k > 0 for k in verified[300:]) > 0.9 * 300
-    guard = MeasuredGuard(_Scripted(), config)
-    verified = _spell_then_drafting(guard, cast(_Scripted, guard.inner), 600)
+    guard = MeasuredGuard(_DraftsAfter(10), config)
+    verified = _lagged_engine(guard, 600, reports_near_drafting=True, num_slow=10)
     assert guard.num_stale_plain == 1 and guard.num_holds >= 1
     assert sum(k > 0 for k in verified[300:]) < 0.5 * 300
     # A figure that later samples agree with is never restarted (no spell: the same engine held as before).
