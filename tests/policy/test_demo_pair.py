@@ -124,9 +124,10 @@ def test_a_slow_spell_at_the_start_does_not_keep_auto_drafting_at_a_loss() -> No
     """Served on the demo pair (vLLM backend), the first plain steps at batch 4 of a cell ran 3x slow, and the
     cost model and the guard both learned batch 4's plain time from them: the chooser drafted 330 of the
     cell's 417 steps at 0.88x vLLM without speculation. Here: prose-like acceptance (0.5), where K = 1 loses,
-    and the first 10 iterations in a slow spell. A guard whose plain figure keeps the spell's time drafts in
-    a third to four fifths of the request-iterations in most seeds; one that learns the figure again from the
-    first faster sample (`GuardConfig.stale_plain_factor`) holds, and drafts about as much as its tests."""
+    and the first 10 iterations in a slow spell. A guard whose plain figure keeps the spell's time drafted in
+    10-84% of the request-iterations (above three quarters in two of four seeds) and ran 0.93-0.95 of off;
+    one that learns the figure again from the first faster sample (`GuardConfig.stale_plain_factor`) holds,
+    drafts in 8-15% and runs 0.945-0.97."""
     fields = {field.name: getattr(DEMO, field.name) for field in dataclasses.fields(DEMO)}
     config = GuardConfig(baseline_length=4, baseline_every=64)  # the vLLM backend's guard
     stale_config = dataclasses.replace(config, stale_plain_factor=math.inf)
@@ -147,11 +148,11 @@ def test_a_slow_spell_at_the_start_does_not_keep_auto_drafting_at_a_loss() -> No
         < simulate(DEMO, OffChooser(), workload).tokens_per_s
     )
     stale = [run(10, stale_config, seed) for seed in range(4)]
-    assert sum(drafting > 0.15 for _, drafting, _ in stale) >= 3  # the premise: the spell's figure stays
+    assert sum(drafting > 0.75 for _, drafting, _ in stale) >= 2  # the premise: the spell's figure stays
     for seed, (stale_speed, _, _) in enumerate(stale):
         speed, drafting, guard = run(10, config, seed)
         assert guard.num_stale_plain == 1 and guard.num_holds >= 1
-        assert drafting <= 0.15 and speed >= stale_speed
+        assert drafting <= 0.2 and speed >= stale_speed
         assert speed >= 0.94
     # Without a spell no figure is learned again, and the two guards choose alike.
     steady = run(0, config, 0)
