@@ -44,6 +44,8 @@ GAUGES = {
     "drafter_failures": "Drafter calls that failed (serving continued without speculation).",
     "target_recoveries": "Times the target's caches were rebuilt from the token histories.",
     "policy_guard_holds": "Times the measured guard held plain decoding because drafting measured slower.",
+    "policy_guard_plain_restarts": "Times the measured guard learned a batch size's plain decoding rate again "
+    "because a plain step ran far faster than it (a rate learned while the machine was slowed).",
     "policy_central_decisions": "K decisions received from the central policy actor.",
     "policy_actor_failures": "Calls to the central policy actor that failed (the local chooser decided).",
     "policy_acceptance": "Per-token draft acceptance of the traffic, as the local chooser estimates it.",

@@ -319,7 +319,11 @@ class MeasuredGuard:
         self.inner.release(request_id)
 
     def gauges(self) -> dict[str, float]:
-        return {**self.inner.gauges(), "policy_guard_holds": self.num_holds}
+        return {
+            **self.inner.gauges(),
+            "policy_guard_holds": self.num_holds,
+            "policy_guard_plain_restarts": self.num_stale_plain,
+        }
 
     def _plain_iteration(self, request_ids: Sequence[str], *, is_baseline: bool = False) -> dict[str, int]:
         self._pending.append((None, is_baseline))

@@ -27,6 +27,7 @@ class SchedulerCounters:
     step_time_s: float = 0.0
     draft_time_s: float = 0.0  # total in the drafter, as our worker measured it (0 without it)
     guard_holds: int = 0
+    guard_plain_restarts: int = 0  # (`policy_guard_plain_restarts`)
     central_decisions: int = 0
     policy_actor_failures: int = 0
     tracked_requests: int = 0  # requests the chooser keeps state for (`policy_tracked_requests`)
@@ -44,10 +45,12 @@ class SchedulerCounters:
         self.step_time_s = step_time_s
 
     def take_chooser_gauges(self, chooser: Any) -> None:
-        """Guard holds, central decisions and policy actor failures of a guard around a `PolicyClient`, if
-        the chooser is one (0 where it is not); the requests the chooser keeps state for, if it says."""
+        """Guard holds and plain figures learned again, central decisions and policy actor failures of a guard
+        around a `PolicyClient`, if the chooser is one (0 where it is not); the requests the chooser keeps
+        state for, if it says."""
         inner = getattr(chooser, "inner", chooser)
         self.guard_holds = getattr(chooser, "num_holds", 0)
+        self.guard_plain_restarts = getattr(chooser, "num_stale_plain", 0)
         self.central_decisions = getattr(inner, "num_central_decisions", 0)
         self.policy_actor_failures = getattr(inner, "num_failures", 0)
         gauges = getattr(chooser, "gauges", None)

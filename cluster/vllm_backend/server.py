@@ -55,6 +55,7 @@ _GAUGES = {
     "batch_size": "batch_size",
     "step_time_s": "iteration_time_seconds",
     "guard_holds": "policy_guard_holds",
+    "guard_plain_restarts": "policy_guard_plain_restarts",
     "central_decisions": "policy_central_decisions",
     "policy_actor_failures": "policy_actor_failures",
     "tracked_requests": "policy_tracked_requests",

@@ -108,9 +108,14 @@ def test_an_unreachable_actor_leaves_the_local_chooser_in_charge() -> None:
     assert client.num_failures == 1 and not client.is_connected
     # The stack reports its counters through gauges(), each layer adding its own to those below it.
     guard = MeasuredGuard(client)
-    guard.num_holds = 3
+    guard.num_holds, guard.num_stale_plain = 3, 2
     gauges = guard.gauges()
-    assert gauges == {"policy_guard_holds": 3, "policy_central_decisions": 0, "policy_actor_failures": 1}
+    assert gauges == {
+        "policy_guard_holds": 3,
+        "policy_guard_plain_restarts": 2,
+        "policy_central_decisions": 0,
+        "policy_actor_failures": 1,
+    }
 
 
 def test_iterations_without_auto_requests_do_not_pile_up() -> None:

@@ -16,13 +16,15 @@ def test_the_replica_reads_what_the_scheduler_wrote_and_nothing_before(tmp_path:
     # A guard (num_holds) around a client of the central policy actor.
     client = SimpleNamespace(num_central_decisions=4, num_failures=1)
     counters.take_chooser_gauges(
-        SimpleNamespace(num_holds=2, inner=client, gauges=lambda: {"policy_tracked_requests": 3.0})
+        SimpleNamespace(
+            num_holds=2, num_stale_plain=5, inner=client, gauges=lambda: {"policy_tracked_requests": 3.0}
+        )
     )
     counters.write(path)
     read = read_scheduler_counters(path)
     assert read["num_steps"] == 7.0 and read["mean_num_spec_tokens"] == 1.5
     assert (read["guard_holds"], read["central_decisions"], read["policy_actor_failures"]) == (2.0, 4.0, 1.0)
-    assert read["tracked_requests"] == 3.0
+    assert read["tracked_requests"] == 3.0 and read["guard_plain_restarts"] == 5.0
     assert not Path(f"{path}.tmp").exists()  # written aside, then moved into place
     counters.num_steps = 8
     counters.take_chooser_gauges(object())  # a chooser without gauges: 0
