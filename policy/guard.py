@@ -191,7 +191,7 @@ class MeasuredGuard:
         # it was; and the buckets whose figure a later plain sample agreed with (`_leads_widely`).
         self._drafted_since_known: dict[int, bool] = {}
         self._confirmed: set[int] = set()
-        self.num_stale_plain = 0  # plain figures restarted (`GuardConfig.stale_plain_factor`)
+        self.num_plain_restarts = 0  # plain figures restarted (`GuardConfig.stale_plain_factor`)
         self._chosen: dict[int, _Rate] = {}  # iterations that ran what the chooser decided
         # Per batch-size bucket, as the figures: plain iterations still to run after a verdict there, and
         # consecutive verdicts there (the hold doubles).
@@ -322,7 +322,7 @@ class MeasuredGuard:
         return {
             **self.inner.gauges(),
             "policy_guard_holds": self.num_holds,
-            "policy_guard_plain_restarts": self.num_stale_plain,
+            "policy_guard_plain_restarts": self.num_plain_restarts,
         }
 
     def _plain_iteration(self, request_ids: Sequence[str], *, is_baseline: bool = False) -> dict[str, int]:
@@ -362,7 +362,7 @@ class MeasuredGuard:
                 self._drafted_since_known.pop(bucket, None)
                 self._confirmed.discard(bucket)
                 self._drafting_in[bucket] = self.config.first_baseline_after  # learned again at once
-                self.num_stale_plain += 1
+                self.num_plain_restarts += 1
             elif self._drafted_since_known.get(bucket, False):
                 self._confirmed.add(bucket)
                 del self._drafted_since_known[bucket]

@@ -50,7 +50,7 @@ class SchedulerCounters:
         state for, if it says."""
         inner = getattr(chooser, "inner", chooser)
         self.guard_holds = getattr(chooser, "num_holds", 0)
-        self.guard_plain_restarts = getattr(chooser, "num_stale_plain", 0)
+        self.guard_plain_restarts = getattr(chooser, "num_plain_restarts", 0)
         self.central_decisions = getattr(inner, "num_central_decisions", 0)
         self.policy_actor_failures = getattr(inner, "num_failures", 0)
         gauges = getattr(chooser, "gauges", None)

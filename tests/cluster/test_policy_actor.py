@@ -108,7 +108,7 @@ def test_an_unreachable_actor_leaves_the_local_chooser_in_charge() -> None:
     assert client.num_failures == 1 and not client.is_connected
     # The stack reports its counters through gauges(), each layer adding its own to those below it.
     guard = MeasuredGuard(client)
-    guard.num_holds, guard.num_stale_plain = 3, 2
+    guard.num_holds, guard.num_plain_restarts = 3, 2
     gauges = guard.gauges()
     assert gauges == {
         "policy_guard_holds": 3,

@@ -151,9 +151,9 @@ def test_a_slow_spell_at_the_start_does_not_keep_auto_drafting_at_a_loss() -> No
     assert sum(drafting > 0.75 for _, drafting, _ in stale) >= 2  # the premise: the spell's figure stays
     for seed, (stale_speed, _, _) in enumerate(stale):
         speed, drafting, guard = run(10, config, seed)
-        assert guard.num_stale_plain == 1 and guard.num_holds >= 1
+        assert guard.num_plain_restarts == 1 and guard.num_holds >= 1
         assert drafting <= 0.2 and speed >= stale_speed
         assert speed >= 0.94
     # Without a spell no figure is learned again, and the two guards choose alike.
     steady = run(0, config, 0)
-    assert steady[2].num_stale_plain == 0 and steady[:2] == run(0, stale_config, 0)[:2]
+    assert steady[2].num_plain_restarts == 0 and steady[:2] == run(0, stale_config, 0)[:2]

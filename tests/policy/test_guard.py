@@ -359,12 +359,12 @@ def test_a_plain_figure_learned_in_a_slow_spell_is_learned_again() -> None:
     assert sum(k > 0 for k in verified[300:]) > 0.9 * 300
     guard = MeasuredGuard(_DraftsAfter(10), config)
     verified = _lagged_engine(guard, 600, reports_near_drafting=True, num_slow=10)
-    assert guard.num_stale_plain == 1 and guard.num_holds >= 1
+    assert guard.num_plain_restarts == 1 and guard.num_holds >= 1
     assert sum(k > 0 for k in verified[300:]) < 0.5 * 300
     # A figure that later samples agree with is never restarted (no spell: the same engine held as before).
     steady = MeasuredGuard(StaticChooser(1), config)
     _lagged_engine(steady, 600, reports_near_drafting=True)
-    assert steady.num_stale_plain == 0 and steady.num_holds >= 1
+    assert steady.num_plain_restarts == 0 and steady.num_holds >= 1
 
 
 def test_a_baseline_runs_baseline_length_plain_iterations() -> None:

@@ -17,7 +17,7 @@ def test_the_replica_reads_what_the_scheduler_wrote_and_nothing_before(tmp_path:
     client = SimpleNamespace(num_central_decisions=4, num_failures=1)
     counters.take_chooser_gauges(
         SimpleNamespace(
-            num_holds=2, num_stale_plain=5, inner=client, gauges=lambda: {"policy_tracked_requests": 3.0}
+            num_holds=2, num_plain_restarts=5, inner=client, gauges=lambda: {"policy_tracked_requests": 3.0}
         )
     )
     counters.write(path)
