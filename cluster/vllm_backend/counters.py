@@ -13,6 +13,15 @@ from typing import Any
 
 from policy.stats import RequestIterationStats
 
+# The counters taken from the chooser's gauges (`take_chooser_gauges`): each field and the gauge it reads.
+_CHOOSER_GAUGES = {
+    "guard_holds": "policy_guard_holds",
+    "guard_plain_restarts": "policy_guard_plain_restarts",
+    "central_decisions": "policy_central_decisions",
+    "policy_actor_failures": "policy_actor_failures",
+    "tracked_requests": "policy_tracked_requests",
+}
+
 
 @dataclass
 class SchedulerCounters:
@@ -45,16 +54,13 @@ class SchedulerCounters:
         self.step_time_s = step_time_s
 
     def take_chooser_gauges(self, chooser: Any) -> None:
-        """Guard holds and plain figures learned again, central decisions and policy actor failures of a guard
-        around a `PolicyClient`, if the chooser is one (0 where it is not); the requests the chooser keeps
-        state for, if it says."""
-        inner = getattr(chooser, "inner", chooser)
-        self.guard_holds = getattr(chooser, "num_holds", 0)
-        self.guard_plain_restarts = getattr(chooser, "num_plain_restarts", 0)
-        self.central_decisions = getattr(inner, "num_central_decisions", 0)
-        self.policy_actor_failures = getattr(inner, "num_failures", 0)
-        gauges = getattr(chooser, "gauges", None)
-        self.tracked_requests = int(gauges().get("policy_tracked_requests", 0)) if gauges else 0
+        """Guard holds and plain figures learned again, central decisions and policy actor failures, and the
+        requests the chooser keeps state for: read from the chooser's `gauges()`, where each layer of the
+        stack (the measured guard, a `PolicyClient`, the local chooser) adds its own (0 where none says)."""
+        gauges_of = getattr(chooser, "gauges", None)
+        gauges = gauges_of() if gauges_of else {}
+        for field, gauge in _CHOOSER_GAUGES.items():
+            setattr(self, field, int(gauges.get(gauge, 0)))
 
     def write(self, path: str) -> None:
         """As JSON, atomically: a reader sees the last write or the one before."""

@@ -13,13 +13,15 @@ def test_the_replica_reads_what_the_scheduler_wrote_and_nothing_before(tmp_path:
     path = str(tmp_path / "counters.json")
     assert read_scheduler_counters(path) == {} and read_scheduler_counters(None) == {}
     counters = SchedulerCounters(num_steps=7, num_drafting_steps=3, mean_num_spec_tokens=1.5)
-    # A guard (num_holds) around a client of the central policy actor.
-    client = SimpleNamespace(num_central_decisions=4, num_failures=1)
-    counters.take_chooser_gauges(
-        SimpleNamespace(
-            num_holds=2, num_plain_restarts=5, inner=client, gauges=lambda: {"policy_tracked_requests": 3.0}
-        )
-    )
+    # A guard around a client of the central policy actor: its gauges, each layer's added.
+    gauges = {
+        "policy_guard_holds": 2,
+        "policy_guard_plain_restarts": 5,
+        "policy_central_decisions": 4,
+        "policy_actor_failures": 1,
+        "policy_tracked_requests": 3.0,
+    }
+    counters.take_chooser_gauges(SimpleNamespace(gauges=lambda: gauges))
     counters.write(path)
     read = read_scheduler_counters(path)
     assert read["num_steps"] == 7.0 and read["mean_num_spec_tokens"] == 1.5
