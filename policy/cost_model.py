@@ -21,6 +21,10 @@ prefill cost. Without it, served on the regime pair (prose at concurrency 4-32: 
 iteration, the drafter at about 0.1 ms a token, 3-6% of a drafting iteration), the model put its drafting
 choices at 1.04-1.18x plain decoding (medians per cell), where our scheduler at K = 0 throughout ran
 1.00-1.12x auto's throughput.
+
+Steps with prompts. Drafts verified in a step that carries prompts cost there what they do not in a decode
+step. The model keeps those steps apart and fits, per bucket, a verification token's cost in them beyond a
+decode step's; a prediction adds it at the bucket's recent share of steps with prompts (`policy.prompt_steps`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from policy.cost_fit import ROW_SIZE, CostFit
 from policy.cost_model_config import CostModelConfig
+from policy.prompt_steps import PromptSteps
 from policy.routing import ExpertCounts
 from policy.shape_correction import ShapeCorrection, correction_keys, drafts_per_sequence
 from policy.stats import IterationStats
@@ -134,10 +139,13 @@ class CostModel:
             config.correction_block, config.correction_pseudo_count, config.max_archived_blocks
         )
         self._num_rows = 0  # rows ever recorded: each row's number orders the shape correction's time blocks
-        # Per batch-size bucket: (iterations seen, mean prompt tokens per iteration), as observed and as of the
-        # last refit (predictions read the latter, so that they change only with `version`).
-        self._prompt_tokens: dict[int, tuple[int, float]] = {}
-        self._fitted_prompt_tokens: dict[int, float] = {}
+        # Per batch-size bucket: the steps that carried prompts, their share and their cost (module docstring).
+        self._prompt_steps = PromptSteps(
+            ring_size=config.max_samples_per_bucket,
+            window=config.prompt_window,
+            min_steps=config.min_samples,
+            pseudo_count=config.prompt_pseudo_count,
+        )
         self._fit = CostFit(
             is_draft_padded=config.is_draft_padded,
             min_samples=config.min_samples,
@@ -150,15 +158,28 @@ class CostModel:
         """(draft, verify, other) seconds for a batch whose K vector has this max and this sum."""
         spec = np.asarray(total_spec, dtype=np.float64)
         steps = np.asarray(max_steps, dtype=np.float64)
-        draft, verify, other = self._model_times(batch_size, steps, spec)
+        bucket = batch_bucket(batch_size)
+        draft, verify, other = self._decode_times(bucket, batch_size, steps, spec)
+        prompt_tokens = self._prompt_steps.prompt_tokens_per_iteration(bucket)
+        if prompt_tokens:  # the drafter's prefill of arriving prompts (module docstring)
+            draft = draft + (steps > 0) * (self.params.draft_prefill_per_token_s * prompt_tokens)
+        spec_token_s = self._prompt_steps.expected_spec_token_s(bucket)
+        if spec_token_s:  # verification tokens in the steps with prompts (module docstring)
+            # (a discount at most what the verification tokens add to a decode step)
+            added = draft + verify + other - sum(self._decode_times(bucket, batch_size, 0.0, 0.0))
+            verify = verify + np.maximum(spec_token_s * spec, -np.maximum(added, 0.0))
+        return draft, verify, other
+
+    def _decode_times(
+        self, bucket: int, batch_size: ArrayLike, max_steps: ArrayLike, total_spec: ArrayLike
+    ) -> tuple[Array, ...]:
+        """(draft, verify, other) of a decode step at this bucket: the parametric form, shape-corrected."""
+        draft, verify, other = self._model_times(batch_size, max_steps, total_spec)
         scale = self._correction.factors(
-            batch_bucket(batch_size), drafts_per_sequence(steps, spec, batch_size)
+            bucket, drafts_per_sequence(np.asarray(max_steps), np.asarray(total_spec), batch_size)
         )
         if scale is not None:
             draft, verify, other = draft * scale, verify * scale, other * scale
-        prompt_tokens = self._fitted_prompt_tokens.get(batch_bucket(batch_size), 0.0)
-        if prompt_tokens:  # the drafter's prefill of arriving prompts (module docstring)
-            draft = draft + (steps > 0) * (self.params.draft_prefill_per_token_s * prompt_tokens)
         return draft, verify, other
 
     def _model_times(
@@ -207,7 +228,15 @@ class CostModel:
     def prompt_tokens_per_iteration(self, batch_size: int) -> float:
         """Prompt tokens the engine scheduled per iteration at this batch size's bucket, as of the last refit
         (the drafter prefills them while the traffic drafts)."""
-        return self._fitted_prompt_tokens.get(batch_bucket(batch_size), 0.0)
+        return self._prompt_steps.prompt_tokens_per_iteration(batch_bucket(batch_size))
+
+    def prompt_step_costs(self, batch_size: int) -> tuple[float, float, float]:
+        """At this batch size's bucket, as of the last refit: the share of iterations with prompts, what a
+        prompt token adds to a step and what a verification token costs in a step with prompts beyond a decode
+        step's (seconds; `policy.prompt_steps`)."""
+        bucket = batch_bucket(batch_size)
+        steps = self._prompt_steps
+        return steps.share(bucket), steps.prompt_token_s(bucket), steps.spec_token_s(bucket)
 
     def plain_time(self, batch_size: int) -> float:
         return self.iteration_time([0] * batch_size)
@@ -237,10 +266,9 @@ class CostModel:
         """Add a measured iteration; refit once there are `min_samples`, then whenever the new iterations
         reach the number already fitted (doubling), or `refit_interval` of them."""
         if stats.requests:
-            bucket = batch_bucket(stats.batch_size)
-            count, mean = self._prompt_tokens.get(bucket, (0, 0.0))
-            weight = max(1.0 / (count + 1), 1.0 / self.config.prompt_window)
-            self._prompt_tokens[bucket] = (count + 1, mean + weight * (stats.num_prefill_tokens - mean))
+            self._prompt_steps.count(batch_bucket(stats.batch_size), stats.num_prefill_tokens)
+            if stats.num_prefill_tokens:
+                self._record_prompt_step(stats)
         row = self._record(stats)
         if row is None:
             return
@@ -290,7 +318,11 @@ class CostModel:
         """New params and shape correction from these rows (a new `version`)."""
         self.params = CostParams(**self._fit.fit(rows, self.params, self.prior, self.expert_counts.predict))
         self._correct(np.vstack([rows, *self._correction.archived_blocks()]))
-        self._fitted_prompt_tokens = {bucket: mean for bucket, (_, mean) in self._prompt_tokens.items()}
+        for bucket in self._prompt_steps.buckets():
+            batch, steps, spec, _, drafter_prefill, _ = self._prompt_steps.recorded(bucket).T
+            decode = sum(self._decode_times(bucket, batch, steps, spec))
+            self._prompt_steps.fit(bucket, decode + drafter_prefill * self.params.draft_prefill_per_token_s)
+        self._prompt_steps.freeze_means()
         self.version += 1
         return self.params
 
@@ -335,6 +367,21 @@ class CostModel:
             stats.other_time_s,
             self._next_row_number(),
         )
+
+    def _record_prompt_step(self, stats: IterationStats) -> None:
+        """A step with prompts, for `PromptSteps` (a plain one near drafting carries switching costs: left out)."""
+        ks = [r.num_spec_tokens for r in stats.requests]
+        if stats.is_near_drafting and max(ks) == 0:
+            return
+        step = (
+            len(ks),
+            max(ks),
+            sum(ks),
+            stats.num_prefill_tokens,
+            stats.num_draft_prefill_tokens,
+            stats.draft_time_s + stats.verify_time_s + stats.other_time_s,
+        )
+        self._prompt_steps.add(batch_bucket(len(ks)), step)
 
     def _next_row_number(self) -> float:
         self._num_rows += 1

@@ -38,7 +38,10 @@ class CostModelConfig:
     # The shape correction (module docstring): the pull of each K's shape toward the parametric form's, in
     # iterations (a K measured beside another in this many iterations counts half).
     correction_pseudo_count: float = 8.0
-    prompt_window: int = 128  # iterations the prompt tokens per iteration are averaged over
+    prompt_window: int = 128  # iterations the prompt tokens per iteration (and their share) are averaged over
+    # The pull of a verification token's cost in steps with prompts toward its cost in a decode step
+    # (`policy.prompt_steps`), in steps.
+    prompt_pseudo_count: float = 2.0
     # A bucket's rows per time block of the shape correction (`policy.shape_correction`). Shorter blocks
     # predict better and served no better (session 36): replayed over five served records on the regime pair
     # (sessions 34-35, vLLM backend), drafting's error relative to plain decoding per cell and bucket
@@ -52,6 +55,8 @@ class CostModelConfig:
     max_archived_blocks: int = 16
 
     def __post_init__(self) -> None:
+        if not self.prompt_pseudo_count > 0.0:
+            raise ValueError(f"prompt_pseudo_count={self.prompt_pseudo_count} must be > 0")
         if self.prompt_window < 1:
             raise ValueError(f"prompt_window={self.prompt_window} must be >= 1")
         if self.correction_block < 1 or self.max_samples_per_bucket % self.correction_block:

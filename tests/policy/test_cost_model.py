@@ -322,6 +322,87 @@ def test_drafting_is_charged_the_drafters_prefill_of_the_prompts_that_arrive() -
     assert with_prompts.spec_time(1, 2) == pytest.approx(without.spec_time(1, 2))
 
 
+def _with_prompt_steps(
+    prompt_token_s: float, spec_token_s: float, *, prompt_every: int = 2, draft_in_prompt_steps: bool = True
+) -> tuple[CostModel, CostModel, CostModel]:
+    """(truth, a model fed its decode steps alone, a model fed them and steps with prompts that every
+    `prompt_every`-th iteration carries, timed as the decode step plus a prompt token's and a verification
+    token's costs there). Batch 8: a bucket of its own."""
+    rng = np.random.default_rng(11)
+    config = CostModelConfig(MIXTRAL.routing)
+    truth = CostModel(config, MIXTRAL.cost_params())
+    decode_only, with_prompts = (CostModel(config, MIXTRAL.cost_params()) for _ in range(2))
+    for i in range(160):
+        ks = [int(k) for k in rng.integers(0, 4, 8)]
+        if i % prompt_every:
+            stats = measured_iteration(truth, ks, rng, noise=0.003, iteration=i)
+            decode_only.observe(stats)
+            with_prompts.observe(stats)
+            continue
+        ks = ks if draft_in_prompt_steps else [0] * 8
+        stats = measured_iteration(truth, ks, rng, noise=0.003, iteration=i)
+        num_prompt = int(rng.integers(40, 240))
+        extra = prompt_token_s * num_prompt + spec_token_s * sum(ks)
+        with_prompts.observe(
+            msgspec.structs.replace(
+                stats, verify_time_s=stats.verify_time_s + extra, num_prefill_tokens=num_prompt
+            )
+        )
+    for model in (decode_only, with_prompts):
+        model.refit()
+    return truth, decode_only, with_prompts
+
+
+def test_a_verification_tokens_cost_in_steps_with_prompts_is_fitted_and_priced_at_their_share() -> None:
+    """Session 56 on the regime pair: a verification token cost about 0.3 ms less in a step that carried
+    prompts than in a decode step, and such steps were half the time; priced as in decode steps, drafting
+    looked dearer than it was. The model fits both costs from the steps with prompts and prices the next step
+    as an expectation: the discount at the share of steps that carry prompts. The prompt tokens' own cost is
+    no choice's: predictions leave it out."""
+    plain_s = MIXTRAL.cost_params().per_token_s
+    # (a verification token adds about 6 * per_token_s to a decode step here: drafting's cost included)
+    truth, decode_only, with_prompts = _with_prompt_steps(
+        prompt_token_s=2 * plain_s, spec_token_s=-2 * plain_s
+    )
+    share, prompt_token_s, spec_token_s = with_prompts.prompt_step_costs(8)
+    assert share == pytest.approx(0.5, abs=0.01)
+    assert prompt_token_s == pytest.approx(2 * plain_s, rel=0.1)
+    assert spec_token_s == pytest.approx(-2 * plain_s, rel=0.2)
+    assert with_prompts.plain_time(8) == pytest.approx(decode_only.plain_time(8), rel=1e-3)
+    drafter_prefill_s = (
+        with_prompts.params.draft_prefill_per_token_s * with_prompts.prompt_tokens_per_iteration(8)
+    )
+    for k in (1, 3):
+        drafted = with_prompts.spec_time(8, k) - with_prompts.plain_time(8)
+        decode_drafted = decode_only.spec_time(8, k) - decode_only.plain_time(8)
+        expected = decode_drafted + drafter_prefill_s + share * spec_token_s * 8 * k
+        assert drafted == pytest.approx(expected, rel=0.01)
+    assert drafted < 0.9 * decode_drafted  # (K = 3: 24 verification tokens)
+    assert decode_only.prompt_step_costs(8) == (0.0, 0.0, 0.0)
+    assert with_prompts.spec_time(1, 2) == pytest.approx(truth.spec_time(1, 2), rel=0.05)  # another bucket
+
+
+def test_steps_with_prompts_that_never_draft_leave_the_cost_of_drafting_as_in_decode_steps() -> None:
+    """Plain steps with prompts say what a prompt token costs and nothing of verification tokens: the pull
+    keeps their cost at a decode step's."""
+    plain_s = MIXTRAL.cost_params().per_token_s
+    _, decode_only, with_prompts = _with_prompt_steps(
+        prompt_token_s=2 * plain_s, spec_token_s=-2 * plain_s, draft_in_prompt_steps=False
+    )
+    _, prompt_token_s, spec_token_s = with_prompts.prompt_step_costs(8)
+    assert prompt_token_s == pytest.approx(2 * plain_s, rel=0.1)
+    assert abs(spec_token_s) < 0.01 * plain_s
+    assert with_prompts.spec_time(8, 2) == pytest.approx(decode_only.spec_time(8, 2), rel=0.01)
+
+
+def test_a_discount_in_steps_with_prompts_never_prices_drafting_below_plain_decoding() -> None:
+    plain_s = MIXTRAL.cost_params().per_token_s
+    _, _, with_prompts = _with_prompt_steps(0.0, -40 * plain_s, prompt_every=1)
+    assert with_prompts.prompt_step_costs(8)[2] < -10 * plain_s
+    for k in (1, 4):
+        assert with_prompts.spec_time(8, k) >= with_prompts.plain_time(8)
+
+
 def test_an_engine_that_reports_no_other_time_has_the_drafter_call_fitted_from_verify_times() -> None:
     """vLLM's backend reports a step as the drafter's time and the rest (verify); what an iteration that
     verifies drafts costs beyond its tokens is in the rest. Fitted nowhere, it inflated plain decoding's

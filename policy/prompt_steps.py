@@ -1,0 +1,124 @@
+"""The cost model's steps that carry new requests' prompts (`policy.cost_model`): how often they come, how many
+prompt tokens they carry, and what a verification token costs in them beyond its cost in a decode step.
+
+Why. An engine that schedules prompts into decode steps (vLLM's chunked prefill) runs a request's drafts and
+other requests' prompts in one forward, and the drafts do not cost there what they cost in a decode step. On
+the regime pair (vLLM's CPU build, session 56) with output lengths that vary, at batch 28-32, drafting K = 2
+for every request added 78 ms to a decode step (70.9 to 148.9), 58 ms to one that carried about 80 prompt
+tokens (122.4 to 180.1) and 62 ms to one with about 200 (192.1 to 254.1). Against the plain steps, a prompt
+token cost 0.61-0.64 ms either way, and a verification token about 0.29 ms less in a step with prompts than
+in a decode step. Steps with prompts were half of the cell's time, and the model, fitted on decode steps
+alone, priced drafting in them as in a decode step: auto ran 0.94 of static K = 2 on mixed at batch 32.
+
+How. Per batch-size bucket, the steps with prompts are kept apart from the fit's rows (their times would
+read as decoding's: `CostModel._record`), and after each refit their times less the model's prediction for
+the same step without prompts are fitted, by least squares on relative residuals, as
+    residual = prompt_token_s * prompt tokens + spec_token_s * verification tokens,
+with spec_token_s of either sign, pulled toward 0 by `pseudo_count` steps. Plain steps with prompts give the
+first term; steps that draft, with prompts that vary, the second. A prediction for the next step, which may
+or may not carry prompts, adds the second term times the bucket's recent share of steps with prompts: the
+expected step. The first is left out of predictions, since no choice of K changes it: a prompt is the same
+work whatever the batch drafts, and a token's worth is what plain decoding would spend on it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+Array = NDArray[np.float64]
+# A recorded step with prompts: (batch, max K, sum K, prompt tokens, the drafter's prefill tokens, measured
+# seconds). The cost model predicts the same step without prompts at each fit (`fit`).
+STEP_SIZE = 6
+
+
+class PromptSteps:
+    """Per batch-size bucket: recent steps with prompts, the share of steps that had them, prompt tokens per
+    step, and the fitted cost of a verification token in a step with prompts beyond a decode step's."""
+
+    def __init__(self, *, ring_size: int, window: int, min_steps: int, pseudo_count: float) -> None:
+        self.ring_size = ring_size
+        self.window = window
+        self.min_steps = min_steps
+        self.pseudo_count = pseudo_count
+        # Per bucket: the recent steps with prompts (`STEP_SIZE` columns), a ring, and how many ever recorded.
+        self._steps: dict[int, Array] = {}
+        self._num_steps: dict[int, int] = {}
+        # Per bucket: (iterations seen, mean prompt tokens per iteration, share of iterations with prompts), as
+        # observed; and as of the last fit (predictions read these, so that they change only at a fit).
+        self._means: dict[int, tuple[int, float, float]] = {}
+        self._fitted_means: dict[int, tuple[float, float]] = {}
+        self._spec_token_s: dict[int, float] = {}
+        self._prompt_token_s: dict[int, float] = {}
+
+    def count(self, bucket: int, num_prompt_tokens: int) -> None:
+        """An iteration at this bucket, with these prompt tokens (0 included): the means over about `window`."""
+        count, tokens, share = self._means.get(bucket, (0, 0.0, 0.0))
+        weight = max(1.0 / (count + 1), 1.0 / self.window)
+        self._means[bucket] = (
+            count + 1,
+            tokens + weight * (num_prompt_tokens - tokens),
+            share + weight * (float(num_prompt_tokens > 0) - share),
+        )
+
+    def add(self, bucket: int, step: tuple[float, ...]) -> None:
+        """A measured step with prompts (`STEP_SIZE` values)."""
+        steps = self._steps.get(bucket)
+        if steps is None:
+            steps = self._steps[bucket] = np.empty((self.ring_size, STEP_SIZE))
+        elif not steps.flags.writeable:  # unpickled zero-copy (a Ray object): take a private copy
+            steps = self._steps[bucket] = steps.copy()
+        count = self._num_steps.get(bucket, 0)
+        steps[count % self.ring_size] = step
+        self._num_steps[bucket] = count + 1
+
+    def recorded(self, bucket: int) -> Array:
+        """The bucket's recent steps with prompts, oldest first or not (`STEP_SIZE` columns)."""
+        steps = self._steps.get(bucket)
+        if steps is None:
+            return np.empty((0, STEP_SIZE))
+        return steps[: min(self._num_steps[bucket], self.ring_size)]
+
+    def buckets(self) -> list[int]:
+        return list(self._steps)
+
+    def fit(self, bucket: int, decode_seconds: Array) -> None:
+        """Fit the bucket's costs from its recorded steps (`recorded`) and `decode_seconds`, the model's
+        prediction for each of them without its prompts (the drafter's prefill tokens charged)."""
+        _, _, spec, prompt, _, seconds = self.recorded(bucket).T
+        keep = (seconds > 0.0) & (decode_seconds > 0.0)
+        if np.count_nonzero(keep) < self.min_steps:
+            return
+        spec, prompt, seconds = spec[keep], prompt[keep], seconds[keep]
+        residual = (seconds - decode_seconds[keep]) / seconds
+        design = np.column_stack([prompt / seconds, spec / seconds])
+        # Pseudo-steps that say a verification token costs what it does in a decode step (spec_token_s = 0),
+        # at the recorded steps' mean verification tokens and time.
+        anchor = np.sqrt(self.pseudo_count) * float(np.mean(spec) / np.mean(seconds))
+        matrix = np.vstack([design, [[0.0, anchor]]])
+        (prompt_token_s, spec_token_s), *_ = np.linalg.lstsq(matrix, np.append(residual, 0.0), rcond=None)
+        self._prompt_token_s[bucket] = float(prompt_token_s)
+        self._spec_token_s[bucket] = float(spec_token_s)
+
+    def freeze_means(self) -> None:
+        """Predictions read the means as of now (a fit: the cost model's version changes)."""
+        self._fitted_means = {bucket: (tokens, share) for bucket, (_, tokens, share) in self._means.items()}
+
+    def prompt_tokens_per_iteration(self, bucket: int) -> float:
+        return self._fitted_means.get(bucket, (0.0, 0.0))[0]
+
+    def share(self, bucket: int) -> float:
+        """The share of the bucket's iterations that carried prompts, as of the last fit."""
+        return self._fitted_means.get(bucket, (0.0, 0.0))[1]
+
+    def spec_token_s(self, bucket: int) -> float:
+        """What a verification token costs in a step with prompts beyond a decode step's (either sign)."""
+        return self._spec_token_s.get(bucket, 0.0)
+
+    def prompt_token_s(self, bucket: int) -> float:
+        """What a prompt token adds to a step, as fitted (not in predictions: module docstring)."""
+        return self._prompt_token_s.get(bucket, 0.0)
+
+    def expected_spec_token_s(self, bucket: int) -> float:
+        """`spec_token_s` times the share of steps with prompts: its part of the next step's expected time."""
+        return self.share(bucket) * self.spec_token_s(bucket)
