@@ -319,12 +319,33 @@ class CostModel:
         self.params = CostParams(**self._fit.fit(rows, self.params, self.prior, self.expert_counts.predict))
         self._correct(np.vstack([rows, *self._correction.archived_blocks()]))
         for bucket in self._prompt_steps.buckets():
-            batch, steps, spec, _, drafter_prefill, _ = self._prompt_steps.recorded(bucket).T
+            batch, steps, spec, _, drafter_prefill, _, row_number = self._prompt_steps.recorded(bucket).T
             decode = sum(self._decode_times(bucket, batch, steps, spec))
-            self._prompt_steps.fit(bucket, decode + drafter_prefill * self.params.draft_prefill_per_token_s)
+            decode = decode + drafter_prefill * self.params.draft_prefill_per_token_s
+            self._prompt_steps.fit(bucket, decode * self._local_levels(bucket, row_number))
         self._prompt_steps.freeze_means()
         self.version += 1
         return self.params
+
+    def _local_levels(self, bucket: int, row_numbers: Array) -> Array:
+        """The machine's speed at each of these row numbers, relative to the predictions' (the latest time
+        block's, `policy.shape_correction`): measured over predicted time of the bucket's decode steps recorded
+        nearest to each, a median of `correction_block` of them (1 where the bucket has none). A step with
+        prompts minutes old is compared with the decode steps of its minute: this machine's speed drifts
+        10-60% from minute to minute, which would otherwise read as the prompts' cost."""
+        count = self._num_samples.get(bucket, 0)
+        if not count:
+            return np.ones_like(row_numbers)
+        rows = self._samples[bucket][: min(count, self.config.max_samples_per_bucket)]
+        rows = rows[np.argsort(rows[:, 8])]
+        predicted = sum(self._decode_times(bucket, rows[:, 0], rows[:, 1], rows[:, 2]))
+        catch_up = rows[:, 4] * self.params.draft_prefill_per_token_s
+        measured = rows[:, 5] + rows[:, 6] + rows[:, 7] - catch_up
+        log_ratio = np.log(np.maximum(measured, 1e-9) / np.maximum(predicted, 1e-9))
+        size = min(self.config.correction_block, len(rows))
+        medians = np.median(np.lib.stride_tricks.sliding_window_view(log_ratio, size), axis=1)
+        start = np.clip(np.searchsorted(rows[:, 8], row_numbers) - size // 2, 0, len(rows) - size)
+        return np.exp(medians[start])
 
     def _correct(self, rows: Array) -> None:
         """The shape correction (`policy.shape_correction`) from these rows, under the current params."""
@@ -380,6 +401,7 @@ class CostModel:
             stats.num_prefill_tokens,
             stats.num_draft_prefill_tokens,
             stats.draft_time_s + stats.verify_time_s + stats.other_time_s,
+            float(self._num_rows),  # where it falls among the decode steps (`_local_levels`)
         )
         self._prompt_steps.add(batch_bucket(len(ks)), step)
 

@@ -12,7 +12,8 @@ alone, priced drafting in them as in a decode step: auto ran 0.94 of static K = 
 
 How. Per batch-size bucket, the steps with prompts are kept apart from the fit's rows (their times would
 read as decoding's: `CostModel._record`), and after each refit their times less the model's prediction for
-the same step without prompts are fitted, by least squares on relative residuals, as
+the same step without prompts (at the speed of the decode steps recorded around it: `CostModel._local_levels`)
+are fitted, by least squares on relative residuals, as
     residual = prompt_token_s * prompt tokens + spec_token_s * verification tokens,
 with spec_token_s of either sign, pulled toward 0 by `pseudo_count` steps. Plain steps with prompts give the
 first term; steps that draft, with prompts that vary, the second. A prediction for the next step, which may
@@ -28,8 +29,9 @@ from numpy.typing import NDArray
 
 Array = NDArray[np.float64]
 # A recorded step with prompts: (batch, max K, sum K, prompt tokens, the drafter's prefill tokens, measured
-# seconds). The cost model predicts the same step without prompts at each fit (`fit`).
-STEP_SIZE = 6
+# seconds, the cost model's decode rows recorded before it). The cost model predicts the same step without
+# prompts at each fit (`fit`), at the speed of the decode steps recorded around it.
+STEP_SIZE = 7
 
 
 class PromptSteps:
@@ -85,7 +87,7 @@ class PromptSteps:
     def fit(self, bucket: int, decode_seconds: Array) -> None:
         """Fit the bucket's costs from its recorded steps (`recorded`) and `decode_seconds`, the model's
         prediction for each of them without its prompts (the drafter's prefill tokens charged)."""
-        _, _, spec, prompt, _, seconds = self.recorded(bucket).T
+        _, _, spec, prompt, _, seconds, _ = self.recorded(bucket).T
         keep = (seconds > 0.0) & (decode_seconds > 0.0)
         if np.count_nonzero(keep) < self.min_steps:
             return
