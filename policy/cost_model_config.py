@@ -40,7 +40,9 @@ class CostModelConfig:
     correction_pseudo_count: float = 8.0
     prompt_window: int = 128  # iterations the prompt tokens per iteration (and their share) are averaged over
     # The pull of a verification token's cost in steps with prompts toward its cost in a decode step
-    # (`policy.prompt_steps`), in steps.
+    # (`policy.prompt_steps`), in steps. At 8, a fit over 80 steps with prompts recovered 0.7x the cost they
+    # were given (`tests/policy/test_cost_model.py`): relative to their time, a step's verification tokens fall
+    # as its prompts grow, so little of the steps' spread is the verification tokens' own.
     prompt_pseudo_count: float = 2.0
     # A bucket's rows per time block of the shape correction (`policy.shape_correction`). Shorter blocks
     # predict better and served no better (session 36): replayed over five served records on the regime pair
