@@ -339,9 +339,7 @@ class CostModel:
         rows = self._samples[bucket][: min(count, self.config.max_samples_per_bucket)]
         rows = rows[np.argsort(rows[:, 8])]
         predicted = sum(self._decode_times(bucket, rows[:, 0], rows[:, 1], rows[:, 2]))
-        catch_up = rows[:, 4] * self.params.draft_prefill_per_token_s
-        measured = rows[:, 5] + rows[:, 6] + rows[:, 7] - catch_up
-        log_ratio = np.log(np.maximum(measured, 1e-9) / np.maximum(predicted, 1e-9))
+        log_ratio = np.log(np.maximum(self._measured(rows), 1e-9) / np.maximum(predicted, 1e-9))
         size = min(self.config.correction_block, len(rows))
         medians = np.median(np.lib.stride_tricks.sliding_window_view(log_ratio, size), axis=1)
         start = np.clip(np.searchsorted(rows[:, 8], row_numbers) - size // 2, 0, len(rows) - size)
@@ -353,12 +351,16 @@ class CostModel:
         rows = rows[np.unique(rows[:, 8], return_index=True)[1]]
         batch, steps, spec = rows[:, 0], rows[:, 1], rows[:, 2]
         draft, verify, other = self._model_times(batch, steps, spec)
-        catch_up = rows[:, 4] * self.params.draft_prefill_per_token_s  # the row's own, not corrected
-        predicted, measured = draft + verify + other, rows[:, 5] + rows[:, 6] + rows[:, 7] - catch_up
+        predicted, measured = draft + verify + other, self._measured(rows)
         valid = (predicted > 0.0) & (measured > 0.0)
         log_ratio = np.log(measured[valid] / predicted[valid])
         buckets = np.frexp(batch[valid] - 1.0)[1]  # batch_bucket, elementwise: (b - 1).bit_length()
         self._correction.fit(buckets, correction_keys(rows[valid]), log_ratio)
+
+    def _measured(self, rows: Array) -> Array:
+        """Each row's measured time less its drafter's catch-up (the row's own: no factor corrects it)."""
+        catch_up = rows[:, 4] * self.params.draft_prefill_per_token_s
+        return rows[:, 5] + rows[:, 6] + rows[:, 7] - catch_up
 
     def _record(self, stats: IterationStats) -> tuple[float, ...] | None:
         """(batch, max K, sum K, mean experts or nan, draft prefill tokens, draft s, verify s, other s, the

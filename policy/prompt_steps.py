@@ -80,7 +80,7 @@ class PromptSteps:
         self._num_steps[bucket] = count + 1
 
     def recorded(self, bucket: int) -> Array:
-        """The bucket's recent steps with prompts, oldest first or not (`STEP_SIZE` columns)."""
+        """The bucket's recent steps with prompts, in the ring's order (`STEP_SIZE` columns)."""
         steps = self._steps.get(bucket)
         if steps is None:
             return np.empty((0, STEP_SIZE))
