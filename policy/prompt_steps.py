@@ -92,16 +92,20 @@ class PromptSteps:
     def fit(self, bucket: int, decode_seconds: Array) -> None:
         """Fit the bucket's costs from its recorded steps (`recorded`) and `decode_seconds`, the model's
         prediction for each of them without its prompts (the drafter's prefill tokens charged)."""
-        _, _, spec, prompt, _, seconds, _ = self.recorded(bucket).T
+        batch, _, spec, prompt, _, seconds, _ = self.recorded(bucket).T
         keep = (seconds > 0.0) & (decode_seconds > 0.0)
         if np.count_nonzero(keep) < self.min_steps:
             return
-        spec, prompt, seconds = spec[keep], prompt[keep], seconds[keep]
+        batch, spec, prompt, seconds = batch[keep], spec[keep], prompt[keep], seconds[keep]
         residual = (seconds - decode_seconds[keep]) / seconds
         design = np.column_stack([prompt / seconds, spec / seconds])
         # Pseudo-steps that say a verification token costs what it does in a decode step (spec_token_s = 0),
-        # at the recorded steps' mean verification tokens and time.
-        anchor = np.sqrt(self.pseudo_count) * float(np.mean(spec) / np.mean(seconds))
+        # at the recorded steps' mean time and as many verification tokens as they verified on average, or
+        # as the batch's requests at K = 1 if more. At the steps' own mean alone, a bucket whose steps with
+        # prompts had drafted little was pulled as little: served on the regime pair (prose 32, session 58),
+        # a few such steps that verified one token each, the catch-up of a wave's 2 032 prompt tokens among
+        # them, set a verification token's price at -23.6 ms.
+        anchor = np.sqrt(self.pseudo_count) * float(max(np.mean(spec), np.mean(batch)) / np.mean(seconds))
         matrix = np.vstack([design, [[0.0, anchor]]])
         (prompt_token_s, spec_token_s), *_ = np.linalg.lstsq(matrix, np.append(residual, 0.0), rcond=None)
         self._prompt_token_s[bucket] = float(prompt_token_s)

@@ -420,12 +420,55 @@ def test_steps_with_prompts_are_compared_with_the_decode_steps_of_their_time() -
     assert with_prompts.spec_time(8, 2) == pytest.approx(decode_only.spec_time(8, 2), rel=0.01)
 
 
-def test_a_discount_in_steps_with_prompts_never_prices_drafting_below_plain_decoding() -> None:
+def test_a_discount_in_steps_with_prompts_never_prices_the_drafters_steps_below_their_cost() -> None:
+    """However large the fitted discount, verification tokens in a step with prompts cost at least nothing, and
+    the drafter's steps what they cost."""
     plain_s = MIXTRAL.cost_params().per_token_s
     _, _, with_prompts = _with_prompt_steps(0.0, -40 * plain_s, prompt_every=1)
     assert with_prompts.prompt_step_costs(8)[2] < -10 * plain_s
+    plain_draft, _, plain_other = with_prompts.phase_times(8, 0, 0)
     for k in (1, 4):
-        assert with_prompts.spec_time(8, k) >= with_prompts.plain_time(8)
+        draft, _, other = with_prompts.phase_times(8, k, 8 * k)
+        drafter_s = float(draft + other - plain_draft - plain_other)
+        assert drafter_s > 0.0
+        assert with_prompts.spec_time(8, k) - with_prompts.plain_time(8) >= drafter_s * (1 - 1e-9)
+
+
+def test_a_few_steps_with_prompts_that_drafted_a_token_each_do_not_set_a_verification_tokens_price() -> None:
+    """Served on the regime pair (prose 32, session 58): a bucket's first steps with prompts had verified one
+    token each, and one of them ran far below the model's time for it (its drafter caught up a whole wave's
+    prompts). Pulled toward a decode step's price only as strongly as those steps had drafted, the fit put a
+    verification token at -23.6 ms, and K = 4 for every request cost what plain decoding did."""
+    rng = np.random.default_rng(5)
+    config = CostModelConfig(MIXTRAL.routing)
+    truth, model, decode_only = (CostModel(config, MIXTRAL.cost_params()) for _ in range(3))
+    for i in range(160):
+        stats = measured_iteration(
+            truth, [int(k) for k in rng.integers(0, 4, 8)], rng, noise=0.003, iteration=i
+        )
+        model.observe(stats)
+        decode_only.observe(stats)
+    for i, ks in enumerate([[0] * 8] * 6 + [[1] + [0] * 7] * 2):
+        stats = measured_iteration(truth, ks, rng, noise=0.003, iteration=160 + i)
+        scale = 0.3 if max(ks) else 1.0  # far below the model's time: what it cannot see, read as the drafts'
+        model.observe(
+            msgspec.structs.replace(
+                stats,
+                verify_time_s=scale * stats.verify_time_s,
+                draft_time_s=scale * stats.draft_time_s,
+                num_prefill_tokens=100,
+            )
+        )
+    model.refit()
+    decode_only.refit()
+    _, _, spec_token_s = model.prompt_step_costs(8)
+    decode_verify_token_s = float(decode_only.phase_times(8, 1, 8)[1] - decode_only.phase_times(8, 0, 0)[1])
+    decode_verify_token_s /= 8
+    assert abs(spec_token_s) < 2 * decode_verify_token_s  # (pulled as little: 53 times it)
+    for k in (1, 4):
+        drafted = model.spec_time(8, k) - model.plain_time(8)
+        decode_drafted = decode_only.spec_time(8, k) - decode_only.plain_time(8)
+        assert drafted == pytest.approx(decode_drafted, rel=0.2)
 
 
 def test_an_engine_that_reports_no_other_time_has_the_drafter_call_fitted_from_verify_times() -> None:
