@@ -15,8 +15,10 @@ per consecutive verdict there, capped), then lets the chooser try again. A verdi
 drafting that loses at batch 1 says nothing about batch 4, where verification costs far less relative to a
 plain step (the vLLM backend's replay of a batch-1 phase followed by a batch-4 one: a global hold kept batch 4
 plain on one seed). A baseline whose plain iteration carried another request's prompt
-(`IterationStats.num_prefill_tokens`, which neither figure counts) yields no sample, so it runs again at the
-chooser's next drafting iteration in its bucket, up to `baseline_retries` times in a row.
+(`IterationStats.num_prefill_tokens`, which the plain figure does not count) yields no sample, so it runs again
+at the chooser's next drafting iteration in its bucket, up to `baseline_retries` times in a row. The chooser's
+iterations that carried prompts count in its figure at their time less what the prompts add to a plain
+iteration, as measured in the bucket's plain iterations with prompts (`MeasuredGuard._add_prompt_step`).
 
 Why the decisions as a whole: the guard controls one thing, the chooser's decisions against plain decoding,
 so that is what it measures; a chooser that runs plain and tests one request in a batch now and then is
@@ -193,6 +195,9 @@ class MeasuredGuard:
         self._confirmed: set[int] = set()
         self.num_plain_restarts = 0  # plain figures restarted (`GuardConfig.stale_plain_factor`)
         self._chosen: dict[int, _Rate] = {}  # iterations that ran what the chooser decided
+        # Per bucket: seconds a prompt token adds to a plain step, from plain steps with prompts
+        # (`_add_prompt_step`; `_Rate`'s value: extra seconds over prompt tokens).
+        self._prompt_cost: dict[int, _Rate] = {}
         # Per batch-size bucket, as the figures: plain iterations still to run after a verdict there, and
         # consecutive verdicts there (the hold doubles).
         self._hold_left: dict[int, int] = {}
@@ -300,9 +305,13 @@ class MeasuredGuard:
                 self._drafted_since_known[bucket] = True
         is_plain_decoding = not is_drafting and not stats.is_near_drafting
         if stats.num_prefill_tokens:
-            # Other requests' prompts in the forward: neither plain decoding's time nor the chooser's.
+            # Other requests' prompts in the forward: not plain decoding's time, and the chooser's only less
+            # what the prompts cost (`_add_prompt_step`).
             if is_baseline and is_plain_decoding:
                 self._missed_bucket = bucket  # the baseline's sample is lost: it runs again
+            self._add_prompt_step(bucket, stats, per_request, is_plain_decoding, is_chosen)
+            if is_drafting and is_chosen:
+                self._judge(bucket)
             return
         if is_plain_decoding:
             self._add_plain(bucket, per_request, stats.iteration_time_s)
@@ -371,6 +380,35 @@ class MeasuredGuard:
         plain.add(tokens, seconds, self.config.smoothing)
         if plain.count == self.config.min_samples:
             self._drafted_since_known[bucket] = False
+
+    def _add_prompt_step(
+        self, bucket: int, stats: IterationStats, per_request: float, is_plain: bool, is_chosen: bool
+    ) -> None:
+        """A step that carried other requests' prompts. A plain one says what a prompt token adds to a plain
+        step (beside the bucket's plain figure: a ratio of smoothed sums, as the figures); once that is known
+        from `min_samples` of them, the chooser's steps count in its figure at their time less their prompts'
+        cost, and never faster than a plain step.
+
+        Left out of the chooser's figure, drafting in them went unjudged: served on the regime pair (prose at
+        batch 32, session 58), a third to half of the steps carried prompts, and where the cost model priced
+        drafting free, the batch drafted K = 4 for 25 steps, most of them with prompts, at 175-380 ms where
+        plain ones took 60-150, and the guard held no sooner than after them."""
+        plain = self._plain.get(bucket)
+        if plain is None or plain.count < self.config.min_samples:
+            return
+        plain_step_s = 1.0 / plain.value  # a plain step commits one token a request
+        if is_plain:
+            extra_s = stats.iteration_time_s - per_request * plain_step_s
+            self._prompt_cost.setdefault(bucket, _Rate()).add(
+                extra_s, float(stats.num_prefill_tokens), self.config.smoothing
+            )
+        cost = self._prompt_cost.get(bucket)
+        if not is_chosen or cost is None or cost.count < self.config.min_samples:
+            return
+        seconds = stats.iteration_time_s - max(cost.value, 0.0) * stats.num_prefill_tokens
+        self._chosen.setdefault(bucket, _Rate()).add(
+            per_request, max(seconds, plain_step_s), self.config.smoothing
+        )
 
     def _leads_widely(self, bucket: int) -> bool:
         if bucket not in self._confirmed:

@@ -576,3 +576,51 @@ def test_requests_that_join_after_a_choice_get_the_choosers_k_unless_the_guard_r
     assert (0, 0) in joined_ks and (2, 2) in joined_ks and set(joined_ks) == {(0, 0), (2, 2)}
     # Every iteration had a request the choice did not name: counted as the chooser's only with the joined.
     assert guard.figures(batch_bucket(4)) is not None and guard.num_holds == 0
+
+
+class _Alternating(StaticChooser):
+    """K = 2 at every other choice, plain at the others."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.num_choices = 0
+
+    def choose(self, request_ids: Sequence[str]) -> dict[str, int]:
+        self.num_choices += 1
+        return dict.fromkeys(request_ids, 2 * (self.num_choices % 2))
+
+
+def _drafting_in_steps_with_prompts(prompt_extra_s: float, num_steps: int = 400) -> MeasuredGuard:
+    """Batch 16; every third step carries 100 prompt tokens, which add 100 ms to it. Plain: 40 ms for a token a
+    request; K = 2: 76 ms for two (1.05x plain), plus `prompt_extra_s` in a step with prompts."""
+    guard = MeasuredGuard(_Alternating())
+    ids = [f"r{i}" for i in range(16)]
+    for step in range(num_steps):
+        k = guard.choose(ids)["r0"]
+        has_prompts = step % 3 == 0
+        seconds = (0.076 if k else 0.040) + has_prompts * (0.100 + (prompt_extra_s if k else 0.0))
+        requests = [RequestIterationStats(r, k, k // 2, k // 2 + 1, 100) for r in ids]  # 2 tokens at K = 2
+        guard.observe(
+            IterationStats(
+                step, 16, requests, 16 * (k + 1), 0.0, seconds, 0.0, num_prefill_tokens=100 * has_prompts
+            )
+        )
+    return guard
+
+
+def test_drafting_that_loses_in_steps_with_prompts_is_held() -> None:
+    """Session 58 on the regime pair (prose 32): the batch drafted K = 4 at about half plain decoding's speed
+    for 25 steps, most of them with prompts, which the guard did not count. Here drafting pays 1.05x in decode
+    steps and, less the prompts' cost as plain steps measure it, runs at 0.35x in steps with prompts."""
+    assert _drafting_in_steps_with_prompts(0.150).num_holds >= 1
+
+
+def test_drafting_that_pays_in_steps_with_prompts_as_in_decode_steps_is_not_held() -> None:
+    """The prompts' own cost, measured in plain steps with prompts, is no verdict: drafting that costs there
+    what it costs in a decode step keeps its 1.05x."""
+    guard = _drafting_in_steps_with_prompts(0.0)
+    assert guard.num_holds == 0
+    figures = guard.figures(batch_bucket(16))
+    assert figures is not None
+    chosen, plain, _ = figures
+    assert chosen == pytest.approx(plain * (1 + 1.05) / 2, rel=0.03)  # (half its steps plain, half at 1.05x)
