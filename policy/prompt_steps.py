@@ -18,10 +18,11 @@ are fitted, by least squares on relative residuals, as
 with spec_token_s of either sign, pulled toward 0 by `pseudo_count` steps that verified as many tokens as the
 batch at K = 1 (or the steps' mean, if more). Plain steps with prompts give the first term; steps that draft,
 with prompts that vary, the second. The cost model takes the discount at most down to verification tokens that
-cost nothing (`CostModel.phase_times`): the drafter's steps cost what they do in a decode step. A prediction for the next step, which may
-or may not carry prompts, adds the second term times the bucket's recent share of steps with prompts: the
-expected step. The first is left out of predictions, since no choice of K changes it: a prompt is the same
-work whatever the batch drafts, and a token's worth is what plain decoding would spend on it.
+cost nothing (`CostModel.phase_times`): the drafter's steps cost what they do in a decode step. A prediction
+for the next step, which may or may not carry prompts, adds the second term times the bucket's recent share of
+steps with prompts: the expected step. The first is left out of predictions, since no choice of K changes it: a
+prompt is the same work whatever the batch drafts, and a token's worth is what plain decoding would spend on
+it.
 
 Served (session 57, regime pair, varied lengths, against the model without it): 1.000 over 40 paired runs of
 code, prose, synthetic and mixed at batch 16 / 32 (standard error 0.006), mixed 32 1.015 over 8. Fitted there,
