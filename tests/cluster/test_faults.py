@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 
@@ -43,25 +44,35 @@ def test_killing_an_expert_parallel_rank_mid_stream(ep_server: str) -> None:
     client = openai.OpenAI(base_url=f"{ep_server}/v1", api_key="unused", max_retries=0, timeout=300)
     prompts = ["def parse(text):\n", "import json\n", "class Cache:\n"]
 
-    def run(prompt: str) -> str:
+    def run(prompt: str, streaming: threading.Event | None = None) -> str:
         stream = client.completions.create(
             model="demo-moe",
             prompt=prompt,
-            max_tokens=48,
+            max_tokens=96,
             temperature=0,
             stream=True,
             extra_body={"ignore_eos": True},
         )
-        return "".join(c.choices[0].text for c in stream if c.choices)
+        text = []
+        for chunk in stream:
+            if streaming is not None:
+                streaming.set()
+            text.extend(c.text for c in chunk.choices)
+        return "".join(text)
 
     expected = [run(p) for p in prompts]
     pids = _rank_pids()
     assert len(pids) == 2
     start = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(run, p) for p in prompts]
-        time.sleep(1.0)
+        # The kill waits for every stream's first chunk. After a fixed second it came as three streams of 48
+        # tokens ended or had ended (three of 96 took 1.9 s here), and it failed 5 of 6 runs: the killed rank
+        # was still listed alive right after them.
+        streaming = [threading.Event() for _ in prompts]
+        futures = [pool.submit(run, p, e) for p, e in zip(prompts, streaming, strict=True)]
+        assert all(e.wait(120) for e in streaming), "a stream sent nothing in 120 s"
         os.kill(pids[1], signal.SIGKILL)  # a crash, not a polite shutdown
+        assert not all(f.done() for f in futures), "every stream ended before the kill: not mid-stream"
         outcomes: list[str | Exception] = []
         for future in futures:
             try:
@@ -71,5 +82,10 @@ def test_killing_an_expert_parallel_rank_mid_stream(ep_server: str) -> None:
     assert time.monotonic() - start < 360
     for outcome, want in zip(outcomes, expected, strict=True):
         assert outcome == want or (isinstance(outcome, Exception) and str(outcome)), outcome
-    assert set(_rank_pids()).isdisjoint(pids[1:])  # the group was rebuilt with new processes
     assert run(prompts[0]) == expected[0]  # and serves new requests
+    # With two ranks, none of them the killed process: the group was rebuilt. The GCS learns of a death on its
+    # own schedule (the killed rank was still listed alive right after the streams ended): read it until then.
+    deadline = time.monotonic() + 60
+    while not set(_rank_pids()).isdisjoint(pids[1:]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert set(_rank_pids()).isdisjoint(pids[1:]) and len(_rank_pids()) == 2, (pids, _rank_pids())
