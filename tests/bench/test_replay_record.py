@@ -153,3 +153,27 @@ def test_the_cost_models_level_error_is_plain_decodings_time_in_each_cell_and_bu
     right.ratios.update({(4, 0): [1.0, 0.9, 1.1, 1.0, 1.0]})
     error, num_groups = level_error([slow, right])
     assert num_groups == 2 and error == pytest.approx(-math.log(0.8) / 2)
+
+
+def test_a_cell_tells_the_requests_first_verifications_from_their_later_ones(tmp_path: Path) -> None:
+    start = float(int(time.time())) - 600.0
+    steps = _serve(start, 100, 4, seed=1)
+    # Every request's first verified drafts all rejected, every later one's all accepted.
+    seen: set[str] = set()
+    first = later = 0
+    for step in steps:
+        for r, k in step["num_drafts"].items():
+            if k:
+                step["num_accepted"][r] = k if r in seen else 0
+                later, first = (later + k, first) if r in seen else (later, first + k)
+        seen.update(r for r, k in step["num_drafts"].items() if k)
+    assert first > 0 and later > 0
+    span = [time.strftime("%H:%M:%S", time.localtime(start + d)) for d in (0, 5)]
+    row = {"mode": "auto", "workload": "code", "concurrency": 4, "started": span[0], "ended": span[1]}
+    (tmp_path / "result.json").write_text(json.dumps({"rows": [row]}))
+    (cell,) = replay(steps, _chooser(), cells_of(tmp_path / "result.json", "auto", 0))
+    assert cell.first_verification == [0, first]
+    assert cell.later_verifications == [later, later]
+    assert (
+        f"first verification 0.00 ({first} drafts), in its later ones 1.00 ({later} drafts)" in cell.summary()
+    )
