@@ -164,8 +164,12 @@ def test_a_cell_tells_the_requests_first_verifications_from_their_later_ones(tmp
     for step in steps:
         for r, k in step["num_drafts"].items():
             if k:
-                step["num_accepted"][r] = k if r in seen else 0
-                later, first = (later + k, first) if r in seen else (later, first + k)
+                if r in seen:
+                    step["num_accepted"][r] = k
+                    later += k
+                else:
+                    step["num_accepted"][r] = 0
+                    first += k
         seen.update(r for r, k in step["num_drafts"].items() if k)
     assert first > 0 and later > 0
     span = [time.strftime("%H:%M:%S", time.localtime(start + d)) for d in (0, 5)]
