@@ -74,6 +74,7 @@ class BatchAwareChooser:
         self.num_reused_optima = 0
         self._optimum_key: tuple[tuple[str, ...], int, int] | None = None
         self._optimum: tuple[int, ...] = ()
+        self._probe = 0  # ... and the plain optimum's shape probe (`_plain_shape_probe`; 0: none)
         self._outlook: Mapping[str, RequestOutlook] = {}  # `set_outlook`
         self.num_unrepaid = 0  # choices where `_repaid` set a lagging request's K to 0
 
@@ -93,11 +94,12 @@ class BatchAwareChooser:
         key = (tuple(request_ids), self.cost_model.version, self._num_changes + self._phases.num_changes)
         if key == self._optimum_key:
             self.num_reused_optima += 1
-            chosen = list(self._optimum)
+            chosen, probe = list(self._optimum), self._probe
         else:
             rates = self._traffic_prior.rates(states)
             chosen = self._optimum_with_hysteresis(states, rates, times)
-            self._optimum_key, self._optimum = key, tuple(chosen)
+            probe = 0 if max(chosen) else self._plain_shape_probe(request_ids, rates, times)
+            self._optimum_key, self._optimum, self._probe = key, tuple(chosen), probe
         unrepaid: frozenset[int] = frozenset()
         if max(chosen):  # (all plain: no lagging request drafts, no K to probe above)
             rates = self._traffic_prior.rates(states) if rates is None else rates
@@ -106,6 +108,8 @@ class BatchAwareChooser:
             chosen = self._shape_probe(rates, chosen, times)
         for i in self._phases.testers(states, chosen, unrepaid, self._could_pay(num, times)):
             chosen[i] = max(chosen[i], self.config.probe_num_spec_tokens)
+        if probe:  # (after the tests, which it does not start: they follow the optimum and the test budget)
+            chosen = [probe] * num
         self._phases.settle(states, chosen, lambda estimator: self._pays_alike(estimator, num, times))
         self._predicted_speedup = 1.0  # the gauge is the model's own: all plain, plain decoding's rate
         if max(chosen):
@@ -310,6 +314,39 @@ class BatchAwareChooser:
             return chosen, frozenset()
         self.num_unrepaid += 1
         return [int(v) for v in np.where(unrepaid, 0, k)], frozenset(np.flatnonzero(unrepaid).tolist())
+
+    def _plain_shape_probe(self, request_ids: Sequence[str], rates: Array, times: Array) -> int:
+        """Where the optimum is plain decoding: a K for the whole batch whose shape the correction has not
+        measured in the batch's bucket (`shape_probe_rows`), the one the model rates best, if the model puts the
+        probe's cost (what its iterations take beyond plain decoding's time for their tokens, and the drafter's
+        catch-up of the requests that lag, `RequestOutlook`) within `shape_probe_margin` of its iterations'
+        time; 0 otherwise (and until plain decoding's shape is measured). The probe runs each choice it holds
+        at (a request tested then tests at its K); it starts no test: tests follow the optimum and the test
+        budget (`TestPhases.testers`), so that where the traffic does not pay, a probe costs each new request
+        one iteration at most, until the shape is measured.
+
+        `_shape_probe` measures one K up from a drafting optimum; a plain one measured nothing above the K of
+        its tests. Served on the regime pair at code 1 as a launch's first cell, the tests had measured K = 1
+        at batch 1, and the model, its shape for K = 2-4 resting on K = 1's, put batch 1 at K = 1 / 4 at 23.1
+        / 38.4 ms where K = 4 measured 33.7 later in the cell: at the traffic's 0.75, K = 2 / 3 / 4 came to 80
+        / 81 / 79 tokens a second against plain's 82, 681 of the cell's 867 steps were plain, and auto ran
+        0.98-1.02x off where static K = 3 ran 1.12-1.13x."""
+        rows = self.config.shape_probe_rows
+        num_rows = self.cost_model.num_shape_rows
+        num = len(request_ids)
+        unmeasured = [k for k in range(1, self.config.max_spec_tokens + 1) if num_rows(num, k) < rows]
+        if not rows or not unmeasured or num_rows(num, 0) < rows:
+            return 0
+        plain_rate = num / float(times[0, 0])
+        bar = 1.0 + self.config.min_predicted_gain  # (the drafting rows of `times` are charged it)
+        probe = max(unmeasured, key=lambda k: self.tokens_per_second(rates, [k] * num, times))
+        etr = float(expected_etrs(rates, np.full(num, probe)).sum())
+        time_s = float(times[probe, probe * num]) / bar
+        loss_s = rows * max(0.0, time_s - etr / plain_rate)
+        catch_up = sum(o.num_catch_up_tokens for o in map(self._outlook.get, request_ids) if o is not None)
+        catch_up_s = self.cost_model.params.draft_prefill_per_token_s * catch_up
+        is_cheap = loss_s + catch_up_s <= self.config.shape_probe_margin * rows * time_s
+        return probe if is_cheap else 0
 
     def _shape_probe(self, rates: Array, chosen: list[int], times: Array) -> list[int]:
         """`chosen` with its largest K one higher where the shape correction has not measured that many drafts

@@ -748,11 +748,15 @@ def test_a_test_drafts_in_consecutive_iterations_when_verified_a_step_later() ->
 
 def test_a_steady_plain_batch_skips_the_search_and_decides_the_same() -> None:
     """Where every request is set at K = 0, the search runs every `steady_iterations` (and when a retest falls
-    due or the batch changes): the decisions are those of a search every iteration, at a fraction of them."""
+    due or the batch changes): the decisions are those of a search every iteration, at a fraction of them.
+    Without the plain optimum's shape probe (`BatchAwareChooser._plain_shape_probe`), which reads the cost
+    model's fit: skipped, a probe that a refit makes cheap enough comes up to `steady_iterations` later."""
     workload = WorkloadConfig(4, (0.2,), mean_output_tokens=300, num_iterations=800, time_noise=0.0)
     runs = []
     for steady in (1, 8):
-        chooser = chooser_for("mixtral-8x7b-h100", steady_iterations=steady, test_budget=1.0)
+        chooser = chooser_for(
+            "mixtral-8x7b-h100", steady_iterations=steady, test_budget=1.0, shape_probe_rows=0
+        )
         recorder = Recorder(chooser)
         simulate(MIXTRAL, recorder, workload)
         runs.append((recorder.decisions, chooser.num_searches))
@@ -901,7 +905,9 @@ def test_over_the_test_budget_a_test_starts_once_nothing_drafted_for_the_floor(f
     # Over a backed-off budget, once the traffic's acceptance says K = 0, every new request starts untested at
     # K = 0, and the traffic is measured again only as the budget's window forgets; the floor tests a new
     # request once the batch has run plain for `test_floor_iterations`, within the budget's whole share.
-    chooser = chooser_for("mixtral-8x7b-h100", test_floor_iterations=floor)
+    # (Without the plain optimum's shape probe: at the traffic's first figure it probes K = 2, unmeasured at
+    # batch 1, for one iteration of each new request, which restarts the floor's count.)
+    chooser = chooser_for("mixtral-8x7b-h100", test_floor_iterations=floor, shape_probe_rows=0)
     budget = chooser.test_budget
     budget.add(1, 20.0, 0.25)  # batch 1's forced tests cost 1.25% of its window ...
     for _ in range(budget.max_backoff):
