@@ -49,6 +49,8 @@ GAUGES = {
     "policy_central_decisions": "K decisions received from the central policy actor.",
     "policy_actor_failures": "Calls to the central policy actor that failed (the local chooser decided).",
     "policy_acceptance": "Per-token draft acceptance of the traffic, as the local chooser estimates it.",
+    "policy_opening_acceptance": "Per-token draft acceptance of requests' opening verifications (their first "
+    "decode step's), as the local chooser estimates it apart from the traffic's.",
     "policy_tracked_requests": "Requests the local chooser keeps state for: it follows the requests running "
     "(a finished one is released; growing alone, it leaks).",
     "policy_predicted_speedup": "The local chooser's last K choice: predicted tokens/s over plain decoding.",

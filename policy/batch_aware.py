@@ -40,6 +40,9 @@ Array = NDArray[np.float64]
 # Served on the demo pair's prose at batch 1 (requests at 0.2-0.6), every new request drafted its first
 # iterations at K = 2 on the few that kept drafting, where the pair only pays at 0.8 and above.
 POPULATION_ACCEPTANCE = AcceptanceConfig(decay=0.995, fast_decay=0.995)
+# Requests whose opening verifications the openings' acceptance needs before a request's first choice is made
+# at it (`BatchAwareConfig.opening_apart`): before, at the request's own.
+OPENING_MIN_REQUESTS = 4
 
 
 class BatchAwareChooser:
@@ -52,6 +55,9 @@ class BatchAwareChooser:
         # Acceptance of all requests together, updated once per iteration: new requests start from it.
         self._population = AcceptanceEstimator(POPULATION_ACCEPTANCE)
         self._num_population_requests = 0  # requests whose drafts fed it
+        # The acceptance of requests' opening verifications (`BatchAwareConfig.opening_apart`), and how many fed it.
+        self._opening = AcceptanceEstimator(POPULATION_ACCEPTANCE)
+        self._num_opening_requests = 0
         self._phases = TestPhases(config, cost_model)
         # Each request's acceptance for choosing its K, leaning on the traffic's (`policy.traffic_prior`).
         self._traffic_prior = TrafficPrior(config)
@@ -96,30 +102,32 @@ class BatchAwareChooser:
             self.num_reused_optima += 1
             chosen, probe = list(self._optimum), self._probe
         else:
-            rates = self._traffic_prior.rates(states)
+            rates = self._rates(states)
             chosen = self._optimum_with_hysteresis(states, rates, times)
             probe = 0 if max(chosen) else self._plain_shape_probe(request_ids, rates, times)
             self._optimum_key, self._optimum, self._probe = key, tuple(chosen), probe
         unrepaid: frozenset[int] = frozenset()
         if max(chosen):  # (all plain: no lagging request drafts, no K to probe above)
-            rates = self._traffic_prior.rates(states) if rates is None else rates
+            rates = self._rates(states) if rates is None else rates
             if self.config.weighs_catch_up and self._outlook:
                 chosen, unrepaid = self._repaid(request_ids, rates, chosen, times)
             chosen = self._shape_probe(rates, chosen, times)
         for i in self._phases.testers(states, chosen, unrepaid, self._could_pay(num, times)):
-            chosen[i] = max(chosen[i], self.config.probe_num_spec_tokens)
+            if not (states[i].is_opening and self._are_openings_apart()):  # (a test counts from after it)
+                chosen[i] = max(chosen[i], self.config.probe_num_spec_tokens)
         if probe:  # (after the tests, which it does not start: they follow the optimum and the test budget)
             chosen = [probe] * num
         self._phases.settle(states, chosen, lambda estimator: self._pays_alike(estimator, num, times))
         self._predicted_speedup = 1.0  # the gauge is the model's own: all plain, plain decoding's rate
         if max(chosen):
             # (the phases' choices change no count or estimate that the rates read)
-            rates = self._traffic_prior.rates(states) if rates is None else rates
+            rates = self._rates(states) if rates is None else rates
             plain_rate = num / float(times[0, 0])
             bar = 1.0 + self.config.min_predicted_gain
             self._predicted_speedup = bar * self.tokens_per_second(rates, chosen, times) / plain_rate
         is_steady = not any(chosen) and all(s.test_remaining == 0 and s.set_k == 0 for s in states)
         self._steady.arm(request_ids, self.config.steady_iterations - 1 if is_steady else 0)
+        self._count_choice(states)
         return dict(zip(request_ids, chosen, strict=True))
 
     def choose_joined(self, joined: Sequence[str], chosen: Mapping[str, int]) -> dict[str, int]:
@@ -147,7 +155,7 @@ class BatchAwareChooser:
         that drafted in their prompt's step were at K = 0 in the step after."""
         ids = [*chosen, *joined]
         states = [self._state(r) for r in ids]
-        rates = self._traffic_prior.rates(states)
+        rates = self._rates(states)
         times = self._time_table(len(ids))
         forced = np.array([*chosen.values(), *[-1] * len(joined)], dtype=np.int64)
         best = self.best_spec_tokens(rates, forced, times)[len(chosen) :]
@@ -155,7 +163,33 @@ class BatchAwareChooser:
             free = self.best_spec_tokens(rates, np.full(len(ids), -1), times)[len(chosen) :]
             best = [k if k_free else 0 for k, k_free in zip(best, free, strict=True)]
         self._num_changes += 1  # new states (the next search is not the last one again)
+        self._count_choice(states[len(chosen) :])
         return dict(zip(joined, best, strict=True))
+
+    def _rates(self, states: Sequence[RequestState]) -> Array:
+        """Each request's acceptance for choosing its K (`policy.traffic_prior`); for a request's opening, the
+        traffic's opening acceptance once known (`BatchAwareConfig.opening_apart`)."""
+        rates = self._traffic_prior.rates(states)
+        if self._are_openings_apart():
+            opening = [i for i, s in enumerate(states) if s.is_opening]
+            rates[opening] = self._opening.rate
+        return rates
+
+    def _are_openings_apart(self) -> bool:
+        """Whether requests' openings accept unlike the traffic's drafts (`BatchAwareConfig.opening_apart`):
+        by more than `change_z` standard errors of the difference, once `OPENING_MIN_REQUESTS` opened."""
+        if not self.config.opening_apart or self._num_opening_requests < OPENING_MIN_REQUESTS:
+            return False
+        opening, traffic = self._opening, self._population
+        error = (opening.standard_error**2 + traffic.standard_error**2) ** 0.5
+        return abs(opening.rate - traffic.rate) > self.config.acceptance.change_z * error
+
+    def _count_choice(self, states: Sequence[RequestState]) -> None:
+        """Count a choice made for these requests: after its first, a request's rate is its own."""
+        if any(s.is_opening for s in states):
+            self._num_changes += 1
+        for state in states:
+            state.num_chosen += 1
 
     def set_outlook(self, outlook: Mapping[str, RequestOutlook]) -> None:
         """(`OutlookAware`) Each request's catch-up and remaining tokens, for the next `choose`."""
@@ -171,10 +205,18 @@ class BatchAwareChooser:
         # skips it.
         prior_means = self._traffic_prior.means(states) if is_drafting else np.zeros(len(states))
         for r, state, prior_mean in zip(stats.requests, states, prior_means, strict=True):
+            is_opening = state.num_observed == 0
+            state.num_observed += 1
             if r.num_spec_tokens > 0:
                 rejected = rejections(r.num_spec_tokens, r.num_accepted_tokens)
-                state.estimator.record_counts(r.num_accepted_tokens, rejected)
                 self._num_changes += 1
+                if is_opening and self.config.opening_apart:
+                    self._opening.record_counts(r.num_accepted_tokens, rejected)
+                    self._num_opening_requests += 1
+                    if self._are_openings_apart():
+                        state.is_opening_apart = True
+                        continue
+                state.estimator.record_counts(r.num_accepted_tokens, rejected)
                 if state.num_drafting_iterations < self.config.test_iterations:
                     self._population.record_counts(r.num_accepted_tokens, rejected)
                 self._num_population_requests += state.num_drafting_iterations == 0
@@ -188,11 +230,13 @@ class BatchAwareChooser:
         self._num_changes += 1  # (its id might come back, with a new state)
 
     def gauges(self) -> dict[str, float]:
-        """Why it drafts or not: the traffic's acceptance and what the cost model predicts the last choice
-        gains over plain decoding; and the requests it keeps state for (finished ones are released)."""
+        """Why it drafts or not: the traffic's acceptance (and its openings', `BatchAwareConfig.opening_apart`)
+        and what the cost model predicts the last choice gains over plain decoding; and the requests it keeps
+        state for (finished ones are released)."""
         return {
             "policy_tracked_requests": float(len(self._states)),
             "policy_acceptance": self._population.rate,
+            "policy_opening_acceptance": self._opening.rate,
             "policy_predicted_speedup": self._predicted_speedup,
             "policy_test_cost_share": self._phases.budget.spent_share(),
         }

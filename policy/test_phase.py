@@ -40,6 +40,16 @@ class RequestState:
         self.is_new = True  # not chosen for yet
         self.test_wait = 0  # iterations a pending test has waited for a drafting iteration
         self.num_drafting_iterations = 0  # its first test_iterations feed the population's acceptance
+        # Choices made for it and its iterations observed: its first choice sets the drafts that its first
+        # observed iteration verifies, the opening (`BatchAwareConfig.opening_apart`).
+        self.num_chosen = 0
+        self.num_observed = 0
+        self.is_opening_apart = False  # its opening was counted apart from its estimate
+
+    @property
+    def is_opening(self) -> bool:
+        """Its next choice sets the drafts of its opening verification (its first decode step's)."""
+        return self.num_chosen == 0 and self.num_observed == 0
 
     @property
     def ends_forced_test(self) -> bool:
@@ -212,7 +222,9 @@ class TestPhases:
         is_retest_due = False
         for r, state in zip(stats.requests, states, strict=True):
             if state.test_remaining > 0:  # a test waiting for a probe is still pending
-                state.test_remaining = max(0, state.test_remaining - self._trials(r))
+                # (not its opening verification where its estimate did not count it either: `opening_apart`)
+                is_apart = state.num_observed == 1 and state.is_opening_apart
+                state.test_remaining = max(0, state.test_remaining - (0 if is_apart else self._trials(r)))
             elif r.num_spec_tokens > 0:
                 state.zero_iterations = 0
             else:

@@ -114,6 +114,7 @@ def test_prometheus_parser_reads_every_documented_series_before_the_first_reques
     # and no gain predicted.
     starts = {
         "policy_acceptance": AcceptanceEstimator(POPULATION_ACCEPTANCE).rate,
+        "policy_opening_acceptance": AcceptanceEstimator(POPULATION_ACCEPTANCE).rate,
         "policy_predicted_speedup": 1.0,
     }
     for name in [*COUNTERS, *GAUGES]:

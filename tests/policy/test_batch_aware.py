@@ -288,8 +288,8 @@ class _AfterLowTraffic:
         self.chooser, self.step, self.batch = chooser, 0, batch
         for i in range(30):
             ids = [f"low{i}-{j}" for j in range(batch)]
-            for j in range(8):
-                accepted = int((j + 1) * 0.3) - int(j * 0.3)
+            for j in range(8):  # (the openings too: `BatchAwareConfig.opening_apart`)
+                accepted = int((8 * i + j + 1) * 0.3) - int((8 * i + j) * 0.3)
                 self.observe({r: (1, accepted) for r in ids})
             for request_id in ids:
                 chooser.release(request_id)

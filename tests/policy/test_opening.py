@@ -1,0 +1,125 @@
+"""A request's opening verification (its first decode step's drafts, generated positions 1 to K) is counted
+apart from its own acceptance (`BatchAwareConfig.opening_apart`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from policy.batch_aware import BatchAwareChooser, BatchAwareConfig
+from policy.cost_model import CostModel, CostParams
+from policy.cost_model_config import CostModelConfig
+from policy.routing import RoutingConfig
+from policy.stats import IterationStats, RequestIterationStats
+
+# Batch 1 like the regime pair's (vLLM backend): a plain step 12 ms, K = 1 21.5 ms (the drafter's first pass
+# costs most), 4.4 ms a K beyond. At 0.85 a draft K = 4 runs 1.28x plain decoding; at 0.57 every K loses.
+BATCH_1 = CostParams(
+    fixed_s=0.012,
+    per_expert_s=0.0,
+    per_token_s=0.00225,
+    draft_fixed_s=0.002,
+    draft_per_token_s=0.00015,
+    draft_first_pass_s=0.0051,
+)
+
+
+def _chooser(**overrides: object) -> BatchAwareChooser:
+    model = CostModel(CostModelConfig(RoutingConfig(0, 0), is_draft_padded=True), BATCH_1)
+    return BatchAwareChooser(BatchAwareConfig(max_spec_tokens=4, **overrides), model)  # type: ignore[arg-type]
+
+
+def _seconds(k: int) -> tuple[float, float]:
+    """The drafter's and the target's time of a batch-1 iteration at K (the model's prior is right)."""
+    draft_s = (
+        0.0 if not k else BATCH_1.draft_first_pass_s + k * (BATCH_1.draft_fixed_s + BATCH_1.draft_per_token_s)
+    )
+    return draft_s, BATCH_1.fixed_s + BATCH_1.per_token_s * k
+
+
+def _observe(chooser: BatchAwareChooser, iteration: int, request_id: str, k: int, accepted: int) -> None:
+    draft_s, verify_s = _seconds(k)
+    requests = [RequestIterationStats(request_id, k, accepted, accepted + 1, 100 + iteration)]
+    chooser.observe(IterationStats(iteration, 1, requests, 1 + k, draft_s, verify_s, 0.0))
+
+
+def _serve(chooser: BatchAwareChooser, seed: int, num_requests: int = 24, length: int = 48) -> float:
+    """Requests alone in the batch, each `length` tokens, whose first generated token after the prompt's
+    (position 1) the draft guesses 5% of the time and every later one 85% (the regime pair's code prompts,
+    teacher-forced: 17% at position 1, 92-96% at 2-4). Returns the tokens per second, at `_seconds`."""
+    rng = np.random.default_rng(seed)
+    tokens, seconds, iteration = 0, 0.0, 0
+    for r in range(num_requests):
+        request_id, generated = f"r{r}", 1  # the prompt's step committed position 0
+        while generated < length:
+            k = chooser.choose([request_id])[request_id]
+            accepted = 0
+            while accepted < k and rng.random() < (0.05 if generated + accepted == 1 else 0.85):
+                accepted += 1
+            _observe(chooser, iteration, request_id, k, accepted)
+            iteration += 1
+            generated += accepted + 1
+            tokens += accepted + 1
+            seconds += sum(_seconds(k))
+        chooser.release(request_id)
+    return tokens / seconds
+
+
+def _open(chooser: BatchAwareChooser, num_requests: int, opening: int, later: int) -> None:
+    """Requests alone in the batch, each verifying K = 2 five times: its opening accepting `opening` drafts,
+    then `later` each."""
+    for i in range(num_requests):
+        for step, accepted in enumerate([opening] + [later] * 4):
+            _observe(chooser, 5 * i + step, f"old{i}", 2, accepted)
+        chooser.release(f"old{i}")
+
+
+def test_openings_unlike_the_traffic_feed_their_own_figure_not_the_request() -> None:
+    """After 6 requests whose openings accepted nothing and whose later drafts all, a request's rejected
+    opening leaves its estimate and the traffic's where they were; where the openings accepted as later
+    drafts, or without the setting, it counts as its own."""
+    chooser = _chooser()
+    _open(chooser, 6, 0, 2)
+    traffic, opening = chooser.gauges()["policy_acceptance"], chooser.gauges()["policy_opening_acceptance"]
+    assert opening < 0.3 < 0.8 < traffic  # the premise
+    state = chooser._state("r")
+    before = state.estimator.rate
+    _observe(chooser, 100, "r", 4, 0)  # its opening: every draft rejected
+    assert (state.estimator.rate, chooser.gauges()["policy_acceptance"]) == (before, traffic)
+    assert chooser.gauges()["policy_opening_acceptance"] < opening
+    _observe(chooser, 101, "r", 4, 0)  # a later verification: its own
+    assert state.estimator.rate < before
+    for alike, setting in ((True, True), (False, False)):
+        other = _chooser(opening_apart=setting)
+        _open(other, 6, 2 if alike else 0, 2)
+        other_state = other._state("r")
+        other_before = other_state.estimator.rate
+        _observe(other, 100, "r", 4, 0)
+        assert other_state.estimator.rate < other_before, (alike, setting)
+
+
+def test_a_request_first_choice_is_made_at_the_openings_figure_and_its_test_starts_after() -> None:
+    """Where openings accept nothing and later drafts 0.6, a new request (alone: tested at once) opens plain,
+    and tests from its second choice on; without the setting, its test drafts its opening."""
+    choices = {}
+    for is_apart in (True, False):
+        chooser = _chooser(opening_apart=is_apart)
+        for i in range(8):  # openings rejected; later drafts 3 of 5 (at K = 1)
+            for step, accepted in enumerate([0, 1, 0, 1, 1, 0]):
+                _observe(chooser, 6 * i + step, f"old{i}", 1, accepted)
+            chooser.release(f"old{i}")
+        first = chooser.choose(["new"])["new"]
+        _observe(chooser, 100, "new", first, 0)
+        choices[is_apart] = (first, chooser.choose(["new"])["new"])
+    assert choices[True][0] == 0 and choices[True][1] >= 1, choices
+    assert choices[False][0] >= 1, choices
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_openings_that_accept_little_do_not_set_requests_at_k_0(seed: int) -> None:
+    """Alone in the batch, each request's estimate is its own; counted there, a rejected opening takes it
+    from the traffic's 0.85 toward break-even, and drafting stops where it pays 1.28x (the regime pair's
+    code 1: auto 0.89x of static K = 3). Apart, the batch drafts on: more tokens per second."""
+    apart = _serve(_chooser(), seed)
+    counted = _serve(_chooser(opening_apart=False), seed)
+    assert apart > 1.05 * counted, (apart, counted)
