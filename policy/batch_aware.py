@@ -112,9 +112,13 @@ class BatchAwareChooser:
             if self.config.weighs_catch_up and self._outlook:
                 chosen, unrepaid = self._repaid(request_ids, rates, chosen, times)
             chosen = self._shape_probe(rates, chosen, times)
-        for i in self._phases.testers(states, chosen, unrepaid, self._could_pay(num, times)):
-            if not (states[i].is_opening and self._are_openings_apart()):  # (a test counts from after it)
-                chosen[i] = max(chosen[i], self.config.probe_num_spec_tokens)
+        opening = (
+            frozenset(i for i, s in enumerate(states) if s.is_opening)
+            if self._are_openings_apart()
+            else frozenset()
+        )
+        for i in self._phases.testers(states, chosen, unrepaid, self._could_pay(num, times), opening):
+            chosen[i] = max(chosen[i], self.config.probe_num_spec_tokens)
         if probe:  # (after the tests, which it does not start: they follow the optimum and the test budget)
             chosen = [probe] * num
         self._phases.settle(states, chosen, lambda estimator: self._pays_alike(estimator, num, times))

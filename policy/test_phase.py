@@ -81,9 +81,16 @@ class TestPhases:
         self.num_prompt_tokens = 0  # prompt tokens the engine scheduled in the last observed iteration
 
     def testers(
-        self, states: list[RequestState], chosen: list[int], unrepaid: frozenset[int], could_pay: bool = True
+        self,
+        states: list[RequestState],
+        chosen: list[int],
+        unrepaid: frozenset[int],
+        could_pay: bool = True,
+        opening: frozenset[int] = frozenset(),
     ) -> list[int]:
-        """Indices of the requests that probe this iteration.
+        """Indices of the requests that probe this iteration. `opening`: requests whose choice is their opening
+        verification's, counted apart from their acceptance (`BatchAwareConfig.opening_apart`): neither tested
+        nor judged as new until their next choice, made at their own rate.
 
         A test that the optimum already covers (K >= probe) costs nothing. Otherwise a probe makes the whole
         batch run a draft step, so such tests wait (up to `max_test_wait` iterations; a request alone in the
@@ -131,6 +138,8 @@ class TestPhases:
             and not self.last_test_drafted
         )
         for i, state in enumerate(states):
+            if i in opening:
+                continue
             if state.is_new and state.test_remaining > 0 and chosen[i] == 0:
                 state.num_zero_verdicts = self.config.new_request_zero_verdicts  # as if tested
                 test_every = 1 if is_alone else self.config.new_request_test_every
@@ -155,6 +164,7 @@ class TestPhases:
             i
             for i, s in enumerate(states)
             if s.test_remaining > 0
+            and i not in opening
             and (is_drafting or chosen[i] >= probe)
             and (is_forcing or i not in unrepaid)
         ]
