@@ -1,4 +1,5 @@
-"""A closed loop at batch 32 with costs like the regime pair's (vLLM backend), for the chooser's tests."""
+"""A closed loop at batch 32 with costs like the regime pair's (vLLM backend), and its costs at batch 1, for the
+chooser's tests."""
 
 from __future__ import annotations
 
@@ -18,6 +19,24 @@ from policy.stats import IterationStats, RequestIterationStats
 REGIME = CostParams(
     fixed_s=0.045, per_expert_s=0.0, per_token_s=0.0008, draft_fixed_s=0.002, draft_per_token_s=0.00015
 )
+
+# Batch 1 like the regime pair's (vLLM backend, session 59's code 1): a plain step 12 ms, K = 1 21.5 ms (the
+# drafter's first pass costs most), 4.4 ms a K beyond (a verification token 2.25 ms, a draft step 2.15 ms).
+REGIME_BATCH_1 = CostParams(
+    fixed_s=0.012,
+    per_expert_s=0.0,
+    per_token_s=0.00225,
+    draft_fixed_s=0.002,
+    draft_per_token_s=0.00015,
+    draft_first_pass_s=0.0051,
+)
+
+
+def regime_batch_1_seconds(k: int) -> tuple[float, float]:
+    """The drafter's and the target's seconds of a batch-1 iteration at K at `REGIME_BATCH_1`'s costs."""
+    params = REGIME_BATCH_1
+    draft_s = params.draft_first_pass_s + k * (params.draft_fixed_s + params.draft_per_token_s) if k else 0.0
+    return draft_s, params.fixed_s + params.per_token_s * k
 
 
 def regime_chooser(**overrides: Any) -> BatchAwareChooser:

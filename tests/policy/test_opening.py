@@ -7,38 +7,20 @@ import numpy as np
 import pytest
 
 from policy.batch_aware import BatchAwareChooser, BatchAwareConfig
-from policy.cost_model import CostModel, CostParams
+from policy.cost_model import CostModel
 from policy.cost_model_config import CostModelConfig
 from policy.routing import RoutingConfig
 from policy.stats import IterationStats, RequestIterationStats
-
-# Batch 1 like the regime pair's (vLLM backend): a plain step 12 ms, K = 1 21.5 ms (the drafter's first pass
-# costs most), 4.4 ms a K beyond. At 0.85 a draft K = 4 runs 1.28x plain decoding; at 0.57 every K loses.
-BATCH_1 = CostParams(
-    fixed_s=0.012,
-    per_expert_s=0.0,
-    per_token_s=0.00225,
-    draft_fixed_s=0.002,
-    draft_per_token_s=0.00015,
-    draft_first_pass_s=0.0051,
-)
+from tests.policy.regime_loop import REGIME_BATCH_1, regime_batch_1_seconds
 
 
 def _chooser(**overrides: object) -> BatchAwareChooser:
-    model = CostModel(CostModelConfig(RoutingConfig(0, 0), is_draft_padded=True), BATCH_1)
+    model = CostModel(CostModelConfig(RoutingConfig(0, 0), is_draft_padded=True), REGIME_BATCH_1)
     return BatchAwareChooser(BatchAwareConfig(max_spec_tokens=4, **overrides), model)  # type: ignore[arg-type]
 
 
-def _seconds(k: int) -> tuple[float, float]:
-    """The drafter's and the target's time of a batch-1 iteration at K (the model's prior is right)."""
-    draft_s = (
-        0.0 if not k else BATCH_1.draft_first_pass_s + k * (BATCH_1.draft_fixed_s + BATCH_1.draft_per_token_s)
-    )
-    return draft_s, BATCH_1.fixed_s + BATCH_1.per_token_s * k
-
-
 def _observe(chooser: BatchAwareChooser, iteration: int, request_id: str, k: int, accepted: int) -> None:
-    draft_s, verify_s = _seconds(k)
+    draft_s, verify_s = regime_batch_1_seconds(k)
     requests = [RequestIterationStats(request_id, k, accepted, accepted + 1, 100 + iteration)]
     chooser.observe(IterationStats(iteration, 1, requests, 1 + k, draft_s, verify_s, 0.0))
 
@@ -46,7 +28,8 @@ def _observe(chooser: BatchAwareChooser, iteration: int, request_id: str, k: int
 def _serve(chooser: BatchAwareChooser, seed: int, num_requests: int = 24, length: int = 48) -> float:
     """Requests alone in the batch, each `length` tokens, whose first generated token after the prompt's
     (position 1) the draft guesses 5% of the time and every later one 85% (the regime pair's code prompts,
-    teacher-forced: 17% at position 1, 92-96% at 2-4). Returns the tokens per second, at `_seconds`."""
+    teacher-forced: 17% at position 1, 92-96% at 2-4). Returns the tokens per second, at
+    `regime_batch_1_seconds` (at 0.85 a draft K = 4 runs 1.28x plain decoding; at 0.57 every K loses)."""
     rng = np.random.default_rng(seed)
     tokens, seconds, iteration = 0, 0.0, 0
     for r in range(num_requests):
@@ -60,7 +43,7 @@ def _serve(chooser: BatchAwareChooser, seed: int, num_requests: int = 24, length
             iteration += 1
             generated += accepted + 1
             tokens += accepted + 1
-            seconds += sum(_seconds(k))
+            seconds += sum(regime_batch_1_seconds(k))
         chooser.release(request_id)
     return tokens / seconds
 

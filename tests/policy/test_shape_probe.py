@@ -7,12 +7,19 @@ import numpy as np
 import pytest
 
 from policy.batch_aware import BatchAwareChooser, BatchAwareConfig
-from policy.cost_model import CostModel, CostParams
+from policy.cost_model import CostModel
 from policy.cost_model_config import CostModelConfig
 from policy.routing import RoutingConfig
 from policy.stats import IterationStats, RequestIterationStats
 from policy.utility import expected_etr
-from tests.policy.regime_loop import REGIME, regime_chooser, regime_verify_s, waves
+from tests.policy.regime_loop import (
+    REGIME,
+    REGIME_BATCH_1,
+    regime_batch_1_seconds,
+    regime_chooser,
+    regime_verify_s,
+    waves,
+)
 
 
 def _saturating_verify_s(num_tokens: int) -> float:
@@ -68,32 +75,18 @@ def test_the_probe_rejects_bad_settings() -> None:
         BatchAwareConfig(shape_probe_rows=-1)
 
 
-# Batch 1 with a drafter whose first pass costs most (vLLM's draft model): a plain step 12 ms, K = 1 21.5 ms, and
-# 4.4 ms a K beyond. At the traffic's 0.7 K = 1 loses 5% to plain decoding, and K = 2 / 3 / 4 run 1.015 / 1.003
-# / 0.959x plain, under the bar of `min_predicted_gain` and within `shape_probe_margin`.
-FIRST_PASS = CostParams(
-    fixed_s=0.012,
-    per_expert_s=0.0,
-    per_token_s=0.00225,
-    draft_fixed_s=0.002,
-    draft_per_token_s=0.00015,
-    draft_first_pass_s=0.0051,
-)
-
-
 def _batch_1_chooser(**overrides: float) -> tuple[BatchAwareChooser, CostModel]:
-    """A chooser at batch 1 whose plain steps and K = 1 tests are measured (16 each, at the prior's times),
+    """A chooser at batch 1 (`REGIME_BATCH_1`: at the traffic's 0.7, K = 1 loses 5% to plain decoding, and
+    K = 2 / 3 / 4 run 1.015 / 1.003 / 0.959x plain, under the bar of `min_predicted_gain` and within
+    `shape_probe_margin`) whose plain steps and K = 1 tests are measured (16 each, at the prior's times),
     K = 2-4 not, after a request that accepted 0.75 (the traffic's figure for the next)."""
-    model = CostModel(CostModelConfig(RoutingConfig(0, 0), is_draft_padded=True), FIRST_PASS)
+    model = CostModel(CostModelConfig(RoutingConfig(0, 0), is_draft_padded=True), REGIME_BATCH_1)
     chooser = BatchAwareChooser(
         BatchAwareConfig(max_spec_tokens=4, min_population_requests=0, **overrides), model
     )
     for i in range(32):
         k, accepted = (1, int(i // 2 % 4 != 0)) if i % 2 else (0, 0)  # 3 of 4 accepted
-        draft_s = k * (
-            FIRST_PASS.draft_first_pass_s + FIRST_PASS.draft_fixed_s + FIRST_PASS.draft_per_token_s
-        )
-        verify_s = FIRST_PASS.fixed_s + FIRST_PASS.per_token_s * k
+        draft_s, verify_s = regime_batch_1_seconds(k)
         requests = [RequestIterationStats("old", k, accepted, accepted + 1, 100 + i)]
         chooser.observe(IterationStats(i, 1, requests, 1 + k, draft_s, verify_s, 0.0))
     chooser.release("old")
@@ -119,9 +112,9 @@ def test_a_plain_optimum_probes_the_unmeasured_k_that_the_model_puts_near_it() -
     for i in range(4):  # requests of 8 steps, alone, each accepting 2 drafts a step
         for j in range(8):
             k = chooser.choose([f"r{i}"])[f"r{i}"]
-            draft_s = 0.0 if not k else FIRST_PASS.draft_first_pass_s + k * 0.00215
+            draft_s, verify_s = regime_batch_1_seconds(k)
             requests = [RequestIterationStats(f"r{i}", k, min(k, 2), min(k, 2) + 1, 100 + j)]
-            chooser.observe(IterationStats(8 * i + j, 1, requests, 1 + k, draft_s, 0.012 + 0.00225 * k, 0.0))
+            chooser.observe(IterationStats(8 * i + j, 1, requests, 1 + k, draft_s, verify_s, 0.0))
         chooser.release(f"r{i}")
         model.refit()
     rows = [model.num_shape_rows(1, k) for k in range(5)]
