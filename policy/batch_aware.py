@@ -23,6 +23,7 @@ from numpy.typing import NDArray
 from policy.batch_aware_config import BatchAwareConfig
 from policy.cost_model import CostModel
 from policy.k_search import best_k_vector, expected_etrs, max_of_others, with_hysteresis
+from policy.openings import Openings
 from policy.stats import IterationStats, RequestOutlook, SameBatchSkips
 from policy.test_budget import TestBudget
 from policy.test_phase import RequestState, TestPhases
@@ -40,9 +41,6 @@ Array = NDArray[np.float64]
 # Served on the demo pair's prose at batch 1 (requests at 0.2-0.6), every new request drafted its first
 # iterations at K = 2 on the few that kept drafting, where the pair only pays at 0.8 and above.
 POPULATION_ACCEPTANCE = AcceptanceConfig(decay=0.995, fast_decay=0.995)
-# Requests whose opening verifications the openings' acceptance needs before a request's first choice is made
-# at it (`BatchAwareConfig.opening_apart`): before, at the request's own.
-OPENING_MIN_REQUESTS = 4
 
 
 class BatchAwareChooser:
@@ -55,9 +53,8 @@ class BatchAwareChooser:
         # Acceptance of all requests together, updated once per iteration: new requests start from it.
         self._population = AcceptanceEstimator(POPULATION_ACCEPTANCE)
         self._num_population_requests = 0  # requests whose drafts fed it
-        # The acceptance of requests' opening verifications (`BatchAwareConfig.opening_apart`), and how many fed it.
-        self._opening = AcceptanceEstimator(POPULATION_ACCEPTANCE)
-        self._num_opening_requests = 0
+        # The acceptance of requests' opening verifications (`BatchAwareConfig.opening_apart`).
+        self._openings = Openings(POPULATION_ACCEPTANCE, config.acceptance.change_z)
         self._phases = TestPhases(config, cost_model)
         # Each request's acceptance for choosing its K, leaning on the traffic's (`policy.traffic_prior`).
         self._traffic_prior = TrafficPrior(config)
@@ -176,17 +173,12 @@ class BatchAwareChooser:
         rates = self._traffic_prior.rates(states)
         if self._are_openings_apart():
             opening = [i for i, s in enumerate(states) if s.is_opening]
-            rates[opening] = self._opening.rate
+            rates[opening] = self._openings.rate
         return rates
 
     def _are_openings_apart(self) -> bool:
-        """Whether requests' openings accept unlike the traffic's drafts (`BatchAwareConfig.opening_apart`):
-        by more than `change_z` standard errors of the difference, once `OPENING_MIN_REQUESTS` opened."""
-        if not self.config.opening_apart or self._num_opening_requests < OPENING_MIN_REQUESTS:
-            return False
-        opening, traffic = self._opening, self._population
-        error = (opening.standard_error**2 + traffic.standard_error**2) ** 0.5
-        return abs(opening.rate - traffic.rate) > self.config.acceptance.change_z * error
+        """Whether requests' openings are counted apart now (`BatchAwareConfig.opening_apart`)."""
+        return self.config.opening_apart and self._openings.are_apart(self._population)
 
     def _count_choice(self, states: Sequence[RequestState]) -> None:
         """Count a choice made for these requests: after its first, a request's rate is its own."""
@@ -215,8 +207,7 @@ class BatchAwareChooser:
                 rejected = rejections(r.num_spec_tokens, r.num_accepted_tokens)
                 self._num_changes += 1
                 if is_opening and self.config.opening_apart:
-                    self._opening.record_counts(r.num_accepted_tokens, rejected)
-                    self._num_opening_requests += 1
+                    self._openings.record(r.num_accepted_tokens, rejected)
                     if self._are_openings_apart():
                         state.is_opening_apart = True
                         continue
@@ -240,7 +231,7 @@ class BatchAwareChooser:
         return {
             "policy_tracked_requests": float(len(self._states)),
             "policy_acceptance": self._population.rate,
-            "policy_opening_acceptance": self._opening.rate,
+            "policy_opening_acceptance": self._openings.rate,
             "policy_predicted_speedup": self._predicted_speedup,
             "policy_test_cost_share": self._phases.budget.spent_share(),
         }

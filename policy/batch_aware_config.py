@@ -58,7 +58,7 @@ class BatchAwareConfig:
     # Requests' opening verifications (the drafts proposed with the prompt, verified in the first decode step:
     # generated positions 1 to K) count in the openings' acceptance, and where that differs from the traffic's
     # by more than `acceptance.change_z` standard errors (4 requests' openings at least,
-    # `policy.batch_aware.OPENING_MIN_REQUESTS`), not in the request's own estimate or the traffic's: a
+    # `policy.openings.MIN_REQUESTS`), not in the request's own estimate or the traffic's: a
     # request's first choice (its opening's K) is then made at the openings' acceptance, and its test starts
     # after it. On the regime pair's served records (session 59) the requests' opening verifications accepted less
     # than their later ones in 15 of 16 cells: code 1 0.02 a draft against 0.61, code / prose / synthetic /
