@@ -55,6 +55,7 @@ class BatchAwareChooser:
         self._num_population_requests = 0  # requests whose drafts fed it
         # The acceptance of requests' opening verifications (`BatchAwareConfig.opening_apart`).
         self._openings = Openings(POPULATION_ACCEPTANCE, config.acceptance.change_z)
+        self._num_requests = 0  # requests it made a state for (`BatchAwareConfig.opening_sample_every`)
         self._phases = TestPhases(config, cost_model)
         # Each request's acceptance for choosing its K, leaning on the traffic's (`policy.traffic_prior`).
         self._traffic_prior = TrafficPrior(config)
@@ -169,10 +170,11 @@ class BatchAwareChooser:
 
     def _rates(self, states: Sequence[RequestState]) -> Array:
         """Each request's acceptance for choosing its K (`policy.traffic_prior`); for a request's opening, the
-        openings' acceptance where openings are counted apart (`BatchAwareConfig.opening_apart`)."""
+        openings' acceptance where openings are counted apart (`BatchAwareConfig.opening_apart`), but in one
+        request of `opening_sample_every`."""
         rates = self._traffic_prior.rates(states)
         if self._are_openings_apart():
-            opening = [i for i, s in enumerate(states) if s.is_opening]
+            opening = [i for i, s in enumerate(states) if s.is_opening and not s.samples_opening]
             rates[opening] = self._openings.rate
         return rates
 
@@ -425,4 +427,7 @@ class BatchAwareChooser:
                 )
                 rate = max(rate, uninformed)
             state = self._states[request_id] = RequestState(self.config, rate)
+            self._num_requests += 1
+            every = self.config.opening_sample_every
+            state.samples_opening = every > 0 and self._num_requests % every == 0
         return state

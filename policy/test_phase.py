@@ -45,6 +45,9 @@ class RequestState:
         self.num_chosen = 0
         self.num_observed = 0
         self.is_opening_apart = False  # its opening was counted apart from its estimate
+        # Its opening is chosen at the traffic's acceptance where openings are apart
+        # (`BatchAwareConfig.opening_sample_every`).
+        self.samples_opening = False
 
     @property
     def is_opening(self) -> bool:

@@ -3,6 +3,8 @@ apart from its own acceptance (`BatchAwareConfig.opening_apart`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -25,19 +27,29 @@ def _observe(chooser: BatchAwareChooser, iteration: int, request_id: str, k: int
     chooser.observe(IterationStats(iteration, 1, requests, 1 + k, draft_s, verify_s, 0.0))
 
 
-def _serve(chooser: BatchAwareChooser, seed: int, num_requests: int = 24, length: int = 48) -> float:
+def _serve(
+    chooser: BatchAwareChooser,
+    seed: int,
+    num_requests: int = 24,
+    length: int = 48,
+    opening: Callable[[int], float] = lambda r: 0.05,
+    first_choices: list[int] | None = None,
+) -> float:
     """Requests alone in the batch, each `length` tokens, whose first generated token after the prompt's
-    (position 1) the draft guesses 5% of the time and every later one 85% (the regime pair's code prompts,
-    teacher-forced: 17% at position 1, 92-96% at 2-4). Returns the tokens per second, at
-    `regime_batch_1_seconds` (at 0.85 a draft K = 4 runs 1.28x plain decoding; at 0.57 every K loses)."""
+    (position 1) the draft guesses `opening(r)` of the time (5%) and every later one 85% (the regime pair's
+    code prompts, teacher-forced: 17% at position 1, 92-96% at 2-4). Returns the tokens per second, at
+    `regime_batch_1_seconds` (at 0.85 a draft K = 4 runs 1.28x plain decoding; at 0.57 every K loses), and
+    appends each request's first K to `first_choices`."""
     rng = np.random.default_rng(seed)
     tokens, seconds, iteration = 0, 0.0, 0
     for r in range(num_requests):
         request_id, generated = f"r{r}", 1  # the prompt's step committed position 0
         while generated < length:
             k = chooser.choose([request_id])[request_id]
+            if first_choices is not None and generated == 1:
+                first_choices.append(k)
             accepted = 0
-            while accepted < k and rng.random() < (0.05 if generated + accepted == 1 else 0.85):
+            while accepted < k and rng.random() < (opening(r) if generated + accepted == 1 else 0.85):
                 accepted += 1
             _observe(chooser, iteration, request_id, k, accepted)
             iteration += 1
@@ -86,7 +98,9 @@ def test_a_request_first_choice_is_made_at_the_openings_figure_and_its_test_star
     and tests from its second choice on; without the setting, its test drafts its opening."""
     choices = {}
     for is_apart in (True, False):
-        chooser = _chooser(opening_apart=is_apart)
+        chooser = _chooser(
+            opening_apart=is_apart, opening_sample_every=0
+        )  # (no request opens at the traffic's)
         for i in range(8):  # openings rejected; later drafts 3 of 5 (at K = 1)
             for step, accepted in enumerate([0, 1, 0, 1, 1, 0]):
                 _observe(chooser, 6 * i + step, f"old{i}", 1, accepted)
@@ -106,3 +120,26 @@ def test_openings_that_accept_little_do_not_set_requests_at_k_0(seed: int) -> No
     apart = _serve(_chooser(), seed)
     counted = _serve(_chooser(opening_apart=False), seed)
     assert apart > 1.05 * counted, (apart, counted)
+
+
+def test_openings_that_come_to_accept_well_are_learnt_again() -> None:
+    """Openings accept 5% for 16 requests, then as later drafts do (85%): one request in
+    `opening_sample_every` (8) opens at the traffic's figure all the same, the openings' figure learns the change
+    and the last requests open drafting. Without the samples, an opening chosen at the low figure is plain,
+    verifies nothing, and every later opening stays plain."""
+    firsts: dict[int, list[int]] = {}
+    figures = {}
+    for every in (8, 0):
+        chooser = _chooser(opening_sample_every=every)
+        firsts[every] = []
+        _serve(
+            chooser,
+            0,
+            num_requests=64,
+            opening=lambda r: 0.05 if r < 16 else 0.85,
+            first_choices=firsts[every],
+        )
+        figures[every] = chooser.gauges()["policy_opening_acceptance"]
+    assert sum(k == 0 for k in firsts[0][8:16]) >= 7, firsts[0]  # the premise: openings apart and plain
+    assert all(k == 0 for k in firsts[0][16:]) and figures[0] < 0.2, (firsts[0], figures[0])
+    assert all(k > 0 for k in firsts[8][-8:]) and figures[8] > 0.6, (firsts[8], figures[8])
