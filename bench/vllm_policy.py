@@ -361,9 +361,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--kv-cache-gib",
-        type=int,
-        default=2,
-        help="each server's KV cache (VLLM_CPU_KVCACHE_SPACE); the demo pairs at 32 x 1024 tokens need 0.2",
+        type=float,
+        default=2.0,
+        help="each server's KV cache in GiB (vLLM's --kv-cache-memory-bytes; fractions too): the demo pairs at "
+        "32 x 1024 tokens need 0.2",
     )
     parser.add_argument(
         "--cell-warmups",

@@ -76,7 +76,8 @@ def measure_offline(
     common |= {"max_num_seqs": max(batch_sizes), "enforce_eager": args.eager}
     # The servers' KV cache size: unset, vLLM's CPU build reserves 92% of the machine's memory for the first
     # engine, and the second one failed to start ("Available memory ... is less than desired").
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(VllmSettings.kv_cache_gib))
+    common["kv_cache_memory_bytes"] = int(VllmSettings.kv_cache_gib * 2**30)
+    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # (the CPU build's legacy setting overrides it)
     engine_args = {mode: offline_engine_args(mode, common, args.draft) for mode in modes}
     records: dict[str, Path] = {}
     for mode, engine in engine_args.items():  # our scheduler keeps its step record, as the servers' does

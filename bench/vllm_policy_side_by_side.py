@@ -85,7 +85,7 @@ def rotation_shift(
 SERVER_GIB = 2.5
 
 
-def check_memory(num_servers: int, kv_cache_gib: int) -> None:
+def check_memory(num_servers: int, kv_cache_gib: float) -> None:
     """Servers side by side must fit in memory together: a clear error before starting them, not an OOM kill
     half way through."""
     available_gib = _available_gib()
@@ -93,7 +93,7 @@ def check_memory(num_servers: int, kv_cache_gib: int) -> None:
     if available_gib is not None and needed_gib > available_gib:
         sys.exit(
             f"--side-by-side: {num_servers} servers need about {needed_gib:.0f} GiB ({SERVER_GIB} + "
-            f"--kv-cache-gib {kv_cache_gib} each), {available_gib:.0f} GiB is available; run fewer modes "
+            f"--kv-cache-gib {kv_cache_gib:g} each), {available_gib:.0f} GiB is available; run fewer modes "
             "or lower --kv-cache-gib"
         )
 

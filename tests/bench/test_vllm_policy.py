@@ -521,7 +521,7 @@ def test_side_by_side_runs_each_cell_on_every_server_in_rotated_order(
         concurrency=[4, 16, 32],
         rounds=1,
         launches=1,
-        kv_cache_gib=1,
+        kv_cache_gib=1.0,
         warmup_prompts=-1,
         cell_warmups=1,
         served_name="demo-moe",
@@ -572,6 +572,9 @@ def test_side_by_side_refuses_servers_that_do_not_fit_in_memory(monkeypatch: Any
     side_by_side.check_memory(2, 2)  # 2 x (2.5 + 2) = 9 GiB
     with pytest.raises(SystemExit, match="3 servers need about 14 GiB"):
         side_by_side.check_memory(3, 2)
+    side_by_side.check_memory(3, 0.25)  # 3 x 2.75 = 8.25 GiB
+    with pytest.raises(SystemExit, match=r"4 servers need about 11 GiB \(2.5 \+ --kv-cache-gib 0.25 each\)"):
+        side_by_side.check_memory(4, 0.25)
 
 
 def test_the_median_table_pairs_each_mode_with_off_of_the_same_run() -> None:
@@ -617,3 +620,16 @@ def test_the_base_table_pairs_each_mode_with_its_base_twin_of_the_same_run() -> 
     assert lines[4] == f"| all | | 3 | {math.exp(statistics.mean(logs)):.3f} | standard error {error:.3f} |"
     assert len(lines) == 5
     assert base_table([r for r in rows if r["mode"] != "auto-base"]) == ""
+
+
+def test_a_server_s_kv_cache_may_be_a_fraction_of_a_gib(tmp_path: Path) -> None:
+    """Seven servers side by side fit this machine's 23 GiB at 0.25 GiB of KV cache each, not at 1 (the
+    CPU build's VLLM_CPU_KVCACHE_SPACE takes whole GiB); vLLM's own parser reads the size from the command."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    command = _command(tmp_path, kv_cache_gib=0.25)
+    assert command[command.index("--kv-cache-memory-bytes") + 1] == str(2**28)
+    parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(command[3:])
+    assert EngineArgs.from_cli_args(parsed).kv_cache_memory_bytes == 2**28

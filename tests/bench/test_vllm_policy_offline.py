@@ -46,13 +46,13 @@ def test_offline_engines_get_the_servers_kv_cache_size(
     from bench.peers import VllmSettings
     from bench.vllm_policy_offline import measure_offline
 
-    seen: list[str | None] = []
+    seen: list[tuple[int | None, str | None]] = []
 
     class FakeLLM:
         """Our scheduler's engines append one step to their record per generate call, as the real one does."""
 
         def __init__(self, **engine: Any) -> None:
-            seen.append(os.environ.get("VLLM_CPU_KVCACHE_SPACE"))
+            seen.append((engine.get("kv_cache_memory_bytes"), os.environ.get("VLLM_CPU_KVCACHE_SPACE")))
             self.record = engine.get("additional_config", {}).get("moespec", {}).get("record_path")
 
         def generate(self, *_: object, **__: object) -> None:
@@ -62,12 +62,12 @@ def test_offline_engines_get_the_servers_kv_cache_size(
                 with open(self.record, "a") as record:
                     record.write(json.dumps({**step, "start_s": time.time()}) + "\n")
 
-    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "8")  # (a leftover would override the size)
     monkeypatch.setattr(vllm, "LLM", FakeLLM)
     monkeypatch.setattr(offline, "RAW", tmp_path)
     args = argparse.Namespace(target=Path("t"), draft=Path("d"), dtype="float32", eager=True, max_tokens=4)
     rows = measure_offline(args, ["off", "k0"], "mixed", [2, 3], repeats=2)
-    assert seen == [str(VllmSettings.kv_cache_gib)] * 2
+    assert seen == [(int(VllmSettings.kv_cache_gib * 2**30), None)] * 2
     assert rows[0]["batch"] == 2 and "k0_over_off_median" in rows[0]
     # Each batch's summary holds the steps of its own runs only (two per batch here); off keeps no record.
     assert [row["k0_scheduler"]["num_steps"] for row in rows] == [2, 2] and "off_scheduler" not in rows[0]
