@@ -165,9 +165,8 @@ class VllmServer:
             "TRANSFORMERS_OFFLINE": "1",
         }
         env.pop("PYTHONPATH", None)
-        env.pop(
-            "VLLM_CPU_KVCACHE_SPACE", None
-        )  # (the CPU build's legacy setting overrides --kv-cache-memory-bytes)
+        # (the CPU build's legacy setting overrides --kv-cache-memory-bytes)
+        env.pop("VLLM_CPU_KVCACHE_SPACE", None)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         command = self.settings.command(self.python, self.port, self.num_spec_tokens)
         start = time.perf_counter()
