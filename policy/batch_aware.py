@@ -54,8 +54,9 @@ class BatchAwareChooser:
         self._population = AcceptanceEstimator(POPULATION_ACCEPTANCE)
         self._num_population_requests = 0  # requests whose drafts fed it
         # The acceptance of requests' opening verifications (`BatchAwareConfig.opening_apart`).
-        self._openings = Openings(POPULATION_ACCEPTANCE, config.acceptance.change_z)
-        self._num_requests = 0  # requests it made a state for (`BatchAwareConfig.opening_sample_every`)
+        self._openings = Openings(
+            POPULATION_ACCEPTANCE, config.acceptance.change_z, config.opening_sample_every
+        )
         self._phases = TestPhases(config, cost_model)
         # Each request's acceptance for choosing its K, leaning on the traffic's (`policy.traffic_prior`).
         self._traffic_prior = TrafficPrior(config)
@@ -427,7 +428,5 @@ class BatchAwareChooser:
                 )
                 rate = max(rate, uninformed)
             state = self._states[request_id] = RequestState(self.config, rate)
-            self._num_requests += 1
-            every = self.config.opening_sample_every
-            state.samples_opening = every > 0 and self._num_requests % every == 0
+            state.samples_opening = self._openings.samples_new()
         return state

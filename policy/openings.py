@@ -16,14 +16,22 @@ MIN_REQUESTS = 4
 class Openings:
     """The acceptance of requests' opening verifications, and whether it differs from the traffic's."""
 
-    def __init__(self, config: AcceptanceConfig, change_z: float) -> None:
+    def __init__(self, config: AcceptanceConfig, change_z: float, sample_every: int = 0) -> None:
         self.estimator = AcceptanceEstimator(config)
         self.change_z = change_z
         self.num_requests = 0  # requests whose openings fed it
+        self.sample_every = sample_every  # (`BatchAwareConfig.opening_sample_every`)
+        self._num_new = 0  # new requests asked about (`samples_new`)
 
     @property
     def rate(self) -> float:
         return self.estimator.rate
+
+    def samples_new(self) -> bool:
+        """Whether the new request now starting opens at the traffic's acceptance all the same, where openings
+        are apart: one in `sample_every` (0: none), so that the figure goes on learning."""
+        self._num_new += 1
+        return self.sample_every > 0 and self._num_new % self.sample_every == 0
 
     def record(self, accepted: int, rejected: float) -> None:
         """A request's opening verification."""
