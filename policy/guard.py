@@ -4,7 +4,9 @@ the chooser's model.
 It judges the chooser's decisions as a whole, not its drafting iterations one by one: per batch-size bucket it
 keeps the committed tokens per second per request of every iteration the chooser decided (its plain ones and
 its test probes included) and of every plain iteration (EWMAs; not those next to drafting ones where the
-engine says they carry the drafter's costs, `IterationStats.is_near_drafting`). While the chooser speculates,
+engine says they carry the drafter's costs, `IterationStats.is_near_drafting`), each at its time scaled to the
+bucket's full batch by how the bucket's plain steps grow with the batch (`policy.guard_figures.PlainShape`: a
+bucket spans batch sizes whose plain rates differ by up to twice). While the chooser speculates,
 a baseline of `baseline_length` plain iterations runs every `baseline_every` iterations to keep the plain
 figure fresh (a bucket's first, once the batch drafted `first_baseline_after` iterations there, as long as its
 missing samples and only while the batch is in it; `wide_lead_spacing` times less often while the chooser
@@ -52,6 +54,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from policy.cost_model import batch_bucket
+from policy.guard_figures import PlainShape, Rate
 from policy.stats import (
     IterationStats,
     JoinAware,
@@ -132,47 +135,6 @@ class GuardConfig:
             raise ValueError(f"max_hold_iterations={self.max_hold_iterations} must be >= hold_iterations")
 
 
-class _Rate:
-    """Committed tokens per request over seconds, both smoothed (a ratio of sums, not a mean of ratios: an
-    iteration that committed many tokens counts by its tokens), with the number of iterations seen and the
-    standard error of the figure.
-
-    The standard error is a ratio estimator's, R = E[tokens] / E[seconds]: the spread of tokens - R * seconds
-    over the iterations, so that both the accepted counts and the times count as noise. Tokens alone were
-    used first (accepted counts vary far more than the times of drafting iterations do), but the chooser's
-    figure mixes its plain iterations with its drafting ones, all committing one token: served on the regime
-    pair (synthetic at batch 1), the first iteration of a test (the drafter's catch-up prefill, both drafts
-    rejected) among plain ones had a standard error of 0 and was a verdict on its own, and the bucket was
-    held plain where static K = 4 paid 1.32x."""
-
-    def __init__(self) -> None:
-        self.tokens, self.seconds, self.count = 0.0, 0.0, 0
-        self.tokens_sq, self.seconds_sq, self.tokens_seconds = 0.0, 0.0, 0.0  # second moments
-        self._smoothing = 1.0
-
-    def add(self, tokens: float, seconds: float, smoothing: float) -> None:
-        weight = max(1.0 / (self.count + 1), smoothing)  # the mean of the first ones: no sample dominates
-        self.tokens += weight * (tokens - self.tokens)
-        self.seconds += weight * (seconds - self.seconds)
-        self.tokens_sq += weight * (tokens * tokens - self.tokens_sq)
-        self.seconds_sq += weight * (seconds * seconds - self.seconds_sq)
-        self.tokens_seconds += weight * (tokens * seconds - self.tokens_seconds)
-        self.count += 1
-        self._smoothing = smoothing
-
-    @property
-    def value(self) -> float:
-        return self.tokens / self.seconds
-
-    @property
-    def standard_error(self) -> float:
-        # Var(tokens - R * seconds), whose mean is 0 by R's definition.
-        rate = self.value
-        variance = self.tokens_sq - 2.0 * rate * self.tokens_seconds + rate * rate * self.seconds_sq
-        num_effective = min(self.count, (2.0 - self._smoothing) / self._smoothing)  # an EWMA's sample size
-        return math.sqrt(max(variance, 0.0) / num_effective) / self.seconds
-
-
 # Choices not yet observed that are remembered (engines with one iteration in flight need one; a choice
 # whose iteration never ran must not shift the pairing of later ones for long).
 _MAX_PENDING_CHOICES = 4
@@ -188,16 +150,19 @@ class MeasuredGuard:
         self._takes_outlook = isinstance(inner, OutlookAware)
         self._takes_joined = isinstance(inner, JoinAware)
         self.config = config or GuardConfig()
-        self._plain: dict[int, _Rate] = {}
+        self._plain: dict[int, Rate] = {}
         # Per bucket whose plain figure is known but not yet confirmed: whether the chooser drafted there since
         # it was; and the buckets whose figure a later plain sample agreed with (`_leads_widely`).
         self._drafted_since_known: dict[int, bool] = {}
         self._confirmed: set[int] = set()
         self.num_plain_restarts = 0  # plain figures restarted (`GuardConfig.stale_plain_factor`)
-        self._chosen: dict[int, _Rate] = {}  # iterations that ran what the chooser decided
+        self._chosen: dict[int, Rate] = {}  # iterations that ran what the chooser decided
         # Per bucket: seconds a prompt token adds to a plain step, from plain steps with prompts
-        # (`_add_prompt_step`; `_Rate`'s value: extra seconds over prompt tokens).
-        self._prompt_cost: dict[int, _Rate] = {}
+        # (`_add_prompt_step`; `Rate`'s value: extra seconds over prompt tokens).
+        self._prompt_cost: dict[int, Rate] = {}
+        # Per bucket: how a plain step's time grows with the batch there; every step counts in the figures at
+        # its time scaled to the bucket's largest batch (`PlainShape`).
+        self._plain_shape: dict[int, PlainShape] = {}
         # Per batch-size bucket, as the figures: plain iterations still to run after a verdict there, and
         # consecutive verdicts there (the hold doubles).
         self._hold_left: dict[int, int] = {}
@@ -304,23 +269,25 @@ class MeasuredGuard:
             if bucket in self._drafted_since_known:
                 self._drafted_since_known[bucket] = True
         is_plain_decoding = not is_drafting and not stats.is_near_drafting
+        shape = self._plain_shape.setdefault(bucket, PlainShape())
+        if is_plain_decoding and not stats.num_prefill_tokens:
+            shape.add(stats.batch_size, stats.iteration_time_s, self.config.smoothing)
+        seconds = stats.iteration_time_s * shape.scale(stats.batch_size, 1 << bucket)  # at the full batch
         if stats.num_prefill_tokens:
             # Other requests' prompts in the forward: not plain decoding's time, and the chooser's only less
             # what the prompts cost (`_add_prompt_step`).
             if is_baseline and is_plain_decoding:
                 self._missed_bucket = bucket  # the baseline's sample is lost: it runs again
-            self._add_prompt_step(bucket, stats, per_request, is_plain_decoding, is_chosen)
+            self._add_prompt_step(bucket, stats, per_request, seconds, is_plain_decoding, is_chosen)
             if is_drafting and is_chosen:
                 self._judge(bucket)
             return
         if is_plain_decoding:
-            self._add_plain(bucket, per_request, stats.iteration_time_s)
+            self._add_plain(bucket, per_request, seconds)
             if self._missed_bucket == bucket:
                 self._missed_bucket = None
         if is_chosen:
-            self._chosen.setdefault(bucket, _Rate()).add(
-                per_request, stats.iteration_time_s, self.config.smoothing
-            )
+            self._chosen.setdefault(bucket, Rate()).add(per_request, seconds, self.config.smoothing)
         if is_drafting and is_chosen:
             self._judge(bucket)
 
@@ -367,7 +334,7 @@ class MeasuredGuard:
         plain = self._plain.get(bucket)
         if plain is not None and plain.count >= self.config.min_samples:
             if tokens / seconds > self.config.stale_plain_factor * plain.value:
-                plain = self._plain[bucket] = _Rate()
+                plain = self._plain[bucket] = Rate()
                 self._drafted_since_known.pop(bucket, None)
                 self._confirmed.discard(bucket)
                 self._drafting_in[bucket] = self.config.first_baseline_after  # learned again at once
@@ -376,18 +343,24 @@ class MeasuredGuard:
                 self._confirmed.add(bucket)
                 del self._drafted_since_known[bucket]
         if plain is None:
-            plain = self._plain[bucket] = _Rate()
+            plain = self._plain[bucket] = Rate()
         plain.add(tokens, seconds, self.config.smoothing)
         if plain.count == self.config.min_samples:
             self._drafted_since_known[bucket] = False
 
     def _add_prompt_step(
-        self, bucket: int, stats: IterationStats, per_request: float, is_plain: bool, is_chosen: bool
+        self,
+        bucket: int,
+        stats: IterationStats,
+        per_request: float,
+        step_s: float,
+        is_plain: bool,
+        is_chosen: bool,
     ) -> None:
-        """A step that carried other requests' prompts. A plain one says what a prompt token adds to a plain
-        step (beside the bucket's plain figure: a ratio of smoothed sums, as the figures); once that is known
-        from `min_samples` of them, the chooser's steps count in its figure at their time less their prompts'
-        cost, and never faster than a plain step.
+        """A step that carried other requests' prompts, `step_s` its time at the bucket's full batch. A plain
+        one says what a prompt token adds to a plain step (beside the bucket's plain figure: a ratio of
+        smoothed sums, as the figures); once that is known from `min_samples` of them, the chooser's steps
+        count in its figure at their time less their prompts' cost, and never faster than a plain step.
 
         Left out of the chooser's figure, drafting in them went unjudged: served on the regime pair (prose at
         batch 32, session 58), a third to half of the steps carried prompts, and where the cost model priced
@@ -398,15 +371,15 @@ class MeasuredGuard:
             return
         plain_step_s = 1.0 / plain.value  # a plain step commits one token a request
         if is_plain:
-            extra_s = stats.iteration_time_s - per_request * plain_step_s
-            self._prompt_cost.setdefault(bucket, _Rate()).add(
+            extra_s = step_s - per_request * plain_step_s
+            self._prompt_cost.setdefault(bucket, Rate()).add(
                 extra_s, float(stats.num_prefill_tokens), self.config.smoothing
             )
         cost = self._prompt_cost.get(bucket)
         if not is_chosen or cost is None or cost.count < self.config.min_samples:
             return
-        seconds = stats.iteration_time_s - max(cost.value, 0.0) * stats.num_prefill_tokens
-        self._chosen.setdefault(bucket, _Rate()).add(
+        seconds = step_s - max(cost.value, 0.0) * stats.num_prefill_tokens
+        self._chosen.setdefault(bucket, Rate()).add(
             per_request, max(seconds, plain_step_s), self.config.smoothing
         )
 

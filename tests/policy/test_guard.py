@@ -13,6 +13,7 @@ import pytest
 from policy.baselines import OffChooser, StaticChooser
 from policy.cost_model import batch_bucket
 from policy.guard import GuardConfig, MeasuredGuard
+from policy.guard_figures import PlainShape
 from policy.presets import PRESETS
 from policy.simulator import make_chooser, simulate
 from policy.stats import IterationStats, RequestIterationStats
@@ -365,6 +366,75 @@ def test_a_plain_figure_learned_in_a_slow_spell_is_learned_again() -> None:
     steady = MeasuredGuard(StaticChooser(1), config)
     _lagged_engine(steady, 600, reports_near_drafting=True)
     assert steady.num_plain_restarts == 0 and steady.num_holds >= 1
+
+
+def _drain_then_fill(guard: MeasuredGuard, inner: _Scripted, drafting_speedup: float) -> None:
+    """An engine whose plain step takes 10 ms + 3 ms a request (61 ms at batch 17, 106 at 32; served: 50 and
+    90): its batch of 32 decodes plain, drains to 17 plain (20 steps at 17) and fills to 32 again, where the
+    chooser drafts: 4 tokens a request a step (K = 4, as served there) at `drafting_speedup` times plain
+    decoding's rate at that batch."""
+    index = 0
+
+    def step(batch: int) -> None:
+        nonlocal index
+        ids = [f"r{i}" for i in range(batch)]
+        ks = guard.choose(ids)
+        plain_s = 0.010 + 0.003 * batch
+        drafting = any(ks.values())
+        seconds = plain_s * 4 / drafting_speedup if drafting else plain_s
+        guard.observe(_iteration(index, ks, {r: 4 if k else 1 for r, k in ks.items()}, seconds))
+        index += 1
+
+    for _ in range(40):
+        step(32)
+    for batch in range(31, 16, -1):  # a cell's tail: requests finish, nothing new comes; the last ones slowly
+        for _ in range(20 if batch == 17 else 1):
+            step(batch)
+    inner.is_drafting = True
+    for _ in range(120):
+        step(32)
+
+
+def test_plain_steps_at_a_smaller_batch_in_the_bucket_count_at_its_full_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Session 61 on the regime pair (synthetic 32): batch 17-32's plain figure came from a cell's tail, plain
+    steps while the batch drained from 29 to 17 at about half the time of one at 32; the batch then filled to
+    32 and drafted at 1.2x plain decoding there, and the guard held it plain for 64 steps. Every step now
+    counts at its time scaled to the bucket's full batch, by the plain steps' own growth with the batch."""
+    inner = _Scripted()
+    guard = MeasuredGuard(inner)
+    _drain_then_fill(guard, inner, drafting_speedup=1.2)
+    assert guard.num_holds == 0
+    figures = guard.figures(batch_bucket(32))
+    assert figures is not None and figures[1] == pytest.approx(1 / 0.106, rel=0.02)  # plain at batch 32
+    # Drafting that loses there is still held.
+    inner = _Scripted()
+    guard = MeasuredGuard(inner)
+    _drain_then_fill(guard, inner, drafting_speedup=0.8)
+    assert guard.num_holds >= 1
+    # The premise: compared at their own batch sizes, the drain's plain steps hold the drafting that pays.
+    monkeypatch.setattr(PlainShape, "scale", lambda self, batch, reference: 1.0)
+    inner = _Scripted()
+    guard = MeasuredGuard(inner)
+    _drain_then_fill(guard, inner, drafting_speedup=1.2)
+    assert guard.num_holds >= 1
+
+
+def test_the_plain_shape_scales_within_its_physical_range() -> None:
+    shape = PlainShape()
+    for batch in (17, 24, 32) * 10:
+        shape.add(batch, 0.030 + 0.002 * batch, 0.05)
+    assert shape.scale(17, 32) == pytest.approx(0.094 / 0.064)
+    assert shape.scale(32, 32) == 1.0
+    flat, proportional, unknown = PlainShape(), PlainShape(), PlainShape()
+    for batch in (17, 32) * 10:
+        flat.add(batch, 0.090 - 0.0001 * batch, 0.05)  # time falls with the batch: noise, not a shape
+        proportional.add(batch, -0.010 + 0.003 * batch, 0.05)  # beyond proportional: capped at it
+        unknown.add(32, 0.094, 0.05)
+    assert flat.scale(17, 32) == 1.0
+    assert proportional.scale(16, 32) == pytest.approx(2.0)
+    assert unknown.scale(17, 32) == 1.0
 
 
 def test_a_baseline_runs_baseline_length_plain_iterations() -> None:
