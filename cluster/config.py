@@ -217,7 +217,9 @@ class VllmSettings:
     num_replicas: int | None = None  # removed: replicas.num_replicas (an error if set)
     enforce_eager: bool = False  # True: no torch.compile / CUDA graphs (a much shorter start)
     gpu_memory_utilization: float = 0.9
-    cpu_kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU builds (whole GiB)
+    # The KV cache on CPU builds, through vLLM's kv_cache_memory_bytes (fractions of a GiB too: the demo pair's
+    # 32 requests of 512 tokens take about 50 MB); on GPUs, gpu_memory_utilization sets it.
+    cpu_kv_cache_gib: float = 1.0
 
     def __post_init__(self) -> None:
         if self.num_replicas is not None:
@@ -225,8 +227,11 @@ class VllmSettings:
                 "vllm.num_replicas is no longer a setting: both backends scale with replicas.num_replicas "
                 "or replicas.autoscaling_config (one vLLM engine per replica)"
             )
-        if not 0.0 < self.gpu_memory_utilization <= 1.0 or self.cpu_kv_cache_gib < 1:
-            raise ValueError("vllm.gpu_memory_utilization in (0, 1] and cpu_kv_cache_gib >= 1 (GiB) required")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0 or not self.cpu_kv_cache_gib > 0.0:
+            raise ValueError(
+                f"vllm.gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1] and "
+                f"vllm.cpu_kv_cache_gib={self.cpu_kv_cache_gib} > 0 (GiB)"
+            )
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,8 @@ def engine_args(config: AppConfig, settings: SchedulerSettings, *, is_cpu: bool)
             "num_speculative_tokens": engine.max_spec_tokens,
         }
         args["per_request_spec_decode_metrics"] = "summary"
+    if is_cpu:
+        args["kv_cache_memory_bytes"] = int(vllm.cpu_kv_cache_gib * 2**30)
     return args
 
 
@@ -323,7 +325,12 @@ def _start_engine(config: AppConfig, settings: SchedulerSettings) -> Any:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     vllm = config.vllm
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(vllm.cpu_kv_cache_gib))
+    if os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None) is not None:
+        # The CPU build's legacy setting (whole GiB) overrides kv_cache_memory_bytes: one way, the config's.
+        logger.warning(
+            "VLLM_CPU_KVCACHE_SPACE is ignored: vllm.cpu_kv_cache_gib=%s sets the KV cache",
+            vllm.cpu_kv_cache_gib,
+        )
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     # CPU builds: the replica's threads. vLLM's automatic binding pins every engine on a node to the same
     # first cores, so replicas sharing a node would share one core; let the OS place them instead.

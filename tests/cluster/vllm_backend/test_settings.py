@@ -87,6 +87,19 @@ def test_engine_args_carry_our_scheduler_and_k_max() -> None:
     assert engine_args(config, settings, is_cpu=False)["distributed_executor_backend"] == UNIPROC_EXECUTOR
 
 
+def test_a_cpu_kv_cache_may_be_a_fraction_of_a_gib() -> None:
+    """On CPU builds the KV cache goes through vLLM's kv_cache_memory_bytes, not VLLM_CPU_KVCACHE_SPACE (whole
+    GiB, and it overrides the engine argument); on GPUs gpu_memory_utilization sizes it."""
+    config = AppConfig.from_args({"engine": {"backend": "vllm"}, "vllm": {"cpu_kv_cache_gib": 0.25}})
+    settings = SchedulerSettings(policy=config.policy, metrics_path="/tmp/x.json")
+    assert engine_args(config, settings, is_cpu=True)["kv_cache_memory_bytes"] == 2**28
+    assert "kv_cache_memory_bytes" not in engine_args(config, settings, is_cpu=False)
+    with pytest.raises(ValueError, match="cpu_kv_cache_gib=0"):
+        AppConfig.from_args({"vllm": {"cpu_kv_cache_gib": 0}})
+    engine_args_cls = pytest.importorskip("vllm.engine.arg_utils").AsyncEngineArgs
+    assert engine_args_cls(**engine_args(config, settings, is_cpu=True)).kv_cache_memory_bytes == 2**28
+
+
 def test_the_executor_is_vllms_choice_of_process_layout(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
     assert executor_backend(is_cpu=True) == MULTIPROC_EXECUTOR  # vLLM's CPU build needs processes
