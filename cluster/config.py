@@ -217,8 +217,8 @@ class VllmSettings:
     num_replicas: int | None = None  # removed: replicas.num_replicas (an error if set)
     enforce_eager: bool = False  # True: no torch.compile / CUDA graphs (a much shorter start)
     gpu_memory_utilization: float = 0.9
-    # The KV cache on CPU builds, through vLLM's kv_cache_memory_bytes (fractions of a GiB too: the demo pair's
-    # 32 requests of 512 tokens take about 50 MB); on GPUs, gpu_memory_utilization sets it.
+    # The KV cache on CPU builds, through vLLM's kv_cache_memory_bytes (fractions of a GiB too: the benchmark
+    # serves the regime pair at 0.25 each, seven servers side by side); on GPUs, gpu_memory_utilization sets it.
     cpu_kv_cache_gib: float = 1.0
 
     def __post_init__(self) -> None:
