@@ -269,7 +269,9 @@ class MeasuredGuard:
             if bucket in self._drafted_since_known:
                 self._drafted_since_known[bucket] = True
         is_plain_decoding = not is_drafting and not stats.is_near_drafting
-        shape = self._plain_shape.setdefault(bucket, PlainShape())
+        shape = self._plain_shape.get(bucket)
+        if shape is None:  # (not setdefault: a shape made every step for nothing)
+            shape = self._plain_shape[bucket] = PlainShape()
         if is_plain_decoding and not stats.num_prefill_tokens:
             shape.add(stats.batch_size, stats.iteration_time_s, self.config.smoothing)
         seconds = stats.iteration_time_s * shape.scale(stats.batch_size, 1 << bucket)  # at the full batch

@@ -7,6 +7,12 @@ from __future__ import annotations
 import math
 
 
+def _weight(count: int, smoothing: float) -> float:
+    """The newest sample's weight in a figure of `count` samples: the mean of the first ones (no sample
+    dominates), then an EWMA's `smoothing`."""
+    return max(1.0 / (count + 1), smoothing)
+
+
 class Rate:
     """Committed tokens per request over seconds, both smoothed (a ratio of sums, not a mean of ratios: an
     iteration that committed many tokens counts by its tokens), with the number of iterations seen and the
@@ -26,7 +32,7 @@ class Rate:
         self._smoothing = 1.0
 
     def add(self, tokens: float, seconds: float, smoothing: float) -> None:
-        weight = max(1.0 / (self.count + 1), smoothing)  # the mean of the first ones: no sample dominates
+        weight = _weight(self.count, smoothing)
         self.tokens += weight * (tokens - self.tokens)
         self.seconds += weight * (seconds - self.seconds)
         self.tokens_sq += weight * (tokens * tokens - self.tokens_sq)
@@ -50,8 +56,8 @@ class Rate:
 
 class PlainShape:
     """A plain decoding step's time against the batch size inside one batch-size bucket, t(b) = a + c * b,
-    fitted by smoothed least squares over the bucket's plain steps (the first ones evenly averaged, as in
-    `Rate`), so that a step at batch b counts at `reference` by `scale(b, reference)`.
+    fitted by smoothed least squares over the bucket's plain steps (weighted as `Rate`'s samples), so that a
+    step at batch b counts at `reference` by `scale(b, reference)`.
 
     Why: the guard's figures are tokens per second per request, and in the memory-bound regime a plain step
     at batch 17 takes about half the time of one at 32, so a bucket's figures mixed batch sizes that differ
@@ -69,7 +75,7 @@ class PlainShape:
         self.batch, self.seconds, self.batch_sq, self.batch_seconds, self.count = 0.0, 0.0, 0.0, 0.0, 0
 
     def add(self, batch: int, seconds: float, smoothing: float) -> None:
-        weight = max(1.0 / (self.count + 1), smoothing)
+        weight = _weight(self.count, smoothing)
         self.batch += weight * (batch - self.batch)
         self.seconds += weight * (seconds - self.seconds)
         self.batch_sq += weight * (batch * batch - self.batch_sq)
