@@ -65,7 +65,7 @@ class Account:
 
 
 def parse_ranges(text: str) -> list[tuple[int, int]]:
-    """ "1-4,5-16" -> [(1, 4), (5, 16)]: batch-size ranges, in order and apart."""
+    """Batch-size ranges, in order and apart, from their text: "1-4,5-16" is [(1, 4), (5, 16)]."""
     ranges = []
     for part in text.split(","):
         low, _, high = part.partition("-")
