@@ -31,6 +31,10 @@ class KPlan:
         self.chosen: dict[str, int] = {}  # K decided for the step last scheduled (its drafts verified next)
         self.choose_s = 0.0  # in the chooser for `chosen` (off the path between steps when chosen ahead)
         self.choose_cpu_s = 0.0  # ... of which this thread ran on a CPU
+        self.join_s = (
+            0.0  # in the chooser for the requests that joined the step (`_choose_joined`: on its path)
+        )
+        self.join_cpu_s = 0.0  # ... of which this thread ran on a CPU
         self.is_chosen_ahead = False  # `chosen` was chosen while the worker ran the step before
         # The outlooks the chooser was given with `chosen` (the step record keeps them, so that
         # `bench.replay_record` gives the chooser the same), with the last choice, and with the ahead choice.
@@ -71,6 +75,7 @@ class KPlan:
         self._drafting = drafting
         ahead, self._ahead = self._ahead, None
         self.is_chosen_ahead = ahead is not None
+        self.join_s = self.join_cpu_s = 0.0
         if ahead is None:
             start, start_cpu = time.perf_counter(), time.thread_time()
             self.chosen = self._choose(drafting, requests)
@@ -128,8 +133,8 @@ class KPlan:
         others = {r: k for r, k in self.chosen.items() if r in ahead and self.requested.get(r) is None}
         for request_id, k in cast(JoinAware, self.chooser).choose_joined(joined, others).items():
             self.chosen[request_id] = self._k(request_id, k)
-        self.choose_s += time.perf_counter() - start
-        self.choose_cpu_s += time.thread_time() - start_cpu
+        self.join_s = time.perf_counter() - start
+        self.join_cpu_s = time.thread_time() - start_cpu
 
     def _k(self, request_id: str, policy_k: int) -> int:
         """A request's K: the K it asked for through the API, else the policy's, within [0, K_max]."""

@@ -317,6 +317,8 @@ class PolicyScheduler(Scheduler):
             choose_s=self.k_plan.choose_s,
             choose_cpu_s=self.k_plan.choose_cpu_s,
             is_chosen_ahead=self.k_plan.is_chosen_ahead,
+            join_s=self.k_plan.join_s,
+            join_cpu_s=self.k_plan.join_cpu_s,
             outlook={
                 r: [o.num_catch_up_tokens, o.num_remaining_tokens]
                 for r, o in self.k_plan.chosen_outlook.items()

@@ -43,6 +43,10 @@ class StepRecord:
     # this step's K were chosen while the worker ran the step before (`choose_ahead`), before its observation;
     # choose_s and choose_cpu_s are that call's, off the path between steps
     is_chosen_ahead: bool = False
+    # in the chooser's choose_joined() for the requests whose prompts complete in this step, others' K kept
+    # (chosen ahead only): inside the step, on its path before the worker starts it
+    join_s: float = 0.0
+    join_cpu_s: float = 0.0  # ... of which this thread ran on a CPU
     # per request, the `RequestOutlook` the chooser was given with the choice of `chosen`: [catch-up tokens,
     # tokens it may still generate] (`bench.replay_record` gives the chooser the same)
     outlook: dict[str, list[int]] = field(default_factory=dict)

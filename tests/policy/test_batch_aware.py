@@ -900,6 +900,66 @@ def test_a_request_joins_drafting_only_where_the_whole_batch_would_draft_it() ->
     assert chooser.choose_joined(ids[2:], {"r0": 1, "r1": 1}) == dict.fromkeys(ids[2:], 0)
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    batch=st.sampled_from([1, 2, 4, 8, 16, 32]),
+    num_joined=st.integers(1, 4),
+    rates=st.lists(st.floats(0.0, 0.999), min_size=36, max_size=36),
+    preset=st.sampled_from(sorted(PRESETS) + ["demo-moe-cpu"]),
+    draft_scale=st.sampled_from([1.0, 30.0, 300.0]),
+)
+def test_a_request_that_joins_a_plain_batch_gets_what_the_search_gives_it(
+    batch: int, num_joined: int, rates: list[float], preset: str, draft_scale: float
+) -> None:
+    """Beside others all at K = 0, `choose_joined` skips the search where the joined requests' drafts could not
+    pay even were every one accepted (`_could_pay`, capped at their number): what it gives them is what the
+    search gives them."""
+    num_others = max(batch - num_joined, 0)
+    others = {f"r{i}": 0 for i in range(num_others)}
+    joined = [f"j{i}" for i in range(num_joined)]
+    rate_array = np.array(rates[: num_others + num_joined])
+
+    def chooser_at_rates() -> BatchAwareChooser:
+        if preset == "demo-moe-cpu":
+            demo = MEASURED_PRESETS[preset]
+            params = dataclasses.replace(
+                demo.measured, draft_per_token_s=draft_scale * demo.measured.draft_per_token_s
+            )
+            chooser = BatchAwareChooser(BatchAwareConfig(), CostModel(CostModelConfig(demo.routing), params))
+        else:
+            chooser = chooser_for(preset, draft_scale=draft_scale)
+        chooser._rates = lambda states: rate_array  # type: ignore[method-assign]
+        return chooser
+
+    def searched(chooser: BatchAwareChooser) -> tuple[dict[str, int], int]:
+        """`choose_joined`'s answer and how many searches it ran."""
+        calls = []
+        search = chooser.best_spec_tokens
+        chooser.best_spec_tokens = lambda *args: calls.append(1) or search(*args)  # type: ignore[method-assign]
+        return chooser.choose_joined(joined, others), len(calls)
+
+    skipping, unskipped = chooser_at_rates(), chooser_at_rates()
+    unskipped._could_pay = lambda *args: True  # type: ignore[method-assign]
+    (answer, num_searches), (search_answer, num_unskipped_searches) = searched(skipping), searched(unskipped)
+    assert answer == search_answer and num_unskipped_searches > 0
+    size = num_others + num_joined
+    could_pay = skipping._could_pay(size, skipping._time_table(size), num_joined)
+    assert (num_searches > 0) == could_pay
+    if not could_pay:
+        assert set(answer.values()) == {0}
+
+
+def test_a_joined_request_s_bound_decides_both_ways_on_the_demo_pair() -> None:
+    """The premise of the skip: on the demo pair's measured costs (the draft half a target step), one request
+    drafting alone in a plain batch could not pay at batch 32 even were every draft accepted, and could at
+    batch 1; a whole batch drafting could pay at 32 (so the whole batch's bound alone would not skip)."""
+    demo = MEASURED_PRESETS["demo-moe-cpu"]
+    chooser = BatchAwareChooser(BatchAwareConfig(), CostModel(CostModelConfig(demo.routing), demo.measured))
+    assert not chooser._could_pay(32, chooser._time_table(32), 1)
+    assert chooser._could_pay(1, chooser._time_table(1), 1)
+    assert chooser._could_pay(32, chooser._time_table(32))
+
+
 @pytest.mark.parametrize("floor", [32, 10_000])
 def test_over_the_test_budget_a_test_starts_once_nothing_drafted_for_the_floor(floor: int) -> None:
     # Over a backed-off budget, once the traffic's acceptance says K = 0, every new request starts untested at

@@ -86,6 +86,11 @@ def test_a_choice_made_ahead_is_used_and_a_joined_request_gets_its_k_with_the_ot
     assert plan.is_chosen_ahead
     assert chooser.joined == [(["c"], {"a": 3, "b": 1})]
     assert len(chooser.asked) == 2  # the step used the ahead choice; nothing asked in between
+    # The joined request's choice is timed apart from the ahead one: it runs on the step's path.
+    assert plan.join_s > 0.0 and plan.choose_s == plan._ahead_s
+    plan.choose_ahead(REQUESTS)
+    plan.decide(["a", "b", "c"], REQUESTS)  # nobody joined
+    assert plan.join_s == 0.0 and len(chooser.joined) == 1
 
 
 def test_without_choosing_ahead_every_step_asks_the_chooser_and_outlooks_go_with_the_choice() -> None:
@@ -119,6 +124,7 @@ def test_a_record_files_lines_read_back_as_the_steps_every_field(tmp_path: Path)
             draft_prefill_tokens=17,
             choose_cpu_s=1.5e-05,
             is_chosen_ahead=True,
+            join_s=2.5e-4,
             outlook={"r-1": [0, 54]},
             refit_cpu_s=7e-4,
             start_s=1796491627.123456,
