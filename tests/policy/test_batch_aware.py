@@ -949,6 +949,26 @@ def test_a_request_that_joins_a_plain_batch_gets_what_the_search_gives_it(
         assert set(answer.values()) == {0}
 
 
+def test_a_choice_builds_the_tables_a_joining_request_reads_in_the_next_step() -> None:
+    """`choose` (made ahead, off the step's path, in vLLM) builds the time tables of the batch sizes that
+    requests joining or leaving make of its batch in the next step, where `choose_joined` (on the step's path)
+    reads them: a table is built once per version of the cost model."""
+    demo = MEASURED_PRESETS["demo-moe-cpu"]
+    model = CostModel(CostModelConfig(demo.routing), demo.measured)
+    chooser = BatchAwareChooser(BatchAwareConfig(), model)
+    ids = [f"r{i}" for i in range(30)]
+    chosen = chooser.choose(ids)
+    grids = []
+    time_grid = model.time_grid
+    model.time_grid = lambda *args: grids.append(args[0]) or time_grid(*args)  # type: ignore[method-assign]
+    # Two requests finished and one joined; two joined; no table built.
+    assert chooser.choose_joined(["j0"], {r: chosen[r] for r in ids[:28]}) == {"j0": 0}
+    assert chooser.choose_joined(["j1", "j2"], chosen) == {"j1": 0, "j2": 0}
+    assert grids == []
+    chooser.choose_joined(["j3", "j4", "j5"], chosen)  # a size 3 above: built then
+    assert grids == [33]
+
+
 def test_a_joined_request_s_bound_decides_both_ways_on_the_demo_pair() -> None:
     """The premise of the skip: on the demo pair's measured costs (the draft half a target step), one request
     drafting alone in a plain batch could not pay at batch 32 even were every draft accepted, and could at
