@@ -41,12 +41,12 @@ Array = NDArray[np.float64]
 # Served on the demo pair's prose at batch 1 (requests at 0.2-0.6), every new request drafted its first
 # iterations at K = 2 on the few that kept drafting, where the pair only pays at 0.8 and above.
 POPULATION_ACCEPTANCE = AcceptanceConfig(decay=0.995, fast_decay=0.995)
-# `choose` builds the time tables of this many batch sizes above its batch's, if the cost model's version has
-# none yet, for requests that join the next step (`choose_joined`): an engine that chooses ahead (vLLM's
-# scheduler, while the worker runs the step before) asks `choose_joined` on the step's path, and a table built
-# there took 0.2-0.7 ms of CPU and 2-7 ms of wall time served on the demo pair at batch 32 (2 cores, the API
-# server handling the joining request), in a third of the steps that a request joined. One request joined in
-# 80% of those steps and two in 16% (session 64's record).
+# `choose` builds the time tables of this many batch sizes above and below its batch's, if the cost model's
+# version has none yet, for the next step's batch once requests join it and leave it (`choose_joined`): an engine
+# that chooses ahead (vLLM's scheduler, while the worker runs the step before) asks `choose_joined` on the step's
+# path, and a table built there took 0.2-0.7 ms of CPU and 2-7 ms of wall time served on the demo pair at batch
+# 32 (2 cores, the API server handling the joining request), in a third of the steps that a request joined. One
+# request joined in 80% of those steps and two in 16% (session 64's record).
 JOINING_TABLES = 2
 
 
@@ -309,14 +309,13 @@ class BatchAwareChooser:
     def _could_pay(self, batch_size: int, times: Array, num_drafting: int | None = None) -> bool:
         """Whether drafting could beat plain decoding in a batch of this size were every draft accepted: some
         max K = m >= 1 and sum K = S (m <= S <= n * m for n = `num_drafting` requests that may draft, the whole
-        batch if None; at most batch size + S tokens committed) above plain decoding's tokens per second in
-        `times` (its `_time_table`, drafting charged its bar). Where it
-        could not, no acceptance a test might measure makes the batch draft (`TestPhases.testers`). Served on
-        the demo pair (vLLM backend, the draft half a target step) at prose 32, forced tests ran in 17-20 steps
-        a cell, one of them a whole wave of new requests at once that caught up 2 846 prompt tokens in a
-        290 ms step (a plain step: 16 ms); with this rule 3, and auto ran 1.12x the version before (three
-        rounds). The bound is acceptance 1, not the traffic's: a test is how a shift to traffic that accepts
-        better is found."""
+        batch if None; at most batch size + S tokens committed) above plain decoding's tokens per second in `times`
+        (its `_time_table`, drafting charged its bar). Where it could not, no acceptance a test might measure makes
+        the batch draft (`TestPhases.testers`). Served on the demo pair (vLLM backend, the draft half a target
+        step) at prose 32, forced tests ran in 17-20 steps a cell, one of them a whole wave of new requests at once
+        that caught up 2 846 prompt tokens in a 290 ms step (a plain step: 16 ms); with this rule 3, and auto ran
+        1.12x the version before (three rounds). The bound is acceptance 1, not the traffic's: a test is how a
+        shift to traffic that accepts better is found."""
         key = (batch_size, batch_size if num_drafting is None else min(num_drafting, batch_size))
         could = self._could_pay_by_size.get(key)
         if could is None:

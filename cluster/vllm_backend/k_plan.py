@@ -31,10 +31,8 @@ class KPlan:
         self.chosen: dict[str, int] = {}  # K decided for the step last scheduled (its drafts verified next)
         self.choose_s = 0.0  # in the chooser for `chosen` (off the path between steps when chosen ahead)
         self.choose_cpu_s = 0.0  # ... of which this thread ran on a CPU
-        self.join_s = (
-            0.0  # in the chooser for the requests that joined the step (`_choose_joined`: on its path)
-        )
-        self.join_cpu_s = 0.0  # ... of which this thread ran on a CPU
+        # in the chooser for the requests that joined the step (`_choose_joined`: on its path); of that, on a CPU
+        self.join_s = self.join_cpu_s = 0.0
         self.is_chosen_ahead = False  # `chosen` was chosen while the worker ran the step before
         # The outlooks the chooser was given with `chosen` (the step record keeps them, so that
         # `bench.replay_record` gives the chooser the same), with the last choice, and with the ahead choice.
