@@ -76,7 +76,7 @@ class BatchAwareChooser:
         self._time_tables: dict[int, Array] = {}
         self._time_tables_version = -1
         # `_could_pay`, of the same version, by batch size and how many requests may draft.
-        self._could_pay_by_size: dict[tuple[int, int], bool] = {}
+        self._could_pay_verdicts: dict[tuple[int, int], bool] = {}
         # The last optimum with hysteresis, and what it was computed from: the batch, the cost model's version
         # and `_num_changes`, a count of changes to what else it reads (a rate, a previous choice). Reused,
         # exactly, while none of them changes: while tests wait for a drafting iteration (up to
@@ -176,8 +176,8 @@ class BatchAwareChooser:
         (15.4 ms, median): the search's 0.14 ms of CPU replayed, 1-3 ms of wall time served beside the API
         server handling the new request."""
         if not any(chosen.values()):
-            times = self._time_table(len(chosen) + len(joined))
-            if not self._could_pay(len(chosen) + len(joined), times, len(joined)):
+            size = len(chosen) + len(joined)
+            if not self._could_pay(size, self._time_table(size), len(joined)):
                 self._num_changes += 1  # new states, as below
                 self._count_choice([self._state(r) for r in joined])
                 return dict.fromkeys(joined, 0)
@@ -317,13 +317,13 @@ class BatchAwareChooser:
         1.12x the version before (three rounds). The bound is acceptance 1, not the traffic's: a test is how a
         shift to traffic that accepts better is found."""
         key = (batch_size, batch_size if num_drafting is None else min(num_drafting, batch_size))
-        could = self._could_pay_by_size.get(key)
+        could = self._could_pay_verdicts.get(key)
         if could is None:
             m = np.arange(times.shape[0])[:, None]
             s = np.arange(times.shape[1])[None, :]
             feasible = (m >= 1) & (s >= m) & (s <= key[1] * m)
             per_second = np.where(feasible, (batch_size + s) / times, 0.0)
-            could = self._could_pay_by_size[key] = bool(per_second.max() > batch_size / times[0, 0])
+            could = self._could_pay_verdicts[key] = bool(per_second.max() > batch_size / times[0, 0])
         return could
 
     def _time_table(self, batch_size: int) -> Array:
@@ -335,7 +335,7 @@ class BatchAwareChooser:
         step served at batch 1 on the demo pair."""
         if self._time_tables_version != self.cost_model.version:
             self._time_tables.clear()
-            self._could_pay_by_size.clear()
+            self._could_pay_verdicts.clear()
             self._time_tables_version = self.cost_model.version
         table = self._time_tables.get(batch_size)
         if table is None:
