@@ -15,6 +15,7 @@ or back from K = 0) starts drafting only where the rest of its life repays the d
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -22,7 +23,13 @@ from numpy.typing import NDArray
 
 from policy.batch_aware_config import BatchAwareConfig
 from policy.cost_model import CostModel
-from policy.k_search import best_k_vector, expected_etrs, max_of_others, with_hysteresis
+from policy.k_search import (
+    best_k_vector,
+    could_beat_plain,
+    expected_etrs,
+    max_of_others,
+    with_hysteresis,
+)
 from policy.openings import Openings
 from policy.stats import IterationStats, RequestOutlook, SameBatchSkips
 from policy.test_budget import TestBudget
@@ -75,8 +82,11 @@ class BatchAwareChooser:
         # `_time_table`s of the cost model's current version, by batch size.
         self._time_tables: dict[int, Array] = {}
         self._time_tables_version = -1
-        # `_could_pay`, of the same version, by batch size and how many requests may draft.
-        self._could_pay_verdicts: dict[tuple[int, int], bool] = {}
+        # `_could_pay`, of the same version, by batch size and how many requests may draft: the highest
+        # acceptance found not to pay and the lowest found to pay.
+        self._could_pay_bounds: dict[tuple[int, int], tuple[float, float]] = {}
+        # `_plain_shape_probe`'s K not measured yet, of the same version, by batch size (none until plain is).
+        self._unmeasured_shapes: dict[int, list[int]] = {}
         # The last optimum with hysteresis, and what it was computed from: the batch, the cost model's version
         # and `_num_changes`, a count of changes to what else it reads (a rate, a previous choice). Reused,
         # exactly, while none of them changes: while tests wait for a drafting iteration (up to
@@ -168,30 +178,33 @@ class BatchAwareChooser:
         that drafted in their prompt's step were at K = 0 in the step after.
 
         Beside others all at K = 0, the joined requests draft only if drafting them alone could pay were every
-        draft accepted (`_could_pay`, its bound capped at their number); where it could not, they get K = 0
-        without the search, which is what the search would give them. The call runs on the step's path (vLLM's
+        draft accepted (`_could_pay`, its bound capped at their number), then were every draft accepted at the
+        highest of their acceptances (the rates read); where it could not, they get K = 0 without the search,
+        which is what the search would give them. The call runs on the step's path (vLLM's
         scheduler asks it while scheduling the step), and served on the demo pair at batch 28-32 (session 63's
         record, 2 cores) the steps that carried a joined request's prompt in a plain batch took about 3 ms
         more with auto than with our scheduler at K = 0, at every prompt size, where decode steps took the same
         (15.4 ms, median): the search's 0.14 ms of CPU replayed, 1-3 ms of wall time served beside the API
         server handling the new request."""
-        if not any(chosen.values()):
-            size = len(chosen) + len(joined)
-            if not self._could_pay(size, self._time_table(size), len(joined)):
-                self._num_changes += 1  # new states, as below
-                self._count_choice([self._state(r) for r in joined])
-                return dict.fromkeys(joined, 0)
-        ids = [*chosen, *joined]
-        states = [self._state(r) for r in ids]
-        rates = self._rates(states)
-        times = self._time_table(len(ids))
-        forced = np.array([*chosen.values(), *[-1] * len(joined)], dtype=np.int64)
-        best = self.best_spec_tokens(rates, forced, times)[len(chosen) :]
-        if any(best):
-            free = self.best_spec_tokens(rates, np.full(len(ids), -1), times)[len(chosen) :]
-            best = [k if k_free else 0 for k, k_free in zip(best, free, strict=True)]
+        size = len(chosen) + len(joined)
+        times = self._time_table(size)
+        is_plain = not any(chosen.values())
+        best = [0] * len(joined)
+        if is_plain and not self._could_pay(size, times, len(joined)):
+            joined_states = [self._state(r) for r in joined]  # (the rates unread)
+        else:
+            states = [self._state(r) for r in [*chosen, *joined]]
+            joined_states = states[len(chosen) :]
+            rates = self._rates(states)
+            # The same bound at the joined requests' highest acceptance (`_optimum_with_hysteresis`).
+            if not is_plain or self._could_pay(size, times, len(joined), float(rates[len(chosen) :].max())):
+                forced = np.array([*chosen.values(), *[-1] * len(joined)], dtype=np.int64)
+                best = self.best_spec_tokens(rates, forced, times)[len(chosen) :]
+                if any(best):
+                    free = self.best_spec_tokens(rates, np.full(size, -1), times)[len(chosen) :]
+                    best = [k if k_free else 0 for k, k_free in zip(best, free, strict=True)]
         self._num_changes += 1  # new states (the next search is not the last one again)
-        self._count_choice(states[len(chosen) :])
+        self._count_choice(joined_states)
         return dict(zip(joined, best, strict=True))
 
     def _rates(self, states: Sequence[RequestState]) -> Array:
@@ -288,6 +301,20 @@ class BatchAwareChooser:
         return best_k_vector(rates, forced, times, self.config.max_spec_tokens)
 
     def _optimum_with_hysteresis(self, states: list[RequestState], rates: Array, times: Array) -> list[int]:
+        """The K vector of most expected tokens per second (`best_spec_tokens`), kept from the requests' set
+        K where it gains too little (`with_hysteresis`).
+
+        Where no request is set above K = 0 and drafting could not beat plain decoding were every request's
+        acceptance the batch's highest (`_could_pay`), that is plain decoding, without the search. The
+        search ran at every change of the batch, most of them where it stays plain at batch 13-32 on the demo
+        pair, and served there a choice's CPU, made while the worker ran the step before, cost that step
+        nearly as much (session 64). Replayed over session 64's demo record, the bound decided 85-90% of the
+        searches that found plain decoding at 13-16 and 28-32, and `choose` took 0.14 ms of CPU at 28-32 (mean)
+        against 0.21, with the same choice at every step."""
+        if not any(s.set_k for s in states) and not self._could_pay(
+            len(states), times, acceptance=float(rates.max())
+        ):
+            return [0] * len(states)
         best = np.array(self.best_spec_tokens(rates, np.full(len(rates), -1), times))
         # Requests in or just out of a test phase have no previous choice (set_k is None).
         previous = np.fromiter(
@@ -306,24 +333,25 @@ class BatchAwareChooser:
         per_second = expected_etrs(np.full(len(ks), rate), ks) / times[ks, batch_size * ks]
         return bool(per_second[1:].max() > per_second[0])
 
-    def _could_pay(self, batch_size: int, times: Array, num_drafting: int | None = None) -> bool:
-        """Whether drafting could beat plain decoding in a batch of this size were every draft accepted: some
-        max K = m >= 1 and sum K = S (m <= S <= n * m for n = `num_drafting` requests that may draft, the whole
-        batch if None; at most batch size + S tokens committed) above plain decoding's tokens per second in `times`
-        (its `_time_table`, drafting charged its bar). Where it could not, no acceptance a test might measure makes
+    def _could_pay(
+        self, batch_size: int, times: Array, num_drafting: int | None = None, acceptance: float = 1.0
+    ) -> bool:
+        """Whether drafting could beat plain decoding in a batch of this size were every draft accepted at
+        `acceptance` (`policy.k_search.could_beat_plain`; 1: every draft accepted), `num_drafting` requests
+        that may draft, the whole batch if None (`times`: its `_time_table`, drafting charged its bar). Kept per
+        version of the cost model: by batch size and drafting requests, the highest acceptance found not to pay
+        and the lowest found to pay. At acceptance 1: where it could not, no acceptance a test might measure makes
         the batch draft (`TestPhases.testers`). Served on the demo pair (vLLM backend, the draft half a target
         step) at prose 32, forced tests ran in 17-20 steps a cell, one of them a whole wave of new requests at once
         that caught up 2 846 prompt tokens in a 290 ms step (a plain step: 16 ms); with this rule 3, and auto ran
         1.12x the version before (three rounds). The bound is acceptance 1, not the traffic's: a test is how a
         shift to traffic that accepts better is found."""
         key = (batch_size, batch_size if num_drafting is None else min(num_drafting, batch_size))
-        could = self._could_pay_verdicts.get(key)
-        if could is None:
-            m = np.arange(times.shape[0])[:, None]
-            s = np.arange(times.shape[1])[None, :]
-            feasible = (m >= 1) & (s >= m) & (s <= key[1] * m)
-            per_second = np.where(feasible, (batch_size + s) / times, 0.0)
-            could = self._could_pay_verdicts[key] = bool(per_second.max() > batch_size / times[0, 0])
+        fails, pays = self._could_pay_bounds.get(key, (-1.0, math.inf))
+        if acceptance <= fails or acceptance >= pays:  # (the bound grows with the acceptance)
+            return acceptance >= pays
+        could = could_beat_plain(times, batch_size, key[1], acceptance)
+        self._could_pay_bounds[key] = (fails, acceptance) if could else (acceptance, pays)
         return could
 
     def _time_table(self, batch_size: int) -> Array:
@@ -335,7 +363,8 @@ class BatchAwareChooser:
         step served at batch 1 on the demo pair."""
         if self._time_tables_version != self.cost_model.version:
             self._time_tables.clear()
-            self._could_pay_verdicts.clear()
+            self._could_pay_bounds.clear()
+            self._unmeasured_shapes.clear()
             self._time_tables_version = self.cost_model.version
         table = self._time_tables.get(batch_size)
         if table is None:
@@ -404,10 +433,17 @@ class BatchAwareChooser:
         0.010), code 1's plain steps 230 / 167 against 424 / 418 and its steps at K = 4 168 / 243 against 147 /
         61 (`bench/results/vllm_policy_s60_regime_plain_probe_ab_side_by_side.json`)."""
         rows = self.config.shape_probe_rows
-        num_rows = self.cost_model.num_shape_rows
         num = len(request_ids)
-        unmeasured = [k for k in range(1, self.config.max_spec_tokens + 1) if num_rows(num, k) < rows]
-        if not rows or not unmeasured or num_rows(num, 0) < rows:
+        unmeasured = self._unmeasured_shapes.get(num)
+        if unmeasured is None:  # (as of the last refit: kept with the time tables)
+            num_rows = self.cost_model.num_shape_rows
+            is_plain_measured = num_rows(num, 0) >= rows
+            unmeasured = self._unmeasured_shapes[num] = [
+                k
+                for k in range(1, self.config.max_spec_tokens + 1)
+                if is_plain_measured and num_rows(num, k) < rows
+            ]
+        if not rows or not unmeasured:
             return 0
         plain_rate = num / float(times[0, 0])
         bar = 1.0 + self.config.min_predicted_gain  # (the drafting rows of `times` are charged it)

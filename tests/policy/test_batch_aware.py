@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from policy.batch_aware import BatchAwareChooser, BatchAwareConfig
 from policy.cost_model import CostModel, CostParams, batch_bucket
 from policy.cost_model_config import CostModelConfig
+from policy.k_search import best_k_vector, could_beat_plain
 from policy.presets import MEASURED_PRESETS, PRESETS
 from policy.routing import RoutingConfig
 from policy.simulator import _measure, simulate
@@ -912,8 +913,8 @@ def test_a_request_that_joins_a_plain_batch_gets_what_the_search_gives_it(
     batch: int, num_joined: int, rates: list[float], preset: str, draft_scale: float
 ) -> None:
     """Beside others all at K = 0, `choose_joined` skips the search where the joined requests' drafts could not
-    pay even were every one accepted (`_could_pay`, capped at their number): what it gives them is what the
-    search gives them."""
+    pay even were every one accepted at the highest of their acceptances (`_could_pay`, capped at their
+    number): what it gives them is what the search gives them."""
     num_others = max(batch - num_joined, 0)
     others = {f"r{i}": 0 for i in range(num_others)}
     joined = [f"j{i}" for i in range(num_joined)]
@@ -943,10 +944,106 @@ def test_a_request_that_joins_a_plain_batch_gets_what_the_search_gives_it(
     (answer, num_searches), (search_answer, num_unskipped_searches) = searched(skipping), searched(unskipped)
     assert answer == search_answer and num_unskipped_searches > 0
     size = num_others + num_joined
-    could_pay = skipping._could_pay(size, skipping._time_table(size), num_joined)
+    highest = float(rate_array[num_others:].max())
+    could_pay = skipping._could_pay(size, skipping._time_table(size), num_joined, highest)
     assert (num_searches > 0) == could_pay
     if not could_pay:
         assert set(answer.values()) == {0}
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    batch=st.sampled_from([1, 2, 3, 8, 16, 32]),
+    num_drafting=st.integers(1, 32),
+    rates=st.lists(st.floats(0.0, 0.999), min_size=32, max_size=32),
+    preset=st.sampled_from(sorted(PRESETS)),
+    bar=st.sampled_from([0.0, 0.05]),
+    draft_scale=st.sampled_from([1.0, 30.0, 300.0]),
+)
+def test_the_bound_at_the_highest_acceptance_holds_the_search_to_plain_decoding(
+    batch: int, num_drafting: int, rates: list[float], preset: str, bar: float, draft_scale: float
+) -> None:
+    """`could_beat_plain` bounds `best_k_vector` (itself checked against brute force above): where it says
+    drafting could not pay at the highest of the drafting requests' acceptances, the search drafts none of them;
+    at one acceptance for all it is the search's verdict itself, so it is no bound that always says yes."""
+    chooser = chooser_for(preset, draft_scale=draft_scale, min_predicted_gain=bar)
+    times = chooser._time_table(batch)
+    num_drafting = min(num_drafting, batch)
+    rate_array = np.array(rates[:batch])
+    forced = np.array([0] * (batch - num_drafting) + [-1] * num_drafting)  # the others kept plain
+    highest = float(rate_array[batch - num_drafting :].max())
+    if not could_beat_plain(times, batch, num_drafting, highest):
+        assert max(best_k_vector(rate_array, forced, times, 4)) == 0
+    uniform = np.full(batch, highest)
+    best = best_k_vector(uniform, np.full(batch, -1), times, 4)
+    assert could_beat_plain(times, batch, batch, highest) == (max(best) > 0), (highest, best)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    set_ks=st.lists(st.sampled_from([None, 0, 0, 0, 1, 2]), min_size=32, max_size=32),
+    rates=st.lists(st.floats(0.0, 0.999), min_size=32, max_size=32),
+    batch=st.sampled_from([4, 16, 32]),
+    draft_scale=st.sampled_from([1.0, 3.0, 30.0]),
+)
+def test_the_optimum_skips_its_search_only_where_the_search_would_answer_plain(
+    set_ks: list[int | None], rates: list[float], batch: int, draft_scale: float
+) -> None:
+    """`_optimum_with_hysteresis` answers plain decoding without the search where no request is set above K = 0
+    and drafting could not pay at the batch's highest acceptance: its answer is the search's, every time, and
+    on the demo pair's measured costs the skip happens."""
+    demo = MEASURED_PRESETS["demo-moe-cpu"]
+    params = dataclasses.replace(
+        demo.measured, draft_per_token_s=draft_scale * demo.measured.draft_per_token_s
+    )
+    skipping = BatchAwareChooser(BatchAwareConfig(), CostModel(CostModelConfig(demo.routing), params))
+    searching = BatchAwareChooser(BatchAwareConfig(), CostModel(CostModelConfig(demo.routing), params))
+    searching._could_pay = lambda *args, **kwargs: True  # type: ignore[method-assign]
+
+    def searched(chooser: BatchAwareChooser) -> tuple[list[int], int]:
+        """The optimum and how many searches it ran."""
+        states = [RequestState(chooser.config, 0.5) for _ in range(batch)]
+        for state, set_k in zip(states, set_ks, strict=False):
+            state.set_k = set_k
+        calls = []
+        search = chooser.best_spec_tokens
+        chooser.best_spec_tokens = lambda *args: calls.append(1) or search(*args)  # type: ignore[method-assign]
+        times = chooser._time_table(batch)
+        return chooser._optimum_with_hysteresis(states, np.array(rates[:batch]), times), len(calls)
+
+    (answer, num_searches), (search_answer, _) = searched(skipping), searched(searching)
+    assert answer == search_answer
+    is_set = any(set_ks[:batch])
+    could = skipping._could_pay(batch, skipping._time_table(batch), acceptance=max(rates[:batch]))
+    assert (num_searches == 0) == (not is_set and not could)
+
+
+def test_the_kept_bounds_answer_as_the_bound_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`_could_pay` keeps, per batch size and cost model version, the highest acceptance found not to pay and
+    the lowest found to pay (the bound grows with the acceptance): its answers are the bound's, and most come
+    without reading the table."""
+    import policy.batch_aware
+
+    chooser = chooser_for("mixtral-8x7b-h100", draft_scale=30.0)
+    times = chooser._time_table(32)
+    calls = []
+    monkeypatch.setattr(
+        policy.batch_aware,
+        "could_beat_plain",
+        lambda *args: calls.append(1) or could_beat_plain(*args),
+    )
+    verdicts = set()
+    for acceptance in np.random.default_rng(0).uniform(0.0, 1.0, 200):
+        could = chooser._could_pay(32, times, acceptance=acceptance)
+        assert could == could_beat_plain(times, 32, 32, acceptance), acceptance
+        verdicts.add(could)
+    assert verdicts == {True, False} and len(calls) < 40, len(calls)
+    num_calls = len(calls)
+    chooser._could_pay(32, times, acceptance=0.5)
+    assert len(calls) == num_calls  # kept
+    chooser.cost_model.version += 1  # as a refit does: the bounds go with the tables
+    chooser._could_pay(32, chooser._time_table(32), acceptance=0.5)
+    assert len(calls) == num_calls + 1
 
 
 def test_a_choice_builds_the_tables_a_joining_request_reads_in_the_next_step() -> None:
