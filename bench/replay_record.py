@@ -14,7 +14,8 @@ cell of the run:
   steps at concurrency 16 / 32, 0.01-0.57 on steps with prompts, which it does not model);
 and at the end, the cost model's error in drafting relative to plain decoding (`relative_error`), the figure
 to compare two versions of the cost model by on the same records, and its error in plain decoding's time
-itself (`level_error`), which the machine's drift is in.
+itself (`level_error`), which the machine's drift is in; last, the chooser's CPU per call by batch-size range
+(`CpuTally`: the same record replayed by two checkouts says what a change costs the engine core).
 
 Records from session 15 on carry each step's prompt tokens of other requests and the drafter's catch-up
 tokens, as the served chooser saw them; in older ones the catch-up reads as 0. Records from session 31 on
@@ -212,8 +213,42 @@ def give_outlook(chooser: MeasuredGuard, step: dict[str, Any]) -> None:
         chooser.set_outlook({r: RequestOutlook(*v) for r, v in step["outlook"].items()})
 
 
-def replay(steps: list[dict[str, Any]], chooser: MeasuredGuard, cells: list[Cell]) -> list[Cell]:
-    """Feeds every step to `chooser`; fills in each cell's figures (steps outside every cell: warm-up)."""
+BATCH_RANGES = ((1, 4), (5, 12), (13, 16), (17, 27), (28, 32))
+
+
+@dataclass
+class CpuTally:
+    """The chooser's CPU per call in the replay, by kind of call and batch-size range: what a change to the
+    policy costs the engine core, the same record fed to two checkouts (`PYTHONPATH=<checkout>`). Served, the
+    same calls took 1.5-3x their replayed CPU (session 65: the engine core beside the worker on 2 cores)."""
+
+    seconds: dict[tuple[str, int], list[float]] = field(default_factory=lambda: defaultdict(list))
+
+    def timed(self, kind: str, batch_size: int, call: Any, *args: Any) -> Any:
+        start = time.thread_time()
+        result = call(*args)
+        self.seconds[(kind, batch_size)].append(time.thread_time() - start)
+        return result
+
+    def lines(self) -> list[str]:
+        lines = []
+        for kind in sorted({k for k, _ in self.seconds}):
+            for low, high in BATCH_RANGES:
+                calls = [s for (k, b), v in self.seconds.items() if k == kind and low <= b <= high for s in v]
+                if calls:
+                    lines.append(
+                        f"  {kind} at batch {low}-{high}: {len(calls)} calls, mean {1e3 * statistics.fmean(calls):.3f}"
+                        f" ms, median {1e3 * statistics.median(calls):.3f} ms, {sum(calls):.2f} s in all"
+                    )
+        return lines
+
+
+def replay(
+    steps: list[dict[str, Any]], chooser: MeasuredGuard, cells: list[Cell], cpu: CpuTally | None = None
+) -> list[Cell]:
+    """Feeds every step to `chooser`; fills in each cell's figures (steps outside every cell: warm-up), and the
+    chooser's CPU per call in `cpu`."""
+    cpu = CpuTally() if cpu is None else cpu
     inner: Any = chooser.inner
     previous = DraftMeasurement(0.0, 0)
     pending = list(cells)
@@ -245,10 +280,11 @@ def replay(steps: list[dict[str, Any]], chooser: MeasuredGuard, cells: list[Cell
             # The requests whose prompts completed in the step, given their K then (`choose_joined`).
             joined = [r for r in step["chosen"] if r not in (ahead or {})]
             if joined and isinstance(chooser, JoinAware):
-                chosen |= chooser.choose_joined(joined, chosen)
+                size = len(chosen) + len(joined)
+                chosen |= cpu.timed("choose_joined", size, chooser.choose_joined, joined, chosen)
         else:
             give_outlook(chooser, step)
-            chosen = chooser.choose(ids) if ids else {}
+            chosen = cpu.timed("choose", len(ids), chooser.choose, ids) if ids else {}
         recorded = {r: k for r, k in chosen.items() if r in step["chosen"]}
         if ids and recorded.items() <= step["chosen"].items() and current is not None:
             current.matched += 1
@@ -258,8 +294,11 @@ def replay(steps: list[dict[str, Any]], chooser: MeasuredGuard, cells: list[Cell
             after = steps[index + 1]
             give_outlook(chooser, after)  # the next step's record has its ahead choice's outlook
             ahead_ids = list(after.get("outlook") or step["chosen"])
-            ahead = chooser.choose(ahead_ids) if ahead_ids else None
-        inner.cost_model.refit_if_due()  # as the scheduler does while the worker runs the step
+            ahead = (
+                cpu.timed("choose ahead", len(ahead_ids), chooser.choose, ahead_ids) if ahead_ids else None
+            )
+        # as the scheduler does while the worker runs the step
+        cpu.timed("refit", len(ids), inner.cost_model.refit_if_due)
         requests = [
             RequestIterationStats(r, k, step["num_accepted"][r], step["num_accepted"][r] + 1, 100)
             for r, k in step["num_drafts"].items()
@@ -293,7 +332,7 @@ def replay(steps: list[dict[str, Any]], chooser: MeasuredGuard, cells: list[Cell
                     draft_s, _, _ = inner.cost_model.phase_times(len(ks), max(ks), sum(ks))
                     current.predicted_s["drafter"] += float(draft_s)
                     current.measured_s["drafter"] += stats.draft_time_s
-            chooser.observe(stats)
+            cpu.timed("observe", len(requests), chooser.observe, stats)
         for request_id in finished.pop(index, []):  # after its last step's observation, as the scheduler does
             chooser.release(request_id)
         previous = draft
@@ -332,7 +371,8 @@ def main() -> None:
     )
     if not isinstance(chooser, MeasuredGuard):
         raise TypeError(f"expected the measured guard around the chooser, got {type(chooser).__name__}")
-    replayed = replay(steps, chooser, cells)
+    cpu = CpuTally()
+    replayed = replay(steps, chooser, cells, cpu)
     for cell in replayed:
         print(cell.summary())
     error, num_groups = relative_error(replayed)
@@ -345,6 +385,8 @@ def main() -> None:
         f"cost model, plain decoding's time in each cell and batch bucket: mean |log(predicted / measured)| "
         f"{error:.3f} over {num_groups} step groups"
     )
+    print("the chooser's CPU per call, replayed (the refit's: per step, most steps none):")
+    print("\n".join(cpu.lines()))
 
 
 if __name__ == "__main__":

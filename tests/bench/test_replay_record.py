@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from bench.replay_record import Cell, cells_of, level_error, relative_error, replay, vllm_config
+from bench.replay_record import Cell, CpuTally, cells_of, level_error, relative_error, replay, vllm_config
 from cluster.vllm_backend.chooser import build_chooser, iteration_stats
 from cluster.vllm_backend.settings import DraftMeasurement, SchedulerSettings
 from policy.guard import MeasuredGuard
@@ -127,11 +128,22 @@ def test_a_record_replays_with_the_same_choices_in_its_cells(tmp_path: Path, cho
     cells = cells_of(tmp_path / "result.json", "auto", 0)
     assert [c.name for c in cells] == ["code 1", "prose 1"]
     # Steps 0-99 take 5 s from the start: all in the first cell, none in the second.
-    code, prose = replay(steps, _chooser(), cells)
+    cpu = CpuTally()
+    code, prose = replay(steps, _chooser(), cells, cpu)
     assert (code.steps, prose.steps) == (100, 0)
     assert code.matched == code.steps  # the same code: every choice the same
     assert code.drafting_steps == sum(s["num_draft_steps"] > 0 for s in steps) > 0
     assert "requests drafted" in code.summary()
+    # The chooser's CPU: one choice per step (ahead but the first, where chosen ahead), one observation per
+    # step, one refit check per step.
+    calls = Counter()
+    for (kind, _), seconds in cpu.seconds.items():
+        calls[kind] += len(seconds)
+    assert calls["choose"] + calls["choose ahead"] == 100 and calls["choose ahead"] == (
+        99 if chooses_ahead else 0
+    )
+    assert calls["observe"] == calls["refit"] == 100
+    assert any(line.startswith("  choose") and "at batch 1-4: " in line for line in cpu.lines())
 
 
 def test_the_cost_models_error_is_drafting_relative_to_plain_in_the_same_cell_and_bucket() -> None:
