@@ -46,9 +46,10 @@ import math
 import statistics
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cluster.vllm_backend.chooser import build_chooser, iteration_stats
 from cluster.vllm_backend.settings import WORKER_CLS, DraftMeasurement, SchedulerSettings
@@ -58,6 +59,7 @@ from policy.stats import JoinAware, RequestIterationStats, RequestOutlook
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_SPEC_TOKENS = 4  # bench.vllm_policy serves auto at K_max = 4
+T = TypeVar("T")
 
 
 class _Config:
@@ -224,7 +226,7 @@ class CpuTally:
 
     seconds: dict[tuple[str, int], list[float]] = field(default_factory=lambda: defaultdict(list))
 
-    def timed(self, kind: str, batch_size: int, call: Any, *args: Any) -> Any:
+    def timed(self, kind: str, batch_size: int, call: Callable[..., T], *args: Any) -> T:
         start = time.thread_time()
         result = call(*args)
         self.seconds[(kind, batch_size)].append(time.thread_time() - start)
