@@ -191,7 +191,7 @@ class BatchAwareChooser:
         is_plain = not any(chosen.values())
         best = [0] * len(joined)
         if is_plain and not self._could_pay(size, times, len(joined)):
-            joined_states = [self._state(r) for r in joined]  # (the rates unread)
+            joined_states = [self._state(r) for r in joined]  # (no rates needed: the bound is acceptance 1)
         else:
             states = [self._state(r) for r in [*chosen, *joined]]
             joined_states = states[len(chosen) :]
@@ -435,7 +435,9 @@ class BatchAwareChooser:
         rows = self.config.shape_probe_rows
         num = len(request_ids)
         unmeasured = self._unmeasured_shapes.get(num)
-        if unmeasured is None:  # (as of the last refit: kept with the time tables)
+        if (
+            unmeasured is None
+        ):  # (as of the last refit: `_time_table`, called first, clears it at a new version)
             num_rows = self.cost_model.num_shape_rows
             is_plain_measured = num_rows(num, 0) >= rows
             unmeasured = self._unmeasured_shapes[num] = [
