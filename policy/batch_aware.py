@@ -435,9 +435,8 @@ class BatchAwareChooser:
         rows = self.config.shape_probe_rows
         num = len(request_ids)
         unmeasured = self._unmeasured_shapes.get(num)
-        if (
-            unmeasured is None
-        ):  # (as of the last refit: `_time_table`, called first, clears it at a new version)
+        # As of the last refit: `_time_table`, called first, clears it at a new version.
+        if unmeasured is None:
             num_rows = self.cost_model.num_shape_rows
             is_plain_measured = num_rows(num, 0) >= rows
             unmeasured = self._unmeasured_shapes[num] = [
