@@ -13,6 +13,14 @@ the 8 cells took 169.2 s of auto's steps, 160.9 s of ours1's and 165.9 s of k0's
 135.1 s against ours1's 126.7, in 629 decode steps (220 of them drafting) against ours1's 381 (all at K = 1)
 and k0's 844. Sessions before it wrote this reading afresh, each in its own scratch script.
 
+Last, per mode and range, what drafting would need to pay there by the steps themselves, not the cost model:
+decode steps where the whole batch verified K drafts each and the drafter drafted K again (K = 0: plain
+decoding), their median time over plain decoding's, and the uniform acceptance a at which that time pays
+(1 + a + ... + a^K, the policy's expected tokens a step, equals the ratio; "never" where K + 1 tokens do not),
+beside the acceptance those steps measured. Session 66 read it on the demo pair: at batch 13-16 the whole batch
+at K = 1 took 1.78x a plain step, at K = 4 3.08x (0.78-0.79 to pay), within 0.1 of the traffic's acceptance;
+at 28-32 K = 1 took 2.15x (never) and K = 2 2.9x (0.95).
+
     python -m bench.record_steps RESULT.json --record auto=RECORD.jsonl --record ours1=RECORD.jsonl
         [--launch N] [--ranges 1-4,5-16,17-27,28-32]
 """
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.replay_record import Cell, cells_of
+from policy.utility import expected_etr
 
 KINDS = ("decode", "prompts")
 
@@ -62,6 +72,88 @@ class Account:
             self.spent.setdefault(key, Spent()).add(part)
         self.seconds += other.seconds
         self.tokens += other.tokens
+
+
+@dataclass
+class Uniform:
+    """Decode steps of one batch-size range where the whole batch verified K drafts each and the drafter drafted
+    K again (K = 0: plain decoding): their seconds, and the acceptance trials of their drafts (each request's
+    accepted drafts, and one rejection where it accepted fewer than K)."""
+
+    seconds: list[float] = field(default_factory=list)
+    accepted: int = 0
+    rejected: int = 0
+
+    def add(self, other: Uniform) -> None:
+        self.seconds += other.seconds
+        self.accepted += other.accepted
+        self.rejected += other.rejected
+
+
+def uniform_steps(
+    steps: Sequence[dict[str, Any]], ranges: Sequence[tuple[int, int]]
+) -> dict[tuple[int, int], Uniform]:
+    """The steps' `Uniform` by (range index, K)."""
+    result: dict[tuple[int, int], Uniform] = {}
+    for step in steps:
+        batch = int(step["num_scheduled"])
+        found = next((i for i, (low, high) in enumerate(ranges) if low <= batch <= high), None)
+        if found is None or step["num_prefill_tokens"] > 0:
+            continue
+        drafts = [k for k in step["num_drafts"].values() if k > 0]
+        k = drafts[0] if drafts else 0
+        if (
+            len(drafts) not in (0, batch)
+            or any(d != k for d in drafts)
+            or step.get("num_draft_steps", 0) != k
+        ):
+            continue
+        part = result.setdefault((found, k), Uniform())
+        part.seconds.append(float(step["step_time_s"]))
+        for request_id, num in step["num_drafts"].items():
+            accepted = int(step["num_accepted"].get(request_id, 0))
+            part.accepted += accepted
+            part.rejected += accepted < num
+    return result
+
+
+def break_even(ratio: float, num_spec_tokens: int) -> float | None:
+    """The uniform acceptance at which a step at K drafts that takes `ratio` times a plain step commits as many
+    tokens a second as plain decoding (`policy.utility.expected_etr`); None where K + 1 tokens fall short."""
+    if ratio <= 1.0:
+        return 0.0
+    if expected_etr(1.0, num_spec_tokens) < ratio:
+        return None
+    low, high = 0.0, 1.0
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (middle, high) if expected_etr(middle, num_spec_tokens) < ratio else (low, middle)
+    return high
+
+
+def break_even_lines(
+    uniform: dict[tuple[int, int], Uniform], ranges: Sequence[tuple[int, int]], mode: str
+) -> list[str]:
+    """One line per range that has plain decode steps: plain decoding's median step, then per K its median
+    over plain's (steps), the acceptance at which it pays, and the acceptance its drafts measured."""
+    lines = []
+    for index, (low, high) in enumerate(ranges):
+        plain = uniform.get((index, 0))
+        if plain is None or not plain.seconds:
+            continue
+        plain_s = statistics.median(plain.seconds)
+        parts = [f"plain {1000 * plain_s:.1f} ms ({len(plain.seconds)})"]
+        for k in sorted(key[1] for key in uniform if key[0] == index and key[1] > 0):
+            part = uniform[(index, k)]
+            ratio = statistics.median(part.seconds) / plain_s
+            needed = break_even(ratio, k)
+            measured = part.accepted / max(part.accepted + part.rejected, 1)
+            parts.append(
+                f"K={k} {ratio:.2f}x ({len(part.seconds)}) needs "
+                f"{'never' if needed is None else f'{needed:.2f}'}, measured {measured:.2f}"
+            )
+        lines.append(f"  {mode:9} {low}-{high}: " + " | ".join(parts))
+    return lines
 
 
 def parse_ranges(text: str) -> list[tuple[int, int]]:
@@ -149,13 +241,19 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(f"--record {item!r}: expected MODE=PATH")
         records[mode] = Path(path)
     per_mode: dict[str, list[Account]] = {}
+    uniform: dict[str, dict[tuple[int, int], Uniform]] = {}
     names: list[str] = []
     for mode, path in records.items():
         cells = cells_of(args.result, mode, args.launch)
         if not cells:
             parser.error(f"{args.result} has no cells of mode {mode!r} at launch {args.launch}")
         steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        per_mode[mode] = [account(cell_steps, ranges) for cell_steps in steps_by_cell(steps, cells)]
+        by_cell = steps_by_cell(steps, cells)
+        per_mode[mode] = [account(cell_steps, ranges) for cell_steps in by_cell]
+        uniform[mode] = {}
+        for cell_steps in by_cell:
+            for key, part in uniform_steps(cell_steps, ranges).items():
+                uniform[mode].setdefault(key, Uniform()).add(part)
         names = names or [cell.name for cell in cells]
     print("seconds, steps (of them drafting) by batch size and kind of step; tokens committed a second")
     for index, name in enumerate(names):
@@ -168,6 +266,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             totals[mode].add(acc)
     print(f"every cell ({len(names)})")
     print("\n".join(table(totals, ranges)))
+    print(
+        "every cell: decode steps with the whole batch at K, median over plain decoding's (steps), the uniform"
+        " acceptance at which that pays and the acceptance measured"
+    )
+    for mode, parts in uniform.items():
+        print("\n".join(break_even_lines(parts, ranges, mode)))
 
 
 if __name__ == "__main__":
