@@ -17,9 +17,9 @@ Last, per mode and range, what drafting would need to pay there by the steps the
 decode steps where the whole batch verified K drafts each and the drafter drafted K again (K = 0: plain
 decoding), their median time over plain decoding's, and the uniform acceptance a at which that time pays
 (1 + a + ... + a^K, the policy's expected tokens a step, equals the ratio; "never" where K + 1 tokens do not),
-beside the acceptance those steps measured. Session 66 read it on the demo pair: at batch 13-16 the whole batch
-at K = 1 took 1.78x a plain step, at K = 4 3.08x (0.78-0.79 to pay), within 0.1 of the traffic's acceptance;
-at 28-32 K = 1 took 2.15x (never) and K = 2 2.9x (0.95).
+beside the acceptance those steps measured. Session 66 read it on the demo pair (auto, 16 / 32): at batch 13-16
+the whole batch at K = 2 took 2.22x a plain step and at K = 4 3.19x (0.71 and 0.77 to pay), where those steps
+measured 0.73 and 0.75; at 28-32 K = 1 took 2.25x (never) and K = 2 2.92x (0.97, measured 0.75).
 
     python -m bench.record_steps RESULT.json --record auto=RECORD.jsonl --record ours1=RECORD.jsonl
         [--launch N] [--ranges 1-4,5-16,17-27,28-32]
@@ -90,6 +90,11 @@ class Uniform:
         self.rejected += other.rejected
 
 
+def range_of(batch: int, ranges: Sequence[tuple[int, int]]) -> int | None:
+    """The index of the range that holds this batch size; None if none does."""
+    return next((i for i, (low, high) in enumerate(ranges) if low <= batch <= high), None)
+
+
 def uniform_steps(
     steps: Sequence[dict[str, Any]], ranges: Sequence[tuple[int, int]]
 ) -> dict[tuple[int, int], Uniform]:
@@ -97,7 +102,7 @@ def uniform_steps(
     result: dict[tuple[int, int], Uniform] = {}
     for step in steps:
         batch = int(step["num_scheduled"])
-        found = next((i for i, (low, high) in enumerate(ranges) if low <= batch <= high), None)
+        found = range_of(batch, ranges)
         if found is None or step["num_prefill_tokens"] > 0:
             continue
         drafts = [k for k in step["num_drafts"].values() if k > 0]
@@ -190,8 +195,7 @@ def account(steps: Sequence[dict[str, Any]], ranges: Sequence[tuple[int, int]]) 
         seconds = float(step["step_time_s"])
         result.seconds += seconds
         result.tokens += int(step["num_scheduled"]) + sum(step["num_accepted"].values())
-        batch = int(step["num_scheduled"])
-        found = next((i for i, (low, high) in enumerate(ranges) if low <= batch <= high), None)
+        found = range_of(int(step["num_scheduled"]), ranges)
         if found is None:
             continue
         kind = KINDS[1] if step["num_prefill_tokens"] > 0 else KINDS[0]
