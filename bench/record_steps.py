@@ -84,11 +84,6 @@ class Uniform:
     accepted: int = 0
     rejected: int = 0
 
-    def add(self, other: Uniform) -> None:
-        self.seconds += other.seconds
-        self.accepted += other.accepted
-        self.rejected += other.rejected
-
 
 def range_of(batch: int, ranges: Sequence[tuple[int, int]]) -> int | None:
     """The index of the range that holds this batch size; None if none does."""
@@ -254,10 +249,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         by_cell = steps_by_cell(steps, cells)
         per_mode[mode] = [account(cell_steps, ranges) for cell_steps in by_cell]
-        uniform[mode] = {}
-        for cell_steps in by_cell:
-            for key, part in uniform_steps(cell_steps, ranges).items():
-                uniform[mode].setdefault(key, Uniform()).add(part)
+        uniform[mode] = uniform_steps([step for cell_steps in by_cell for step in cell_steps], ranges)
         names = names or [cell.name for cell in cells]
     print("seconds, steps (of them drafting) by batch size and kind of step; tokens committed a second")
     for index, name in enumerate(names):
