@@ -85,8 +85,9 @@ class BatchAwareChooser:
         # `_could_pay`, of the same version, by batch size and how many requests may draft: the highest
         # acceptance found not to pay and the lowest found to pay.
         self._could_pay_bounds: dict[tuple[int, int], tuple[float, float]] = {}
-        # `_plain_shape_probe`'s K not measured yet, of the same version, by batch size (none until plain is).
-        self._unmeasured_shapes: dict[int, list[int]] = {}
+        # `_plain_shape_probe`'s K not measured yet and whether one could be cheap, of the same version, by batch
+        # size (`_unmeasured_plain_shapes`).
+        self._unmeasured_shapes: dict[int, tuple[list[int], bool]] = {}
         # The last optimum with hysteresis, and what it was computed from: the batch, the cost model's version
         # and `_num_changes`, a count of changes to what else it reads (a rate, a previous choice). Reused,
         # exactly, while none of them changes: while tests wait for a drafting iteration (up to
@@ -121,9 +122,15 @@ class BatchAwareChooser:
             self.num_reused_optima += 1
             chosen, probe = list(self._optimum), self._probe
         else:
-            rates = self._rates(states)
-            chosen = self._optimum_with_hysteresis(states, rates, times)
-            probe = 0 if max(chosen) else self._plain_shape_probe(request_ids, rates, times)
+            if any(s.set_k for s in states) or self._could_pay(num, times):
+                rates = self._rates(states)
+                chosen = self._optimum_with_hysteresis(states, rates, times)
+            else:  # plain at any acceptance (`_optimum_with_hysteresis`'s bound at its highest): no rates read
+                chosen = [0] * num
+            probe = 0
+            if not max(chosen) and self._unmeasured_plain_shapes(num, times)[1]:
+                rates = self._rates(states) if rates is None else rates
+                probe = self._plain_shape_probe(request_ids, rates, times)
             self._optimum_key, self._optimum, self._probe = key, tuple(chosen), probe
         unrepaid: frozenset[int] = frozenset()
         if max(chosen):  # (all plain: no lagging request drafts, no K to probe above)
@@ -434,17 +441,8 @@ class BatchAwareChooser:
         61 (`bench/results/vllm_policy_s60_regime_plain_probe_ab_side_by_side.json`)."""
         rows = self.config.shape_probe_rows
         num = len(request_ids)
-        unmeasured = self._unmeasured_shapes.get(num)
-        # As of the last refit: `_time_table`, called first, clears it at a new version.
-        if unmeasured is None:
-            num_rows = self.cost_model.num_shape_rows
-            is_plain_measured = num_rows(num, 0) >= rows
-            unmeasured = self._unmeasured_shapes[num] = [
-                k
-                for k in range(1, self.config.max_spec_tokens + 1)
-                if is_plain_measured and num_rows(num, k) < rows
-            ]
-        if not rows or not unmeasured:
+        unmeasured, could_be_cheap = self._unmeasured_plain_shapes(num, times)
+        if not could_be_cheap:
             return 0
         plain_rate = num / float(times[0, 0])
         bar = 1.0 + self.config.min_predicted_gain  # (the drafting rows of `times` are charged it)
@@ -456,6 +454,33 @@ class BatchAwareChooser:
         catch_up_s = self.cost_model.params.draft_prefill_per_token_s * catch_up
         is_cheap = loss_s + catch_up_s <= self.config.shape_probe_margin * rows * time_s
         return probe if is_cheap else 0
+
+    def _unmeasured_plain_shapes(self, num: int, times: Array) -> tuple[list[int], bool]:
+        """The K that `_plain_shape_probe` may probe in a batch of this size (`times`: its `_time_table`), and
+        whether any of them could be cheap: within the margin were every draft accepted and no request lagging,
+        where its cost is least. Where none could, the probe is 0 whatever the requests' rates, which `choose`
+        then need not read (a third of a plain choice's CPU at batch 28-32 on the demo pair, replayed, session
+        67). As of the last refit: `_time_table`, called first, clears them at a new version."""
+        kept = self._unmeasured_shapes.get(num)
+        if kept is not None:
+            return kept
+        rows = self.config.shape_probe_rows
+        num_rows = self.cost_model.num_shape_rows
+        is_plain_measured = num_rows(num, 0) >= rows
+        unmeasured = [
+            k
+            for k in range(1, self.config.max_spec_tokens + 1)
+            if is_plain_measured and num_rows(num, k) < rows
+        ]
+        plain_rate = num / float(times[0, 0])
+        bar = 1.0 + self.config.min_predicted_gain
+        could_be_cheap = rows > 0 and any(
+            max(0.0, float(times[k, k * num]) / bar - num * (k + 1) / plain_rate)
+            <= self.config.shape_probe_margin * float(times[k, k * num]) / bar
+            for k in unmeasured
+        )
+        kept = self._unmeasured_shapes[num] = (unmeasured, could_be_cheap)
+        return kept
 
     def _shape_probe(self, rates: Array, chosen: list[int], times: Array) -> list[int]:
         """`chosen` with its largest K one higher where the shape correction has not measured that many drafts

@@ -1018,6 +1018,65 @@ def test_the_optimum_skips_its_search_only_where_the_search_would_answer_plain(
     assert (num_searches == 0) == (not is_set and not could)
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    batch=st.sampled_from([1, 2, 4, 16, 32]),
+    rates=st.lists(st.floats(0.0, 0.999), min_size=32, max_size=32),
+    catch_up=st.lists(st.integers(0, 3000), min_size=32, max_size=32),
+    preset=st.sampled_from(sorted(PRESETS)),
+    draft_scale=st.sampled_from([1.0, 300.0, 3000.0]),
+    margin=st.sampled_from([0.05, 0.3]),
+)
+def test_the_plain_probe_finds_nothing_at_any_rates_where_its_bound_says_none_could_be_cheap(
+    batch: int, rates: list[float], catch_up: list[int], preset: str, draft_scale: float, margin: float
+) -> None:
+    """`_unmeasured_plain_shapes` bounds `_plain_shape_probe`: where it says no K it would probe could be cheap
+    (every draft accepted, no request lagging), the probe without the bound finds none either, at any rates and
+    catch-up, so `choose` need not read the rates; with the bound the probe is the same as without it. At the
+    highest rate, caught up, the bound's verdict is the probe's, so it is no bound that always says no."""
+    chooser = chooser_for(preset, draft_scale=draft_scale, shape_probe_margin=margin, max_spec_tokens=4)
+    chooser.cost_model.num_shape_rows = lambda num, k: 100 if k == 0 else 0  # type: ignore[method-assign]
+    ids = [f"r{i}" for i in range(batch)]
+    times = chooser._time_table(batch)
+    unmeasured, could_be_cheap = chooser._unmeasured_plain_shapes(batch, times)
+    assert unmeasured == [1, 2, 3, 4]
+    highest = np.full(batch, chooser.config.acceptance.max_rate)
+    for outlook, rate_array in [
+        ({r: RequestOutlook(c, 64) for r, c in zip(ids, catch_up, strict=False)}, np.array(rates[:batch])),
+        ({}, highest),
+    ]:
+        chooser.set_outlook(outlook)
+        chooser._unmeasured_shapes[batch] = (unmeasured, could_be_cheap)
+        bounded = chooser._plain_shape_probe(ids, rate_array, times)
+        chooser._unmeasured_shapes[batch] = (unmeasured, True)  # the probe without the bound
+        unbounded = chooser._plain_shape_probe(ids, rate_array, times)
+        assert bounded == unbounded
+        if not could_be_cheap:
+            assert unbounded == 0
+    assert bool(unbounded) == could_be_cheap  # (at the highest rate, caught up)
+
+
+def test_a_plain_choice_reads_no_rates_where_drafting_could_not_pay() -> None:
+    """Where drafting could not pay at this batch size were every draft accepted, and no K of the plain probe
+    could be cheap, `choose` answers plain without reading the requests' rates (the choice's CPU, on the step's
+    time on 2 cores); where it could pay, it reads them and drafts."""
+    ids = [f"r{i}" for i in range(32)]
+
+    def choice(draft_scale: float) -> tuple[dict[str, int], int]:
+        """The choice for a batch past its tests (only the optimum and the probe decide), and the rates read."""
+        chooser = chooser_for("mixtral-8x7b-h100", draft_scale=draft_scale, test_budget=0.0)
+        for r in ids:
+            chooser._state(r).test_remaining = 0
+        calls: list[int] = []
+        rates = chooser._rates
+        chooser._rates = lambda states: calls.append(1) or rates(states)  # type: ignore[method-assign]
+        return chooser.choose(ids), len(calls)
+
+    (plain, plain_reads), (drafting, drafting_reads) = choice(3000.0), choice(1.0)
+    assert set(plain.values()) == {0} and plain_reads == 0
+    assert max(drafting.values()) > 0 and drafting_reads > 0
+
+
 def test_the_kept_bounds_answer_as_the_bound_does(monkeypatch: pytest.MonkeyPatch) -> None:
     """`_could_pay` keeps, per batch size and cost model version, the highest acceptance found not to pay and
     the lowest found to pay (the bound grows with the acceptance): its answers are the bound's, and most come
