@@ -2,7 +2,7 @@
 
 Fitted by non-negative least squares (`policy.cost_fit`) on a calibration run, then refitted online as
 iterations arrive: early and often while the model still rests on its prior, every `refit_interval`
-iterations after that (and `refit_min_seconds` of them).
+iterations after that (and `refit_min_seconds` of them; `plain_refit_min_seconds` where none of them drafted).
 
 The shape correction. The parametric form's shape of time against verification tokens was off by more than
 the choices it decides, so after each refit the model corrects each batch-size bucket's predictions by a
@@ -123,6 +123,7 @@ class CostModel:
         self._num_samples: dict[int, int] = {}
         self._num_new_samples = 0
         self._new_seconds = 0.0  # the new iterations' measured time
+        self._new_drafting = False  # some new iteration drafted (`CostModelConfig.plain_refit_min_seconds`)
         self.num_refits = 0
         # Set by an owner that calls `refit_if_due` where a refit delays nothing (vLLM's scheduler: while the
         # worker runs a step): `observe` then leaves a due refit to it. A refit took 0.7-1 ms of CPU at batch
@@ -275,6 +276,7 @@ class CostModel:
             self._prompt_steps.count(batch_bucket(stats.batch_size), stats.num_prefill_tokens)
             if stats.num_prefill_tokens:
                 self._record_prompt_step(stats)
+            self._new_drafting |= any(r.num_spec_tokens for r in stats.requests)
         row = self._record(stats)
         if row is None:
             return
@@ -294,9 +296,11 @@ class CostModel:
         self._new_seconds += stats.iteration_time_s
         num_rows = len(self._anchors) + sum(min(n, size) for n in self._num_samples.values())
         num_fitted = num_rows - self._num_new_samples
+        min_seconds = (
+            self.config.refit_min_seconds if self._new_drafting else self.config.plain_refit_min_seconds
+        )
         is_due = self._num_new_samples >= max(num_fitted, 1) or (
-            self._num_new_samples >= self.config.refit_interval
-            and self._new_seconds >= self.config.refit_min_seconds
+            self._num_new_samples >= self.config.refit_interval and self._new_seconds >= min_seconds
         )
         if is_due and num_rows >= self.config.min_samples:
             if self.defers_refits:
@@ -313,7 +317,7 @@ class CostModel:
 
     def refit(self) -> CostParams:
         """Fit on the anchors and the recent iterations, pulled weakly toward the prior."""
-        self._num_new_samples, self._new_seconds = 0, 0.0
+        self._num_new_samples, self._new_seconds, self._new_drafting = 0, 0.0, False
         self.is_refit_due = False
         self.num_refits += 1
         size = self.config.max_samples_per_bucket

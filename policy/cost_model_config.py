@@ -31,6 +31,13 @@ class CostModelConfig:
     # the refits' share of the time at a few per second, however short the iterations; where they take
     # 50 ms or more (the regime pair), every 16 still refits.
     refit_min_seconds: float = 0.25
+    # ... where none of the new iterations drafted (plain decode steps, steps with prompts that did not draft):
+    # then only plain decoding's level moves, and it drifts over minutes, not seconds (`_local_levels`). A
+    # refit had grown to 4.2 ms of CPU, replayed over a served record of the demo pair at batch 28-32 (session
+    # 67: the prompt steps' levels and the shape correction over 512 rows a bucket): every 16 plain steps of
+    # 20 ms, 0.12 ms a step, a third of the chooser's CPU there, where auto drafted in no step of six cells and
+    # its steps ran 1.6% longer than our scheduler's at K = 0. With this floor, 0.04 ms a step.
+    plain_refit_min_seconds: float = 2.0
     prior_weight: float = 0.01  # pull toward the prior, relative to one iteration's relative residual
     # The drafter drafts max K for every sequence of the batch, whatever its own K (vLLM's draft model: the
     # engine verifies K_r of them): its per-sequence term counts batch * max K drafts instead of sum K_r.
@@ -72,6 +79,8 @@ class CostModelConfig:
             raise ValueError(f"correction_pseudo_count={self.correction_pseudo_count} must be > 0")
         if self.refit_min_seconds < 0.0:
             raise ValueError(f"refit_min_seconds={self.refit_min_seconds} must be >= 0")
+        if self.plain_refit_min_seconds < 0.0:
+            raise ValueError(f"plain_refit_min_seconds={self.plain_refit_min_seconds} must be >= 0")
         if self.min_samples < 3:
             raise ValueError(f"min_samples={self.min_samples} must be >= 3 (three parameters per fit)")
         if self.max_samples_per_bucket < self.min_samples:

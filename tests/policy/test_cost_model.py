@@ -151,25 +151,53 @@ def test_refits_come_early_while_the_prior_dominates_then_every_interval() -> No
 
 
 @pytest.mark.parametrize(
-    ("step_s", "early", "spacing"), [(0.02, [8, 16, 32], 16), (0.004, [8, 16, 32, 64], 63)]
+    ("step_s", "k", "early", "spacing"),
+    [
+        (0.02, 1, [8, 16, 32], 16),
+        (0.004, 1, [8, 16, 32, 64], 63),
+        (0.02, 0, [8, 16, 32, 64, 128], 100),
+        (0.004, 0, [8, 16, 32, 64, 128, 256, 512], 256),
+    ],
 )
 def test_refits_of_short_iterations_wait_for_their_seconds(
-    step_s: float, early: list[int], spacing: int
+    step_s: float, k: int, early: list[int], spacing: int
 ) -> None:
-    # After the early doubling, a refit needs refit_interval new iterations and refit_min_seconds of them:
-    # iterations of 20 ms refit every 16, of 4 ms every 0.25 s / 4 ms (63).
+    # After the early doubling, a refit needs refit_interval new iterations and refit_min_seconds of them
+    # where one of them drafted: iterations of 20 ms refit every 16, of 4 ms every 0.25 s / 4 ms (63). Where
+    # none drafted, plain_refit_min_seconds of them: 2 s / 20 ms (100); at 4 ms the doubling comes first (a
+    # refit once the new iterations are as many as the fitted ones: half the bucket's ring of 512).
     model = CostModel(
         CostModelConfig(MIXTRAL.routing, min_samples=8, refit_interval=16), MIXTRAL.cost_params()
     )
     refits_at: list[int] = []
-    for i in range(400):
-        requests = [RequestIterationStats("r0", 0, 0, 1, 10)]
+    for i in range(3000):
+        requests = [RequestIterationStats("r0", k, k, 1 + k, 10)]
         model.observe(IterationStats(i, 1, requests, 1, 0.0, step_s, 0.0))
         if model.num_refits > len(refits_at):
             refits_at.append(i + 1)
     assert refits_at[: len(early)] == early  # doubling while the prior dominates, however short
     later = np.diff(refits_at[len(early) - 1 :]).tolist()
     assert len(later) >= 5 and later == [spacing] * len(later)
+
+
+def test_a_drafting_iteration_brings_the_refit_of_plain_ones_forward() -> None:
+    """Plain iterations alone wait `plain_refit_min_seconds` for a refit; one drafting iteration among them puts
+    the refit back on `refit_min_seconds` (what drafting costs is what the choices read)."""
+    plain = [RequestIterationStats("r0", 0, 0, 1, 10)]
+    drafting = [RequestIterationStats("r0", 2, 1, 2, 10)]
+    refits = []
+    for last in (plain, drafting):
+        model = CostModel(
+            CostModelConfig(MIXTRAL.routing, min_samples=8, refit_interval=16), MIXTRAL.cost_params()
+        )
+        for i in range(
+            1000
+        ):  # 20 ms plain iterations: past the doubling, a refit every 100 (the last at 928)
+            model.observe(IterationStats(i, 1, plain, 1, 0.0, 0.02, 0.0))
+        before = model.num_refits
+        model.observe(IterationStats(1000, 1, last, 1, 0.0, 0.02, 0.0))  # 73 new iterations, 1.46 s
+        refits.append(model.num_refits - before)
+    assert refits == [0, 1]
 
 
 def test_the_drafter_call_is_charged_to_iterations_that_draft() -> None:
