@@ -52,7 +52,7 @@ class StepRecord:
     outlook: dict[str, list[int]] = field(default_factory=dict)
     observe_s: float = 0.0  # in the chooser's observe() (after the step: between it and the next)
     # CPU in the cost model's refits while the worker ran this step (`CostModel.refit_if_due`: 16 steps and
-    # 0.25 s apart at least), besides choose and observe
+    # 0.25 s apart at least, 2 s where none of them drafted), besides choose and observe
     refit_cpu_s: float = 0.0
     gap_s: float = 0.0  # from the end of the step before to this one's schedule(): the engine core outside
     is_near_drafting: bool = False  # IterationStats.is_near_drafting: the drafter ran at or next to this step
