@@ -444,12 +444,10 @@ class BatchAwareChooser:
         unmeasured, could_be_cheap = self._unmeasured_plain_shapes(num, times)
         if not could_be_cheap:
             return 0
-        plain_rate = num / float(times[0, 0])
-        bar = 1.0 + self.config.min_predicted_gain  # (the drafting rows of `times` are charged it)
         probe = max(unmeasured, key=lambda k: self.tokens_per_second(rates, [k] * num, times))
         etr = float(expected_etrs(rates, np.full(num, probe)).sum())
-        time_s = float(times[probe, probe * num]) / bar
-        loss_s = rows * max(0.0, time_s - etr / plain_rate)
+        excess_s, time_s = self._probe_excess(times, num, probe, etr)
+        loss_s = rows * excess_s
         catch_up = sum(o.num_catch_up_tokens for o in map(self._outlook.get, request_ids) if o is not None)
         catch_up_s = self.cost_model.params.draft_prefill_per_token_s * catch_up
         is_cheap = loss_s + catch_up_s <= self.config.shape_probe_margin * rows * time_s
@@ -472,15 +470,19 @@ class BatchAwareChooser:
             for k in range(1, self.config.max_spec_tokens + 1)
             if is_plain_measured and num_rows(num, k) < rows
         ]
-        plain_rate = num / float(times[0, 0])
-        bar = 1.0 + self.config.min_predicted_gain
+        margin = self.config.shape_probe_margin
         could_be_cheap = rows > 0 and any(
-            max(0.0, float(times[k, k * num]) / bar - num * (k + 1) / plain_rate)
-            <= self.config.shape_probe_margin * float(times[k, k * num]) / bar
-            for k in unmeasured
+            excess_s <= margin * time_s
+            for excess_s, time_s in (self._probe_excess(times, num, k, num * (k + 1)) for k in unmeasured)
         )
         kept = self._unmeasured_shapes[num] = (unmeasured, could_be_cheap)
         return kept
+
+    def _probe_excess(self, times: Array, num: int, k: int, etr: float) -> tuple[float, float]:
+        """A plain-shape probe's iteration at K for the whole batch (`times`: its `_time_table`) committing `etr`
+        tokens: what it takes beyond plain decoding's time for them, and its time (the drafting rows' bar off)."""
+        time_s = float(times[k, k * num]) / (1.0 + self.config.min_predicted_gain)
+        return max(0.0, time_s - etr / (num / float(times[0, 0]))), time_s
 
     def _shape_probe(self, rates: Array, chosen: list[int], times: Array) -> list[int]:
         """`chosen` with its largest K one higher where the shape correction has not measured that many drafts
