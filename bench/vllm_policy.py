@@ -342,7 +342,7 @@ def main() -> None:
     parser.add_argument(
         "--offline",
         type=lambda s: s.split(","),
-        help="offline engines in this process instead of servers (off, N, k0, k0_vllm, auto, oursN, oursN@M), "
+        help="offline engines in this process instead of servers (off, N, off-ours, k0, k0_vllm, auto, oursN, oursN@M), "
         "on the first workload's prompts at each --concurrency as the batch",
     )
     parser.add_argument("--repeats", type=int, default=3, help="--catch-up: runs of each batch per engine")

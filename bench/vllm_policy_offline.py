@@ -28,10 +28,11 @@ def run_offline(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def offline_engine_args(mode: str, common: dict[str, Any], draft: Path) -> dict[str, Any]:
-    """`vllm.LLM` arguments of an offline mode: off; N (vLLM's own static K = N); k0_vllm (our scheduler at
-    every K = 0, K_max 4, vLLM's runner and executor); k0 (the same on our worker and executor); auto (our
-    policy, K_max 4, our worker and executor); oursN (our scheduler, worker and executor at a fixed K = N,
-    K_max 4); oursN@M (the same at K_max M)."""
+    """`vllm.LLM` arguments of an offline mode: off; N (vLLM's own static K = N); off-ours (no draft model, on
+    our scheduler, worker and executor); k0_vllm (our scheduler at every K = 0, K_max 4, vLLM's runner and
+    executor); k0 (the same on our worker and executor); auto (our policy, K_max 4, our worker and
+    executor); oursN (our scheduler, worker and executor at a fixed K = N, K_max 4); oursN@M (the same at
+    K_max M)."""
 
     def spec(num: int) -> dict[str, Any]:
         return {"method": "draft_model", "model": str(draft), "num_speculative_tokens": num}
@@ -41,21 +42,21 @@ def offline_engine_args(mode: str, common: dict[str, Any], draft: Path) -> dict[
     if mode.isdigit():
         return {**common, "speculative_config": spec(int(mode))}
     ours = mode.removeprefix("ours")
-    if mode in ("k0", "k0_vllm", "auto"):
+    max_spec: int | None
+    if mode in ("off-ours", "k0", "k0_vllm", "auto"):
         policy: dict[str, Any] = {"kind": "auto" if mode == "auto" else "off"}
-        max_spec = MAX_SPEC_TOKENS
+        max_spec = None if mode == "off-ours" else MAX_SPEC_TOKENS
     elif mode.startswith("ours") and ours.split("@")[0].isdigit():
         num, _, top = ours.partition("@")
         policy = {"kind": "static", "num_spec_tokens": int(num)}
         max_spec = int(top) if top else MAX_SPEC_TOKENS
     else:
-        raise ValueError(f"offline mode {mode!r}: expected off, N, k0, k0_vllm, auto, oursN or oursN@M")
-    engine = {
-        **common,
-        "speculative_config": spec(max_spec),
-        "scheduler_cls": SCHEDULER_CLS,
-        "additional_config": {"moespec": {"policy": policy}},
-    }
+        raise ValueError(
+            f"offline mode {mode!r}: expected off, N, off-ours, k0, k0_vllm, auto, oursN or oursN@M"
+        )
+    engine = {**common, "scheduler_cls": SCHEDULER_CLS, "additional_config": {"moespec": {"policy": policy}}}
+    if max_spec is not None:
+        engine["speculative_config"] = spec(max_spec)
     if mode == "k0_vllm":
         return engine
     return {**engine, "worker_cls": WORKER_CLS, "distributed_executor_backend": executor_backend(is_cpu=True)}
