@@ -98,6 +98,9 @@ class VllmSettings:
     kv_cache_gib: float = 2
     num_threads: int = 2
     is_eager: bool = False  # --enforce-eager: no torch.compile (a much shorter start)
+    # The worker bound to every core but the last, the API server and engine core (and the client) to the last
+    # one (`frontend_cores`); False: vLLM's own layout, its worker bound to the first core, the rest anywhere.
+    pins_frontend: bool = False
 
     def command(self, python: Path, port: int, num_spec_tokens: int) -> list[str]:
         command = [
@@ -134,6 +137,18 @@ class VllmSettings:
         return command
 
 
+def frontend_cores() -> tuple[set[int], set[int]]:
+    """(the frontend's cores, the worker's) for `VllmSettings.pins_frontend`: the last core this process may
+    run on, and the others. vLLM's CPU build binds its worker to the cores it picks and leaves one free for
+    the rest, but does not keep the rest there: the API server and the engine core (which spins on the
+    worker's queue between steps) ran on the worker's core too, beside its forward (session 68: the worker's
+    main thread waited for its core 2-15% of a cell, per /proc schedstat)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        raise ValueError(f"pinning the frontend needs 2 cores or more; this process may use {cores}")
+    return {cores[-1]}, set(cores[:-1])
+
+
 class VllmServer:
     """`with VllmServer(...) as url:` runs one vLLM OpenAI server until the block ends."""
 
@@ -167,6 +182,10 @@ class VllmServer:
         env.pop("PYTHONPATH", None)
         # (the CPU build's legacy setting overrides --kv-cache-memory-bytes)
         env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        frontend: set[int] | None = None
+        if self.settings.pins_frontend:
+            frontend, worker = frontend_cores()
+            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(worker)))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         command = self.settings.command(self.python, self.port, self.num_spec_tokens)
         start = time.perf_counter()
@@ -178,6 +197,7 @@ class VllmServer:
                 env=env,
                 cwd=self.cwd,
                 start_new_session=True,
+                preexec_fn=None if frontend is None else lambda: os.sched_setaffinity(0, frontend),
             )
         url = f"http://127.0.0.1:{self.port}"
         try:
@@ -189,10 +209,20 @@ class VllmServer:
         log(f"vLLM (K = {self.num_spec_tokens or 'off'}) ready in {self.start_s:.0f} s")
         return url
 
+    @property
+    def process_group(self) -> int:
+        """The server's process group (its own session): the API server, the engine core and the workers."""
+        if self.process is None:
+            raise RuntimeError("the server is not running")
+        return self.process.pid
+
     def __exit__(self, *_: object) -> None:
         if self.process is None or self.process.poll() is not None:
             return
         os.killpg(self.process.pid, signal.SIGTERM)  # its own session: the engine core and workers too
+        os.killpg(
+            self.process.pid, signal.SIGCONT
+        )  # (a paused server, `pause_others`, handles it once continued)
         try:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:

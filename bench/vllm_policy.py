@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.peers import VllmServer, VllmSettings, log
+from bench.peers import VllmServer, VllmSettings, frontend_cores, log
 from bench.vllm_policy_client import RAW, REPO, client_argv, run_clients
 from bench.vllm_policy_report import base_table, median_table, scheduler_summary, table
 from cluster.vllm_backend.settings import SCHEDULER_CLS, WORKER_CLS, executor_backend
@@ -108,6 +108,7 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
         cache_root=RAW / "vllm-cache",
         kv_cache_gib=args.kv_cache_gib,
         is_eager=args.eager,
+        pins_frontend=args.pin_frontend,
     )
     rows: list[dict[str, Any]] = []
     missing: list[str] = []
@@ -222,7 +223,8 @@ def measure_server(
             warmup, warmup_out = warmup_cell(args, url, mode)
             cells.insert(0, warmup)
             outs.insert(0, warmup_out)
-        results = run_clients(Path(args.python), cells, outs)
+        cores = frontend_cores()[0] if args.pin_frontend else None
+        results = run_clients(Path(args.python), cells, outs, cores=cores)
         if args.warmup_prompts and results:
             log(f"{mode}: warm-up, {results.pop(0)['output_throughput']:.1f} tok/s (not a cell)")
     rows = [
@@ -358,6 +360,20 @@ def main() -> None:
         action="store_true",
         help="every mode's server up at once, each cell run on every server in turn (a launch of each mode "
         "per --launches); see bench.vllm_policy_side_by_side",
+    )
+    parser.add_argument(
+        "--pause-idle",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--side-by-side: stop the servers not in use during each cell (SIGSTOP, SIGCONT for their own); "
+        "see bench.vllm_policy_client.pause_others",
+    )
+    parser.add_argument(
+        "--pin-frontend",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="each server's worker bound to every core but the last, its API server and engine core (and the "
+        "client) to the last one; see bench.peers.frontend_cores",
     )
     parser.add_argument(
         "--kv-cache-gib",

@@ -6,11 +6,14 @@ server in one process, each cell's result and wall-clock span kept under `RAW`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +26,28 @@ RAW = REPO / "bench" / "results" / "raw" / "vllm_policy"
 
 # The client: `vllm bench serve`'s main, once per cell, all cells of one server in one process (its start,
 # importing vLLM and loading the tokenizer, took about 30 s of each cell's 50 s at concurrency 1). Each cell's
-# wall-clock span and 1-minute load average are appended to the file named by the second argument.
+# wall-clock span and 1-minute load average are appended to the file named by the second argument. A third
+# argument names each cell's server process group: only that server runs during its cell (`pause_others`).
 CLIENT = """
 import json, os, sys, time
 from vllm.benchmarks.serve import add_cli_args, main
 from vllm.utils.argparse_utils import FlexibleArgumentParser
+from bench.vllm_policy_client import pause_others, resume_all
 with open(sys.argv[1]) as cells, open(sys.argv[2], "a", buffering=1) as spans:
-    for argv in json.load(cells):
-        parser = FlexibleArgumentParser()
-        add_cli_args(parser)
-        started, load = time.time(), os.getloadavg()[0]
-        main(parser.parse_args(argv))
-        span = {"started": started, "ended": time.time(), "load_1min": [load, os.getloadavg()[0]]}
-        spans.write(json.dumps(span) + "\\n")
+    cells = json.load(cells)
+    groups = json.loads(sys.argv[3]) if len(sys.argv) > 3 else [None] * len(cells)
+    try:
+        for argv, group in zip(cells, groups):
+            if group is not None:
+                pause_others(group, groups)
+            parser = FlexibleArgumentParser()
+            add_cli_args(parser)
+            started, load = time.time(), os.getloadavg()[0]
+            main(parser.parse_args(argv))
+            span = {"started": started, "ended": time.time(), "load_1min": [load, os.getloadavg()[0]]}
+            spans.write(json.dumps(span) + "\\n")
+    finally:
+        resume_all(groups)
 """
 
 
@@ -98,19 +110,63 @@ def spread_dataset(workload: str, max_tokens: int, spread: float) -> Path:
     return path
 
 
-def run_clients(python: Path, cells: list[list[str]], outs: list[Path]) -> list[dict[str, Any]]:
+def run_clients(
+    python: Path,
+    cells: list[list[str]],
+    outs: list[Path],
+    groups: Sequence[int | None] | None = None,
+    cores: set[int] | None = None,
+) -> list[dict[str, Any]]:
     """Runs the cells (client arguments) in one client process; per cell its result and span (started, ended:
-    wall clock; load_1min at start and end). A failed client's finished cells are returned (and logged)."""
+    wall clock; load_1min at start and end). A failed client's finished cells are returned (and logged).
+    `groups`: each cell's server process group, the others paused during it (`pause_others`); `cores`: the
+    client's (`peers.frontend_cores`), None: anywhere."""
     stamp = int(time.time())
     cells_path, spans_path = RAW / f"cells-{stamp}.json", RAW / f"spans-{stamp}.jsonl"
     cells_path.write_text(json.dumps(cells))
     stand_in = vllm_stand_in(python, RAW / "dist-stand-in")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *stand_in])}
     command = [str(python), "-c", CLIENT, str(cells_path), str(spans_path)]
-    with (RAW / "client.log").open("ab") as log_file:
-        done = subprocess.run(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    if groups is not None:
+        command.append(json.dumps(list(groups)))
+    try:
+        with (RAW / "client.log").open("ab") as log_file:
+            done = subprocess.run(
+                command,
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                preexec_fn=None if cores is None else lambda: os.sched_setaffinity(0, cores),
+            )
+    finally:
+        resume_all(groups or [])  # a client killed between its cells leaves no server stopped
     spans = [json.loads(line) for line in spans_path.read_text().splitlines()] if spans_path.exists() else []
     results = [{**json.loads(out.read_text()), "span": span} for out, span in zip(outs, spans, strict=False)]
     if done.returncode != 0:
         log(f"the client failed after {len(results)} of {len(cells)} cells (see {RAW / 'client.log'})")
     return results
+
+
+def pause_others(group: int, groups: Sequence[int | None]) -> None:
+    """Only this server's process group runs: every other one in `groups` is stopped (SIGSTOP) and this one
+    continued (SIGCONT). Side by side (`bench.vllm_policy_side_by_side`), an idle server is not idle: on
+    vLLM's CPU build every server's worker is bound to the same core (the first; one is reserved for the
+    rest), and an idle worker's threads (gloo's loops among them) woke on that core beside the worker in use:
+    served on the demo pair at 32 (session 68, per-thread /proc schedstat), the idle server's worker ran 0.01-0.11
+    of a core during the other's cells, and the server started first ran 0.90-0.93x the other started second
+    in one launch and 1.00-1.23x started first in the other. A stopped server takes no CPU at all, and a
+    user's server runs alone."""
+    for other in {g for g in groups if g is not None and g != group}:
+        _signal_group(other, signal.SIGSTOP)
+    _signal_group(group, signal.SIGCONT)
+
+
+def resume_all(groups: Sequence[int | None]) -> None:
+    """Every paused server continued (after the cells, or when the client stops early)."""
+    for group in {g for g in groups if g is not None}:
+        _signal_group(group, signal.SIGCONT)
+
+
+def _signal_group(group: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the server exited (its log and its cells show why)
+        os.killpg(group, sig)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import bench.vllm_policy as served  # called through the module: tests replace its servers and client
+from bench.peers import frontend_cores
 from bench.vllm_policy import PolicySettings
 
 
@@ -23,10 +24,8 @@ def measure_side_by_side(
 
     Why: on this 2-core machine, shared with other jobs, the same server's speed drifted by 10-20% from one
     launch to the next (session 19: off at concurrency 32 on the demo pair, 1096-1510 tok/s in one evening),
-    and the modes launched one after another each saw one stretch of that drift. An idle server's engine core
-    sleeps a second after its last step and its worker waits; whether the others' processes in memory slow
-    the server in use was not measured (session 19's regime-pair run met fewer targets side by side than
-    session 17's launches in turn, for reasons not found)."""
+    and the modes launched one after another each saw one stretch of that drift. With `--pause-idle` the
+    servers not in use are stopped during each cell (`vllm_policy_client.pause_others`, which says why)."""
     check_memory(len(args.modes), args.kv_cache_gib)
     plan = served.cell_plan(args)
     servers = {
@@ -41,11 +40,13 @@ def measure_side_by_side(
         urls = {mode: stack.enter_context(servers[mode][0]) for mode in starting}
         cells: list[list[str]] = []
         outs: list[Path] = []
+        cell_modes: list[str] = []
         if args.warmup_prompts:
             for mode, url in urls.items():
                 warmup, warmup_out = served.warmup_cell(args, url, mode)
                 cells.append(warmup)
                 outs.append(warmup_out)
+                cell_modes.append(mode)
         num_warmups = len(cells)
         keys: list[tuple[str, tuple[int, str, int]]] = []
         for r, w, c in plan:
@@ -54,8 +55,11 @@ def measure_side_by_side(
                 out = served.RAW / f"{mode}-{w}-c{c}-r{r}-{int(time.time())}.json"
                 cells.append(served.client_argv(urls[mode], w, c, args, out))
                 outs.append(out)
+                cell_modes.append(mode)
                 keys.append((mode, (r, w, c)))
-        results = served.run_clients(Path(args.python), cells, outs)
+        groups = [servers[mode][0].process_group for mode in cell_modes] if args.pause_idle else None
+        cores = frontend_cores()[0] if args.pin_frontend else None
+        results = served.run_clients(Path(args.python), cells, outs, groups, cores)
     for mode, result in zip(urls, results[:num_warmups], strict=False):
         served.log(f"{mode}: warm-up, {result['output_throughput']:.1f} tok/s (not a cell)")
     measured = results[num_warmups:]

@@ -7,6 +7,8 @@ import argparse
 import itertools
 import json
 import math
+import os
+import signal
 import statistics
 import sys
 from pathlib import Path
@@ -463,6 +465,7 @@ class _FakeServer:
 
     def __init__(self, mode: str, port: int, events: list[str]) -> None:
         self.mode, self.port, self.events = mode, port, events
+        self.process_group = port  # (its stand-in: one per server)
 
     def __enter__(self) -> str:
         self.events.append(f"start {self.mode}")
@@ -492,11 +495,15 @@ def test_side_by_side_runs_each_cell_on_every_server_in_rotated_order(
 
     order: list[tuple[str, str, str]] = []  # (url, workload, concurrency) of every cell the client ran
 
-    def run_clients(python: Path, cells: list[list[str]], outs: list[Path]) -> list[dict[str, Any]]:
+    def run_clients(
+        python: Path, cells: list[list[str]], outs: list[Path], groups: list[int] | None, cores: Any
+    ) -> list[dict[str, Any]]:
         events.append("client")
         results = []
-        for argv in cells[:-1]:  # the client fails before the last cell
+        assert groups is not None and len(groups) == len(cells)
+        for argv, group in zip(cells[:-1], groups, strict=False):  # the client fails before the last cell
             url = argv[argv.index("--base-url") + 1]
+            assert url.endswith(f":{group}")  # --pause-idle: each cell names its own server's group
             dataset = Path(argv[argv.index("--dataset-path") + 1]).stem
             concurrency = argv[argv.index("--max-concurrency") + 1]
             order.append((url, dataset, concurrency))
@@ -522,6 +529,8 @@ def test_side_by_side_runs_each_cell_on_every_server_in_rotated_order(
         rounds=1,
         launches=1,
         kv_cache_gib=1.0,
+        pause_idle=True,
+        pin_frontend=False,
         warmup_prompts=-1,
         cell_warmups=1,
         served_name="demo-moe",
@@ -563,6 +572,63 @@ def test_side_by_side_runs_each_cell_on_every_server_in_rotated_order(
     rows, _ = side_by_side.measure_side_by_side(args, None, launch=1)  # type: ignore[arg-type]
     assert events[:3] == ["start auto", "start k0", "start off"]
     assert all(row["output_throughput"] == ports[row["mode"]] and row["launch"] == 1 for row in rows)
+
+
+def test_during_a_cell_only_its_server_runs_and_every_server_runs_again_after() -> None:
+    """`--pause-idle`: the other servers' process groups (each its own session, as `VllmServer` starts them,
+    a child included) are stopped while a cell runs, the cell's own continued; `resume_all` continues every
+    one, and a group that exited is skipped."""
+    import subprocess
+    import time
+
+    import psutil
+
+    from bench.vllm_policy_client import pause_others, resume_all
+
+    def state(pid: int) -> str:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+    def wait_for(pid: int, expected: str) -> str:
+        deadline = time.monotonic() + 10.0
+        while state(pid) != expected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return state(pid)
+
+    sleep = "import time; time.sleep(60)"
+    code = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {sleep!r}]); {sleep}"
+    servers = [subprocess.Popen([sys.executable, "-c", code], start_new_session=True) for _ in range(2)]
+    gone = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    gone.wait()
+    try:
+        deadline = time.monotonic() + 10.0
+        while any(not psutil.Process(s.pid).children() for s in servers) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        children = [psutil.Process(s.pid).children()[0].pid for s in servers]
+        groups = [servers[0].pid, servers[1].pid, gone.pid, servers[0].pid]
+        pause_others(servers[0].pid, groups)
+        assert [wait_for(p, "T") for p in (servers[1].pid, children[1])] == ["T", "T"]
+        assert "T" not in [state(p) for p in (servers[0].pid, children[0])]  # (sleeping, or still starting)
+        pause_others(servers[1].pid, groups)
+        assert [wait_for(p, "T") for p in (servers[0].pid, children[0])] == ["T", "T"]
+        assert "T" not in [state(p) for p in (servers[1].pid, children[1])]
+        resume_all(groups)
+        assert "T" not in [state(p) for p in (*[s.pid for s in servers], *children)]
+    finally:
+        for server in servers:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def test_the_frontend_gets_the_last_core_and_the_worker_the_others(monkeypatch: Any) -> None:
+    """`--pin-frontend`: of the cores this process may use, the last for the API server, engine core and
+    client, the others for the worker; one core cannot be split."""
+    from bench import peers
+
+    monkeypatch.setattr(peers.os, "sched_getaffinity", lambda pid: {2, 0, 5, 3})
+    assert peers.frontend_cores() == ({5}, {0, 2, 3})
+    monkeypatch.setattr(peers.os, "sched_getaffinity", lambda pid: {1})
+    with pytest.raises(ValueError, match="2 cores"):
+        peers.frontend_cores()
 
 
 def test_side_by_side_refuses_servers_that_do_not_fit_in_memory(monkeypatch: Any) -> None:
