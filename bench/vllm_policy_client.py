@@ -150,12 +150,12 @@ def run_clients(
 def pause_others(group: int, groups: Sequence[int | None]) -> None:
     """Only this server's process group runs: every other one in `groups` is stopped (SIGSTOP) and this one
     continued (SIGCONT). Side by side (`bench.vllm_policy_side_by_side`), an idle server is not idle: on
-    vLLM's CPU build every server's worker is bound to the same core (the first; one is reserved for the
-    rest), and an idle worker's threads (gloo's loops among them) woke on that core beside the worker in use:
-    served on the demo pair at 32 (session 68, per-thread /proc schedstat), the idle server's worker ran 0.01-0.11
-    of a core during the other's cells, and the server started first ran 0.90-0.93x the other started second
-    in one launch and 1.00-1.23x started first in the other. A stopped server takes no CPU at all, and a
-    user's server runs alone."""
+    vLLM's CPU build every server's worker is bound to the same core, and an idle worker's threads woke there
+    beside the worker in use. Served on the demo pair at 32 (session 68, code and prose, off-ours against k0,
+    3 rounds in each of 2 launches, /proc schedstat), the idle server's worker ran 0.01-0.11 of a core during
+    the other's cells, and k0 / off-ours was 0.930 in the launch that started off-ours first and 1.038 in the
+    other; with the idle server stopped, 0.942 and 0.971. A stopped server takes no CPU, as a user's server
+    runs alone."""
     for other in {g for g in groups if g is not None and g != group}:
         _signal_group(other, signal.SIGSTOP)
     _signal_group(group, signal.SIGCONT)
