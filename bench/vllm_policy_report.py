@@ -97,6 +97,12 @@ def scheduler_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
             mean_ms([s["choose_cpu_s"] for s in steps[1:]]) if steps and "choose_cpu_s" in steps[0] else None
         ),
         "observe_ms_mean": mean_ms([s["observe_s"] for s in steps[1:]]) if has_detail else None,
+        # ... and the observation deferred to while the worker ran the next step (records from session 68 on)
+        "observe_ahead_ms_mean": (
+            mean_ms([s["observe_ahead_s"] for s in steps[1:]])
+            if steps and "observe_ahead_s" in steps[0]
+            else None
+        ),
         # The cost model's refits, a step's share (records from session 49 on): beside choose and observe, the
         # policy's CPU on the engine core, which on 2 cores takes it from the worker's step.
         "refit_cpu_ms_mean": (

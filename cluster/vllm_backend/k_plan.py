@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 from cluster.vllm_backend.chooser import DrafterLag
@@ -22,8 +22,17 @@ logger = logging.getLogger(__name__)
 class KPlan:
     """`requests` below: vLLM's requests by id (`Scheduler.requests`)."""
 
-    def __init__(self, chooser: KChooser, max_spec_tokens: int, lag: DrafterLag, chooses_ahead: bool) -> None:
+    def __init__(
+        self,
+        chooser: KChooser,
+        max_spec_tokens: int,
+        lag: DrafterLag,
+        chooses_ahead: bool,
+        before_choosing: Callable[[], None] = lambda: None,
+    ) -> None:
         self.chooser = chooser
+        # Called before every call that asks the chooser (the scheduler's deferred observations go in first).
+        self.before_choosing = before_choosing
         self.max_spec_tokens = max_spec_tokens
         self.lag = lag  # where each request's draft KV is missing: its catch-up, in its outlook
         self.chooses_ahead = chooses_ahead
@@ -113,6 +122,8 @@ class KPlan:
 
     def _choose(self, request_ids: Sequence[str], requests: Mapping[str, Any]) -> dict[str, int]:
         auto = [r for r in request_ids if self.requested.get(r) is None]
+        if auto:
+            self.before_choosing()
         self._outlook_given = {}
         if auto and self._takes_outlook:
             self._outlook_given = self.outlook(auto, requests)
@@ -128,6 +139,7 @@ class KPlan:
         if not joined or not self._takes_joined:
             return
         start, start_cpu = time.perf_counter(), time.thread_time()
+        self.before_choosing()
         others = {r: k for r, k in self.chosen.items() if r in ahead and self.requested.get(r) is None}
         for request_id, k in cast(JoinAware, self.chooser).choose_joined(joined, others).items():
             self.chosen[request_id] = self._k(request_id, k)

@@ -98,7 +98,13 @@ class PolicyScheduler(Scheduler):
         )
         # Choosing ahead (`get_grammar_bitmask`) for the choosers that learn.
         chooses_ahead = self.settings.choose_ahead and self.settings.policy.kind not in ("off", "static")
-        self.k_plan = KPlan(chooser, self.max_spec_tokens, self._lag, chooses_ahead)
+        self.k_plan = KPlan(chooser, self.max_spec_tokens, self._lag, chooses_ahead, self._tell_chooser)
+        # Choosing ahead, the chooser's observe() of a step and release() of the requests it finished wait (in
+        # order) until the chooser is next asked: while the worker runs the next step (`get_grammar_bitmask`),
+        # or on the path before it where a request joins it (`KPlan.before_choosing`). See `_tell_chooser`.
+        self._defers_observing = chooses_ahead
+        self._untold: list[tuple[str, Any]] = []  # (the chooser's method, its argument)
+        self._untold_record: StepRecord | None = None  # the last step's record, completed when it is told
         # vLLM pads a resumed single-token decode with K_max placeholder drafts unless a dynamic-K table is
         # set; a table (K_max everywhere, overridden every step below) turns that padding off.
         if self.max_spec_tokens:
@@ -168,6 +174,7 @@ class PolicyScheduler(Scheduler):
         too), and a request whose prompt completes in the next step is not in it: the chooser gives it its K
         when that step is scheduled, the others' kept (`KPlan.decide`)."""
         bitmask = super().get_grammar_bitmask(scheduler_output)
+        self._tell_chooser()
         self.k_plan.choose_ahead(self.requests)
         self._refit_if_due()
         self.log.write()
@@ -183,9 +190,11 @@ class PolicyScheduler(Scheduler):
         finally:
             finishing, self._finishing = self._finishing, None
             for request_id in finishing:
-                self.chooser.release(request_id)
-        if self.log.file is not None and not self.has_unfinished_requests():
-            self.log.write()  # idle next: nothing waits for it
+                self._to_chooser("release", request_id)
+        if not self.has_unfinished_requests():  # idle next: nothing waits for these
+            self._tell_chooser()
+            if self.log.file is not None:
+                self.log.write()
         return outputs
 
     def shutdown(self) -> None:
@@ -199,6 +208,7 @@ class PolicyScheduler(Scheduler):
         # made again by that observation and kept for good: one `RequestState` per request served, and every
         # finished request's last step counted again as a new request's first in the traffic's acceptance.
         if self._finishing is None:
+            self._tell_chooser()  # (what it was not told yet happened before)
             self.chooser.release(request_id)
         else:
             self._finishing.append(request_id)
@@ -258,25 +268,53 @@ class PolicyScheduler(Scheduler):
                 num_prefill_tokens=num_prefill_tokens,
                 gap_s=gap_s,
             )
-            self.chooser.observe(stats)
+            self._to_chooser("observe", stats)
         counters.count_step(requests, step_time_s)
         if self.log.takes_steps:
-            self.log.keep(
-                self._step_record(
-                    scheduler_output,
-                    requests,
-                    draft,
-                    step_time_s=step_time_s,
-                    num_prefill_tokens=num_prefill_tokens,
-                    observe_s=time.perf_counter() - now,
-                    gap_s=gap_s,
-                    is_near=is_near,
-                    start_s=time.time() - (now - self._step_start),
-                )
+            record = self._step_record(
+                scheduler_output,
+                requests,
+                draft,
+                step_time_s=step_time_s,
+                num_prefill_tokens=num_prefill_tokens,
+                observe_s=time.perf_counter() - now,
+                gap_s=gap_s,
+                is_near=is_near,
+                start_s=time.time() - (now - self._step_start),
             )
+            self.log.keep(record)
+            self._untold_record = record if self._untold else None
         self._refit_cpu_s = 0.0
         self.log.write_metrics(self.counters, self.chooser)
         self._step_end = time.perf_counter()
+
+    def _to_chooser(self, method: str, argument: Any) -> None:
+        """The chooser's observe() or release(): now, or where it is deferred, in order when next told."""
+        if self._defers_observing:
+            self._untold.append((method, argument))
+        else:
+            getattr(self.chooser, method)(argument)
+
+    def _tell_chooser(self) -> None:
+        """What the chooser was not told yet (`_to_chooser`), in order; its time goes in the step's record
+        (`StepRecord.observe_ahead_s`) with the guard's verdicts after it.
+
+        Why: these calls ran between a step and the next, where the worker waits for the engine core: auto's
+        observe() took 0.14 ms a step there served on the demo pair at 16 / 32 (session 68), our scheduler at K
+        = 0 0.03, beside a 12-17 ms step. Deferred, the chooser sees the same calls in the same order as
+        before: nothing asks it in between but a request joining the next step (`KPlan.before_choosing`
+        tells it first), and the choice made ahead for the step after is made after them, as it was. What
+        reads it between steps without asking (the gauges, written once a second) sees it a step late."""
+        if not self._untold:
+            return
+        start = time.perf_counter()
+        untold, self._untold = self._untold, []
+        for method, argument in untold:
+            getattr(self.chooser, method)(argument)
+        record, self._untold_record = self._untold_record, None
+        if record is not None:
+            record.observe_ahead_s = time.perf_counter() - start
+            record.guard_holds = getattr(self.chooser, "num_holds", 0)
 
     def _refit_if_due(self) -> bool:
         """The cost model's refit, if due (`CostModel.refit_if_due`); its CPU goes in the step's record."""

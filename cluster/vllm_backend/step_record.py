@@ -50,7 +50,11 @@ class StepRecord:
     # per request, the `RequestOutlook` the chooser was given with the choice of `chosen`: [catch-up tokens,
     # tokens it may still generate] (`bench.replay_record` gives the chooser the same)
     outlook: dict[str, list[int]] = field(default_factory=dict)
-    observe_s: float = 0.0  # in the chooser's observe() (after the step: between it and the next)
+    # observing this step between it and the next (the chooser's observe() where it is not deferred)
+    observe_s: float = 0.0
+    # in the chooser's observe() of this step (and release() of the requests it finished), deferred to while the
+    # worker ran the next step (`PolicyScheduler` with choose_ahead): off the path between steps
+    observe_ahead_s: float = 0.0
     # CPU in the cost model's refits while the worker ran this step (`CostModel.refit_if_due`: 16 steps and
     # 0.25 s apart at least, 2 s where none of them drafted), besides choose and observe
     refit_cpu_s: float = 0.0

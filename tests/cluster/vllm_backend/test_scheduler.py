@@ -421,6 +421,85 @@ def test_every_finished_request_is_released_from_the_chooser(engines: tuple[Any,
     assert wrapper.observed_after_release == []
 
 
+class _Calls(_Releases):
+    """A chooser wrapper that keeps every call it gets, in order: observations by step, releases and choices
+    by request (the prefix of the request ids left out)."""
+
+    def __init__(self, inner: Any, prefix: str) -> None:
+        super().__init__(inner)
+        self.prefix = prefix
+        self.calls: list[tuple[Any, ...]] = []
+
+    def _ids(self, ids: Any) -> tuple[str, ...]:
+        return tuple(sorted(r.removeprefix(self.prefix).rsplit("-", 1)[0] for r in ids))
+
+    def observe(self, stats: Any) -> None:
+        self.calls.append(("observe", stats.iteration, self._ids(r.request_id for r in stats.requests)))
+        super().observe(stats)
+
+    def release(self, request_id: str) -> None:
+        self.calls.append(("release", *self._ids([request_id])))
+        super().release(request_id)
+
+    def choose(self, request_ids: Any) -> Any:
+        self.calls.append(("choose", self._ids(request_ids)))
+        return self.inner.choose(request_ids)
+
+    def choose_joined(self, joined: Any, others: Any) -> Any:
+        self.calls.append(("joined", self._ids(joined)))
+        return self.inner.choose_joined(joined, others)
+
+
+def test_choosing_ahead_the_chooser_hears_of_a_step_while_the_worker_runs_the_next(
+    engines: tuple[Any, Any],
+) -> None:
+    """Choosing ahead, a step's observation (and its requests' releases) wait off the path between steps,
+    until the chooser is next asked: after every step the last one's observation is still untold, and the
+    chooser gets exactly the calls, in the same order, as when told at once; each step's record gets the time
+    and the guard's verdicts after it."""
+    _, ours = engines
+    sched, engine = scheduler(ours), ours.llm_engine
+    calls = {}
+    for defers in (False, True):
+        prefix = f"tell-{defers}-"
+        wrapper = _Calls(sched.chooser, prefix)
+        sched.chooser = wrapper
+        sched.k_plan.chooses_ahead, sched._defers_observing = True, defers
+        sched.k_plan._ahead = None  # (both runs from a plan with no choice made ahead)
+        sched.log.steps.clear()
+        untold: list[tuple[int, list[int]]] = []  # after each step: its number, the observations untold
+
+        def step(untold: list[tuple[int, list[int]]] = untold) -> None:
+            engine.step()
+            if engine.has_unfinished_requests():
+                observed = [a.iteration for m, a in sched._untold if m == "observe"]
+                untold.append((sched.counters.num_steps, observed))
+
+        try:
+            for i in range(4):
+                if i == 2:  # the other two join while the first two decode
+                    for _ in range(6):
+                        step()
+                engine.add_request(f"{prefix}{i}", PROMPTS[i], _params(["auto", 3, "auto", 3], 24)[i])
+            while engine.has_unfinished_requests():
+                step()
+        finally:
+            sched.chooser = wrapper.inner
+            sched.k_plan.chooses_ahead = sched._defers_observing = False
+        assert not sched._untold  # told when the engine went idle
+        first = next(c[1] for c in wrapper.calls if c[0] == "observe")
+        calls[defers] = [(c[0], c[1] - first, *c[2:]) if c[0] == "observe" else c for c in wrapper.calls]
+        assert wrapper.observed_after_release == []
+        if defers:  # the step just done, where it decoded requests
+            assert all(observed in ([], [number]) for number, observed in untold)
+            assert sum(observed == [number] for number, observed in untold) > len(untold) // 2
+            assert all(r.observe_ahead_s > 0.0 for r in sched.log.steps if r.num_drafts)
+        else:
+            assert not any(observed for _, observed in untold)
+    assert any(c[0] == "joined" for c in calls[True])
+    assert calls[True] == calls[False]
+
+
 class _Outlooks(_Releases):
     """An outlook-aware chooser around the engine's: keeps every outlook it is given."""
 
