@@ -148,7 +148,10 @@ def frontend_cores() -> tuple[set[int], set[int]]:
     instead of 4.3% (0.957, 0.013)."""
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
-        raise ValueError(f"pinning the frontend needs 2 cores or more; this process may use {cores}")
+        raise ValueError(
+            f"pinning the frontend needs 2 cores or more; this process may use {cores} "
+            "(bench.vllm_policy: --no-pin-frontend)"
+        )
     return {cores[-1]}, set(cores[:-1])
 
 
@@ -223,9 +226,8 @@ class VllmServer:
         if self.process is None or self.process.poll() is not None:
             return
         os.killpg(self.process.pid, signal.SIGTERM)  # its own session: the engine core and workers too
-        os.killpg(
-            self.process.pid, signal.SIGCONT
-        )  # (a paused server, `pause_others`, handles it once continued)
+        # A server paused side by side (`vllm_policy_client.pause_others`) handles the SIGTERM once continued.
+        os.killpg(self.process.pid, signal.SIGCONT)
         try:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:

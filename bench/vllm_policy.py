@@ -344,8 +344,8 @@ def main() -> None:
     parser.add_argument(
         "--offline",
         type=lambda s: s.split(","),
-        help="offline engines in this process instead of servers (off, N, off-ours, k0, k0_vllm, auto, oursN, oursN@M), "
-        "on the first workload's prompts at each --concurrency as the batch",
+        help="offline engines in this process instead of servers (off, N, off-ours, k0, k0_vllm, auto, oursN, "
+        "oursN@M), on the first workload's prompts at each --concurrency as the batch",
     )
     parser.add_argument("--repeats", type=int, default=3, help="--catch-up: runs of each batch per engine")
     parser.add_argument("--rounds", type=int, default=1, help="client runs of every cell per server launch")

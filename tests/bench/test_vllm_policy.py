@@ -588,11 +588,17 @@ def test_during_a_cell_only_its_server_runs_and_every_server_runs_again_after() 
     def state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
-    def wait_for(pid: int, expected: str) -> str:
-        deadline = time.monotonic() + 10.0
+    def wait_for(pid: int, expected: str) -> str:  # (generous: a loaded machine starts Python slowly)
+        deadline = time.monotonic() + 60.0
         while state(pid) != expected and time.monotonic() < deadline:
             time.sleep(0.01)
         return state(pid)
+
+    def running(pid: int) -> bool:  # not stopped (sleeping, or still starting)
+        deadline = time.monotonic() + 60.0
+        while state(pid) == "T" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return state(pid) != "T"
 
     sleep = "import time; time.sleep(60)"
     code = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {sleep!r}]); {sleep}"
@@ -600,19 +606,19 @@ def test_during_a_cell_only_its_server_runs_and_every_server_runs_again_after() 
     gone = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
     gone.wait()
     try:
-        deadline = time.monotonic() + 10.0
+        deadline = time.monotonic() + 60.0
         while any(not psutil.Process(s.pid).children() for s in servers) and time.monotonic() < deadline:
             time.sleep(0.01)
         children = [psutil.Process(s.pid).children()[0].pid for s in servers]
         groups = [servers[0].pid, servers[1].pid, gone.pid, servers[0].pid]
         pause_others(servers[0].pid, groups)
         assert [wait_for(p, "T") for p in (servers[1].pid, children[1])] == ["T", "T"]
-        assert "T" not in [state(p) for p in (servers[0].pid, children[0])]  # (sleeping, or still starting)
+        assert all(running(p) for p in (servers[0].pid, children[0]))
         pause_others(servers[1].pid, groups)
         assert [wait_for(p, "T") for p in (servers[0].pid, children[0])] == ["T", "T"]
-        assert "T" not in [state(p) for p in (servers[1].pid, children[1])]
+        assert all(running(p) for p in (servers[1].pid, children[1]))
         resume_all(groups)
-        assert "T" not in [state(p) for p in (*[s.pid for s in servers], *children)]
+        assert all(running(p) for p in (*[s.pid for s in servers], *children))
     finally:
         for server in servers:
             os.killpg(server.pid, signal.SIGKILL)
