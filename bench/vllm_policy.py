@@ -191,6 +191,12 @@ def mode_server(
     return server, record
 
 
+def client_cores(args: argparse.Namespace) -> set[int] | None:
+    """The client's cores: the servers' frontend core with `--pin-frontend` (`peers.frontend_cores`), else
+    None (anywhere)."""
+    return frontend_cores()[0] if args.pin_frontend else None
+
+
 def cell_plan(args: argparse.Namespace) -> list[tuple[int, str, int]]:
     """(round, workload, concurrency) of every cell, in the order they run."""
     return [
@@ -223,8 +229,7 @@ def measure_server(
             warmup, warmup_out = warmup_cell(args, url, mode)
             cells.insert(0, warmup)
             outs.insert(0, warmup_out)
-        cores = frontend_cores()[0] if args.pin_frontend else None
-        results = run_clients(Path(args.python), cells, outs, cores=cores)
+        results = run_clients(Path(args.python), cells, outs, cores=client_cores(args))
         if args.warmup_prompts and results:
             log(f"{mode}: warm-up, {results.pop(0)['output_throughput']:.1f} tok/s (not a cell)")
     rows = [

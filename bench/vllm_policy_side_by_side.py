@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import bench.vllm_policy as served  # called through the module: tests replace its servers and client
-from bench.peers import frontend_cores
 from bench.vllm_policy import PolicySettings
 
 
@@ -58,8 +57,7 @@ def measure_side_by_side(
                 cell_modes.append(mode)
                 keys.append((mode, (r, w, c)))
         groups = [servers[mode][0].process_group for mode in cell_modes] if args.pause_idle else None
-        cores = frontend_cores()[0] if args.pin_frontend else None
-        results = served.run_clients(Path(args.python), cells, outs, groups, cores)
+        results = served.run_clients(Path(args.python), cells, outs, groups, served.client_cores(args))
     for mode, result in zip(urls, results[:num_warmups], strict=False):
         served.log(f"{mode}: warm-up, {result['output_throughput']:.1f} tok/s (not a cell)")
     measured = results[num_warmups:]
