@@ -85,7 +85,7 @@ def vllm_config(target: Path, draft: Path, max_num_seqs: int = 32, worker_cls: s
             get_vocab_size=lambda: int(hf["vocab_size"]),
         ),
         scheduler_config=_Config(max_num_seqs=max_num_seqs),
-        speculative_config=_Config(draft_model_config=_Config(model=str(draft))),
+        speculative_config=_Config(method="draft_model", draft_model_config=_Config(model=str(draft))),
         parallel_config=_Config(worker_cls=worker_cls),
     )
 
@@ -332,7 +332,7 @@ def replay(
                     current.ratios[key].append(predicted / stats.iteration_time_s)
                 if kind == "drafting" and not stats.num_draft_prefill_tokens:  # the drafter's part alone
                     draft_s, _, _ = inner.cost_model.phase_times(len(ks), max(ks), sum(ks))
-                    current.predicted_s["drafter"] += float(draft_s)
+                    current.predicted_s["drafter"] += float(draft_s) + inner.cost_model.padding_time(ks)
                     current.measured_s["drafter"] += stats.draft_time_s
             cpu.timed("observe", len(requests), chooser.observe, stats)
         for request_id in finished.pop(index, []):  # after its last step's observation, as the scheduler does

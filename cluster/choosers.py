@@ -26,7 +26,7 @@ from policy.baselines import OffChooser, StaticChooser
 from policy.batch_aware import BatchAwareChooser, BatchAwareConfig
 from policy.cascade import CascadeChooser, CascadeConfig
 from policy.cost_model import CostModel, CostParams
-from policy.cost_model_config import CostModelConfig
+from policy.cost_model_config import CostModelConfig, DraftPadding
 from policy.guard import MeasuredGuard
 from policy.routing import RoutingConfig
 from policy.stats import KChooser
@@ -155,11 +155,11 @@ def make_chooser(
 
 
 def new_cost_model(
-    info: TargetInfo, prior: CostParams = DEFAULT_PRIOR, is_draft_padded: bool = False
+    info: TargetInfo, prior: CostParams = DEFAULT_PRIOR, draft_padding: DraftPadding = "none"
 ) -> CostModel:
-    """`is_draft_padded`: the engine drafts the batch's max K for every sequence (vLLM), see CostModelConfig."""
+    """`draft_padding`: the drafts the engine's drafter runs beyond each request's K, see CostModelConfig."""
     routing = RoutingConfig(num_experts=info.num_experts, top_k=info.top_k if info.num_experts else 0)
-    return CostModel(CostModelConfig(routing=routing, is_draft_padded=is_draft_padded), prior)
+    return CostModel(CostModelConfig(routing=routing, draft_padding=draft_padding), prior)
 
 
 def shared_chooser_factory(
@@ -167,7 +167,7 @@ def shared_chooser_factory(
     info: TargetInfo,
     max_spec_tokens: int,
     prior: CostParams = DEFAULT_PRIOR,
-    is_draft_padded: bool = False,
+    draft_padding: DraftPadding = "none",
 ) -> Callable[[], KChooser]:
     """For the central actor: one chooser per router, all sharing one cost model (one target hardware).
 
@@ -177,7 +177,7 @@ def shared_chooser_factory(
 
     def make() -> KChooser:
         if not shared:
-            shared.append(new_cost_model(info, prior, is_draft_padded))
+            shared.append(new_cost_model(info, prior, draft_padding))
         return make_chooser(settings, info, max_spec_tokens, shared[0])
 
     return make

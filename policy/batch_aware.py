@@ -24,6 +24,7 @@ from numpy.typing import NDArray
 from policy.batch_aware_config import BatchAwareConfig
 from policy.cost_model import CostModel
 from policy.k_search import (
+    StepTimes,
     best_k_vector,
     could_beat_plain,
     expected_etrs,
@@ -80,7 +81,7 @@ class BatchAwareChooser:
         self._steady = SameBatchSkips()
         self.num_searches = 0
         # `_time_table`s of the cost model's current version, by batch size.
-        self._time_tables: dict[int, Array] = {}
+        self._time_tables: dict[int, StepTimes] = {}
         self._time_tables_version = -1
         # `_could_pay`, of the same version, by batch size and how many requests may draft: the highest
         # acceptance found not to pay and the lowest found to pay.
@@ -152,7 +153,7 @@ class BatchAwareChooser:
         if max(chosen):
             # (the phases' choices change no count or estimate that the rates read)
             rates = self._rates(states) if rates is None else rates
-            plain_rate = num / float(times[0, 0])
+            plain_rate = num / float(times.grid[0, 0])
             bar = 1.0 + self.config.min_predicted_gain
             self._predicted_speedup = bar * self.tokens_per_second(rates, chosen, times) / plain_rate
         is_steady = not any(chosen) and all(s.test_remaining == 0 and s.set_k == 0 for s in states)
@@ -289,17 +290,17 @@ class BatchAwareChooser:
         return self._phases.budget
 
     def tokens_per_second(
-        self, rates: Array, num_spec_tokens: Sequence[int], times: Array | None = None
+        self, rates: Array, num_spec_tokens: Sequence[int], times: StepTimes | None = None
     ) -> float:
         """Expected committed tokens per second of the batch at this K vector (one entry per request);
         `times` as in `best_spec_tokens` (None: the cost model's time, drafting not charged its bar)."""
         etr = float(expected_etrs(rates, np.asarray(num_spec_tokens)).sum())
         if times is None:
             return etr / self.cost_model.iteration_time([int(k) for k in num_spec_tokens])
-        return etr / float(times[max(num_spec_tokens), sum(num_spec_tokens)])
+        return etr / times.of(num_spec_tokens)
 
     def best_spec_tokens(
-        self, rates: Array, forced: NDArray[np.int_], times: Array | None = None
+        self, rates: Array, forced: NDArray[np.int_], times: StepTimes | None = None
     ) -> list[int]:
         """The K vector of most expected tokens per second (`policy.k_search.best_k_vector`); `forced[r] >= 0`
         fixes K_r, -1 leaves it free. `times` is `_time_table(len(rates))` if the caller has it."""
@@ -307,7 +308,9 @@ class BatchAwareChooser:
             times = self._time_table(len(rates))
         return best_k_vector(rates, forced, times, self.config.max_spec_tokens)
 
-    def _optimum_with_hysteresis(self, states: list[RequestState], rates: Array, times: Array) -> list[int]:
+    def _optimum_with_hysteresis(
+        self, states: list[RequestState], rates: Array, times: StepTimes
+    ) -> list[int]:
         """The K vector of most expected tokens per second (`best_spec_tokens`), kept from the requests' set
         K where it gains too little (`with_hysteresis`).
 
@@ -331,17 +334,17 @@ class BatchAwareChooser:
         )
         return with_hysteresis(rates, best, previous, times, self.config.hysteresis)
 
-    def _pays_alike(self, estimator: AcceptanceEstimator, batch_size: int, times: Array) -> bool:
+    def _pays_alike(self, estimator: AcceptanceEstimator, batch_size: int, times: StepTimes) -> bool:
         """Whether a batch of this size whose every request accepts at the estimate less one standard error
         would draft: some uniform K >= 1 commits more tokens per second than plain decoding in `times` (its
         `_time_table`), drafting charged its bar (`TestPhases.settle`)."""
         rate = max(estimator.rate - estimator.standard_error, 0.0)
         ks = np.arange(self.config.max_spec_tokens + 1)
-        per_second = expected_etrs(np.full(len(ks), rate), ks) / times[ks, batch_size * ks]
+        per_second = expected_etrs(np.full(len(ks), rate), ks) / times.grid[ks, batch_size * ks]
         return bool(per_second[1:].max() > per_second[0])
 
     def _could_pay(
-        self, batch_size: int, times: Array, num_drafting: int | None = None, acceptance: float = 1.0
+        self, batch_size: int, times: StepTimes, num_drafting: int | None = None, acceptance: float = 1.0
     ) -> bool:
         """Whether drafting could beat plain decoding in a batch of this size were every draft accepted at
         `acceptance` (`policy.k_search.could_beat_plain`; 1: every draft accepted), `num_drafting` requests
@@ -361,9 +364,10 @@ class BatchAwareChooser:
         self._could_pay_bounds[key] = (fails, acceptance) if could else (acceptance, pays)
         return could
 
-    def _time_table(self, batch_size: int) -> Array:
-        """Predicted iteration seconds of this batch by (max K, sum K): shape (max_k + 1, R * max_k + 1), the
-        drafting rows (max K >= 1) charged `min_predicted_gain` above the cost model's time.
+    def _time_table(self, batch_size: int) -> StepTimes:
+        """Predicted iteration seconds of this batch (`policy.k_search.StepTimes`): by (max K, sum K), shape
+        (max_k + 1, R * max_k + 1), and the padded drafts' (`CostModel.padded_draft_s`), drafting charged
+        `min_predicted_gain` above the cost model's time.
 
         Kept until the cost model's predictions change (`CostModel.version`; a refit every 16 iterations on the
         vLLM backend): computing it was a third of a search, and searches took 0.25-0.35 ms of a 4.6 ms plain
@@ -375,15 +379,16 @@ class BatchAwareChooser:
             self._time_tables_version = self.cost_model.version
         table = self._time_tables.get(batch_size)
         if table is None:
-            max_k = self.config.max_spec_tokens
-            table = self._time_tables[batch_size] = self.cost_model.time_grid(
+            max_k, bar = self.config.max_spec_tokens, 1.0 + self.config.min_predicted_gain
+            grid = self.cost_model.time_grid(
                 batch_size, np.arange(max_k + 1)[:, None], np.arange(batch_size * max_k + 1)[None, :]
             )
-            table[1:] *= 1.0 + self.config.min_predicted_gain
+            grid[1:] *= bar
+            table = self._time_tables[batch_size] = StepTimes(grid, bar * self.cost_model.padded_draft_s())
         return table
 
     def _repaid(
-        self, request_ids: Sequence[str], rates: Array, chosen: list[int], times: Array
+        self, request_ids: Sequence[str], rates: Array, chosen: list[int], times: StepTimes
     ) -> tuple[list[int], frozenset[int]]:
         """`chosen`, less the drafting of lagging requests that would not repay their drafter's catch-up, and
         the indices of those (`TestPhases.testers` lets them probe only as forced tests, under the test budget).
@@ -403,16 +408,16 @@ class BatchAwareChooser:
         if per_token_s <= 0.0 or not lagging.any():
             return chosen, frozenset()
         etr = expected_etrs(rates, k)
-        total_etr, time_s = float(etr.sum()), float(times[int(k.max()), int(k.sum())])
+        total_etr, time_s = float(etr.sum()), times.of(k)
         steps = remaining / etr  # iterations a request drafts until it ends
         alt = np.array(self.best_spec_tokens(rates, np.where(lagging, 0, -1), times))
-        alt_time_s = float(times[int(alt.max()), int(alt.sum())])
+        alt_time_s = times.of(alt)
         saving_s = alt_time_s * total_etr / float(expected_etrs(rates, alt).sum()) - time_s
         if saving_s * float(steps[lagging].mean()) < per_token_s * float(catch_up[lagging].sum()):
             self.num_unrepaid += 1
             return [int(v) for v in alt], frozenset(np.flatnonzero(lagging & (alt == 0)).tolist())
         # Each alone: r at K = 0, the others as chosen.
-        alone_time_s = times[max_of_others(k), int(k.sum()) - k]
+        alone_time_s = times.at(max_of_others(k), int(k.sum()) - k, np.count_nonzero(k) - (k > 0))
         alone_saving_s = alone_time_s * total_etr / (total_etr - etr + 1.0) - time_s
         unrepaid = lagging & (alone_saving_s * steps < per_token_s * catch_up)
         if not unrepaid.any():
@@ -420,7 +425,7 @@ class BatchAwareChooser:
         self.num_unrepaid += 1
         return [int(v) for v in np.where(unrepaid, 0, k)], frozenset(np.flatnonzero(unrepaid).tolist())
 
-    def _plain_shape_probe(self, request_ids: Sequence[str], rates: Array, times: Array) -> int:
+    def _plain_shape_probe(self, request_ids: Sequence[str], rates: Array, times: StepTimes) -> int:
         """Where the optimum is plain decoding: a K for the whole batch whose shape the correction has not
         measured in the batch's bucket (`shape_probe_rows`), the one the model rates best, if the model puts the
         probe's cost (what its iterations take beyond plain decoding's time for their tokens, and the drafter's
@@ -453,7 +458,7 @@ class BatchAwareChooser:
         is_cheap = loss_s + catch_up_s <= self.config.shape_probe_margin * rows * time_s
         return probe if is_cheap else 0
 
-    def _unmeasured_plain_shapes(self, num: int, times: Array) -> tuple[list[int], bool]:
+    def _unmeasured_plain_shapes(self, num: int, times: StepTimes) -> tuple[list[int], bool]:
         """The K that `_plain_shape_probe` may probe in a batch of this size (`times`: its `_time_table`), and
         whether any of them could be cheap: within the margin were every draft accepted and no request lagging,
         where its cost is least. Where none could, the probe is 0 whatever the requests' rates, which `choose`
@@ -478,13 +483,13 @@ class BatchAwareChooser:
         kept = self._unmeasured_shapes[num] = (unmeasured, could_be_cheap)
         return kept
 
-    def _probe_excess(self, times: Array, num: int, k: int, etr: float) -> tuple[float, float]:
+    def _probe_excess(self, times: StepTimes, num: int, k: int, etr: float) -> tuple[float, float]:
         """A plain-shape probe's iteration at K for the whole batch (`times`: its `_time_table`) committing `etr`
         tokens: what it takes beyond plain decoding's time for them, and its time (the drafting rows' bar off)."""
-        time_s = float(times[k, k * num]) / (1.0 + self.config.min_predicted_gain)
-        return max(0.0, time_s - etr / (num / float(times[0, 0]))), time_s
+        time_s = float(times.grid[k, k * num]) / (1.0 + self.config.min_predicted_gain)
+        return max(0.0, time_s - etr / (num / float(times.grid[0, 0]))), time_s
 
-    def _shape_probe(self, rates: Array, chosen: list[int], times: Array) -> list[int]:
+    def _shape_probe(self, rates: Array, chosen: list[int], times: StepTimes) -> list[int]:
         """`chosen` with its largest K one higher where the shape correction has not measured that many drafts
         per sequence in the batch's bucket (`shape_probe_rows`) and the model puts it within
         `shape_probe_margin` of `chosen` (`times`: `_time_table`), once `chosen`'s own is measured.

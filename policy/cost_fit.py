@@ -9,24 +9,40 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
+
+from policy.cost_model_config import DraftPadding
 
 if TYPE_CHECKING:
     from policy.cost_model import CostParams
 
 Array = NDArray[np.float64]
 # A measured iteration's row: (batch, max K, sum K, mean experts touched or nan, drafter prefill tokens,
-# draft s, verify s, other s, the number of rows recorded before it). `CostModel._record` makes them.
-ROW_SIZE = 9
+# draft s, verify s, other s, the number of rows recorded before it, requests at K > 0). `CostModel._record`
+# makes them.
+ROW_SIZE = 10
 Nnls = Callable[[Array, Array], tuple[Array, float]]
+
+
+def padded_drafts(
+    padding: DraftPadding, batch: ArrayLike, max_k: ArrayLike, total: ArrayLike, num_drafting: ArrayLike
+) -> Array:
+    """Drafts the drafter runs beyond the requests' own K (their sum `total`), elementwise (`CostModelConfig.
+    draft_padding`): none, max K for every sequence of the batch, or for every sequence that drafts."""
+    steps, spec = np.asarray(max_k, dtype=np.float64), np.asarray(total, dtype=np.float64)
+    if padding == "batch":
+        return steps * np.asarray(batch, dtype=np.float64) - spec
+    if padding == "drafting":
+        return steps * np.asarray(num_drafting, dtype=np.float64) - spec
+    return np.zeros_like(spec)
 
 
 class CostFit:
     """Fits `CostParams` to rows. `predict_experts(tokens)` stands in for rows without measured expert
-    counts; `is_draft_padded` as in `CostModelConfig`."""
+    counts; `draft_padding` as in `CostModelConfig`."""
 
-    def __init__(self, *, is_draft_padded: bool, min_samples: int, prior_weight: float) -> None:
-        self.is_draft_padded = is_draft_padded
+    def __init__(self, *, draft_padding: DraftPadding, min_samples: int, prior_weight: float) -> None:
+        self.draft_padding = draft_padding
         self.min_samples = min_samples
         self.prior_weight = prior_weight
         # Imported here, not at module level (`workers` imports `policy` and scipy.optimize takes a while to
@@ -44,7 +60,7 @@ class CostFit:
     ) -> dict[str, float]:
         """Every param's fitted value, starting from `current` and pulled toward `prior`."""
         table = np.array(rows, dtype=np.float64).reshape(-1, ROW_SIZE).T
-        batch, steps, spec, experts, prefill, draft, verify, other, _ = table
+        batch, steps, spec, experts, prefill, draft, verify, other, _, drafting = table
         tokens = batch + spec
         experts = np.where(np.isnan(experts), predict_experts(tokens), experts)
         ones = np.ones_like(tokens)
@@ -64,7 +80,7 @@ class CostFit:
                 [*verify_columns, other_columns[2]],
             )
             other_terms, other_columns = other_terms[:2], other_columns[:2]
-        drafted = steps * batch if self.is_draft_padded else spec
+        drafted = spec + padded_drafts(self.draft_padding, batch, steps, spec, drafting)
         groups = [  # (design, measured times, parameter names)
             (np.column_stack(verify_columns), verify, verify_terms),
             (

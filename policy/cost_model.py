@@ -100,8 +100,10 @@ class CostModel:
 
     T = draft + verify + other, with t = batch + sum K_r verification tokens and m = max K_r draft steps:
       draft  = m * draft_fixed + draft_per_token * sum K_r + draft_first_pass * [m > 0]
-                                      (step j drafts the requests with K_r >= j; with is_draft_padded,
-                                      every request: batch * m instead of sum K_r)
+                                      (step j drafts the requests with K_r >= j; padded drafts beyond
+                                      them by `draft_padding`: batch * m in all for "batch", m for each
+                                      request at K_r > 0 for "drafting", charged per K vector outside the
+                                      shape correction, `padded_draft_s`)
       verify = fixed + per_seq * batch + per_expert * N(t) + per_token * t
                                       (weights read, per-sequence attention, distinct experts, compute)
       other  = other + draft_call * [m > 0] + other_per_token * t
@@ -148,7 +150,7 @@ class CostModel:
             pseudo_count=config.prompt_pseudo_count,
         )
         self._fit = CostFit(
-            is_draft_padded=config.is_draft_padded,
+            draft_padding=config.draft_padding,
             min_samples=config.min_samples,
             prior_weight=config.prior_weight,
         )
@@ -198,7 +200,7 @@ class CostModel:
         steps = np.asarray(max_steps, dtype=np.float64)
         spec = np.asarray(total_spec, dtype=np.float64)
         tokens = batch + spec
-        drafted = steps * batch if self.config.is_draft_padded else spec
+        drafted = steps * batch if self.config.draft_padding == "batch" else spec
         draft = steps * p.draft_fixed_s + drafted * p.draft_per_token_s + (steps > 0) * p.draft_first_pass_s
         verify = (
             p.fixed_s
@@ -217,7 +219,21 @@ class CostModel:
         """Seconds for one iteration of a batch with these K_r (one entry per request)."""
         if not num_spec_tokens:
             return 0.0
-        return float(self.time_grid(len(num_spec_tokens), max(num_spec_tokens), sum(num_spec_tokens)))
+        top, total = max(num_spec_tokens), sum(num_spec_tokens)
+        return float(self.time_grid(len(num_spec_tokens), top, total)) + self.padding_time(num_spec_tokens)
+
+    def padding_time(self, num_spec_tokens: Sequence[int]) -> float:
+        """Seconds of the padded drafts of a batch with these K_r (`padded_draft_s`), in `iteration_time`."""
+        top = max(num_spec_tokens, default=0)
+        return self.padded_draft_s() * sum(top - k for k in num_spec_tokens if k > 0)
+
+    def padded_draft_s(self) -> float:
+        """Seconds for each draft the drafter runs beyond its request's K where it drafts max K for every
+        request at K > 0 (`draft_padding` "drafting"; 0 otherwise): what `time_grid`'s (max K, sum K) leaves out,
+        charged per K vector (`iteration_time`, `policy.k_search.StepTimes`). Outside the shape correction, like
+        a catch-up: each row's own padded drafts are taken off its time before the correction is fitted
+        (`_measured`)."""
+        return self.params.draft_per_token_s if self.config.draft_padding == "drafting" else 0.0
 
     def num_drafting_iterations(self, batch_size: int) -> int:
         """Drafting iterations measured at this batch size's bucket (`batch_bucket`). Plain iterations alone
@@ -329,9 +345,12 @@ class CostModel:
         self.params = CostParams(**self._fit.fit(rows, self.params, self.prior, self.expert_counts.predict))
         self._correct(np.vstack([rows, *self._correction.archived_blocks()]))
         for bucket in self._prompt_steps.buckets():
-            batch, steps, spec, _, drafter_prefill, _, row_number = self._prompt_steps.recorded(bucket).T
+            batch, steps, spec, _, drafter_prefill, _, row_number, drafting = self._prompt_steps.recorded(
+                bucket
+            ).T
             decode = sum(self._decode_times(bucket, batch, steps, spec))
             decode = decode + drafter_prefill * self.params.draft_prefill_per_token_s
+            decode = decode + self._rows_padding_s(steps, spec, drafting)
             self._prompt_steps.fit(bucket, decode * self._local_levels(bucket, row_number))
         self._prompt_steps.freeze_means()
         self.version += 1
@@ -368,13 +387,25 @@ class CostModel:
         self._correction.fit(buckets, correction_keys(rows[valid]), log_ratio)
 
     def _measured(self, rows: Array) -> Array:
-        """Each row's measured time less its drafter's catch-up (the row's own: no factor corrects it)."""
+        """Each row's measured time less its drafter's catch-up and padded drafts (`padded_draft_s`): the row's
+        own, which no factor corrects."""
         catch_up = rows[:, 4] * self.params.draft_prefill_per_token_s
-        return rows[:, 5] + rows[:, 6] + rows[:, 7] - catch_up
+        return (
+            rows[:, 5]
+            + rows[:, 6]
+            + rows[:, 7]
+            - catch_up
+            - self._rows_padding_s(rows[:, 1], rows[:, 2], rows[:, 9])
+        )
+
+    def _rows_padding_s(self, max_k: Array, total: Array, num_drafting: Array) -> Array:
+        """`padded_draft_s` for each of these steps' padded drafts, elementwise."""
+        return self.padded_draft_s() * np.maximum(max_k * num_drafting - total, 0.0)
 
     def _record(self, stats: IterationStats) -> tuple[float, ...] | None:
         """(batch, max K, sum K, mean experts or nan, draft prefill tokens, draft s, verify s, other s, the
-        number of rows recorded before it); feeds the expert counts and the drafting iterations per bucket."""
+        number of rows recorded before it, requests at K > 0); feeds the expert counts and the drafting
+        iterations per bucket."""
         if not stats.requests:
             return None
         ks = [r.num_spec_tokens for r in stats.requests]
@@ -399,6 +430,7 @@ class CostModel:
             stats.verify_time_s,
             stats.other_time_s,
             self._next_row_number(),
+            sum(k > 0 for k in ks),
         )
 
     def _record_prompt_step(self, stats: IterationStats) -> None:
@@ -414,6 +446,7 @@ class CostModel:
             stats.num_draft_prefill_tokens,
             stats.draft_time_s + stats.verify_time_s + stats.other_time_s,
             float(self._num_rows),  # where it falls among the decode steps (`_local_levels`)
+            sum(k > 0 for k in ks),
         )
         self._prompt_steps.add(batch_bucket(len(ks)), step)
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from policy.routing import RoutingConfig
+
+# Which drafts the drafter runs beyond each request's own K_r (`CostModelConfig.draft_padding`).
+DraftPadding = Literal["none", "batch", "drafting"]
 
 
 @dataclass(frozen=True)
@@ -39,9 +43,17 @@ class CostModelConfig:
     # its steps ran 1.6% longer than our scheduler's at K = 0. With this floor, 0.04 ms a step.
     plain_refit_min_seconds: float = 2.0
     prior_weight: float = 0.01  # pull toward the prior, relative to one iteration's relative residual
-    # The drafter drafts max K for every sequence of the batch, whatever its own K (vLLM's draft model: the
-    # engine verifies K_r of them): its per-sequence term counts batch * max K drafts instead of sum K_r.
-    is_draft_padded: bool = False
+    # The drafts the drafter runs, whose per-sequence term counts them (`policy.cost_fit.drafted_tokens`):
+    # - "none": each request's own K_r, sum K_r in all (our native drafter);
+    # - "batch": max K for every sequence of the batch, whatever its own K (vLLM's draft model: the engine
+    #   verifies K_r of them), batch * max K;
+    # - "drafting": max K for every sequence at K_r > 0 (our vLLM worker drafting for those alone,
+    #   `cluster/vllm_backend/drafter_rows.py`), max K * the requests that draft. Charged as "batch" (session
+    #   68), the model put the drafter at batch 14-16 flat at 5.7-6.6 ms where it took 3.1 ms plus 0.7 ms a
+    #   drafting request (3.8-5.1 ms with 2 drafting, 13.8 with 15), fitted a drafted token at 0.075 ms (prior
+    #   0.45) and tested at a loss; charged as "none" (sum K, session 46), a ragged K vector was undercounted
+    #   (its requests each draft max K), and auto lost 6% at synthetic 16.
+    draft_padding: DraftPadding = "none"
     # The shape correction (module docstring): the pull of each K's shape toward the parametric form's, in
     # iterations (a K measured beside another in this many iterations counts half).
     correction_pseudo_count: float = 8.0
@@ -64,6 +76,8 @@ class CostModelConfig:
     max_archived_blocks: int = 16
 
     def __post_init__(self) -> None:
+        if self.draft_padding not in get_args(DraftPadding):
+            raise ValueError(f"draft_padding={self.draft_padding!r} must be one of {get_args(DraftPadding)}")
         if not self.prompt_pseudo_count > 0.0:
             raise ValueError(f"prompt_pseudo_count={self.prompt_pseudo_count} must be > 0")
         if self.prompt_window < 1:

@@ -37,9 +37,9 @@ from numpy.typing import NDArray
 
 Array = NDArray[np.float64]
 # A recorded step with prompts: (batch, max K, sum K, prompt tokens, the drafter's prefill tokens, measured
-# seconds, the cost model's decode rows recorded before it). The cost model predicts the same step without
-# prompts at each fit (`fit`), at the speed of the decode steps recorded around it.
-STEP_SIZE = 7
+# seconds, the cost model's decode rows recorded before it, requests at K > 0). The cost model predicts the
+# same step without prompts at each fit (`fit`), at the speed of the decode steps recorded around it.
+STEP_SIZE = 8
 
 
 class PromptSteps:
@@ -95,7 +95,7 @@ class PromptSteps:
     def fit(self, bucket: int, decode_seconds: Array) -> None:
         """Fit the bucket's costs from its recorded steps (`recorded`) and `decode_seconds`, the model's
         prediction for each of them without its prompts (the drafter's prefill tokens charged)."""
-        batch, _, spec, prompt, _, seconds, _ = self.recorded(bucket).T
+        batch, _, spec, prompt, _, seconds, _, _ = self.recorded(bucket).T
         keep = (seconds > 0.0) & (decode_seconds > 0.0)
         if np.count_nonzero(keep) < self.min_steps:
             return

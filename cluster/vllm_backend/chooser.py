@@ -29,6 +29,7 @@ from cluster.choosers import (
 )
 from cluster.vllm_backend.settings import WORKER_CLS, DraftMeasurement, SchedulerSettings, drafts_alone
 from policy.cost_model import CostModel, CostParams
+from policy.cost_model_config import DraftPadding
 from policy.guard import GuardConfig, MeasuredGuard
 from policy.stats import IterationStats, KChooser, RequestIterationStats
 from workers.config import ModelConfig
@@ -54,10 +55,10 @@ def build_chooser(
     policy = settings.policy
     info = target_info(vllm_config)
     prior = step_prior(vllm_config)
-    # vLLM drafts the batch's max K for every request (the scheduler cuts what is verified). Our worker drafts
-    # for the requests at K > 0 alone, max K for each of them: charged as the whole batch's, as before (a
-    # charge per drafting request needs their number, which the search's (max K, sum K) does not hold).
-    cost_model = new_cost_model(info, prior, is_draft_padded=True)
+    # vLLM drafts the batch's max K for every request (the scheduler cuts what is verified); our worker drafts
+    # for the requests at K > 0 alone where it can (`drafts_requests_alone`), max K for each of them.
+    padding: DraftPadding = "drafting" if drafts_requests_alone(vllm_config) else "batch"
+    cost_model = new_cost_model(info, prior, padding)
     cost_model.defers_refits = True
     local = make_chooser(policy, info, max_spec_tokens, cost_model, prior)
     if policy.kind in ("off", "static"):
@@ -75,7 +76,7 @@ def build_chooser(
             log_to_driver=False,
             configure_logging=False,
         )
-    factory = shared_chooser_factory(policy, info, max_spec_tokens, prior, is_draft_padded=True)
+    factory = shared_chooser_factory(policy, info, max_spec_tokens, prior, padding)
     client = PolicyClient(
         source, local, lambda: policy_actor_handle(policy.actor_name, policy.window_iterations, factory)
     )

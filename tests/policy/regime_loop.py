@@ -40,7 +40,7 @@ def regime_batch_1_seconds(k: int) -> tuple[float, float]:
 
 
 def regime_chooser(**overrides: Any) -> BatchAwareChooser:
-    model = CostModel(CostModelConfig(RoutingConfig(0, 0), is_draft_padded=True), REGIME)
+    model = CostModel(CostModelConfig(RoutingConfig(0, 0), draft_padding="batch"), REGIME)
     config = BatchAwareConfig(max_spec_tokens=4, min_population_requests=0, **overrides)
     return BatchAwareChooser(config, model)
 

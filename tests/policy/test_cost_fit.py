@@ -39,7 +39,7 @@ def rows_of(params: CostParams, shapes: list[tuple[int, int, int]]) -> np.ndarra
             + params.per_token_s * tokens
         )
         other = params.other_s + params.draft_call_s * (steps > 0) + params.other_per_token_s * tokens
-        rows.append((batch, steps, spec, np.nan, prefill, draft, verify, other, n))
+        rows.append((batch, steps, spec, np.nan, prefill, draft, verify, other, n, batch * (steps > 0)))
     return np.array(rows, dtype=np.float64)
 
 
@@ -48,7 +48,7 @@ def test_fit_recovers_the_params_that_timed_the_rows() -> None:
     start = dataclasses.replace(
         TRUTH, **{f.name: 2 * getattr(TRUTH, f.name) for f in dataclasses.fields(TRUTH)}
     )
-    fit = CostFit(is_draft_padded=False, min_samples=8, prior_weight=1e-4)
+    fit = CostFit(draft_padding="none", min_samples=8, prior_weight=1e-4)
     fitted = fit.fit(rows_of(TRUTH, shapes), start, start, experts)
     for name, value in fitted.items():
         assert value == pytest.approx(getattr(TRUTH, name), rel=0.03), name
@@ -57,7 +57,7 @@ def test_fit_recovers_the_params_that_timed_the_rows() -> None:
 def test_a_group_without_enough_rows_keeps_its_current_values() -> None:
     plain_only = rows_of(TRUTH, [(b, 0, 0) for b in (1, 2, 4, 8, 16, 32) for _ in range(3)])
     current = dataclasses.replace(TRUTH, draft_fixed_s=7e-3, draft_per_token_s=9e-4, fixed_s=1e-2)
-    fitted = CostFit(is_draft_padded=False, min_samples=8, prior_weight=1e-4).fit(
+    fitted = CostFit(draft_padding="none", min_samples=8, prior_weight=1e-4).fit(
         plain_only, current, current, experts
     )
     assert (fitted["draft_fixed_s"], fitted["draft_per_token_s"]) == (7e-3, 9e-4)  # no drafting rows

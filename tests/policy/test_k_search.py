@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from policy.k_search import expected_etrs, with_hysteresis
+from policy.k_search import StepTimes, expected_etrs, with_hysteresis
 
 MAX_K = 3
 
@@ -25,6 +25,7 @@ def table(batch: int, per_step: float, per_draft: float) -> np.ndarray:
     per_step=st.sampled_from([0.0, 0.05, 0.3]),
     per_draft=st.sampled_from([0.0, 0.01, 0.1]),
     hysteresis=st.sampled_from([0.0, 0.02, 0.1]),
+    pad_s=st.sampled_from([0.0, 0.05]),
 )
 def test_hysteresis_moves_a_request_where_moving_it_alone_pays(
     rates: list[float],
@@ -33,17 +34,20 @@ def test_hysteresis_moves_a_request_where_moving_it_alone_pays(
     per_step: float,
     per_draft: float,
     hysteresis: float,
+    pad_s: float,
 ) -> None:
     """The previous vector stays unless the best gains more than `hysteresis`; then each request moves from its
-    previous K to the best vector's where that, with the others at best, gains more than its share of it."""
+    previous K to the best vector's where that, with the others at best, gains more than its share of it. With
+    padded drafts (`pad_s` for each draft beyond its request's K, max K for every request that drafts)."""
     num = len(rates)
     rate_array, best_array, previous_array = np.array(rates), np.array(best[:num]), np.array(previous[:num])
-    times = table(num, per_step, per_draft)
+    grid = table(num, per_step, per_draft)
 
     def per_second(ks: np.ndarray) -> float:
-        return float(expected_etrs(rate_array, ks).sum()) / float(times[ks.max(), ks.sum()])
+        padded = sum(ks.max() - k for k in ks if k > 0)
+        return float(expected_etrs(rate_array, ks).sum()) / (float(grid[ks.max(), ks.sum()]) + pad_s * padded)
 
-    got = with_hysteresis(rate_array, best_array, previous_array, times, hysteresis)
+    got = with_hysteresis(rate_array, best_array, previous_array, StepTimes(grid, pad_s), hysteresis)
     margin = per_second(best_array) / per_second(previous_array) - (1.0 + hysteresis)
     assume(abs(margin) > 1e-9)  # a tie within rounding may go either way
     if margin < 0.0:

@@ -17,7 +17,7 @@ from tests.policy.regime_loop import REGIME_BATCH_1, regime_batch_1_seconds
 
 
 def _chooser(**overrides: object) -> BatchAwareChooser:
-    model = CostModel(CostModelConfig(RoutingConfig(0, 0), is_draft_padded=True), REGIME_BATCH_1)
+    model = CostModel(CostModelConfig(RoutingConfig(0, 0), draft_padding="batch"), REGIME_BATCH_1)
     return BatchAwareChooser(BatchAwareConfig(max_spec_tokens=4, **overrides), model)  # type: ignore[arg-type]
 
 

@@ -80,7 +80,7 @@ def _batch_1_chooser(**overrides: float) -> tuple[BatchAwareChooser, CostModel]:
     K = 2 / 3 / 4 run 1.015 / 1.003 / 0.959x plain, under the bar of `min_predicted_gain` and within
     `shape_probe_margin`) whose plain steps and K = 1 tests are measured (16 each, at the prior's times),
     K = 2-4 not, after a request that accepted 0.75 (the traffic's figure for the next)."""
-    model = CostModel(CostModelConfig(RoutingConfig(0, 0), is_draft_padded=True), REGIME_BATCH_1)
+    model = CostModel(CostModelConfig(RoutingConfig(0, 0), draft_padding="batch"), REGIME_BATCH_1)
     chooser = BatchAwareChooser(
         BatchAwareConfig(max_spec_tokens=4, min_population_requests=0, **overrides), model
     )
