@@ -90,8 +90,9 @@ def time_blocked_factors(
 def drafts_per_sequence(max_steps: Array, total_spec: Array, batch_size: ArrayLike) -> Array:
     """What the shape correction's factors are indexed by: verified drafts per sequence, at least 1 where the
     batch drafts at all (0 for plain decoding alone). A batch where a few requests draft runs the drafter
-    over every sequence all the same (vLLM's draft model: its first pass feeds the whole step), so its factor
-    is a drafting one; rounded to 0 it was plain decoding's (`correction_keys`)."""
+    all the same (vLLM's draft model over every sequence, its first pass feeding the whole step; our worker
+    drafting alone at its fixed costs), so its factor is a drafting one; rounded to 0 it was plain decoding's
+    (`correction_keys`)."""
     per_seq = total_spec / np.asarray(batch_size, dtype=np.float64)
     return np.where(max_steps > 0, np.maximum(per_seq, 1.0), 0.0)
 
