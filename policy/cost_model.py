@@ -224,8 +224,8 @@ class CostModel:
 
     def padding_time(self, num_spec_tokens: Sequence[int]) -> float:
         """Seconds of the padded drafts of a batch with these K_r (`padded_draft_s`), in `iteration_time`."""
-        top = max(num_spec_tokens, default=0)
-        return self.padded_draft_s() * sum(top - k for k in num_spec_tokens if k > 0)
+        k = np.asarray(num_spec_tokens)
+        return float(self._padding_s(k.max(initial=0), k.sum(), np.count_nonzero(k)))
 
     def padded_draft_s(self) -> float:
         """Seconds for each draft the drafter runs beyond its request's K where it drafts max K for every
@@ -350,7 +350,7 @@ class CostModel:
             ).T
             decode = sum(self._decode_times(bucket, batch, steps, spec))
             decode = decode + drafter_prefill * self.params.draft_prefill_per_token_s
-            decode = decode + self._rows_padding_s(steps, spec, drafting)
+            decode = decode + self._padding_s(steps, spec, drafting)
             self._prompt_steps.fit(bucket, decode * self._local_levels(bucket, row_number))
         self._prompt_steps.freeze_means()
         self.version += 1
@@ -395,12 +395,13 @@ class CostModel:
             + rows[:, 6]
             + rows[:, 7]
             - catch_up
-            - self._rows_padding_s(rows[:, 1], rows[:, 2], rows[:, 9])
+            - self._padding_s(rows[:, 1], rows[:, 2], rows[:, 9])
         )
 
-    def _rows_padding_s(self, max_k: Array, total: Array, num_drafting: Array) -> Array:
-        """`padded_draft_s` for each of these steps' padded drafts, elementwise."""
-        return self.padded_draft_s() * np.maximum(max_k * num_drafting - total, 0.0)
+    def _padding_s(self, max_k: ArrayLike, total: ArrayLike, num_drafting: ArrayLike) -> Array:
+        """Seconds of the padded drafts that `time_grid` leaves out (`padded_draft_s`), elementwise."""
+        padded = np.asarray(max_k) * np.asarray(num_drafting) - np.asarray(total)
+        return self.padded_draft_s() * np.maximum(padded, 0.0)
 
     def _record(self, stats: IterationStats) -> tuple[float, ...] | None:
         """(batch, max K, sum K, mean experts or nan, draft prefill tokens, draft s, verify s, other s, the
