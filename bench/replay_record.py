@@ -55,6 +55,7 @@ from cluster.vllm_backend.chooser import build_chooser, iteration_stats
 from cluster.vllm_backend.settings import WORKER_CLS, DraftMeasurement, SchedulerSettings
 from policy.cost_model import batch_bucket
 from policy.guard import MeasuredGuard
+from policy.prompt_steps import NO_CUE, prompt_cue
 from policy.stats import JoinAware, RequestIterationStats, RequestOutlook
 
 REPO = Path(__file__).resolve().parent.parent
@@ -258,6 +259,7 @@ def replay(
     ahead: dict[str, int] | None = None  # the choice made for this step while the step before ran
     last_step: dict[str, int] = {}  # each request's last step in the record: vLLM freed it there
     verified: set[str] = set()  # requests whose drafts were verified in an earlier step
+    verified_cue = NO_CUE  # the prompt cue of the choice the step verifies (`IterationStats.prompt_cue`)
     for index, step in enumerate(steps):
         for request_id in (*step["chosen"], *step["num_drafts"]):
             last_step[request_id] = index
@@ -316,6 +318,7 @@ def replay(
                 is_near_drafting=step["is_near_drafting"],
                 num_prefill_tokens=step.get("num_prefill_tokens", 0),
                 gap_s=step.get("gap_s", 0.0),
+                prompt_cue=verified_cue,
             )
             if current is not None:
                 kind = "drafting" if any(r.num_spec_tokens for r in requests) else "plain"
@@ -338,6 +341,8 @@ def replay(
         for request_id in finished.pop(index, []):  # after its last step's observation, as the scheduler does
             chooser.release(request_id)
         previous = draft
+        # The next step verifies this step's choice: the prompt cue of its outlook (as the scheduler's).
+        verified_cue = prompt_cue(RequestOutlook(*o) for o in (step.get("outlook") or {}).values())
         if current is not None and ids:
             current.steps += 1
             current.drafting_steps += step["num_draft_steps"] > 0

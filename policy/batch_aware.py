@@ -32,6 +32,7 @@ from policy.k_search import (
     with_hysteresis,
 )
 from policy.openings import Openings
+from policy.prompt_steps import NO_CUE, prompt_cue
 from policy.stats import IterationStats, RequestOutlook, SameBatchSkips
 from policy.test_budget import TestBudget
 from policy.test_phase import RequestState, TestPhases
@@ -81,14 +82,15 @@ class BatchAwareChooser:
         self._steady = SameBatchSkips()
         self.num_searches = 0
         # `_time_table`s of the cost model's current version, by batch size.
-        self._time_tables: dict[int, StepTimes] = {}
+        # (`_time_table`s are kept by batch size and prompt cue, and so is what is computed from them.)
+        self._time_tables: dict[tuple[int, int], StepTimes] = {}
         self._time_tables_version = -1
         # `_could_pay`, of the same version, by batch size and how many requests may draft: the highest
         # acceptance found not to pay and the lowest found to pay.
-        self._could_pay_bounds: dict[tuple[int, int], tuple[float, float]] = {}
+        self._could_pay_bounds: dict[tuple[int, int, int], tuple[float, float]] = {}
         # `_plain_shape_probe`'s K not measured yet and whether one could be cheap, of the same version, by batch
         # size (`_unmeasured_plain_shapes`).
-        self._unmeasured_shapes: dict[int, tuple[list[int], bool]] = {}
+        self._unmeasured_shapes: dict[tuple[int, int], tuple[list[int], bool]] = {}
         # The last optimum with hysteresis, and what it was computed from: the batch, the cost model's version
         # and `_num_changes`, a count of changes to what else it reads (a rate, a previous choice). Reused,
         # exactly, while none of them changes: while tests wait for a drafting iteration (up to
@@ -97,10 +99,11 @@ class BatchAwareChooser:
         # nothing, `choose` took 1 ms of a 20 ms plain step.
         self._num_changes = 0
         self.num_reused_optima = 0
-        self._optimum_key: tuple[tuple[str, ...], int, int] | None = None
+        self._optimum_key: tuple[tuple[str, ...], int, int, int] | None = None
         self._optimum: tuple[int, ...] = ()
         self._probe = 0  # ... and the plain optimum's shape probe (`_plain_shape_probe`; 0: none)
         self._outlook: Mapping[str, RequestOutlook] = {}  # `set_outlook`
+        self._prompt_cue = NO_CUE  # the outlook's (`policy.prompt_steps.prompt_cue`): the time tables' key
         self.num_unrepaid = 0  # choices where `_repaid` set a lagging request's K to 0
 
     def choose(self, request_ids: Sequence[str]) -> dict[str, int]:
@@ -118,7 +121,12 @@ class BatchAwareChooser:
         # an all-plain choice reused needs: the rates were a quarter of `choose` at batch 32, replayed over a
         # served record of the demo pair (vLLM backend), where most choices are that.
         rates: Array | None = None
-        key = (tuple(request_ids), self.cost_model.version, self._num_changes + self._phases.num_changes)
+        key = (
+            tuple(request_ids),
+            self.cost_model.version,
+            self._num_changes + self._phases.num_changes,
+            self._prompt_cue,
+        )
         if key == self._optimum_key:
             self.num_reused_optima += 1
             chosen, probe = list(self._optimum), self._probe
@@ -237,8 +245,10 @@ class BatchAwareChooser:
             state.num_chosen += 1
 
     def set_outlook(self, outlook: Mapping[str, RequestOutlook]) -> None:
-        """(`OutlookAware`) Each request's catch-up and remaining tokens, for the next `choose`."""
+        """(`OutlookAware`) Each request's catch-up and remaining tokens, for the next `choose`; and the prompt
+        cue they give, under which the next choices price their steps (`CostModel.phase_times`)."""
         self._outlook = outlook
+        self._prompt_cue = prompt_cue(outlook.values())
 
     def observe(self, stats: IterationStats) -> None:
         self.cost_model.observe(stats)
@@ -356,11 +366,12 @@ class BatchAwareChooser:
         that caught up 2 846 prompt tokens in a 290 ms step (a plain step: 16 ms); with this rule 3, and auto ran
         1.12x the version before (three rounds). The bound is acceptance 1, not the traffic's: a test is how a
         shift to traffic that accepts better is found."""
-        key = (batch_size, batch_size if num_drafting is None else min(num_drafting, batch_size))
+        num = batch_size if num_drafting is None else min(num_drafting, batch_size)
+        key = (batch_size, num, self._prompt_cue)
         fails, pays = self._could_pay_bounds.get(key, (-1.0, math.inf))
         if acceptance <= fails or acceptance >= pays:  # (the bound grows with the acceptance)
             return acceptance >= pays
-        could = could_beat_plain(times, batch_size, key[1], acceptance)
+        could = could_beat_plain(times, batch_size, num, acceptance)
         self._could_pay_bounds[key] = (fails, acceptance) if could else (acceptance, pays)
         return could
 
@@ -377,14 +388,18 @@ class BatchAwareChooser:
             self._could_pay_bounds.clear()
             self._unmeasured_shapes.clear()
             self._time_tables_version = self.cost_model.version
-        table = self._time_tables.get(batch_size)
+        key = (batch_size, self._prompt_cue)
+        table = self._time_tables.get(key)
         if table is None:
             max_k, bar = self.config.max_spec_tokens, 1.0 + self.config.min_predicted_gain
             grid = self.cost_model.time_grid(
-                batch_size, np.arange(max_k + 1)[:, None], np.arange(batch_size * max_k + 1)[None, :]
+                batch_size,
+                np.arange(max_k + 1)[:, None],
+                np.arange(batch_size * max_k + 1)[None, :],
+                self._prompt_cue,
             )
             grid[1:] *= bar
-            table = self._time_tables[batch_size] = StepTimes(grid, bar * self.cost_model.padded_draft_s())
+            table = self._time_tables[key] = StepTimes(grid, bar * self.cost_model.padded_draft_s())
         return table
 
     def _repaid(
@@ -464,7 +479,7 @@ class BatchAwareChooser:
         where its cost is least. Where none could, the probe is 0 whatever the requests' rates, which `choose`
         then need not read (a third of a plain choice's CPU at batch 28-32 on the demo pair, replayed, session
         67). As of the last refit: `_time_table`, called first, clears them at a new version."""
-        kept = self._unmeasured_shapes.get(num)
+        kept = self._unmeasured_shapes.get((num, self._prompt_cue))
         if kept is not None:
             return kept
         rows = self.config.shape_probe_rows
@@ -480,7 +495,7 @@ class BatchAwareChooser:
             excess_s <= margin * time_s
             for excess_s, time_s in (self._probe_excess(times, num, k, num * (k + 1)) for k in unmeasured)
         )
-        kept = self._unmeasured_shapes[num] = (unmeasured, could_be_cheap)
+        kept = self._unmeasured_shapes[num, self._prompt_cue] = (unmeasured, could_be_cheap)
         return kept
 
     def _probe_excess(self, times: StepTimes, num: int, k: int, etr: float) -> tuple[float, float]:

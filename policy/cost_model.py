@@ -39,7 +39,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from policy.cost_fit import ROW_SIZE, CostFit
 from policy.cost_model_config import CostModelConfig
-from policy.prompt_steps import PromptSteps
+from policy.prompt_steps import NO_CUE, PromptSteps
 from policy.routing import ExpertCounts
 from policy.shape_correction import ShapeCorrection, correction_keys, drafts_per_sequence
 from policy.stats import IterationStats
@@ -157,8 +157,11 @@ class CostModel:
 
     # -- predictions ----------------------------------------------------------------------------------------
 
-    def phase_times(self, batch_size: int, max_steps: ArrayLike, total_spec: ArrayLike) -> tuple[Array, ...]:
-        """(draft, verify, other) seconds for a batch whose K vector has this max and this sum."""
+    def phase_times(
+        self, batch_size: int, max_steps: ArrayLike, total_spec: ArrayLike, prompt_cue: int = NO_CUE
+    ) -> tuple[Array, ...]:
+        """(draft, verify, other) seconds for a batch whose K vector has this max and this sum, chosen under
+        this prompt cue (`policy.prompt_steps.prompt_cue`)."""
         spec = np.asarray(total_spec, dtype=np.float64)
         steps = np.asarray(max_steps, dtype=np.float64)
         bucket = batch_bucket(batch_size)
@@ -166,7 +169,7 @@ class CostModel:
         prompt_tokens = self._prompt_steps.prompt_tokens_per_iteration(bucket)
         if prompt_tokens:  # the drafter's prefill of arriving prompts (module docstring)
             draft = draft + (steps > 0) * (self.params.draft_prefill_per_token_s * prompt_tokens)
-        spec_token_s = self._prompt_steps.expected_spec_token_s(bucket)
+        spec_token_s = self._prompt_steps.expected_spec_token_s(bucket, prompt_cue)
         if spec_token_s:  # verification tokens in the steps with prompts (module docstring)
             # A discount at most what the verification tokens add to a decode step's verification: in a step
             # with prompts they may cost nothing, but the drafter's steps cost what they do. Bounded by the
@@ -211,16 +214,20 @@ class CostModel:
         other = p.other_s + p.draft_call_s * (steps > 0) + p.other_per_token_s * tokens
         return draft, verify, other
 
-    def time_grid(self, batch_size: int, max_steps: ArrayLike, total_spec: ArrayLike) -> Array:
-        draft, verify, other = self.phase_times(batch_size, max_steps, total_spec)
+    def time_grid(
+        self, batch_size: int, max_steps: ArrayLike, total_spec: ArrayLike, prompt_cue: int = NO_CUE
+    ) -> Array:
+        draft, verify, other = self.phase_times(batch_size, max_steps, total_spec, prompt_cue)
         return draft + verify + other
 
-    def iteration_time(self, num_spec_tokens: Sequence[int]) -> float:
-        """Seconds for one iteration of a batch with these K_r (one entry per request)."""
+    def iteration_time(self, num_spec_tokens: Sequence[int], prompt_cue: int = NO_CUE) -> float:
+        """Seconds for one iteration of a batch with these K_r (one entry per request), chosen under this
+        prompt cue."""
         if not num_spec_tokens:
             return 0.0
         top, total = max(num_spec_tokens), sum(num_spec_tokens)
-        return float(self.time_grid(len(num_spec_tokens), top, total)) + self.padding_time(num_spec_tokens)
+        grid = self.time_grid(len(num_spec_tokens), top, total, prompt_cue)
+        return float(grid) + self.padding_time(num_spec_tokens)
 
     def padding_time(self, num_spec_tokens: Sequence[int]) -> float:
         """Seconds of the padded drafts of a batch with these K_r (`padded_draft_s`), in `iteration_time`."""
@@ -289,7 +296,9 @@ class CostModel:
         """Add a measured iteration; refit once there are `min_samples`, then whenever the new iterations
         reach the number already fitted (doubling), or `refit_interval` of them."""
         if stats.requests:
-            self._prompt_steps.count(batch_bucket(stats.batch_size), stats.num_prefill_tokens)
+            self._prompt_steps.count(
+                batch_bucket(stats.batch_size), stats.num_prefill_tokens, stats.prompt_cue
+            )
             if stats.num_prefill_tokens:
                 self._record_prompt_step(stats)
             self._new_drafting |= any(r.num_spec_tokens for r in stats.requests)

@@ -32,10 +32,15 @@ expected step. On the demo pair (the draft half a target step) it left auto's K 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 from numpy.typing import NDArray
 
+from policy.stats import RequestOutlook
+
 Array = NDArray[np.float64]
+NO_CUE = -1  # an iteration or choice without a prompt cue (an engine that gives no outlooks)
 # A recorded step with prompts: (batch, max K, sum K, prompt tokens, the drafter's prefill tokens, measured
 # seconds, the cost model's decode rows recorded before it, requests at K > 0). The cost model predicts the
 # same step without prompts at each fit (`fit`), at the speed of the decode steps recorded around it.
@@ -58,18 +63,28 @@ class PromptSteps:
         # observed; and as of the last fit (predictions read these, so that they change only at a fit).
         self._means: dict[int, tuple[int, float, float]] = {}
         self._fitted_means: dict[int, tuple[float, float]] = {}
+        # Per (bucket, cue): (iterations seen, share of them with prompts), as observed; as of the last fit.
+        self._cue_means: dict[tuple[int, int], tuple[int, float]] = {}
+        self._fitted_cue_shares: dict[tuple[int, int], float] = {}
         self._spec_token_s: dict[int, float] = {}
         self._prompt_token_s: dict[int, float] = {}
 
-    def count(self, bucket: int, num_prompt_tokens: int) -> None:
-        """An iteration at this bucket, with these prompt tokens (0 included): the means over about `window`."""
+    def count(self, bucket: int, num_prompt_tokens: int, cue: int = NO_CUE) -> None:
+        """An iteration at this bucket, with these prompt tokens (0 included): the means over about `window`;
+        and, where the engine gave the cue of the choice the iteration verifies (`prompt_cue`), the share of
+        steps with prompts after that cue."""
         count, tokens, share = self._means.get(bucket, (0, 0.0, 0.0))
         weight = max(1.0 / (count + 1), 1.0 / self.window)
+        has_prompts = float(num_prompt_tokens > 0)
         self._means[bucket] = (
             count + 1,
             tokens + weight * (num_prompt_tokens - tokens),
-            share + weight * (float(num_prompt_tokens > 0) - share),
+            share + weight * (has_prompts - share),
         )
+        if cue != NO_CUE:
+            count, share = self._cue_means.get((bucket, cue), (0, 0.0))
+            weight = max(1.0 / (count + 1), 1.0 / self.window)
+            self._cue_means[bucket, cue] = (count + 1, share + weight * (has_prompts - share))
 
     def add(self, bucket: int, step: tuple[float, ...]) -> None:
         """A measured step with prompts (`STEP_SIZE` values)."""
@@ -117,13 +132,18 @@ class PromptSteps:
     def freeze_means(self) -> None:
         """Predictions read the means as of now (a fit: the cost model's version changes)."""
         self._fitted_means = {bucket: (tokens, share) for bucket, (_, tokens, share) in self._means.items()}
+        self._fitted_cue_shares = {
+            key: share for key, (count, share) in self._cue_means.items() if count >= self.min_steps
+        }
 
     def prompt_tokens_per_iteration(self, bucket: int) -> float:
         return self._fitted_means.get(bucket, (0.0, 0.0))[0]
 
-    def share(self, bucket: int) -> float:
-        """The share of the bucket's iterations that carried prompts, as of the last fit."""
-        return self._fitted_means.get(bucket, (0.0, 0.0))[1]
+    def share(self, bucket: int, cue: int = NO_CUE) -> float:
+        """The share of the bucket's iterations that carried prompts, as of the last fit; given a cue, the
+        share of those that followed it (once `min_steps` did; the bucket's until then)."""
+        share = self._fitted_means.get(bucket, (0.0, 0.0))[1]
+        return self._fitted_cue_shares.get((bucket, cue), share) if cue != NO_CUE else share
 
     def spec_token_s(self, bucket: int) -> float:
         """What a verification token costs in a step with prompts beyond a decode step's (either sign)."""
@@ -133,6 +153,18 @@ class PromptSteps:
         """What a prompt token adds to a step, as fitted (not in predictions: module docstring)."""
         return self._prompt_token_s.get(bucket, 0.0)
 
-    def expected_spec_token_s(self, bucket: int) -> float:
-        """`spec_token_s` times the share of steps with prompts: its part of the next step's expected time."""
-        return self.share(bucket) * self.spec_token_s(bucket)
+    def expected_spec_token_s(self, bucket: int, cue: int = NO_CUE) -> float:
+        """`spec_token_s` times the share of steps with prompts (after this cue): its part of the expected time
+        of the step that verifies the drafts chosen now."""
+        return self.share(bucket, cue) * self.spec_token_s(bucket)
+
+
+def prompt_cue(outlook: Iterable[RequestOutlook]) -> int:
+    """The cue a choice is made under (`PromptSteps`): 1 where a request of the batch is ending (it may generate
+    at most one more token), 0 where none is; `NO_CUE` without outlooks."""
+    ending = NO_CUE
+    for request in outlook:
+        if request.num_remaining_tokens <= 1:
+            return 1
+        ending = 0
+    return ending

@@ -59,6 +59,10 @@ class IterationStats(msgspec.Struct, frozen=True):
     # at batch 16 at 120 ms (40 ms measured) and drafting K = 4 for every request at the same cost, and the
     # guard's plain figure stayed below the chooser's while drafting ran at 0.5x plain's speed (session 15).
     num_prefill_tokens: int = 0
+    # The prompt cue of the choice whose drafts this iteration verifies (`policy.prompt_steps.prompt_cue`: 1
+    # where a request was ending, 0 where none was, -1 where the engine gave no outlooks): the cost model
+    # learns how often an iteration carries prompts after each cue.
+    prompt_cue: int = -1
 
     @property
     def iteration_time_s(self) -> float:

@@ -31,6 +31,7 @@ from cluster.vllm_backend.settings import WORKER_CLS, DraftMeasurement, Schedule
 from policy.cost_model import CostModel, CostParams
 from policy.cost_model_config import DraftPadding
 from policy.guard import GuardConfig, MeasuredGuard
+from policy.prompt_steps import NO_CUE
 from policy.stats import IterationStats, KChooser, RequestIterationStats
 from workers.config import ModelConfig
 from workers.target import TargetInfo
@@ -208,12 +209,14 @@ def iteration_stats(
     is_near_drafting: bool = False,
     num_prefill_tokens: int = 0,
     gap_s: float = 0.0,
+    prompt_cue: int = NO_CUE,
 ) -> IterationStats:
     """One iteration of the policy from one vLLM step: the drafts verified in the step were drafted at the end
     of the step before (`previous`), and the drafting at the end of this step (`draft`) is the next
     iteration's, so verify time = step time - `draft.time_s`. `draft` None (not our worker): the whole
     step is verify time. `is_near_drafting`: from `NearDrafting` (`IterationStats.is_near_drafting`);
-    `num_prefill_tokens`: other requests' prompt tokens in the step (`IterationStats.num_prefill_tokens`).
+    `num_prefill_tokens`: other requests' prompt tokens in the step (`IterationStats.num_prefill_tokens`);
+    `prompt_cue`: that of the choice whose drafts the step verifies (`IterationStats.prompt_cue`).
 
     `gap_s`: the engine core's time between the step before and this one (vLLM's post-step work, output
     processing). It counts in the verify time of a step without prompts: after a step that drafted it holds
@@ -234,6 +237,7 @@ def iteration_stats(
         num_draft_prefill_tokens=0 if draft is None else previous.num_prefill_tokens,
         is_near_drafting=is_near_drafting,
         num_prefill_tokens=num_prefill_tokens,
+        prompt_cue=prompt_cue,
     )
 
 

@@ -69,6 +69,7 @@ from cluster.vllm_backend.settings import (
     SchedulerSettings,
 )
 from cluster.vllm_backend.step_record import StepLog, StepRecord
+from policy.prompt_steps import NO_CUE, prompt_cue
 from policy.stats import KChooser, RequestIterationStats
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,8 @@ class PolicyScheduler(Scheduler):
         # What the drafter did at the end of the last step: its drafts are verified in this step.
         self._last_draft = DraftMeasurement(0.0, 0)
         self._near_drafting = NearDrafting()
+        # The prompt cue of the choice whose drafts this step verifies (`IterationStats.prompt_cue`).
+        self._verified_cue = NO_CUE
         self._measures_draft = False  # a measurement has arrived (logged once)
         self._refits_between_steps = False  # a refit ran in `_observe` (logged once)
         self._refit_cpu_s = 0.0  # CPU in refits since the last step's record (`StepRecord.refit_cpu_s`)
@@ -148,6 +151,8 @@ class PolicyScheduler(Scheduler):
 
     def _update_after_schedule(self, scheduler_output: SchedulerOutput) -> None:
         if self.max_spec_tokens:
+            # This step verifies the drafts of the choice made for the step before: its prompt cue.
+            self._verified_cue = prompt_cue(self.k_plan.chosen_outlook.values())
             chosen = self.k_plan.decide(self._drafting_ids(scheduler_output), self.requests)
             scheduler_output.num_spec_tokens_to_schedule = max(chosen.values(), default=0)
             drafting = frozenset(r for r, k in chosen.items() if k > 0)
@@ -267,6 +272,7 @@ class PolicyScheduler(Scheduler):
                 is_near_drafting=is_near,
                 num_prefill_tokens=num_prefill_tokens,
                 gap_s=gap_s,
+                prompt_cue=self._verified_cue,
             )
             self._to_chooser("observe", stats)
         counters.count_step(requests, step_time_s)
