@@ -303,10 +303,11 @@ class BatchAwareChooser:
         self, rates: Array, num_spec_tokens: Sequence[int], times: StepTimes | None = None
     ) -> float:
         """Expected committed tokens per second of the batch at this K vector (one entry per request);
-        `times` as in `best_spec_tokens` (None: the cost model's time, drafting not charged its bar)."""
+        `times` as in `best_spec_tokens` (None: the cost model's time under the outlook's prompt cue, drafting
+        not charged its bar)."""
         etr = float(expected_etrs(rates, np.asarray(num_spec_tokens)).sum())
         if times is None:
-            return etr / self.cost_model.iteration_time([int(k) for k in num_spec_tokens])
+            return etr / self.cost_model.iteration_time([int(k) for k in num_spec_tokens], self._prompt_cue)
         return etr / times.of(num_spec_tokens)
 
     def best_spec_tokens(

@@ -24,7 +24,8 @@ choices at 1.04-1.18x plain decoding (medians per cell), where our scheduler at 
 
 Steps with prompts. Drafts verified in a step that carries prompts cost there what they do not in a decode
 step. The model keeps those steps apart and fits, per bucket, a verification token's cost in them beyond a
-decode step's; a prediction adds it at the bucket's recent share of steps with prompts (`policy.prompt_steps`).
+decode step's; a prediction adds it at the bucket's recent share of steps with prompts, or at the share after
+the choice's prompt cue, a request ending, where the engine gives one (`policy.prompt_steps`).
 """
 
 from __future__ import annotations

@@ -24,6 +24,21 @@ steps with prompts: the expected step. The first is left out of predictions, sin
 prompt is the same work whatever the batch drafts, and a token's worth is what plain decoding would spend on
 it.
 
+The cue. Whether the step that verifies a choice's drafts carries prompts is not chance alone: behind a
+client that keeps a number of requests in flight (vLLM's `bench serve --max-concurrency`, a chat front end),
+a request that ends is followed by the next one's prompt a step or two later. A choice is made under a prompt
+cue (`prompt_cue`: 1 where a request of the batch may generate at most one more token, 0 where none; the
+engine gives it with the requests' outlooks), each iteration reports the cue of the choice it verifies
+(`IterationStats.prompt_cue`), and the share of steps with prompts is kept per cue too: a choice prices its
+step at its cue's share (`share`), the bucket's until the cue was seen `min_steps` times. Traffic whose
+prompts arrive whatever the batch does (an open-loop client) finds the same share after either cue: as
+before. Served on the regime pair (mixed 16 / 32, four records of auto, steps at batch 17-32), 80-82% of the
+steps after cue 1 carried prompts and 6-12% after cue 0, 31-36% in all; the gain was in those steps: our
+scheduler at static K = 2 made 2 900 of a cell's 6 000 tokens in steps with prompts at 1.4-1.6x auto's rate
+there (1 550 tokens), and ran 1.09x off where auto ran 0.98x (`docs/vllm-backend-measurements.md`). Where
+the traffic changes, a cue's share lags it as the bucket's does, and errs further: served after prose (1% of
+the steps after cue 0 carried prompts), synthetic's cells priced cue 0 at 4-8% where 38% of them did.
+
 Served (session 57, regime pair, varied lengths, against the model without it): 1.000 over 40 paired runs of
 code, prose, synthetic and mixed at batch 16 / 32 (standard error 0.006), mixed 32 1.015 over 8. Fitted there,
 spec_token_s was -0.05 to -0.48 ms at batch 17-32 and the share 0.26-0.55: drafting about 5% cheaper in the

@@ -17,6 +17,7 @@ from bench.replay_record import Cell, CpuTally, cells_of, level_error, relative_
 from cluster.vllm_backend.chooser import build_chooser, iteration_stats
 from cluster.vllm_backend.settings import DraftMeasurement, SchedulerSettings
 from policy.guard import MeasuredGuard
+from policy.prompt_steps import NO_CUE, prompt_cue
 from policy.stats import RequestIterationStats, RequestOutlook
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,6 +51,7 @@ def _serve(
     ahead: dict[str, int] | None = None
     ahead_outlook: dict[str, list[int]] = {}
     seen: set[str] = set()  # requests the drafter has drafted for
+    verified_cue = NO_CUE
 
     def outlook_of(ids: list[str]) -> dict[str, list[int]]:
         return {r: [0 if r in seen else PROMPT_TOKENS + 24 - left[r], left[r]] for r in ids}
@@ -80,7 +82,12 @@ def _serve(
         step_s = 0.012 + 0.003 * sum(drafts.values()) + (draft_s or 0.0)
         requests = [RequestIterationStats(r, drafts[r], accepted[r], accepted[r] + 1, 100) for r in ids]
         draft = DraftMeasurement(draft_s or 0.0, catch_up)
-        chooser.observe(iteration_stats(step, requests, step_s, draft, previous, is_near_drafting=False))
+        # the prompt cue of the choice verified in the step (the step before's), as the scheduler reports it
+        stats = iteration_stats(
+            step, requests, step_s, draft, previous, is_near_drafting=False, prompt_cue=verified_cue
+        )
+        chooser.observe(stats)
+        verified_cue = prompt_cue(RequestOutlook(*v) for v in outlook.values())
         previous, held = draft, dict(chosen)
         finishing = [r for r in ids if left[r] <= accepted[r] + 1]
         steps.append(

@@ -23,6 +23,7 @@ from policy.simulator import _measure, simulate
 from policy.stats import IterationStats, KChooser, RequestIterationStats, RequestOutlook
 from policy.test_phase import RequestState, TestPhases
 from policy.workload import WorkloadConfig
+from tests.policy.test_cost_model import _with_prompt_steps
 
 MIXTRAL = PRESETS["mixtral-8x7b-h100"]
 # The test budget's back-off alone: not waived however long the batch runs plain (the floor has its own test).
@@ -1143,6 +1144,28 @@ def test_a_choice_builds_the_tables_a_joining_request_reads_in_the_next_step() -
     assert grids == []
     chooser.choose_joined(["j3", "j4", "j5"], chosen)  # a size 3 above: built then
     assert grids == [33]
+
+
+def test_a_choice_made_while_a_request_ends_drafts_as_the_steps_after_that_cue_pay() -> None:
+    """The outlook's prompt cue (a request ending) picks the share of steps with prompts that the choice's step
+    is priced at (`CostModel.phase_times`): where verification tokens cost a third as much in steps with
+    prompts and prompts follow that cue alone, the batch drafts more after it, and at acceptances where it
+    decodes plain otherwise."""
+    plain_s = MIXTRAL.cost_params().per_token_s
+    _, _, model = _with_prompt_steps(prompt_token_s=2 * plain_s, spec_token_s=-4 * plain_s, is_cued=True)
+    chooser = BatchAwareChooser(BatchAwareConfig(min_predicted_gain=0.0), model)
+    ids = [f"r{i}" for i in range(8)]
+    drafts_after_cue_alone = []
+    for acceptance in np.linspace(0.05, 0.95, 46):
+        rates, chosen = np.full(8, acceptance), {}
+        for cue, remaining in ((1, 1), (0, 40)):
+            chooser.set_outlook({r: RequestOutlook(0, remaining if r == "r0" else 40) for r in ids})
+            chosen[cue] = chooser.best_spec_tokens(rates, np.full(8, -1))
+            free = chooser.tokens_per_second(rates, chosen[cue])
+            assert free >= chooser.tokens_per_second(rates, [0] * 8) * (1 - 1e-9)
+        assert sum(chosen[1]) >= sum(chosen[0]), acceptance
+        drafts_after_cue_alone.append(max(chosen[1]) > 0 and max(chosen[0]) == 0)
+    assert any(drafts_after_cue_alone)
 
 
 def test_a_joined_request_s_bound_decides_both_ways_on_the_demo_pair() -> None:

@@ -14,9 +14,10 @@ from policy import shape_correction
 from policy.cost_model import CostModel, CostParams
 from policy.cost_model_config import CostModelConfig, DraftPadding
 from policy.presets import PRESETS
+from policy.prompt_steps import NO_CUE, PromptSteps, prompt_cue
 from policy.routing import RoutingConfig
 from policy.shape_correction import ShapeCorrection
-from policy.stats import IterationStats, RequestIterationStats
+from policy.stats import IterationStats, RequestIterationStats, RequestOutlook
 
 MIXTRAL = PRESETS["mixtral-8x7b-h100"]
 
@@ -414,11 +415,13 @@ def _with_prompt_steps(
     prompt_every: int = 2,
     draft_in_prompt_steps: bool = True,
     slow_until: int = 0,
+    is_cued: bool = False,
 ) -> tuple[CostModel, CostModel, CostModel]:
     """(truth, a model fed its decode steps alone, a model fed them and steps with prompts that every
     `prompt_every`-th iteration carries, timed as the decode step plus a prompt token's and a verification
     token's costs there). Batch 8: a bucket of its own. The first `slow_until` iterations run 1.3x slower
-    (this machine's drift)."""
+    (this machine's drift). `is_cued`: every iteration carries the prompt cue of its choice, 1 where it
+    carries prompts, 0 where not (a cue that tells them apart)."""
     rng = np.random.default_rng(11)
     config = CostModelConfig(MIXTRAL.routing)
     truth = CostModel(config, MIXTRAL.cost_params())
@@ -427,6 +430,8 @@ def _with_prompt_steps(
         ks = [int(k) for k in rng.integers(0, 4, 8)]
         ks = ks if draft_in_prompt_steps or i % prompt_every else [0] * 8
         stats = measured_iteration(truth, ks, rng, noise=0.003, iteration=i)
+        if is_cued:
+            stats = msgspec.structs.replace(stats, prompt_cue=int(i % prompt_every == 0))
         if i < slow_until:
             stats = msgspec.structs.replace(
                 stats,
@@ -475,6 +480,50 @@ def test_a_verification_tokens_cost_in_steps_with_prompts_is_fitted_and_priced_a
     assert drafted < 0.9 * decode_drafted  # (K = 3: 24 verification tokens)
     assert decode_only.prompt_step_costs(8) == (0.0, 0.0, 0.0)
     assert with_prompts.spec_time(1, 2) == pytest.approx(truth.spec_time(1, 2), rel=0.05)  # another bucket
+
+
+def test_the_step_that_verifies_a_choice_is_priced_at_the_share_of_steps_with_prompts_after_its_cue() -> None:
+    """Session 70 on the regime pair (mixed 16 / 32, a closed-loop client): after a choice made while a request
+    of the batch was ending, 80-82% of the steps that verified its drafts carried prompts (the next request's);
+    after one without, 6-12%. Priced at the bucket's share (a third) either way, drafting looked as dear before a
+    step with prompts as before a decode step. The cost model learns the share per cue, and a choice made
+    under a cue prices its step at that cue's share; without a cue, at the bucket's."""
+    plain_s = MIXTRAL.cost_params().per_token_s
+    _, decode_only, cued = _with_prompt_steps(
+        prompt_token_s=2 * plain_s, spec_token_s=-2 * plain_s, is_cued=True
+    )
+    share, _, spec_token_s = cued.prompt_step_costs(8)
+    assert share == pytest.approx(0.5, abs=0.01)
+    assert spec_token_s == pytest.approx(-2 * plain_s, rel=0.2)
+    drafter_prefill_s = cued.params.draft_prefill_per_token_s * cued.prompt_tokens_per_iteration(8)
+    for k in (1, 3):
+        decode_drafted = decode_only.spec_time(8, k) - decode_only.plain_time(8)
+        for cue, cue_share in ((1, 1.0), (0, 0.0), (NO_CUE, share)):
+            drafted = cued.iteration_time([k] * 8, cue) - cued.iteration_time([0] * 8, cue)
+            expected = decode_drafted + drafter_prefill_s + cue_share * spec_token_s * 8 * k
+            assert drafted == pytest.approx(expected, rel=0.01), (k, cue)
+    assert cued.iteration_time([0] * 8, 1) == pytest.approx(cued.plain_time(8), rel=1e-9)  # K = 0: no cue's
+
+
+def test_a_cue_seen_in_fewer_than_min_samples_iterations_prices_at_the_buckets_share() -> None:
+    steps = PromptSteps(ring_size=64, window=128, min_steps=8, pseudo_count=2.0)
+    for i in range(40):
+        steps.count(5, 100 * (i % 4 == 0), cue=0 if i < 33 else 1)  # cue 1: 7 iterations, none with prompts
+    steps.freeze_means()
+    assert steps.share(5) == pytest.approx(0.25, abs=0.01)
+    assert steps.share(5, 0) == pytest.approx(9 / 33, abs=0.01)
+    assert steps.share(5, 1) == steps.share(5)
+    steps.count(5, 0, cue=1)
+    steps.freeze_means()
+    assert steps.share(5, 1) == 0.0
+    assert steps.share(4, 1) == 0.0  # a bucket never seen
+
+
+def test_the_prompt_cue_is_a_request_ending_within_a_token() -> None:
+    assert prompt_cue([RequestOutlook(0, 5), RequestOutlook(3, 1)]) == 1
+    assert prompt_cue([RequestOutlook(0, 5), RequestOutlook(3, 0)]) == 1
+    assert prompt_cue([RequestOutlook(0, 5), RequestOutlook(3, 2)]) == 0
+    assert prompt_cue([]) == NO_CUE
 
 
 def test_steps_with_prompts_that_never_draft_leave_the_cost_of_drafting_as_in_decode_steps() -> None:

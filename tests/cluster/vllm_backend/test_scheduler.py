@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from cluster.vllm_backend.step_record import RecordFile
+from policy.prompt_steps import prompt_cue
 from policy.stats import IterationStats, RequestIterationStats, RequestOutlook
 from tests.cluster.vllm_backend.conftest import needs_vllm
 from tests.cluster.vllm_backend.engines import (
@@ -506,9 +507,14 @@ class _Outlooks(_Releases):
     def __init__(self, inner: Any) -> None:
         super().__init__(inner)
         self.outlooks: list[dict[str, RequestOutlook]] = []
+        self.prompt_cues: dict[int, int] = {}  # by step: the prompt cue each observed step carried
 
     def set_outlook(self, outlook: Mapping[str, RequestOutlook]) -> None:
         self.outlooks.append(dict(outlook))
+
+    def observe(self, stats: Any) -> None:
+        self.prompt_cues[stats.iteration] = stats.prompt_cue
+        super().observe(stats)
 
 
 def test_the_chooser_is_told_what_each_drafter_missed_and_what_is_left(engines: tuple[Any, Any]) -> None:
@@ -555,6 +561,13 @@ def test_the_chooser_is_told_what_each_drafter_missed_and_what_is_left(engines: 
     ]
     assert [step.outlook for step in sched.log.steps if step.outlook] == given
     assert not sched._lag.lag_from  # forgotten with the requests
+    # Each step reports the prompt cue of the choice whose drafts it verifies: the step before's outlook's.
+    steps = sched.log.steps
+    for before, step in zip(steps, steps[1:], strict=False):
+        if step.step in wrapper.prompt_cues:
+            expected = prompt_cue(RequestOutlook(*o) for o in before.outlook.values())
+            assert wrapper.prompt_cues[step.step] == expected, step.step
+    assert {0, 1} <= set(wrapper.prompt_cues.values())  # (the auto request ends: a choice under cue 1)
 
 
 def test_the_cost_models_refits_are_timed_into_the_steps_record() -> None:
