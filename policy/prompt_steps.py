@@ -156,15 +156,9 @@ class PromptSteps:
 
     def share(self, bucket: int, cue: int = NO_CUE) -> float:
         """The share of the bucket's iterations that carried prompts, as of the last fit; given a cue, the
-        share of those that followed it where it is the higher (once `min_steps` did).
-
-        Never below the bucket's: a share that errs low prices drafting before a step with prompts as before a
-        decode step, and errs where the traffic changes (module docstring: synthetic after prose). Served on the
-        regime pair at batch 32 (session 70), drafting before a step with prompts added a token at about 1.9 ms
-        where plain decoding spent 2.6, and before a decode step at about 2.4: priced too dear, it forgoes the
-        first; priced too cheap, it drafts where drafting nearly breaks even."""
+        share of those that followed it (once `min_steps` did; the bucket's until then)."""
         share = self._fitted_means.get(bucket, (0.0, 0.0))[1]
-        return max(self._fitted_cue_shares.get((bucket, cue), share), share) if cue != NO_CUE else share
+        return self._fitted_cue_shares.get((bucket, cue), share) if cue != NO_CUE else share
 
     def spec_token_s(self, bucket: int) -> float:
         """What a verification token costs in a step with prompts beyond a decode step's (either sign)."""
