@@ -508,9 +508,10 @@ def test_the_step_that_verifies_a_choice_is_priced_at_the_share_of_steps_with_pr
 def test_a_cue_seen_in_fewer_than_min_samples_iterations_prices_at_the_buckets_share() -> None:
     steps = PromptSteps(ring_size=64, window=128, min_steps=8, pseudo_count=2.0)
     for i in range(40):
-        steps.count(5, 100 * (i % 4 == 0), cue=0 if i < 33 else 1)  # cue 1: 7 iterations, none with prompts
+        is_cue = i >= 33  # 7 iterations after cue 1, none with prompts
+        steps.count(5, 100 * (i % 4 == 0 and not is_cue), cue=int(is_cue))
     steps.freeze_means()
-    assert steps.share(5) == pytest.approx(0.25, abs=0.01)
+    assert steps.share(5) == pytest.approx(9 / 40, abs=0.01)
     assert steps.share(5, 0) == pytest.approx(9 / 33, abs=0.01)
     assert steps.share(5, 1) == steps.share(5)
     steps.count(5, 0, cue=1)
