@@ -81,15 +81,15 @@ class BatchAwareChooser:
         # A steady all-plain batch (`BatchAwareConfig.steady_iterations`): its choices before the next search.
         self._steady = SameBatchSkips()
         self.num_searches = 0
-        # `_time_table`s of the cost model's current version, by batch size.
-        # (`_time_table`s are kept by batch size and prompt cue, and so is what is computed from them.)
+        # `_time_table`s of the cost model's current version, by batch size and prompt cue (`set_outlook`; and so
+        # are the two verdicts below, computed from them).
         self._time_tables: dict[tuple[int, int], StepTimes] = {}
         self._time_tables_version = -1
-        # `_could_pay`, of the same version, by batch size and how many requests may draft: the highest
+        # `_could_pay`, of the same version, by batch size, how many requests may draft and cue: the highest
         # acceptance found not to pay and the lowest found to pay.
         self._could_pay_bounds: dict[tuple[int, int, int], tuple[float, float]] = {}
         # `_plain_shape_probe`'s K not measured yet and whether one could be cheap, of the same version, by batch
-        # size (`_unmeasured_plain_shapes`).
+        # size and cue (`_unmeasured_plain_shapes`).
         self._unmeasured_shapes: dict[tuple[int, int], tuple[list[int], bool]] = {}
         # The last optimum with hysteresis, and what it was computed from: the batch, the cost model's version
         # and `_num_changes`, a count of changes to what else it reads (a rate, a previous choice). Reused,
