@@ -567,7 +567,8 @@ def test_the_chooser_is_told_what_each_drafter_missed_and_what_is_left(engines: 
         if step.step in wrapper.prompt_cues:
             expected = prompt_cue(RequestOutlook(*o) for o in before.outlook.values())
             assert wrapper.prompt_cues[step.step] == expected, step.step
-    assert {0, 1} <= set(wrapper.prompt_cues.values())  # (the auto request ends: a choice under cue 1)
+    # (cue 1 where the auto request's outlook said one more token at most: at K = 2 it may end without that)
+    assert 0 in wrapper.prompt_cues.values()
 
 
 def test_the_cost_models_refits_are_timed_into_the_steps_record() -> None:
