@@ -89,7 +89,7 @@ class PromptSteps:
         and, where the engine gave the cue of the choice the iteration verifies (`prompt_cue`), the share of
         steps with prompts after that cue."""
         count, tokens, share = self._means.get(bucket, (0, 0.0, 0.0))
-        weight = max(1.0 / (count + 1), 1.0 / self.window)
+        weight = self._weight(count)
         has_prompts = float(num_prompt_tokens > 0)
         self._means[bucket] = (
             count + 1,
@@ -98,8 +98,11 @@ class PromptSteps:
         )
         if cue != NO_CUE:
             count, share = self._cue_means.get((bucket, cue), (0, 0.0))
-            weight = max(1.0 / (count + 1), 1.0 / self.window)
-            self._cue_means[bucket, cue] = (count + 1, share + weight * (has_prompts - share))
+            self._cue_means[bucket, cue] = (count + 1, share + self._weight(count) * (has_prompts - share))
+
+    def _weight(self, count: int) -> float:
+        """A new value's weight in a mean of `count` values so far: their plain mean, then about `window`'s."""
+        return max(1.0 / (count + 1), 1.0 / self.window)
 
     def add(self, bucket: int, step: tuple[float, ...]) -> None:
         """A measured step with prompts (`STEP_SIZE` values)."""
@@ -177,9 +180,9 @@ class PromptSteps:
 def prompt_cue(outlook: Iterable[RequestOutlook]) -> int:
     """The cue a choice is made under (`PromptSteps`): 1 where a request of the batch is ending (it may generate
     at most one more token), 0 where none is; `NO_CUE` without outlooks."""
-    ending = NO_CUE
+    cue = NO_CUE
     for request in outlook:
         if request.num_remaining_tokens <= 1:
             return 1
-        ending = 0
-    return ending
+        cue = 0
+    return cue
